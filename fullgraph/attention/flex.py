@@ -1,0 +1,181 @@
+"""FlexAttention over the paged KV cache (DESIGN.md §3).
+
+The cache is one long KV sequence per layer, `[1, Hkv, num_blocks * block_size, D]`, and a
+BlockMask lists which physical KV blocks each query block may visit. Two layouts:
+
+* decode (every request has the same query length q): one batch row per request,
+  `q [R, Hq, q, D]`; the block table *is* `kv_indices`.
+* mixed (prefill chunks and decodes together): all tokens packed in one row
+  `q [1, Hq, T, D]`, a doc id per token, and per 16-token query block the union of the
+  block-table entries of the requests in it (built on the host, vectorized).
+
+The mask_mod maps a physical KV position to its logical position through `block_logical`
+(physical block -> index in its block table; prefix-shared blocks have the same index in
+every sharer) and checks that the block belongs to the query's request and is causal. It is
+exact on its own, which matters because eager (uncompiled) FlexAttention ignores the block
+sparsity and evaluates the mask everywhere.
+
+Every tensor here is allocated once at its maximum size; steps fill leading slices
+(`copy_to_persistent`), and the BlockMask's `seq_lengths` depend only on the padded shape, so
+warmup, capture and replay of a shape bucket compile once.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from fullgraph.attention.backend import write_kv
+from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
+from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
+
+MIXED_Q_BLOCK = 16     # query block of the packed layout; small so few requests share one
+DECODE_Q_BLOCK = 128   # any size >= the query length: one query block per request row
+
+
+@dataclass(slots=True)
+class FlexMetadata:
+    block_mask: BlockMask
+    slot_mapping: torch.Tensor
+    decode: bool
+    num_reqs: int            # rows of the decode layout (padded)
+    query_len: int           # decode layout only
+
+
+class FlexAttentionBackend:
+    name = "flex"
+    supports_cudagraph = True
+    supports_batch_invariance = True
+
+    def __init__(self, spec: AttentionSpec, device: torch.device, buffers: PersistentInputs,
+                 compile: bool = False) -> None:
+        self.spec = spec
+        bs, nb = spec.block_size, spec.num_blocks
+        rows = spec.max_num_seqs + 1
+        self.kv_len = nb * bs
+        pin = device.type == "cuda"
+        block_table, positions = buffers.block_table, buffers.positions
+        self.block_logical = torch.zeros(nb, dtype=torch.int32, device=device)
+        self.column_ids = torch.arange(spec.max_blocks_per_seq, dtype=torch.int32,
+                                       device=device).repeat(rows)
+        # decode layout
+        self.decode_kv_num_blocks = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.q_offset = torch.zeros(rows, dtype=torch.int32, device=device)
+        # mixed layout
+        max_q_blocks = -(-spec.max_num_tokens // MIXED_Q_BLOCK)
+        self.width = min(nb, MIXED_Q_BLOCK * spec.max_blocks_per_seq)
+        self.doc_ids = CpuGpuBuffer((spec.max_num_tokens,), torch.int32, device, pin)
+        self.mixed_kv_num_blocks = CpuGpuBuffer((max_q_blocks,), torch.int32, device, pin)
+        self.mixed_kv_indices = CpuGpuBuffer((max_q_blocks, self.width), torch.int32, device, pin)
+
+        block_logical, q_offset, doc_ids = self.block_logical, self.q_offset, self.doc_ids.gpu
+
+        def decode_mask(b, h, q_idx, kv_idx):
+            phys = kv_idx // bs
+            lb = block_logical[phys]
+            owned = block_table[b, lb] == phys
+            return owned & (lb * bs + kv_idx % bs <= q_offset[b] + q_idx)
+
+        def mixed_mask(b, h, q_idx, kv_idx):
+            req = doc_ids[q_idx]
+            phys = kv_idx // bs
+            lb = block_logical[phys]
+            owned = block_table[req, lb] == phys
+            return owned & (lb * bs + kv_idx % bs <= positions[q_idx])
+
+        self.decode_mask, self.mixed_mask = decode_mask, mixed_mask
+        if compile:
+            self.attend = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+        else:
+            # Eager FlexAttention is the intended CPU path (tiny models); its warning is noise.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            self.attend = flex_attention
+
+    # ---------------------------------------------------------------- metadata
+    def build(self, inputs: StepAttentionInputs) -> FlexMetadata:
+        rows = inputs.block_table.shape[0]
+        self.block_logical.index_put_(
+            (inputs.block_table.reshape(-1).long(),),
+            self.column_ids[:rows * self.spec.max_blocks_per_seq])
+        q = inputs.uniform_query_len
+        if q is not None and q <= DECODE_Q_BLOCK and inputs.num_tokens_padded == q * inputs.num_reqs_padded:
+            return self._build_decode(inputs, q)
+        return self._build_mixed(inputs)
+
+    def _build_decode(self, inputs: StepAttentionInputs, q: int) -> FlexMetadata:
+        r = inputs.num_reqs_padded
+        bs = self.spec.block_size
+        num_blocks = self.decode_kv_num_blocks[:r]
+        torch.floor_divide(inputs.seq_lens + (bs - 1), bs, out=num_blocks)
+        torch.sub(inputs.seq_lens, q, out=self.q_offset[:r])
+        kv_indices = inputs.block_table[:r].view(r, 1, 1, -1)
+        mask = BlockMask.from_kv_blocks(
+            num_blocks.view(r, 1, 1), kv_indices, BLOCK_SIZE=(DECODE_Q_BLOCK, bs),
+            mask_mod=self.decode_mask, seq_lengths=(q, self.kv_len), compute_q_blocks=False)
+        return FlexMetadata(mask, inputs.slot_mapping, True, r, q)
+
+    def _build_mixed(self, inputs: StepAttentionInputs) -> FlexMetadata:
+        t_pad, n_tok, n_req = inputs.num_tokens_padded, inputs.num_tokens, inputs.num_reqs
+        bs = self.spec.block_size
+        qsl = inputs.query_start_loc_cpu[:n_req + 1]
+        q_lens = np.diff(qsl)
+        doc = self.doc_ids.np[:t_pad]
+        doc[:n_tok] = np.repeat(np.arange(n_req, dtype=np.int32), q_lens)
+        doc[n_tok:] = n_req          # padding tokens: the all-zero block-table row
+        num_q_blocks = -(-t_pad // MIXED_Q_BLOCK)
+        counts, indices = self._mixed_kv_blocks(doc[:n_tok], inputs.positions_cpu[:n_tok],
+                                                inputs.block_table_cpu, num_q_blocks)
+        self.mixed_kv_num_blocks.np[:num_q_blocks] = counts
+        used = int(counts.max()) if num_q_blocks else 0
+        self.mixed_kv_indices.np[:num_q_blocks, :used] = indices[:, :used]
+        self.doc_ids.copy_to_gpu(t_pad)
+        kv_num_blocks = self.mixed_kv_num_blocks.copy_to_gpu(num_q_blocks)
+        copy_to_persistent(self.mixed_kv_indices.gpu,
+                           self.mixed_kv_indices.cpu[:num_q_blocks, :used])
+        kv_indices = self.mixed_kv_indices.gpu[:num_q_blocks]
+        mask = BlockMask.from_kv_blocks(
+            kv_num_blocks.view(1, 1, -1), kv_indices.view(1, 1, num_q_blocks, -1),
+            BLOCK_SIZE=(MIXED_Q_BLOCK, bs), mask_mod=self.mixed_mask,
+            seq_lengths=(t_pad, self.kv_len), compute_q_blocks=False)
+        return FlexMetadata(mask, inputs.slot_mapping, False, 1, t_pad)
+
+    def _mixed_kv_blocks(self, doc: np.ndarray, pos: np.ndarray, block_table: np.ndarray,
+                         num_q_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query block, the distinct physical blocks its tokens may attend to."""
+        if len(doc) == 0:
+            return np.zeros(num_q_blocks, np.int32), np.zeros((num_q_blocks, 0), np.int32)
+        qb = np.arange(len(doc)) // MIXED_Q_BLOCK
+        key = qb.astype(np.int64) * (int(doc.max()) + 1) + doc
+        last = np.flatnonzero(np.append(key[1:] != key[:-1], True))  # last token of each (qb, req)
+        pair_qb, pair_req = qb[last], doc[last]
+        n_blocks = pos[last] // self.spec.block_size + 1                                 # causal: up to the last token
+        rep = np.repeat(np.arange(len(last)), n_blocks)
+        col = np.arange(len(rep)) - np.repeat(np.cumsum(n_blocks) - n_blocks, n_blocks)
+        phys = block_table[pair_req[rep], col].astype(np.int64)
+        nb = self.spec.num_blocks
+        uniq = np.unique(pair_qb[rep].astype(np.int64) * nb + phys)   # shared prefix blocks once
+        u_qb, u_phys = uniq // nb, uniq % nb
+        counts = np.bincount(u_qb, minlength=num_q_blocks).astype(np.int32)
+        cols = np.arange(len(uniq)) - (np.cumsum(counts) - counts)[u_qb]
+        indices = np.zeros((num_q_blocks, int(counts.max())), np.int32)
+        indices[u_qb, cols] = u_phys
+        return counts, indices
+
+    # ---------------------------------------------------------------- attention
+    def forward(self, q, k, v, kv_cache, metadata: FlexMetadata):
+        write_kv(kv_cache, k, v, metadata.slot_mapping)
+        key = kv_cache[0].permute(1, 0, 2).unsqueeze(0)      # [1, Hkv, S, D], a view
+        value = kv_cache[1].permute(1, 0, 2).unsqueeze(0)
+        t, hq, d = q.shape
+        if metadata.decode:
+            query = q.view(metadata.num_reqs, metadata.query_len, hq, d).transpose(1, 2)
+            out = self.attend(query, key, value, block_mask=metadata.block_mask,
+                              scale=self.spec.scale, enable_gqa=True)
+            return out.transpose(1, 2).reshape(t, hq, d)
+        query = q.transpose(0, 1).unsqueeze(0)
+        out = self.attend(query, key, value, block_mask=metadata.block_mask,
+                          scale=self.spec.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)

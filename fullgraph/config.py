@@ -1,0 +1,73 @@
+"""Frozen configuration dataclasses shared by every layer of the engine.
+
+They are built once, by `fullgraph.engine.args.EngineArgs.create_engine_config`, and never
+change afterwards: anything that varies per step lives in step objects, not here.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    path: str                    # resolved local directory (presets are materialized first)
+    name: str                    # what the user asked for; served as the model id
+    hf_config: Any               # transformers PretrainedConfig (read-only by convention)
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int = 0          # including the reserved null block 0; 0 = from memory
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+
+
+class CUDAGraphMode(enum.Enum):
+    NONE = "none"                    # always eager
+    FULL = "full"                    # decode and mixed batches, mixed ones bucketed by tokens
+    FULL_DECODE_ONLY = "full_decode_only"
+
+
+@dataclass(frozen=True, slots=True)
+class CompilationConfig:
+    cudagraph_mode: CUDAGraphMode = CUDAGraphMode.FULL
+    cudagraph_capture_sizes: tuple[int, ...] = ()
+    compile_layers: bool = True      # torch.compile the attention kernel per shape bucket
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    compilation: CompilationConfig = field(default_factory=CompilationConfig)
+    device: str = "cpu"
+    attention_backend: str = "flex"
+    batch_invariant: bool = False
+    seed: int = 0
+    max_logprobs: int = 20
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.model.max_model_len // self.cache.block_size)

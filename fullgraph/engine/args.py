@@ -1,0 +1,171 @@
+"""User-facing engine arguments (named like vLLM's) -> the frozen `EngineConfig`."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from fullgraph.config import (CacheConfig, CompilationConfig, CUDAGraphMode, EngineConfig,
+                              ModelConfig, SchedulerConfig)
+from fullgraph.models.presets import resolve_model_path
+from fullgraph.models.registry import get_model_class
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model: str = "tiny-qwen3"
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "flex"
+    enforce_eager: bool = False
+    cudagraph_mode: str = "full"
+    cudagraph_capture_sizes: list[int] | None = None
+    max_cudagraph_capture_size: int | None = None
+    batch_invariant: bool = False
+    seed: int = 0
+    max_logprobs: int = 20
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def create_engine_config(self) -> EngineConfig:
+        device = resolve_device(self.device)
+        model = create_model_config(self.model, self.dtype, self.max_model_len, device,
+                                    self.served_model_name)
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        if batched < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({batched}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running request needs a token a step")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
+            raise ValueError("num_gpu_blocks_override must be >= 2 (block 0 is reserved)")
+        try:
+            mode = CUDAGraphMode(self.cudagraph_mode.lower())
+        except ValueError:
+            raise ValueError(f"cudagraph_mode must be one of "
+                             f"{[m.value for m in CUDAGraphMode]}, got {self.cudagraph_mode!r}") from None
+        if self.enforce_eager or device.type != "cuda":
+            mode = CUDAGraphMode.NONE
+        scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
+                                    max_model_len=model.max_model_len)
+        compilation = CompilationConfig(
+            cudagraph_mode=mode,
+            cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
+                                                        self.max_cudagraph_capture_size, scheduler)),
+            compile_layers=device.type == "cuda")
+        # num_blocks is decided by the worker once it knows the memory left (0 = not yet).
+        cache = CacheConfig(block_size=self.block_size,
+                            num_blocks=self.num_gpu_blocks_override or 0,
+                            enable_prefix_caching=self.enable_prefix_caching,
+                            gpu_memory_utilization=self.gpu_memory_utilization)
+        return EngineConfig(model=model, cache=cache, scheduler=scheduler, compilation=compilation,
+                            device=str(device), attention_backend=self.attention_backend,
+                            batch_invariant=self.batch_invariant
+                            or os.environ.get("FULLGRAPH_BATCH_INVARIANT") == "1",
+                            seed=self.seed, max_logprobs=self.max_logprobs)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    return dev
+
+
+def capture_sizes(user: list[int] | None, max_size: int | None,
+                  scheduler: SchedulerConfig) -> list[int]:
+    """Graph sizes in tokens, ascending. Default: 1, 2, 4, 8..248 by 8, 256.. by 16."""
+    limit = min(max_size or 512, scheduler.max_num_batched_tokens)
+    if user:
+        if any(s < 1 for s in user):
+            raise ValueError(f"cudagraph_capture_sizes must be positive, got {user}")
+        return sorted({s for s in user if s <= scheduler.max_num_batched_tokens})
+    sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, limit + 1, 16))
+    return sorted({s for s in sizes if s <= limit})
+
+
+def create_model_config(model: str, dtype: str, max_model_len: int | None,
+                        device: torch.device, served_name: str | None = None) -> ModelConfig:
+    path = resolve_model_path(model)
+    if not os.path.isdir(path):
+        raise ValueError(f"model {model!r} is neither a local directory nor a built-in preset")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.exists(config_file):
+        raise ValueError(f"model directory {path} has no config.json")
+    try:
+        with open(config_file) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed config.json in {path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"malformed config.json in {path}: not a JSON object")
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ValueError(f"config.json in {path} names no architectures")
+    get_model_class(archs[0])   # unknown architecture -> ValueError naming the supported ones
+    from transformers import AutoConfig
+    try:
+        hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises several types for bad configs
+        raise ValueError(f"cannot read config.json in {path}: {e}") from e
+
+    torch_dtype = _resolve_dtype(dtype, raw, device)
+    max_pos = getattr(hf_config, "max_position_embeddings", None) or 4096
+    if max_model_len is None:
+        max_model_len = max_pos
+    elif max_model_len < 2 or max_model_len > max_pos:
+        raise ValueError(f"max_model_len must be in [2, {max_pos}] (the model's "
+                         f"max_position_embeddings), got {max_model_len}")
+    return ModelConfig(path=path, name=served_name or model, hf_config=hf_config,
+                       architecture=archs[0], dtype=torch_dtype, max_model_len=max_model_len,
+                       vocab_size=hf_config.vocab_size, eos_token_ids=_eos_ids(path, raw))
+
+
+def _resolve_dtype(dtype: str, raw: dict, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        name = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+        resolved = _DTYPES.get(name.replace("torch.", ""), torch.float32)
+        # Half precision matmuls are slow on most CPUs: auto means float32 there.
+        return torch.float32 if device.type == "cpu" else resolved
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _eos_ids(path: str, raw: dict) -> tuple[int, ...]:
+    ids: list[int] = []
+    gen_file = os.path.join(path, "generation_config.json")
+    sources = [raw.get("eos_token_id")]
+    if os.path.exists(gen_file):
+        try:
+            with open(gen_file) as f:
+                sources.insert(0, json.load(f).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    for src in sources:
+        for i in (src if isinstance(src, list) else [src]):
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return tuple(ids)

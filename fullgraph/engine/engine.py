@@ -1,0 +1,192 @@
+"""The engine: validates and admits requests, runs steps, turns samples into outputs."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from fullgraph.config import EngineConfig
+from fullgraph.engine.args import EngineArgs
+from fullgraph.engine.detokenizer import IncrementalDetokenizer, load_tokenizer
+from fullgraph.engine.kv_cache import KVCacheManager
+from fullgraph.engine.request import Request
+from fullgraph.engine.scheduler import Scheduler
+from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
+from fullgraph.sampling_params import SamplingParams
+from fullgraph.worker.model_runner import ModelRunner, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Cumulative counters, read by the server's /metrics."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.tokenizer = load_tokenizer(config.model.path)
+        self.runner = ModelRunner(config)
+        self.config = dataclasses.replace(
+            config, cache=dataclasses.replace(config.cache, num_blocks=self.runner.num_blocks))
+        cache = self.config.cache
+        self.kv = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._stream: set[str] = set()
+        self._rng = random.Random(config.seed)
+        self.stats = EngineStats()
+        logger.info("KV cache: %d blocks of %d tokens", cache.num_blocks, cache.block_size)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args.create_engine_config())
+
+    # ---------------------------------------------------------------- requests
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def make_request(self, request_id: str, prompt: str | list[int],
+                     params: SamplingParams) -> Request:
+        """Validate one request; raises ValueError naming the problem, changes nothing."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if text is not None else list(prompt)
+        model = self.config.model
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = model.vocab_size
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token {t!r} at index {i} is outside the vocabulary "
+                                 f"[0, {vocab})")
+        if len(ids) >= model.max_model_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens but max_model_len is "
+                             f"{model.max_model_len}: at most {model.max_model_len - 1} prompt "
+                             f"tokens leave room for one generated token")
+        room = model.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        needed = self.kv.blocks_for(len(ids) + max_tokens)
+        if needed > self.kv.num_usable_blocks:
+            raise ValueError(f"the request needs {needed} KV-cache blocks for its {len(ids)} "
+                             f"prompt tokens and {max_tokens} max_tokens, but the cache has "
+                             f"{self.kv.num_usable_blocks}; lower max_tokens or give the cache "
+                             f"more memory")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs="
+                             f"{self.config.max_logprobs}")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        return Request(request_id, ids, params, seed=seed, max_tokens=max_tokens, prompt=text)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    stream: bool = False) -> Request:
+        return self.add(self.make_request(request_id, prompt, params), stream)
+
+    def add(self, req: Request, stream: bool = False) -> Request:
+        """Admit a request made by `make_request`. With stream=True, `step` reports it every
+        time it gets a token; otherwise only when it finishes."""
+        sp = req.sampling_params
+        self._detok[req.request_id] = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_token_ids, sp.skip_special_tokens, sp.stop_strings,
+            sp.include_stop_str_in_output)
+        self.requests[req.request_id] = req
+        if stream:
+            self._stream.add(req.request_id)
+        self.scheduler.add(req)
+        self.stats.prompt_tokens += req.num_prompt_tokens
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        req.finish_reason = "abort"
+        self.stats.aborted_requests += 1
+        return self._finish(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ---------------------------------------------------------------- steps
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        samples = [s.samples for s in sched.scheduled]
+        result = self.runner.execute(sched.scheduled)
+        self.stats.steps += 1
+        now = time.monotonic()
+        outputs = []
+        for i, (s, sampled) in enumerate(zip(sched.scheduled, samples)):
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(req)
+            if not sampled:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._append(req, int(result.token_ids[i]), result, i)
+            self.stats.generation_tokens += 1
+            if req.finish_reason is not None:
+                self.stats.finished_requests += 1
+                outputs.append(self._finish(req))
+            elif req.request_id in self._stream:
+                outputs.append(self._output(req))
+        return outputs
+
+    def _append(self, req: Request, token: int, result: StepResult, row: int) -> None:
+        req.append_token(token)
+        sp = req.sampling_params
+        if req.logprobs is not None and result.logprobs is not None:
+            self._append_logprobs(req, result, row, sp.logprobs)
+        stop_str = self._detok[req.request_id].add(token)
+        if not sp.ignore_eos and token in self.config.model.eos_token_ids:
+            req.finish_reason, req.stop_reason = "stop", None
+        elif sp.stop_token_ids and token in sp.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif stop_str is not None:
+            req.finish_reason, req.stop_reason = "stop", stop_str
+        elif req.num_output_tokens >= req.max_tokens:
+            req.finish_reason = "length"
+
+    def _append_logprobs(self, req: Request, result: StepResult, row: int, n: int) -> None:
+        ids, lps = result.logprob_token_ids[row], result.logprobs[row]
+        decode = self.tokenizer.decode
+        entry = {int(ids[0]): Logprob(float(lps[0]), int(result.ranks[row]), decode([int(ids[0])]))}
+        for rank, (tid, lp) in enumerate(zip(ids[1:n + 1], lps[1:n + 1]), start=1):
+            entry.setdefault(int(tid), Logprob(float(lp), rank, decode([int(tid)])))
+        req.logprobs.append(entry)
+        req.cumulative_logprob += float(lps[0])
+
+    def _finish(self, req: Request) -> RequestOutput:
+        self.scheduler.finish(req)
+        out = self._output(req)
+        del self.requests[req.request_id]
+        del self._detok[req.request_id]
+        self._stream.discard(req.request_id)
+        return out
+
+    def _output(self, req: Request) -> RequestOutput:
+        finished = req.finish_reason is not None
+        text = self._detok[req.request_id].visible_text(finished)
+        completion = CompletionOutput(
+            index=0, text=text, token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+        metrics = {"arrival_time": req.arrival_time}
+        if req.first_token_time is not None:
+            metrics["first_token_time"] = req.first_token_time
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
+                             finished, req.num_cached_tokens, metrics)

@@ -1,0 +1,147 @@
+"""The KV block pool and per-request block tables, with prefix caching.
+
+Block 0 is the null block: never allocated, padding lanes write into it. A full block is
+identified by a chained hash of (parent block's hash, its token ids); a cache hit is
+verified against the stored parent hash and token ids, so a hash collision is a miss, never
+wrong output. Free blocks sit in one LRU queue; a cached block stays reusable until it is
+evicted by an allocation.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from fullgraph.engine.request import Request
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache needs at least 2 blocks, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.ref_cnt = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_key: list[tuple | None] = [None] * num_blocks   # (parent hash, token ids)
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
+        self.cached: dict[int, int] = {}                            # hash -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"asked for {n} blocks, {len(self.free)} free")
+        ids = []
+        for _ in range(n):
+            block, _ = self.free.popitem(last=False)
+            self._evict(block)
+            self.ref_cnt[block] = 1
+            ids.append(block)
+        return ids
+
+    def touch(self, ids: list[int]) -> None:
+        for block in ids:
+            if self.ref_cnt[block] == 0:
+                del self.free[block]
+            self.ref_cnt[block] += 1
+
+    def release(self, ids: list[int]) -> None:
+        # Tail blocks first, so they are evicted before the (more shareable) prefix blocks.
+        for block in reversed(ids):
+            self.ref_cnt[block] -= 1
+            if self.ref_cnt[block] == 0:
+                self.free[block] = None
+
+    def lookup(self, block_hash: int, key: tuple) -> int | None:
+        block = self.cached.get(block_hash)
+        if block is None or self.block_key[block] != key:
+            return None
+        return block
+
+    def cache(self, block: int, block_hash: int, key: tuple) -> None:
+        if self.block_hash[block] is not None or block_hash in self.cached:
+            return
+        self.cached[block_hash] = block
+        self.block_hash[block] = block_hash
+        self.block_key[block] = key
+
+    def _evict(self, block: int) -> None:
+        h = self.block_hash[block]
+        if h is not None:
+            del self.cached[h]
+            self.block_hash[block] = self.block_key[block] = None
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_queries = 0          # prompt tokens looked up
+        self.prefix_hits = 0             # of which served from the cache
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.pool.num_blocks - 1
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.num_usable_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _block_key(self, req: Request, i: int) -> tuple:
+        parent = req.block_hashes[i - 1] if i else None
+        return parent, tuple(req.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
+
+    def _hash_full_blocks(self, req: Request, num_tokens: int) -> None:
+        for i in range(len(req.block_hashes), num_tokens // self.block_size):
+            req.block_hashes.append(hash(self._block_key(req, i)))
+
+    def get_computed_blocks(self, req: Request) -> list[int]:
+        """Cached blocks that hold a prefix of the request's tokens (at least one token is
+        always left to compute, so the step produces logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        self._hash_full_blocks(req, req.num_tokens)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits = []
+        for i in range(max_blocks):
+            block = self.pool.lookup(req.block_hashes[i], self._block_key(req, i))
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       computed_blocks: list[int] = ()) -> bool:
+        """Give `req` blocks for its computed tokens plus `num_new_tokens`; False if the
+        pool cannot (nothing is changed then)."""
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        needed = self.blocks_for(num_computed + num_new_tokens) - len(req.block_ids) - len(computed_blocks)
+        reviving = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
+        if max(needed, 0) + reviving > self.pool.num_free:
+            return False
+        self.pool.touch(list(computed_blocks))
+        req.block_ids.extend(computed_blocks)
+        if needed > 0:
+            req.block_ids.extend(self.pool.allocate(needed))
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's blocks that are now full and computed."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = req.num_computed_tokens // self.block_size
+        self._hash_full_blocks(req, req.num_computed_tokens)
+        for i in range(req.num_registered_blocks, num_full):
+            self.pool.cache(req.block_ids[i], req.block_hashes[i], self._block_key(req, i))
+        req.num_registered_blocks = max(req.num_registered_blocks, num_full)
+
+    def free(self, req: Request) -> None:
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.num_registered_blocks = 0

@@ -1,0 +1,37 @@
+"""Linear layers whose weights may be stored as several checkpoint tensors (q/k/v, gate/up)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MergedLinear(nn.Module):
+    """One matmul for several projections of the same input, e.g. q/k/v or gate/up.
+
+    `shard_names` are the checkpoint names of the parts, in output order; the loader calls
+    `load_shard(name, tensor)` for each.
+    """
+
+    def __init__(self, in_features: int, out_sizes: dict[str, int], bias: bool = False) -> None:
+        super().__init__()
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in out_sizes.items():
+            self.offsets[name] = (start, size)
+            start += size
+        self.weight = nn.Parameter(torch.empty(start, in_features))
+        self.bias = nn.Parameter(torch.empty(start)) if bias else None
+
+    def load_shard(self, shard: str, param: str, tensor: torch.Tensor) -> None:
+        start, size = self.offsets[shard]
+        dst = self.weight if param == "weight" else self.bias
+        if dst is None or tuple(tensor.shape) != tuple(dst[start:start + size].shape):
+            got = tuple(tensor.shape)
+            raise ValueError(f"checkpoint tensor {shard}.{param} has shape {got}, expected "
+                             f"{tuple(dst[start:start + size].shape) if dst is not None else 'none'}")
+        with torch.no_grad():
+            dst[start:start + size].copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)

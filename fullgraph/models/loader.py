@@ -1,0 +1,66 @@
+"""Load a model from a Hugging Face-format directory of safetensors files."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from fullgraph.config import ModelConfig
+from fullgraph.models.registry import get_model_class
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"malformed {index}: {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise ValueError(f"{index} names missing weight files: {', '.join(missing)}")
+        return [os.path.join(path, f) for f in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in model directory {path}")
+    return [os.path.join(path, f) for f in files]
+
+
+def iterate_weights(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    files = safetensors_files(path)
+    for file in tqdm(files, desc="Loading weights", unit="file", disable=not progress or len(files) < 2):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as e:  # safetensors' own error types for corrupt or truncated files
+            raise ValueError(f"cannot read weights from {file}: {e}") from e
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Module:
+    cls = get_model_class(model_config.architecture)
+    with _default_dtype(model_config.dtype), torch.device(device):
+        model = cls(model_config.hf_config, max_position=model_config.max_model_len)
+    with torch.device(device):
+        model.load_weights((name, t.to(model_config.dtype) if t.is_floating_point() else t)
+                           for name, t in iterate_weights(model_config.path))
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,170 @@
+"""Built-in presets: random-weight checkpoints and a small tokenizer, made locally.
+
+`--model tiny-qwen3` works on a fresh machine with no network: the first use writes a
+Hugging Face-format directory (config.json, model.safetensors, tokenizer files with a chat
+template) under the cache directory, later uses load it from there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# A fixed training text, so every machine builds the same tokenizer.
+_CORPUS = """\
+Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex.
+Complex is better than complicated. Flat is better than nested. Sparse is better than dense.
+Readability counts. Special cases aren't special enough to break the rules.
+Errors should never pass silently, unless explicitly silenced.
+In the face of ambiguity, refuse the temptation to guess.
+Once upon a time there was a little model that wanted to write stories. Every morning it read
+the weights of its layers, one after another, and every evening it wrote a new token.
+The cat sat on the mat. The dog ran in the park with a red ball, and the children laughed.
+Large language models generate text one token at a time. Serving them quickly means batching
+many requests together, caching keys and values, and keeping the accelerator busy.
+user: What is two plus two? assistant: Two plus two is four. user: Thank you! assistant: You are welcome.
+The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in blocks.
+Every model step runs as one full CUDA graph; decoding reads the weights once per step.
+Hello, world! How are you today? I am fine, thank you. What is the capital of France?
+Paris is the capital of France. Berlin is the capital of Germany. Tokyo is in Japan.
+def main():\n    print("hello")\n    return 0\n
+1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 2.71828 (a + b) * c = d; x[i] = y[j] / z
+"""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int | None          # None: the trained tokenizer's size
+    max_position_embeddings: int
+    dtype: str
+    tie_word_embeddings: bool = True
+    tokenizer_vocab: int = 1024
+
+
+PRESETS = {
+    # For tests and first runs on a CPU: milliseconds per step.
+    "tiny-qwen3": Preset("tiny-qwen3", 64, 192, 2, 4, 2, 16, None, 4096, "float32"),
+    # Qwen3-0.6B's shapes with random bf16 weights, for GPU benchmarks.
+    "qwen3-0.6b-random": Preset("qwen3-0.6b-random", 1024, 3072, 28, 16, 8, 128, 151936,
+                                40960, "bfloat16"),
+}
+
+
+def cache_root() -> str:
+    root = os.environ.get("FULLGRAPH_CACHE_DIR")
+    if root:
+        return root
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "fullgraph")
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as given, or a preset's directory (built on first use)."""
+    if model in PRESETS and not os.path.isdir(model):
+        path = os.path.join(cache_root(), "presets", model)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            build_preset(PRESETS[model], path)
+        return path
+    return model
+
+
+def train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def random_weights(p: Preset, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, p.dtype)
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+
+    def ones(n):
+        return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+
+    h, d = p.hidden_size, p.head_dim
+    w = {"model.embed_tokens.weight": normal(vocab, h), "model.norm.weight": ones(h)}
+    for i in range(p.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        w |= {
+            pre + "self_attn.q_proj.weight": normal(p.num_attention_heads * d, h),
+            pre + "self_attn.k_proj.weight": normal(p.num_key_value_heads * d, h),
+            pre + "self_attn.v_proj.weight": normal(p.num_key_value_heads * d, h),
+            pre + "self_attn.o_proj.weight": normal(h, p.num_attention_heads * d),
+            pre + "self_attn.q_norm.weight": ones(d),
+            pre + "self_attn.k_norm.weight": ones(d),
+            pre + "mlp.gate_proj.weight": normal(p.intermediate_size, h),
+            pre + "mlp.up_proj.weight": normal(p.intermediate_size, h),
+            pre + "mlp.down_proj.weight": normal(h, p.intermediate_size),
+            pre + "input_layernorm.weight": ones(h),
+            pre + "post_attention_layernorm.weight": ones(h),
+        }
+    if not p.tie_word_embeddings:
+        w["lm_head.weight"] = normal(vocab, h)
+    return w
+
+
+def build_preset(p: Preset, path: str) -> None:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{p.name}-", dir=parent)
+    try:
+        tokenizer = train_tokenizer(p.tokenizer_vocab)
+        tokenizer.save_pretrained(tmp)
+        vocab = p.vocab_size or len(tokenizer)
+        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        config = {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "hidden_size": p.hidden_size, "intermediate_size": p.intermediate_size,
+            "num_hidden_layers": p.num_hidden_layers, "num_attention_heads": p.num_attention_heads,
+            "num_key_value_heads": p.num_key_value_heads, "head_dim": p.head_dim,
+            "vocab_size": vocab, "max_position_embeddings": p.max_position_embeddings,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+            "attention_bias": False, "tie_word_embeddings": p.tie_word_embeddings,
+            "torch_dtype": p.dtype, "bos_token_id": None, "eos_token_id": eos[1],
+        }
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": eos}, f, indent=2)
+        save_file(random_weights(p, vocab), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        try:
+            os.rename(tmp, path)     # atomic: a concurrent builder's result wins, ours is dropped
+        except OSError:
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,165 @@
+"""Qwen3 (dense): q/k RMSNorm per head, GQA, RoPE, SwiGLU MLP, tied or untied LM head.
+
+Read it as a reference: one class per block, tensors are [tokens, ...] with every request's
+tokens packed together; attention goes through `ForwardContext` to the paged-KV backend.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fullgraph.attention.backend import ForwardContext
+from fullgraph.layers.activation import silu_and_mul
+from fullgraph.layers.linear import MergedLinear
+from fullgraph.layers.norm import RMSNorm
+from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim_of(cfg)
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
+                                                       "v_proj": kv_size}, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.rotary = rotary
+        self.split = (q_size, kv_size, kv_size)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary(positions, q, k)
+        o = ctx.attention(self.layer_idx, q, k, v.view(t, self.num_kv_heads, self.head_dim))
+        return self.o_proj(o.reshape(t, -1))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": cfg.intermediate_size,
+                                                           "up_proj": cfg.intermediate_size})
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg, layer_idx, rotary)
+        self.mlp = Qwen3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual, ctx):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg, max_position: int) -> None:
+        super().__init__()
+        if getattr(cfg, "use_sliding_window", False):
+            raise ValueError("Qwen3 with use_sliding_window=true is not supported")
+        rotary = RotaryEmbedding(head_dim_of(cfg), max_position, rope_theta_of(cfg))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, rotary)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions, ctx):
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # checkpoint name -> (our parameter's module, shard) for projections we fuse
+    stacked_params = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                      "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+    def __init__(self, cfg, max_position: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg, max_position)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def attention_shape(cfg) -> tuple[int, int, int, int]:
+        """(num_layers, num_heads, num_kv_heads, head_dim) of the paged-KV layers."""
+        return (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+                head_dim_of(cfg))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("lm_head.") and self.tie_word_embeddings:
+                continue
+            module_name, _, param = name.rpartition(".")
+            parent, _, leaf = module_name.rpartition(".")
+            if leaf in self.stacked_params:
+                fused = f"{parent}.{self.stacked_params[leaf]}"
+                if fused not in modules:
+                    raise ValueError(f"unexpected checkpoint tensor {name!r}")
+                modules[fused].load_shard(leaf, param, tensor)
+                loaded.add(f"{fused}.{param}:{leaf}")
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected checkpoint tensor {name!r}")
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+            loaded.add(name)
+        missing = [n for n in self.expected_weights() if n not in loaded]
+        if missing:
+            raise ValueError(f"missing weights in checkpoint: {', '.join(missing[:8])}"
+                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+    def expected_weights(self) -> list[str]:
+        names = []
+        for name, module in self.named_modules():
+            if isinstance(module, MergedLinear):
+                for shard in module.offsets:
+                    names.append(f"{name}.weight:{shard}")
+                    if module.bias is not None:
+                        names.append(f"{name}.bias:{shard}")
+        for name, _ in self.named_parameters():
+            module_name = name.rpartition(".")[0]
+            if not isinstance(self.get_submodule(module_name), MergedLinear):
+                names.append(name)
+        return names

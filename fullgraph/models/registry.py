@@ -1,0 +1,23 @@
+"""Architecture name (config.json `architectures[0]`) -> model class, imported lazily.
+
+Adding an architecture is one new module plus one line here.
+"""
+from __future__ import annotations
+
+import importlib
+
+_MODELS: dict[str, tuple[str, str]] = {
+    "Qwen3ForCausalLM": ("fullgraph.models.qwen3", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architecture: str):
+    if architecture not in _MODELS:
+        raise ValueError(f"unknown architecture {architecture!r}; supported: "
+                         f"{', '.join(supported_architectures())}")
+    module, name = _MODELS[architecture]
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,74 @@
+"""Batch execution descriptors and the dispatcher that pads a step to one.
+
+A descriptor names a padded step shape. The dispatcher picks the smallest captured
+descriptor that fits a step; a step larger than every captured one runs eagerly (mode NONE),
+padded to a coarse bucket so compiled kernels see few distinct shapes, and is counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fullgraph.config import CUDAGraphMode
+
+EAGER_TOKEN_BUCKET = 256   # eager steps above the captured sizes pad to a multiple of this
+
+
+@dataclass(frozen=True, slots=True)
+class BatchExecutionDescriptor:
+    mode: CUDAGraphMode
+    num_tokens: int
+    num_reqs: int
+    uniform_query_len: int | None     # 1 = pure decode, 1+k = speculative verify, None = mixed
+
+
+class Dispatcher:
+    def __init__(self, mode: CUDAGraphMode, capture_sizes: tuple[int, ...], max_num_seqs: int,
+                 max_num_tokens: int, pad_eager: bool, decode_query_len: int = 1) -> None:
+        self.mode = mode
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_tokens
+        self.pad_eager = pad_eager
+        self.q = decode_query_len
+        self.capture_sizes = tuple(sorted(capture_sizes))
+        self.num_eager_fallbacks = 0
+        self.num_graph_steps = 0
+        self.captured: set[BatchExecutionDescriptor] = set()
+
+    def descriptors_to_capture(self) -> list[BatchExecutionDescriptor]:
+        """Largest first: later (smaller) graphs reuse the shared pool's memory."""
+        if self.mode == CUDAGraphMode.NONE:
+            return []
+        descs = []
+        for size in self.capture_sizes:
+            if size * self.q <= self.max_num_tokens and size <= self.max_num_seqs:
+                descs.append(BatchExecutionDescriptor(CUDAGraphMode.FULL, size * self.q, size, self.q))
+            if self.mode == CUDAGraphMode.FULL and size <= self.max_num_tokens:
+                descs.append(BatchExecutionDescriptor(CUDAGraphMode.FULL, size,
+                                                      min(size, self.max_num_seqs), None))
+        return sorted(set(descs), key=lambda d: (-d.num_tokens, d.uniform_query_len is None))
+
+    def dispatch(self, num_tokens: int, num_reqs: int,
+                 uniform_query_len: int | None) -> BatchExecutionDescriptor:
+        decode = uniform_query_len == self.q and num_tokens == num_reqs * self.q
+        for size in self.capture_sizes:
+            if decode and size >= num_reqs:
+                desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, size * self.q, size, self.q)
+            elif not decode and size >= num_tokens:
+                desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, size,
+                                                min(size, self.max_num_seqs), None)
+            else:
+                continue
+            if desc in self.captured:
+                self.num_graph_steps += 1
+                return desc
+            break
+        if self.captured:
+            self.num_eager_fallbacks += 1
+        if not self.pad_eager:
+            return BatchExecutionDescriptor(CUDAGraphMode.NONE, num_tokens, num_reqs,
+                                            uniform_query_len)
+        if decode:
+            return BatchExecutionDescriptor(CUDAGraphMode.NONE, num_tokens, num_reqs, self.q)
+        padded = min(-(-num_tokens // EAGER_TOKEN_BUCKET) * EAGER_TOKEN_BUCKET, self.max_num_tokens)
+        return BatchExecutionDescriptor(CUDAGraphMode.NONE, padded,
+                                        min(max(num_reqs, padded), self.max_num_seqs), None)

@@ -1,0 +1,163 @@
+"""Runs one engine step on the device: inputs -> persistent buffers -> model -> sampler.
+
+The runner owns the model, the KV cache, the persistent input buffers and the attention
+backend. It knows requests only through the small `RequestState` protocol.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from fullgraph.attention.backend import ForwardContext, get_backend_class
+from fullgraph.attention.metadata import AttentionSpec
+from fullgraph.config import CUDAGraphMode, EngineConfig
+from fullgraph.models.loader import load_model
+from fullgraph.sampling_params import SamplingParams
+from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
+from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
+from fullgraph.worker.sampler import sample
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_MAX_BLOCKS = 2048   # eager FlexAttention on a CPU reads the whole cache per step
+GRAPH_RESERVE_BYTES = 1 << 30   # left free for CUDA graphs and the sampler's workspace
+
+
+@dataclass(slots=True)
+class _ProbeRequest:
+    all_token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int
+
+
+@dataclass(slots=True)
+class _ProbeChunk:
+    request: _ProbeRequest
+    num_new_tokens: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    token_ids: np.ndarray                    # [num_reqs] sampled token per scheduled request
+    logprobs: np.ndarray | None = None       # [num_reqs, 1 + N]
+    logprob_token_ids: np.ndarray | None = None
+    ranks: np.ndarray | None = None
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        t0 = time.perf_counter()
+        self.model = load_model(config.model, self.device)
+        logger.info("loaded %s in %.1f s", config.model.path, time.perf_counter() - t0)
+        hf = config.model.hf_config
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = \
+            self.model.attention_shape(hf)
+        sched = config.scheduler
+        self.max_num_tokens = sched.max_num_batched_tokens
+        self.max_num_seqs = sched.max_num_seqs
+        self.block_size = config.cache.block_size
+        self.buffers = InputBuffers(sched.max_num_seqs, sched.max_num_batched_tokens,
+                                    config.max_blocks_per_seq, self.block_size,
+                                    config.model.vocab_size, self.device)
+        self.backend_cls = get_backend_class(config.attention_backend)
+        if config.batch_invariant and not self.backend_cls.supports_batch_invariance:
+            raise ValueError(f"attention backend {config.attention_backend!r} does not support "
+                             f"batch-invariant mode")
+        self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
+        self._allocate_kv_cache(self.num_blocks)
+        self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
+                                     config.compilation.cudagraph_capture_sizes,
+                                     self.max_num_seqs, self.max_num_tokens,
+                                     pad_eager=self.device.type == "cuda")
+
+    # ---------------------------------------------------------------- memory
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+                * self.config.model.dtype.itemsize)
+
+    def _default_num_blocks(self) -> int:
+        per_seq = self.config.max_blocks_per_seq
+        if self.device.type != "cuda":
+            return min(self.max_num_seqs * per_seq, max(CPU_DEFAULT_MAX_BLOCKS, per_seq)) + 1
+        return self._profile_num_blocks()
+
+    def _profile_num_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization after weights and a max-size step."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        probe_blocks = -(-self.max_num_tokens // self.block_size) + 1
+        self._allocate_kv_cache(probe_blocks)
+        self._profile_run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        kv_probe = self.kv_cache.numel() * self.kv_cache.element_size()
+        del self.kv_caches, self.kv_cache, self.backend
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        non_torch = total - free - torch.cuda.memory_reserved()
+        budget = (total * self.config.cache.gpu_memory_utilization - (peak - kv_probe)
+                  - non_torch - GRAPH_RESERVE_BYTES)
+        num = int(budget // self.kv_bytes_per_block)
+        if num < 2:
+            raise ValueError("not enough GPU memory for a KV cache: raise "
+                             "gpu_memory_utilization or lower max_num_batched_tokens")
+        # No point in more blocks than max_num_seqs full-length requests can use.
+        return min(num, self.max_num_seqs * self.config.max_blocks_per_seq + 1)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        spec = AttentionSpec(self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
+                             self.block_size, num_blocks, self.max_num_seqs, self.max_num_tokens,
+                             self.config.max_blocks_per_seq, self.config.model.dtype)
+        self.attention_spec = spec
+        self.kv_cache = torch.zeros(self.num_layers, 2, num_blocks * self.block_size,
+                                    self.num_kv_heads, self.head_dim,
+                                    dtype=self.config.model.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
+                                        compile=self.config.compilation.compile_layers)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """One max-size prefill, every token writing into the null block."""
+        n = self.max_num_tokens
+        probe = _ProbeRequest([0] * n, 0, [0] * (-(-n // self.block_size)),
+                              SamplingParams(temperature=0.0), 0)
+        desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, n, 1, None)
+        self._forward(self.buffers.prepare([_ProbeChunk(probe, n)], desc))
+
+    # ---------------------------------------------------------------- step
+    def _forward(self, step: StepInputs):
+        metadata = self.backend.build(step.attention)
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        hidden = self.model(step.input_ids, step.positions, ctx)
+        logits = self.model.compute_logits(hidden[step.logits_indices]).float()
+        return sample(logits, step.sampling)
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> StepResult:
+        n_tok = sum(c.num_new_tokens for c in chunks)
+        q_lens = {c.num_new_tokens for c in chunks}
+        uniform = q_lens.pop() if len(q_lens) == 1 else None
+        desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
+        step = self.buffers.prepare(chunks, desc)
+        out = self._forward(step)
+        n = step.num_reqs
+        token_ids = out.token_ids[:n].cpu().numpy()   # the one device->host sync of the step
+        result = StepResult(token_ids)
+        if out.logprobs is not None:
+            result.logprobs = out.logprobs[:n].cpu().numpy()
+            result.logprob_token_ids = out.logprob_token_ids[:n].cpu().numpy()
+            result.ranks = out.ranks[:n].cpu().numpy()
+        return result

@@ -1,0 +1,66 @@
+"""Shared fixtures: random-weight Hugging Face checkpoints and a reference greedy decoder."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Presets and test checkpoints go to a throwaway cache, never the user's.
+os.environ.setdefault("FULLGRAPH_CACHE_DIR", tempfile.mkdtemp(prefix="fullgraph-test-cache-"))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_hf_checkpoint(path: str, *, tie: bool = True, num_layers: int = 2, seed: int = 0,
+                       max_shard_size: str | None = None, dtype=torch.float32,
+                       init_range: float = 0.2) -> str:
+    """A random-weight transformers Qwen3ForCausalLM saved with save_pretrained."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from fullgraph.models.presets import train_tokenizer
+
+    tok = train_tokenizer(1024)
+    tok.save_pretrained(path)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16, max_position_embeddings=1024, rope_theta=10000.0,
+                      tie_word_embeddings=tie, initializer_range=init_range,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory) -> str:
+    return make_hf_checkpoint(str(tmp_path_factory.mktemp("hf-qwen3")))
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_dir):
+    from transformers import Qwen3ForCausalLM
+    return Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding with transformers' full forward each step (no cache): the reference."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):]
