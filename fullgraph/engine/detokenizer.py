@@ -51,6 +51,13 @@ class IncrementalDetokenizer:
         self.text = self.text[:idx + len(s)] if self.include_stop else self.text[:idx]
         return s
 
+    def finalize(self, output_ids: list[int], skip_special_tokens: bool) -> None:
+        """At the end, emit what the stream still holds back (e.g. an incomplete UTF-8
+        sequence), so the final text equals a plain decode of the output."""
+        full = self.backend.decode(output_ids, skip_special_tokens=skip_special_tokens)
+        if full.startswith(self.text):
+            self.text = full
+
     def visible_text(self, finished: bool) -> str:
         if finished or not self.hold:
             return self.text

@@ -54,6 +54,18 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> list[int]:
+        """Render messages with the tokenizer's chat template; ValueError if it cannot."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+        except Exception as e:  # jinja errors, malformed messages
+            raise ValueError(f"cannot apply the chat template: {e}") from e
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def make_request(self, request_id: str, prompt: str | list[int],
                      params: SamplingParams) -> Request:
         """Validate one request; raises ValueError naming the problem, changes nothing."""
@@ -150,7 +162,8 @@ class LLMEngine:
         sp = req.sampling_params
         if req.logprobs is not None and result.logprobs is not None:
             self._append_logprobs(req, result, row, sp.logprobs)
-        stop_str = self._detok[req.request_id].add(token)
+        detok = self._detok[req.request_id]
+        stop_str = detok.add(token)
         if not sp.ignore_eos and token in self.config.model.eos_token_ids:
             req.finish_reason, req.stop_reason = "stop", None
         elif sp.stop_token_ids and token in sp.stop_token_ids:
@@ -159,6 +172,8 @@ class LLMEngine:
             req.finish_reason, req.stop_reason = "stop", stop_str
         elif req.num_output_tokens >= req.max_tokens:
             req.finish_reason = "length"
+        if req.finish_reason is not None and stop_str is None:
+            detok.finalize(req.output_token_ids, sp.skip_special_tokens)
 
     def _append_logprobs(self, req: Request, result: StepResult, row: int, n: int) -> None:
         ids, lps = result.logprob_token_ids[row], result.logprobs[row]

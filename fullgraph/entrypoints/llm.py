@@ -57,9 +57,7 @@ class LLM:
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True):
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        tok = self.engine.tokenizer
-        prompts = [{"prompt_token_ids": tok.apply_chat_template(c, add_generation_prompt=True,
-                                                                tokenize=True)}
+        prompts = [{"prompt_token_ids": self.engine.apply_chat_template(c)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -1,0 +1,321 @@
+"""`AsyncLLMEngine`: the `LLMEngine` behind one background thread, for asyncio callers.
+
+The engine is not thread-safe, so exactly one thread, the step loop here, touches it:
+validation, admission, steps and aborts all happen there, in the order callers asked for
+them (one FIFO inbox). Outputs go back to the caller's event loop with
+`call_soon_threadsafe`, one call per step. The loop blocks on the inbox when there is no
+work, so an idle server uses no CPU. A step that raises fails the requests it was running,
+not the loop; the next request gets a fresh start.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fullgraph.engine.engine import LLMEngine
+from fullgraph.outputs import RequestOutput
+from fullgraph.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """A request failed for a reason other than its own input (a step raised, shutdown)."""
+
+
+@dataclass(slots=True, frozen=True)
+class ChatPrompt:
+    """Messages rendered with the tokenizer's chat template on the engine thread."""
+    messages: tuple[dict, ...]
+    add_generation_prompt: bool = True
+    template_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+PromptInput = str | list[int] | ChatPrompt
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationItem:
+    request_id: str
+    prompt: PromptInput
+    params: SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class EngineSnapshot:
+    """Engine state after the last step, published by the engine thread for /metrics:
+    readers never touch the live engine."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    num_graph_steps: int = 0
+    num_eager_fallbacks: int = 0
+    num_preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    step_errors: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class GenerationStream:
+    """The outputs of one API call: one or more engine requests sharing a queue. Iterating
+    yields (index, RequestOutput) until every request has finished; an engine failure is
+    raised as EngineError."""
+    owner: "AsyncLLMEngine"
+    request_ids: list[str]
+    prompt_token_ids: list[list[int]]
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: set[int] = field(default_factory=set)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while len(self.finished) < len(self.request_ids):
+            item = await self.outputs.get()
+            if isinstance(item, BaseException):
+                self.finished.update(range(len(self.request_ids)))
+                raise item
+            index, out = item
+            if out.finished:
+                self.finished.add(index)
+            yield index, out
+
+    def abort(self) -> None:
+        """Abort the requests that have not finished (a client went away); idempotent."""
+        live = [rid for i, rid in enumerate(self.request_ids) if i not in self.finished]
+        self.finished.update(range(len(self.request_ids)))
+        if live:
+            self.owner.abort(live)
+
+
+@dataclass(slots=True)
+class _Add:
+    items: list[GenerationItem]
+    stream: GenerationStream
+    loop: asyncio.AbstractEventLoop
+    admitted: asyncio.Future
+
+
+@dataclass(slots=True)
+class _Route:
+    stream: GenerationStream
+    index: int
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, strict_max_tokens: bool = True) -> None:
+        """strict_max_tokens: reject prompt + max_tokens > max_model_len (as OpenAI and vLLM
+        servers do) instead of shortening max_tokens (as the offline API does)."""
+        self.engine = engine
+        self.strict_max_tokens = strict_max_tokens
+        self.snapshot = EngineSnapshot()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._routes: dict[str, _Route] = {}
+        self._step_errors = 0
+        self._dead: BaseException | None = None
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name="fullgraph-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    # ---------------------------------------------------------------- caller side
+    async def submit(self, items: list[GenerationItem]) -> GenerationStream:
+        """Validate and admit all items, or none: raises ValueError naming the bad item."""
+        if not self.is_alive:
+            raise EngineError(f"the engine is not running: {self._dead}")
+        loop = asyncio.get_running_loop()
+        stream = GenerationStream(self, [it.request_id for it in items], [])
+        admitted = loop.create_future()
+        self._inbox.put(_Add(items, stream, loop, admitted))
+        try:
+            stream.prompt_token_ids = await admitted
+        except asyncio.CancelledError:
+            self.abort(stream.request_ids)   # queued after the add, so it undoes it
+            raise
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._inbox.put(("abort", list(request_ids)))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop: running requests fail with EngineError; waits for the thread."""
+        if self._thread.is_alive():
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._stop(self._drain(block=False))   # adds that raced the stop
+
+    # ---------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                cmds = self._drain(block)
+                if _STOP in cmds:
+                    self._stop(cmds)
+                    return
+                for cmd in cmds:
+                    self._handle(cmd)
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._publish()
+        except BaseException as e:  # a bug in this loop: fail everyone, refuse new work
+            logger.exception("the engine loop died")
+            self._dead = e
+            self._fail_all(EngineError(f"the engine loop died: {e!r}"))
+
+    def _stop(self, cmds: list) -> None:
+        self._dead = EngineError("the engine was shut down")
+        self._fail_all(self._dead)
+        for cmd in cmds:
+            if isinstance(cmd, _Add):
+                _resolve(cmd.loop, cmd.admitted, error=self._dead)
+
+    def _drain(self, block: bool) -> list:
+        cmds = [self._inbox.get()] if block else []
+        while True:
+            try:
+                cmds.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _handle(self, cmd) -> None:
+        if isinstance(cmd, _Add):
+            self._admit(cmd)
+        else:
+            _, ids = cmd
+            for rid in ids:
+                out = self.engine.abort_request(rid)
+                if out is not None:
+                    self._deliver([out])
+
+    def _admit(self, cmd: _Add) -> None:
+        try:
+            reqs, many = [], len(cmd.items) > 1
+            for i, item in enumerate(cmd.items):
+                try:
+                    reqs.append(self._make_request(item))
+                except ValueError as e:
+                    raise ValueError(f"prompt {i}: {e}" if many else str(e)) from None
+        except Exception as e:  # ValueError: bad input; anything else: a bug, still answered
+            _resolve(cmd.loop, cmd.admitted, error=e)
+            return
+        for i, req in enumerate(reqs):
+            self.engine.add(req, stream=True)
+            self._routes[req.request_id] = _Route(cmd.stream, i, cmd.loop)
+        _resolve(cmd.loop, cmd.admitted, result=[list(r.prompt_token_ids) for r in reqs])
+
+    def _make_request(self, item: GenerationItem):
+        prompt = item.prompt
+        if isinstance(prompt, ChatPrompt):
+            prompt = self.engine.apply_chat_template(
+                list(prompt.messages), prompt.add_generation_prompt, **dict(prompt.template_kwargs))
+        req = self.engine.make_request(item.request_id, prompt, item.params)
+        max_len, asked = self.config.model.max_model_len, item.params.max_tokens
+        if self.strict_max_tokens and asked is not None and req.num_prompt_tokens + asked > max_len:
+            raise ValueError(
+                f"this model's maximum context length is {max_len} tokens, but {asked + req.num_prompt_tokens} "
+                f"were requested ({req.num_prompt_tokens} in the prompt and {asked} in max_tokens); "
+                f"reduce the prompt or max_tokens")
+        return req
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("engine step failed; failing the requests in flight")
+            self._step_errors += 1
+            self._fail_all(EngineError(f"the engine step failed: {e!r}"))
+            return
+        self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            route = self._routes.get(out.request_id)
+            if route is None:
+                continue
+            if out.finished:
+                del self._routes[out.request_id]
+            out.metrics["output_time"] = now     # when the token existed, for ITL metrics
+            batches.setdefault(route.loop, []).append((route.stream.outputs, (route.index, out)))
+        for loop, items in batches.items():
+            self._post(loop, items)
+
+    def _fail_all(self, error: EngineError) -> None:
+        for rid in list(self.engine.requests):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:   # the engine may be inconsistent after a failed step
+                logger.exception("abort of %s failed", rid)
+                self.engine.requests.pop(rid, None)
+        batches: dict[asyncio.AbstractEventLoop, dict] = {}
+        for route in self._routes.values():     # one error per stream is enough
+            batches.setdefault(route.loop, {})[id(route.stream)] = (route.stream.outputs, error)
+        self._routes.clear()
+        for loop, items in batches.items():
+            self._post(loop, list(items.values()))
+
+    def _post(self, loop: asyncio.AbstractEventLoop, items: list) -> None:
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            dead = [rid for rid, r in self._routes.items() if r.loop is loop]
+            for rid in dead:
+                del self._routes[rid]
+                self.engine.abort_request(rid)
+
+    def _publish(self) -> None:
+        e = self.engine
+        stats, kv, disp = e.stats, e.kv, e.runner.dispatcher
+        self.snapshot = EngineSnapshot(
+            num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
+            kv_usage=kv.usage, num_free_blocks=kv.pool.num_free, num_blocks=kv.num_usable_blocks,
+            prompt_tokens=stats.prompt_tokens, generation_tokens=stats.generation_tokens,
+            steps=stats.steps, finished_requests=stats.finished_requests,
+            aborted_requests=stats.aborted_requests, num_graph_steps=disp.num_graph_steps,
+            num_eager_fallbacks=disp.num_eager_fallbacks,
+            num_preemptions=e.scheduler.num_preemptions, prefix_queries=kv.prefix_queries,
+            prefix_hits=kv.prefix_hits, step_errors=self._step_errors)
+
+
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result=None,
+             error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if fut.done():      # the caller was cancelled
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass

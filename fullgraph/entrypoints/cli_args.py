@@ -1,0 +1,47 @@
+"""Engine flags for every subcommand, named like vLLM's (--max-num-seqs, --enforce-eager, ...)."""
+from __future__ import annotations
+
+import argparse
+
+from fullgraph.engine.args import EngineArgs
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a list of integers, got {text!r}") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineArgs()
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=d.model,
+                   help="a Hugging Face-format directory, or a built-in preset (tiny-qwen3, "
+                        "qwen3-0.6b-random)")
+    g.add_argument("--served-model-name", default=None)
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help="disable prefix caching")
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=["flex", "sdpa"])
+    g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    g.add_argument("--cudagraph-mode", default=d.cudagraph_mode,
+                   choices=["none", "full", "full_decode_only"])
+    g.add_argument("--cudagraph-capture-sizes", type=_int_list, default=None,
+                   help="graph sizes, e.g. '1 2 4 8 16'")
+    g.add_argument("--max-cudagraph-capture-size", type=int, default=None)
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="bitwise identical results whatever else is in the batch")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in EngineArgs.field_names()})

@@ -1,0 +1,131 @@
+"""What completions and chat share: server state, request -> SamplingParams, admission,
+and running a generation to its end (or until the client goes away)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from fullgraph.engine.async_engine import (AsyncLLMEngine, EngineError, GenerationItem,
+                                           GenerationStream)
+from fullgraph.entrypoints.server.errors import APIError, bad_request, error_body, param_of
+from fullgraph.entrypoints.server.metrics import RequestTracker, ServerMetrics
+from fullgraph.entrypoints.server.protocol import SamplingFields, UsageInfo
+from fullgraph.outputs import RequestOutput
+from fullgraph.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: AsyncLLMEngine
+    model_name: str
+    metrics: ServerMetrics
+    api_key: str | None
+    created: int
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model `{model}` does not exist; this server serves "
+                            f"`{state.model_name}`", param="model", code="model_not_found")
+
+
+def warn_unknown_fields(body: SamplingFields, endpoint: str) -> None:
+    if body.model_extra:
+        logger.warning("%s: ignoring unknown fields %s", endpoint, sorted(body.model_extra))
+
+
+def check_unsupported(body: SamplingFields, extra: dict[str, object]) -> None:
+    """400 for features we do not implement, unless sent at their neutral value."""
+    asked = {"presence_penalty": body.presence_penalty not in (None, 0),
+             "frequency_penalty": body.frequency_penalty not in (None, 0),
+             "logit_bias": bool(body.logit_bias),
+             "min_p": body.min_p not in (None, 0),
+             "repetition_penalty": body.repetition_penalty not in (None, 1)}
+    asked.update(extra)
+    for name, on in asked.items():
+        if on:
+            raise bad_request(f"{name} is not supported by this server", name)
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k, seed=body.seed,
+            max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
+            ignore_eos=body.ignore_eos, logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output)
+    except ValueError as e:
+        raise bad_request(str(e), param_of(str(e), "prompt")) from None
+
+
+async def submit(state: ServerState, items: list[GenerationItem],
+                 prompt_field: str) -> GenerationStream:
+    """Admit all items or raise: ValueError -> 400, a dead engine -> 503."""
+    try:
+        return await state.engine.submit(items)
+    except ValueError as e:
+        raise bad_request(str(e), param_of(str(e), prompt_field)) from None
+    except EngineError as e:
+        raise APIError(503, str(e)) from None
+
+
+async def collect(stream: GenerationStream, tracker: RequestTracker) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * len(stream.request_ids)
+    async for index, out in stream:
+        tracker.observe(index, out)
+        if out.finished:
+            finals[index] = out
+    return finals
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_to_end(request: Request, stream: GenerationStream,
+                     tracker: RequestTracker) -> list[RequestOutput] | None:
+    """Outputs of a non-streamed call; None if the client disconnected first (its requests
+    are aborted, freeing their KV blocks)."""
+    consumer = asyncio.ensure_future(collect(stream, tracker))
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+            stream.abort()
+    try:
+        return consumer.result()
+    except EngineError as e:
+        raise APIError(500, str(e)) from None
+    except asyncio.CancelledError:
+        return None
+
+
+def usage(outputs: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+
+
+def sse_error(e: Exception) -> str:
+    return f"data: {error_body(500, str(e)).model_dump_json()}\n\n"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,122 @@
+"""Attention backends on a paged cache: flex (both layouts) against SDPA and a dense reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fullgraph.attention.flex import FlexAttentionBackend
+from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
+from fullgraph.attention.sdpa import SDPABackend
+
+BS, NB, HQ, HKV, D = 4, 40, 4, 2, 8
+
+
+def spec(max_seqs=6, max_tokens=64, max_blocks=12):
+    return AttentionSpec(1, HQ, HKV, D, BS, NB, max_seqs, max_tokens, max_blocks, torch.float32)
+
+
+def make_step(seq_lens, q_lens, shared_prefix_blocks=0, pad_tokens=0, seed=0):
+    """Random block tables (optionally sharing leading blocks) and the matching step inputs."""
+    rng = np.random.default_rng(seed)
+    s = spec()
+    free = list(rng.permutation(np.arange(1, NB)))
+    shared = [int(free.pop()) for _ in range(shared_prefix_blocks)]
+    n = len(seq_lens)
+    bt = np.zeros((s.max_num_seqs + 1, s.max_blocks_per_seq), np.int32)
+    for i, L in enumerate(seq_lens):
+        nblk = -(-L // BS)
+        own = shared[:nblk] + [int(free.pop()) for _ in range(nblk - len(shared[:nblk]))]
+        bt[i, :nblk] = own
+    qsl = np.zeros(s.max_num_seqs + 1, np.int32)
+    qsl[1:n + 1] = np.cumsum(q_lens)
+    T = int(qsl[n])
+    pos = np.concatenate([np.arange(L - q, L) for L, q in zip(seq_lens, q_lens)]).astype(np.int64)
+    req = np.repeat(np.arange(n), q_lens)
+    slots = bt[req, pos // BS].astype(np.int64) * BS + pos % BS
+    positions = np.zeros(s.max_num_tokens, np.int64)
+    positions[:T] = pos
+    uniform = q_lens[0] if len(set(q_lens)) == 1 else None
+    t_pad = T + pad_tokens
+    r_pad = n if uniform is None or pad_tokens == 0 else n + pad_tokens // uniform
+    seq = np.zeros(s.max_num_seqs, np.int32)
+    seq[:n] = seq_lens
+    qsl[n + 1:r_pad + 1] = T + (np.arange(1, r_pad - n + 1) * (uniform or 0))
+    bt_t, pos_t = torch.from_numpy(bt), torch.from_numpy(positions)
+    inputs = StepAttentionInputs(
+        num_reqs=n, num_tokens=T, num_reqs_padded=r_pad, num_tokens_padded=t_pad,
+        uniform_query_len=uniform, positions=pos_t[:t_pad],
+        slot_mapping=torch.cat([torch.from_numpy(slots), torch.zeros(pad_tokens, dtype=torch.int64)]),
+        seq_lens=torch.from_numpy(seq)[:r_pad], query_start_loc=torch.from_numpy(qsl)[:r_pad + 1],
+        block_table=bt_t[:r_pad + 1], positions_cpu=positions, seq_lens_cpu=seq,
+        query_start_loc_cpu=qsl, block_table_cpu=bt)
+    return s, inputs, PersistentInputs(bt_t, pos_t), bt, pos, req
+
+
+def dense_reference(q, cache, bt, pos, req, scale):
+    out = torch.empty_like(q)
+    for t in range(q.shape[0]):
+        L = int(pos[t]) + 1
+        p = np.arange(L)
+        slots = torch.from_numpy(bt[req[t], p // BS].astype(np.int64) * BS + p % BS)
+        k = cache[0][slots].repeat_interleave(HQ // HKV, dim=1)   # [L, Hq, D]
+        v = cache[1][slots].repeat_interleave(HQ // HKV, dim=1)
+        w = torch.einsum("hd,lhd->hl", q[t], k) * scale
+        out[t] = torch.einsum("hl,lhd->hd", w.softmax(-1), v)
+    return out
+
+
+@pytest.mark.parametrize("seq_lens, q_lens, shared, pad", [
+    ([9, 17, 3], [1, 1, 1], 0, 0),          # decode layout
+    ([9, 17, 3], [1, 1, 1], 0, 3),          # decode layout with padded requests
+    ([12, 20], [3, 3], 2, 0),               # uniform multi-token queries (verify), shared prefix
+    ([9, 17, 5, 30], [9, 4, 1, 13], 0, 0),  # mixed: prefills and a decode
+    ([20, 22, 7], [20, 2, 7], 4, 5),        # mixed with a shared prefix and padding tokens
+])
+def test_flex_matches_sdpa_and_dense(seq_lens, q_lens, shared, pad):
+    s, inputs, persistent, bt, pos, req = make_step(seq_lens, q_lens, shared, pad)
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(2, NB * BS, HKV, D, generator=g)
+    T = inputs.num_tokens_padded
+    q = torch.randn(T, HQ, D, generator=g)
+    k = torch.randn(T, HKV, D, generator=g)
+    v = torch.randn(T, HKV, D, generator=g)
+    results = []
+    for backend in (FlexAttentionBackend(s, torch.device("cpu"), persistent),
+                    SDPABackend(s, torch.device("cpu"))):
+        c = cache.clone()
+        meta = backend.build(inputs)
+        results.append((backend.forward(q, k, v, c, meta)[:inputs.num_tokens], c))
+    (flex, cache_f), (sdpa, cache_s) = results
+    assert torch.equal(cache_f[:, BS:], cache_s[:, BS:])           # same KV written
+    ref = dense_reference(q[:inputs.num_tokens], cache_f, bt, pos, req, s.scale)
+    torch.testing.assert_close(sdpa, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_kv_blocks_are_the_distinct_visible_blocks():
+    s, inputs, persistent, bt, pos, req = make_step([20, 22, 7, 3], [20, 2, 7, 1], shared_prefix_blocks=3)
+    backend = FlexAttentionBackend(s, torch.device("cpu"), persistent)
+    nqb = -(-inputs.num_tokens // 16)
+    counts, indices = backend._mixed_kv_blocks(req.astype(np.int32), pos, bt, nqb)
+    for qb in range(nqb):
+        toks = range(qb * 16, min(qb * 16 + 16, inputs.num_tokens))
+        want = {int(bt[req[t], b]) for t in toks for b in range(int(pos[t]) // BS + 1)}
+        got = indices[qb, :counts[qb]].tolist()
+        assert len(got) == len(set(got)) and set(got) == want
+
+
+def test_metadata_buffers_are_not_reallocated():
+    s, inputs, persistent, *_ = make_step([9, 17, 5, 30], [9, 4, 1, 13])
+    backend = FlexAttentionBackend(s, torch.device("cpu"), persistent)
+    ptrs = [t.data_ptr() for t in (backend.block_logical, backend.doc_ids.gpu,
+                                   backend.mixed_kv_indices.gpu, backend.decode_kv_num_blocks)]
+    m1 = backend.build(inputs)
+    _, dec, *_ = make_step([9, 17, 3], [1, 1, 1])
+    m2 = backend.build(dec)
+    assert ptrs == [t.data_ptr() for t in (backend.block_logical, backend.doc_ids.gpu,
+                                           backend.mixed_kv_indices.gpu, backend.decode_kv_num_blocks)]
+    # the block masks read views of the persistent buffers
+    base = backend.mixed_kv_indices.gpu
+    assert m1.block_mask.kv_indices.data_ptr() == base.data_ptr()
+    assert m2.block_mask.kv_num_blocks.data_ptr() == backend.decode_kv_num_blocks.data_ptr()

@@ -1,0 +1,155 @@
+"""Sampler: support restriction, reproducibility, independence from the batch."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fullgraph import LLM, SamplingParams
+from fullgraph.worker.sampler import SamplingTensors, apply_top_k_top_p, sample, uniform_noise
+
+
+def tensors(r, temperature=1.0, top_k=None, top_p=1.0, seeds=None, positions=None, vocab=50,
+            logprobs=-1):
+    top_k = vocab if top_k is None else top_k
+    return SamplingTensors(
+        temperature=torch.full((r,), temperature), top_k=torch.full((r,), top_k, dtype=torch.int32),
+        top_p=torch.full((r,), top_p),
+        seeds=torch.tensor(seeds if seeds is not None else list(range(r)), dtype=torch.int64),
+        positions=torch.tensor(positions if positions is not None else [0] * r, dtype=torch.int64),
+        all_greedy=temperature == 0, any_top_k_top_p=top_k < vocab or top_p < 1.0,
+        num_logprobs=logprobs)
+
+
+def test_noise_is_uniform_and_depends_on_seed_and_position():
+    u = uniform_noise(torch.tensor([1, 1, 2]), torch.tensor([5, 6, 5]), 20000)
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    again = uniform_noise(torch.tensor([2, 1]), torch.tensor([5, 5]), 20000)
+    assert torch.equal(again[1], u[0]) and torch.equal(again[0], u[2])
+
+
+def test_top_k_restricts_support():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    t = tensors(64, top_k=5, seeds=range(64))
+    out = sample(logits, t).token_ids
+    top5 = logits.topk(5, dim=-1).indices
+    assert all(out[i] in top5[i] for i in range(64))
+
+
+def test_top_p_restricts_support():
+    probs = torch.tensor([0.1, 0.3, 0.15, 0.25, 0.2])
+    logits = probs.log()[None].repeat(400, 1)
+    out = sample(logits, tensors(400, top_p=0.5, seeds=range(400), vocab=5)).token_ids
+    # 0.3 + 0.25 covers 0.5: only tokens 1 and 3 may appear, and both do
+    assert set(out.tolist()) == {1, 3}
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(6000, 1)
+    out = sample(logits, tensors(6000, seeds=range(6000), vocab=3)).token_ids
+    freq = torch.bincount(out, minlength=3).float() / 6000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+
+
+def test_temperature_zero_is_argmax_and_rows_are_independent():
+    logits = torch.randn(8, 50)
+    t = tensors(8, temperature=0.0)
+    assert torch.equal(sample(logits, t).token_ids, logits.argmax(-1))
+    # a sampled row does not change what its neighbours draw
+    mixed = tensors(8, seeds=[3] * 8, positions=list(range(8)))
+    alone = [sample(logits[i:i + 1], tensors(1, seeds=[3], positions=[i])).token_ids.item()
+             for i in range(8)]
+    assert sample(logits, mixed).token_ids.tolist() == alone
+
+
+def test_top_k_top_p_keeps_most_likely():
+    logits = torch.tensor([[1.0, 5.0, 2.0]])
+    out = apply_top_k_top_p(logits, torch.tensor([1]), torch.tensor([0.01]))
+    assert out[0, 1] == 5.0 and math.isinf(out[0, 0]) and math.isinf(out[0, 2])
+
+
+def test_logprobs_and_ranks():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    out = sample(logits, tensors(1, temperature=0.0, vocab=4, logprobs=2))
+    lp = logits.log_softmax(-1)
+    assert out.token_ids.item() == 1 and out.ranks.item() == 1
+    assert torch.allclose(out.logprobs[0], torch.stack([lp[0, 1], lp[0, 1], lp[0, 2]]))
+    assert out.logprob_token_ids[0].tolist() == [1, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("tiny-qwen3", max_model_len=256, max_num_seqs=8, num_gpu_blocks_override=128)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(["Once upon a time"], p, use_tqdm=False)[0].outputs[0].token_ids
+    again = llm.generate(["Once upon a time"], p, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.7, seed=9, max_tokens=5)
+    batch = llm.generate(["The cat", "Once upon a time", "Hello"], [others, p, others],
+                         use_tqdm=False)
+    assert alone == again == batch[1].outputs[0].token_ids
+    different = SamplingParams(temperature=1.0, top_p=0.95, seed=4321, max_tokens=12, ignore_eos=True)
+    assert llm.generate(["Once upon a time"], different, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_unseeded_requests_differ_but_engine_seed_reproduces(llm):
+    p = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    a, b = llm.generate(["Hello", "Hello"], p, use_tqdm=False)
+    assert a.outputs[0].token_ids != b.outputs[0].token_ids
+    other = LLM("tiny-qwen3", max_model_len=256, max_num_seqs=8, num_gpu_blocks_override=128)
+    c, d = other.generate(["Hello", "Hello"], p, use_tqdm=False)
+    assert (c.outputs[0].token_ids, d.outputs[0].token_ids) == (a.outputs[0].token_ids,
+                                                                 b.outputs[0].token_ids)
+
+
+def test_stop_strings_stop_tokens_and_eos(llm):
+    base = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    full = llm.generate(["Hello"], base, use_tqdm=False)[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    # stop token: the first generated token id that appears again later
+    tid = full.token_ids[3]
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                                 stop_token_ids=[tid]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == tid
+    assert out.token_ids == full.token_ids[:full.token_ids.index(tid) + 1]
+    # stop string: a piece of the full text; the output ends right before it
+    text = full.text
+    starts = [i for i in range(len(text) // 2, len(text) - 2) if text[i:i + 3].strip()]
+    assert starts, f"no usable stop string in {text!r}"
+    stop = text[starts[0]:starts[0] + 3]
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                                                 stop=[stop, "never-appears"]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+    # eos: make the first generated token the model's eos, then it stops there unless ignored
+    eos_llm = llm.engine
+    saved = eos_llm.config.model
+    import dataclasses
+    eos_llm.config = dataclasses.replace(eos_llm.config, model=dataclasses.replace(
+        saved, eos_token_ids=(full.token_ids[0],)))
+    try:
+        out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=20),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "stop" and out.token_ids == full.token_ids[:1]
+        out = llm.generate(["Hello"], base, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == full.token_ids
+    finally:
+        eos_llm.config = dataclasses.replace(eos_llm.config, model=saved)
+
+
+def test_logprobs_in_outputs(llm):
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    for tid, entry in zip(out.token_ids, out.logprobs):
+        assert tid in entry and entry[tid].rank == 1       # greedy = most likely
+        assert 3 <= len(entry) <= 4
+        assert all(lp.logprob <= 0 for lp in entry.values())
+    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in
+                                                       zip(out.token_ids, out.logprobs)))
