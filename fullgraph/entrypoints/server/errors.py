@@ -66,7 +66,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     for err in errors:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
-            return f"malformed JSON body: {detail}".rstrip(": "), None
+            loc = err.get("loc", ())
+            where = f" at character {loc[-1]}" if len(loc) > 1 else ""
+            return f"malformed JSON body{where}: {detail}".rstrip(": "), None
     parts, param = [], None
     for err in errors[:3]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
@@ -87,8 +89,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code,
+                              f"{exc.detail}: {request.method} {request.url.path}")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -20,6 +20,11 @@ from fullgraph.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+_LOGPROB_FLOOR = -9999.0   # -inf is not JSON; vLLM clamps the same way
+
+
+def clamp_logprob(lp: float) -> float:
+    return max(lp, _LOGPROB_FLOOR)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,71 @@
+"""The FastAPI app: routes, API-key check, error handlers. `build_app(async_engine)`."""
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from fullgraph.engine.async_engine import AsyncLLMEngine
+from fullgraph.entrypoints.server.chat import create_chat_completion
+from fullgraph.entrypoints.server.completions import create_completion
+from fullgraph.entrypoints.server.errors import APIError, error_response, install_error_handlers
+from fullgraph.entrypoints.server.metrics import ServerMetrics
+from fullgraph.entrypoints.server.protocol import ChatCompletionRequest, CompletionRequest
+from fullgraph.entrypoints.server.serving import ServerState
+
+
+def _api_key_check(key: str):
+    expected = f"Bearer {key}".encode()
+
+    async def check(request: Request) -> None:
+        got = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(got, expected):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+    return check
+
+
+def build_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
+    """The caller owns `engine` (starts it, and shuts it down after the server stops)."""
+    name = engine.config.model.name
+    state = ServerState(engine=engine, model_name=name,
+                        metrics=ServerMetrics(lambda: engine.snapshot, name),
+                        api_key=api_key, created=int(time.time()))
+    app = FastAPI(title="fullgraph", description="OpenAI-compatible fullgraph server")
+    app.state.server = state
+    install_error_handlers(app)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))] if api_key else [])
+
+    @v1.get("/models")
+    async def models() -> JSONResponse:
+        card = {"id": name, "object": "model", "created": state.created, "owned_by": "fullgraph",
+                "root": engine.config.model.path,
+                "max_model_len": engine.config.model.max_model_len,
+                "vocab_size": engine.config.model.vocab_size}     # for `bench serve` prompts
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(state, body, request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(state, body, request)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_alive:
+            return error_response(503, "the engine loop is not running")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,126 @@
+"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fullgraph.engine.async_engine import (ChatPrompt, EngineError, GenerationItem,
+                                           GenerationStream)
+from fullgraph.entrypoints.server.errors import bad_request
+from fullgraph.entrypoints.server.metrics import RequestTracker
+from fullgraph.entrypoints.server.protocol import (ChatChoice, ChatCompletionChunk,
+                                                   ChatCompletionRequest, ChatCompletionResponse,
+                                                   ChatLogprobs, ChatMessage, ChatResponseMessage,
+                                                   ChatStreamChoice, ChatTokenLogprob,
+                                                   DeltaMessage, TopLogprob, UsageInfo)
+from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model,
+                                                  check_unsupported, clamp_logprob, now, run_to_end,
+                                                  sampling_params, sse_error, submit, usage,
+                                                  warn_unknown_fields)
+from fullgraph.outputs import CompletionOutput
+
+
+
+
+def _message_dict(i: int, m: ChatMessage) -> dict:
+    if m.content is None or isinstance(m.content, str):
+        content = m.content or ""
+    else:
+        bad = [p.type for p in m.content if p.type != "text"]
+        if bad:
+            raise bad_request(f"messages[{i}]: content parts of type {bad[0]!r} are not "
+                              f"supported (text only)", "messages")
+        content = "\n".join(p.text or "" for p in m.content)
+    d = {"role": m.role, "content": content}
+    if m.name is not None:
+        d["name"] = m.name
+    return d
+
+
+def _logprobs(c: CompletionOutput, start: int, top_n: int) -> ChatLogprobs:
+    content = []
+    for tid, entry in zip(c.token_ids[start:], c.logprobs[start:]):
+        s = entry.get(tid)
+        token = (s.decoded_token if s else None) or ""
+        tops = sorted((e for e in entry.values() if e.rank <= top_n), key=lambda e: e.rank)
+        content.append(ChatTokenLogprob(
+            token=token, logprob=clamp_logprob(s.logprob if s else float("-inf")),
+            bytes=list(token.encode()),
+            top_logprobs=[TopLogprob(token=e.decoded_token or "",
+                                     logprob=clamp_logprob(e.logprob),
+                                     bytes=list((e.decoded_token or "").encode()))
+                          for e in tops]))
+    return ChatLogprobs(content=content)
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
+                                 request: Request) -> Response:
+    check_model(state, body.model)
+    warn_unknown_fields(body, "chat/completions")
+    fmt = (body.response_format or {}).get("type", "text")
+    check_unsupported(body, {"tools": bool(body.tools), "response_format": fmt != "text"})
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    messages = tuple(_message_dict(i, m) for i, m in enumerate(body.messages))
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    top_n = body.top_logprobs or 0
+    params = sampling_params(body, max_tokens, top_n if body.logprobs else None)
+    prompt = ChatPrompt(messages, body.add_generation_prompt,
+                        tuple(sorted((body.chat_template_kwargs or {}).items())))
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = await submit(state, [GenerationItem(rid, prompt, params)], "messages")
+    tracker = state.metrics.tracker(1)
+    if body.stream:
+        return StreamingResponse(_stream(state, body, rid, stream, tracker, top_n),
+                                 media_type="text/event-stream")
+    outputs = await run_to_end(request, stream, tracker)
+    if outputs is None:
+        return Response(status_code=499)    # the client is gone; nobody reads this
+    out = outputs[0]
+    c = out.outputs[0]
+    choice = ChatChoice(index=0, message=ChatResponseMessage(content=c.text),
+                        logprobs=_logprobs(c, 0, top_n) if body.logprobs else None,
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        token_ids=c.token_ids if body.return_token_ids else None)
+    resp = ChatCompletionResponse(
+        id=rid, created=now(), model=state.model_name, choices=[choice], usage=usage(outputs),
+        prompt_token_ids=out.prompt_token_ids if body.return_token_ids else None)
+    return JSONResponse(resp.model_dump())
+
+
+async def _stream(state: ServerState, body: ChatCompletionRequest, rid: str,
+                  stream: GenerationStream, tracker: RequestTracker,
+                  top_n: int) -> AsyncIterator[str]:
+    created, text, num_tokens = now(), "", 0
+
+    def chunk(choice: ChatStreamChoice | None, usage_info: UsageInfo | None = None) -> str:
+        c = ChatCompletionChunk(id=rid, created=created, model=state.model_name,
+                                choices=[choice] if choice else [], usage=usage_info)
+        return f"data: {c.model_dump_json()}\n\n"
+
+    try:
+        yield chunk(ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content="")))
+        async for _, out in stream:
+            tracker.observe(0, out)
+            c = out.outputs[0]
+            delta, new_ids = c.text[len(text):], c.token_ids[num_tokens:]
+            lp = _logprobs(c, num_tokens, top_n) if body.logprobs and new_ids else None
+            text, num_tokens = c.text, len(c.token_ids)
+            if not (delta or out.finished or (new_ids and (lp or body.return_token_ids))):
+                continue    # a token whose text is held back (partial UTF-8, maybe a stop)
+            yield chunk(ChatStreamChoice(
+                index=0, delta=DeltaMessage(content=delta), logprobs=lp,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                token_ids=new_ids if body.return_token_ids else None))
+        if body.stream_options and body.stream_options.include_usage:
+            prompt_tokens = len(stream.prompt_token_ids[0])
+            yield chunk(None, UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=num_tokens,
+                                        total_tokens=prompt_tokens + num_tokens))
+    except EngineError as e:
+        yield sse_error(e)
+    finally:
+        stream.abort()      # no-op when finished; frees the blocks if the client left
+    yield DONE

@@ -1,0 +1,61 @@
+"""`fullgraph serve`: load the engine, serve the OpenAI-compatible API with uvicorn."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="if set, /v1 requests need 'Authorization: Bearer <key>'")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible API")
+    add_serve_args(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def main(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fullgraph.engine.async_engine import AsyncLLMEngine
+    from fullgraph.engine.engine import LLMEngine
+    from fullgraph.entrypoints.server.app import build_app
+
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(engine_args_from(ns)))
+    try:
+        app = build_app(engine, api_key=ns.api_key)
+        logger.info("serving %s on http://%s:%d", engine.config.model.name, ns.host, ns.port)
+        uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":      # python -m fullgraph.entrypoints.server.cli --model ...
+    parser = argparse.ArgumentParser(prog="fullgraph serve")
+    parser.add_argument("--log-level", default="INFO")
+    add_serve_args(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(main(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

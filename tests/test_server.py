@@ -1,0 +1,515 @@
+"""The OpenAI-compatible server: a real uvicorn process on 127.0.0.1 and a free port, talked to
+with the official `openai` client, checked token for token against the offline `LLM`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fullgraph import LLM, SamplingParams
+
+MODEL = "tiny-qwen3"
+MAX_LEN = 512
+ENGINE_FLAGS = ["--max-model-len", str(MAX_LEN), "--max-num-seqs", "32",
+                "--num-gpu-blocks-override", "512", "--attention-backend", "sdpa"]
+ENGINE_KW = dict(max_model_len=MAX_LEN, max_num_seqs=32, num_gpu_blocks_override=512,
+                 attention_backend="sdpa")
+TIMEOUT = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def offline() -> LLM:
+    # Built first: it also writes the preset checkpoint the server will load.
+    return LLM(MODEL, **ENGINE_KW)
+
+
+@pytest.fixture(scope="module")
+def server(offline, tmp_path_factory) -> str:
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fullgraph.entrypoints.server.cli", "--model", MODEL,
+         "--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning",
+         *ENGINE_FLAGS], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not become healthy:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=TIMEOUT,
+                         max_retries=0)
+
+
+def metrics(server: str) -> dict[str, float]:
+    """Sample name -> value (labels dropped: one model, one value per name) plus the
+    parsed families under '__families__'."""
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    out: dict = {"__families__": {}}
+    for fam in text_string_to_metric_families(text):
+        out["__families__"][fam.name] = fam
+        for s in fam.samples:
+            if s.name.endswith("_bucket") or "finished_reason" in s.labels:
+                continue
+            out[s.name] = s.value
+    return out
+
+
+def wait_for(cond, timeout: float = 15.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+# ---------------------------------------------------------------- happy paths
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+
+
+def test_completions_match_offline(client, offline):
+    prompts = ["Once upon a time", "The cat sat on", "Hello, world!"]
+    want = offline.generate(prompts, greedy(24), use_tqdm=False)
+    resp = client.completions.create(model=MODEL, prompt=prompts, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    for c, w in zip(resp.choices, want):
+        assert c.token_ids == w.outputs[0].token_ids
+        assert c.text == w.outputs[0].text
+        assert c.finish_reason == "length"
+    assert resp.usage.completion_tokens == 3 * 24
+    assert resp.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + 3 * 24
+
+
+def test_completions_stream_match_offline(client, offline):
+    prompts = ["Large language models", "Paris is the capital"]
+    want = offline.generate(prompts, greedy(20), use_tqdm=False)
+    stream = client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    text, ids, finish, usage = ["", ""], [[], []], [None, None], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            assert chunk.choices == []
+            usage = chunk.usage
+            continue
+        for c in chunk.choices:
+            assert finish[c.index] is None, "a chunk after the finishing one"
+            text[c.index] += c.text
+            ids[c.index] += c.token_ids
+            finish[c.index] = c.finish_reason
+    for i, w in enumerate(want):
+        assert ids[i] == w.outputs[0].token_ids
+        assert text[i] == w.outputs[0].text
+        assert finish[i] == "length"
+    assert usage is not None and usage.completion_tokens == 40
+
+
+def test_token_id_prompts(client, offline):
+    want = offline.generate([{"prompt_token_ids": [5, 6, 7, 8]},
+                             {"prompt_token_ids": [100, 200]}], greedy(8), use_tqdm=False)
+    resp = client.completions.create(model=MODEL, prompt=[[5, 6, 7, 8], [100, 200]],
+                                     max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert [c.token_ids for c in resp.choices] == [w.outputs[0].token_ids for w in want]
+    single = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=8,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    assert single.choices[0].text == want[0].outputs[0].text
+    assert single.usage.prompt_tokens == 4
+
+
+def test_chat_matches_offline(client, offline):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    want = offline.chat(messages, greedy(16), use_tqdm=False)[0]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                          temperature=0, extra_body={"ignore_eos": True,
+                                                                     "return_token_ids": True})
+    c = resp.choices[0]
+    assert c.message.role == "assistant"
+    assert c.message.content == want.outputs[0].text
+    assert c.token_ids == want.outputs[0].token_ids
+    assert resp.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert resp.usage.completion_tokens == 16
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want.outputs[0].text
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_chat_max_tokens_defaults_to_rest_of_context(client):
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0,
+        extra_body={"ignore_eos": True})
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.total_tokens == MAX_LEN
+
+
+def test_stop_strings_and_seed(client, offline):
+    base = offline.generate(["The quick brown fox"], greedy(24), use_tqdm=False)[0].outputs[0]
+    stop = base.text[len(base.text) // 2:][:3]
+    want = offline.generate(["The quick brown fox"], greedy(24, stop=[stop]),
+                            use_tqdm=False)[0].outputs[0]
+    resp = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=24,
+                                     temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert resp.choices[0].finish_reason == "stop" == want.finish_reason
+    assert resp.choices[0].text == want.text and stop not in want.text
+    # A seed makes sampling reproducible, and equal to the offline API's.
+    sp = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
+    want = offline.generate(["Tell me a story"], sp, use_tqdm=False)[0].outputs[0]
+    for _ in range(2):
+        resp = client.completions.create(model=MODEL, prompt="Tell me a story", max_tokens=12,
+                                         temperature=1.0, seed=1234,
+                                         extra_body={"ignore_eos": True})
+        assert resp.choices[0].text == want.text
+
+
+def test_logprobs(client, offline):
+    want = offline.generate(["Hello there"], greedy(6, logprobs=3), use_tqdm=False)[0].outputs[0]
+    resp = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=6,
+                                     temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == resp.choices[0].text
+    assert lp.text_offset[0] == 0
+    for pos, (tid, got) in enumerate(zip(want.token_ids, lp.token_logprobs)):
+        assert got == pytest.approx(want.logprobs[pos][tid].logprob, abs=1e-4)
+        assert 3 <= len(lp.top_logprobs[pos]) <= 4
+        assert max(lp.top_logprobs[pos].values()) == pytest.approx(got, abs=1e-4)  # greedy
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    assert all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+
+
+def test_echo(client):
+    resp = client.completions.create(model=MODEL, prompt="Echo this", max_tokens=4,
+                                     temperature=0, echo=True, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model=MODEL, prompt="Echo this", max_tokens=4,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert resp.choices[0].text == "Echo this" + plain.choices[0].text
+
+
+# ---------------------------------------------------------------- concurrency, disconnects
+def test_32_concurrent_streams(server, offline):
+    n, max_tokens = 32, 24
+    prompts = [f"Request number {i} says" for i in range(n)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens, ignore_eos=True)
+              for i in range(n)]
+    want = offline.generate(prompts, params, use_tqdm=False)
+    steps0 = metrics(server)["fullgraph:engine_steps_total"]
+
+    async def one(client: openai.AsyncOpenAI, i: int):
+        stream = await client.completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=max_tokens, temperature=1.0, seed=i,
+            stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+        ids, text, finish = [], "", None
+        async for chunk in stream:
+            for c in chunk.choices:
+                ids += c.token_ids
+                text += c.text
+                finish = c.finish_reason
+        return ids, text, finish
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused",
+                                      timeout=TIMEOUT, max_retries=0) as client:
+            return await asyncio.wait_for(
+                asyncio.gather(*[one(client, i) for i in range(n)]), TIMEOUT)
+    results = asyncio.run(main())
+    for (ids, text, finish), w in zip(results, want):
+        assert ids == w.outputs[0].token_ids     # none lost, none duplicated, right order
+        assert text == w.outputs[0].text
+        assert finish == "length"
+    steps = metrics(server)["fullgraph:engine_steps_total"] - steps0
+    assert steps < n * max_tokens / 4, f"{steps} steps for {n} requests: not batched"
+
+
+def _start_long_stream(server: str, client: httpx.Client):
+    body = {"model": MODEL, "prompt": "A very long story:", "max_tokens": 480,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    return client.stream("POST", f"{server}/v1/completions", json=body)
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    before = metrics(server)
+    with httpx.Client(timeout=TIMEOUT) as http:
+        with _start_long_stream(server, http) as resp:
+            assert resp.status_code == 200
+            # Not `for ... break`: closing the line iterator closes the connection.
+            lines = resp.iter_lines()
+            data = [line for line in (next(lines) for _ in range(6)) if line]
+            assert len(data) == 3 and all(d.startswith("data: {") for d in data)
+            assert metrics(server)["fullgraph:num_requests_running"] == 1
+            assert metrics(server)["fullgraph:kv_cache_usage_perc"] > 0
+    # Closing the connection aborts the request and frees its blocks.
+    assert wait_for(lambda: metrics(server)["fullgraph:request_aborted_total"]
+                    == before["fullgraph:request_aborted_total"] + 1)
+    after = metrics(server)
+    assert after["fullgraph:num_requests_running"] == 0
+    assert after["fullgraph:kv_cache_usage_perc"] == 0
+    assert after["fullgraph:num_free_blocks"] == after["fullgraph:num_blocks"]
+    made = after["fullgraph:generation_tokens_total"] - before["fullgraph:generation_tokens_total"]
+    assert made < 480
+
+
+def test_disconnect_non_streamed_request_aborts(server):
+    before = metrics(server)["fullgraph:request_aborted_total"]
+    body = {"model": MODEL, "prompt": "Another long story:", "max_tokens": 480,
+            "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.05))
+    assert wait_for(lambda: metrics(server)["fullgraph:request_aborted_total"] == before + 1)
+    assert wait_for(lambda: metrics(server)["fullgraph:kv_cache_usage_perc"] == 0)
+
+
+# ---------------------------------------------------------------- bad input
+BAD_COMPLETIONS = [
+    ({"temperature": -1}, 400, "temperature", "temperature"),
+    ({"top_p": 1.5}, 400, "top_p", "top_p"),
+    ({"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ({"n": 2}, 400, "n", "n must be 1"),
+    ({"logprobs": 50}, 400, "logprobs", "max_logprobs"),
+    ({"temperature": "hot"}, 400, "temperature", "temperature"),
+    ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ({"extra_body": {"top_k": -5}}, 400, "top_k", "top_k"),
+    ({"model": "gpt-4"}, 404, "model", "gpt-4"),
+    ({"prompt": ""}, 400, "prompt", "empty"),
+    ({"prompt": [1, 2, 10**6]}, 400, "prompt", "outside the vocabulary"),
+    ({"prompt": [7] * 600}, 400, "prompt", "600"),
+    ({"prompt": [7] * 100, "max_tokens": 450}, 400, "max_tokens", "512"),
+    ({"prompt": {"text": 1}}, 400, "prompt", "prompt must be"),
+]
+
+
+@pytest.mark.parametrize("override,status,param,needle", BAD_COMPLETIONS,
+                         ids=[str(i) for i in range(len(BAD_COMPLETIONS))])
+def test_bad_completion_requests(client, override, status, param, needle):
+    kwargs = {"model": MODEL, "prompt": "hello", "max_tokens": 4, **override}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(**kwargs)
+    err = info.value
+    assert err.status_code == status
+    body = err.response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error"
+    assert body["param"] == param
+    assert needle in body["message"]
+    if "max_tokens" in override and "prompt" in override:
+        assert "100" in body["message"] and "450" in body["message"]    # names both numbers
+    if status == 404:
+        assert body["code"] == "model_not_found"
+
+
+BAD_CHAT = [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ({"top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": "nope"}, 404, "model"),
+    ({"n": 3}, 400, "n"),
+    ({"max_tokens": 1000}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("override,status,param", BAD_CHAT,
+                         ids=[str(i) for i in range(len(BAD_CHAT))])
+def test_bad_chat_requests(server, override, status, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            **override}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"]
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "tiny-qwen3", "prompt": "hi",', b"[1, 2]",
+                                 b"not json at all"])
+def test_malformed_json(server, raw):
+    r = httpx.post(f"{server}/v1/completions", content=raw, timeout=TIMEOUT,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_unknown_route_and_server_keeps_serving(server, client):
+    r = httpx.get(f"{server}/v1/nothing-here", timeout=TIMEOUT)
+    assert r.status_code == 404 and "/v1/nothing-here" in r.json()["error"]["message"]
+    # After all the bad input above, nothing is left behind and good requests still work.
+    assert wait_for(lambda: metrics(server)["fullgraph:num_requests_running"] == 0)
+    resp = client.completions.create(model=MODEL, prompt="still alive?", max_tokens=3,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == 3
+    assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+
+
+# ---------------------------------------------------------------- metrics
+def test_metrics_parse(server, client):
+    client.completions.create(model=MODEL, prompt="metrics please", max_tokens=5, temperature=0,
+                              extra_body={"ignore_eos": True})
+    m = metrics(server)
+    fams = m["__families__"]
+    for name in ["fullgraph:num_requests_running", "fullgraph:num_requests_waiting",
+                 "fullgraph:kv_cache_usage_perc", "fullgraph:prompt_tokens",
+                 "fullgraph:generation_tokens", "fullgraph:time_to_first_token_seconds",
+                 "fullgraph:inter_token_latency_seconds", "fullgraph:cudagraph_replays",
+                 "fullgraph:eager_fallbacks", "fullgraph:request_success"]:
+        assert name in fams, name
+    assert fams["fullgraph:time_to_first_token_seconds"].type == "histogram"
+    assert m["fullgraph:time_to_first_token_seconds_count"] >= 1
+    assert m["fullgraph:inter_token_latency_seconds_count"] >= 4
+    assert m["fullgraph:generation_tokens_total"] >= 5
+    # The CPU runs eagerly by configuration: no graph is captured, so no step replays one
+    # and none counts as a fallback (a fallback is a step too big for the captured graphs).
+    assert m["fullgraph:engine_steps_total"] > 0
+    assert m["fullgraph:cudagraph_replays_total"] == m["fullgraph:eager_fallbacks_total"] == 0
+    reasons = {s.labels["finished_reason"]: s.value
+               for s in fams["fullgraph:request_success"].samples if s.name.endswith("_total")}
+    assert reasons.get("length", 0) >= 1
+
+
+@pytest.mark.parametrize("load", [["--concurrency", "4"], ["--request-rate", "200"]])
+def test_bench_serve(server, tmp_path, load):
+    import argparse
+
+    from fullgraph.entrypoints.bench import serve as bench
+    parser = argparse.ArgumentParser()
+    bench.add_args(parser)
+    ns = parser.parse_args(["--base-url", server, "--num-prompts", "8", "--input-len", "16",
+                            "--output-len", "8", "--out", str(tmp_path), *load])
+    assert bench.main(ns) == 0
+    report = json.loads((tmp_path / "bench_serve.json").read_text())
+    assert report["completed"] == 8 and report["failed"] == 0, report["errors"]
+    assert report["model"] == MODEL
+    assert report["total_output_tokens"] == 8 * 8
+    assert report["total_input_tokens"] == 8 * 16
+    for key in ["ttft_s", "itl_s", "e2e_s"]:
+        assert report[key]["p50"] <= report[key]["p99"]
+    assert report["output_throughput_tok_s"] > 0
+    assert (tmp_path / "bench_serve.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def inproc():
+    """A second server, uvicorn in a thread of this process, with an API key and an engine
+    the test can break."""
+    import threading
+
+    import uvicorn
+
+    from fullgraph.engine.args import EngineArgs
+    from fullgraph.engine.async_engine import AsyncLLMEngine
+    from fullgraph.engine.engine import LLMEngine
+    from fullgraph.entrypoints.server.app import build_app
+
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(model=MODEL, **ENGINE_KW)))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, api_key="sesame"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, timeout=30), "in-process server did not start"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as http:
+            yield engine, http
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        engine.shutdown()
+
+
+AUTH = {"Authorization": "Bearer sesame"}
+
+
+def test_api_key(inproc):
+    _, http = inproc
+    r = http.get("/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert http.get("/v1/models", headers=AUTH).status_code == 200
+    assert http.get("/health").status_code == 200       # probes need no key
+    assert http.get("/metrics").status_code == 200
+
+
+def test_step_error_is_reported_and_server_survives(inproc, monkeypatch):
+    engine, http = inproc
+
+    def broken_step():
+        raise RuntimeError("simulated device failure")
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+    monkeypatch.setattr(engine.engine, "step", broken_step)
+    r = http.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "simulated device failure" in err["message"]
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True},
+                     headers=AUTH) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert "simulated device failure" in json.loads(events[-2][6:])["error"]["message"]
+    assert events[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    r = http.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert http.get("/health").status_code == 200
+    assert engine.snapshot.step_errors == 2 and engine.snapshot.kv_usage == 0
