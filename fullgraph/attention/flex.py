@@ -87,6 +87,9 @@ class FlexAttentionBackend:
             return owned & (lb * bs + kv_idx % bs <= positions[q_idx])
 
         self.decode_mask, self.mixed_mask = decode_mask, mixed_mask
+        # The Triton kernel's tiles must match the BlockMask's blocks (the direct build gives
+        # no finer-grained information); autotuning finds no valid choice otherwise.
+        self.mixed_kernel_options = {"BLOCK_M": MIXED_Q_BLOCK, "BLOCK_N": bs} if compile else None
         if compile:
             self.attend = torch.compile(flex_attention, dynamic=False, fullgraph=True)
         else:
@@ -177,5 +180,6 @@ class FlexAttentionBackend:
             return out.transpose(1, 2).reshape(t, hq, d)
         query = q.transpose(0, 1).unsqueeze(0)
         out = self.attend(query, key, value, block_mask=metadata.block_mask,
-                          scale=self.spec.scale, enable_gqa=True)
+                          scale=self.spec.scale, enable_gqa=True,
+                          kernel_options=self.mixed_kernel_options)
         return out[0].transpose(0, 1)

@@ -57,6 +57,13 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            # Compiled kernels are specialized per padded shape bucket (dynamic=False): allow
+            # one compiled variant per bucket instead of dynamo's default of 8.
+            import torch._dynamo.config as dynamo_config
+            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                         "accumulated_cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 4096))
         t0 = time.perf_counter()
         self.model = load_model(config.model, self.device)
         logger.info("loaded %s in %.1f s", config.model.path, time.perf_counter() - t0)
@@ -130,12 +137,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
-        """One max-size prefill, every token writing into the null block."""
+        """A max-size prefill (as few requests as max_model_len allows), all writing into the
+        null block."""
         n = self.max_num_tokens
-        probe = _ProbeRequest([0] * n, 0, [0] * (-(-n // self.block_size)),
-                              SamplingParams(temperature=0.0), 0)
-        desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, n, 1, None)
-        self._forward(self.buffers.prepare([_ProbeChunk(probe, n)], desc))
+        per_req = self.config.model.max_model_len
+        lens = [min(per_req, n - i) for i in range(0, n, per_req)][:self.max_num_seqs]
+        blocks = [0] * self.config.max_blocks_per_seq
+        params = SamplingParams(temperature=0.0)
+        chunks = [_ProbeChunk(_ProbeRequest([0] * m, 0, blocks, params, 0), m) for m in lens]
+        desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, sum(lens), len(lens), None)
+        self._forward(self.buffers.prepare(chunks, desc))
 
     # ---------------------------------------------------------------- step
     def _forward(self, step: StepInputs):
