@@ -53,6 +53,7 @@ class CUDAGraphMode(enum.Enum):
 class CompilationConfig:
     cudagraph_mode: CUDAGraphMode = CUDAGraphMode.FULL
     cudagraph_capture_sizes: tuple[int, ...] = ()
+    graph_runtime: str = "cuda"      # "cuda", or "fake": CPU graphs with replay semantics (tests)
     compile_layers: bool = True      # torch.compile the attention kernel per shape bucket
 
 

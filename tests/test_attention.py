@@ -85,7 +85,9 @@ def test_flex_matches_sdpa_and_dense(seq_lens, q_lens, shared, pad):
     for backend in (FlexAttentionBackend(s, torch.device("cpu"), persistent),
                     SDPABackend(s, torch.device("cpu"))):
         c = cache.clone()
+        backend.prepare(inputs)
         meta = backend.build(inputs)
+        backend.update(meta, inputs)
         results.append((backend.forward(q, k, v, c, meta)[:inputs.num_tokens], c))
     (flex, cache_f), (sdpa, cache_s) = results
     assert torch.equal(cache_f[:, BS:], cache_s[:, BS:])           # same KV written
@@ -111,9 +113,13 @@ def test_metadata_buffers_are_not_reallocated():
     backend = FlexAttentionBackend(s, torch.device("cpu"), persistent)
     ptrs = [t.data_ptr() for t in (backend.block_logical, backend.doc_ids.gpu,
                                    backend.mixed_kv_indices.gpu, backend.decode_kv_num_blocks)]
+    backend.prepare(inputs)
     m1 = backend.build(inputs)
+    backend.update(m1, inputs)
     _, dec, *_ = make_step([9, 17, 3], [1, 1, 1])
+    backend.prepare(dec)
     m2 = backend.build(dec)
+    backend.update(m2, dec)
     assert ptrs == [t.data_ptr() for t in (backend.block_logical, backend.doc_ids.gpu,
                                            backend.mixed_kv_indices.gpu, backend.decode_kv_num_blocks)]
     # the block masks read views of the persistent buffers

@@ -25,8 +25,18 @@ class AttentionBackend(Protocol):
     def __init__(self, spec: AttentionSpec, device: torch.device, buffers: PersistentInputs,
                  compile: bool) -> None: ...
 
+    def prepare(self, inputs: StepAttentionInputs) -> None:
+        """Host-side work for this step: fill staging buffers from the CPU arrays and copy
+        them into the persistent device buffers. Runs every step, never inside a graph."""
+
     def build(self, inputs: StepAttentionInputs) -> Any:
-        """Write this step's metadata into the persistent buffers; return the metadata."""
+        """Make the metadata object for this step's (padded) shape, over persistent buffers.
+        Eager steps build one per step; a captured graph keeps the one it was captured with
+        (its attention state)."""
+
+    def update(self, metadata: Any, inputs: StepAttentionInputs) -> None:
+        """Device-side refresh of the metadata buffers from the step inputs; captured inside
+        the graph, so it must not synchronize with the host or allocate persistent state."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: Any) -> torch.Tensor:

@@ -98,33 +98,17 @@ class FlexAttentionBackend:
             self.attend = flex_attention
 
     # ---------------------------------------------------------------- metadata
-    def build(self, inputs: StepAttentionInputs) -> FlexMetadata:
-        rows = inputs.block_table.shape[0]
-        self.block_logical.index_put_(
-            (inputs.block_table.reshape(-1).long(),),
-            self.column_ids[:rows * self.spec.max_blocks_per_seq])
+    @staticmethod
+    def _decode_layout(inputs: StepAttentionInputs) -> bool:
         q = inputs.uniform_query_len
-        if q is not None and q <= DECODE_Q_BLOCK and inputs.num_tokens_padded == q * inputs.num_reqs_padded:
-            return self._build_decode(inputs, q)
-        return self._build_mixed(inputs)
+        return (q is not None and q <= DECODE_Q_BLOCK
+                and inputs.num_tokens_padded == q * inputs.num_reqs_padded)
 
-    def _build_decode(self, inputs: StepAttentionInputs, q: int) -> FlexMetadata:
-        r = inputs.num_reqs_padded
-        bs = self.spec.block_size
-        num_blocks = self.decode_kv_num_blocks[:r]
-        torch.floor_divide(inputs.seq_lens + (bs - 1), bs, out=num_blocks)
-        torch.sub(inputs.seq_lens, q, out=self.q_offset[:r])
-        kv_indices = inputs.block_table[:r].view(r, 1, 1, -1)
-        mask = BlockMask.from_kv_blocks(
-            num_blocks.view(r, 1, 1), kv_indices, BLOCK_SIZE=(DECODE_Q_BLOCK, bs),
-            mask_mod=self.decode_mask, seq_lengths=(q, self.kv_len), compute_q_blocks=False)
-        return FlexMetadata(mask, inputs.slot_mapping, True, r, q)
-
-    def _build_mixed(self, inputs: StepAttentionInputs) -> FlexMetadata:
+    def prepare(self, inputs: StepAttentionInputs) -> None:
+        if self._decode_layout(inputs):
+            return                       # the decode layout's metadata is derived on device
         t_pad, n_tok, n_req = inputs.num_tokens_padded, inputs.num_tokens, inputs.num_reqs
-        bs = self.spec.block_size
-        qsl = inputs.query_start_loc_cpu[:n_req + 1]
-        q_lens = np.diff(qsl)
+        q_lens = np.diff(inputs.query_start_loc_cpu[:n_req + 1])
         doc = self.doc_ids.np[:t_pad]
         doc[:n_tok] = np.repeat(np.arange(n_req, dtype=np.int32), q_lens)
         doc[n_tok:] = n_req          # padding tokens: the all-zero block-table row
@@ -132,18 +116,39 @@ class FlexAttentionBackend:
         counts, indices = self._mixed_kv_blocks(doc[:n_tok], inputs.positions_cpu[:n_tok],
                                                 inputs.block_table_cpu, num_q_blocks)
         self.mixed_kv_num_blocks.np[:num_q_blocks] = counts
-        used = int(counts.max()) if num_q_blocks else 0
-        self.mixed_kv_indices.np[:num_q_blocks, :used] = indices[:, :used]
+        used = indices.shape[1]
+        self.mixed_kv_indices.np[:num_q_blocks, :used] = indices
         self.doc_ids.copy_to_gpu(t_pad)
-        kv_num_blocks = self.mixed_kv_num_blocks.copy_to_gpu(num_q_blocks)
-        copy_to_persistent(self.mixed_kv_indices.gpu,
-                           self.mixed_kv_indices.cpu[:num_q_blocks, :used])
-        kv_indices = self.mixed_kv_indices.gpu[:num_q_blocks]
+        self.mixed_kv_num_blocks.copy_to_gpu(num_q_blocks)
+        copy_to_persistent(self.mixed_kv_indices.gpu, self.mixed_kv_indices.cpu[:num_q_blocks, :used])
+
+    def build(self, inputs: StepAttentionInputs) -> FlexMetadata:
+        bs = self.spec.block_size
+        if self._decode_layout(inputs):
+            r, q = inputs.num_reqs_padded, inputs.uniform_query_len
+            mask = BlockMask.from_kv_blocks(
+                self.decode_kv_num_blocks[:r].view(r, 1, 1),
+                inputs.block_table[:r].view(r, 1, 1, -1), BLOCK_SIZE=(DECODE_Q_BLOCK, bs),
+                mask_mod=self.decode_mask, seq_lengths=(q, self.kv_len), compute_q_blocks=False)
+            return FlexMetadata(mask, inputs.slot_mapping, True, r, q)
+        t_pad = inputs.num_tokens_padded
+        nqb = -(-t_pad // MIXED_Q_BLOCK)
         mask = BlockMask.from_kv_blocks(
-            kv_num_blocks.view(1, 1, -1), kv_indices.view(1, 1, num_q_blocks, -1),
+            self.mixed_kv_num_blocks.gpu[:nqb].view(1, 1, nqb),
+            self.mixed_kv_indices.gpu[:nqb].view(1, 1, nqb, -1),
             BLOCK_SIZE=(MIXED_Q_BLOCK, bs), mask_mod=self.mixed_mask,
             seq_lengths=(t_pad, self.kv_len), compute_q_blocks=False)
         return FlexMetadata(mask, inputs.slot_mapping, False, 1, t_pad)
+
+    def update(self, metadata: FlexMetadata, inputs: StepAttentionInputs) -> None:
+        rows = inputs.block_table.shape[0]
+        self.block_logical.index_put_(
+            (inputs.block_table.reshape(-1).long(),),
+            self.column_ids[:rows * self.spec.max_blocks_per_seq])
+        if metadata.decode:
+            r, bs = metadata.num_reqs, self.spec.block_size
+            torch.floor_divide(inputs.seq_lens + (bs - 1), bs, out=self.decode_kv_num_blocks[:r])
+            torch.sub(inputs.seq_lens, metadata.query_len, out=self.q_offset[:r])
 
     def _mixed_kv_blocks(self, doc: np.ndarray, pos: np.ndarray, block_table: np.ndarray,
                          num_q_blocks: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,12 @@ class SDPABackend:
         self.spec = spec
         self.device = device
 
+    def prepare(self, inputs: StepAttentionInputs) -> None:
+        pass
+
+    def update(self, metadata: SDPAMetadata, inputs: StepAttentionInputs) -> None:
+        pass
+
     def build(self, inputs: StepAttentionInputs) -> SDPAMetadata:
         bs = self.spec.block_size
         slots, masks = [], []

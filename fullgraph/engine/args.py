@@ -34,6 +34,7 @@ class EngineArgs:
     cudagraph_mode: str = "full"
     cudagraph_capture_sizes: list[int] | None = None
     max_cudagraph_capture_size: int | None = None
+    cudagraph_runtime: str = "auto"   # "fake" runs graph capture/replay semantics on a CPU
     batch_invariant: bool = False
     seed: int = 0
     max_logprobs: int = 20
@@ -64,7 +65,10 @@ class EngineArgs:
         except ValueError:
             raise ValueError(f"cudagraph_mode must be one of "
                              f"{[m.value for m in CUDAGraphMode]}, got {self.cudagraph_mode!r}") from None
-        if self.enforce_eager or device.type != "cuda":
+        runtime = "cuda" if self.cudagraph_runtime == "auto" else self.cudagraph_runtime
+        if runtime not in ("cuda", "fake"):
+            raise ValueError(f"cudagraph_runtime must be auto, cuda or fake, got {runtime!r}")
+        if self.enforce_eager or (device.type != "cuda" and runtime == "cuda"):
             mode = CUDAGraphMode.NONE
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=model.max_model_len)
@@ -72,7 +76,7 @@ class EngineArgs:
             cudagraph_mode=mode,
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
                                                         self.max_cudagraph_capture_size, scheduler)),
-            compile_layers=device.type == "cuda")
+            graph_runtime=runtime, compile_layers=device.type == "cuda")
         # num_blocks is decided by the worker once it knows the memory left (0 = not yet).
         cache = CacheConfig(block_size=self.block_size,
                             num_blocks=self.num_gpu_blocks_override or 0,

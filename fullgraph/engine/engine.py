@@ -34,6 +34,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.tokenizer = load_tokenizer(config.model.path)
         self.runner = ModelRunner(config)
+        if config.compilation.graph_runtime == "fake":
+            from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
+            self.runner.capture_graphs(FakeGraphRuntime())
+        else:
+            self.runner.capture_graphs()
         self.config = dataclasses.replace(
             config, cache=dataclasses.replace(config.cache, num_blocks=self.runner.num_blocks))
         cache = self.config.cache

@@ -19,8 +19,10 @@ from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.models.loader import load_model
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
+from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
+                                                GraphRuntime)
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
-from fullgraph.worker.sampler import sample
+from fullgraph.worker.sampler import SamplerKind, SamplerOutput, SamplingTensors, sample
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ GRAPH_RESERVE_BYTES = 1 << 30   # left free for CUDA graphs and the sampler's wo
 
 
 @dataclass(slots=True)
-class _ProbeRequest:
+class _DummyRequest:
     all_token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int]
@@ -38,8 +40,8 @@ class _ProbeRequest:
 
 
 @dataclass(slots=True)
-class _ProbeChunk:
-    request: _ProbeRequest
+class _DummyChunk:
+    request: _DummyRequest
     num_new_tokens: int
 
 
@@ -87,6 +89,11 @@ class ModelRunner:
                                      config.compilation.cudagraph_capture_sizes,
                                      self.max_num_seqs, self.max_num_tokens,
                                      pad_eager=self.device.type == "cuda")
+        self.graphs: CUDAGraphManager | None = None
+        self.attention_states: dict = {}
+        self.capture_report: CaptureReport | None = None
+        self.compiles_during_capture = 0
+        self._warmup_compiles = 0
 
     # ---------------------------------------------------------------- memory
     @property
@@ -137,24 +144,68 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
-        """A max-size prefill (as few requests as max_model_len allows), all writing into the
-        null block."""
-        n = self.max_num_tokens
-        per_req = self.config.model.max_model_len
-        lens = [min(per_req, n - i) for i in range(0, n, per_req)][:self.max_num_seqs]
+        """A max-size prefill, all of it writing into the null block."""
+        desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, self.max_num_tokens, 1, None)
+        self._forward_eager(self.buffers.prepare(self._dummy_chunks(desc), desc))
+
+    def _dummy_chunks(self, desc: BatchExecutionDescriptor) -> list[_DummyChunk]:
+        """Requests that fill `desc` (at most max_model_len tokens each), all in block 0."""
+        if desc.uniform_query_len is not None:
+            lens = [desc.uniform_query_len] * desc.num_reqs
+        else:
+            per_req = self.config.model.max_model_len
+            n = desc.num_tokens
+            lens = [min(per_req, n - i) for i in range(0, n, per_req)][:desc.num_reqs]
         blocks = [0] * self.config.max_blocks_per_seq
         params = SamplingParams(temperature=0.0)
-        chunks = [_ProbeChunk(_ProbeRequest([0] * m, 0, blocks, params, 0), m) for m in lens]
-        desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, sum(lens), len(lens), None)
-        self._forward(self.buffers.prepare(chunks, desc))
+        return [_DummyChunk(_DummyRequest([0] * m, 0, blocks, params, 0), m) for m in lens]
+
+    # ---------------------------------------------------------------- graphs
+    def capture_graphs(self, runtime: GraphRuntime | None = None) -> CaptureReport | None:
+        """Capture a graph per (descriptor, sampler kind); afterwards steps that fit replay."""
+        descs = self.dispatcher.descriptors_to_capture()
+        if not descs or not self.backend_cls.supports_cudagraph:
+            return None
+        runtime = runtime or CUDAGraphRuntime(self.device)
+        self.graphs = CUDAGraphManager(runtime)
+        keys = [(d, k) for d in descs for k in SamplerKind]
+        compiles0 = compile_count()
+        with torch.inference_mode():
+            self.attention_states, report = self.graphs.capture(keys, self._create_forward_fn)
+        self.compiles_during_capture = compile_count() - compiles0 - self._warmup_compiles
+        self.dispatcher.captured = set(descs)
+        self.capture_report = report
+        return report
+
+    def _create_forward_fn(self, key, warmup: bool):
+        desc, kind = key
+        compiles0 = compile_count()
+        step = self.buffers.prepare(self._dummy_chunks(desc), desc)
+        self.backend.prepare(step.attention)
+        metadata = self.backend.build(step.attention)
+        sampling = kind.configure(step.sampling, self.config.max_logprobs)
+
+        def forward():
+            self.backend.update(metadata, step.attention)
+            out = self._run_model(step, metadata, sampling)
+            if warmup:
+                self._warmup_compiles += compile_count() - compiles0
+            return out
+
+        return forward, metadata
 
     # ---------------------------------------------------------------- step
-    def _forward(self, step: StepInputs):
-        metadata = self.backend.build(step.attention)
+    def _run_model(self, step: StepInputs, metadata, sampling: SamplingTensors) -> SamplerOutput:
         ctx = ForwardContext(self.backend, metadata, self.kv_caches)
         hidden = self.model(step.input_ids, step.positions, ctx)
         logits = self.model.compute_logits(hidden[step.logits_indices]).float()
-        return sample(logits, step.sampling)
+        return sample(logits, sampling)
+
+    def _forward_eager(self, step: StepInputs) -> SamplerOutput:
+        self.backend.prepare(step.attention)
+        metadata = self.backend.build(step.attention)
+        self.backend.update(metadata, step.attention)
+        return self._run_model(step, metadata, step.sampling)
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> StepResult:
@@ -163,12 +214,22 @@ class ModelRunner:
         uniform = q_lens.pop() if len(q_lens) == 1 else None
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
         step = self.buffers.prepare(chunks, desc)
-        out = self._forward(step)
+        if desc.mode == CUDAGraphMode.FULL:
+            self.backend.prepare(step.attention)
+            out = self.graphs.replay((desc, SamplerKind.of(step.sampling)))
+        else:
+            out = self._forward_eager(step)
         n = step.num_reqs
         token_ids = out.token_ids[:n].cpu().numpy()   # the one device->host sync of the step
         result = StepResult(token_ids)
-        if out.logprobs is not None:
+        if step.sampling.num_logprobs >= 0:
             result.logprobs = out.logprobs[:n].cpu().numpy()
             result.logprob_token_ids = out.logprob_token_ids[:n].cpu().numpy()
             result.ranks = out.ranks[:n].cpu().numpy()
         return result
+
+
+def compile_count() -> int:
+    """Graphs compiled by torch.compile so far in this process (for recompile checks)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])

@@ -8,6 +8,8 @@ graph as plain tensor ops.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,23 @@ class SamplingTensors:
     all_greedy: bool
     any_top_k_top_p: bool
     num_logprobs: int              # max top-N asked for in the batch; -1 = none
+
+
+class SamplerKind(enum.Enum):
+    """The sampler variants a graph is captured with (a captured graph cannot branch)."""
+    GREEDY = "greedy"     # argmax only: every request greedy, none asks for logprobs
+    GENERAL = "general"   # temperature, top-k/top-p, Gumbel draws and top-N logprobs
+
+    @staticmethod
+    def of(t: SamplingTensors) -> "SamplerKind":
+        greedy = t.all_greedy and t.num_logprobs < 0
+        return SamplerKind.GREEDY if greedy else SamplerKind.GENERAL
+
+    def configure(self, t: SamplingTensors, max_logprobs: int) -> SamplingTensors:
+        if self is SamplerKind.GREEDY:
+            return dataclasses.replace(t, all_greedy=True, any_top_k_top_p=False, num_logprobs=-1)
+        return dataclasses.replace(t, all_greedy=False, any_top_k_top_p=True,
+                                   num_logprobs=max_logprobs)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,107 @@
+"""The CUDA graph manager: captures and replays full-step graphs. It knows no model.
+
+It is given keys to capture (hashable; the runner uses batch descriptors) and a
+`create_forward_fn(key, warmup)` that returns `(fn, attention_state)`. For each key, largest
+first, it runs `create_forward_fn(key, warmup=True)`'s fn eagerly, then captures
+`create_forward_fn(key, warmup=False)`'s fn into one memory pool shared by every graph. The
+two calls build *separate* attention state (seed 001): a backend that initializes lazily on
+its first run (planning, workspaces, an "initialized" flag) would otherwise be captured with
+the initialization already done, and the graph would replay kernels that read buffers it
+never fills. The states come back as `{key: AttentionStatePair}` for components that capture
+later against the same batch (a drafter's prefill graphs).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+ForwardFn = Callable[[], Any]
+CreateForwardFn = Callable[[Hashable, bool], tuple[ForwardFn, Any]]
+
+
+@dataclass(slots=True)
+class AttentionStatePair:
+    warmup: Any
+    captured: Any
+
+
+class GraphRuntime(Protocol):
+    """How graphs are made: real CUDA graphs, or `FakeGraphRuntime` for CPU tests."""
+
+    def capture(self, fn: ForwardFn) -> tuple[Any, Any]:
+        """Record `fn`; return (graph, fn's outputs, which every replay refreshes)."""
+
+    def replay(self, graph: Any) -> None: ...
+
+    def memory_in_use(self) -> int: ...
+
+
+class CUDAGraphRuntime:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+
+    def capture(self, fn: ForwardFn) -> tuple[Any, Any]:
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            out = fn()
+        torch.cuda.synchronize(self.device)
+        return graph, out
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+    def memory_in_use(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureReport:
+    num_graphs: int
+    seconds: float
+    memory_bytes: int
+
+
+class CUDAGraphManager:
+    def __init__(self, runtime: GraphRuntime) -> None:
+        self.runtime = runtime
+        self.graphs: dict[Hashable, tuple[Any, Any]] = {}
+        self.num_replays = 0
+
+    def capture(self, keys: Sequence[Hashable], create_forward_fn: CreateForwardFn,
+                progress: bool = True) -> tuple[dict[Hashable, AttentionStatePair], CaptureReport]:
+        pairs: dict[Hashable, AttentionStatePair] = {}
+        mem0, t0 = self.runtime.memory_in_use(), time.perf_counter()
+        for key in tqdm(keys, desc="Capturing CUDA graphs", unit="graph",
+                        disable=not progress or not keys):
+            warm_fn, warm_state = create_forward_fn(key, True)
+            warm_fn()
+            fn, state = create_forward_fn(key, False)
+            self.graphs[key] = self.runtime.capture(fn)
+            pairs[key] = AttentionStatePair(warm_state, state)
+        report = CaptureReport(len(keys), time.perf_counter() - t0,
+                               self.runtime.memory_in_use() - mem0)
+        if keys:
+            logger.warning("captured %d CUDA graphs in %.1f s using %.2f GiB", report.num_graphs,
+                           report.seconds, report.memory_bytes / 2**30)
+        return pairs, report
+
+    def has(self, key: Hashable) -> bool:
+        return key in self.graphs
+
+    def replay(self, key: Hashable) -> Any:
+        graph, out = self.graphs[key]
+        self.runtime.replay(graph)
+        self.num_replays += 1
+        return out
