@@ -54,7 +54,7 @@ class CompilationConfig:
     cudagraph_mode: CUDAGraphMode = CUDAGraphMode.FULL
     cudagraph_capture_sizes: tuple[int, ...] = ()
     graph_runtime: str = "cuda"      # "cuda", or "fake": CPU graphs with replay semantics (tests)
-    compile_layers: bool = True      # torch.compile the attention kernel per shape bucket
+    compile_layers: bool = True      # torch.compile the layers (fusion) and the attention kernel
 
 
 @dataclass(frozen=True, slots=True)

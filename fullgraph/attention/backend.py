@@ -73,6 +73,9 @@ class ForwardContext:
         self.metadata = metadata
         self.kv_caches = kv_caches
 
+    # Compiled layers break their graph here: the attention backend is compiled separately,
+    # per shape bucket, and graph capture covers both.
+    @torch.compiler.disable
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.kv_caches[layer_idx], self.metadata)

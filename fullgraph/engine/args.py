@@ -35,6 +35,7 @@ class EngineArgs:
     cudagraph_capture_sizes: list[int] | None = None
     max_cudagraph_capture_size: int | None = None
     cudagraph_runtime: str = "auto"   # "fake" runs graph capture/replay semantics on a CPU
+    compile_layers: bool = True       # torch.compile on CUDA (fusion); False runs plain eager ops
     batch_invariant: bool = False
     seed: int = 0
     max_logprobs: int = 20
@@ -76,7 +77,7 @@ class EngineArgs:
             cudagraph_mode=mode,
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
                                                         self.max_cudagraph_capture_size, scheduler)),
-            graph_runtime=runtime, compile_layers=device.type == "cuda")
+            graph_runtime=runtime, compile_layers=self.compile_layers and device.type == "cuda")
         # num_blocks is decided by the worker once it knows the memory left (0 = not yet).
         cache = CacheConfig(block_size=self.block_size,
                             num_blocks=self.num_gpu_blocks_override or 0,

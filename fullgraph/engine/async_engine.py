@@ -213,6 +213,8 @@ class AsyncLLMEngine:
     def _admit(self, cmd: _Add) -> None:
         try:
             reqs, many = [], len(cmd.items) > 1
+            if len({it.request_id for it in cmd.items}) < len(cmd.items):
+                raise ValueError("request ids within one submission must be distinct")
             for i, item in enumerate(cmd.items):
                 try:
                     reqs.append(self._make_request(item))
@@ -233,11 +235,12 @@ class AsyncLLMEngine:
                 list(prompt.messages), prompt.add_generation_prompt, **dict(prompt.template_kwargs))
         req = self.engine.make_request(item.request_id, prompt, item.params)
         max_len, asked = self.config.model.max_model_len, item.params.max_tokens
-        if self.strict_max_tokens and asked is not None and req.num_prompt_tokens + asked > max_len:
+        n = req.num_prompt_tokens
+        if self.strict_max_tokens and asked is not None and n + asked > max_len:
             raise ValueError(
-                f"this model's maximum context length is {max_len} tokens, but {asked + req.num_prompt_tokens} "
-                f"were requested ({req.num_prompt_tokens} in the prompt and {asked} in max_tokens); "
-                f"reduce the prompt or max_tokens")
+                f"this model's maximum context length is {max_len} tokens, but {n + asked} were "
+                f"requested ({n} in the prompt and {asked} in max_tokens); reduce the prompt "
+                f"or max_tokens")
         return req
 
     def _step(self) -> None:

@@ -118,6 +118,14 @@ class Qwen3ForCausalLM(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
+    def compile_layers(self) -> None:
+        """Fuse each layer's elementwise work (norms with residual adds, rotary, SwiGLU) with
+        torch.compile; one compiled graph, dynamic in the token count, serves every layer and
+        every batch size. The attention call is left out (see ForwardContext.attention)."""
+        for layer in self.model.layers:
+            layer.compile(dynamic=True)
+        self.model.norm.compile(dynamic=True)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

@@ -68,6 +68,8 @@ class ModelRunner:
                     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 4096))
         t0 = time.perf_counter()
         self.model = load_model(config.model, self.device)
+        if config.compilation.compile_layers and hasattr(self.model, "compile_layers"):
+            self.model.compile_layers()
         logger.info("loaded %s in %.1f s", config.model.path, time.perf_counter() - t0)
         hf = config.model.hf_config
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = \
@@ -94,6 +96,8 @@ class ModelRunner:
         self.capture_report: CaptureReport | None = None
         self.compiles_during_capture = 0
         self._warmup_compiles = 0
+        self.prepare_seconds = 0.0     # host time writing step inputs (graph steps: all of it)
+        self.num_steps = 0
 
     # ---------------------------------------------------------------- memory
     @property
@@ -212,13 +216,17 @@ class ModelRunner:
         n_tok = sum(c.num_new_tokens for c in chunks)
         q_lens = {c.num_new_tokens for c in chunks}
         uniform = q_lens.pop() if len(q_lens) == 1 else None
+        t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
         step = self.buffers.prepare(chunks, desc)
         if desc.mode == CUDAGraphMode.FULL:
             self.backend.prepare(step.attention)
+            self.prepare_seconds += time.perf_counter() - t0
             out = self.graphs.replay((desc, SamplerKind.of(step.sampling)))
         else:
+            self.prepare_seconds += time.perf_counter() - t0
             out = self._forward_eager(step)
+        self.num_steps += 1
         n = step.num_reqs
         token_ids = out.token_ids[:n].cpu().numpy()   # the one device->host sync of the step
         result = StepResult(token_ids)

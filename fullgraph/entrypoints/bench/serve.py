@@ -108,9 +108,12 @@ async def run(ns: argparse.Namespace) -> tuple[list[RequestResult], float, str]:
     limits = httpx.Limits(max_connections=max(ns.concurrency or ns.num_prompts, 10))
     async with httpx.AsyncClient(base_url=ns.base_url.rstrip("/"), headers=headers,
                                  limits=limits, timeout=ns.timeout) as http:
-        r = await http.get("/v1/models")
-        r.raise_for_status()
-        card = r.json()["data"][0]
+        try:
+            r = await http.get("/v1/models")
+            r.raise_for_status()
+            card = r.json()["data"][0]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"cannot list the models of {ns.base_url}: {e!r}") from None
         model = ns.model or card["id"]
         lo, hi = ns.token_id_range or (10, card.get("vocab_size") or 1000)
         prompts = [[rng.randrange(lo, hi) for _ in range(ns.input_len)]

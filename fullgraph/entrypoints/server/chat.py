@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from fullgraph.engine.async_engine import (ChatPrompt, EngineError, GenerationItem,
                                            GenerationStream)
@@ -74,8 +75,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     stream = await submit(state, [GenerationItem(rid, prompt, params)], "messages")
     tracker = state.metrics.tracker(1)
     if body.stream:
+        # The background abort covers a client gone before the generator ever ran.
         return StreamingResponse(_stream(state, body, rid, stream, tracker, top_n),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream",
+                                 background=BackgroundTask(stream.abort))
     outputs = await run_to_end(request, stream, tracker)
     if outputs is None:
         return Response(status_code=499)    # the client is gone; nobody reads this

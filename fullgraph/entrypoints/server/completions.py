@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from fullgraph.engine.async_engine import EngineError, GenerationItem, GenerationStream
 from fullgraph.entrypoints.server.errors import bad_request
@@ -78,8 +79,10 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     echo = [_prompt_text(state, p) if body.echo else "" for p in prompts]
     tracker = state.metrics.tracker(len(items))
     if body.stream:
+        # The background abort covers a client gone before the generator ever ran.
         return StreamingResponse(_stream(state, body, rid, stream, tracker, echo),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream",
+                                 background=BackgroundTask(stream.abort))
     outputs = await run_to_end(request, stream, tracker)
     if outputs is None:
         return Response(status_code=499)    # the client is gone; nobody reads this

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # NaN / Infinity are accepted by Python's JSON parser but are never valid parameters.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
@@ -26,7 +27,7 @@ class SamplingFields(_Request):
     temperature: float | None = None    # None: 1.0, OpenAI's default
     top_p: float | None = None
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)    # the sampler's generators are int64
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

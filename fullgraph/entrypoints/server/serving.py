@@ -58,6 +58,8 @@ def check_unsupported(body: SamplingFields, extra: dict[str, object]) -> None:
     for name, on in asked.items():
         if on:
             raise bad_request(f"{name} is not supported by this server", name)
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None,

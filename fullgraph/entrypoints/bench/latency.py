@@ -1,0 +1,149 @@
+"""`fullgraph bench latency`: decode ms/step and time to first token, eager vs CUDA graphs.
+
+For each batch size, B requests of `--input-len` random tokens generate `--output-len`
+tokens each (greedy, ignore_eos). Decode steps (every request decoding) are timed one by
+one; the step ends with the copy of sampled ids to the host, so wall time is device time
+plus host overhead. Achieved bandwidth counts the bytes a decode step must read: the weights
+(tied LM head once) and each request's KV cache; the floor is those bytes at the device's
+measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from fullgraph.entrypoints.bench.common import copy_bandwidth, header, pyplot, write_json
+from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
+from fullgraph.sampling_params import SamplingParams
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.set_defaults(model="qwen3-0.6b-random")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--modes", nargs="+", default=["graph", "eager"], choices=["graph", "eager"])
+    p.add_argument("--out", default="bench_out")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def count_kernels(engine, batch: int) -> int | None:
+    """CUDA kernels launched by one decode step at this batch size (graph or eager)."""
+    from torch.profiler import ProfilerActivity, profile
+    if not torch.cuda.is_available():
+        engine.step()
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
+def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    vocab = engine.config.model.vocab_size
+    for i in range(batch):
+        ids = rng.integers(0, min(vocab, 50000), input_len).tolist()
+        engine.add_request(f"lat-{batch}-{i}-{time.monotonic_ns()}", ids, params)
+    t0 = time.perf_counter()
+    ttft, decode_ms, kernels, prep, counted = None, [], None, None, False
+    runner = engine.runner
+    while engine.has_unfinished_requests():
+        sched_decode = all(r.num_computed_tokens == r.num_tokens - 1
+                           for r in engine.scheduler.running) and not engine.scheduler.waiting
+        if sched_decode and not counted and ttft is not None:
+            kernels, counted = count_kernels(engine, batch), True
+            continue
+        p0, n0 = runner.prepare_seconds, runner.num_steps
+        t = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t
+        if sched_decode and ttft is not None:
+            decode_ms.append(dt * 1e3)
+            prep = (prep or []) + [(runner.prepare_seconds - p0) / max(runner.num_steps - n0, 1)]
+        elif ttft is None and all(r.output_token_ids for r in engine.requests.values()):
+            ttft = time.perf_counter() - t0
+    return {"batch": batch, "ttft_ms": (ttft or 0) * 1e3,
+            "decode_ms_median": statistics.median(decode_ms), "decode_ms_mean": statistics.fmean(decode_ms),
+            "decode_steps": len(decode_ms), "kernels_per_decode_step": kernels,
+            "prepare_us_per_step": 1e6 * statistics.median(prep) if prep else None}
+
+
+def run_mode(ns, mode: str, bandwidth: float) -> dict:
+    from fullgraph.entrypoints.llm import LLM
+    args = engine_args_from(ns)
+    bmax = max(ns.batch_sizes)
+    per_req = -(-(ns.input_len + ns.output_len) // args.block_size)
+    args = dataclasses.replace(
+        args, enforce_eager=mode == "eager", max_num_seqs=max(args.max_num_seqs, bmax),
+        max_model_len=args.max_model_len or ns.input_len + ns.output_len + args.block_size,
+        num_gpu_blocks_override=args.num_gpu_blocks_override or bmax * per_req + 64)
+    t0 = time.perf_counter()
+    llm = LLM(**dataclasses.asdict(args))
+    startup = time.perf_counter() - t0
+    engine = llm.engine
+    runner = engine.runner
+    w_bytes = weight_bytes(runner.model)
+    kv_per_token = runner.kv_bytes_per_block // runner.block_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in ns.batch_sizes:
+        bench_batch(engine, b, ns.input_len, 4, rng)           # warm up (compiles in eager mode)
+        row = bench_batch(engine, b, ns.input_len, ns.output_len, rng)
+        ctx = ns.input_len + ns.output_len / 2
+        step_bytes = w_bytes + b * ctx * kv_per_token
+        row["bytes_per_step"] = step_bytes
+        row["floor_ms"] = step_bytes / bandwidth * 1e3
+        row["achieved_GBps"] = step_bytes / (row["decode_ms_median"] / 1e3) / 1e9
+        row["ratio_to_floor"] = row["decode_ms_median"] / row["floor_ms"]
+        rows.append(row)
+        print(f"[{mode}] batch {b:4d}: {row['decode_ms_median']:.3f} ms/step "
+              f"({row['ratio_to_floor']:.2f}x floor, {row['achieved_GBps']:.0f} GB/s), "
+              f"TTFT {row['ttft_ms']:.1f} ms, {row['kernels_per_decode_step']} kernels", flush=True)
+    report = runner.capture_report
+    result = {"mode": mode, "startup_s": startup, "weight_bytes": w_bytes, "rows": rows,
+              "capture_seconds": report.seconds if report else None,
+              "num_graphs": report.num_graphs if report else 0,
+              "graph_memory_GiB": report.memory_bytes / 2**30 if report else None,
+              "eager_fallbacks": runner.dispatcher.num_eager_fallbacks}
+    del llm, engine, runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(ns: argparse.Namespace) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bandwidth = copy_bandwidth(device)
+    data = header(device) | {"copy_bandwidth_GBps": bandwidth / 1e9, "model": ns.model,
+                             "input_len": ns.input_len, "output_len": ns.output_len,
+                             "modes": [run_mode(ns, m, bandwidth) for m in ns.modes]}
+    path = write_json(ns.out, "bench_latency.json", data)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in data["modes"]:
+        bs = [r["batch"] for r in m["rows"]]
+        ax.plot(bs, [r["decode_ms_median"] for r in m["rows"]], marker="o", label=m["mode"])
+    ax.plot(bs, [r["floor_ms"] for r in data["modes"][0]["rows"]], "k--", label="bandwidth floor")
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode ms/step",
+           title=f"{ns.model} on {data['device']}")
+    ax.legend()
+    fig.savefig(path.replace(".json", ".png"), dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+    return 0

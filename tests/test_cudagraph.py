@@ -1,0 +1,153 @@
+"""Graph manager, dispatcher and capture on the CPU (fake graphs with replay semantics)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fullgraph import LLM, SamplingParams
+from fullgraph.config import CUDAGraphMode, SchedulerConfig
+from fullgraph.engine.args import capture_sizes
+from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
+from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
+from fullgraph.worker.cudagraph.manager import CUDAGraphManager
+
+FULL = CUDAGraphMode.FULL
+
+
+def test_default_capture_sizes():
+    sizes = capture_sizes(None, None, SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192))
+    assert sizes[:5] == [1, 2, 4, 8, 16] and 248 in sizes and 256 in sizes and 272 in sizes
+    assert sizes[-1] == 512 and sizes == sorted(set(sizes))
+    small = capture_sizes(None, None, SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=20))
+    assert small == [1, 2, 4, 8, 16]
+    assert capture_sizes(None, 64, SchedulerConfig())[-1] == 64
+    assert capture_sizes([16, 3, 3, 1], None, SchedulerConfig()) == [1, 3, 16]
+    with pytest.raises(ValueError):
+        capture_sizes([0, 4], None, SchedulerConfig())
+
+
+def make_dispatcher(mode=FULL, sizes=(1, 2, 4, 8, 16), seqs=8, tokens=64):
+    d = Dispatcher(mode, sizes, seqs, tokens, pad_eager=True)
+    d.captured = set(d.descriptors_to_capture())
+    return d
+
+
+def test_descriptors_to_capture():
+    d = make_dispatcher()
+    descs = d.descriptors_to_capture()
+    decode = [x for x in descs if x.uniform_query_len == 1]
+    mixed = [x for x in descs if x.uniform_query_len is None]
+    assert [x.num_reqs for x in decode] == [8, 4, 2, 1]          # capped by max_num_seqs
+    assert [x.num_tokens for x in mixed] == [16, 8, 4, 2, 1]
+    assert all(x.num_reqs == min(x.num_tokens, 8) for x in mixed)
+    assert descs[0].num_tokens == 16                             # largest first
+    only_decode = make_dispatcher(CUDAGraphMode.FULL_DECODE_ONLY)
+    assert all(x.uniform_query_len == 1 for x in only_decode.descriptors_to_capture())
+    assert make_dispatcher(CUDAGraphMode.NONE).descriptors_to_capture() == []
+
+
+def test_dispatch_picks_smallest_fitting_graph_and_counts_fallbacks():
+    d = make_dispatcher()
+    assert d.dispatch(3, 3, 1) == BatchExecutionDescriptor(FULL, 4, 4, 1)
+    assert d.dispatch(1, 1, 1) == BatchExecutionDescriptor(FULL, 1, 1, 1)
+    assert d.dispatch(9, 3, None) == BatchExecutionDescriptor(FULL, 16, 8, None)
+    assert d.dispatch(5, 5, 1).num_reqs == 8
+    assert d.num_graph_steps == 4 and d.num_eager_fallbacks == 0
+    eager = d.dispatch(40, 2, None)                              # beyond every captured size
+    assert eager.mode == CUDAGraphMode.NONE and eager.num_tokens >= 40
+    assert d.num_eager_fallbacks == 1
+    decode_only = make_dispatcher(CUDAGraphMode.FULL_DECODE_ONLY)
+    assert decode_only.dispatch(9, 3, None).mode == CUDAGraphMode.NONE
+    assert decode_only.dispatch(3, 3, 1).mode == FULL
+
+
+# ------------------------------------------------------------------ state pairs (seed 001)
+class LazyState:
+    """An attention state that plans on its first run, like FlashInfer's wrappers."""
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.workspace = torch.zeros(4)
+
+
+def lazy_forward_factory(x: torch.Tensor, share_state: bool):
+    shared = LazyState()
+
+    def create_forward_fn(key, warmup):
+        state = shared if share_state else LazyState()
+
+        def fn():
+            if not state.initialized:            # the "plan": derived from the current inputs
+                state.workspace.copy_(x * 2)
+                state.initialized = True
+            return state.workspace + 1
+        return fn, state
+    return create_forward_fn
+
+
+@pytest.mark.parametrize("share_state, correct", [(True, False), (False, True)])
+def test_capture_needs_its_own_attention_state(share_state, correct):
+    x = torch.arange(4.0)
+    manager = CUDAGraphManager(FakeGraphRuntime())
+    pairs, report = manager.capture(["k"], lazy_forward_factory(x, share_state), progress=False)
+    assert report.num_graphs == 1
+    assert (pairs["k"].warmup is pairs["k"].captured) == share_state
+    x.copy_(torch.tensor([10.0, 20.0, 30.0, 40.0]))               # new step, same buffers
+    out = manager.replay("k")
+    assert torch.equal(out, x * 2 + 1) == correct
+
+
+def test_fake_graph_refuses_host_syncs():
+    manager = CUDAGraphManager(FakeGraphRuntime())
+    x = torch.ones(3)
+    with pytest.raises(RuntimeError, match="host synchronization"):
+        manager.capture(["k"], lambda key, warmup: ((lambda: x.sum().item()), None), progress=False)
+
+
+# ------------------------------------------------------------------ engine parity
+@pytest.fixture(scope="module")
+def engines():
+    common = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=32,
+                  num_gpu_blocks_override=128)
+    graphs = LLM("tiny-qwen3", cudagraph_runtime="fake", cudagraph_capture_sizes=[1, 2, 4, 8, 16],
+                 **common)
+    return graphs, LLM("tiny-qwen3", **common)
+
+
+def test_graph_replay_matches_eager_on_random_batches(engines):
+    graphs, eager = engines
+    runner = graphs.engine.runner
+    assert runner.capture_report.num_graphs == 18 and runner.compiles_during_capture == 0
+    rng = random.Random(0)
+    for trial in range(3):
+        prompts = [{"prompt_token_ids": [rng.randrange(1, 700) for _ in range(rng.randrange(1, 40))]}
+                   for _ in range(rng.randrange(1, 8))]
+        params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), top_k=rng.choice([-1, 20]),
+                                 seed=rng.randrange(100), max_tokens=rng.randrange(2, 12),
+                                 ignore_eos=True, logprobs=rng.choice([None, 2]))
+                  for _ in prompts]
+        a = graphs.generate(prompts, params, use_tqdm=False)
+        b = eager.generate(prompts, params, use_tqdm=False)
+        for x, y in zip(a, b):
+            assert x.outputs[0].token_ids == y.outputs[0].token_ids
+            if x.outputs[0].logprobs is not None:
+                for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+                    assert lx.keys() == ly.keys()
+                    assert all(abs(lx[t].logprob - ly[t].logprob) < 1e-4 for t in lx)
+    d = runner.dispatcher
+    assert d.num_graph_steps > 0 and runner.graphs.num_replays == d.num_graph_steps
+
+
+def test_graph_inputs_are_never_reallocated(engines):
+    graphs, _ = engines
+    runner = graphs.engine.runner
+    bufs = runner.buffers
+    tensors = [bufs.input_ids.gpu, bufs.positions.gpu, bufs.slot_mapping.gpu, bufs.block_table.gpu,
+               bufs.seq_lens.gpu, bufs.logits_indices.gpu, runner.backend.block_logical,
+               runner.backend.mixed_kv_indices.gpu, runner.backend.doc_ids.gpu, runner.kv_cache]
+    before = [t.data_ptr() for t in tensors]
+    graphs.generate(["Hello there", "A"], SamplingParams(temperature=0.0, max_tokens=6),
+                    use_tqdm=False)
+    assert [t.data_ptr() for t in tensors] == before
