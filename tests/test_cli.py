@@ -25,3 +25,10 @@ def test_generate_reports_bad_input_without_a_traceback(tmp_path):
     assert r.returncode == 2
     assert "error:" in r.stderr and "neither a local directory" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_selftest_passes_with_fake_graphs_on_cpu():
+    r = run("selftest", "--model", "tiny-qwen3", "--trials", "1", "--max-num-seqs", "4",
+            "--cudagraph-capture-sizes", "1 2 4 8 16 32 64 128")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout and "graph replays" in r.stdout

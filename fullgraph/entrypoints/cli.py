@@ -42,7 +42,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fullgraph", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for prompts")
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fullgraph.entrypoints.bench.cli import register as register_bench
     register_bench(sub)
+
+    from fullgraph.entrypoints import selftest
+    st = sub.add_parser("selftest", help="check that CUDA-graph replay matches eager execution")
+    selftest.add_args(st)
+    st.set_defaults(func=selftest.main)
 
     return parser
 

@@ -6,9 +6,12 @@ padded to a coarse bucket so compiled kernels see few distinct shapes, and is co
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from fullgraph.config import CUDAGraphMode
+
+logger = logging.getLogger(__name__)
 
 EAGER_TOKEN_BUCKET = 256   # eager steps above the captured sizes pad to a multiple of this
 
@@ -63,6 +66,10 @@ class Dispatcher:
                 return desc
             break
         if self.captured:
+            if not self.num_eager_fallbacks:
+                logger.warning("a step of %d tokens / %d requests fits no captured CUDA graph and "
+                               "runs eagerly (further fallbacks are only counted)",
+                               num_tokens, num_reqs)
             self.num_eager_fallbacks += 1
         if not self.pad_eager:
             return BatchExecutionDescriptor(CUDAGraphMode.NONE, num_tokens, num_reqs,

@@ -93,7 +93,7 @@ class CUDAGraphManager:
         report = CaptureReport(len(keys), time.perf_counter() - t0,
                                self.runtime.memory_in_use() - mem0)
         if keys:
-            logger.warning("captured %d CUDA graphs in %.1f s using %.2f GiB", report.num_graphs,
+            logger.info("captured %d CUDA graphs in %.1f s using %.2f GiB", report.num_graphs,
                            report.seconds, report.memory_bytes / 2**30)
         return pairs, report
 
