@@ -97,6 +97,8 @@ def test_bad_input_admits_nothing(aengine):
     with pytest.raises(ValueError, match=r"maximum context length is 256.*250 in max_tokens"):
         run(aengine.submit([GenerationItem("t-long", [5] * 10,
                                            SamplingParams(max_tokens=250))]))
+    with pytest.raises(ValueError, match="distinct"):
+        run(aengine.submit([GenerationItem("t-dup", "a", sp), GenerationItem("t-dup", "b", sp)]))
     with pytest.raises(ValueError, match="chat template"):
         run(aengine.submit([GenerationItem("t-chat-bad", ChatPrompt(({"role": "user"},)), sp)]))
     assert _wait_until(lambda: aengine.snapshot.num_running + aengine.snapshot.num_waiting == 0)

@@ -187,6 +187,8 @@ def plot(report: dict, results: list[RequestResult], path: str) -> None:
     axes[0].set(title="time to first token", xlabel="ms", ylabel="requests")
     axes[1].hist([x * 1e3 for r in ok for x in r.itls], bins=50)
     axes[1].set(title="inter-token latency", xlabel="ms", ylabel="tokens")
+    for ax in axes[:2]:
+        ax.set_yscale("log")     # keep rare stalls (compiles, preemptions) visible
     for i, r in enumerate(sorted(ok, key=lambda r: r.start)):
         axes[2].plot([r.start, r.start + r.ttft], [i, i], color="tab:orange")
         axes[2].plot([r.start + r.ttft, r.start + r.e2e], [i, i], color="tab:blue")
