@@ -27,6 +27,9 @@ def llm():
     ({"n": 2}, "n must be 1"),
     ({"stop": [""]}, "stop"),
     ({"logprobs": -1}, "logprobs"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"),
+    ({"seed": 2**64}, "seed"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):

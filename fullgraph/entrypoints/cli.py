@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
+    from fullgraph.entrypoints.server.cli import register as register_serve
+    register_serve(sub)
+
     from fullgraph.entrypoints.bench.cli import register as register_bench
     register_bench(sub)
 
