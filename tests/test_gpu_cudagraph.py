@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 def engines(hf_dir):
     common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16,
                   max_num_batched_tokens=128, num_gpu_blocks_override=512)
-    graphs = LLM(hf_dir, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64], **common)
+    graphs = LLM(hf_dir, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128], **common)
     eager = LLM(hf_dir, enforce_eager=True, **common)
     return graphs, eager
 
@@ -26,7 +26,7 @@ def test_capture_report_and_no_compiles_during_capture(engines):
     graphs, _ = engines
     runner = graphs.engine.runner
     report = runner.capture_report
-    assert report.num_graphs == 2 * (5 + 7)       # (decode 1..16 + mixed 1..64) x 2 samplers
+    assert report.num_graphs == 2 * (5 + 8)       # (decode 1..16 + mixed 1..128) x 2 samplers
     assert runner.compiles_during_capture == 0
     assert report.memory_bytes < 2**30
 
@@ -46,7 +46,7 @@ def test_graph_replay_matches_eager_and_does_not_recompile(engines):
         b = eager.generate(prompts, params, use_tqdm=False)
         for x, y in zip(a, b):
             assert x.outputs[0].token_ids == y.outputs[0].token_ids
-    assert runner.dispatcher.num_graph_steps > 20
+    assert runner.dispatcher.num_graph_steps > 20 and runner.dispatcher.num_eager_fallbacks == 0
     assert compile_count() == compiles_before, "steady-state steps compiled something"
 
 
