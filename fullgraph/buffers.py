@@ -38,3 +38,32 @@ class CpuGpuBuffer:
         if self.gpu is self.cpu:
             return src
         return copy_to_persistent(self.gpu, src)
+
+
+class StagingArena:
+    """Several 1-D persistent buffers packed into one pinned host arena and one device arena,
+    so a step's inputs reach the device in a single copy instead of one per buffer (each
+    copy costs a few microseconds of host time). Fields are typed views at fixed offsets."""
+
+    _ALIGN = 64
+
+    def __init__(self, fields: dict[str, tuple[int, torch.dtype]], device: torch.device,
+                 pin: bool) -> None:
+        offsets, total = {}, 0
+        for name, (n, dtype) in fields.items():
+            offsets[name] = (total, n, dtype)
+            total += -(-n * dtype.itemsize // self._ALIGN) * self._ALIGN
+        self.nbytes = total
+        self.cpu = torch.zeros(total, dtype=torch.uint8, pin_memory=pin)
+        self.gpu = self.cpu if device.type == "cpu" else torch.zeros(total, dtype=torch.uint8,
+                                                                     device=device)
+        self.np: dict[str, np.ndarray] = {}
+        self.dev: dict[str, torch.Tensor] = {}
+        for name, (off, n, dtype) in offsets.items():
+            size = n * dtype.itemsize
+            self.np[name] = self.cpu[off:off + size].view(dtype).numpy()
+            self.dev[name] = self.gpu[off:off + size].view(dtype)
+
+    def copy_to_gpu(self) -> None:
+        if self.gpu is not self.cpu:
+            self.gpu.copy_(self.cpu, non_blocking=True)

@@ -31,3 +31,18 @@ def test_cpu_buffer_shares_memory_on_cpu():
     b.np[:3] = [1, 2, 3]
     v = b.copy_to_gpu(3)
     assert v.tolist() == [1, 2, 3] and v.data_ptr() == b.gpu.data_ptr()
+
+
+def test_staging_arena_packs_typed_fields_without_overlap():
+    from fullgraph.buffers import StagingArena
+    a = StagingArena({"ids": (5, torch.int64), "temp": (3, torch.float32),
+                      "qsl": (4, torch.int32)}, torch.device("cpu"), pin=False)
+    a.np["ids"][:] = [1, 2, 3, 4, 5]
+    a.np["temp"][:] = [0.5, 1.5, 2.5]
+    a.np["qsl"][:] = [7, 8, 9, 10]
+    a.copy_to_gpu()
+    assert a.dev["ids"].tolist() == [1, 2, 3, 4, 5] and a.dev["ids"].dtype == torch.int64
+    assert a.dev["temp"].tolist() == [0.5, 1.5, 2.5]
+    assert a.dev["qsl"].tolist() == [7, 8, 9, 10]
+    starts = sorted(t.data_ptr() for t in a.dev.values())
+    assert all(s % 64 == 0 for s in (p - a.gpu.data_ptr() for p in starts))

@@ -144,8 +144,8 @@ def test_graph_inputs_are_never_reallocated(engines):
     graphs, _ = engines
     runner = graphs.engine.runner
     bufs = runner.buffers
-    tensors = [bufs.input_ids.gpu, bufs.positions.gpu, bufs.slot_mapping.gpu, bufs.block_table.gpu,
-               bufs.seq_lens.gpu, bufs.logits_indices.gpu, runner.backend.block_logical,
+    tensors = [bufs.arena.gpu, bufs.arena.dev["input_ids"], bufs.block_table.gpu,
+               runner.backend.block_logical,
                runner.backend.mixed_kv_indices.gpu, runner.backend.doc_ids.gpu, runner.kv_cache]
     before = [t.data_ptr() for t in tensors]
     graphs.generate(["Hello there", "A"], SamplingParams(temperature=0.0, max_tokens=6),

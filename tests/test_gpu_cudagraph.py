@@ -35,27 +35,29 @@ def test_graph_replay_matches_eager_and_does_not_recompile(engines):
     graphs, eager = engines
     rng = random.Random(0)
     runner = graphs.engine.runner
-    compiles_before = compile_count()
+    graph_compiles = 0       # the process-wide counter also sees the eager engine's compiles
     for trial in range(4):
         prompts = [{"prompt_token_ids": [rng.randrange(1, 700) for _ in range(rng.randrange(1, 90))]}
                    for _ in range(rng.randrange(1, 16))]
         params = [SamplingParams(temperature=rng.choice([0.0, 0.9]), top_p=rng.choice([1.0, 0.9]),
                                  seed=rng.randrange(1000), max_tokens=rng.randrange(4, 24),
                                  ignore_eos=True) for _ in prompts]
+        c0 = compile_count()
         a = graphs.generate(prompts, params, use_tqdm=False)
+        graph_compiles += compile_count() - c0
         b = eager.generate(prompts, params, use_tqdm=False)
         for x, y in zip(a, b):
             assert x.outputs[0].token_ids == y.outputs[0].token_ids
     assert runner.dispatcher.num_graph_steps > 20 and runner.dispatcher.num_eager_fallbacks == 0
-    assert compile_count() == compiles_before, "steady-state steps compiled something"
+    assert graph_compiles == 0, "steady-state graph steps compiled something"
 
 
 def test_graph_inputs_are_not_reallocated(engines):
     graphs, _ = engines
     runner = graphs.engine.runner
     b = runner.buffers
-    tensors = [b.input_ids.gpu, b.positions.gpu, b.slot_mapping.gpu, b.block_table.gpu,
-               b.seq_lens.gpu, b.logits_indices.gpu, runner.backend.block_logical,
+    tensors = [b.arena.gpu, b.arena.dev["input_ids"], b.block_table.gpu,
+               runner.backend.block_logical,
                runner.backend.mixed_kv_indices.gpu, runner.kv_cache]
     ptrs = [t.data_ptr() for t in tensors]
     graphs.generate(["Hello", "The cat sat"], SamplingParams(temperature=0.0, max_tokens=8),

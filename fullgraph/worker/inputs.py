@@ -1,8 +1,8 @@
 """The model runner's persistent step inputs and how one step's values are written into them.
 
 Everything is staged in pinned host buffers through numpy views (no per-step tensor
-allocation) and copied with one non_blocking copy per buffer into persistent device buffers,
-up to the step's padded size. Padding lanes get harmless values: token 0 at position 0,
+allocation) and reaches the persistent device buffers in two non_blocking copies: one arena
+holding every 1-D input, and the block-table rows up to the step's padded size. Padding lanes get harmless values: token 0 at position 0,
 slot 0 of the null block, a zero block-table row, sequence length 0.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fullgraph.attention.metadata import PersistentInputs, StepAttentionInputs
-from fullgraph.buffers import CpuGpuBuffer
+from fullgraph.buffers import CpuGpuBuffer, StagingArena
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.sampler import SamplingTensors
@@ -58,56 +58,74 @@ class InputBuffers:
 
         self.block_size = block_size
         self.vocab_size = vocab_size
-        self.input_ids = buf((t,), torch.int64)
-        self.positions = buf((t,), torch.int64)
-        self.slot_mapping = buf((t,), torch.int64)
-        self.query_start_loc = buf((r + 1,), torch.int32)
-        self.seq_lens = buf((r,), torch.int32)
+        # Everything but the block table travels in one copy per step.
+        self.arena = StagingArena({
+            "input_ids": (t, torch.int64), "positions": (t, torch.int64),
+            "slot_mapping": (t, torch.int64), "query_start_loc": (r + 1, torch.int32),
+            "seq_lens": (r, torch.int32), "logits_indices": (r, torch.int64),
+            "temperature": (r, torch.float32), "top_k": (r, torch.int32),
+            "top_p": (r, torch.float32), "seeds": (r, torch.int64),
+            "sample_positions": (r, torch.int64)}, device, pin)
         self.block_table = buf((r + 1, max_blocks_per_seq), torch.int32)  # + a zero row
-        self.logits_indices = buf((r,), torch.int64)
-        self.temperature = buf((r,), torch.float32)
-        self.top_k = buf((r,), torch.int32)
-        self.top_p = buf((r,), torch.float32)
-        self.seeds = buf((r,), torch.int64)
-        self.sample_positions = buf((r,), torch.int64)
+        # What each block-table row holds, so a step rewrites only rows that changed: in
+        # steady decoding a row gains one block every block_size steps.
+        self._row_blocks: list[list[int] | None] = [None] * (r + 1)
+        self._row_len = np.zeros(r + 1, np.int64)
 
     def persistent(self) -> PersistentInputs:
-        return PersistentInputs(self.block_table.gpu, self.positions.gpu)
+        return PersistentInputs(self.block_table.gpu, self.arena.dev["positions"])
+
+    def _write_block_rows(self, reqs: list[RequestState], r_pad: int) -> None:
+        bt, row_len = self.block_table.np, self._row_len
+        for i, req in enumerate(reqs):
+            blocks, old = req.block_ids, int(row_len[i])
+            n = len(blocks)
+            if self._row_blocks[i] is blocks and old <= n:   # the same list, only appended to
+                if n > old:
+                    bt[i, old:n] = blocks[old:]
+            else:
+                bt[i, :n] = blocks
+                if old > n:
+                    bt[i, n:old] = 0
+            self._row_blocks[i] = blocks
+            row_len[i] = n
+        n_req = len(reqs)
+        for i in (np.flatnonzero(row_len[n_req:r_pad + 1]) + n_req).tolist():
+            bt[i, :row_len[i]] = 0             # padding rows (and the spare row) stay zero
+            row_len[i] = 0
+            self._row_blocks[i] = None
 
     def prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor) -> StepInputs:
         n_req, n_tok = len(chunks), sum(c.num_new_tokens for c in chunks)
         r_pad, t_pad = desc.num_reqs, desc.num_tokens
-        ids, pos, bt = self.input_ids.np, self.positions.np, self.block_table.np
-        qsl, seq = self.query_start_loc.np, self.seq_lens.np
-        temp, top_k, top_p = self.temperature.np, self.top_k.np, self.top_p.np
-        seeds = self.seeds.np
-        logprob_rows = []
-        max_logprobs = -1
-        start = 0
+        a, dev = self.arena.np, self.arena.dev
+        ids, pos, bt = a["input_ids"], a["positions"], self.block_table.np
+        qsl, seq = a["query_start_loc"], a["seq_lens"]
+        temp, top_k, top_p, seeds = a["temperature"], a["top_k"], a["top_p"], a["seeds"]
+        reqs = [c.request for c in chunks]
+        n_new = np.fromiter((c.num_new_tokens for c in chunks), np.int64, n_req)
+        done = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n_req)
         qsl[0] = 0
-        for i, c in enumerate(chunks):
-            req, n = c.request, c.num_new_tokens
-            done = req.num_computed_tokens
-            ids[start:start + n] = req.all_token_ids[done:done + n]
-            pos[start:start + n] = np.arange(done, done + n)
-            blocks = req.block_ids
-            bt[i, :len(blocks)] = blocks
-            bt[i, len(blocks):] = 0
-            start += n
-            qsl[i + 1] = start
-            seq[i] = done + n
-            sp = req.sampling_params
-            temp[i] = sp.temperature
-            top_k[i] = sp.top_k if sp.top_k > 0 else self.vocab_size
-            top_p[i] = sp.top_p
-            seeds[i] = req.seed
-            if sp.logprobs is not None:
-                logprob_rows.append(i)
-                max_logprobs = max(max_logprobs, sp.logprobs)
+        qsl[1:n_req + 1] = np.cumsum(n_new)
+        if n_tok == n_req:      # pure decode: one token each
+            ids[:n_req] = [r.all_token_ids[d] for r, d in zip(reqs, done.tolist())]
+        else:
+            for r, d, lo, hi in zip(reqs, done.tolist(), qsl[:n_req].tolist(),
+                                    qsl[1:n_req + 1].tolist()):
+                ids[lo:hi] = r.all_token_ids[d:d + hi - lo]
+        pos[:n_tok] = np.repeat(done - qsl[:n_req], n_new) + np.arange(n_tok)
+        seq[:n_req] = done + n_new
+        self._write_block_rows(reqs, r_pad)
+        sps = [r.sampling_params for r in reqs]
+        temp[:n_req] = [sp.temperature for sp in sps]
+        top_k[:n_req] = [sp.top_k if sp.top_k > 0 else self.vocab_size for sp in sps]
+        top_p[:n_req] = [sp.top_p for sp in sps]
+        seeds[:n_req] = [r.seed for r in reqs]
+        logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
+        max_logprobs = max((sps[i].logprobs for i in logprob_rows), default=-1)
         # padding lanes
         ids[n_tok:t_pad] = 0
         pos[n_tok:t_pad] = 0
-        bt[n_req:r_pad + 1] = 0
         seq[n_req:r_pad] = 0
         if desc.uniform_query_len is not None:   # padded requests keep the uniform query length
             qsl[n_req + 1:r_pad + 1] = n_tok + desc.uniform_query_len * np.arange(1, r_pad - n_req + 1)
@@ -119,31 +137,29 @@ class InputBuffers:
         seeds[n_req:r_pad] = 0
         # derived, vectorized
         req_of_token = np.repeat(np.arange(n_req), np.diff(qsl[:n_req + 1]))
-        slots = self.slot_mapping.np
+        slots = a["slot_mapping"]
         slots[:n_tok] = bt[req_of_token, pos[:n_tok] // self.block_size].astype(np.int64) \
             * self.block_size + pos[:n_tok] % self.block_size
         slots[n_tok:t_pad] = 0
-        logits_idx = self.logits_indices.np
+        logits_idx = a["logits_indices"]
         logits_idx[:n_req] = qsl[1:n_req + 1] - 1
         logits_idx[n_req:r_pad] = 0
-        self.sample_positions.np[:r_pad] = seq[:r_pad]
-        # one non_blocking copy per buffer
+        a["sample_positions"][:r_pad] = seq[:r_pad]
+        # two copies: the arena, and the block-table rows in use
+        self.arena.copy_to_gpu()
         attention = StepAttentionInputs(
             num_reqs=n_req, num_tokens=n_tok, num_reqs_padded=r_pad, num_tokens_padded=t_pad,
-            uniform_query_len=desc.uniform_query_len,
-            positions=self.positions.copy_to_gpu(t_pad),
-            slot_mapping=self.slot_mapping.copy_to_gpu(t_pad),
-            seq_lens=self.seq_lens.copy_to_gpu(r_pad),
-            query_start_loc=self.query_start_loc.copy_to_gpu(r_pad + 1),
+            uniform_query_len=desc.uniform_query_len, positions=dev["positions"][:t_pad],
+            slot_mapping=dev["slot_mapping"][:t_pad], seq_lens=dev["seq_lens"][:r_pad],
+            query_start_loc=dev["query_start_loc"][:r_pad + 1],
             block_table=self.block_table.copy_to_gpu(r_pad + 1),
             positions_cpu=pos, seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt)
         sampling = SamplingTensors(
-            temperature=self.temperature.copy_to_gpu(r_pad), top_k=self.top_k.copy_to_gpu(r_pad),
-            top_p=self.top_p.copy_to_gpu(r_pad), seeds=self.seeds.copy_to_gpu(r_pad),
-            positions=self.sample_positions.copy_to_gpu(r_pad),
+            temperature=dev["temperature"][:r_pad], top_k=dev["top_k"][:r_pad],
+            top_p=dev["top_p"][:r_pad], seeds=dev["seeds"][:r_pad],
+            positions=dev["sample_positions"][:r_pad],
             all_greedy=not bool((temp[:n_req] > 0).any()),
             any_top_k_top_p=bool(((top_k[:n_req] < self.vocab_size) | (top_p[:n_req] < 1.0)).any()),
             num_logprobs=max_logprobs)
-        return StepInputs(desc, n_req, n_tok, self.input_ids.copy_to_gpu(t_pad),
-                          attention.positions, self.logits_indices.copy_to_gpu(r_pad),
-                          attention, sampling, logprob_rows)
+        return StepInputs(desc, n_req, n_tok, dev["input_ids"][:t_pad], attention.positions,
+                          dev["logits_indices"][:r_pad], attention, sampling, logprob_rows)
