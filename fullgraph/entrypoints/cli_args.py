@@ -34,8 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     g.add_argument("--cudagraph-mode", default=d.cudagraph_mode,
                    choices=["none", "full", "full_decode_only"])
-    g.add_argument("--cudagraph-capture-sizes", type=_int_list, default=None,
-                   help="graph sizes, e.g. '1 2 4 8 16'")
+    g.add_argument("--cudagraph-capture-sizes", type=_int_list, nargs="+", default=None,
+                   help="graph sizes, e.g. 1 2 4 8 16 (or 1,2,4,8,16)")
     g.add_argument("--max-cudagraph-capture-size", type=int, default=None)
     g.add_argument("--no-compile-layers", dest="compile_layers", action="store_false",
                    help="do not torch.compile the layers and attention kernel (CUDA)")
@@ -46,4 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in EngineArgs.field_names()})
+    values = {k: v for k, v in vars(ns).items() if k in EngineArgs.field_names()}
+    if values.get("cudagraph_capture_sizes"):      # nargs="+" of lists -> one flat list
+        values["cudagraph_capture_sizes"] = [s for part in values["cudagraph_capture_sizes"]
+                                             for s in part]
+    return EngineArgs(**values)
