@@ -65,7 +65,6 @@ class EngineConfig:
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     device: str = "cpu"
     attention_backend: str = "flex"
-    batch_invariant: bool = False
     seed: int = 0
     max_logprobs: int = 20
 

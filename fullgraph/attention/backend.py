@@ -20,7 +20,6 @@ from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAt
 class AttentionBackend(Protocol):
     name: ClassVar[str]
     supports_cudagraph: ClassVar[bool]
-    supports_batch_invariance: ClassVar[bool]
 
     def __init__(self, spec: AttentionSpec, device: torch.device, buffers: PersistentInputs,
                  compile: bool) -> None: ...

@@ -48,7 +48,6 @@ class FlexMetadata:
 class FlexAttentionBackend:
     name = "flex"
     supports_cudagraph = True
-    supports_batch_invariance = True
 
     def __init__(self, spec: AttentionSpec, device: torch.device, buffers: PersistentInputs,
                  compile: bool = False) -> None:

@@ -24,7 +24,6 @@ class SDPAMetadata:
 class SDPABackend:
     name = "sdpa"
     supports_cudagraph = False
-    supports_batch_invariance = False
 
     def __init__(self, spec: AttentionSpec, device: torch.device, buffers=None,
                  compile: bool = False) -> None:

@@ -36,7 +36,6 @@ class EngineArgs:
     max_cudagraph_capture_size: int | None = None
     cudagraph_runtime: str = "auto"   # "fake" runs graph capture/replay semantics on a CPU
     compile_layers: bool = True       # torch.compile on CUDA (fusion); False runs plain eager ops
-    batch_invariant: bool = False
     seed: int = 0
     max_logprobs: int = 20
 
@@ -85,8 +84,6 @@ class EngineArgs:
                             gpu_memory_utilization=self.gpu_memory_utilization)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, compilation=compilation,
                             device=str(device), attention_backend=self.attention_backend,
-                            batch_invariant=self.batch_invariant
-                            or os.environ.get("FULLGRAPH_BATCH_INVARIANT") == "1",
                             seed=self.seed, max_logprobs=self.max_logprobs)
 
 

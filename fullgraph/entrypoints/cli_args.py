@@ -39,8 +39,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cudagraph-capture-size", type=int, default=None)
     g.add_argument("--no-compile-layers", dest="compile_layers", action="store_false",
                    help="do not torch.compile the layers and attention kernel (CUDA)")
-    g.add_argument("--batch-invariant", action="store_true",
-                   help="bitwise identical results whatever else is in the batch")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
 

@@ -82,9 +82,6 @@ class ModelRunner:
                                     config.max_blocks_per_seq, self.block_size,
                                     config.model.vocab_size, self.device)
         self.backend_cls = get_backend_class(config.attention_backend)
-        if config.batch_invariant and not self.backend_cls.supports_batch_invariance:
-            raise ValueError(f"attention backend {config.attention_backend!r} does not support "
-                             f"batch-invariant mode")
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
