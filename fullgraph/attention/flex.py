@@ -36,6 +36,20 @@ MIXED_Q_BLOCK = 16     # query block of the packed layout; small so few requests
 DECODE_Q_BLOCK = 128   # any size >= the query length: one query block per request row
 
 
+# The packed layout compiles once for every token count (checked on an H200: 3 token counts,
+# 2 compiles — the first call specializes, the second goes dynamic). Decode cannot: flex
+# decoding needs a static batch.
+DYNAMIC_MIXED = True
+
+
+def _flex_decode(*args, **kwargs):
+    return flex_attention(*args, **kwargs)
+
+
+def _flex_mixed(*args, **kwargs):    # its own code object: its own compile cache
+    return flex_attention(*args, **kwargs)
+
+
 @dataclass(slots=True)
 class FlexMetadata:
     block_mask: BlockMask
@@ -90,11 +104,14 @@ class FlexAttentionBackend:
         # no finer-grained information); autotuning finds no valid choice otherwise.
         self.mixed_kernel_options = {"BLOCK_M": MIXED_Q_BLOCK, "BLOCK_N": bs} if compile else None
         if compile:
-            self.attend = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+            # Decode: static shapes, one compile per batch size (flex decoding needs a static
+            # batch). Packed layout: optionally one compile, dynamic in the token count.
+            self.attend = torch.compile(_flex_decode, dynamic=False, fullgraph=True)
+            self.attend_mixed = torch.compile(_flex_mixed, dynamic=DYNAMIC_MIXED, fullgraph=True)
         else:
             # Eager FlexAttention is the intended CPU path (tiny models); its warning is noise.
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            self.attend = flex_attention
+            self.attend = self.attend_mixed = flex_attention
 
     # ---------------------------------------------------------------- metadata
     @staticmethod
@@ -183,7 +200,7 @@ class FlexAttentionBackend:
                               scale=self.spec.scale, enable_gqa=True)
             return out.transpose(1, 2).reshape(t, hq, d)
         query = q.transpose(0, 1).unsqueeze(0)
-        out = self.attend(query, key, value, block_mask=metadata.block_mask,
+        out = self.attend_mixed(query, key, value, block_mask=metadata.block_mask,
                           scale=self.spec.scale, enable_gqa=True,
                           kernel_options=self.mixed_kernel_options)
         return out[0].transpose(0, 1)
