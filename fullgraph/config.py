@@ -31,10 +31,6 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
 
-    @property
-    def num_usable_blocks(self) -> int:
-        return self.num_blocks - 1
-
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:

@@ -17,7 +17,8 @@ sparsity and evaluates the mask everywhere.
 
 Every tensor here is allocated once at its maximum size; steps fill leading slices
 (`copy_to_persistent`), and the BlockMask's `seq_lengths` depend only on the padded shape, so
-warmup, capture and replay of a shape bucket compile once.
+warmup, capture and replay of a shape compile once (decode: once per batch size; packed:
+once for all token counts).
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """`fullgraph bench {latency,throughput,serve}`."""
 from __future__ import annotations
 
-import argparse
 import importlib
 
 _BENCHES = {
