@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from fullgraph.attention.backend import write_kv
 from fullgraph.attention.flex import FlexAttentionBackend
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.attention.sdpa import SDPABackend
@@ -88,9 +89,20 @@ def test_flex_matches_sdpa_and_dense(seq_lens, q_lens, shared, pad):
         backend.prepare(inputs)
         meta = backend.build(inputs)
         backend.update(meta, inputs)
-        results.append((backend.forward(q, k, v, c, meta)[:inputs.num_tokens], c))
+        write_kv((c[0], c[1]), k, v, inputs.slot_mapping)
+        results.append((backend.forward(q, (c[0], c[1]), meta)[:inputs.num_tokens], c))
     (flex, cache_f), (sdpa, cache_s) = results
-    assert torch.equal(cache_f[:, BS:], cache_s[:, BS:])           # same KV written
+    # every token's K/V sits in the slot its position maps to; padding only touched block 0
+    n = inputs.num_tokens
+    slots = torch.from_numpy(bt[req[:n], pos[:n] // BS].astype(np.int64) * BS + pos[:n] % BS)
+    _, inv, counts = np.unique(slots.numpy(), return_inverse=True, return_counts=True)
+    once = torch.from_numpy(counts[inv] == 1)      # a shared-prefix slot can have 2 writers
+    assert torch.equal(cache_f[0][slots[once]], k[:n][once])
+    assert torch.equal(cache_f[1][slots[once]], v[:n][once])
+    untouched = torch.ones(NB * BS, dtype=torch.bool)
+    untouched[slots] = False
+    untouched[:BS] = False
+    assert torch.equal(cache_f[:, untouched], cache[:, untouched])
     ref = dense_reference(q[:inputs.num_tokens], cache_f, bt, pos, req, s.scale)
     torch.testing.assert_close(sdpa, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
@@ -126,3 +138,12 @@ def test_metadata_buffers_are_not_reallocated():
     base = backend.mixed_kv_indices.gpu
     assert m1.block_mask.kv_indices.data_ptr() == base.data_ptr()
     assert m2.block_mask.kv_num_blocks.data_ptr() == backend.decode_kv_num_blocks.data_ptr()
+
+
+def test_decode_rows_and_kv_splits():
+    from fullgraph.attention.flex import decode_rows, split_kv
+    assert [decode_rows(r, 1, 256) for r in (1, 3, 8, 9, 200, 256)] == [1, 4, 8, 16, 256, 256]
+    assert decode_rows(5, 16, 256) == 5                   # long verify queries are not padded
+    assert decode_rows(100, 1, 100) == 100                # never past the persistent rows
+    # the choices measured best on an H200 (132 SMs, 8 KV heads; benchmarks/probes)
+    assert [split_kv(r, 8, 132) for r in (1, 8, 16, 32, 64, 128, 256)] == [32, 16, 8, 4, 2, 1, 1]

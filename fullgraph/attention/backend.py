@@ -4,15 +4,20 @@ A backend owns its metadata buffers (persistent, sized at the configured maxima)
 from `StepAttentionInputs` in `build`, and computes attention over the paged KV cache in
 `forward`. It knows no requests, scheduler or model.
 
-KV cache layout, per layer: `[2, num_blocks * block_size, num_kv_heads, head_dim]`
-(K then V); slot `s` lives in block `s // block_size`. Writes go through the slot mapping,
-padding lanes write into the null block 0, which no real request ever reads.
+KV cache layout, per layer: a `KVCache` pair of K and V tensors, each
+`[num_blocks * block_size, num_kv_heads, head_dim]`; slot `s` lives in block
+`s // block_size`. The model writes this step's K/V through the slot mapping (`write_kv`)
+*before* attention, inside its compiled layer, so the write fuses with the rotary kernel;
+padding lanes write into the null block 0, which no real request ever reads. Backends only
+read the cache.
 """
 from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol
 
 import torch
+
+KVCache = tuple[torch.Tensor, torch.Tensor]   # one layer's (K, V), each [slots, Hkv, D]
 
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 
@@ -37,13 +42,15 @@ class AttentionBackend(Protocol):
         """Device-side refresh of the metadata buffers from the step inputs; captured inside
         the graph, so it must not synchronize with the host or allocate persistent state."""
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: Any) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] for this step's tokens; returns [T, Hq, D]."""
+    def forward(self, q: torch.Tensor, kv_cache: KVCache, metadata: Any) -> torch.Tensor:
+        """q: [T, Hq, D] for this step's tokens, whose K/V the cache already holds;
+        returns [T, Hq, D]."""
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
+    """k/v: [T, Hkv, D] into their slots. In place on the cache tensors themselves (not on
+    views made here), which inductor turns into a scatter store fused with k's producer."""
     kv_cache[0].index_copy_(0, slot_mapping, k)
     kv_cache[1].index_copy_(0, slot_mapping, v)
 
@@ -65,16 +72,21 @@ class ForwardContext:
     lives in persistent buffers that replays refill).
     """
 
-    __slots__ = ("backend", "metadata", "kv_caches")
+    __slots__ = ("backend", "metadata", "kv_caches", "slot_mapping")
 
-    def __init__(self, backend: AttentionBackend, metadata: Any, kv_caches: list[torch.Tensor]):
+    def __init__(self, backend: AttentionBackend, metadata: Any, kv_caches: list[KVCache],
+                 slot_mapping: torch.Tensor):
         self.backend = backend
         self.metadata = metadata
-        self.kv_caches = kv_caches
+        self.kv_caches = kv_caches        # per layer; the model hands each layer its own
+        self.slot_mapping = slot_mapping  # [num_tokens_padded]
+
+    def write_kv(self, kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Traced into the compiled layer (no graph break), so the write fuses."""
+        write_kv(kv_cache, k, v, self.slot_mapping)
 
     # Compiled layers break their graph here: the attention backend is compiled separately,
     # per shape bucket, and graph capture covers both.
     @torch.compiler.disable
-    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.kv_caches[layer_idx], self.metadata)
+    def attention(self, q: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        return self.backend.forward(q, kv_cache, self.metadata)

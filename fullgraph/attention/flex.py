@@ -4,7 +4,10 @@ The cache is one long KV sequence per layer, `[1, Hkv, num_blocks * block_size, 
 BlockMask lists which physical KV blocks each query block may visit. Two layouts:
 
 * decode (every request has the same query length q): one batch row per request,
-  `q [R, Hq, q, D]`; the block table *is* `kv_indices`.
+  `q [R, Hq, q, D]`; the block table *is* `kv_indices`. Flex decoding compiles per batch
+  size, so the rows are padded to a power of two (empty rows: no KV blocks) and a few
+  compiles serve every decode graph; SPLIT_KV is sized to keep every SM busy (inductor's
+  default gives batch 32 a single split: 2.3x slower on an H200, benchmarks/probes).
 * mixed (prefill chunks and decodes together): all tokens packed in one row
   `q [1, Hq, T, D]`, a doc id per token, and per 16-token query block the union of the
   block-table entries of the requests in it (built on the host, vectorized).
@@ -17,11 +20,12 @@ sparsity and evaluates the mask everywhere.
 
 Every tensor here is allocated once at its maximum size; steps fill leading slices
 (`copy_to_persistent`), and the BlockMask's `seq_lengths` depend only on the padded shape, so
-warmup, capture and replay of a shape compile once (decode: once per batch size; packed:
-once for all token counts).
+warmup, capture and replay of a shape compile once (decode: once per power-of-two row
+count; packed: once for all token counts).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -29,12 +33,15 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from fullgraph.attention.backend import write_kv
+from fullgraph.attention.backend import KVCache
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
 
 MIXED_Q_BLOCK = 16     # query block of the packed layout; small so few requests share one
 DECODE_Q_BLOCK = 128   # any size >= the query length: one query block per request row
+DECODE_PAD_MAX_Q = 8   # decode rows are padded to a power of two up to this query length
+CTAS_PER_SM = 8        # flex decoding's SPLIT_KV aims at this many programs per SM
+MAX_SPLIT_KV = 32
 
 
 # The packed layout compiles once for every token count (checked on an H200: 3 token counts,
@@ -51,13 +58,27 @@ def _flex_mixed(*args, **kwargs):    # its own code object: its own compile cach
     return flex_attention(*args, **kwargs)
 
 
+def decode_rows(num_reqs: int, query_len: int, max_rows: int) -> int:
+    """Rows the decode kernel runs with: a power of two, so few shapes compile."""
+    if query_len > DECODE_PAD_MAX_Q:
+        return num_reqs
+    return min(1 << (num_reqs - 1).bit_length(), max_rows)
+
+
+def split_kv(rows: int, num_kv_heads: int, num_sms: int) -> int:
+    """KV splits per (row, kv head): a power of two giving ~CTAS_PER_SM programs per SM."""
+    per_head = CTAS_PER_SM * num_sms / (rows * num_kv_heads)
+    return max(1, min(MAX_SPLIT_KV, 1 << max(0, math.floor(math.log2(max(per_head, 1))))))
+
+
 @dataclass(slots=True)
 class FlexMetadata:
     block_mask: BlockMask
-    slot_mapping: torch.Tensor
     decode: bool
-    num_reqs: int            # rows of the decode layout (padded)
+    num_reqs: int            # decode layout: the step's (padded) requests
+    rows: int                # decode layout: kernel rows (num_reqs padded to a power of two)
     query_len: int           # decode layout only
+    kernel_options: dict | None
 
 
 class FlexAttentionBackend:
@@ -72,12 +93,17 @@ class FlexAttentionBackend:
         self.kv_len = nb * bs
         pin = device.type == "cuda"
         block_table, positions = buffers.block_table, buffers.positions
+        self.block_table = block_table
         self.block_logical = torch.zeros(nb, dtype=torch.int32, device=device)
         self.column_ids = torch.arange(spec.max_blocks_per_seq, dtype=torch.int32,
                                        device=device).repeat(rows)
         # decode layout
         self.decode_kv_num_blocks = torch.zeros(rows, dtype=torch.int32, device=device)
         self.q_offset = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.q_pad = torch.zeros(spec.max_num_seqs * DECODE_PAD_MAX_Q * spec.num_heads
+                                 * spec.head_dim, dtype=spec.dtype, device=device)
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 0)
         # mixed layout
         max_q_blocks = -(-spec.max_num_tokens // MIXED_Q_BLOCK)
         self.width = min(nb, MIXED_Q_BLOCK * spec.max_blocks_per_seq)
@@ -104,8 +130,9 @@ class FlexAttentionBackend:
         # The Triton kernel's tiles must match the BlockMask's blocks (the direct build gives
         # no finer-grained information); autotuning finds no valid choice otherwise.
         self.mixed_kernel_options = {"BLOCK_M": MIXED_Q_BLOCK, "BLOCK_N": bs} if compile else None
+        self.compiled = compile
         if compile:
-            # Decode: static shapes, one compile per batch size (flex decoding needs a static
+            # Decode: static shapes, one compile per row count (flex decoding needs a static
             # batch). Packed layout: optionally one compile, dynamic in the token count.
             self.attend = torch.compile(_flex_decode, dynamic=False, fullgraph=True)
             self.attend_mixed = torch.compile(_flex_mixed, dynamic=DYNAMIC_MIXED, fullgraph=True)
@@ -143,11 +170,14 @@ class FlexAttentionBackend:
         bs = self.spec.block_size
         if self._decode_layout(inputs):
             r, q = inputs.num_reqs_padded, inputs.uniform_query_len
+            rows = decode_rows(r, q, self.spec.max_num_seqs)
             mask = BlockMask.from_kv_blocks(
-                self.decode_kv_num_blocks[:r].view(r, 1, 1),
-                inputs.block_table[:r].view(r, 1, 1, -1), BLOCK_SIZE=(DECODE_Q_BLOCK, bs),
+                self.decode_kv_num_blocks[:rows].view(rows, 1, 1),
+                self.block_table[:rows].view(rows, 1, 1, -1), BLOCK_SIZE=(DECODE_Q_BLOCK, bs),
                 mask_mod=self.decode_mask, seq_lengths=(q, self.kv_len), compute_q_blocks=False)
-            return FlexMetadata(mask, inputs.slot_mapping, True, r, q)
+            options = ({"SPLIT_KV": split_kv(rows, self.spec.num_kv_heads, self.num_sms)}
+                       if self.num_sms and self.compiled else None)
+            return FlexMetadata(mask, True, r, rows, q, options)
         t_pad = inputs.num_tokens_padded
         nqb = -(-t_pad // MIXED_Q_BLOCK)
         mask = BlockMask.from_kv_blocks(
@@ -155,7 +185,7 @@ class FlexAttentionBackend:
             self.mixed_kv_indices.gpu[:nqb].view(1, 1, nqb, -1),
             BLOCK_SIZE=(MIXED_Q_BLOCK, bs), mask_mod=self.mixed_mask,
             seq_lengths=(t_pad, self.kv_len), compute_q_blocks=False)
-        return FlexMetadata(mask, inputs.slot_mapping, False, 1, t_pad)
+        return FlexMetadata(mask, False, 1, 1, t_pad, self.mixed_kernel_options)
 
     def update(self, metadata: FlexMetadata, inputs: StepAttentionInputs) -> None:
         rows = inputs.block_table.shape[0]
@@ -166,6 +196,8 @@ class FlexAttentionBackend:
             r, bs = metadata.num_reqs, self.spec.block_size
             torch.floor_divide(inputs.seq_lens + (bs - 1), bs, out=self.decode_kv_num_blocks[:r])
             torch.sub(inputs.seq_lens, metadata.query_len, out=self.q_offset[:r])
+            if metadata.rows > r:        # kernel padding rows: no KV blocks, nothing to read
+                self.decode_kv_num_blocks[r:metadata.rows].zero_()
 
     def _mixed_kv_blocks(self, doc: np.ndarray, pos: np.ndarray, block_table: np.ndarray,
                          num_q_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,18 +222,23 @@ class FlexAttentionBackend:
         return counts, indices
 
     # ---------------------------------------------------------------- attention
-    def forward(self, q, k, v, kv_cache, metadata: FlexMetadata):
-        write_kv(kv_cache, k, v, metadata.slot_mapping)
+    def forward(self, q: torch.Tensor, kv_cache: KVCache, metadata: FlexMetadata) -> torch.Tensor:
         key = kv_cache[0].permute(1, 0, 2).unsqueeze(0)      # [1, Hkv, S, D], a view
         value = kv_cache[1].permute(1, 0, 2).unsqueeze(0)
         t, hq, d = q.shape
         if metadata.decode:
-            query = q.view(metadata.num_reqs, metadata.query_len, hq, d).transpose(1, 2)
-            out = self.attend(query, key, value, block_mask=metadata.block_mask,
-                              scale=self.spec.scale, enable_gqa=True)
-            return out.transpose(1, 2).reshape(t, hq, d)
+            r, rows, ql = metadata.num_reqs, metadata.rows, metadata.query_len
+            query = q.view(r, ql, hq, d)
+            if rows > r:
+                padded = self.q_pad[:rows * ql * hq * d].view(rows, ql, hq, d)
+                padded[:r].copy_(query)
+                query = padded
+            out = self.attend(query.transpose(1, 2), key, value, block_mask=metadata.block_mask,
+                              scale=self.spec.scale, enable_gqa=True,
+                              kernel_options=metadata.kernel_options)
+            return out[:r].transpose(1, 2).reshape(t, hq, d)
         query = q.transpose(0, 1).unsqueeze(0)
         out = self.attend_mixed(query, key, value, block_mask=metadata.block_mask,
-                          scale=self.spec.scale, enable_gqa=True,
-                          kernel_options=self.mixed_kernel_options)
+                                scale=self.spec.scale, enable_gqa=True,
+                                kernel_options=metadata.kernel_options)
         return out[0].transpose(0, 1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fullgraph.attention.backend import write_kv
+from fullgraph.attention.backend import KVCache
 from fullgraph.attention.metadata import AttentionSpec, StepAttentionInputs
 
 
@@ -49,9 +49,8 @@ class SDPABackend:
             masks.append(pos[None, :] <= q_pos[:, None])
         return SDPAMetadata(inputs, slots, masks)
 
-    def forward(self, q, k, v, kv_cache, metadata: SDPAMetadata):
+    def forward(self, q: torch.Tensor, kv_cache: KVCache, metadata: SDPAMetadata):
         inputs = metadata.inputs
-        write_kv(kv_cache, k, v, inputs.slot_mapping)
         out = torch.zeros_like(q)
         qsl = inputs.query_start_loc_cpu
         for i, (slots, mask) in enumerate(zip(metadata.slots, metadata.masks)):

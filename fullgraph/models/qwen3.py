@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fullgraph.attention.backend import ForwardContext
+from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.linear import MergedLinear
 from fullgraph.layers.norm import RMSNorm
@@ -22,9 +22,8 @@ def head_dim_of(cfg) -> int:
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.layer_idx = layer_idx
         self.head_dim = head_dim_of(cfg)
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -36,13 +35,15 @@ class Qwen3Attention(nn.Module):
         self.rotary = rotary
         self.split = (q_size, kv_size, kv_size)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                kv_cache: KVCache) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
         k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
         q, k = self.rotary(positions, q, k)
-        o = ctx.attention(self.layer_idx, q, k, v.view(t, self.num_kv_heads, self.head_dim))
+        ctx.write_kv(kv_cache, k, v.view(t, self.num_kv_heads, self.head_dim))
+        o = ctx.attention(q, kv_cache)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -58,19 +59,19 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_idx: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg, layer_idx, rotary)
+        self.self_attn = Qwen3Attention(cfg, rotary)
         self.mlp = Qwen3MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, x, residual, ctx):
+    def forward(self, positions, x, residual, ctx, kv_cache):
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx)
+        x = self.self_attn(positions, x, ctx, kv_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -82,14 +83,15 @@ class Qwen3Model(nn.Module):
             raise ValueError("Qwen3 with use_sliding_window=true is not supported")
         rotary = RotaryEmbedding(head_dim_of(cfg), max_position, rope_theta_of(cfg))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, rotary)
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, rotary)
+                                    for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, ctx):
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, ctx)
+        # Each layer gets its own KV tensors as arguments, so one compiled graph serves all.
+        for layer, kv_cache in zip(self.layers, ctx.kv_caches, strict=True):
+            x, residual = layer(positions, x, residual, ctx, kv_cache)
         x, _ = self.norm(x, residual)
         return x
 

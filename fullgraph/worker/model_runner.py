@@ -139,7 +139,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(self.num_layers, 2, num_blocks * self.block_size,
                                     self.num_kv_heads, self.head_dim,
                                     dtype=self.config.model.dtype, device=self.device)
-        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
                                         compile=self.config.compilation.compile_layers)
 
@@ -197,7 +197,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- step
     def _run_model(self, step: StepInputs, metadata, sampling: SamplingTensors) -> SamplerOutput:
-        ctx = ForwardContext(self.backend, metadata, self.kv_caches)
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
         hidden = self.model(step.input_ids, step.positions, ctx)
         logits = self.model.compute_logits(hidden[step.logits_indices]).float()
         return sample(logits, sampling)
