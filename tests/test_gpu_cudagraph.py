@@ -26,7 +26,8 @@ def test_capture_report_and_no_compiles_during_capture(engines):
     graphs, _ = engines
     runner = graphs.engine.runner
     report = runner.capture_report
-    assert report.num_graphs == 2 * (5 + 8)       # (decode 1..16 + mixed 1..128) x 2 samplers
+    # model graphs: decode 1..16 + mixed 1..128; sampler graphs: request counts 1..16
+    assert report.num_graphs == (5 + 8) + 5
     assert runner.compiles_during_capture == 0
     assert report.memory_bytes < 2**30
 
@@ -58,7 +59,8 @@ def test_graph_inputs_are_not_reallocated(engines):
     b = runner.buffers
     tensors = [b.arena.gpu, b.arena.dev["input_ids"], b.block_table.gpu,
                runner.backend.block_logical,
-               runner.backend.mixed_kv_indices.gpu, runner.kv_cache]
+               runner.backend.mixed_kv_indices.gpu, runner.kv_cache, runner.logits,
+               runner.backend.q_pad]
     ptrs = [t.data_ptr() for t in tensors]
     graphs.generate(["Hello", "The cat sat"], SamplingParams(temperature=0.0, max_tokens=8),
                     use_tqdm=False)

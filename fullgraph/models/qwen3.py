@@ -128,8 +128,9 @@ class Qwen3ForCausalLM(nn.Module):
             layer.compile(dynamic=True)
         self.model.norm.compile(dynamic=True)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
+        return torch.matmul(hidden, self.lm_head.weight.t(), out=out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))

@@ -75,6 +75,16 @@ class InputBuffers:
     def persistent(self) -> PersistentInputs:
         return PersistentInputs(self.block_table.gpu, self.arena.dev["positions"])
 
+    def sampling_tensors(self, num_reqs: int, all_greedy: bool, any_top_k_top_p: bool,
+                         num_logprobs: int) -> SamplingTensors:
+        """The persistent sampling inputs of the first `num_reqs` rows."""
+        dev = self.arena.dev
+        return SamplingTensors(
+            temperature=dev["temperature"][:num_reqs], top_k=dev["top_k"][:num_reqs],
+            top_p=dev["top_p"][:num_reqs], seeds=dev["seeds"][:num_reqs],
+            positions=dev["sample_positions"][:num_reqs], all_greedy=all_greedy,
+            any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
+
     def _write_block_rows(self, reqs: list[RequestState], r_pad: int) -> None:
         bt, row_len = self.block_table.np, self._row_len
         for i, req in enumerate(reqs):
@@ -154,11 +164,8 @@ class InputBuffers:
             query_start_loc=dev["query_start_loc"][:r_pad + 1],
             block_table=self.block_table.copy_to_gpu(r_pad + 1),
             positions_cpu=pos, seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt)
-        sampling = SamplingTensors(
-            temperature=dev["temperature"][:r_pad], top_k=dev["top_k"][:r_pad],
-            top_p=dev["top_p"][:r_pad], seeds=dev["seeds"][:r_pad],
-            positions=dev["sample_positions"][:r_pad],
-            all_greedy=not bool((temp[:n_req] > 0).any()),
+        sampling = self.sampling_tensors(
+            r_pad, all_greedy=not bool((temp[:n_req] > 0).any()),
             any_top_k_top_p=bool(((top_k[:n_req] < self.vocab_size) | (top_p[:n_req] < 1.0)).any()),
             num_logprobs=max_logprobs)
         return StepInputs(desc, n_req, n_tok, dev["input_ids"][:t_pad], attention.positions,

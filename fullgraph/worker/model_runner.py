@@ -22,7 +22,7 @@ from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Disp
 from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
                                                 GraphRuntime)
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
-from fullgraph.worker.sampler import SamplerKind, SamplerOutput, SamplingTensors, sample
+from fullgraph.worker.sampler import SamplerOutput, SamplingTensors, sample
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,14 @@ class _DummyRequest:
 class _DummyChunk:
     request: _DummyRequest
     num_new_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerGraphKey:
+    """The general sampler's graph for `num_reqs` rows of the persistent logits. Model graphs
+    end with greedy argmax; a step that samples replays this graph after its model graph, so
+    the model is captured once per descriptor, not once per sampler kind."""
+    num_reqs: int
 
 
 @dataclass(slots=True)
@@ -81,6 +89,10 @@ class ModelRunner:
         self.buffers = InputBuffers(sched.max_num_seqs, sched.max_num_batched_tokens,
                                     config.max_blocks_per_seq, self.block_size,
                                     config.model.vocab_size, self.device)
+        # [rows, vocab] logits of the sampled positions, in the model's dtype: persistent, so
+        # a sampler graph can read what any model graph wrote.
+        self.logits = torch.zeros(sched.max_num_seqs, config.model.vocab_size,
+                                  dtype=config.model.dtype, device=self.device)
         self.backend_cls = get_backend_class(config.attention_backend)
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
@@ -145,9 +157,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
-        """A max-size prefill, all of it writing into the null block."""
+        """A max-size prefill, all of it writing into the null block, and the general sampler
+        over every row."""
         desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, self.max_num_tokens, 1, None)
         self._forward_eager(self.buffers.prepare(self._dummy_chunks(desc), desc))
+        sample(self.logits, self._general_sampling(self.max_num_seqs))
 
     def _dummy_chunks(self, desc: BatchExecutionDescriptor) -> list[_DummyChunk]:
         """Requests that fill `desc` (at most max_model_len tokens each), all in block 0."""
@@ -163,50 +177,64 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- graphs
     def capture_graphs(self, runtime: GraphRuntime | None = None) -> CaptureReport | None:
-        """Capture a graph per (descriptor, sampler kind); afterwards steps that fit replay."""
+        """Capture a model graph per descriptor and a general-sampler graph per request count;
+        afterwards steps that fit replay."""
         descs = self.dispatcher.descriptors_to_capture()
         if not descs or not self.backend_cls.supports_cudagraph:
             return None
         runtime = runtime or CUDAGraphRuntime(self.device)
         self.graphs = CUDAGraphManager(runtime)
-        keys = [(d, k) for d in descs for k in SamplerKind]
+        rows = sorted({d.num_reqs for d in descs}, reverse=True)
+        keys = descs + [SamplerGraphKey(r) for r in rows]
         compiles0 = compile_count()
         with torch.inference_mode():
-            self.attention_states, report = self.graphs.capture(keys, self._create_forward_fn)
+            pairs, report = self.graphs.capture(keys, self._create_forward_fn)
+        self.attention_states = {k: v for k, v in pairs.items() if k in descs}
         self.compiles_during_capture = compile_count() - compiles0 - self._warmup_compiles
         self.dispatcher.captured = set(descs)
         self.capture_report = report
         return report
 
     def _create_forward_fn(self, key, warmup: bool):
-        desc, kind = key
+        if isinstance(key, SamplerGraphKey):
+            sampling = self._general_sampling(key.num_reqs)
+            logits = self.logits[:key.num_reqs]
+            return (lambda: sample(logits, sampling)), None
         compiles0 = compile_count()
-        step = self.buffers.prepare(self._dummy_chunks(desc), desc)
+        step = self.buffers.prepare(self._dummy_chunks(key), key)
         self.backend.prepare(step.attention)
         metadata = self.backend.build(step.attention)
-        sampling = kind.configure(step.sampling, self.config.max_logprobs)
 
         def forward():
             self.backend.update(metadata, step.attention)
-            out = self._run_model(step, metadata, sampling)
+            out = self._run_model(step, metadata)
             if warmup:
                 self._warmup_compiles += compile_count() - compiles0
             return out
 
         return forward, metadata
 
+    def _general_sampling(self, num_reqs: int) -> SamplingTensors:
+        """What a sampler graph is captured with (a graph cannot branch): every feature on.
+        Requests that use none of them draw the same tokens as without (top-k = vocab and
+        top-p = 1 mask nothing)."""
+        return self.buffers.sampling_tensors(num_reqs, all_greedy=False, any_top_k_top_p=True,
+                                             num_logprobs=self.config.max_logprobs)
+
     # ---------------------------------------------------------------- step
-    def _run_model(self, step: StepInputs, metadata, sampling: SamplingTensors) -> SamplerOutput:
+    def _run_model(self, step: StepInputs, metadata) -> torch.Tensor:
+        """The model, its logits into `self.logits`, and the greedy token of every row."""
         ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
         hidden = self.model(step.input_ids, step.positions, ctx)
-        logits = self.model.compute_logits(hidden[step.logits_indices]).float()
-        return sample(logits, sampling)
+        logits = self.logits[:step.desc.num_reqs]
+        self.model.compute_logits(hidden[step.logits_indices], out=logits)
+        return logits.argmax(dim=-1)
 
-    def _forward_eager(self, step: StepInputs) -> SamplerOutput:
+    def _forward_eager(self, step: StepInputs) -> torch.Tensor:
         self.backend.prepare(step.attention)
         metadata = self.backend.build(step.attention)
         self.backend.update(metadata, step.attention)
-        return self._run_model(step, metadata, step.sampling)
+        return self._run_model(step, metadata)
 
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> StepResult:
@@ -216,13 +244,18 @@ class ModelRunner:
         t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
         step = self.buffers.prepare(chunks, desc)
+        greedy = step.sampling.greedy_only
         if desc.mode == CUDAGraphMode.FULL:
             self.backend.prepare(step.attention)
             self.prepare_seconds += time.perf_counter() - t0
-            out = self.graphs.replay((desc, SamplerKind.of(step.sampling)))
+            token_ids = self.graphs.replay(desc)
+            out = (SamplerOutput(token_ids) if greedy
+                   else self.graphs.replay(SamplerGraphKey(desc.num_reqs)))
         else:
             self.prepare_seconds += time.perf_counter() - t0
-            out = self._forward_eager(step)
+            token_ids = self._forward_eager(step)
+            out = (SamplerOutput(token_ids) if greedy
+                   else sample(self.logits[:desc.num_reqs], step.sampling))
         self.num_steps += 1
         n = step.num_reqs
         token_ids = out.token_ids[:n].cpu().numpy()   # the one device->host sync of the step

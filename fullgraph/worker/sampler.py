@@ -4,12 +4,13 @@ Random draws are a counter-based hash of (request seed, position of the sampled 
 vocabulary id), turned into Gumbel noise: a request's sample depends only on its own seed,
 position and logits, never on which other requests share the batch or where it sits in it,
 and a recomputed (preempted) request draws the same token again. It runs inside a CUDA
-graph as plain tensor ops.
+graph as plain tensor ops, over rows in chunks of `SAMPLE_CHUNK_ROWS`: the general path's
+[rows x vocab] intermediates (sort, hash noise) then take a bounded workspace whatever the
+batch size, which is what a captured graph's memory is made of.
 """
 from __future__ import annotations
 
 import dataclasses
-import enum
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B          # < 2**31, so products of 32-bit values stay inside int64
 _GOLDEN = 0x9E3779B1
+SAMPLE_CHUNK_ROWS = 32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -46,22 +48,15 @@ class SamplingTensors:
     any_top_k_top_p: bool
     num_logprobs: int              # max top-N asked for in the batch; -1 = none
 
+    @property
+    def greedy_only(self) -> bool:
+        """Argmax is all this step needs (the model graph's own output)."""
+        return self.all_greedy and self.num_logprobs < 0
 
-class SamplerKind(enum.Enum):
-    """The sampler variants a graph is captured with (a captured graph cannot branch)."""
-    GREEDY = "greedy"     # argmax only: every request greedy, none asks for logprobs
-    GENERAL = "general"   # temperature, top-k/top-p, Gumbel draws and top-N logprobs
-
-    @staticmethod
-    def of(t: SamplingTensors) -> "SamplerKind":
-        greedy = t.all_greedy and t.num_logprobs < 0
-        return SamplerKind.GREEDY if greedy else SamplerKind.GENERAL
-
-    def configure(self, t: SamplingTensors, max_logprobs: int) -> SamplingTensors:
-        if self is SamplerKind.GREEDY:
-            return dataclasses.replace(t, all_greedy=True, any_top_k_top_p=False, num_logprobs=-1)
-        return dataclasses.replace(t, all_greedy=False, any_top_k_top_p=True,
-                                   num_logprobs=max_logprobs)
+    def rows(self, lo: int, hi: int) -> "SamplingTensors":
+        return dataclasses.replace(
+            self, temperature=self.temperature[lo:hi], top_k=self.top_k[lo:hi],
+            top_p=self.top_p[lo:hi], seeds=self.seeds[lo:hi], positions=self.positions[lo:hi])
 
 
 @dataclass(slots=True)
@@ -83,7 +78,22 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-    """logits: [R, V] float32."""
+    """logits: [R, V] in the model's dtype (argmax over them equals argmax over float32)."""
+    if t.greedy_only:
+        return SamplerOutput(logits.argmax(dim=-1))
+    n = logits.shape[0]
+    parts = [_sample_rows(logits[lo:lo + SAMPLE_CHUNK_ROWS].float(),
+                          t.rows(lo, lo + SAMPLE_CHUNK_ROWS))
+             for lo in range(0, n, SAMPLE_CHUNK_ROWS)]
+    if len(parts) == 1:
+        return parts[0]
+    fields = [f.name for f in dataclasses.fields(SamplerOutput)]
+    return SamplerOutput(**{f: None if getattr(parts[0], f) is None
+                            else torch.cat([getattr(p, f) for p in parts]) for f in fields})
+
+
+def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    """logits: [r, V] float32."""
     greedy = logits.argmax(dim=-1)
     if t.all_greedy:
         token_ids = greedy

@@ -118,6 +118,7 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
     report = runner.capture_report
     result = {"mode": mode, "startup_s": startup, "weight_bytes": w_bytes, "rows": rows,
               "capture_seconds": report.seconds if report else None,
+              "capture_warmup_seconds": report.warmup_seconds if report else None,
               "num_graphs": report.num_graphs if report else 0,
               "graph_memory_GiB": report.memory_bytes / 2**30 if report else None,
               "eager_fallbacks": runner.dispatcher.num_eager_fallbacks}

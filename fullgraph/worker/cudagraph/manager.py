@@ -71,6 +71,7 @@ class CaptureReport:
     num_graphs: int
     seconds: float
     memory_bytes: int
+    warmup_seconds: float = 0.0    # of `seconds`: the eager warmup runs (compiles happen here)
 
 
 class CUDAGraphManager:
@@ -83,18 +84,25 @@ class CUDAGraphManager:
                 progress: bool = True) -> tuple[dict[Hashable, AttentionStatePair], CaptureReport]:
         pairs: dict[Hashable, AttentionStatePair] = {}
         mem0, t0 = self.runtime.memory_in_use(), time.perf_counter()
+        warmup = 0.0
         for key in tqdm(keys, desc="Capturing CUDA graphs", unit="graph",
                         disable=not progress or not keys):
+            w0 = time.perf_counter()
             warm_fn, warm_state = create_forward_fn(key, True)
             warm_fn()
+            dt = time.perf_counter() - w0
+            warmup += dt
+            if dt > 0.5:       # a compile: say which shape paid for it
+                logger.info("warmup of %s took %.1f s", key, dt)
             fn, state = create_forward_fn(key, False)
             self.graphs[key] = self.runtime.capture(fn)
             pairs[key] = AttentionStatePair(warm_state, state)
         report = CaptureReport(len(keys), time.perf_counter() - t0,
-                               self.runtime.memory_in_use() - mem0)
+                               self.runtime.memory_in_use() - mem0, warmup)
         if keys:
-            logger.info("captured %d CUDA graphs in %.1f s using %.2f GiB", report.num_graphs,
-                           report.seconds, report.memory_bytes / 2**30)
+            logger.info("captured %d CUDA graphs in %.1f s (%.1f s of it warmup) using %.2f GiB",
+                        report.num_graphs, report.seconds, report.warmup_seconds,
+                        report.memory_bytes / 2**30)
         return pairs, report
 
     def has(self, key: Hashable) -> bool:
