@@ -37,6 +37,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
+    # Schedule and launch step N+1 before step N's samples reach the host, so host work
+    # (scheduling, input preparation, detokenizing) overlaps the device's.
+    async_scheduling: bool = False
 
 
 class CUDAGraphMode(enum.Enum):

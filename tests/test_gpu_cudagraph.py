@@ -17,7 +17,9 @@ pytestmark = pytest.mark.gpu
 def engines(hf_dir):
     common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16,
                   max_num_batched_tokens=128, num_gpu_blocks_override=512)
-    graphs = LLM(hf_dir, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128], **common)
+    # the graph engine also schedules asynchronously: its input tokens come from the device
+    graphs = LLM(hf_dir, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128],
+                 async_scheduling=True, **common)
     eager = LLM(hf_dir, enforce_eager=True, **common)
     return graphs, eager
 

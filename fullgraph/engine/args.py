@@ -36,6 +36,7 @@ class EngineArgs:
     max_cudagraph_capture_size: int | None = None
     cudagraph_runtime: str = "auto"   # "fake" runs graph capture/replay semantics on a CPU
     compile_layers: bool = True       # torch.compile on CUDA (fusion); False runs plain eager ops
+    async_scheduling: bool = False    # overlap host work with the device (one step in flight)
     seed: int = 0
     max_logprobs: int = 20
 
@@ -71,7 +72,8 @@ class EngineArgs:
         if self.enforce_eager or (device.type != "cuda" and runtime == "cuda"):
             mode = CUDAGraphMode.NONE
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
-                                    max_model_len=model.max_model_len)
+                                    max_model_len=model.max_model_len,
+                                    async_scheduling=self.async_scheduling)
         compilation = CompilationConfig(
             cudagraph_mode=mode,
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,

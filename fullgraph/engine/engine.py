@@ -12,12 +12,20 @@ from fullgraph.engine.args import EngineArgs
 from fullgraph.engine.detokenizer import IncrementalDetokenizer, load_tokenizer
 from fullgraph.engine.kv_cache import KVCacheManager
 from fullgraph.engine.request import Request
-from fullgraph.engine.scheduler import Scheduler
+from fullgraph.engine.scheduler import Scheduler, SchedulerOutput
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
-from fullgraph.worker.model_runner import ModelRunner, StepResult
+from fullgraph.worker.model_runner import ModelRunner, PendingStep, StepResult
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A request's part in a launched step, as it was at launch."""
+    request: Request
+    samples: bool
+    num_preemptions: int
 
 
 @dataclass(slots=True)
@@ -47,6 +55,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stream: set[str] = set()
+        self._inflight: tuple[list[_Launched], PendingStep] | None = None
         self._rng = random.Random(config.seed)
         self.stats = EngineStats()
         logger.info("KV cache: %d blocks of %d tokens", cache.num_blocks, cache.block_size)
@@ -137,23 +146,46 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, and turn a finished step's samples into outputs. With
+        async scheduling the step launched here is processed by the next call, after that
+        call has launched its own, so the host's work overlaps the device's."""
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        samples = [s.samples for s in sched.scheduled]
-        result = self.runner.execute(sched.scheduled)
+        launched = self._launch(sched) if not sched.is_empty else None
+        outputs = self._process(*self._inflight) if self._inflight is not None else []
+        self._inflight = None
+        if launched is not None:
+            if self.config.scheduler.async_scheduling:
+                self._inflight = launched
+            else:
+                outputs += self._process(*launched)
+        return outputs
+
+    def _launch(self, sched: SchedulerOutput) -> tuple[list[_Launched], PendingStep]:
+        launched = [_Launched(s.request, s.samples, s.request.num_preemptions)
+                    for s in sched.scheduled]
+        pending = self.runner.launch(sched.scheduled)
+        for s, entry in zip(sched.scheduled, launched):
+            s.request.num_computed_tokens += s.num_new_tokens
+            s.request.num_pending += entry.samples
         self.stats.steps += 1
+        return launched, pending
+
+    def _process(self, launched: list[_Launched], pending: PendingStep) -> list[RequestOutput]:
+        result = pending.wait()
         now = time.monotonic()
         outputs = []
-        for i, (s, sampled) in enumerate(zip(sched.scheduled, samples)):
-            req = s.request
-            req.num_computed_tokens += s.num_new_tokens
+        for i, entry in enumerate(launched):
+            req = entry.request
+            if req.is_finished or req.num_preemptions != entry.num_preemptions:
+                continue      # finished, aborted or preempted since launch: drop its sample
+            if entry.samples:
+                req.num_pending -= 1
+                self._append(req, int(result.token_ids[i]), result, i)
             self.kv.cache_full_blocks(req)
-            if not sampled:
+            if not entry.samples:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
-            self._append(req, int(result.token_ids[i]), result, i)
             self.stats.generation_tokens += 1
             if req.finish_reason is not None:
                 self.stats.finished_requests += 1

@@ -132,11 +132,13 @@ class KVCacheManager:
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
-        """Register the request's blocks that are now full and computed."""
+        """Register the request's blocks that are now full, computed and known (a token in
+        flight is computed but not known yet)."""
         if not self.enable_prefix_caching:
             return
-        num_full = req.num_computed_tokens // self.block_size
-        self._hash_full_blocks(req, req.num_computed_tokens)
+        num_done = min(req.num_computed_tokens, req.num_tokens)
+        num_full = num_done // self.block_size
+        self._hash_full_blocks(req, num_done)
         for i in range(req.num_registered_blocks, num_full):
             self.pool.cache(req.block_ids[i], req.block_hashes[i], self._block_key(req, i))
         req.num_registered_blocks = max(req.num_registered_blocks, num_full)

@@ -8,6 +8,10 @@ request needs a block and none is free, the most recently admitted running reque
 preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed (its generated tokens become part of its prompt; prefix caching often makes
 that cheap).
+
+With async scheduling a step is scheduled while the previous one still runs: a request's
+`num_pending` tokens (sampled by the launched step) count as known, so a decoding request
+is scheduled for its next position at once, and its input token comes from the device.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, so a token is sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens + r.num_pending
 
 
 @dataclass(slots=True)
@@ -66,7 +70,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_output_tokens + req.num_pending >= req.max_tokens:
+                i += 1          # its last token is in flight; it finishes when that lands
+                continue
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -102,6 +109,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.num_pending = 0            # an in-flight sample is dropped; recompute redraws it
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

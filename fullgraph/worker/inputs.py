@@ -45,6 +45,10 @@ class StepInputs:
     attention: StepAttentionInputs
     sampling: SamplingTensors
     logprob_requests: list[int]      # rows whose request asked for logprobs
+    # Tokens sampled by the step still in flight (async scheduling): input_ids[pending_index]
+    # = sampled[pending_row] on the device; unused rows point at the scratch slot.
+    pending_index: torch.Tensor      # [num_reqs_padded]
+    pending_row: torch.Tensor        # [num_reqs_padded] row of the request in the previous step
 
 
 class InputBuffers:
@@ -59,18 +63,26 @@ class InputBuffers:
         self.block_size = block_size
         self.vocab_size = vocab_size
         # Everything but the block table travels in one copy per step.
+        # input_ids has one spare slot at the end: the target of unused pending-token writes.
+        self.scratch_index = t
         self.arena = StagingArena({
-            "input_ids": (t, torch.int64), "positions": (t, torch.int64),
+            "input_ids": (t + 1, torch.int64), "positions": (t, torch.int64),
             "slot_mapping": (t, torch.int64), "query_start_loc": (r + 1, torch.int32),
             "seq_lens": (r, torch.int32), "logits_indices": (r, torch.int64),
             "temperature": (r, torch.float32), "top_k": (r, torch.int32),
             "top_p": (r, torch.float32), "seeds": (r, torch.int64),
-            "sample_positions": (r, torch.int64)}, device, pin)
+            "sample_positions": (r, torch.int64),
+            "pending_index": (r, torch.int64), "pending_row": (r, torch.int64)}, device, pin)
         self.block_table = buf((r + 1, max_blocks_per_seq), torch.int32)  # + a zero row
         # What each block-table row holds, so a step rewrites only rows that changed: in
         # steady decoding a row gains one block every block_size steps.
         self._row_blocks: list[list[int] | None] = [None] * (r + 1)
         self._row_len = np.zeros(r + 1, np.int64)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The whole persistent input-id buffer, scratch slot included."""
+        return self.arena.dev["input_ids"]
 
     def persistent(self) -> PersistentInputs:
         return PersistentInputs(self.block_table.gpu, self.arena.dev["positions"])
@@ -105,7 +117,10 @@ class InputBuffers:
             row_len[i] = 0
             self._row_blocks[i] = None
 
-    def prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor) -> StepInputs:
+    def prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
+                prev_rows: dict[int, int] | None = None) -> StepInputs:
+        """`prev_rows`: id(request) -> its row in the previous step, for requests whose last
+        input token that step sampled and the host does not know yet."""
         n_req, n_tok = len(chunks), sum(c.num_new_tokens for c in chunks)
         r_pad, t_pad = desc.num_reqs, desc.num_tokens
         a, dev = self.arena.np, self.arena.dev
@@ -117,12 +132,36 @@ class InputBuffers:
         done = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n_req)
         qsl[0] = 0
         qsl[1:n_req + 1] = np.cumsum(n_new)
+        pend_idx, pend_row = a["pending_index"], a["pending_row"]
+        pend_idx[:r_pad] = self.scratch_index
+        pend_row[:r_pad] = 0
+        pending = []
         if n_tok == n_req:      # pure decode: one token each
-            ids[:n_req] = [r.all_token_ids[d] for r, d in zip(reqs, done.tolist())]
+            try:
+                ids[:n_req] = [r.all_token_ids[d] for r, d in zip(reqs, done.tolist())]
+            except IndexError:
+                toks = []
+                for i, (r, d) in enumerate(zip(reqs, done.tolist())):
+                    if d < len(r.all_token_ids):
+                        toks.append(r.all_token_ids[d])
+                    else:
+                        toks.append(0)
+                        pending.append((i, i, r))
+                ids[:n_req] = toks
         else:
-            for r, d, lo, hi in zip(reqs, done.tolist(), qsl[:n_req].tolist(),
-                                    qsl[1:n_req + 1].tolist()):
-                ids[lo:hi] = r.all_token_ids[d:d + hi - lo]
+            for i, (r, d, lo, hi) in enumerate(zip(reqs, done.tolist(), qsl[:n_req].tolist(),
+                                                   qsl[1:n_req + 1].tolist())):
+                known = r.all_token_ids[d:d + hi - lo]
+                ids[lo:lo + len(known)] = known
+                if len(known) < hi - lo:     # only ever the last one
+                    ids[hi - 1] = 0
+                    pending.append((i, hi - 1, r))
+        for i, index, r in pending:
+            row = (prev_rows or {}).get(id(r))
+            if row is None:
+                raise RuntimeError("a scheduled token is unknown and was not sampled by the "
+                                   "previous step")
+            pend_idx[i], pend_row[i] = index, row
         pos[:n_tok] = np.repeat(done - qsl[:n_req], n_new) + np.arange(n_tok)
         seq[:n_req] = done + n_new
         self._write_block_rows(reqs, r_pad)
@@ -169,4 +208,5 @@ class InputBuffers:
             any_top_k_top_p=bool(((top_k[:n_req] < self.vocab_size) | (top_p[:n_req] < 1.0)).any()),
             num_logprobs=max_logprobs)
         return StepInputs(desc, n_req, n_tok, dev["input_ids"][:t_pad], attention.positions,
-                          dev["logits_indices"][:r_pad], attention, sampling, logprob_rows)
+                          dev["logits_indices"][:r_pad], attention, sampling, logprob_rows,
+                          dev["pending_index"][:r_pad], dev["pending_row"][:r_pad])

@@ -61,6 +61,27 @@ class StepResult:
     ranks: np.ndarray | None = None
 
 
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step: its outputs are on their way to host memory."""
+    tensors: tuple[torch.Tensor | None, ...]      # StepResult's fields, host tensors
+    event: torch.cuda.Event | None
+
+    def wait(self) -> StepResult:
+        if self.event is not None:
+            self.event.synchronize()
+        return StepResult(*(t.numpy() if t is not None else None for t in self.tensors))
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.device.type == "cpu":
+        return t.clone()          # the persistent source is rewritten by the next step
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -93,6 +114,10 @@ class ModelRunner:
         # a sampler graph can read what any model graph wrote.
         self.logits = torch.zeros(sched.max_num_seqs, config.model.vocab_size,
                                   dtype=config.model.dtype, device=self.device)
+        # Each step's sampled tokens; the next step reads the ones the host does not know
+        # yet from here (async scheduling), so the device never waits for the host.
+        self.sampled = torch.zeros(sched.max_num_seqs, dtype=torch.int64, device=self.device)
+        self._last_rows: dict[int, int] = {}
         self.backend_cls = get_backend_class(config.attention_backend)
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
@@ -198,8 +223,7 @@ class ModelRunner:
     def _create_forward_fn(self, key, warmup: bool):
         if isinstance(key, SamplerGraphKey):
             sampling = self._general_sampling(key.num_reqs)
-            logits = self.logits[:key.num_reqs]
-            return (lambda: sample(logits, sampling)), None
+            return (lambda: self._sample(sampling)), None
         compiles0 = compile_count()
         step = self.buffers.prepare(self._dummy_chunks(key), key)
         self.backend.prepare(step.attention)
@@ -223,12 +247,21 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- step
     def _run_model(self, step: StepInputs, metadata) -> torch.Tensor:
-        """The model, its logits into `self.logits`, and the greedy token of every row."""
+        """The model, its logits into `self.logits`, and the greedy token of every row into
+        `self.sampled`."""
+        r = step.desc.num_reqs
+        self.buffers.input_ids.index_put_((step.pending_index,), self.sampled[step.pending_row])
         ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
         hidden = self.model(step.input_ids, step.positions, ctx)
-        logits = self.logits[:step.desc.num_reqs]
+        logits = self.logits[:r]
         self.model.compute_logits(hidden[step.logits_indices], out=logits)
-        return logits.argmax(dim=-1)
+        return self.sampled[:r].copy_(logits.argmax(dim=-1))
+
+    def _sample(self, sampling: SamplingTensors) -> SamplerOutput:
+        r = sampling.temperature.shape[0]
+        out = sample(self.logits[:r], sampling)
+        self.sampled[:r].copy_(out.token_ids)
+        return out
 
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
         self.backend.prepare(step.attention)
@@ -236,35 +269,41 @@ class ModelRunner:
         self.backend.update(metadata, step.attention)
         return self._run_model(step, metadata)
 
-    @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk]) -> StepResult:
+        return self.launch(chunks).wait()
+
+    @torch.inference_mode()
+    def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
+        """Queue one step on the device and the copy of its samples to the host; returns
+        without waiting. A chunk may end at a token the previous launched step sampled."""
         n_tok = sum(c.num_new_tokens for c in chunks)
         q_lens = {c.num_new_tokens for c in chunks}
         uniform = q_lens.pop() if len(q_lens) == 1 else None
         t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
-        step = self.buffers.prepare(chunks, desc)
+        step = self.buffers.prepare(chunks, desc, self._last_rows)
+        self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
         greedy = step.sampling.greedy_only
         if desc.mode == CUDAGraphMode.FULL:
             self.backend.prepare(step.attention)
             self.prepare_seconds += time.perf_counter() - t0
-            token_ids = self.graphs.replay(desc)
-            out = (SamplerOutput(token_ids) if greedy
-                   else self.graphs.replay(SamplerGraphKey(desc.num_reqs)))
+            self.graphs.replay(desc)
+            out = None if greedy else self.graphs.replay(SamplerGraphKey(desc.num_reqs))
         else:
             self.prepare_seconds += time.perf_counter() - t0
-            token_ids = self._forward_eager(step)
-            out = (SamplerOutput(token_ids) if greedy
-                   else sample(self.logits[:desc.num_reqs], step.sampling))
+            self._forward_eager(step)
+            out = None if greedy else self._sample(step.sampling)
         self.num_steps += 1
         n = step.num_reqs
-        token_ids = out.token_ids[:n].cpu().numpy()   # the one device->host sync of the step
-        result = StepResult(token_ids)
-        if step.sampling.num_logprobs >= 0:
-            result.logprobs = out.logprobs[:n].cpu().numpy()
-            result.logprob_token_ids = out.logprob_token_ids[:n].cpu().numpy()
-            result.ranks = out.ranks[:n].cpu().numpy()
-        return result
+        tensors = [self.sampled[:n], None, None, None]
+        if out is not None and step.sampling.num_logprobs >= 0:
+            tensors[1:] = out.logprobs[:n], out.logprob_token_ids[:n], out.ranks[:n]
+        host = tuple(_to_host(t) for t in tensors)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingStep(host, event)
 
 
 def compile_count() -> int:

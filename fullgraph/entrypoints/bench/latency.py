@@ -48,8 +48,10 @@ def count_kernels(engine, batch: int) -> int | None:
     if not torch.cuda.is_available():
         engine.step()
         return None
+    torch.cuda.synchronize()          # with async scheduling a step is in flight
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.step()
+        torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
 
@@ -64,7 +66,7 @@ def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dic
     ttft, decode_ms, kernels, prep, counted = None, [], None, None, False
     runner = engine.runner
     while engine.has_unfinished_requests():
-        sched_decode = all(r.num_computed_tokens == r.num_tokens - 1
+        sched_decode = all(r.num_tokens + r.num_pending - r.num_computed_tokens == 1
                            for r in engine.scheduler.running) and not engine.scheduler.waiting
         if sched_decode and not counted and ttft is not None:
             kernels, counted = count_kernels(engine, batch), True
