@@ -36,7 +36,9 @@ class EngineArgs:
     max_cudagraph_capture_size: int | None = None
     cudagraph_runtime: str = "auto"   # "fake" runs graph capture/replay semantics on a CPU
     compile_layers: bool = True       # torch.compile on CUDA (fusion); False runs plain eager ops
-    async_scheduling: bool = False    # overlap host work with the device (one step in flight)
+    # Overlap host work with the device (one step in flight); None = on for CUDA devices,
+    # where it pays (H200: batch 1 decode 2.28 -> 1.64 ms/step), off on a CPU.
+    async_scheduling: bool | None = None
     seed: int = 0
     max_logprobs: int = 20
 
@@ -73,7 +75,9 @@ class EngineArgs:
             mode = CUDAGraphMode.NONE
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=model.max_model_len,
-                                    async_scheduling=self.async_scheduling)
+                                    async_scheduling=(device.type == "cuda"
+                                                      if self.async_scheduling is None
+                                                      else self.async_scheduling))
         compilation = CompilationConfig(
             cudagraph_mode=mode,
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,

@@ -39,8 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cudagraph-capture-size", type=int, default=None)
     g.add_argument("--no-compile-layers", dest="compile_layers", action="store_false",
                    help="do not torch.compile the layers and attention kernel (CUDA)")
-    g.add_argument("--async-scheduling", action="store_true",
-                   help="schedule the next step while the device runs this one")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the device runs this one (default: on "
+                        "for CUDA)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
 
