@@ -1,9 +1,38 @@
-"""Linear layers whose weights may be stored as several checkpoint tensors (q/k/v, gate/up)."""
+"""Linear layers: skinny inputs (decode) go to our Triton kernel, the rest to cuBLAS; merged
+layers hold several checkpoint tensors (q/k/v, gate/up) in one weight."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fullgraph.layers.gemv import gemv, gemv_supported
+
+
+# An opaque op for torch.compile: the row count is only known at run time (compiled layers
+# are dynamic in it), and it picks the kernel then.
+@torch.library.custom_op("fullgraph::linear", mutates_args=())
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return gemv(x, weight) if gemv_supported(x, weight) else F.linear(x, weight)
+
+
+@_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not x.is_cuda or x.dim() != 2:
+        return F.linear(x, weight, bias)
+    y = _linear(x, weight)
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(nn.Module):
@@ -34,4 +63,4 @@ class MergedLinear(nn.Module):
             dst[start:start + size].copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)

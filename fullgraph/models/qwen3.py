@@ -12,7 +12,8 @@ from torch import nn
 
 from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.layers.activation import silu_and_mul
-from fullgraph.layers.linear import MergedLinear
+from fullgraph.layers.gemv import gemv, gemv_supported
+from fullgraph.layers.linear import Linear, MergedLinear
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 
@@ -29,7 +30,7 @@ class Qwen3Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": q_size, "k_proj": kv_size,
                                                        "v_proj": kv_size}, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.rotary = rotary
@@ -52,7 +53,7 @@ class Qwen3MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": cfg.intermediate_size,
                                                            "up_proj": cfg.intermediate_size})
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -130,6 +131,8 @@ class Qwen3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
+        if gemv_supported(hidden, self.lm_head.weight):
+            return gemv(hidden, self.lm_head.weight, out)
         return torch.matmul(hidden, self.lm_head.weight.t(), out=out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

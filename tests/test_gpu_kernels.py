@@ -1,0 +1,45 @@
+"""Our Triton kernels against float32 references (GPU only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fullgraph.layers.gemv import GEMV_MAX_ROWS, gemv, gemv_supported
+from fullgraph.layers.linear import linear
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("n, k", [(4096, 1024), (1000, 3000), (37, 130)])
+def test_gemv_matches_float32_matmul(dtype, m, n, k):
+    g = torch.Generator(device="cuda").manual_seed(m * n + k)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) * k ** -0.5
+    ref = x.float() @ w.float().t()
+    out = gemv(x, w)
+    assert out.shape == (m, n) and out.dtype == dtype
+    # no worse than cuBLAS's own rounding of the same product
+    err = (out.float() - ref).abs().max()
+    err_cublas = (F.linear(x, w).float() - ref).abs().max()
+    assert err <= 2 * err_cublas + 1e-3
+
+
+def test_gemv_writes_into_a_row_slice_of_a_wider_buffer():
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(500, 256, device="cuda", dtype=torch.bfloat16)
+    buf = torch.zeros(8, 500, device="cuda", dtype=torch.bfloat16)
+    gemv(x, w, buf[:3])
+    torch.testing.assert_close(buf[:3].float(), (x.float() @ w.float().t()), atol=0.5, rtol=2e-2)
+    assert not buf[3:].any()
+
+
+def test_compiled_linear_picks_the_kernel_per_row_count():
+    w = torch.randn(768, 512, device="cuda", dtype=torch.bfloat16) * 0.05
+    f = torch.compile(lambda x: linear(x, w) * 2, dynamic=True, fullgraph=True)
+    for m in (1, 7, GEMV_MAX_ROWS + 1, 300):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        assert gemv_supported(x, w) == (m <= GEMV_MAX_ROWS)
+        torch.testing.assert_close(f(x), F.linear(x, w) * 2, atol=2e-2, rtol=2e-2)
