@@ -7,6 +7,7 @@ slot 0 of the null block, a zero block-table row, sequence length 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -32,6 +33,21 @@ class RequestState(Protocol):
 class ScheduledChunk(Protocol):
     request: RequestState
     num_new_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _StepViews:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    logits_indices: torch.Tensor
+    pending_index: torch.Tensor
+    pending_row: torch.Tensor
+    block_table: torch.Tensor
+    block_table_cpu: torch.Tensor
+    sampling: SamplingTensors
 
 
 @dataclass(slots=True)
@@ -78,6 +94,10 @@ class InputBuffers:
         # steady decoding a row gains one block every block_size steps.
         self._row_blocks: list[list[int] | None] = [None] * (r + 1)
         self._row_len = np.zeros(r + 1, np.int64)
+        self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
+        self._view_cache: dict[tuple[int, int], _StepViews] = {}
+        self._sampling_reqs: list[RequestState] | None = None
+        self._sampling_flags: tuple[bool, bool, int, list[int]] = (True, False, -1, [])
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -117,96 +137,128 @@ class InputBuffers:
             row_len[i] = 0
             self._row_blocks[i] = None
 
+    def _views(self, t_pad: int, r_pad: int) -> _StepViews:
+        """The device-buffer slices of a padded shape, made once (slicing costs host time)."""
+        key = (t_pad, r_pad)
+        views = self._view_cache.get(key)
+        if views is None:
+            dev = self.arena.dev
+            views = self._view_cache[key] = _StepViews(
+                dev["input_ids"][:t_pad], dev["positions"][:t_pad], dev["slot_mapping"][:t_pad],
+                dev["seq_lens"][:r_pad], dev["query_start_loc"][:r_pad + 1],
+                dev["logits_indices"][:r_pad], dev["pending_index"][:r_pad],
+                dev["pending_row"][:r_pad], self.block_table.gpu[:r_pad + 1],
+                self.block_table.cpu[:r_pad + 1],
+                self.sampling_tensors(r_pad, all_greedy=True, any_top_k_top_p=False,
+                                      num_logprobs=-1))
+        return views
+
+    def _write_sampling_rows(self, reqs: list[RequestState]) -> None:
+        """Sampling parameters of every row, and the batch's flags; skipped when the rows hold
+        the same requests as last step (steady decoding)."""
+        if reqs == self._sampling_reqs:
+            return
+        a, n = self.arena.np, len(reqs)
+        sps = [r.sampling_params for r in reqs]
+        a["temperature"][:n] = [sp.temperature for sp in sps]
+        a["top_k"][:n] = [sp.top_k if sp.top_k > 0 else self.vocab_size for sp in sps]
+        a["top_p"][:n] = [sp.top_p for sp in sps]
+        a["seeds"][:n] = [r.seed for r in reqs]
+        rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
+        self._sampling_flags = (
+            not bool((a["temperature"][:n] > 0).any()),
+            bool(((a["top_k"][:n] < self.vocab_size) | (a["top_p"][:n] < 1.0)).any()),
+            max((sps[i].logprobs for i in rows), default=-1), rows)
+        self._sampling_reqs = list(reqs)
+
     def prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
                 prev_rows: dict[int, int] | None = None) -> StepInputs:
         """`prev_rows`: id(request) -> its row in the previous step, for requests whose last
         input token that step sampled and the host does not know yet."""
-        n_req, n_tok = len(chunks), sum(c.num_new_tokens for c in chunks)
-        r_pad, t_pad = desc.num_reqs, desc.num_tokens
-        a, dev = self.arena.np, self.arena.dev
-        ids, pos, bt = a["input_ids"], a["positions"], self.block_table.np
+        n_req, r_pad, t_pad = len(chunks), desc.num_reqs, desc.num_tokens
+        a, bs = self.arena.np, self.block_size
+        ids, pos, bt, slots = a["input_ids"], a["positions"], self.block_table.np, a["slot_mapping"]
         qsl, seq = a["query_start_loc"], a["seq_lens"]
-        temp, top_k, top_p, seeds = a["temperature"], a["top_k"], a["top_p"], a["seeds"]
         reqs = [c.request for c in chunks]
-        n_new = np.fromiter((c.num_new_tokens for c in chunks), np.int64, n_req)
-        done = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, n_req)
-        qsl[0] = 0
-        qsl[1:n_req + 1] = np.cumsum(n_new)
+        done_list = [r.num_computed_tokens for r in reqs]
+        done = np.array(done_list, np.int64)
         pend_idx, pend_row = a["pending_index"], a["pending_row"]
         pend_idx[:r_pad] = self.scratch_index
         pend_row[:r_pad] = 0
         pending = []
-        if n_tok == n_req:      # pure decode: one token each
+        self._write_block_rows(reqs, r_pad)
+        if all(c.num_new_tokens == 1 for c in chunks):     # pure decode: one token each
+            n_tok = n_req
             try:
-                ids[:n_req] = [r.all_token_ids[d] for r, d in zip(reqs, done.tolist())]
+                ids[:n_req] = [r.all_token_ids[d] for r, d in zip(reqs, done_list)]
             except IndexError:
                 toks = []
-                for i, (r, d) in enumerate(zip(reqs, done.tolist())):
+                for i, (r, d) in enumerate(zip(reqs, done_list)):
                     if d < len(r.all_token_ids):
                         toks.append(r.all_token_ids[d])
                     else:
                         toks.append(0)
                         pending.append((i, i, r))
                 ids[:n_req] = toks
+            rows = self._arange[:n_req]
+            qsl[:n_req + 1] = self._arange[:n_req + 1]
+            pos[:n_req] = done
+            seq[:n_req] = done + 1
+            slots[:n_req] = bt[rows, done // bs].astype(np.int64) * bs + done % bs
+            a["logits_indices"][:n_req] = rows
         else:
-            for i, (r, d, lo, hi) in enumerate(zip(reqs, done.tolist(), qsl[:n_req].tolist(),
+            n_new = np.array([c.num_new_tokens for c in chunks], np.int64)
+            n_tok = int(n_new.sum())
+            qsl[0] = 0
+            qsl[1:n_req + 1] = np.cumsum(n_new)
+            for i, (r, d, lo, hi) in enumerate(zip(reqs, done_list, qsl[:n_req].tolist(),
                                                    qsl[1:n_req + 1].tolist())):
                 known = r.all_token_ids[d:d + hi - lo]
                 ids[lo:lo + len(known)] = known
                 if len(known) < hi - lo:     # only ever the last one
                     ids[hi - 1] = 0
                     pending.append((i, hi - 1, r))
+            pos[:n_tok] = np.repeat(done - qsl[:n_req], n_new) + self._arange[:n_tok]
+            seq[:n_req] = done + n_new
+            req_of_token = np.repeat(self._arange[:n_req], n_new)
+            p = pos[:n_tok]
+            slots[:n_tok] = bt[req_of_token, p // bs].astype(np.int64) * bs + p % bs
+            a["logits_indices"][:n_req] = qsl[1:n_req + 1] - 1
         for i, index, r in pending:
             row = (prev_rows or {}).get(id(r))
             if row is None:
                 raise RuntimeError("a scheduled token is unknown and was not sampled by the "
                                    "previous step")
             pend_idx[i], pend_row[i] = index, row
-        pos[:n_tok] = np.repeat(done - qsl[:n_req], n_new) + np.arange(n_tok)
-        seq[:n_req] = done + n_new
-        self._write_block_rows(reqs, r_pad)
-        sps = [r.sampling_params for r in reqs]
-        temp[:n_req] = [sp.temperature for sp in sps]
-        top_k[:n_req] = [sp.top_k if sp.top_k > 0 else self.vocab_size for sp in sps]
-        top_p[:n_req] = [sp.top_p for sp in sps]
-        seeds[:n_req] = [r.seed for r in reqs]
-        logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
-        max_logprobs = max((sps[i].logprobs for i in logprob_rows), default=-1)
+        self._write_sampling_rows(reqs)
         # padding lanes
         ids[n_tok:t_pad] = 0
         pos[n_tok:t_pad] = 0
+        slots[n_tok:t_pad] = 0
         seq[n_req:r_pad] = 0
         if desc.uniform_query_len is not None:   # padded requests keep the uniform query length
-            qsl[n_req + 1:r_pad + 1] = n_tok + desc.uniform_query_len * np.arange(1, r_pad - n_req + 1)
+            qsl[n_req + 1:r_pad + 1] = n_tok + desc.uniform_query_len * self._arange[1:r_pad - n_req + 1]
         else:
             qsl[n_req + 1:r_pad + 1] = n_tok
-        temp[n_req:r_pad] = 0.0
-        top_k[n_req:r_pad] = self.vocab_size
-        top_p[n_req:r_pad] = 1.0
-        seeds[n_req:r_pad] = 0
-        # derived, vectorized
-        req_of_token = np.repeat(np.arange(n_req), np.diff(qsl[:n_req + 1]))
-        slots = a["slot_mapping"]
-        slots[:n_tok] = bt[req_of_token, pos[:n_tok] // self.block_size].astype(np.int64) \
-            * self.block_size + pos[:n_tok] % self.block_size
-        slots[n_tok:t_pad] = 0
-        logits_idx = a["logits_indices"]
-        logits_idx[:n_req] = qsl[1:n_req + 1] - 1
-        logits_idx[n_req:r_pad] = 0
+        a["temperature"][n_req:r_pad] = 0.0
+        a["top_k"][n_req:r_pad] = self.vocab_size
+        a["top_p"][n_req:r_pad] = 1.0
+        a["seeds"][n_req:r_pad] = 0
+        a["logits_indices"][n_req:r_pad] = 0
         a["sample_positions"][:r_pad] = seq[:r_pad]
         # two copies: the arena, and the block-table rows in use
         self.arena.copy_to_gpu()
+        v = self._views(t_pad, r_pad)
+        if self.block_table.gpu is not self.block_table.cpu:
+            v.block_table.copy_(v.block_table_cpu, non_blocking=True)
         attention = StepAttentionInputs(
             num_reqs=n_req, num_tokens=n_tok, num_reqs_padded=r_pad, num_tokens_padded=t_pad,
-            uniform_query_len=desc.uniform_query_len, positions=dev["positions"][:t_pad],
-            slot_mapping=dev["slot_mapping"][:t_pad], seq_lens=dev["seq_lens"][:r_pad],
-            query_start_loc=dev["query_start_loc"][:r_pad + 1],
-            block_table=self.block_table.copy_to_gpu(r_pad + 1),
-            positions_cpu=pos, seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt)
-        sampling = self.sampling_tensors(
-            r_pad, all_greedy=not bool((temp[:n_req] > 0).any()),
-            any_top_k_top_p=bool(((top_k[:n_req] < self.vocab_size) | (top_p[:n_req] < 1.0)).any()),
-            num_logprobs=max_logprobs)
-        return StepInputs(desc, n_req, n_tok, dev["input_ids"][:t_pad], attention.positions,
-                          dev["logits_indices"][:r_pad], attention, sampling, logprob_rows,
-                          dev["pending_index"][:r_pad], dev["pending_row"][:r_pad])
+            uniform_query_len=desc.uniform_query_len, positions=v.positions,
+            slot_mapping=v.slot_mapping, seq_lens=v.seq_lens, query_start_loc=v.query_start_loc,
+            block_table=v.block_table, positions_cpu=pos, seq_lens_cpu=seq,
+            query_start_loc_cpu=qsl, block_table_cpu=bt)
+        all_greedy, any_top_k_top_p, num_logprobs, logprob_rows = self._sampling_flags
+        sampling = dataclasses.replace(v.sampling, all_greedy=all_greedy,
+                                       any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
+        return StepInputs(desc, n_req, n_tok, v.input_ids, v.positions, v.logits_indices,
+                          attention, sampling, logprob_rows, v.pending_index, v.pending_row)
