@@ -120,6 +120,9 @@ class KVCacheManager:
                        computed_blocks: list[int] = ()) -> bool:
         """Give `req` blocks for its computed tokens plus `num_new_tokens`; False if the
         pool cannot (nothing is changed then)."""
+        if not computed_blocks and (req.num_computed_tokens + num_new_tokens
+                                    <= len(req.block_ids) * self.block_size):
+            return True                  # fits the blocks it has (most decode steps)
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         needed = self.blocks_for(num_computed + num_new_tokens) - len(req.block_ids) - len(computed_blocks)
         reviving = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
@@ -138,6 +141,8 @@ class KVCacheManager:
             return
         num_done = min(req.num_computed_tokens, req.num_tokens)
         num_full = num_done // self.block_size
+        if num_full <= req.num_registered_blocks:
+            return                       # no block filled up since the last call
         self._hash_full_blocks(req, num_done)
         for i in range(req.num_registered_blocks, num_full):
             self.pool.cache(req.block_ids[i], req.block_hashes[i], self._block_key(req, i))
