@@ -118,6 +118,7 @@ class ModelRunner:
         # yet from here (async scheduling), so the device never waits for the host.
         self.sampled = torch.zeros(sched.max_num_seqs, dtype=torch.int64, device=self.device)
         self._last_rows: dict[int, int] = {}
+        self._inputs_copied: torch.cuda.Event | None = None
         self.backend_cls = get_backend_class(config.attention_backend)
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
@@ -185,7 +186,9 @@ class ModelRunner:
         """A max-size prefill, all of it writing into the null block, and the general sampler
         over every row."""
         desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, self.max_num_tokens, 1, None)
-        self._forward_eager(self.buffers.prepare(self._dummy_chunks(desc), desc))
+        step = self.buffers.prepare(self._dummy_chunks(desc), desc)
+        self.backend.prepare(step.attention)
+        self._forward_eager(step)
         sample(self.logits, self._general_sampling(self.max_num_seqs))
 
     def _dummy_chunks(self, desc: BatchExecutionDescriptor) -> list[_DummyChunk]:
@@ -264,7 +267,7 @@ class ModelRunner:
         return out
 
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
-        self.backend.prepare(step.attention)
+        """After `backend.prepare`."""
         metadata = self.backend.build(step.attention)
         self.backend.update(metadata, step.attention)
         return self._run_model(step, metadata)
@@ -279,18 +282,24 @@ class ModelRunner:
         n_tok = sum(c.num_new_tokens for c in chunks)
         q_lens = {c.num_new_tokens for c in chunks}
         uniform = q_lens.pop() if len(q_lens) == 1 else None
+        if self._inputs_copied is not None:
+            # The previous step's host->device copies read the pinned staging buffers that
+            # are rewritten now; with a step in flight they may not have run yet.
+            self._inputs_copied.synchronize()
         t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
         step = self.buffers.prepare(chunks, desc, self._last_rows)
         self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
+        self.backend.prepare(step.attention)
+        self.prepare_seconds += time.perf_counter() - t0
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
         greedy = step.sampling.greedy_only
         if desc.mode == CUDAGraphMode.FULL:
-            self.backend.prepare(step.attention)
-            self.prepare_seconds += time.perf_counter() - t0
             self.graphs.replay(desc)
             out = None if greedy else self.graphs.replay(SamplerGraphKey(desc.num_reqs))
         else:
-            self.prepare_seconds += time.perf_counter() - t0
             self._forward_eager(step)
             out = None if greedy else self._sample(step.sampling)
         self.num_steps += 1
