@@ -15,7 +15,8 @@ from fullgraph.engine.request import Request
 from fullgraph.engine.scheduler import Scheduler, SchedulerOutput
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
-from fullgraph.worker.model_runner import ModelRunner, PendingStep, StepResult
+from fullgraph.worker.model_runner import ModelRunner
+from fullgraph.worker.step_output import PendingStep, StepResult
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from fullgraph.attention.backend import ForwardContext, get_backend_class
@@ -23,6 +22,7 @@ from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager,
                                                 GraphRuntime)
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
 from fullgraph.worker.sampler import SamplerOutput, SamplingTensors, sample
+from fullgraph.worker.step_output import PendingStep, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -51,35 +51,6 @@ class SamplerGraphKey:
     end with greedy argmax; a step that samples replays this graph after its model graph, so
     the model is captured once per descriptor, not once per sampler kind."""
     num_reqs: int
-
-
-@dataclass(slots=True)
-class StepResult:
-    token_ids: np.ndarray                    # [num_reqs] sampled token per scheduled request
-    logprobs: np.ndarray | None = None       # [num_reqs, 1 + N]
-    logprob_token_ids: np.ndarray | None = None
-    ranks: np.ndarray | None = None
-
-
-@dataclass(slots=True)
-class PendingStep:
-    """A launched step: its outputs are on their way to host memory."""
-    tensors: tuple[torch.Tensor | None, ...]      # StepResult's fields, host tensors
-    event: torch.cuda.Event | None
-
-    def wait(self) -> StepResult:
-        if self.event is not None:
-            self.event.synchronize()
-        return StepResult(*(t.numpy() if t is not None else None for t in self.tensors))
-
-
-def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if t.device.type == "cpu":
-        return t.clone()          # the persistent source is rewritten by the next step
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 class ModelRunner:
@@ -272,9 +243,6 @@ class ModelRunner:
         self.backend.update(metadata, step.attention)
         return self._run_model(step, metadata)
 
-    def execute(self, chunks: Sequence[ScheduledChunk]) -> StepResult:
-        return self.launch(chunks).wait()
-
     @torch.inference_mode()
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         """Queue one step on the device and the copy of its samples to the host; returns
@@ -307,7 +275,7 @@ class ModelRunner:
         tensors = [self.sampled[:n], None, None, None]
         if out is not None and step.sampling.num_logprobs >= 0:
             tensors[1:] = out.logprobs[:n], out.logprob_token_ids[:n], out.ranks[:n]
-        host = tuple(_to_host(t) for t in tensors)
+        host = tuple(to_host(t) for t in tensors)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()

@@ -1,0 +1,36 @@
+"""What a launched step gives back: its samples, on their way to host memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(slots=True)
+class StepResult:
+    token_ids: np.ndarray                    # [num_reqs] sampled token per scheduled request
+    logprobs: np.ndarray | None = None       # [num_reqs, 1 + N]
+    logprob_token_ids: np.ndarray | None = None
+    ranks: np.ndarray | None = None
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step: its outputs are on their way to host memory."""
+    tensors: tuple[torch.Tensor | None, ...]      # StepResult's fields, host tensors
+    event: torch.cuda.Event | None
+
+    def wait(self) -> StepResult:
+        if self.event is not None:
+            self.event.synchronize()
+        return StepResult(*(t.numpy() if t is not None else None for t in self.tensors))
+
+
+def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.device.type == "cpu":
+        return t.clone()          # the persistent source is rewritten by the next step
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
