@@ -62,12 +62,13 @@ def _config(m_bucket: int, n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): the fastest tiles measured on an H200 for Qwen3-0.6B's
     shapes (benchmarks/probes/gemv.py, gemv_tiles.py), as a rule. Fixed rather than
     autotuned: tuning every shape at start-up cost ~40 s of graph capture. One row: few
-    outputs per program (many programs) and long K slices."""
+    outputs per program (many programs) and long K slices. At 32-64 rows the kernel only
+    matches cuBLAS (same probe), hence GEMV_MAX_ROWS = 16."""
     if m_bucket == 1:
         if n >= 32768:
             return 16, 512, 4
         return (1, 1024, 2) if n <= 2048 else (2, 1024, 4)
-    return (32 if n >= 6144 else 16), (512 if k >= 2048 else 256), 2
+    return (32 if n >= 32768 else 16), 256, 2
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
