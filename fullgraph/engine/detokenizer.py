@@ -22,13 +22,21 @@ class IncrementalDetokenizer:
 
     While a request runs, up to len(longest stop string) - 1 trailing characters are held back
     from `visible_text`, since they may turn out to be the start of a stop string.
+
+    With `incremental=False` (a request nobody reads before it ends and that has no stop
+    strings) `add` does nothing and `finalize` decodes the output once, the same way the
+    stream would have (after the same prompt context): per-token decoding is a large part of
+    a big batch's host time.
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool,
-                 stop: tuple[str, ...], include_stop: bool) -> None:
+                 stop: tuple[str, ...], include_stop: bool, incremental: bool = True) -> None:
+        if stop and not incremental:
+            raise ValueError("stop strings need incremental detokenization")
         self.backend = tokenizer.backend_tokenizer
-        self.stream = DecodeStream(ids=prompt_ids[-_PROMPT_CONTEXT:],
-                                   skip_special_tokens=skip_special_tokens)
+        self.incremental = incremental
+        self.context = prompt_ids[-_PROMPT_CONTEXT:]
+        self.stream = DecodeStream(ids=self.context, skip_special_tokens=skip_special_tokens)
         self.stop = stop
         self.include_stop = include_stop
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -36,6 +44,8 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str | None:
         """Append a token; return the stop string it completed, if any."""
+        if not self.incremental:
+            return None
         try:
             piece = self.stream.step(self.backend, token_id)
         except Exception:   # ids outside the tokenizer's vocabulary (models may pad it)
@@ -54,6 +64,13 @@ class IncrementalDetokenizer:
     def finalize(self, output_ids: list[int], skip_special_tokens: bool) -> None:
         """At the end, emit what the stream still holds back (e.g. an incomplete UTF-8
         sequence), so the final text equals a plain decode of the output."""
+        if not self.incremental:
+            ctx = self.backend.decode(self.context, skip_special_tokens=skip_special_tokens)
+            text = self.backend.decode(self.context + list(output_ids),
+                                       skip_special_tokens=skip_special_tokens)
+            if text.startswith(ctx):
+                self.text = text[len(ctx):]
+                return
         full = self.backend.decode(output_ids, skip_special_tokens=skip_special_tokens)
         if full.startswith(self.text):
             self.text = full

@@ -126,7 +126,7 @@ class LLMEngine:
         sp = req.sampling_params
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, sp.skip_special_tokens, sp.stop_strings,
-            sp.include_stop_str_in_output)
+            sp.include_stop_str_in_output, incremental=stream or bool(sp.stop_strings))
         self.requests[req.request_id] = req
         if stream:
             self._stream.add(req.request_id)
@@ -140,6 +140,9 @@ class LLMEngine:
             return None
         req.finish_reason = "abort"
         self.stats.aborted_requests += 1
+        detok = self._detok[request_id]
+        if not detok.incremental:
+            detok.finalize(req.output_token_ids, req.sampling_params.skip_special_tokens)
         return self._finish(req)
 
     def has_unfinished_requests(self) -> bool:
