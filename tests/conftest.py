@@ -64,3 +64,11 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt_ids):]
+
+
+def graph_input_tensors(runner) -> list[torch.Tensor]:
+    """The persistent tensors captured graphs read: they must never be reallocated."""
+    b, backend = runner.buffers, runner.backend
+    return [b.arena.gpu, b.arena.dev["input_ids"], b.block_table.gpu, backend.block_logical,
+            backend.mixed_kv_indices.gpu, backend.doc_ids.gpu, runner.kv_cache, runner.logits,
+            backend.q_pad]

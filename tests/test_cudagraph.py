@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from conftest import graph_input_tensors
 from fullgraph import LLM, SamplingParams
 from fullgraph.config import CUDAGraphMode, SchedulerConfig
 from fullgraph.engine.args import capture_sizes
@@ -147,11 +148,7 @@ def test_graph_replay_matches_eager_on_random_batches(engines):
 def test_graph_inputs_are_never_reallocated(engines):
     graphs, _ = engines
     runner = graphs.engine.runner
-    bufs = runner.buffers
-    tensors = [bufs.arena.gpu, bufs.arena.dev["input_ids"], bufs.block_table.gpu,
-               runner.backend.block_logical,
-               runner.backend.mixed_kv_indices.gpu, runner.backend.doc_ids.gpu, runner.kv_cache,
-               runner.logits, runner.backend.q_pad]
+    tensors = graph_input_tensors(runner)
     before = [t.data_ptr() for t in tensors]
     steps0, replays0 = runner.dispatcher.num_graph_steps, runner.graphs.num_replays
     graphs.generate(["Hello there", "A"], SamplingParams(temperature=0.0, max_tokens=6),

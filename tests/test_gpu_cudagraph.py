@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from conftest import graph_input_tensors
 from fullgraph import LLM, SamplingParams
 from fullgraph.worker.cudagraph.manager import CUDAGraphManager, CUDAGraphRuntime
 from fullgraph.worker.model_runner import compile_count
@@ -58,11 +59,7 @@ def test_graph_replay_matches_eager_and_does_not_recompile(engines):
 def test_graph_inputs_are_not_reallocated(engines):
     graphs, _ = engines
     runner = graphs.engine.runner
-    b = runner.buffers
-    tensors = [b.arena.gpu, b.arena.dev["input_ids"], b.block_table.gpu,
-               runner.backend.block_logical,
-               runner.backend.mixed_kv_indices.gpu, runner.kv_cache, runner.logits,
-               runner.backend.q_pad]
+    tensors = graph_input_tensors(runner)
     ptrs = [t.data_ptr() for t in tensors]
     graphs.generate(["Hello", "The cat sat"], SamplingParams(temperature=0.0, max_tokens=8),
                     use_tqdm=False)

@@ -19,6 +19,7 @@ import torch
 
 from fullgraph.attention.metadata import PersistentInputs, StepAttentionInputs
 from fullgraph.buffers import CpuGpuBuffer, StagingArena
+from fullgraph.config import CUDAGraphMode
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.sampler import SamplingTensors
@@ -140,13 +141,14 @@ class InputBuffers:
             row_len[i] = 0
             self._row_blocks[i] = None
 
-    def _views(self, t_pad: int, r_pad: int) -> _StepViews:
-        """The device-buffer slices of a padded shape, made once (slicing costs host time)."""
+    def _views(self, t_pad: int, r_pad: int, cache: bool) -> _StepViews:
+        """The device-buffer slices of a padded shape, made once for the (few) graph shapes:
+        slicing costs host time; eager shapes are unbounded on a CPU, so not kept."""
         key = (t_pad, r_pad)
         views = self._view_cache.get(key)
         if views is None:
             dev = self.arena.dev
-            views = self._view_cache[key] = _StepViews(
+            views = _StepViews(
                 dev["input_ids"][:t_pad], dev["positions"][:t_pad], dev["slot_mapping"][:t_pad],
                 dev["seq_lens"][:r_pad], dev["query_start_loc"][:r_pad + 1],
                 dev["logits_indices"][:r_pad], dev["pending_index"][:r_pad],
@@ -154,6 +156,8 @@ class InputBuffers:
                 self.block_table.cpu[:r_pad + 1],
                 self.sampling_tensors(r_pad, all_greedy=True, any_top_k_top_p=False,
                                       num_logprobs=-1))
+            if cache:
+                self._view_cache[key] = views
         return views
 
     def _write_sampling_rows(self, reqs: list[RequestState]) -> None:
@@ -251,7 +255,7 @@ class InputBuffers:
         a["sample_positions"][:r_pad] = seq[:r_pad]
         # two copies: the arena, and the block-table rows in use
         self.arena.copy_to_gpu()
-        v = self._views(t_pad, r_pad)
+        v = self._views(t_pad, r_pad, cache=desc.mode == CUDAGraphMode.FULL)
         if self.block_table.gpu is not self.block_table.cpu:
             v.block_table.copy_(v.block_table_cpu, non_blocking=True)
         attention = StepAttentionInputs(

@@ -88,8 +88,10 @@ class ModelRunner:
         # Each step's sampled tokens; the next step reads the ones the host does not know
         # yet from here (async scheduling), so the device never waits for the host.
         self.sampled = torch.zeros(sched.max_num_seqs, dtype=torch.int64, device=self.device)
-        self._last_rows: dict[int, int] = {}
-        self._inputs_copied: torch.cuda.Event | None = None
+        self.async_scheduling = sched.async_scheduling
+        self._last_rows: dict[int, int] = {}       # async only: id(request) -> its row
+        # Recorded after each step's host->device input copies (see `launch`).
+        self._inputs_copied = torch.cuda.Event() if self.device.type == "cuda" else None
         self.backend_cls = get_backend_class(config.attention_backend)
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
@@ -224,7 +226,9 @@ class ModelRunner:
         """The model, its logits into `self.logits`, and the greedy token of every row into
         `self.sampled`."""
         r = step.desc.num_reqs
-        self.buffers.input_ids.index_put_((step.pending_index,), self.sampled[step.pending_row])
+        if self.async_scheduling:      # synchronous steps never have pending tokens
+            self.buffers.input_ids.index_put_((step.pending_index,),
+                                              self.sampled[step.pending_row])
         ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
         hidden = self.model(step.input_ids, step.positions, ctx)
         logits = self.logits[:r]
@@ -252,16 +256,17 @@ class ModelRunner:
         uniform = q_lens.pop() if len(q_lens) == 1 else None
         if self._inputs_copied is not None:
             # The previous step's host->device copies read the pinned staging buffers that
-            # are rewritten now; with a step in flight they may not have run yet.
+            # are rewritten now; with a step in flight they may not have run yet. (A fresh
+            # event reports complete.)
             self._inputs_copied.synchronize()
         t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
         step = self.buffers.prepare(chunks, desc, self._last_rows)
-        self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
+        if self.async_scheduling:
+            self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
         self.backend.prepare(step.attention)
         self.prepare_seconds += time.perf_counter() - t0
-        if self.device.type == "cuda":
-            self._inputs_copied = torch.cuda.Event()
+        if self._inputs_copied is not None:
             self._inputs_copied.record()
         greedy = step.sampling.greedy_only
         if desc.mode == CUDAGraphMode.FULL:

@@ -5,8 +5,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 
 from fullgraph.engine.async_engine import (ChatPrompt, EngineError, GenerationItem,
                                            GenerationStream)
@@ -17,7 +16,7 @@ from fullgraph.entrypoints.server.protocol import (ChatChoice, ChatCompletionChu
                                                    ChatLogprobs, ChatMessage, ChatResponseMessage,
                                                    ChatStreamChoice, ChatTokenLogprob,
                                                    DeltaMessage, TopLogprob, UsageInfo)
-from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model,
+from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
                                                   check_unsupported, clamp_logprob, now, run_to_end,
                                                   sampling_params, sse_error, submit, usage,
                                                   warn_unknown_fields)
@@ -75,10 +74,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     stream = await submit(state, [GenerationItem(rid, prompt, params)], "messages")
     tracker = state.metrics.tracker(1)
     if body.stream:
-        # The background abort covers a client gone before the generator ever ran.
-        return StreamingResponse(_stream(state, body, rid, stream, tracker, top_n),
-                                 media_type="text/event-stream",
-                                 background=BackgroundTask(stream.abort))
+        return event_stream(_stream(state, body, rid, stream, tracker, top_n), stream)
     outputs = await run_to_end(request, stream, tracker)
     if outputs is None:
         return Response(status_code=499)    # the client is gone; nobody reads this

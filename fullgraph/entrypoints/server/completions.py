@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 
 from fullgraph.engine.async_engine import EngineError, GenerationItem, GenerationStream
 from fullgraph.entrypoints.server.errors import bad_request
@@ -15,7 +14,7 @@ from fullgraph.entrypoints.server.metrics import RequestTracker
 from fullgraph.entrypoints.server.protocol import (CompletionChoice, CompletionLogprobs,
                                                    CompletionRequest, CompletionResponse,
                                                    UsageInfo)
-from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model,
+from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
                                                   check_unsupported, clamp_logprob, now, run_to_end,
                                                   sampling_params, sse_error, submit, usage,
                                                   warn_unknown_fields)
@@ -79,10 +78,7 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     echo = [_prompt_text(state, p) if body.echo else "" for p in prompts]
     tracker = state.metrics.tracker(len(items))
     if body.stream:
-        # The background abort covers a client gone before the generator ever ran.
-        return StreamingResponse(_stream(state, body, rid, stream, tracker, echo),
-                                 media_type="text/event-stream",
-                                 background=BackgroundTask(stream.abort))
+        return event_stream(_stream(state, body, rid, stream, tracker, echo), stream)
     outputs = await run_to_end(request, stream, tracker)
     if outputs is None:
         return Response(status_code=499)    # the client is gone; nobody reads this

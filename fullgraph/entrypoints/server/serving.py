@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from fullgraph.engine.async_engine import (AsyncLLMEngine, EngineError, GenerationItem,
                                            GenerationStream)
@@ -100,6 +102,13 @@ async def collect(stream: GenerationStream, tracker: RequestTracker) -> list[Req
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def event_stream(events, stream: GenerationStream) -> StreamingResponse:
+    """A server-sent-events response; the background abort covers a client gone before the
+    generator ever ran."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             background=BackgroundTask(stream.abort))
 
 
 async def run_to_end(request: Request, stream: GenerationStream,
