@@ -70,5 +70,5 @@ def graph_input_tensors(runner) -> list[torch.Tensor]:
     """The persistent tensors captured graphs read: they must never be reallocated."""
     b, backend = runner.buffers, runner.backend
     return [b.arena.gpu, b.arena.dev["input_ids"], b.block_table.gpu, backend.block_logical,
-            backend.mixed_kv_indices.gpu, backend.doc_ids.gpu, runner.kv_cache, runner.logits,
-            backend.q_pad]
+            backend.mixed_kv_indices.gpu, backend.doc_ids.gpu, runner.logits, backend.q_pad,
+            *(t for layer in runner.kv_caches for t in layer)]

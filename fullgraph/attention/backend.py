@@ -6,10 +6,10 @@ from `StepAttentionInputs` in `build`, and computes attention over the paged KV 
 
 KV cache layout, per layer: a `KVCache` pair of K and V tensors, each
 `[num_blocks * block_size, num_kv_heads, head_dim]`; slot `s` lives in block
-`s // block_size`. The model writes this step's K/V through the slot mapping (`write_kv`)
-*before* attention, inside its compiled layer, so the write fuses with the rotary kernel;
-padding lanes write into the null block 0, which no real request ever reads. Backends only
-read the cache.
+`s // block_size`. The model stores this step's K/V at `ForwardContext.slot_mapping`
+*before* attention, inside its compiled layer (`write_kv`, or a fused kernel such as
+layers/qk_norm_rope.py that stores the same slots); padding lanes write into the null block
+0, which no real request ever reads. Backends only read the cache.
 """
 from __future__ import annotations
 
@@ -80,10 +80,6 @@ class ForwardContext:
         self.metadata = metadata
         self.kv_caches = kv_caches        # per layer; the model hands each layer its own
         self.slot_mapping = slot_mapping  # [num_tokens_padded]
-
-    def write_kv(self, kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Traced into the compiled layer (no graph break), so the write fuses."""
-        write_kv(kv_cache, k, v, self.slot_mapping)
 
     # Compiled layers break their graph here: the attention backend is compiled separately,
     # per shape bucket, and graph capture covers both.

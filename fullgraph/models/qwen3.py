@@ -15,6 +15,7 @@ from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.gemv import gemv, gemv_supported
 from fullgraph.layers.linear import Linear, MergedLinear
 from fullgraph.layers.norm import RMSNorm
+from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 
 
@@ -34,18 +35,16 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.rotary = rotary
-        self.split = (q_size, kv_size, kv_size)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
                 kv_cache: KVCache) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary(positions, q, k)
-        ctx.write_kv(kv_cache, k, v.view(t, self.num_kv_heads, self.head_dim))
+        # q/k norm, rotary and the K/V store in one kernel (reference: layers/qk_norm_rope.py)
+        q = qk_norm_rope_store_kv(
+            self.qkv_proj(x), positions, self.rotary.cos, self.rotary.sin, self.q_norm.weight,
+            self.k_norm.weight, self.q_norm.eps, self.num_heads, self.num_kv_heads,
+            kv_cache[0], kv_cache[1], ctx.slot_mapping)
         o = ctx.attention(q, kv_cache)
-        return self.o_proj(o.reshape(t, -1))
+        return self.o_proj(o.reshape(x.shape[0], -1))
 
 
 class Qwen3MLP(nn.Module):

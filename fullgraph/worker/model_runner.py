@@ -128,8 +128,8 @@ class ModelRunner:
         self._profile_run()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        kv_probe = self.kv_cache.numel() * self.kv_cache.element_size()
-        del self.kv_caches, self.kv_cache, self.backend
+        kv_probe = probe_blocks * self.kv_bytes_per_block
+        del self.kv_caches, self.backend
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
@@ -147,10 +147,13 @@ class ModelRunner:
                              self.block_size, num_blocks, self.max_num_seqs, self.max_num_tokens,
                              self.config.max_blocks_per_seq, self.config.model.dtype)
         self.attention_spec = spec
-        self.kv_cache = torch.zeros(self.num_layers, 2, num_blocks * self.block_size,
-                                    self.num_kv_heads, self.head_dim,
-                                    dtype=self.config.model.dtype, device=self.device)
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        # One tensor per layer and K/V, not views of one allocation: compiled layers store
+        # into them through an in-place custom op, and inductor can only do that in place
+        # when the mutated inputs share no base (views would make it copy the whole base).
+        shape = (num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [tuple(torch.zeros(shape, dtype=self.config.model.dtype,
+                                            device=self.device) for _ in range(2))
+                          for _ in range(self.num_layers)]
         self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
                                         compile=self.config.compilation.compile_layers)
 
