@@ -63,3 +63,43 @@ def test_qk_norm_rope_kernel_matches_transformers(dtype, t):
     untouched = torch.ones(t + 500, dtype=torch.bool, device="cuda")
     untouched[slots] = False
     assert not a["k_cache"][untouched].any() and not a["v_cache"][untouched].any()
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 300])
+@pytest.mark.parametrize("with_residual", [True, False])
+@torch.inference_mode()
+def test_norm_linear_matches_transformers_rmsnorm(m, with_residual):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    from fullgraph.layers.fused_linear import norm_linear
+    from fullgraph.layers.norm import RMSNorm
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
+    res = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16, generator=g) \
+        if with_residual else None
+    norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
+    norm.weight.data = torch.rand(1024, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    proj = torch.nn.Linear(1024, 3000, bias=False, device="cuda", dtype=torch.bfloat16)
+    y, h = torch.compile(norm_linear, dynamic=True, fullgraph=True)(x, res, norm, proj)
+    h_ref = x + res if with_residual else x
+    assert torch.equal(h, h_ref)
+    ref_norm = Qwen3RMSNorm(1024, 1e-6).cuda()
+    ref_norm.weight.data = norm.weight.float()
+    ref = F.linear(ref_norm(h_ref.float()), proj.weight.float())
+    unfused = F.linear(norm(h_ref), proj.weight)        # the same math op by op in bf16
+    err_unfused = (unfused.float() - ref).abs().max()
+    assert (y.float() - ref).abs().max() <= 2 * err_unfused + 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 300])
+@torch.inference_mode()
+def test_silu_mul_linear_matches_float32(m):
+    from fullgraph.layers.fused_linear import silu_mul_linear
+    g = torch.Generator(device="cuda").manual_seed(m)
+    gate_up = torch.randn(m, 2 * 3072, device="cuda", dtype=torch.bfloat16, generator=g) * 2
+    proj = torch.nn.Linear(3072, 1024, bias=False, device="cuda", dtype=torch.bfloat16)
+    y = torch.compile(silu_mul_linear, dynamic=True, fullgraph=True)(gate_up, proj)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    ref = F.linear(F.silu(gate) * up, proj.weight.float())
+    gate, up = gate_up.chunk(2, dim=-1)
+    err_unfused = (F.linear(F.silu(gate) * up, proj.weight).float() - ref).abs().max()
+    assert (y.float() - ref).abs().max() <= 2 * err_unfused + 1e-3

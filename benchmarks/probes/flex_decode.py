@@ -5,6 +5,7 @@ whether blocks entirely below the query are passed as *full* blocks (no mask_mod
 the last, partial block masked. Prints µs per call and the ratio to the KV-read floor.
 
     python benchmarks/probes/flex_decode.py --ctx 640 --batches 1 8 32 128
+    python benchmarks/probes/flex_decode.py --batches 8 32 --splits 16 4 --cache-blocks 0 33025
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 HQ, HKV, D = 16, 8, 128
 
 
-def run(batch: int, ctx: int, bs: int, split: int | None, full: bool, bw: float) -> dict:
+def run(batch: int, ctx: int, bs: int, split: int | None, full: bool, bw: float,
+        cache_blocks: int = 0) -> dict:
     dev = "cuda"
     max_blocks = -(-ctx // bs) + 1
-    nb = batch * max_blocks + 1
+    nb = max(batch * max_blocks + 1, cache_blocks)
     kv = torch.randn(2, nb * bs, HKV, D, device=dev, dtype=torch.bfloat16)
     perm = torch.randperm(nb - 1, device=dev)[:batch * max_blocks].int() + 1
     table = perm.view(batch, max_blocks).contiguous()
@@ -88,7 +90,7 @@ def run(batch: int, ctx: int, bs: int, split: int | None, full: bool, bw: float)
     torch.cuda.synchronize()
     us = e0.elapsed_time(e1) * 1e3 / (reps * calls)
     floor_us = batch * ctx * HKV * D * 2 * 2 / bw * 1e6
-    return dict(batch=batch, ctx=ctx, block_size=bs, split=split or "default", full=full,
+    return dict(batch=batch, ctx=ctx, block_size=bs, cache_blocks=nb, split=split or "default", full=full,
                 us=round(us, 2), floor_us=round(floor_us, 2), ratio=round(us / floor_us, 2),
                 max_err=err, compile_s=round(compile_s, 2))
 
@@ -115,6 +117,9 @@ def main() -> None:
     p.add_argument("--splits", type=int, nargs="+", default=[0, 4, 16],
                    help="SPLIT_KV values; 0 = inductor's default (2 * SMs // (batch * kv heads))")
     p.add_argument("--full", type=int, nargs="+", default=[0])
+    p.add_argument("--cache-blocks", type=int, nargs="+", default=[0],
+                   help="KV cache size in blocks (0: just what the batch needs); the engine's "
+                        "cache is far larger than the batch")
     p.add_argument("--json")
     a = p.parse_args()
     import torch._dynamo.config as dc
@@ -122,8 +127,9 @@ def main() -> None:
     bw = copy_bw()
     print(f"device {torch.cuda.get_device_name()} copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
-    for b, bs, split, full in itertools.product(a.batches, a.block_sizes, a.splits, a.full):
-        r = run(b, a.ctx, bs, split or None, bool(full), bw)
+    for b, bs, split, full, nb in itertools.product(a.batches, a.block_sizes, a.splits, a.full,
+                                                    a.cache_blocks):
+        r = run(b, a.ctx, bs, split or None, bool(full), bw, nb)
         rows.append(r)
         print(json.dumps(r), flush=True)
     if a.json:

@@ -9,6 +9,7 @@ every row of `x` (M <= 16: a broadcast-sum for one row, a tensor-core dot otherw
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -19,35 +20,71 @@ except ImportError:            # CPU-only installs: the op falls back to F.linea
 GEMV_MAX_ROWS = 16
 
 
+# What the kernel does to its input rows before the product (see `gemv`).
+PLAIN, SILU_MUL, RMS_NORM = 0, 1, 2
+
+
 if triton is not None:
+    _SILU_MUL, _RMS_NORM = tl.constexpr(SILU_MUL), tl.constexpr(RMS_NORM)   # for jit code
+
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                     M_BUCKET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _prologue_rows(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_rm, K,
+                       PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr):
+        """One [rows, BLOCK_K] slice of the matmul's input: x, silu(gate) * up, or x + r."""
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+        if PROLOGUE == _SILU_MUL:      # x is [gate | up]; one rounding, as inductor fuses it
+            u = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + offs_k[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            g = x.to(tl.float32)
+            x = (g / (1.0 + tl.exp(-g)) * u).to(x.dtype)
+        elif PROLOGUE == _RMS_NORM and HAS_RES:
+            x = x + tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mask,
+                            other=0.0)
+        return x
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, M, N, K, stride_xm, stride_wn,
+                     stride_ym, stride_rm, stride_hm, eps, PROLOGUE: tl.constexpr,
+                     HAS_RES: tl.constexpr, M_BUCKET: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        offs_m = tl.arange(0, M_BUCKET)
+        mask_m = offs_m < M
+        if PROLOGUE == _RMS_NORM:      # every program needs its rows' statistics first
+            sumsq = tl.zeros((M_BUCKET,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask = mask_m[:, None] & (offs_k < K)[None, :]
+                h = _prologue_rows(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_rm, K,
+                                   PROLOGUE, HAS_RES).to(tl.float32)
+                sumsq += tl.sum(h * h, axis=1)
+            rstd = tl.rsqrt(sumsq / K + eps)[:, None]
         if M_BUCKET == 1:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                            mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0)
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        else:
+            acc = tl.zeros((M_BUCKET, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            mask = mask_m[:, None] & mask_k[None, :]
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            x = _prologue_rows(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_rm, K,
+                               PROLOGUE, HAS_RES)
+            if PROLOGUE == _RMS_NORM:  # rms_norm's roundings; program 0 keeps x + r
+                tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :], x,
+                         mask=mask & (pid == 0))
+                nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0)
+                x = (nw[None, :] * (x.to(tl.float32) * rstd).to(x.dtype)).to(x.dtype)
+            if M_BUCKET == 1:
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        if M_BUCKET == 1:
             tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
         else:
-            offs_m = tl.arange(0, M_BUCKET)
-            mask_m = offs_m < M
-            acc = tl.zeros((M_BUCKET, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                            mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                acc += tl.dot(x, tl.trans(w))
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -58,28 +95,52 @@ def gemv_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.stride(1) == 1 and x.stride(1) == 1)
 
 
-def _config(m_bucket: int, n: int, k: int) -> tuple[int, int, int]:
+def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): the fastest tiles measured on an H200 for Qwen3-0.6B's
     shapes (benchmarks/probes/gemv.py, gemv_tiles.py), as a rule. Fixed rather than
     autotuned: tuning every shape at start-up cost ~40 s of graph capture. One row: few
-    outputs per program (many programs) and long K slices. At 32-64 rows the kernel only
-    matches cuBLAS (same probe), hence GEMV_MAX_ROWS = 16."""
+    outputs per program (many programs) and long K slices; with a prologue, which every
+    program repeats over the whole row, a few more outputs per program. At 32-64 rows the
+    kernel only matches cuBLAS (same probe), hence GEMV_MAX_ROWS = 16."""
     if m_bucket == 1:
+        if prologue == RMS_NORM:
+            return 8, 1024, 4
+        if prologue == SILU_MUL:
+            return 2, 1024, 8
         if n >= 32768:
             return 16, 512, 4
         return (1, 1024, 2) if n <= 2048 else (2, 1024, 4)
     return (32 if n >= 32768 else 16), 256, 2
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] with M <= GEMV_MAX_ROWS, w: [N, K] -> [M, N] (fp32 accumulation)."""
-    m, k = x.shape
-    n = w.shape[0]
+def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
+         prologue: int = PLAIN, residual: torch.Tensor | None = None,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+         residual_out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] with M <= GEMV_MAX_ROWS, w: [N, K] -> [M, N] (fp32 accumulation).
+
+    Prologues (measured faster than a separate kernel at one row only; at 16 rows the
+    tensor-core path with a SiLU prologue ran 4x slower: gemv_tiles.py --prologue):
+    prologue SILU_MUL: x is [M, 2K] = [gate | up] and the product is silu(gate) * up @ w.T.
+    prologue RMS_NORM: the product is rms_norm(x + residual, norm_weight, eps) @ w.T, and
+    x + residual (x alone without a residual) is written to `residual_out` [M, K].
+    """
+    m = x.shape[0]
+    n, k = w.shape
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bucket = 1 if m == 1 else 16       # tl.dot needs 16 rows: the rest are masked loads
-    block_n, block_k, warps = _config(bucket, n, k)
+    block_n, block_k, warps = _config(bucket, n, k, prologue)
+    r = residual if residual is not None else x
+    h = residual_out if residual_out is not None else out
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-        M_BUCKET=bucket, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        x, w, out, r, h, norm_weight if norm_weight is not None else w, m, n, k,
+        x.stride(0), w.stride(0), out.stride(0), r.stride(0), h.stride(0), eps,
+        PROLOGUE=prologue, HAS_RES=residual is not None, M_BUCKET=bucket, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps)
     return out
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T: this kernel for skinny bf16/fp16 inputs on the GPU, cuBLAS (or CPU) otherwise."""
+    return gemv(x, w) if gemv_supported(x, w) else F.linear(x, w)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fullgraph.attention.backend import ForwardContext, KVCache
-from fullgraph.layers.activation import silu_and_mul
+from fullgraph.layers.fused_linear import norm_linear, silu_mul_linear
 from fullgraph.layers.gemv import gemv, gemv_supported
 from fullgraph.layers.linear import Linear, MergedLinear
 from fullgraph.layers.norm import RMSNorm
@@ -36,15 +36,17 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
-                kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm, ctx: ForwardContext,
+                kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
         # q/k norm, rotary and the K/V store in one kernel (reference: layers/qk_norm_rope.py)
         q = qk_norm_rope_store_kv(
-            self.qkv_proj(x), positions, self.rotary.cos, self.rotary.sin, self.q_norm.weight,
+            qkv, positions, self.rotary.cos, self.rotary.sin, self.q_norm.weight,
             self.k_norm.weight, self.q_norm.eps, self.num_heads, self.num_kv_heads,
             kv_cache[0], kv_cache[1], ctx.slot_mapping)
         o = ctx.attention(q, kv_cache)
-        return self.o_proj(o.reshape(x.shape[0], -1))
+        return self.o_proj(o.reshape(x.shape[0], -1)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -54,8 +56,10 @@ class Qwen3MLP(nn.Module):
                                                            "up_proj": cfg.intermediate_size})
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up, residual = norm_linear(x, residual, norm, self.gate_up_proj)
+        return silu_mul_linear(gate_up, self.down_proj), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -67,13 +71,10 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual, ctx, kv_cache):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, ctx, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # Each RMSNorm (with the residual add before it) runs inside the projection it feeds:
+        # input_layernorm in qkv_proj, post_attention_layernorm in gate_up_proj.
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx, kv_cache)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class Qwen3Model(nn.Module):

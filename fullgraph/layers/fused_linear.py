@@ -1,0 +1,124 @@
+"""Projections with the elementwise op that feeds them folded in: RMSNorm (and the residual
+add before it) into qkv and gate/up, SiLU-and-mul into down.
+
+For a single row (batch-1 decode) the skinny-matmul kernel applies the op to each slice of
+its input as it loads it (layers/gemv.py), so a layer's norms and activation cost no launch
+of their own: 3 of a batch-1 step's ~11 kernels per layer. Every program of that kernel
+repeats the op over the whole row, which only pays off for one row
+(`benchmarks/probes/gemv_tiles.py --prologue`): for more, one Triton kernel per row does the
+elementwise part and the plain GEMV or cuBLAS the product, the kernel count inductor's fusion
+gave. On CPU (eager, the reference path) these are the plain modules.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fullgraph.layers.activation import silu_and_mul
+from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
+from fullgraph.layers.norm import RMSNorm
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _add_rms_norm_rows_kernel(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, K, stride_x, stride_r,
+                                  stride_h, stride_y, eps, HAS_RES: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            x = x + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        tl.store(y_ptr + row * stride_y + offs, (w * (xf * rstd).to(x.dtype)).to(x.dtype),
+                 mask=mask)
+
+    @triton.jit
+    def _silu_mul_rows_kernel(x_ptr, y_ptr, K, stride_x, stride_y, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < K
+        g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * stride_x + K + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * stride_y + offs, (g / (1.0 + tl.exp(-g)) * u)
+                 .to(y_ptr.dtype.element_ty), mask=mask)
+
+
+SILU_BLOCK = 1024
+
+
+# Opaque ops for torch.compile, like fullgraph::linear: the row count (and so the kernel)
+# is only known at run time.
+@torch.library.custom_op("fullgraph::rms_norm_linear", mutates_args=())
+def _rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                     eps: float, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h) @ weight.T, h) with h = x + residual (x without one)."""
+    h = torch.empty_like(x)
+    if x.shape[0] == 1 and gemv_supported(x, weight):
+        y = gemv(x, weight, prologue=RMS_NORM, residual=residual, norm_weight=norm_weight,
+                 eps=eps, residual_out=h)
+        return y, h
+    normed = torch.empty_like(x)
+    if x.shape[0]:
+        r = residual if residual is not None else x
+        _add_rms_norm_rows_kernel[(x.shape[0],)](
+            x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
+            normed.stride(0), eps, HAS_RES=residual is not None,
+            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4)
+    return matmul(normed, weight), h
+
+
+@_rms_norm_linear.register_fake
+def _(x, residual, norm_weight, eps, weight):
+    return x.new_empty(x.shape[0], weight.shape[0]), torch.empty_like(x)
+
+
+@torch.library.custom_op("fullgraph::silu_mul_linear", mutates_args=())
+def _silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if gate_up.shape[0] == 1 and gemv_supported(gate_up, weight):
+        return gemv(gate_up, weight, prologue=SILU_MUL)
+    m, k = gate_up.shape[0], weight.shape[1]
+    act = gate_up.new_empty(m, k)
+    if m:
+        _silu_mul_rows_kernel[(m, triton.cdiv(k, SILU_BLOCK))](
+            gate_up, act, k, gate_up.stride(0), act.stride(0), BLOCK=SILU_BLOCK, num_warps=4)
+    return matmul(act, weight)
+
+
+@_silu_mul_linear.register_fake
+def _(gate_up, weight):
+    return gate_up.new_empty(gate_up.shape[0], weight.shape[0])
+
+
+def _fusable(x: torch.Tensor) -> bool:
+    return (triton is not None and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """proj(norm(x + residual)) and the new residual x + residual (x when there is none)."""
+    if _fusable(x):
+        y, residual = _rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
+    else:
+        if residual is None:
+            residual, normed = x, norm(x)
+        else:
+            normed, residual = norm(x, residual)
+        y = F.linear(normed, proj.weight)
+    return (y if proj.bias is None else y + proj.bias), residual
+
+
+def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+    """proj(silu(gate) * up) for gate_up = [gate | up]."""
+    if _fusable(gate_up):
+        y = _silu_mul_linear(gate_up, proj.weight)
+    else:
+        y = F.linear(silu_and_mul(gate_up), proj.weight)
+    return y if proj.bias is None else y + proj.bias
