@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from fullgraph.attention.backend import write_kv
 from fullgraph.attention.flex import FlexAttentionBackend
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.attention.sdpa import SDPABackend
@@ -89,7 +88,8 @@ def test_flex_matches_sdpa_and_dense(seq_lens, q_lens, shared, pad):
         backend.prepare(inputs)
         meta = backend.build(inputs)
         backend.update(meta, inputs)
-        write_kv((c[0], c[1]), k, v, inputs.slot_mapping)
+        c[0].index_copy_(0, inputs.slot_mapping, k)
+        c[1].index_copy_(0, inputs.slot_mapping, v)
         results.append((backend.forward(q, (c[0], c[1]), meta)[:inputs.num_tokens], c))
     (flex, cache_f), (sdpa, cache_s) = results
     # every token's K/V sits in the slot its position maps to; padding only touched block 0

@@ -7,9 +7,11 @@ from `StepAttentionInputs` in `build`, and computes attention over the paged KV 
 KV cache layout, per layer: a `KVCache` pair of K and V tensors, each
 `[num_blocks * block_size, num_kv_heads, head_dim]`; slot `s` lives in block
 `s // block_size`. The model stores this step's K/V at `ForwardContext.slot_mapping`
-*before* attention, inside its compiled layer (`write_kv`, or a fused kernel such as
-layers/qk_norm_rope.py that stores the same slots); padding lanes write into the null block
-0, which no real request ever reads. Backends only read the cache.
+(`cache.index_copy_(0, slot_mapping, k)`) *before* attention, inside its compiled layer —
+Qwen3 in the kernel that also normalizes and rotates k (layers/qk_norm_rope.py); padding
+lanes write into the null block 0, which no real request ever reads. Backends only read the
+cache. K and V of each layer are separate tensors (no shared base), so the compiled layer's
+in-place store really is in place.
 """
 from __future__ import annotations
 
@@ -45,14 +47,6 @@ class AttentionBackend(Protocol):
     def forward(self, q: torch.Tensor, kv_cache: KVCache, metadata: Any) -> torch.Tensor:
         """q: [T, Hq, D] for this step's tokens, whose K/V the cache already holds;
         returns [T, Hq, D]."""
-
-
-def write_kv(kv_cache: KVCache, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k/v: [T, Hkv, D] into their slots. In place on the cache tensors themselves (not on
-    views made here), which inductor turns into a scatter store fused with k's producer."""
-    kv_cache[0].index_copy_(0, slot_mapping, k)
-    kv_cache[1].index_copy_(0, slot_mapping, v)
 
 
 def get_backend_class(name: str) -> type[AttentionBackend]:

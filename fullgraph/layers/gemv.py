@@ -5,6 +5,9 @@ projection (N=4096) runs on 64 of 132 SMs: 11.5 µs for 8 MB on an H200, 0.7 TB/
 kernel gives every program a narrow strip of output columns, so the weight streams through
 all SMs once. One program reads its strip of `w` in `BLOCK_K` slices and multiplies it with
 every row of `x` (M <= 16: a broadcast-sum for one row, a tensor-core dot otherwise).
+Optionally it first applies the elementwise op that produced its input (RMSNorm with the
+residual add, SiLU-and-mul) to each slice it loads, saving that op's launch
+(layers/fused_linear.py).
 """
 from __future__ import annotations
 

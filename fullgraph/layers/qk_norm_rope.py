@@ -1,11 +1,11 @@
 """Per-head q/k RMSNorm + RoPE + the KV-cache store of one step, as one kernel.
 
 After the qkv projection a Qwen3 layer normalizes every q and k head, rotates them and stores
-k and v in their cache slots. Compiled by inductor this was 4-5 kernels per layer (q's norm
-and rotary, k's, the K store recomputing k's statistics per element, the V store): ~6 µs of
-a batch-1 step's ~40 µs per layer on an H100, and 9 µs at batch 32. Here one program per
-token loads all its heads (a [heads, head_dim / 2] tile per rotary half), so the whole thing
-is one launch; decode-sized steps spread a token's heads over programs.
+k and v in their cache slots. Compiled by inductor this was 4 kernels per layer (q's norm and
+rotary, k's, the K store recomputing k's statistics per element, the V store): 6.6 µs per
+layer of a batch-1 step on an H100 and 11 µs at batch 32; this kernel takes ~3 µs. A program
+loads a [heads, head_dim / 2] tile per rotary half: all of a token's heads for big steps,
+one head for decode-sized ones (so a token's heads spread over SMs).
 
 `qk_norm_rope_store_kv` is an opaque custom op (mutating the two cache tensors in place, as
 `index_copy_` did), so the compiled layer calls it between the projections. Anything the

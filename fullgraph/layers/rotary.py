@@ -18,6 +18,8 @@ def rope_theta_of(hf_config) -> float:
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin tables, shared by every layer; `apply_rotary` (or a fused kernel) uses them."""
+
     def __init__(self, head_dim: int, max_position: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
@@ -26,11 +28,6 @@ class RotaryEmbedding(nn.Module):
         # float32 table; cast to the activation dtype at use, as transformers does.
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(positions, self.cos, self.sin, q, k)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
