@@ -19,9 +19,9 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-KVCache = tuple[torch.Tensor, torch.Tensor]   # one layer's (K, V), each [slots, Hkv, D]
-
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
+
+KVCache = tuple[torch.Tensor, torch.Tensor]   # one layer's (K, V), each [slots, Hkv, D]
 
 
 class AttentionBackend(Protocol):
