@@ -26,7 +26,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    block_size: int = 16
+    block_size: int = 32
     num_blocks: int = 0          # including the reserved null block 0; 0 = from memory
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9

@@ -6,7 +6,7 @@ With --prologue the kernel also does the elementwise op before the projection (R
 the residual add for qkv / gate_up, SiLU-and-mul for down), and the probe prints what the
 unfused pair costs: the plain kernel with the shipped tiles after a separate row kernel.
 
-    python benchmarks/probes/gemv_tiles.py --rows 1 16 [--prologue]
+    python benchmarks/probes/gemv_tiles.py --rows 1 16 [--prologue] [--pdl]
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="+", default=[1])
     p.add_argument("--prologue", action="store_true")
+    p.add_argument("--pdl", action="store_true", help="launch with programmatic dependent "
+                   "launch (layers/pdl.py): back-to-back calls overlap")
     a = p.parse_args()
     for name, (n, k) in SHAPES.items():
         if name in ("lm_head", "o") or (a.prologue and name == "o"):
@@ -48,7 +50,8 @@ def main() -> None:
                 _gemv_kernel[(triton.cdiv(n, bn),)](
                     xx, wt, out, r, h, nw, m, n, k, xx.stride(0), wt.stride(0), out.stride(0),
                     r.stride(0), h.stride(0), 1e-6, PROLOGUE=pro, HAS_RES=True,
-                    M_BUCKET=bucket, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                    M_BUCKET=bucket, BLOCK_N=bn, BLOCK_K=bk, USE_PDL=a.pdl, num_warps=warps,
+                    launch_pdl=a.pdl)
 
             res = []
             for bn, bk, warps in itertools.product(*tiles):
@@ -62,9 +65,9 @@ def main() -> None:
             if prologue != PLAIN:
                 def unfused(wt):
                     if prologue == SILU_MUL:
-                        _silu_mul_rows_kernel[(m, triton.cdiv(k, 1024))](x, act, k, x.stride(0), act.stride(0), BLOCK=1024)
+                        _silu_mul_rows_kernel[(m, triton.cdiv(k, 1024))](x, act, k, x.stride(0), act.stride(0), BLOCK=1024, USE_PDL=False)
                     else:
-                        _add_rms_norm_rows_kernel[(m,)](x, r, h, act, nw, k, x.stride(0), r.stride(0), h.stride(0), act.stride(0), 1e-6, HAS_RES=True, BLOCK=triton.next_power_of_2(k))
+                        _add_rms_norm_rows_kernel[(m,)](x, r, h, act, nw, k, x.stride(0), r.stride(0), h.stride(0), act.stride(0), 1e-6, HAS_RES=True, BLOCK=triton.next_power_of_2(k), USE_PDL=False)
                     launch(wt, act, PLAIN, *_config(bucket, n, k))
                 line += ["unfused (row kernel + shipped tiles)", round(timed(unfused, copies), 2)]
             else:

@@ -36,6 +36,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from fullgraph.attention.backend import KVCache
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
+from fullgraph.layers.pdl import inductor_options
 
 MIXED_Q_BLOCK = 16     # query block of the packed layout; small so few requests share one
 DECODE_Q_BLOCK = 128   # any size >= the query length: one query block per request row
@@ -134,8 +135,11 @@ class FlexAttentionBackend:
         if compile:
             # Decode: static shapes, one compile per row count (flex decoding needs a static
             # batch). Packed layout: optionally one compile, dynamic in the token count.
-            self.attend = torch.compile(_flex_decode, dynamic=False, fullgraph=True)
-            self.attend_mixed = torch.compile(_flex_mixed, dynamic=DYNAMIC_MIXED, fullgraph=True)
+            pdl = inductor_options(device)
+            self.attend = torch.compile(_flex_decode, dynamic=False, fullgraph=True,
+                                        options=pdl)
+            self.attend_mixed = torch.compile(_flex_mixed, dynamic=DYNAMIC_MIXED, fullgraph=True,
+                                              options=pdl)
         else:
             # Eager FlexAttention is the intended CPU path (tiny models); its warning is noise.
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

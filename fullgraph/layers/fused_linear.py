@@ -18,6 +18,7 @@ from torch import nn
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
 from fullgraph.layers.norm import RMSNorm
+from fullgraph.layers.pdl import pdl_enabled
 
 if triton is not None:
     import triton.language as tl
@@ -25,22 +26,29 @@ if triton is not None:
     @triton.jit
     def _add_rms_norm_rows_kernel(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, K, stride_x, stride_r,
                                   stride_h, stride_y, eps, HAS_RES: tl.constexpr,
-                                  BLOCK: tl.constexpr):
+                                  BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)    # a parameter: before the wait
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
             x = x + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
         tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         tl.store(y_ptr + row * stride_y + offs, (w * (xf * rstd).to(x.dtype)).to(x.dtype),
                  mask=mask)
 
     @triton.jit
-    def _silu_mul_rows_kernel(x_ptr, y_ptr, K, stride_x, stride_y, BLOCK: tl.constexpr):
+    def _silu_mul_rows_kernel(x_ptr, y_ptr, K, stride_x, stride_y, BLOCK: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < K
@@ -66,11 +74,12 @@ def _rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
         return y, h
     normed = torch.empty_like(x)
     if x.shape[0]:
+        pdl = pdl_enabled(x)
         r = residual if residual is not None else x
         _add_rms_norm_rows_kernel[(x.shape[0],)](
             x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
             normed.stride(0), eps, HAS_RES=residual is not None,
-            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4)
+            BLOCK=triton.next_power_of_2(x.shape[1]), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return matmul(normed, weight), h
 
 
@@ -86,8 +95,10 @@ def _silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     m, k = gate_up.shape[0], weight.shape[1]
     act = gate_up.new_empty(m, k)
     if m:
+        pdl = pdl_enabled(gate_up)
         _silu_mul_rows_kernel[(m, triton.cdiv(k, SILU_BLOCK))](
-            gate_up, act, k, gate_up.stride(0), act.stride(0), BLOCK=SILU_BLOCK, num_warps=4)
+            gate_up, act, k, gate_up.stride(0), act.stride(0), BLOCK=SILU_BLOCK, USE_PDL=pdl,
+            num_warps=4, launch_pdl=pdl)
     return matmul(act, weight)
 
 

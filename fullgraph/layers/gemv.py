@@ -7,12 +7,15 @@ all SMs once. One program reads its strip of `w` in `BLOCK_K` slices and multipl
 every row of `x` (M <= 16: a broadcast-sum for one row, a tensor-core dot otherwise).
 Optionally it first applies the elementwise op that produced its input (RMSNorm with the
 residual add, SiLU-and-mul) to each slice it loads, saving that op's launch
-(layers/fused_linear.py).
+(layers/fused_linear.py). With PDL (layers/pdl.py) the first weight slice is in flight
+before the kernel waits for the one that produced x.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fullgraph.layers.pdl import pdl_enabled
 
 try:
     import triton
@@ -49,12 +52,24 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, M, N, K, stride_xm, stride_wn,
                      stride_ym, stride_rm, stride_hm, eps, PROLOGUE: tl.constexpr,
                      HAS_RES: tl.constexpr, M_BUCKET: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_m = tl.arange(0, M_BUCKET)
         mask_m = offs_m < M
+        w_rows = w_ptr + offs_n[:, None] * stride_wn
+        # With PDL a single row's first weight slice (no kernel writes the weight) is loaded
+        # while the previous kernel finishes. Not for the tensor-core path: carrying the
+        # slice across iterations cost it 20-80% (probes/gemv.py, H100).
+        PREFETCH: tl.constexpr = USE_PDL and M_BUCKET == 1
+        if PREFETCH:
+            offs_k = tl.arange(0, BLOCK_K)
+            w_next = tl.load(w_rows + offs_k[None, :],
+                             mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if PROLOGUE == _RMS_NORM:      # every program needs its rows' statistics first
             sumsq = tl.zeros((M_BUCKET,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -72,8 +87,14 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             mask = mask_m[:, None] & mask_k[None, :]
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if PREFETCH:               # the slice loaded one iteration ahead
+                w = w_next
+                w_next = tl.load(w_rows + (offs_k + BLOCK_K)[None, :],
+                                 mask=mask_n[:, None] & (offs_k + BLOCK_K < K)[None, :],
+                                 other=0.0)
+            else:
+                w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                            other=0.0)
             x = _prologue_rows(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_rm, K,
                                PROLOGUE, HAS_RES)
             if PROLOGUE == _RMS_NORM:  # rms_norm's roundings; program 0 keeps x + r
@@ -134,13 +155,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bucket = 1 if m == 1 else 16       # tl.dot needs 16 rows: the rest are masked loads
     block_n, block_k, warps = _config(bucket, n, k, prologue)
+    pdl = pdl_enabled(x)
     r = residual if residual is not None else x
     h = residual_out if residual_out is not None else out
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, out, r, h, norm_weight if norm_weight is not None else w, m, n, k,
         x.stride(0), w.stride(0), out.stride(0), r.stride(0), h.stride(0), eps,
         PROLOGUE=prologue, HAS_RES=residual is not None, M_BUCKET=bucket, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps)
+        BLOCK_K=block_k, USE_PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.layers.norm import rms_norm
+from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.rotary import apply_rotary
 
 try:
@@ -32,7 +33,7 @@ if triton is not None:
                                 q_ptr, k_cache_ptr, v_cache_ptr, stride_qkv, stride_q,
                                 stride_ks, stride_kh, stride_vs, stride_vh, stride_rope, eps,
                                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                                HEADS: tl.constexpr):
+                                HEADS: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (t, g): token t, heads [g * HEADS, (g + 1) * HEADS) of q's then k's; a k
         head's program also stores the v head of the same index."""
         t = tl.program_id(0).to(tl.int64)
@@ -41,13 +42,17 @@ if triton is not None:
         h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]
         d = tl.arange(0, HALF)[None, :]
         live = h < HQ + HKV
+        is_q = h < HQ
+        # the norm weights are parameters: loaded before waiting for the qkv projection
+        w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d))
+        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + HALF + d))
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         src = qkv_ptr + t * stride_qkv + h * D + d
         x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
         r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
-        is_q = h < HQ
-        w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d))
-        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + HALF + d))
         # rms_norm's roundings: statistics in float32, weight applied in the model dtype
         y1 = (w1 * (x1 * r).to(dtype)).to(tl.float32)
         y2 = (w2 * (x2 * r).to(dtype)).to(tl.float32)
@@ -108,12 +113,13 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     heads = num_heads + num_kv_heads
     per_program = 1 if t <= FEW_TOKENS else triton.next_power_of_2(heads)
     if t:
+        pdl = pdl_enabled(qkv)
         _qk_norm_rope_kv_kernel[(t, triton.cdiv(heads, per_program))](
             qkv, positions, cos, sin, q_weight, k_weight, slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1), cos.stride(0), eps,
-            HQ=num_heads, HKV=num_kv_heads, D=d, HEADS=per_program,
-            num_warps=1 if per_program == 1 else 4)
+            HQ=num_heads, HKV=num_kv_heads, D=d, HEADS=per_program, USE_PDL=pdl,
+            num_warps=1 if per_program == 1 else 4, launch_pdl=pdl)
     return q
 
 

@@ -14,6 +14,7 @@ from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.layers.fused_linear import norm_linear, silu_mul_linear
 from fullgraph.layers.gemv import gemv, gemv_supported
 from fullgraph.layers.linear import Linear, MergedLinear
+from fullgraph.layers.pdl import inductor_options
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
@@ -125,9 +126,10 @@ class Qwen3ForCausalLM(nn.Module):
         """Fuse each layer's elementwise work (norms with residual adds, rotary, SwiGLU) with
         torch.compile; one compiled graph, dynamic in the token count, serves every layer and
         every batch size. The attention call is left out (see ForwardContext.attention)."""
+        options = inductor_options(self.lm_head.weight.device)
         for layer in self.model.layers:
-            layer.compile(dynamic=True)
-        self.model.norm.compile(dynamic=True)
+            layer.compile(dynamic=True, options=options)
+        self.model.norm.compile(dynamic=True, options=options)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""

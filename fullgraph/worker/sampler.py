@@ -18,7 +18,10 @@ import torch
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B          # < 2**31, so products of 32-bit values stay inside int64
 _GOLDEN = 0x9E3779B1
-SAMPLE_CHUNK_ROWS = 32
+# Each int64 intermediate of the hash is rows x vocab x 8 bytes (19 MB at 16 rows of a 152k
+# vocabulary). With 32 rows the captured graphs' pool was 0.516 GiB, with 16 0.453 GiB
+# (Qwen3-0.6B, default capture sizes, H100 and H200: docs/benchmarks.md).
+SAMPLE_CHUNK_ROWS = 16
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
