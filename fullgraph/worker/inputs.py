@@ -102,6 +102,8 @@ class InputBuffers:
         self._view_cache: dict[tuple[int, int], _StepViews] = {}
         self._sampling_reqs: list[RequestState] | None = None
         self._sampling_flags: tuple[bool, bool, int, list[int]] = (True, False, -1, [])
+        # The last pure-decode step (its requests, descriptor and inputs), for `_advance_decode`.
+        self._last_decode: tuple[list[RequestState], BatchExecutionDescriptor, StepInputs] | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -187,6 +189,11 @@ class InputBuffers:
         ids, pos, bt, slots = a["input_ids"], a["positions"], self.block_table.np, a["slot_mapping"]
         qsl, seq = a["query_start_loc"], a["seq_lens"]
         reqs = [c.request for c in chunks]
+        decode = all(c.num_new_tokens == 1 for c in chunks)
+        if decode:
+            step = self._advance_decode(reqs, desc, prev_rows)
+            if step is not None:
+                return step
         done_list = [r.num_computed_tokens for r in reqs]
         done = np.array(done_list, np.int64)
         pend_idx, pend_row = a["pending_index"], a["pending_row"]
@@ -194,7 +201,7 @@ class InputBuffers:
         pend_row[:r_pad] = 0
         pending = []
         self._write_block_rows(reqs, r_pad)
-        if all(c.num_new_tokens == 1 for c in chunks):     # pure decode: one token each
+        if decode:                                         # one token each
             n_tok = n_req
             try:
                 ids[:n_req] = [r.all_token_ids[d] for r, d in zip(reqs, done_list)]
@@ -267,5 +274,60 @@ class InputBuffers:
         all_greedy, any_top_k_top_p, num_logprobs, logprob_rows = self._sampling_flags
         sampling = dataclasses.replace(v.sampling, all_greedy=all_greedy,
                                        any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
-        return StepInputs(desc, n_req, n_tok, v.input_ids, v.positions, v.logits_indices,
+        step = StepInputs(desc, n_req, n_tok, v.input_ids, v.positions, v.logits_indices,
                           attention, sampling, logprob_rows, v.pending_index, v.pending_row)
+        self._last_decode = (reqs, desc, step) if decode else None
+        return step
+
+    def _advance_decode(self, reqs: list[RequestState], desc: BatchExecutionDescriptor,
+                        prev_rows: dict[int, int] | None) -> StepInputs | None:
+        """Steady decoding: the last step's requests in the same rows, each one token further
+        on. Positions, sequence lengths and slots advance by one, a row's block-table entries
+        are written only when it enters a new block, and the last step's StepInputs (views of
+        the persistent buffers, same shape) is returned again; None for any other step, which
+        the general path then writes in full (overwriting what this wrote). Host time is the
+        reason: between the engine's other host work every numpy or Python operation costs ~4x
+        its tight-loop time (docs/benchmarks.md), so the number of operations is what counts.
+        Block lists only grow while a request runs (engine/kv_cache.py), and the request's
+        block for position p is allocated when p is scheduled."""
+        last = self._last_decode
+        if last is None or last[1] != desc or reqs != last[0]:   # identity: eq=False requests
+            return None
+        n, a, bs = len(reqs), self.arena.np, self.block_size
+        done_list = [r.num_computed_tokens for r in reqs]
+        done = np.array(done_list, np.int64)
+        pos = a["positions"][:n]
+        pos += 1
+        if (pos != done).any():
+            return None
+        if not prev_rows:              # sync: the host knows every input token
+            try:
+                a["input_ids"][:n] = [r.all_token_ids[d] for r, d in zip(reqs, done_list)]
+            except IndexError:
+                return None
+            a["pending_index"][:n] = self.scratch_index
+        else:                          # async: each input token is the last step's sample of
+            if len(prev_rows) != n:    # the same row (rows are the order of `reqs`)
+                return None
+            a["input_ids"][:n] = 0
+            a["pending_index"][:n] = self._arange[:n]
+        a["pending_row"][:n] = 0 if not prev_rows else self._arange[:n]
+        seq = a["seq_lens"][:n]
+        seq += 1
+        a["sample_positions"][:n] = seq
+        slots = a["slot_mapping"][:n]
+        slots += 1
+        entering = np.flatnonzero(done % bs == 0)
+        step = last[2]
+        if entering.size:
+            bt, row_len = self.block_table.np, self._row_len
+            for i in entering.tolist():
+                blocks, old = reqs[i].block_ids, int(row_len[i])
+                bt[i, old:len(blocks)] = blocks[old:]
+                row_len[i] = len(blocks)
+                slots[i] = int(bt[i, done_list[i] // bs]) * bs
+            if self.block_table.gpu is not self.block_table.cpu:
+                bt_rows = step.attention.block_table
+                bt_rows.copy_(self.block_table.cpu[:bt_rows.shape[0]], non_blocking=True)
+        self.arena.copy_to_gpu()
+        return step
