@@ -19,7 +19,7 @@ import triton
 
 from benchmarks.probes.gemv import SHAPES, timed
 from fullgraph.layers.fused_linear import _add_rms_norm_rows_kernel, _silu_mul_rows_kernel
-from fullgraph.layers.gemv import PLAIN, RMS_NORM, SILU_MUL, _config, _gemv_kernel
+from fullgraph.layers.gemv import PLAIN, RMS_NORM, SILU_MUL, _config, _gemv_kernel, row_bucket
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         copies = [w] + [w.clone() for _ in range(max(1, -(-200_000_000 // w.nbytes)) - 1)]
         for m in a.rows:
-            bucket = 1 if m == 1 else 16
+            bucket = row_bucket(m)
             x = torch.randn(m, 2 * k if prologue == SILU_MUL else k, device="cuda",
                             dtype=torch.bfloat16)
             r, h = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
