@@ -31,7 +31,8 @@ def test_steady_decode_path_matches_the_general_path(hf_dir, async_scheduling):
         # the ranges a step writes (on a CPU the device buffers are these host buffers, and
         # the step's pending-token copy lands in input_ids after the comparison)
         for name, arr in shadow.arena.np.items():
-            n = desc.num_tokens if name in TOKEN_FIELDS else desc.num_reqs + (name == "query_start_loc")
+            n = (desc.num_tokens if name in TOKEN_FIELDS
+                 else desc.num_reqs + (name == "query_start_loc"))
             np.testing.assert_array_equal(buffers.arena.np[name][:n], arr[:n], err_msg=name)
         np.testing.assert_array_equal(buffers.block_table.np, shadow.block_table.np)
         assert (step.num_reqs, step.num_tokens, step.desc) == \

@@ -14,8 +14,8 @@ from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.layers.fused_linear import norm_linear, silu_mul_linear
 from fullgraph.layers.gemv import gemv, gemv_supported
 from fullgraph.layers.linear import Linear, MergedLinear
-from fullgraph.layers.pdl import inductor_options
 from fullgraph.layers.norm import RMSNorm
+from fullgraph.layers.pdl import inductor_options
 from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 

@@ -103,7 +103,8 @@ class InputBuffers:
         self._sampling_reqs: list[RequestState] | None = None
         self._sampling_flags: tuple[bool, bool, int, list[int]] = (True, False, -1, [])
         # The last pure-decode step (its requests, descriptor and inputs), for `_advance_decode`.
-        self._last_decode: tuple[list[RequestState], BatchExecutionDescriptor, StepInputs] | None = None
+        self._last_decode: (tuple[list[RequestState], BatchExecutionDescriptor, StepInputs]
+                            | None) = None
 
     @property
     def input_ids(self) -> torch.Tensor:
