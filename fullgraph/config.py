@@ -53,7 +53,10 @@ class CompilationConfig:
     cudagraph_mode: CUDAGraphMode = CUDAGraphMode.FULL
     cudagraph_capture_sizes: tuple[int, ...] = ()
     graph_runtime: str = "cuda"      # "cuda", or "fake": CPU graphs with replay semantics (tests)
-    compile_layers: bool = True      # torch.compile the layers (fusion) and the attention kernel
+    compile_layers: bool = True      # torch.compile the decoder layers
+    # torch.compile FlexAttention: on for CUDA always (eager FlexAttention materializes the
+    # scores, which is only fit for CPU test models)
+    compile_attention: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ class EngineArgs:
     cudagraph_capture_sizes: list[int] | None = None
     max_cudagraph_capture_size: int | None = None
     cudagraph_runtime: str = "auto"   # "fake" runs graph capture/replay semantics on a CPU
-    compile_layers: bool = True       # torch.compile on CUDA (fusion); False runs plain eager ops
+    compile_layers: bool = True       # torch.compile the layers on CUDA; False: eager layers
     # Overlap host work with the device (one step in flight); None = on for CUDA devices,
     # where it pays (H200: batch 1 decode 2.28 -> 1.64 ms/step), off on a CPU.
     async_scheduling: bool | None = None
@@ -82,7 +82,8 @@ class EngineArgs:
             cudagraph_mode=mode,
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
                                                         self.max_cudagraph_capture_size, scheduler)),
-            graph_runtime=runtime, compile_layers=self.compile_layers and device.type == "cuda")
+            graph_runtime=runtime, compile_layers=self.compile_layers and device.type == "cuda",
+            compile_attention=device.type == "cuda")
         # num_blocks is decided by the worker once it knows the memory left (0 = not yet).
         cache = CacheConfig(block_size=self.block_size,
                             num_blocks=self.num_gpu_blocks_override or 0,

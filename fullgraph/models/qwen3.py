@@ -123,9 +123,11 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compile_layers(self) -> None:
-        """Fuse each layer's elementwise work (norms with residual adds, rotary, SwiGLU) with
-        torch.compile; one compiled graph, dynamic in the token count, serves every layer and
-        every batch size. The attention call is left out (see ForwardContext.attention)."""
+        """torch.compile each layer: one compiled graph, dynamic in the token count, serves
+        every layer and batch size; the attention call is left out (ForwardContext.attention).
+        The layers' elementwise work now lives in our fused ops, so inductor has little left
+        to fuse here; whether eager layers (`--no-compile-layers`) are as fast, with a shorter
+        capture, is to be measured (docs/benchmarks.md, fourth session)."""
         options = inductor_options(self.lm_head.weight.device)
         for layer in self.model.layers:
             layer.compile(dynamic=True, options=options)

@@ -155,7 +155,7 @@ class ModelRunner:
                                             device=self.device) for _ in range(2))
                           for _ in range(self.num_layers)]
         self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
-                                        compile=self.config.compilation.compile_layers)
+                                        compile=self.config.compilation.compile_attention)
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
