@@ -32,17 +32,19 @@ def _enabled(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def _device_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and _enabled(device.index if device.index is not None
+                                              else torch.cuda.current_device())
+
+
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels on `t`'s device launch with PDL."""
-    return t.is_cuda and _enabled(t.device.index if t.device.index is not None
-                                  else torch.cuda.current_device())
+    return _device_enabled(t.device)
 
 
 def inductor_options(device: torch.device) -> dict[str, bool]:
     """torch.compile options that make inductor's kernels PDL kernels too, where enabled."""
     import torch._inductor.config as inductor_config
-    if (device.type != "cuda" or not hasattr(inductor_config.triton, "enable_pdl")
-            or not _enabled(device.index if device.index is not None
-                            else torch.cuda.current_device())):
+    if not hasattr(inductor_config.triton, "enable_pdl") or not _device_enabled(device):
         return {}
     return {"triton.enable_pdl": True}

@@ -307,12 +307,13 @@ class InputBuffers:
             except IndexError:
                 return None
             a["pending_index"][:n] = self.scratch_index
+            a["pending_row"][:n] = 0
         else:                          # async: each input token is the last step's sample of
             if len(prev_rows) != n:    # the same row (rows are the order of `reqs`)
                 return None
             a["input_ids"][:n] = 0
             a["pending_index"][:n] = self._arange[:n]
-        a["pending_row"][:n] = 0 if not prev_rows else self._arange[:n]
+            a["pending_row"][:n] = self._arange[:n]
         seq = a["seq_lens"][:n]
         seq += 1
         a["sample_positions"][:n] = seq
