@@ -3,7 +3,10 @@
 The cache is one long KV sequence per layer, `[1, Hkv, num_blocks * block_size, D]`, and a
 BlockMask lists which physical KV blocks each query block may visit. Two layouts:
 
-* decode (every request has the same query length q): one batch row per request,
+* decode (every request has the same query length q): on CUDA with compilation on, our
+  Triton paged decode kernel (attention/paged_decode.py: one kernel per layer, no compile
+  per batch size, 1.1-1.4x faster than flex decoding at batch 8-32). Otherwise (and for
+  queries too long for that kernel) flex decoding: one batch row per request,
   `q [R, Hq, q, D]`; the block table *is* `kv_indices`. Flex decoding compiles per batch
   size, so the rows are padded to a power of two (empty rows: no KV blocks) and a few
   compiles serve every decode graph; SPLIT_KV is sized to keep every SM busy (inductor's
@@ -20,8 +23,8 @@ sparsity and evaluates the mask everywhere.
 
 Every tensor here is allocated once at its maximum size; steps fill leading slices
 (`copy_to_persistent`), and the BlockMask's `seq_lengths` depend only on the padded shape, so
-warmup, capture and replay of a shape compile once (decode: once per power-of-two row
-count; packed: once for all token counts).
+warmup, capture and replay of a shape compile once (flex decoding: once per power-of-two row
+count; packed: once for all token counts; the Triton decode kernel: no torch.compile).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fullgraph.attention.backend import KVCache
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
+from fullgraph.attention import paged_decode as paged
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
 from fullgraph.layers.pdl import inductor_options
 
@@ -82,6 +86,15 @@ class FlexMetadata:
     kernel_options: dict | None
 
 
+@dataclass(slots=True)
+class PagedDecodeMetadata:
+    num_reqs: int            # the step's (padded) requests
+    query_len: int
+    num_splits: int
+    seq_lens: torch.Tensor   # views of the runner's persistent buffers
+    block_table: torch.Tensor
+
+
 class FlexAttentionBackend:
     name = "flex"
     supports_cudagraph = True
@@ -105,6 +118,16 @@ class FlexAttentionBackend:
                                  * spec.head_dim, dtype=spec.dtype, device=device)
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 0)
+        # decode layout, Triton kernel
+        self.group = spec.num_heads // spec.num_kv_heads
+        self.paged = compile and paged.supported(device)
+        if self.paged:
+            splits = [(r, paged.decode_splits(r, spec.num_kv_heads, self.num_sms))
+                      for r in range(1, spec.max_num_seqs + 1)]
+            programs = max([r * spec.num_kv_heads * s for r, s in splits if s > 1], default=1)
+            self.workspace = paged.PagedDecodeWorkspace(rows, spec.num_kv_heads,
+                                                        paged.MAX_QUERY_ROWS, programs,
+                                                        spec.head_dim, device)
         # mixed layout
         max_q_blocks = -(-spec.max_num_tokens // MIXED_Q_BLOCK)
         self.width = min(nb, MIXED_Q_BLOCK * spec.max_blocks_per_seq)
@@ -170,10 +193,14 @@ class FlexAttentionBackend:
         self.mixed_kv_num_blocks.copy_to_gpu(num_q_blocks)
         copy_to_persistent(self.mixed_kv_indices.gpu, self.mixed_kv_indices.cpu[:num_q_blocks, :used])
 
-    def build(self, inputs: StepAttentionInputs) -> FlexMetadata:
+    def build(self, inputs: StepAttentionInputs) -> FlexMetadata | PagedDecodeMetadata:
         bs = self.spec.block_size
         if self._decode_layout(inputs):
             r, q = inputs.num_reqs_padded, inputs.uniform_query_len
+            if self.paged and self.group * q <= paged.MAX_QUERY_ROWS:
+                return PagedDecodeMetadata(
+                    r, q, paged.decode_splits(r, self.spec.num_kv_heads, self.num_sms),
+                    inputs.seq_lens, inputs.block_table)
             rows = decode_rows(r, q, self.spec.max_num_seqs)
             mask = BlockMask.from_kv_blocks(
                 self.decode_kv_num_blocks[:rows].view(rows, 1, 1),
@@ -191,7 +218,10 @@ class FlexAttentionBackend:
             seq_lengths=(t_pad, self.kv_len), compute_q_blocks=False)
         return FlexMetadata(mask, False, 1, 1, t_pad, self.mixed_kernel_options)
 
-    def update(self, metadata: FlexMetadata, inputs: StepAttentionInputs) -> None:
+    def update(self, metadata: FlexMetadata | PagedDecodeMetadata,
+               inputs: StepAttentionInputs) -> None:
+        if isinstance(metadata, PagedDecodeMetadata):
+            return                       # the kernel reads the block table and lengths itself
         rows = inputs.block_table.shape[0]
         self.block_logical.index_put_(
             (inputs.block_table.reshape(-1).long(),),
@@ -226,7 +256,12 @@ class FlexAttentionBackend:
         return counts, indices
 
     # ---------------------------------------------------------------- attention
-    def forward(self, q: torch.Tensor, kv_cache: KVCache, metadata: FlexMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: KVCache,
+                metadata: FlexMetadata | PagedDecodeMetadata) -> torch.Tensor:
+        if isinstance(metadata, PagedDecodeMetadata):
+            return paged.paged_decode(q, kv_cache[0], kv_cache[1], metadata.block_table,
+                                metadata.seq_lens, self.spec.block_size, metadata.query_len,
+                                metadata.num_splits, self.spec.scale, self.workspace)
         key = kv_cache[0].permute(1, 0, 2).unsqueeze(0)      # [1, Hkv, S, D], a view
         value = kv_cache[1].permute(1, 0, 2).unsqueeze(0)
         t, hq, d = q.shape

@@ -1,0 +1,76 @@
+"""Probe: the Triton paged decode kernel (attention/paged_decode.py), one layer of Qwen3-0.6B
+shapes, graph-replayed, against the KV-read floor.
+
+    python benchmarks/probes/paged_decode.py --ctx 640 --batches 1 8 32 128 --splits 1 2 4 8 16 32
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+import fullgraph.attention.paged_decode as pd
+from fullgraph.attention.paged_decode import PagedDecodeWorkspace, paged_decode
+from flex_decode import copy_bw
+
+HQ, HKV, D = 16, 8, 128
+
+
+def run(batch: int, ctx: int, bs: int, splits: int, bw: float) -> dict:
+    pages = -(-ctx // bs)
+    nb = batch * pages + 1
+    k = torch.randn(nb * bs, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    table = (torch.randperm(nb - 1, device="cuda")[:batch * pages] + 1).int().view(batch, pages)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
+    ws = PagedDecodeWorkspace(batch, HKV, HQ // HKV, batch * HKV * splits, D, q.device)
+    out = torch.empty_like(q)
+    paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
+    calls, reps = 20, 20
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
+    for _ in range(3):
+        graph.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    us = e0.elapsed_time(e1) * 1e3 / (reps * calls)
+    floor_us = batch * ctx * HKV * D * 2 * 2 / bw * 1e6
+    return dict(batch=batch, ctx=ctx, block_size=bs, splits=splits, us=round(us, 2),
+                floor_us=round(floor_us, 2), ratio=round(us / floor_us, 2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ctx", type=int, default=640)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--tiles", type=int, nargs="+", default=[pd.TILE_TOKENS])
+    p.add_argument("--warps", type=int, nargs="+", default=[pd.NUM_WARPS])
+    p.add_argument("--json")
+    a = p.parse_args()
+    bw = copy_bw()
+    print(f"device {torch.cuda.get_device_name()} copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    for b, bs, s, tile, warps in itertools.product(a.batches, a.block_sizes, a.splits, a.tiles,
+                                                   a.warps):
+        pd.TILE_TOKENS, pd.NUM_WARPS = tile, warps
+        rows.append(run(b, a.ctx, bs, s, bw) | {"tile": tile, "warps": warps})
+        print(json.dumps(rows[-1]), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_bw": bw, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
