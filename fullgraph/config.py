@@ -53,7 +53,7 @@ class CompilationConfig:
     cudagraph_mode: CUDAGraphMode = CUDAGraphMode.FULL
     cudagraph_capture_sizes: tuple[int, ...] = ()
     graph_runtime: str = "cuda"      # "cuda", or "fake": CPU graphs with replay semantics (tests)
-    compile_layers: bool = True      # torch.compile the decoder layers
+    compile_layers: bool = False     # torch.compile the decoder layers (see EngineArgs)
     # torch.compile FlexAttention: on for CUDA always (eager FlexAttention materializes the
     # scores, which is only fit for CPU test models)
     compile_attention: bool = True

@@ -90,6 +90,25 @@ def test_norm_linear_matches_transformers_rmsnorm(m, with_residual):
     assert (y.float() - ref).abs().max() <= 2 * err_unfused + 1e-3
 
 
+@pytest.mark.parametrize("m", [1, 8, 300])
+@torch.inference_mode()
+def test_add_rms_norm_matches_transformers_rmsnorm(m):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    from fullgraph.layers.fused_linear import add_rms_norm
+    from fullgraph.layers.norm import RMSNorm
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x, res = (torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
+              for _ in range(2))
+    norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
+    norm.weight.data = torch.rand(1024, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    y, h = add_rms_norm(x, res, norm)
+    assert torch.equal(h, x + res)
+    ref_norm = Qwen3RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
+    ref_norm.weight.data = norm.weight.data.clone()
+    ref = ref_norm(x + res)                       # transformers' bf16 op order
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2 ** -7, atol=1e-3)   # 1 bf16 ulp
+
+
 @pytest.mark.parametrize("m", [1, 7, 16, 17, 300])
 @torch.inference_mode()
 def test_silu_mul_linear_matches_float32(m):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fullgraph.attention.backend import KVCache
@@ -43,6 +44,10 @@ from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
 from fullgraph.layers.pdl import inductor_options
 
 MIXED_Q_BLOCK = 16     # query block of the packed layout; small so few requests share one
+# Compiled packed layout: steps run with at least this many query rows (the rest padding).
+# Inductor lowers shorter queries to flex decoding (a guard on 128 <= T) and specializes a
+# single query block, so without it the packed kernel compiled three times, not once.
+MIXED_MIN_TOKENS = 128
 DECODE_Q_BLOCK = 128   # any size >= the query length: one query block per request row
 DECODE_PAD_MAX_Q = 8   # decode rows are padded to a power of two up to this query length
 CTAS_PER_SM = 8        # flex decoding's SPLIT_KV aims at this many programs per SM
@@ -82,7 +87,7 @@ class FlexMetadata:
     decode: bool
     num_reqs: int            # decode layout: the step's (padded) requests
     rows: int                # decode layout: kernel rows (num_reqs padded to a power of two)
-    query_len: int           # decode layout only
+    query_len: int           # decode: per request; packed: the kernel's query rows
     kernel_options: dict | None
 
 
@@ -129,11 +134,19 @@ class FlexAttentionBackend:
                                                         paged.MAX_QUERY_ROWS, programs,
                                                         spec.head_dim, device)
         # mixed layout
-        max_q_blocks = -(-spec.max_num_tokens // MIXED_Q_BLOCK)
+        self.min_tokens = MIXED_MIN_TOKENS if compile else 1
+        max_tokens = max(spec.max_num_tokens, self.min_tokens)
+        max_q_blocks = -(-max_tokens // MIXED_Q_BLOCK)
         self.width = min(nb, MIXED_Q_BLOCK * spec.max_blocks_per_seq)
-        self.doc_ids = CpuGpuBuffer((spec.max_num_tokens,), torch.int32, device, pin)
+        self.doc_ids = CpuGpuBuffer((max_tokens,), torch.int32, device, pin)
         self.mixed_kv_num_blocks = CpuGpuBuffer((max_q_blocks,), torch.int32, device, pin)
         self.mixed_kv_indices = CpuGpuBuffer((max_q_blocks, self.width), torch.int32, device, pin)
+        # The packed kernel compiles dynamic in the token count; the persistent buffers behind
+        # its inputs keep static sizes, or duck sizing ties one to a token count that happens
+        # to equal it (512 query blocks == 512 tokens) and the next count recompiles.
+        for buf in (self.doc_ids.gpu, self.mixed_kv_num_blocks.gpu, self.mixed_kv_indices.gpu,
+                    block_table, positions, self.block_logical):
+            torch._dynamo.mark_static(buf)
 
         block_logical, q_offset, doc_ids = self.block_logical, self.q_offset, self.doc_ids.gpu
 
@@ -178,7 +191,8 @@ class FlexAttentionBackend:
     def prepare(self, inputs: StepAttentionInputs) -> None:
         if self._decode_layout(inputs):
             return                       # the decode layout's metadata is derived on device
-        t_pad, n_tok, n_req = inputs.num_tokens_padded, inputs.num_tokens, inputs.num_reqs
+        n_tok, n_req = inputs.num_tokens, inputs.num_reqs
+        t_pad = max(inputs.num_tokens_padded, self.min_tokens)
         q_lens = np.diff(inputs.query_start_loc_cpu[:n_req + 1])
         doc = self.doc_ids.np[:t_pad]
         doc[:n_tok] = np.repeat(np.arange(n_req, dtype=np.int32), q_lens)
@@ -209,7 +223,7 @@ class FlexAttentionBackend:
             options = ({"SPLIT_KV": split_kv(rows, self.spec.num_kv_heads, self.num_sms)}
                        if self.num_sms and self.compiled else None)
             return FlexMetadata(mask, True, r, rows, q, options)
-        t_pad = inputs.num_tokens_padded
+        t_pad = max(inputs.num_tokens_padded, self.min_tokens)
         nqb = -(-t_pad // MIXED_Q_BLOCK)
         mask = BlockMask.from_kv_blocks(
             self.mixed_kv_num_blocks.gpu[:nqb].view(1, 1, nqb),
@@ -276,8 +290,12 @@ class FlexAttentionBackend:
                               scale=self.spec.scale, enable_gqa=True,
                               kernel_options=metadata.kernel_options)
             return out[:r].transpose(1, 2).reshape(t, hq, d)
-        query = q.transpose(0, 1).unsqueeze(0)
-        out = self.attend_mixed(query, key, value, block_mask=metadata.block_mask,
-                                scale=self.spec.scale, enable_gqa=True,
-                                kernel_options=metadata.kernel_options)
-        return out[0].transpose(0, 1)
+        rows = metadata.query_len            # >= t: at least MIXED_MIN_TOKENS when compiled
+        if rows > t:
+            # a new tensor, not a persistent buffer: a tensor made outside inference mode
+            # has another dispatch key set, which dynamo guards on (one more compile)
+            q = F.pad(q, (0, 0, 0, 0, 0, rows - t))
+        out = self.attend_mixed(q.transpose(0, 1).unsqueeze(0), key, value,
+                                block_mask=metadata.block_mask, scale=self.spec.scale,
+                                enable_gqa=True, kernel_options=metadata.kernel_options)
+        return out[0, :, :t].transpose(0, 1)

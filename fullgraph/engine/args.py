@@ -35,7 +35,10 @@ class EngineArgs:
     cudagraph_capture_sizes: list[int] | None = None
     max_cudagraph_capture_size: int | None = None
     cudagraph_runtime: str = "auto"   # "fake" runs graph capture/replay semantics on a CPU
-    compile_layers: bool = True       # torch.compile the layers on CUDA; False: eager layers
+    # torch.compile the decoder layers (CUDA). Off: every op of a Qwen3 layer is one of our
+    # kernels already, and on an H100 eager layers decode as fast while capture skips four
+    # layer compiles (docs/benchmarks.md, fifth session).
+    compile_layers: bool = False
     # Overlap host work with the device (one step in flight); None = on for CUDA devices,
     # where it pays (H200: batch 1 decode 2.28 -> 1.64 ms/step), off on a CPU.
     async_scheduling: bool | None = None

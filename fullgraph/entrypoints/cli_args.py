@@ -37,8 +37,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cudagraph-capture-sizes", type=_int_list, nargs="+", default=None,
                    help="graph sizes, e.g. 1 2 4 8 16 (or 1,2,4,8,16)")
     g.add_argument("--max-cudagraph-capture-size", type=int, default=None)
-    g.add_argument("--no-compile-layers", dest="compile_layers", action="store_false",
-                   help="run the decoder layers eagerly (CUDA); FlexAttention stays compiled")
+    g.add_argument("--compile-layers", action=argparse.BooleanOptionalAction,
+                   default=d.compile_layers,
+                   help="torch.compile the decoder layers (CUDA); FlexAttention is compiled "
+                        "either way")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs this one (default: on "
                         "for CUDA)")

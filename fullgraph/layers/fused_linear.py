@@ -61,8 +61,33 @@ if triton is not None:
 SILU_BLOCK = 1024
 
 
+def _add_rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                       eps: float, h: torch.Tensor, normed: torch.Tensor) -> None:
+    if x.shape[0]:
+        pdl = pdl_enabled(x)
+        r = residual if residual is not None else x
+        _add_rms_norm_rows_kernel[(x.shape[0],)](
+            x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
+            normed.stride(0), eps, HAS_RES=residual is not None,
+            BLOCK=triton.next_power_of_2(x.shape[1]), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+
+
 # Opaque ops for torch.compile, like fullgraph::linear: the row count (and so the kernel)
 # is only known at run time.
+@torch.library.custom_op("fullgraph::add_rms_norm", mutates_args=())
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
+                  norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h), h) with h = x + residual: the model's final norm, one kernel."""
+    h, normed = torch.empty_like(x), torch.empty_like(x)
+    _add_rms_norm_rows(x, residual, norm_weight, eps, h, normed)
+    return normed, h
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, norm_weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 @torch.library.custom_op("fullgraph::rms_norm_linear", mutates_args=())
 def _rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                      eps: float, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,13 +98,7 @@ def _rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
                  eps=eps, residual_out=h)
         return y, h
     normed = torch.empty_like(x)
-    if x.shape[0]:
-        pdl = pdl_enabled(x)
-        r = residual if residual is not None else x
-        _add_rms_norm_rows_kernel[(x.shape[0],)](
-            x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
-            normed.stride(0), eps, HAS_RES=residual is not None,
-            BLOCK=triton.next_power_of_2(x.shape[1]), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+    _add_rms_norm_rows(x, residual, norm_weight, eps, h, normed)
     return matmul(normed, weight), h
 
 
@@ -110,6 +129,14 @@ def _(gate_up, weight):
 def _fusable(x: torch.Tensor) -> bool:
     return (triton is not None and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
             and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
+                 norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual)."""
+    if _fusable(x):
+        return _add_rms_norm(x, residual, norm.weight, norm.eps)
+    return norm(x, residual)
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fullgraph.attention.backend import ForwardContext, KVCache
-from fullgraph.layers.fused_linear import norm_linear, silu_mul_linear
+from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
 from fullgraph.layers.gemv import gemv, gemv_supported
 from fullgraph.layers.linear import Linear, MergedLinear
 from fullgraph.layers.norm import RMSNorm
@@ -94,7 +94,7 @@ class Qwen3Model(nn.Module):
         # Each layer gets its own KV tensors as arguments, so one compiled graph serves all.
         for layer, kv_cache in zip(self.layers, ctx.kv_caches, strict=True):
             x, residual = layer(positions, x, residual, ctx, kv_cache)
-        x, _ = self.norm(x, residual)
+        x, _ = add_rms_norm(x, residual, self.norm)
         return x
 
 
@@ -123,11 +123,11 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compile_layers(self) -> None:
-        """torch.compile each layer: one compiled graph, dynamic in the token count, serves
-        every layer and batch size; the attention call is left out (ForwardContext.attention).
-        The layers' elementwise work now lives in our fused ops, so inductor has little left
-        to fuse here; whether eager layers (`--no-compile-layers`) are as fast, with a shorter
-        capture, is to be measured (docs/benchmarks.md, fourth session)."""
+        """torch.compile each layer (`--compile-layers`, off by default): one compiled graph,
+        dynamic in the token count, serves every layer and batch size; the attention call is
+        left out (ForwardContext.attention). The layers' elementwise work lives in our fused
+        ops, so inductor has nothing left to fuse: on an H100 eager layers decode as fast
+        (docs/benchmarks.md, fifth session) and capture skips the layer compiles."""
         options = inductor_options(self.lm_head.weight.device)
         for layer in self.model.layers:
             layer.compile(dynamic=True, options=options)
