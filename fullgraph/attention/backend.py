@@ -7,7 +7,7 @@ from `StepAttentionInputs` in `build`, and computes attention over the paged KV 
 KV cache layout, per layer: a `KVCache` pair of K and V tensors, each
 `[num_blocks * block_size, num_kv_heads, head_dim]`; slot `s` lives in block
 `s // block_size`. The model stores this step's K/V at `ForwardContext.slot_mapping`
-(`cache.index_copy_(0, slot_mapping, k)`) *before* attention, inside its compiled layer —
+(`cache.index_copy_(0, slot_mapping, k)`) *before* attention, inside its layer —
 Qwen3 in the kernel that also normalizes and rotates k (layers/qk_norm_rope.py); padding
 lanes write into the null block 0, which no real request ever reads. Backends only read the
 cache. K and V of each layer are separate tensors (no shared base), so the compiled layer's
