@@ -125,7 +125,7 @@ class FlexAttentionBackend:
                         if device.type == "cuda" else 0)
         # decode layout, Triton kernel
         self.group = spec.num_heads // spec.num_kv_heads
-        self.paged = compile and paged.supported(device)
+        self.paged = compile and paged.supported(device, spec.head_dim)
         if self.paged:
             splits = [(r, paged.decode_splits(r, spec.num_kv_heads, self.num_sms))
                       for r in range(1, spec.max_num_seqs + 1)]

@@ -36,8 +36,6 @@ MIN_BLOCK_M = 16               # tl.dot's smallest M
 TILE_TOKENS = 64               # KV tokens per loop iteration (several pages of small blocks)
 COMBINE_ELEMENTS = 64          # split rows merged per load in the combination
 NUM_WARPS = 4
-
-
 MAX_SPLITS = 16
 MAX_QUERY_ROWS = 64            # GROUP * query_len; longer uniform queries use flex decoding
 
@@ -46,8 +44,8 @@ def _pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def supported(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
+def supported(device: torch.device, head_dim: int) -> bool:
+    return triton is not None and device.type == "cuda" and head_dim == _pow2(head_dim)
 
 
 def decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
@@ -177,8 +175,10 @@ class PagedDecodeWorkspace:
         parts = max_programs * _pow2(query_rows)
         self.acc = torch.empty(parts * head_dim, dtype=torch.float32, device=device)
         self.ml = torch.empty(2 * parts, dtype=torch.float32, device=device)
+        # One counter per (request, KV head), shared by every layer: launches on one stream
+        # run one after another, and each call leaves them at zero.
         self.counters = torch.zeros(max_rows * num_kv_heads, dtype=torch.int32, device=device)
-        self.max_parts = parts
+        self.max_parts, self.max_rows = parts, max_rows
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -197,7 +197,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          f"got {group} x {query_len}")
     if num_splits & (num_splits - 1):
         raise ValueError(f"paged decode needs a power-of-two split count, got {num_splits}")
-    if num_splits > 1 and rows * hkv * num_splits * rows_p2 > workspace.max_parts:
+    if rows > workspace.max_rows or (num_splits > 1 and rows * hkv * num_splits * rows_p2
+                                     > workspace.max_parts):
         raise ValueError(f"paged decode of {rows} rows x {num_splits} splits exceeds its workspace")
     out = torch.empty_like(q) if out is None else out
     pdl = pdl_enabled(q)
@@ -207,7 +208,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         QUERY_LEN=query_len, GROUP=group, HKV=hkv, D=d, PAGE=block_size,
-        TILE=max(TILE_TOKENS, block_size), BLOCK_M=max(MIN_BLOCK_M, rows_p2), ROWS_P2=rows_p2,
+        TILE=max(TILE_TOKENS, _pow2(block_size)), BLOCK_M=max(MIN_BLOCK_M, rows_p2), ROWS_P2=rows_p2,
         NUM_SPLITS=num_splits, CHUNK=max(1, min(num_splits, COMBINE_ELEMENTS // rows_p2)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",   # float32 stays float32
         USE_PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
