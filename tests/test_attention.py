@@ -16,10 +16,10 @@ def spec(max_seqs=6, max_tokens=64, max_blocks=12):
     return AttentionSpec(1, HQ, HKV, D, BS, NB, max_seqs, max_tokens, max_blocks, torch.float32)
 
 
-def make_step(seq_lens, q_lens, shared_prefix_blocks=0, pad_tokens=0, seed=0):
+def make_step(seq_lens, q_lens, shared_prefix_blocks=0, pad_tokens=0, seed=0, max_tokens=64):
     """Random block tables (optionally sharing leading blocks) and the matching step inputs."""
     rng = np.random.default_rng(seed)
-    s = spec()
+    s = spec(max_tokens=max_tokens)
     free = list(rng.permutation(np.arange(1, NB)))
     shared = [int(free.pop()) for _ in range(shared_prefix_blocks)]
     n = len(seq_lens)
@@ -147,3 +147,63 @@ def test_decode_rows_and_kv_splits():
     assert decode_rows(100, 1, 100) == 100                # never past the persistent rows
     # the choices measured best on an H200 (132 SMs, 8 KV heads; benchmarks/probes)
     assert [split_kv(r, 8, 132) for r in (1, 8, 16, 32, 64, 128, 256)] == [32, 16, 8, 4, 2, 1, 1]
+
+
+def test_decode_splits_keep_about_two_programs_per_sm():
+    from fullgraph.attention.paged_decode import MAX_SPLITS, decode_splits
+    # the choices measured best on an H100 (132 SMs, 8 KV heads; benchmarks/probes)
+    assert [decode_splits(r, 8, 132) for r in (1, 8, 32, 128)] == [16, 4, 1, 1]
+    for r in range(1, 300):
+        s = decode_splits(r, 8, 132)
+        assert s & (s - 1) == 0 and 1 <= s <= MAX_SPLITS
+        assert s == 1 or r * 8 * s <= 2 * 132
+
+
+def test_decode_layout_takes_the_triton_kernel_where_it_applies(monkeypatch):
+    """Backend dispatch only (the kernel itself is tested on GPU: tests/test_paged_decode.py):
+    uniform decode steps get the kernel's metadata and no flex metadata work; queries too long
+    for it, and mixed steps, stay with FlexAttention."""
+    from fullgraph.attention import flex, paged_decode
+    monkeypatch.setattr(paged_decode, "supported", lambda device, head_dim: True)
+    s, dec, persistent, *_ = make_step([9, 17, 3], [1, 1, 1])
+    backend = flex.FlexAttentionBackend(s, torch.device("cpu"), persistent, compile=True)
+    meta = backend.build(dec)
+    assert isinstance(meta, flex.PagedDecodeMetadata)
+    assert (meta.num_reqs, meta.query_len) == (3, 1)
+    assert meta.seq_lens is dec.seq_lens and meta.block_table is dec.block_table
+    logical = backend.block_logical.clone()
+    backend.update(meta, dec)
+    assert torch.equal(backend.block_logical, logical)    # nothing for flex to refresh
+    limit = paged_decode.MAX_QUERY_ROWS // (HQ // HKV)
+    _, long_q, *_ = make_step([40, 44], [limit + 1, limit + 1], max_tokens=128)
+    assert isinstance(backend.build(long_q), flex.FlexMetadata)
+    _, mixed, *_ = make_step([9, 17, 5, 30], [9, 4, 1, 13])
+    assert isinstance(backend.build(mixed), flex.FlexMetadata)
+
+
+def test_compiled_packed_layout_pads_short_steps_to_one_shape():
+    """Compiled, a packed step runs with at least MIXED_MIN_TOKENS query rows (one compile for
+    every token count); the padding rows see no KV blocks and the output is unchanged. The
+    compiled call is swapped for eager FlexAttention: inductor's CPU flex kernel does not
+    build here, and the padding logic is the backend's."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from fullgraph.attention.flex import MIXED_MIN_TOKENS, MIXED_Q_BLOCK
+    s, inputs, persistent, bt, pos, req = make_step([20, 22, 7], [20, 2, 7], 4, 5,
+                                                     max_tokens=MIXED_MIN_TOKENS)
+    backend = FlexAttentionBackend(s, torch.device("cpu"), persistent, compile=True)
+    backend.attend_mixed = flex_attention
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, NB * BS, HKV, D, generator=g)
+    q = torch.randn(inputs.num_tokens_padded, HQ, D, generator=g)
+    backend.prepare(inputs)
+    meta = backend.build(inputs)
+    backend.update(meta, inputs)
+    nqb = MIXED_MIN_TOKENS // MIXED_Q_BLOCK
+    assert meta.query_len == MIXED_MIN_TOKENS
+    assert meta.block_mask.kv_num_blocks.shape[-1] == nqb
+    used = -(-inputs.num_tokens // MIXED_Q_BLOCK)
+    assert not meta.block_mask.kv_num_blocks[..., used:].any()
+    out = backend.forward(q, (cache[0], cache[1]), meta)
+    assert out.shape == q.shape
+    ref = dense_reference(q[:inputs.num_tokens], cache, bt, pos, req, s.scale)
+    torch.testing.assert_close(out[:inputs.num_tokens], ref, atol=1e-5, rtol=1e-5)
