@@ -30,7 +30,8 @@ def _case(rows, query_len, block_size, seed, shared_prefix=False, dtype=torch.bf
 
 
 def _reference(q, k, v, table, lens, query_len, block_size, dtype=torch.float32):
-    out = torch.zeros(q.shape, device="cuda", dtype=dtype if dtype == torch.float64 else torch.float32)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, device="cuda", dtype=out_dtype)
     for r, n in enumerate(lens.tolist()):
         if n == 0:
             continue

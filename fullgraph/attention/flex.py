@@ -5,7 +5,8 @@ BlockMask lists which physical KV blocks each query block may visit. Two layouts
 
 * decode (every request has the same query length q): on CUDA with compilation on, our
   Triton paged decode kernel (attention/paged_decode.py: one kernel per layer, no compile
-  per batch size, 1.1-1.4x faster than flex decoding at batch 8-32). Otherwise (and for
+  per batch size; in the engine on an H100 6% faster than flex decoding at batch 1, even at
+  32, 7% slower at 8 — docs/benchmarks.md, fifth session). Otherwise (and for
   queries too long for that kernel) flex decoding: one batch row per request,
   `q [R, Hq, q, D]`; the block table *is* `kv_indices`. Flex decoding compiles per batch
   size, so the rows are padded to a power of two (empty rows: no KV blocks) and a few
@@ -37,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from fullgraph.attention import paged_decode as paged
 from fullgraph.attention.backend import KVCache
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
-from fullgraph.attention import paged_decode as paged
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
 from fullgraph.layers.pdl import inductor_options
 
@@ -274,8 +275,9 @@ class FlexAttentionBackend:
                 metadata: FlexMetadata | PagedDecodeMetadata) -> torch.Tensor:
         if isinstance(metadata, PagedDecodeMetadata):
             return paged.paged_decode(q, kv_cache[0], kv_cache[1], metadata.block_table,
-                                metadata.seq_lens, self.spec.block_size, metadata.query_len,
-                                metadata.num_splits, self.spec.scale, self.workspace)
+                                      metadata.seq_lens, self.spec.block_size,
+                                      metadata.query_len, metadata.num_splits, self.spec.scale,
+                                      self.workspace)
         key = kv_cache[0].permute(1, 0, 2).unsqueeze(0)      # [1, Hkv, S, D], a view
         value = kv_cache[1].permute(1, 0, 2).unsqueeze(0)
         t, hq, d = q.shape

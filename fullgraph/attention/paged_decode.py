@@ -1,15 +1,15 @@
 """Paged decode attention as one Triton kernel (the decode layout of the flex backend, CUDA).
 
-Flex decoding costs three kernels per layer (the q padding copy, the main kernel and the
-split reduction; 8.7 µs per layer at batch 1 on an H100, 25 µs at batch 8) and a compile per
-power-of-two batch size (most of the capture time). This kernel reads the block table
-directly and reduces its KV splits itself:
+Flex decoding cost three kernels per layer (8.7 µs per layer at batch 1 on an H100, 25 µs at
+batch 8) and a compile per power-of-two batch size (most of the capture time then). This
+kernel reads the block table directly and reduces its KV splits itself:
 
 * program (request r, KV head h, split s) takes the request's 64-token tiles s,
   s + num_splits, s + 2 * num_splits, ... (a tile gathers its tokens' slots through the
   block table, so small pages cost no extra loop iterations; the interleaving lets the first
-  tile's block-table load start before the request's length is known), for all `GROUP * query_len` query rows that share KV head h (GQA packing; the
-  rows are padded to 16 for `tl.dot`), with an online softmax in float32;
+  tile's block-table load start before the request's length is known), for all
+  `GROUP * query_len` query rows that share KV head h (GQA packing; the rows are padded to
+  16 for `tl.dot`), with an online softmax in float32;
 * with one split it writes the output; otherwise it writes its partial (max, sum, unnormalized
   accumulator), and the last split of (r, h) to arrive — counted with an atomic whose
   acquire/release orders the partials — combines them in split order and resets the counter
@@ -186,7 +186,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  query_len: int, num_splits: int, scale: float, workspace: PagedDecodeWorkspace,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [R * query_len, Hq, D] (request-major); caches [slots, Hkv, D]; block_table
-    [>= R, max_pages] int32; seq_lens [R] int32 (after this step). Returns [R * query_len, Hq, D]."""
+    [>= R, max_pages] int32; seq_lens [R] int32 (after this step).
+    Returns [R * query_len, Hq, D]."""
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -199,7 +200,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError(f"paged decode needs a power-of-two split count, got {num_splits}")
     if rows > workspace.max_rows or (num_splits > 1 and rows * hkv * num_splits * rows_p2
                                      > workspace.max_parts):
-        raise ValueError(f"paged decode of {rows} rows x {num_splits} splits exceeds its workspace")
+        raise ValueError(f"paged decode of {rows} rows x {num_splits} splits exceeds its "
+                         "workspace")
     out = torch.empty_like(q) if out is None else out
     pdl = pdl_enabled(q)
     _paged_decode_kernel[(rows, hkv, num_splits)](
@@ -208,7 +210,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         QUERY_LEN=query_len, GROUP=group, HKV=hkv, D=d, PAGE=block_size,
-        TILE=max(TILE_TOKENS, _pow2(block_size)), BLOCK_M=max(MIN_BLOCK_M, rows_p2), ROWS_P2=rows_p2,
+        TILE=max(TILE_TOKENS, _pow2(block_size)), BLOCK_M=max(MIN_BLOCK_M, rows_p2),
+        ROWS_P2=rows_p2,
         NUM_SPLITS=num_splits, CHUNK=max(1, min(num_splits, COMBINE_ELEMENTS // rows_p2)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",   # float32 stays float32
         USE_PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
