@@ -17,12 +17,15 @@ def prompts(lengths, seed=0, vocab=600):
     return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
 
-@pytest.mark.parametrize("enforce_eager", [True, False])
-@pytest.mark.parametrize("backend", ["flex", "sdpa"])
-def test_float32_greedy_parity_on_gpu(hf_dir, hf_model, backend, enforce_eager):
+@pytest.mark.parametrize("backend, enforce_eager, compile_layers", [
+    ("flex", True, False), ("flex", False, False), ("sdpa", True, False), ("sdpa", False, False),
+    ("flex", False, True),                      # --compile-layers (off by default)
+])
+def test_float32_greedy_parity_on_gpu(hf_dir, hf_model, backend, enforce_eager, compile_layers):
     llm = LLM(hf_dir, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8,
               max_num_batched_tokens=64, num_gpu_blocks_override=256,
-              attention_backend=backend, enforce_eager=enforce_eager)
+              attention_backend=backend, enforce_eager=enforce_eager,
+              compile_layers=compile_layers)
     ps = prompts([1, 9, 40, 77, 16], seed=11)      # 77 > 64: chunked prefill
     outs = llm.generate([{"prompt_token_ids": p} for p in ps],
                         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
@@ -31,13 +34,15 @@ def test_float32_greedy_parity_on_gpu(hf_dir, hf_model, backend, enforce_eager):
         assert o.outputs[0].token_ids == hf_greedy(hf_model, p, 24)
 
 
-def test_bfloat16_logprobs_close_to_transformers(hf_dir):
-    """Our bf16 logprobs are as close to the float32 reference as transformers' own bf16 run."""
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_bfloat16_logprobs_close_to_transformers(hf_dir, compile_layers):
+    """Our bf16 logprobs are as close to the float32 reference as transformers' own bf16 run
+    (our fused kernels: the path bf16 models take on a GPU), eager or compiled layers."""
     from transformers import Qwen3ForCausalLM
     ref32 = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).cuda().eval()
     ref16 = Qwen3ForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(hf_dir, device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=8,
-              num_gpu_blocks_override=256)
+              num_gpu_blocks_override=256, compile_layers=compile_layers)
     ps = prompts([5, 30, 64], seed=12)
     outs = llm.generate([{"prompt_token_ids": p} for p in ps],
                         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5),
