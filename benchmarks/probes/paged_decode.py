@@ -2,6 +2,10 @@
 shapes, graph-replayed, against the KV-read floor.
 
     python benchmarks/probes/paged_decode.py --ctx 640 --batches 1 8 32 128 --splits 1 2 4 8 16 32
+
+`--evict-l2`: between calls the graph overwrites a buffer twice the L2's size, so the KV
+comes from HBM as in the engine (where 27 other layers run in between); the time of those
+overwrites, replayed alone, is subtracted.
 """
 from __future__ import annotations
 
@@ -18,7 +22,24 @@ from flex_decode import copy_bw
 HQ, HKV, D = 16, 8, 128
 
 
-def run(batch: int, ctx: int, bs: int, splits: int, bw: float) -> dict:
+def replay_us(body, calls: int = 20, reps: int = 20) -> float:
+    """µs per call of `body` (run `calls` times in one CUDA graph, replayed `reps` times)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            body()
+    for _ in range(3):
+        graph.replay()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        graph.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / (reps * calls)
+
+
+def run(batch: int, ctx: int, bs: int, splits: int, bw: float, evict_l2: bool = False) -> dict:
     pages = -(-ctx // bs)
     nb = batch * pages + 1
     k = torch.randn(nb * bs, HKV, D, device="cuda", dtype=torch.bfloat16)
@@ -29,22 +50,18 @@ def run(batch: int, ctx: int, bs: int, splits: int, bw: float) -> dict:
     ws = PagedDecodeWorkspace(batch, HKV, HQ // HKV, batch * HKV * splits, D, q.device)
     out = torch.empty_like(q)
     paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
-    calls, reps = 20, 20
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
-    for _ in range(3):
-        graph.replay()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        graph.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    us = e0.elapsed_time(e1) * 1e3 / (reps * calls)
+    scratch = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size,
+                          dtype=torch.uint8, device="cuda") if evict_l2 else None
+
+    def call():
+        if scratch is not None:
+            scratch.fill_(1)
+        paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
+
+    us = replay_us(call) - (replay_us(lambda: scratch.fill_(1)) if evict_l2 else 0.0)
     floor_us = batch * ctx * HKV * D * 2 * 2 / bw * 1e6
-    return dict(batch=batch, ctx=ctx, block_size=bs, splits=splits, us=round(us, 2),
+    return dict(batch=batch, ctx=ctx, block_size=bs, splits=splits, evict_l2=evict_l2,
+                us=round(us, 2),
                 floor_us=round(floor_us, 2), ratio=round(us / floor_us, 2))
 
 
@@ -56,6 +73,7 @@ def main() -> None:
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--tiles", type=int, nargs="+", default=[pd.TILE_TOKENS])
     p.add_argument("--warps", type=int, nargs="+", default=[pd.NUM_WARPS])
+    p.add_argument("--evict-l2", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
     bw = copy_bw()
@@ -64,7 +82,7 @@ def main() -> None:
     for b, bs, s, tile, warps in itertools.product(a.batches, a.block_sizes, a.splits, a.tiles,
                                                    a.warps):
         pd.TILE_TOKENS, pd.NUM_WARPS = tile, warps
-        rows.append(run(b, a.ctx, bs, s, bw) | {"tile": tile, "warps": warps})
+        rows.append(run(b, a.ctx, bs, s, bw, a.evict_l2) | {"tile": tile, "warps": warps})
         print(json.dumps(rows[-1]), flush=True)
     if a.json:
         with open(a.json, "w") as f:
