@@ -16,27 +16,10 @@ import json
 import torch
 
 import fullgraph.attention.paged_decode as pd
-from fullgraph.attention.paged_decode import PagedDecodeWorkspace, paged_decode
 from flex_decode import copy_bw
+from gemv import timed
 
 HQ, HKV, D = 16, 8, 128
-
-
-def replay_us(body, calls: int = 20, reps: int = 20) -> float:
-    """µs per call of `body` (run `calls` times in one CUDA graph, replayed `reps` times)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            body()
-    for _ in range(3):
-        graph.replay()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        graph.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e3 / (reps * calls)
 
 
 def run(batch: int, ctx: int, bs: int, splits: int, bw: float, evict_l2: bool = False) -> dict:
@@ -47,22 +30,23 @@ def run(batch: int, ctx: int, bs: int, splits: int, bw: float, evict_l2: bool = 
     table = (torch.randperm(nb - 1, device="cuda")[:batch * pages] + 1).int().view(batch, pages)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16)
-    ws = PagedDecodeWorkspace(batch, HKV, HQ // HKV, batch * HKV * splits, D, q.device)
+    ws = pd.PagedDecodeWorkspace(batch, HKV, HQ // HKV, batch * HKV * splits, D, q.device)
     out = torch.empty_like(q)
-    paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
+    pd.paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
     scratch = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size,
                           dtype=torch.uint8, device="cuda") if evict_l2 else None
 
     def call():
         if scratch is not None:
             scratch.fill_(1)
-        paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
+        pd.paged_decode(q, k, v, table, lens, bs, 1, splits, D ** -0.5, ws, out)
 
-    us = replay_us(call) - (replay_us(lambda: scratch.fill_(1)) if evict_l2 else 0.0)
+    calls = [None] * 20                     # timed() replays one graph of 20 calls
+    us = timed(lambda _: call(), calls) - (
+        timed(lambda _: scratch.fill_(1), calls) if evict_l2 else 0.0)
     floor_us = batch * ctx * HKV * D * 2 * 2 / bw * 1e6
     return dict(batch=batch, ctx=ctx, block_size=bs, splits=splits, evict_l2=evict_l2,
-                us=round(us, 2),
-                floor_us=round(floor_us, 2), ratio=round(us / floor_us, 2))
+                us=round(us, 2), floor_us=round(floor_us, 2), ratio=round(us / floor_us, 2))
 
 
 def main() -> None:
