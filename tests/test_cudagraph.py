@@ -62,6 +62,11 @@ def test_dispatch_picks_smallest_fitting_graph_and_counts_fallbacks():
     decode_only = make_dispatcher(CUDAGraphMode.FULL_DECODE_ONLY)
     assert decode_only.dispatch(9, 3, None).mode == CUDAGraphMode.NONE
     assert decode_only.dispatch(3, 3, 1).mode == FULL
+    # decode hits are remembered per request count, and forgotten when the captured set changes
+    steps = d.num_graph_steps
+    assert d.dispatch(3, 3, 1) is d.dispatch(3, 3, 1) and d.num_graph_steps == steps + 2
+    d.captured = [c for c in d.captured if c.num_reqs != 4]
+    assert d.dispatch(3, 3, 1).mode == CUDAGraphMode.NONE
 
 
 # ------------------------------------------------------------------ state pairs (seed 001)

@@ -11,6 +11,7 @@ when they change, and a pure-decode step skips the general path's repeats and cu
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -71,6 +72,24 @@ class StepInputs:
     pending_row: torch.Tensor        # [num_reqs_padded] row of the request in the previous step
 
 
+def _words(a: np.ndarray) -> memoryview:
+    """A writable flat memoryview of a contiguous int64 ("q") or int32 ("i") array."""
+    return memoryview(a).cast("B").cast({8: "q", 4: "i"}[a.itemsize])
+
+
+@dataclass(slots=True)
+class _SteadyDecode:
+    """The last pure-decode step, for `InputBuffers._advance_decode`."""
+    reqs: list[RequestState]
+    desc: BatchExecutionDescriptor
+    step: StepInputs
+    next_done: list[int]             # each request's computed tokens one step later
+    slots: list[int]                 # each row's slot this step
+    # staged pending-token rows: every row's token from the previous step (True), none
+    # (False), or some (None: what the general path wrote)
+    pending_from_previous: bool | None
+
+
 class InputBuffers:
     def __init__(self, max_num_seqs: int, max_num_tokens: int, max_blocks_per_seq: int,
                  block_size: int, vocab_size: int, device: torch.device) -> None:
@@ -91,20 +110,21 @@ class InputBuffers:
             "seq_lens": (r, torch.int32), "logits_indices": (r, torch.int64),
             "temperature": (r, torch.float32), "top_k": (r, torch.int32),
             "top_p": (r, torch.float32), "seeds": (r, torch.int64),
-            "sample_positions": (r, torch.int64),
             "pending_index": (r, torch.int64), "pending_row": (r, torch.int64)}, device, pin)
         self.block_table = buf((r + 1, max_blocks_per_seq), torch.int32)  # + a zero row
         # What each block-table row holds, so a step rewrites only rows that changed: in
         # steady decoding a row gains one block every block_size steps.
         self._row_blocks: list[list[int] | None] = [None] * (r + 1)
-        self._row_len = np.zeros(r + 1, np.int64)
+        self._row_len = [0] * (r + 1)
+        # The steady-decode path writes through memoryviews (see `_advance_decode`).
+        self._staged = tuple(_words(self.arena.np[name])
+                             for name in ("input_ids", "positions", "slot_mapping", "seq_lens"))
+        self._block_table_words = _words(self.block_table.np.reshape(-1))
         self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
         self._view_cache: dict[tuple[int, int], _StepViews] = {}
         self._sampling_reqs: list[RequestState] | None = None
         self._sampling_flags: tuple[bool, bool, int, list[int]] = (True, False, -1, [])
-        # The last pure-decode step (its requests, descriptor and inputs), for `_advance_decode`.
-        self._last_decode: (tuple[list[RequestState], BatchExecutionDescriptor, StepInputs]
-                            | None) = None
+        self._last_decode: _SteadyDecode | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -120,14 +140,15 @@ class InputBuffers:
         dev = self.arena.dev
         return SamplingTensors(
             temperature=dev["temperature"][:num_reqs], top_k=dev["top_k"][:num_reqs],
+            # the sampled token's position is the sequence length
             top_p=dev["top_p"][:num_reqs], seeds=dev["seeds"][:num_reqs],
-            positions=dev["sample_positions"][:num_reqs], all_greedy=all_greedy,
+            positions=dev["seq_lens"][:num_reqs], all_greedy=all_greedy,
             any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
 
     def _write_block_rows(self, reqs: list[RequestState], r_pad: int) -> None:
         bt, row_len = self.block_table.np, self._row_len
         for i, req in enumerate(reqs):
-            blocks, old = req.block_ids, int(row_len[i])
+            blocks, old = req.block_ids, row_len[i]
             n = len(blocks)
             if self._row_blocks[i] is blocks and old <= n:   # the same list, only appended to
                 if n > old:
@@ -138,11 +159,11 @@ class InputBuffers:
                     bt[i, n:old] = 0
             self._row_blocks[i] = blocks
             row_len[i] = n
-        n_req = len(reqs)
-        for i in (np.flatnonzero(row_len[n_req:r_pad + 1]) + n_req).tolist():
-            bt[i, :row_len[i]] = 0             # padding rows (and the spare row) stay zero
-            row_len[i] = 0
-            self._row_blocks[i] = None
+        for i in range(len(reqs), r_pad + 1):
+            if row_len[i]:                     # padding rows (and the spare row) stay zero
+                bt[i, :row_len[i]] = 0
+                row_len[i] = 0
+                self._row_blocks[i] = None
 
     def _views(self, t_pad: int, r_pad: int, cache: bool) -> _StepViews:
         """The device-buffer slices of a padded shape, made once for the (few) graph shapes:
@@ -260,7 +281,6 @@ class InputBuffers:
         a["top_p"][n_req:r_pad] = 1.0
         a["seeds"][n_req:r_pad] = 0
         a["logits_indices"][n_req:r_pad] = 0
-        a["sample_positions"][:r_pad] = seq[:r_pad]
         # two copies: the arena, and the block-table rows in use
         self.arena.copy_to_gpu()
         v = self._views(t_pad, r_pad, cache=desc.mode == CUDAGraphMode.FULL)
@@ -277,59 +297,76 @@ class InputBuffers:
                                        any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
         step = StepInputs(desc, n_req, n_tok, v.input_ids, v.positions, v.logits_indices,
                           attention, sampling, logprob_rows, v.pending_index, v.pending_row)
-        self._last_decode = (reqs, desc, step) if decode else None
+        self._last_decode = None
+        if decode:
+            n = len(reqs)
+            self._last_decode = _SteadyDecode(
+                reqs, desc, step, [d + 1 for d in done_list],
+                slots[:n].tolist(),
+                pending_from_previous=None if pending else False)
         return step
 
     def _advance_decode(self, reqs: list[RequestState], desc: BatchExecutionDescriptor,
                         prev_rows: dict[int, int] | None) -> StepInputs | None:
         """Steady decoding: the last step's requests in the same rows, each one token further
-        on. Positions, sequence lengths and slots advance by one, a row's block-table entries
+        on. Positions, slots and sequence lengths advance by one, a row's block-table entries
         are written only when it enters a new block, and the last step's StepInputs (views of
         the persistent buffers, same shape) is returned again; None for any other step, which
-        the general path then writes in full (overwriting what this wrote). Host time is the
-        reason: between the engine's other host work every numpy or Python operation costs ~4x
-        its tight-loop time (docs/benchmarks.md), so the number of operations is what counts.
-        Block lists only grow while a request runs (engine/kv_cache.py), and the request's
-        block for position p is allocated when p is scheduled."""
+        the general path then writes in full.
+
+        Host time is the reason, and it is counted in calls into numpy: between the engine's
+        other host work one costs 10-25x its tight-loop time (~50 µs for a `+= 1` on a CPU
+        host, docs/benchmarks.md, sixth session), while Python list work and memoryview
+        stores stay cheap. So the values live in Python lists and reach the pinned staging
+        buffers through memoryviews. Block lists only grow while a request runs
+        (engine/kv_cache.py), and the request's block for position p is allocated when p is
+        scheduled.
+        """
         last = self._last_decode
-        if last is None or last[1] != desc or reqs != last[0]:   # identity: eq=False requests
+        if last is None or last.desc != desc or reqs != last.reqs:   # identity: eq=False
             return None
-        n, a, bs = len(reqs), self.arena.np, self.block_size
-        done_list = [r.num_computed_tokens for r in reqs]
-        done = np.array(done_list, np.int64)
-        pos = a["positions"][:n]
-        pos += 1
-        if (pos != done).any():
+        done = [r.num_computed_tokens for r in reqs]
+        if done != last.next_done:
             return None
+        a, bs = self.arena.np, self.block_size
+        input_ids, positions, slot_mapping, seq_lens = self._staged
+        # The pending-token rows hold the same values every step of one kind, so they are
+        # written when the kind changes.
+        n = len(reqs)
         if not prev_rows:              # sync: the host knows every input token
             try:
-                a["input_ids"][:n] = [r.all_token_ids[d] for r, d in zip(reqs, done_list)]
+                input_ids[:n] = array("q", [r.all_token_ids[d] for r, d in zip(reqs, done)])
             except IndexError:
                 return None
-            a["pending_index"][:n] = self.scratch_index
-            a["pending_row"][:n] = 0
-        else:                          # async: each input token is the last step's sample of
-            if len(prev_rows) != n:    # the same row (rows are the order of `reqs`)
-                return None
+            if last.pending_from_previous is not False:
+                a["pending_index"][:n] = self.scratch_index
+                a["pending_row"][:n] = 0
+                last.pending_from_previous = False
+        elif len(prev_rows) != n:
+            return None
+        elif last.pending_from_previous is not True:
+            # async: each input token is the last step's sample of the same row (rows are the
+            # order of `reqs`)
             a["input_ids"][:n] = 0
             a["pending_index"][:n] = self._arange[:n]
             a["pending_row"][:n] = self._arange[:n]
-        seq = a["seq_lens"][:n]
-        seq += 1
-        a["sample_positions"][:n] = seq
-        slots = a["slot_mapping"][:n]
-        slots += 1
-        entering = np.flatnonzero(done % bs == 0)
-        step = last[2]
-        if entering.size:
-            bt, row_len = self.block_table.np, self._row_len
-            for i in entering.tolist():
-                blocks, old = reqs[i].block_ids, int(row_len[i])
-                bt[i, old:len(blocks)] = blocks[old:]
+            last.pending_from_previous = True
+        positions[:n] = array("q", done)
+        last.next_done = next_done = [d + 1 for d in done]
+        seq_lens[:n] = array("i", next_done)
+        last.slots = slots = [s + 1 for s in last.slots]
+        entering = [i for i, d in enumerate(done) if d % bs == 0]
+        if entering:
+            width, row_len = self.block_table.np.shape[1], self._row_len
+            for i in entering:         # the request's block list grew by one
+                blocks, old = reqs[i].block_ids, row_len[i]
+                self._block_table_words[i * width + old:i * width + len(blocks)] = \
+                    array("i", blocks[old:])
                 row_len[i] = len(blocks)
-                slots[i] = int(bt[i, done_list[i] // bs]) * bs
+                slots[i] = blocks[done[i] // bs] * bs
             if self.block_table.gpu is not self.block_table.cpu:
-                bt_rows = step.attention.block_table
+                bt_rows = last.step.attention.block_table
                 bt_rows.copy_(self.block_table.cpu[:bt_rows.shape[0]], non_blocking=True)
+        slot_mapping[:n] = array("q", slots)
         self.arena.copy_to_gpu()
-        return step
+        return last.step

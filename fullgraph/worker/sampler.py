@@ -34,6 +34,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[R, V] floats in (0, 1), a pure function of (seed, position, vocab id)."""
+    positions = positions.to(torch.int64)
     h = _mix32((seeds & _M32) ^ _mix32(((seeds >> 32) & _M32) ^ _mix32(positions & _M32)))
     v = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     x = _mix32((h[:, None] + v[None, :] * _GOLDEN) & _M32)
@@ -46,7 +47,7 @@ class SamplingTensors:
     top_k: torch.Tensor            # [R] int32, vocab size = off
     top_p: torch.Tensor            # [R] float32, 1 = off
     seeds: torch.Tensor            # [R] int64
-    positions: torch.Tensor        # [R] int64, position of the token being sampled
+    positions: torch.Tensor        # [R] int32/int64, position of the token being sampled
     all_greedy: bool
     any_top_k_top_p: bool
     num_logprobs: int              # max top-N asked for in the batch; -1 = none

@@ -35,7 +35,19 @@ class Dispatcher:
         self.capture_sizes = tuple(sorted(capture_sizes))
         self.num_eager_fallbacks = 0
         self.num_graph_steps = 0
-        self.captured: set[BatchExecutionDescriptor] = set()
+        self._captured: frozenset[BatchExecutionDescriptor] = frozenset()
+        # decode steps' graphs by request count, found once: dispatch is on every step's
+        # host path, and a descriptor per capture size costs microseconds
+        self._decode_graphs: dict[int, BatchExecutionDescriptor] = {}
+
+    @property
+    def captured(self) -> frozenset[BatchExecutionDescriptor]:
+        return self._captured
+
+    @captured.setter
+    def captured(self, descs) -> None:
+        self._captured = frozenset(descs)
+        self._decode_graphs.clear()
 
     def descriptors_to_capture(self) -> list[BatchExecutionDescriptor]:
         """Largest first: later (smaller) graphs reuse the shared pool's memory."""
@@ -53,6 +65,9 @@ class Dispatcher:
     def dispatch(self, num_tokens: int, num_reqs: int,
                  uniform_query_len: int | None) -> BatchExecutionDescriptor:
         decode = uniform_query_len == self.q and num_tokens == num_reqs * self.q
+        if decode and num_reqs in self._decode_graphs:
+            self.num_graph_steps += 1
+            return self._decode_graphs[num_reqs]
         for size in self.capture_sizes:
             if decode and size >= num_reqs:
                 desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, size * self.q, size, self.q)
@@ -63,6 +78,8 @@ class Dispatcher:
                 continue
             if desc in self.captured:
                 self.num_graph_steps += 1
+                if decode:
+                    self._decode_graphs[num_reqs] = desc
                 return desc
             break
         if self.captured:

@@ -1,0 +1,88 @@
+"""Probe: where graph capture spends its time — per captured shape (warmup, capture) and per
+Triton compile (our kernels and inductor's; a call answered from the on-disk cache counts
+too, and is fast).
+
+    python benchmarks/probes/startup.py [--model qwen3-0.6b-random] [--top 25] [--json F]
+
+Prints the capture report, the slowest warmups, the Triton compiles grouped by kernel name
+(count, seconds) and torch.compile's own phase times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+from fullgraph import LLM
+from fullgraph.worker.cudagraph import manager
+
+
+def _time_triton_compiles(record: dict[str, list[float]]) -> None:
+    import triton
+    import triton.compiler.compiler as compiler
+    import triton.runtime.jit as jit
+    original = compiler.compile
+
+    def timed(src, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(src, *args, **kwargs)
+        finally:
+            name = getattr(getattr(src, "fn", None), "__name__", None) or str(src)[:60]
+            record[name].append(time.perf_counter() - t0)
+
+    for module in (compiler, jit, triton.compiler, triton):
+        if getattr(module, "compile", None) is original:
+            module.compile = timed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="qwen3-0.6b-random")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json")
+    a = p.parse_args()
+    compiles: dict[str, list[float]] = defaultdict(list)
+    _time_triton_compiles(compiles)
+    shapes: list[tuple[str, float, float]] = []
+    original_capture = manager.CUDAGraphManager.capture
+
+    def capture(self, keys, create_forward_fn, progress=True):
+        def timed_fn(key, warmup):
+            fn, state = create_forward_fn(key, warmup)
+
+            def run():
+                t0 = time.perf_counter()
+                out = fn()
+                shapes.append((str(key), warmup, time.perf_counter() - t0))
+                return out
+            return run, state
+        return original_capture(self, keys, timed_fn, progress)
+
+    manager.CUDAGraphManager.capture = capture
+    t0 = time.perf_counter()
+    llm = LLM(a.model)
+    start = time.perf_counter() - t0
+    report = llm.engine.runner.capture_report
+    print(f"engine start {start:.1f} s; capture {report.seconds:.1f} s "
+          f"({report.warmup_seconds:.1f} s warmup), {report.num_graphs} graphs")
+    warm = sorted((s for s in shapes if s[1]), key=lambda s: -s[2])
+    print(f"\nslowest warmups (of {len(warm)}, {sum(s[2] for s in warm):.1f} s):")
+    for key, _, dt in warm[:a.top]:
+        print(f"  {dt:6.2f} s  {key}")
+    total = sum(sum(v) for v in compiles.values())
+    print(f"\nTriton compile calls: {sum(len(v) for v in compiles.values())}, {total:.1f} s")
+    for name, ts in sorted(compiles.items(), key=lambda kv: -sum(kv[1]))[:a.top]:
+        print(f"  {len(ts):4d} {sum(ts):6.2f} s  {name}")
+    from torch._dynamo.utils import compile_times
+    print("\n" + str(compile_times()))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"engine_start_s": start, "capture_s": report.seconds,
+                       "warmup_s": report.warmup_seconds, "graphs": report.num_graphs,
+                       "warmups": warm, "triton_compiles": dict(compiles)}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
