@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import defaultdict
 
@@ -18,19 +19,25 @@ from fullgraph import LLM
 from fullgraph.worker.cudagraph import manager
 
 
-def _time_triton_compiles(record: dict[str, list[float]]) -> None:
+def _time_triton_compiles(record: dict[str, list[float]], keys: list) -> None:
     import triton
     import triton.compiler.compiler as compiler
     import triton.runtime.jit as jit
     original = compiler.compile
 
     def timed(src, *args, **kwargs):
+        cache = triton.knobs.cache.dir
+        before = len(os.listdir(cache)) if os.path.isdir(cache) else 0
         t0 = time.perf_counter()
         try:
             return original(src, *args, **kwargs)
         finally:
             name = getattr(getattr(src, "fn", None), "__name__", None) or str(src)[:60]
             record[name].append(time.perf_counter() - t0)
+            written = (len(os.listdir(cache)) if os.path.isdir(cache) else 0) - before
+            keys.append((name, round(time.perf_counter() - t0, 3), cache, written,
+                         repr(getattr(src, "attrs", "")), repr(getattr(src, "constants", "")),
+                         repr(getattr(src, "signature", ""))))
 
     for module in (compiler, jit, triton.compiler, triton):
         if getattr(module, "compile", None) is original:
@@ -44,7 +51,8 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     compiles: dict[str, list[float]] = defaultdict(list)
-    _time_triton_compiles(compiles)
+    keys: list = []
+    _time_triton_compiles(compiles, keys)
     shapes: list[tuple[str, float, float]] = []
     original_capture = manager.CUDAGraphManager.capture
 
@@ -81,7 +89,8 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump({"engine_start_s": start, "capture_s": report.seconds,
                        "warmup_s": report.warmup_seconds, "graphs": report.num_graphs,
-                       "warmups": warm, "triton_compiles": dict(compiles)}, f, indent=1)
+                       "warmups": warm, "triton_compiles": dict(compiles),
+                       "compile_calls": keys}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from fullgraph.attention.metadata import AttentionSpec
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.models.loader import load_model
 from fullgraph.sampling_params import SamplingParams
+from fullgraph.worker.compilers import configure_compilers
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
 from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
                                                 GraphRuntime)
@@ -59,13 +60,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            # Compiled kernels are specialized per padded shape bucket (dynamic=False): allow
-            # one compiled variant per bucket instead of dynamo's default of 8.
-            import torch._dynamo.config as dynamo_config
-            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                         "accumulated_cache_size_limit"):
-                if hasattr(dynamo_config, name):
-                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 4096))
+            configure_compilers()
         t0 = time.perf_counter()
         self.model = load_model(config.model, self.device)
         if config.compilation.compile_layers and hasattr(self.model, "compile_layers"):
