@@ -159,6 +159,15 @@ def test_decode_splits_keep_about_two_programs_per_sm():
         assert s == 1 or r * 8 * s <= 2 * 132
 
 
+def test_qk_prologue_fuses_into_split_decode_of_several_requests():
+    """The measured rule (flex.fuse_qk_norm_rope) on an H100's split counts."""
+    from fullgraph.attention.flex import fuse_qk_norm_rope
+    from fullgraph.attention.paged_decode import decode_splits
+    fused = [r for r in (1, 2, 4, 8, 16, 24, 32, 128)
+             if fuse_qk_norm_rope(r, decode_splits(r, 8, 132))]
+    assert fused == [2, 4, 8, 16]
+
+
 def test_decode_layout_takes_the_triton_kernel_where_it_applies(monkeypatch):
     """Backend dispatch only (the kernel itself is tested on GPU: tests/test_paged_decode.py):
     uniform decode steps get the kernel's metadata and no flex metadata work; queries too long
@@ -171,6 +180,7 @@ def test_decode_layout_takes_the_triton_kernel_where_it_applies(monkeypatch):
     assert isinstance(meta, flex.PagedDecodeMetadata)
     assert (meta.num_reqs, meta.query_len) == (3, 1)
     assert meta.seq_lens is dec.seq_lens and meta.block_table is dec.block_table
+    assert meta.fuse_qk == flex.fuse_qk_norm_rope(3, meta.num_splits)
     logical = backend.block_logical.clone()
     backend.update(meta, dec)
     assert torch.equal(backend.block_logical, logical)    # nothing for flex to refresh

@@ -92,3 +92,51 @@ def test_paged_decode_in_a_cuda_graph_follows_new_inputs():
         graph.replay()
         ref = _reference(q, k, v, table, lens, 1, 32)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+
+
+# ------------------------------------------------ fused q/k prologue (paged_decode_qk.py)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("query_len", [1, 4])
+@pytest.mark.parametrize("splits", [1, 16])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_fused_qk_decode_matches_the_two_kernel_path(rows, query_len, splits, block_size):
+    """From the qkv projection: the same K/V stored as qk_norm_rope_store_kv stores (bitwise,
+    outside the null block that padding lanes write to), and attention as accurate as the
+    two-kernel path against float32 SDPA."""
+    from fullgraph.attention.paged_decode_qk import paged_decode_qk
+    from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
+    from fullgraph.layers.rotary import RotaryEmbedding
+    _, k, v, table, lens = _case(rows, query_len, block_size, seed=rows * 10 + splits,
+                                 shared_prefix=rows > 1)
+    # this step's tokens go to each request's own blocks, never to the shared prefix's
+    live = lens > 0
+    lens[live] = lens[live].clamp(min=3 * block_size + query_len)
+    g = torch.Generator(device="cuda").manual_seed(rows + query_len)
+    qkv = torch.randn(rows * query_len, (HQ + 2 * HKV) * D, device="cuda",
+                      dtype=torch.bfloat16, generator=g)
+    q_w = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).bfloat16()
+    k_w = (1 + 0.1 * torch.randn(D, device="cuda", generator=g)).bfloat16()
+    rotary = RotaryEmbedding(D, 4096, 1e6).cuda()
+    t = torch.arange(query_len, device="cuda")
+    pos = (lens[:, None] - query_len + t[None, :]).clamp(min=0)
+    pos[lens == 0] = 0
+    slots = torch.gather(table, 1, (pos // block_size)).long() * block_size + pos % block_size
+    slots[lens == 0] = 0                          # padding lanes: the null block
+    pos, slots = pos.flatten(), slots.flatten()
+    ws = PagedDecodeWorkspace(8, HKV, HQ // HKV * 4, 8 * HKV * 16, D, k.device)
+    k_ref, v_ref = k.clone(), v.clone()
+    q = qk_norm_rope_store_kv(qkv, pos, rotary.cos, rotary.sin, q_w, k_w, 1e-6, HQ, HKV,
+                              k_ref, v_ref, slots)
+    ref = _reference(q, k_ref, v_ref, table, lens, query_len, block_size)
+    ref_bf16 = _reference(q, k_ref, v_ref, table, lens, query_len, block_size,
+                          dtype=torch.bfloat16)
+    for _ in range(2):       # the arrival counters must be back at zero after every call
+        out = paged_decode_qk(qkv, pos, rotary.cos, rotary.sin, q_w, k_w, 1e-6, HQ, k, v,
+                              slots, table, lens, block_size, query_len, splits, D ** -0.5, ws)
+        err = (out.float() - ref).abs().max().item()
+        assert err <= 2 * (ref_bf16 - ref).abs().max().item() + 1e-3, err
+    assert not ws.counters.any()
+    assert torch.equal(k[block_size:], k_ref[block_size:])
+    assert torch.equal(v[block_size:], v_ref[block_size:])
+    for r in (lens == 0).nonzero().flatten().tolist():
+        assert not out[r * query_len:(r + 1) * query_len].any()

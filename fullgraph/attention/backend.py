@@ -6,22 +6,37 @@ from `StepAttentionInputs` in `build`, and computes attention over the paged KV 
 
 KV cache layout, per layer: a `KVCache` pair of K and V tensors, each
 `[num_blocks * block_size, num_kv_heads, head_dim]`; slot `s` lives in block
-`s // block_size`. The model stores this step's K/V at `ForwardContext.slot_mapping`
-(`cache.index_copy_(0, slot_mapping, k)`) *before* attention, inside its layer —
-Qwen3 in the kernel that also normalizes and rotates k (layers/qk_norm_rope.py); padding
-lanes write into the null block 0, which no real request ever reads. Backends only read the
-cache. K and V of each layer are separate tensors (no shared base), so the compiled layer's
-in-place store really is in place.
+`s // block_size`. This step's K/V are stored at `ForwardContext.slot_mapping` *before*
+attention reads the cache: `ForwardContext.attention_qkv` runs the layer's q/k prologue and
+the store (layers/qk_norm_rope.py) and then `forward`, unless the backend's optional
+`forward_qkv` does all three in one kernel (attention/paged_decode_qk.py). Padding lanes
+write into the null block 0, which no real request ever reads. K and V of each layer are
+separate tensors (no shared base), so the in-place store really is in place.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
+from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]   # one layer's (K, V), each [slots, Hkv, D]
+
+
+@dataclass(frozen=True, slots=True)
+class QKNormRope:
+    """A layer's step between the qkv projection and attention: RMSNorm of every q and k
+    head (Qwen3), then RoPE from the cos/sin tables ([max_position, D], float32)."""
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    cos: torch.Tensor
+    sin: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
 
 
 class AttentionBackend(Protocol):
@@ -48,6 +63,11 @@ class AttentionBackend(Protocol):
         """q: [T, Hq, D] for this step's tokens, whose K/V the cache already holds;
         returns [T, Hq, D]."""
 
+    # Optional: `forward_qkv(qkv, positions, kv_cache, slot_mapping, prologue, metadata)`
+    # does the prologue, the K/V store and attention in one go from the qkv projection
+    # ([T, (Hq + 2 Hkv) * D]) and returns [T, Hq, D], or None where it does not apply
+    # (then ForwardContext runs the two steps).
+
 
 def get_backend_class(name: str) -> type[AttentionBackend]:
     if name == "flex":
@@ -66,7 +86,7 @@ class ForwardContext:
     lives in persistent buffers that replays refill).
     """
 
-    __slots__ = ("backend", "metadata", "kv_caches", "slot_mapping")
+    __slots__ = ("backend", "metadata", "kv_caches", "slot_mapping", "_forward_qkv")
 
     def __init__(self, backend: AttentionBackend, metadata: Any, kv_caches: list[KVCache],
                  slot_mapping: torch.Tensor):
@@ -74,9 +94,26 @@ class ForwardContext:
         self.metadata = metadata
         self.kv_caches = kv_caches        # per layer; the model hands each layer its own
         self.slot_mapping = slot_mapping  # [num_tokens_padded]
+        self._forward_qkv = getattr(backend, "forward_qkv", None)
 
     # Compiled layers break their graph here: the attention backend is compiled separately,
     # per shape bucket, and graph capture covers both.
     @torch.compiler.disable
     def attention(self, q: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         return self.backend.forward(q, kv_cache, self.metadata)
+
+    @torch.compiler.disable
+    def attention_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                      prologue: QKNormRope) -> torch.Tensor:
+        """Attention from the qkv projection: the prologue and the K/V store, then attention
+        (one kernel where the backend fuses them: decode steps of the flex backend on CUDA)."""
+        if self._forward_qkv is not None:
+            out = self._forward_qkv(qkv, positions, kv_cache, self.slot_mapping, prologue,
+                                    self.metadata)
+            if out is not None:
+                return out
+        p = prologue
+        q = qk_norm_rope_store_kv(qkv, positions, p.cos, p.sin, p.q_weight, p.k_weight, p.eps,
+                                  p.num_heads, p.num_kv_heads, kv_cache[0], kv_cache[1],
+                                  self.slot_mapping)
+        return self.attention(q, kv_cache)

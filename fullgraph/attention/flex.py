@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fullgraph.attention import paged_decode as paged
-from fullgraph.attention.backend import KVCache
+from fullgraph.attention import paged_decode_qk as paged_qk
+from fullgraph.attention.backend import KVCache, QKNormRope
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
 from fullgraph.layers.pdl import inductor_options
@@ -99,6 +100,16 @@ class PagedDecodeMetadata:
     num_splits: int
     seq_lens: torch.Tensor   # views of the runner's persistent buffers
     block_table: torch.Tensor
+    fuse_qk: bool            # q/k norm, RoPE and the K/V store inside the kernel
+
+
+def fuse_qk_norm_rope(num_reqs: int, num_splits: int) -> bool:
+    """Whether decode attention starts from the qkv projection (attention/paged_decode_qk.py).
+
+    Measured on an H100, same machine, Qwen3-0.6B shapes (docs/benchmarks.md, sixth
+    session): batch 2 / 4 / 8 / 16 (16 / 8 / 4 / 2 splits) 8 / 6 / 9 / 3.5% faster per
+    step; batch 1 1-4% slower; one split (batch 24 and up) 0-5% slower, most at 128."""
+    return num_reqs > 1 and num_splits > 1
 
 
 class FlexAttentionBackend:
@@ -213,9 +224,9 @@ class FlexAttentionBackend:
         if self._decode_layout(inputs):
             r, q = inputs.num_reqs_padded, inputs.uniform_query_len
             if self.paged and self.group * q <= paged.MAX_QUERY_ROWS:
-                return PagedDecodeMetadata(
-                    r, q, paged.decode_splits(r, self.spec.num_kv_heads, self.num_sms),
-                    inputs.seq_lens, inputs.block_table)
+                splits = paged.decode_splits(r, self.spec.num_kv_heads, self.num_sms)
+                return PagedDecodeMetadata(r, q, splits, inputs.seq_lens, inputs.block_table,
+                                           fuse_qk_norm_rope(r, splits))
             rows = decode_rows(r, q, self.spec.max_num_seqs)
             mask = BlockMask.from_kv_blocks(
                 self.decode_kv_num_blocks[:rows].view(rows, 1, 1),
@@ -271,6 +282,22 @@ class FlexAttentionBackend:
         return counts, indices
 
     # ---------------------------------------------------------------- attention
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                    slot_mapping: torch.Tensor, prologue: QKNormRope,
+                    metadata: FlexMetadata | PagedDecodeMetadata) -> torch.Tensor | None:
+        """Decode steps through the Triton kernel where `fuse_qk_norm_rope` chose it: q/k
+        norm, RoPE, the K/V store and attention in one kernel (attention/paged_decode_qk.py);
+        None otherwise."""
+        if not (isinstance(metadata, PagedDecodeMetadata) and metadata.fuse_qk
+                and paged_qk.supported(qkv, kv_cache[0])):
+            return None
+        p = prologue
+        return paged_qk.paged_decode_qk(
+            qkv, positions, p.cos, p.sin, p.q_weight, p.k_weight, p.eps, p.num_heads,
+            kv_cache[0], kv_cache[1], slot_mapping, metadata.block_table, metadata.seq_lens,
+            self.spec.block_size, metadata.query_len, metadata.num_splits, self.spec.scale,
+            self.workspace)
+
     def forward(self, q: torch.Tensor, kv_cache: KVCache,
                 metadata: FlexMetadata | PagedDecodeMetadata) -> torch.Tensor:
         if isinstance(metadata, PagedDecodeMetadata):

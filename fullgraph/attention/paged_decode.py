@@ -40,12 +40,20 @@ MAX_SPLITS = 16
 MAX_QUERY_ROWS = 64            # GROUP * query_len; longer uniform queries use flex decoding
 
 
-def _pow2(x: int) -> int:
+def pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+def tile_tokens(block_size: int) -> int:
+    return max(TILE_TOKENS, pow2(block_size))
+
+
+def combine_chunk(num_splits: int, rows_p2: int) -> int:
+    return max(1, min(num_splits, COMBINE_ELEMENTS // rows_p2))
+
+
 def supported(device: torch.device, head_dim: int) -> bool:
-    return triton is not None and device.type == "cuda" and head_dim == _pow2(head_dim)
+    return triton is not None and device.type == "cuda" and head_dim == pow2(head_dim)
 
 
 def decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
@@ -172,13 +180,32 @@ class PagedDecodeWorkspace:
                  head_dim: int, device: torch.device):
         """`query_rows`: the most GROUP * query_len; `max_programs`: the most
         rows * num_kv_heads * splits of a launch with more than one split."""
-        parts = max_programs * _pow2(query_rows)
+        parts = max_programs * pow2(query_rows)
         self.acc = torch.empty(parts * head_dim, dtype=torch.float32, device=device)
         self.ml = torch.empty(2 * parts, dtype=torch.float32, device=device)
         # One counter per (request, KV head), shared by every layer: launches on one stream
         # run one after another, and each call leaves them at zero.
         self.counters = torch.zeros(max_rows * num_kv_heads, dtype=torch.int32, device=device)
         self.max_parts, self.max_rows = parts, max_rows
+
+
+def check_launch(num_tokens: int, num_heads: int, num_kv_heads: int, query_len: int,
+                 num_splits: int, workspace: PagedDecodeWorkspace) -> tuple[int, int]:
+    """(requests, query rows per KV head padded to a power of two) of a launch, or a
+    ValueError naming what does not fit."""
+    group = num_heads // num_kv_heads
+    rows = num_tokens // query_len
+    rows_p2 = pow2(group * query_len)
+    if rows_p2 > MAX_QUERY_ROWS:
+        raise ValueError(f"paged decode takes at most {MAX_QUERY_ROWS} query rows per KV head, "
+                         f"got {group} x {query_len}")
+    if num_splits & (num_splits - 1):
+        raise ValueError(f"paged decode needs a power-of-two split count, got {num_splits}")
+    if rows > workspace.max_rows or (num_splits > 1 and rows * num_kv_heads * num_splits
+                                     * rows_p2 > workspace.max_parts):
+        raise ValueError(f"paged decode of {rows} rows x {num_splits} splits exceeds its "
+                         "workspace")
+    return rows, rows_p2
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -190,18 +217,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     Returns [R * query_len, Hq, D]."""
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
-    group = hq // hkv
-    rows = t // query_len
-    rows_p2 = _pow2(group * query_len)
-    if rows_p2 > MAX_QUERY_ROWS:
-        raise ValueError(f"paged decode takes at most {MAX_QUERY_ROWS} query rows per KV head, "
-                         f"got {group} x {query_len}")
-    if num_splits & (num_splits - 1):
-        raise ValueError(f"paged decode needs a power-of-two split count, got {num_splits}")
-    if rows > workspace.max_rows or (num_splits > 1 and rows * hkv * num_splits * rows_p2
-                                     > workspace.max_parts):
-        raise ValueError(f"paged decode of {rows} rows x {num_splits} splits exceeds its "
-                         "workspace")
+    rows, rows_p2 = check_launch(t, hq, hkv, query_len, num_splits, workspace)
     out = torch.empty_like(q) if out is None else out
     pdl = pdl_enabled(q)
     _paged_decode_kernel[(rows, hkv, num_splits)](
@@ -209,10 +225,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         workspace.counters, scale * 1.4426950408889634, block_table.shape[1] * block_size,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
-        QUERY_LEN=query_len, GROUP=group, HKV=hkv, D=d, PAGE=block_size,
-        TILE=max(TILE_TOKENS, _pow2(block_size)), BLOCK_M=max(MIN_BLOCK_M, rows_p2),
-        ROWS_P2=rows_p2,
-        NUM_SPLITS=num_splits, CHUNK=max(1, min(num_splits, COMBINE_ELEMENTS // rows_p2)),
+        QUERY_LEN=query_len, GROUP=hq // hkv, HKV=hkv, D=d, PAGE=block_size,
+        TILE=tile_tokens(block_size), BLOCK_M=max(MIN_BLOCK_M, rows_p2), ROWS_P2=rows_p2,
+        NUM_SPLITS=num_splits, CHUNK=combine_chunk(num_splits, rows_p2),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",   # float32 stays float32
         USE_PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
     return out

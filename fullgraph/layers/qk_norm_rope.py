@@ -29,6 +29,30 @@ except ImportError:            # CPU-only installs: the reference path
 
 if triton is not None:
     @triton.jit
+    def rope_tables(pos, cos_ptr, sin_ptr, stride_rope, D: tl.constexpr, DTYPE: tl.constexpr):
+        """cos/sin halves at positions `pos` ([heads, 1] or a scalar), rounded to the model
+        dtype as transformers does, in float32: (c1, c2, s1, s2), each [heads, D / 2]."""
+        HALF: tl.constexpr = D // 2
+        rope = pos * stride_rope + tl.arange(0, HALF)[None, :]
+        c1 = tl.load(cos_ptr + rope).to(DTYPE).to(tl.float32)
+        c2 = tl.load(cos_ptr + rope + HALF).to(DTYPE).to(tl.float32)
+        s1 = tl.load(sin_ptr + rope).to(DTYPE).to(tl.float32)
+        s2 = tl.load(sin_ptr + rope + HALF).to(DTYPE).to(tl.float32)
+        return c1, c2, s1, s2
+
+    @triton.jit
+    def norm_rope(x1, x2, w1, w2, c1, c2, s1, s2, eps, D: tl.constexpr, DTYPE: tl.constexpr):
+        """RMSNorm (weight halves w1, w2) then rotary (`rope_tables`) of heads given as their
+        two halves x1, x2 ([heads, D / 2] float32); returns the rotated halves in DTYPE. With
+        rms_norm's roundings: statistics in float32, weight applied in the model dtype.
+        Shared by this op and the fused decode attention (attention/paged_decode_qk.py), so
+        both store the same K."""
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
+        y1 = (w1 * (x1 * r).to(DTYPE)).to(tl.float32)
+        y2 = (w2 * (x2 * r).to(DTYPE)).to(tl.float32)
+        return (y1 * c1 - y2 * s1).to(DTYPE), (y2 * c2 + y1 * s2).to(DTYPE)
+
+    @triton.jit
     def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
                                 q_ptr, k_cache_ptr, v_cache_ptr, stride_qkv, stride_q,
                                 stride_ks, stride_kh, stride_vs, stride_vh, stride_rope, eps,
@@ -43,31 +67,23 @@ if triton is not None:
         d = tl.arange(0, HALF)[None, :]
         live = h < HQ + HKV
         is_q = h < HQ
-        # the norm weights are parameters: loaded before waiting for the qkv projection
+        # Parameters and the step's inputs (positions, slots: copied in before the graph)
+        # load before waiting for the qkv projection.
         w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d))
         w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + HALF + d))
+        c1, c2, s1, s2 = rope_tables(tl.load(pos_ptr + t), cos_ptr, sin_ptr, stride_rope, D,
+                                     dtype)
+        slot = tl.load(slot_ptr + t)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         src = qkv_ptr + t * stride_qkv + h * D + d
         x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
-        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
-        # rms_norm's roundings: statistics in float32, weight applied in the model dtype
-        y1 = (w1 * (x1 * r).to(dtype)).to(tl.float32)
-        y2 = (w2 * (x2 * r).to(dtype)).to(tl.float32)
-        pos = tl.load(pos_ptr + t)
-        rope = pos * stride_rope + d
-        c1 = tl.load(cos_ptr + rope).to(dtype).to(tl.float32)
-        c2 = tl.load(cos_ptr + rope + HALF).to(dtype).to(tl.float32)
-        s1 = tl.load(sin_ptr + rope).to(dtype).to(tl.float32)
-        s2 = tl.load(sin_ptr + rope + HALF).to(dtype).to(tl.float32)
-        o1 = (y1 * c1 - y2 * s1).to(dtype)
-        o2 = (y2 * c2 + y1 * s2).to(dtype)
+        o1, o2 = norm_rope(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, dtype)
         dst_q = q_ptr + t * stride_q + h * D + d
         tl.store(dst_q, o1, mask=is_q)
         tl.store(dst_q + HALF, o2, mask=is_q)
-        slot = tl.load(slot_ptr + t)
         is_k = (h >= HQ) & live
         kv_head = h - HQ
         dst_k = k_cache_ptr + slot * stride_ks + kv_head * stride_kh + d

@@ -10,13 +10,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fullgraph.attention.backend import ForwardContext, KVCache
+from fullgraph.attention.backend import ForwardContext, KVCache, QKNormRope
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
 from fullgraph.layers.gemv import gemv, gemv_supported
 from fullgraph.layers.linear import Linear, MergedLinear
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.pdl import inductor_options
-from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 
 
@@ -41,12 +40,12 @@ class Qwen3Attention(nn.Module):
                 norm: RMSNorm, ctx: ForwardContext,
                 kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
-        # q/k norm, rotary and the K/V store in one kernel (reference: layers/qk_norm_rope.py)
-        q = qk_norm_rope_store_kv(
-            qkv, positions, self.rotary.cos, self.rotary.sin, self.q_norm.weight,
-            self.k_norm.weight, self.q_norm.eps, self.num_heads, self.num_kv_heads,
-            kv_cache[0], kv_cache[1], ctx.slot_mapping)
-        o = ctx.attention(q, kv_cache)
+        # q/k norm, rotary and the K/V store (reference: layers/qk_norm_rope.py), then
+        # attention; decode steps on CUDA do all of it in the attention kernel
+        prologue = QKNormRope(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                              self.rotary.cos, self.rotary.sin, self.num_heads,
+                              self.num_kv_heads)
+        o = ctx.attention_qkv(qkv, positions, kv_cache, prologue)
         return self.o_proj(o.reshape(x.shape[0], -1)), residual
 
 
