@@ -121,10 +121,26 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
             kv_pos = next_pos
-        out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        finish_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tok, head,
+                     r, h, s, stride_ot, stride_oh, QUERY_LEN, GROUP, HKV, D, BLOCK_M, ROWS_P2,
+                     NUM_SPLITS, CHUNK)
+
+    @triton.jit
+    def finish_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tok, head,
+                     r, h, s, stride_ot, stride_oh, QUERY_LEN: tl.constexpr,
+                     GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, ROWS_P2: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                     CHUNK: tl.constexpr):
+        """The end of program (r, h, s): with one split, write the normalized output; else
+        write the split's partial, and the last split of (r, h) to arrive merges them all."""
+        ROWS: tl.constexpr = GROUP * QUERY_LEN
+        m = tl.arange(0, BLOCK_M)
+        live = m < ROWS
+        d = tl.arange(0, D)
         if NUM_SPLITS == 1:
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=live[:, None])
         else:
             pair = r * HKV + h
             part = (pair * NUM_SPLITS + s).to(tl.int64) * ROWS_P2 + m

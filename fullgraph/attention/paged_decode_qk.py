@@ -32,7 +32,27 @@ except ImportError:            # CPU-only installs: the unfused path runs instea
 
 
 if triton is not None:
-    _combine = paged._combine
+    finish_split = paged.finish_split
+
+    @triton.jit
+    def _load_tile(k_ptr, v_ptr, bt_row, page, kv_pos, cached, h, stride_ks, stride_kh,
+                   stride_vs, stride_vh, PAGE: tl.constexpr, D: tl.constexpr,
+                   STEP: tl.constexpr):
+        """The cached tokens among `kv_pos` (`page`: their block-table entries): which are
+        inside, K as two halves and V; then the split's next tile (STEP tokens on) and its
+        block-table entries, loaded one tile ahead."""
+        HALF: tl.constexpr = D // 2
+        dh = tl.arange(0, HALF)[None, :]
+        inside = kv_pos < cached
+        slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
+        k_rows = k_ptr + slot[:, None] * stride_ks + h * stride_kh
+        k1 = tl.load(k_rows + dh, mask=inside[:, None], other=0.0)
+        k2 = tl.load(k_rows + HALF + dh, mask=inside[:, None], other=0.0)
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh
+                    + tl.arange(0, D)[None, :], mask=inside[:, None], other=0.0)
+        next_pos = kv_pos + STEP
+        return inside, k1, k2, v, next_pos, tl.load(bt_row + next_pos // PAGE,
+                                                    mask=next_pos < cached, other=0)
 
     @triton.jit
     def _attend_tile(q1, q2, k1, k2, v, inside, m_i, l_i, acc, scale_log2e):
@@ -79,16 +99,10 @@ if triton is not None:
         n_tiles = tl.cdiv(cached, TILE)
         bt_row = block_table_ptr + r.to(tl.int64) * stride_bt
         kv_pos = s * TILE + n
-        inside = kv_pos < cached
-        page = tl.load(bt_row + kv_pos // PAGE, mask=inside, other=0)
-        slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
-        k_rows = k_ptr + slot[:, None] * stride_ks + h * stride_kh
-        k1 = tl.load(k_rows + dh[None, :], mask=inside[:, None], other=0.0)
-        k2 = tl.load(k_rows + HALF + dh[None, :], mask=inside[:, None], other=0.0)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
-                    mask=inside[:, None], other=0.0)
-        next_pos = kv_pos + NUM_SPLITS * TILE
-        page = tl.load(bt_row + next_pos // PAGE, mask=next_pos < cached, other=0)
+        page = tl.load(bt_row + kv_pos // PAGE, mask=kv_pos < cached, other=0)
+        inside, k1, k2, v, kv_pos, page = _load_tile(
+            k_ptr, v_ptr, bt_row, page, kv_pos, cached, h, stride_ks, stride_kh, stride_vs,
+            stride_vh, PAGE, D, NUM_SPLITS * TILE)
         # This step's tokens go to the split that would take the next tile: it has the
         # fewest cached tiles (none at all for short contexts with many splits).
         j = tl.arange(0, QLEN_P2)
@@ -147,35 +161,14 @@ if triton is not None:
                 m_i = m_new
         # The split's other tiles, loaded in the loop (as in paged_decode.py, which Triton
         # pipelines; the page is loaded one tile ahead).
-        kv_pos = next_pos
         for _ in range(s + NUM_SPLITS, n_tiles, NUM_SPLITS):
-            inside = kv_pos < cached
-            slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
-            k_rows = k_ptr + slot[:, None] * stride_ks + h * stride_kh
-            k1 = tl.load(k_rows + dh[None, :], mask=inside[:, None], other=0.0)
-            k2 = tl.load(k_rows + HALF + dh[None, :], mask=inside[:, None], other=0.0)
-            v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
-                        mask=inside[:, None], other=0.0)
-            next_pos = kv_pos + NUM_SPLITS * TILE
-            page = tl.load(bt_row + next_pos // PAGE, mask=next_pos < cached, other=0)
+            inside, k1, k2, v, kv_pos, page = _load_tile(
+                k_ptr, v_ptr, bt_row, page, kv_pos, cached, h, stride_ks, stride_kh,
+                stride_vs, stride_vh, PAGE, D, NUM_SPLITS * TILE)
             m_i, l_i, acc = _attend_tile(q1, q2, k1, k2, v, inside, m_i, l_i, acc, scale_log2e)
-            kv_pos = next_pos
-        out_offs = tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        if NUM_SPLITS == 1:
-            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            tl.store(out_ptr + out_offs, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
-        else:
-            pair = r * HKV + h
-            part = (pair * NUM_SPLITS + s).to(tl.int64) * ROWS_P2 + m
-            tl.store(part_ml_ptr + 2 * part, m_i, mask=live)
-            tl.store(part_ml_ptr + 2 * part + 1, l_i, mask=live)
-            tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=live[:, None])
-            tl.debug_barrier()             # every thread's partial is written before the count
-            arrived = tl.atomic_add(counter_ptr + pair, 1, sem="acq_rel")
-            if arrived == NUM_SPLITS - 1:
-                _combine(part_acc_ptr, part_ml_ptr, out_ptr, pair, stride_ot, stride_oh, r,
-                         h, QUERY_LEN, GROUP, D, ROWS, ROWS_P2, NUM_SPLITS, CHUNK)
-                tl.atomic_xchg(counter_ptr + pair, 0)
+        finish_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tok, head,
+                     r, h, s, stride_ot, stride_oh, QUERY_LEN, GROUP, HKV, D, BLOCK_M, ROWS_P2,
+                     NUM_SPLITS, CHUNK)
 
 
 def supported(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
