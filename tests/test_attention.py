@@ -180,7 +180,9 @@ def test_decode_layout_takes_the_triton_kernel_where_it_applies(monkeypatch):
     assert isinstance(meta, flex.PagedDecodeMetadata)
     assert (meta.num_reqs, meta.query_len) == (3, 1)
     assert meta.seq_lens is dec.seq_lens and meta.block_table is dec.block_table
-    assert meta.fuse_qk == flex.fuse_qk_norm_rope(3, meta.num_splits)
+    assert (meta.num_splits, meta.fuse_qk) == (1, False)   # a CPU: no SMs to split over
+    backend.num_sms = 132                  # an H100: 3 requests x 2 KV heads, 16 splits
+    assert (backend.build(dec).num_splits, backend.build(dec).fuse_qk) == (16, True)
     logical = backend.block_logical.clone()
     backend.update(meta, dec)
     assert torch.equal(backend.block_logical, logical)    # nothing for flex to refresh
@@ -217,3 +219,44 @@ def test_compiled_packed_layout_pads_short_steps_to_one_shape():
     assert out.shape == q.shape
     ref = dense_reference(q[:inputs.num_tokens], cache, bt, pos, req, s.scale)
     torch.testing.assert_close(out[:inputs.num_tokens], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_qkv_takes_the_fused_path_where_the_backend_answers():
+    """ForwardContext.attention_qkv: the backend's forward_qkv when it returns a tensor;
+    otherwise the q/k op (storing this step's K/V) and then forward."""
+    from fullgraph.attention.backend import ForwardContext, QKNormRope
+    from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
+    from fullgraph.layers.rotary import RotaryEmbedding
+    t, d = 3, 16
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(t, (HQ + 2 * HKV) * d, generator=g)
+    rotary = RotaryEmbedding(d, 64, 1e4)
+    prologue = QKNormRope(torch.ones(d), torch.ones(d), 1e-6, rotary.cos, rotary.sin, HQ, HKV)
+    positions, slots = torch.tensor([4, 9, 2]), torch.tensor([5, 1, 7])
+
+    class Backend:
+        def __init__(self, fused):
+            self.fused, self.seen = fused, []
+
+        def forward_qkv(self, qkv, positions, kv_cache, slot_mapping, prologue, metadata):
+            return self.fused
+
+        def forward(self, q, kv_cache, metadata):
+            self.seen.append(q)
+            return q * 2
+
+    fused = torch.full((t, HQ, d), 7.0)
+    cache = (torch.zeros(8, HKV, d), torch.zeros(8, HKV, d))
+    ctx = ForwardContext(Backend(fused), None, [cache], slots)
+    assert ctx.attention_qkv(qkv, positions, cache, prologue) is fused
+    assert not cache[0].any()                      # the fused backend stores K/V itself
+    backend = Backend(None)
+    out = ForwardContext(backend, None, [cache], slots).attention_qkv(qkv, positions, cache,
+                                                                       prologue)
+    ref_cache = (torch.zeros(8, HKV, d), torch.zeros(8, HKV, d))
+    q = qk_norm_rope_store_kv(qkv, positions, rotary.cos, rotary.sin, torch.ones(d),
+                              torch.ones(d), 1e-6, HQ, HKV, ref_cache[0], ref_cache[1], slots)
+    torch.testing.assert_close(backend.seen[0], q)
+    torch.testing.assert_close(out, 2 * q)
+    assert torch.equal(cache[0], ref_cache[0]) and torch.equal(cache[1], ref_cache[1])
+    assert cache[0][slots].any()

@@ -15,7 +15,8 @@ def _fake_triton(directory: str) -> types.ModuleType:
 
 
 def test_pins_tritons_default_directory(monkeypatch, tmp_path):
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "unset")     # so monkeypatch restores it after
+    monkeypatch.delenv("TRITON_CACHE_DIR")
     monkeypatch.setitem(sys.modules, "triton", _fake_triton(str(tmp_path / "default")))
     pin_triton_cache_dir()
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "default")
@@ -29,7 +30,8 @@ def test_keeps_a_directory_the_user_set(monkeypatch, tmp_path):
 
 
 def test_without_triton_nothing_is_set(monkeypatch):
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "unset")
+    monkeypatch.delenv("TRITON_CACHE_DIR")
     monkeypatch.setitem(sys.modules, "triton", None)      # import fails
     pin_triton_cache_dir()
     assert "TRITON_CACHE_DIR" not in os.environ

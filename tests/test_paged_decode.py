@@ -96,8 +96,8 @@ def test_paged_decode_in_a_cuda_graph_follows_new_inputs():
 
 # ------------------------------------------------ fused q/k prologue (paged_decode_qk.py)
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("query_len", [1, 4])
-@pytest.mark.parametrize("splits", [1, 16])
+@pytest.mark.parametrize("query_len", [1, 3, 4])
+@pytest.mark.parametrize("splits", [1, 4, 16])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_fused_qk_decode_matches_the_two_kernel_path(rows, query_len, splits, block_size):
     """From the qkv projection: the same K/V stored as qk_norm_rope_store_kv stores (bitwise,

@@ -19,7 +19,7 @@ from fullgraph import LLM
 from fullgraph.worker.cudagraph import manager
 
 
-def _time_triton_compiles(record: dict[str, list[float]], keys: list) -> None:
+def _time_triton_compiles(record: dict[str, list[float]], calls: list) -> None:
     import triton
     import triton.compiler.compiler as compiler
     import triton.runtime.jit as jit
@@ -35,7 +35,7 @@ def _time_triton_compiles(record: dict[str, list[float]], keys: list) -> None:
             name = getattr(getattr(src, "fn", None), "__name__", None) or str(src)[:60]
             record[name].append(time.perf_counter() - t0)
             written = (len(os.listdir(cache)) if os.path.isdir(cache) else 0) - before
-            keys.append((name, round(time.perf_counter() - t0, 3), cache, written,
+            calls.append((name, round(time.perf_counter() - t0, 3), cache, written,
                          repr(getattr(src, "attrs", "")), repr(getattr(src, "constants", "")),
                          repr(getattr(src, "signature", ""))))
 
@@ -51,8 +51,8 @@ def main() -> None:
     p.add_argument("--json")
     a = p.parse_args()
     compiles: dict[str, list[float]] = defaultdict(list)
-    keys: list = []
-    _time_triton_compiles(compiles, keys)
+    calls: list = []
+    _time_triton_compiles(compiles, calls)
     shapes: list[tuple[str, float, float]] = []
     original_capture = manager.CUDAGraphManager.capture
 
@@ -90,7 +90,7 @@ def main() -> None:
             json.dump({"engine_start_s": start, "capture_s": report.seconds,
                        "warmup_s": report.warmup_seconds, "graphs": report.num_graphs,
                        "warmups": warm, "triton_compiles": dict(compiles),
-                       "compile_calls": keys}, f, indent=1)
+                       "compile_calls": calls}, f, indent=1)
 
 
 if __name__ == "__main__":

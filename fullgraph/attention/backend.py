@@ -96,8 +96,8 @@ class ForwardContext:
         self.slot_mapping = slot_mapping  # [num_tokens_padded]
         self._forward_qkv = getattr(backend, "forward_qkv", None)
 
-    # Compiled layers break their graph here: the attention backend is compiled separately,
-    # per shape bucket, and graph capture covers both.
+    # Compiled layers (`--compile-layers`) break their graph at these two: the backends'
+    # kernels are ours or compiled separately, per shape bucket, and graph capture covers all.
     @torch.compiler.disable
     def attention(self, q: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         return self.backend.forward(q, kv_cache, self.metadata)

@@ -44,12 +44,11 @@ def pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def tile_tokens(block_size: int) -> int:
-    return max(TILE_TOKENS, pow2(block_size))
-
-
-def combine_chunk(num_splits: int, rows_p2: int) -> int:
-    return max(1, min(num_splits, COMBINE_ELEMENTS // rows_p2))
+def tiling(block_size: int, rows_p2: int, num_splits: int) -> dict[str, int]:
+    """The tile constexprs both decode kernels launch with (this one and paged_decode_qk.py)."""
+    return {"TILE": max(TILE_TOKENS, pow2(block_size)), "BLOCK_M": max(MIN_BLOCK_M, rows_p2),
+            "ROWS_P2": rows_p2, "NUM_SPLITS": num_splits,
+            "CHUNK": max(1, min(num_splits, COMBINE_ELEMENTS // rows_p2))}
 
 
 def supported(device: torch.device, head_dim: int) -> bool:
@@ -242,8 +241,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         QUERY_LEN=query_len, GROUP=hq // hkv, HKV=hkv, D=d, PAGE=block_size,
-        TILE=tile_tokens(block_size), BLOCK_M=max(MIN_BLOCK_M, rows_p2), ROWS_P2=rows_p2,
-        NUM_SPLITS=num_splits, CHUNK=combine_chunk(num_splits, rows_p2),
+        **tiling(block_size, rows_p2, num_splits),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",   # float32 stays float32
         USE_PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
     return out

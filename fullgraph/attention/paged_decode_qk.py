@@ -174,7 +174,7 @@ if triton is not None:
 def supported(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """bf16/fp16 on CUDA (float32 models keep the unfused path's IEEE dots)."""
     return (triton is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
-            and qkv.dtype == k_cache.dtype and qkv.stride(-1) == 1
+            and qkv.dtype == k_cache.dtype and qkv.stride(-1) == 1 and k_cache.stride(-1) == 1
             and paged.supported(qkv.device, k_cache.shape[-1]) and k_cache.shape[-1] >= 32)
 
 
@@ -199,8 +199,7 @@ def paged_decode_qk(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
         k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         QUERY_LEN=query_len, QLEN_P2=max(2, paged.pow2(query_len)), GROUP=num_heads // hkv,
-        HQ=num_heads, HKV=hkv, D=d, PAGE=block_size, TILE=paged.tile_tokens(block_size),
-        BLOCK_M=max(paged.MIN_BLOCK_M, rows_p2), ROWS_P2=rows_p2, NUM_SPLITS=num_splits,
-        CHUNK=paged.combine_chunk(num_splits, rows_p2), USE_PDL=pdl, num_warps=paged.NUM_WARPS,
-        launch_pdl=pdl)
+        HQ=num_heads, HKV=hkv, D=d, PAGE=block_size,
+        **paged.tiling(block_size, rows_p2, num_splits), USE_PDL=pdl,
+        num_warps=paged.NUM_WARPS, launch_pdl=pdl)
     return out

@@ -7,10 +7,12 @@ layer of a batch-1 step on an H100 and 11 µs at batch 32; this kernel takes ~3 
 loads a [heads, head_dim / 2] tile per rotary half: all of a token's heads for big steps,
 one head for decode-sized ones (so a token's heads spread over SMs).
 
-`qk_norm_rope_store_kv` is an opaque custom op (mutating the two cache tensors in place, as
-`index_copy_` did), so the compiled layer calls it between the projections. Anything the
-Triton kernel does not cover (CPU, non-power-of-two head_dim) runs the reference below, the
-same functions the unfused model used.
+`qk_norm_rope_store_kv` is an opaque custom op mutating the two cache tensors in place (as
+`index_copy_` did); `ForwardContext.attention_qkv` calls it before attention unless the
+backend does this step inside its attention kernel (decode, attention/paged_decode_qk.py,
+which shares `norm_rope`). Anything the Triton kernel does not cover (CPU,
+non-power-of-two head_dim) runs the reference below, the same functions the unfused model
+used.
 """
 from __future__ import annotations
 

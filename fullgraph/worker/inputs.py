@@ -140,9 +140,9 @@ class InputBuffers:
         dev = self.arena.dev
         return SamplingTensors(
             temperature=dev["temperature"][:num_reqs], top_k=dev["top_k"][:num_reqs],
-            # the sampled token's position is the sequence length
             top_p=dev["top_p"][:num_reqs], seeds=dev["seeds"][:num_reqs],
-            positions=dev["seq_lens"][:num_reqs], all_greedy=all_greedy,
+            positions=dev["seq_lens"][:num_reqs],    # the sampled token's position
+            all_greedy=all_greedy,
             any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
 
     def _write_block_rows(self, reqs: list[RequestState], r_pad: int) -> None:
@@ -346,7 +346,9 @@ class InputBuffers:
             return None
         elif last.pending_from_previous is not True:
             # async: each input token is the last step's sample of the same row (rows are the
-            # order of `reqs`)
+            # order of `reqs`). The runner lists every row in `prev_rows`, pending or not;
+            # a row whose token the host already knows gets it from `sampled` all the same,
+            # which holds that token (the last step sampled it).
             a["input_ids"][:n] = 0
             a["pending_index"][:n] = self._arange[:n]
             a["pending_row"][:n] = self._arange[:n]
@@ -360,6 +362,9 @@ class InputBuffers:
             width, row_len = self.block_table.np.shape[1], self._row_len
             for i in entering:         # the request's block list grew by one
                 blocks, old = reqs[i].block_ids, row_len[i]
+                if len(blocks) > width:            # a flat store would spill into row i + 1
+                    raise ValueError(f"request has {len(blocks)} KV blocks, the block table "
+                                     f"holds {width}")
                 self._block_table_words[i * width + old:i * width + len(blocks)] = \
                     array("i", blocks[old:])
                 row_len[i] = len(blocks)

@@ -142,9 +142,9 @@ class ModelRunner:
                              self.block_size, num_blocks, self.max_num_seqs, self.max_num_tokens,
                              self.config.max_blocks_per_seq, self.config.model.dtype)
         self.attention_spec = spec
-        # One tensor per layer and K/V, not views of one allocation: compiled layers store
-        # into them through an in-place custom op, and inductor can only do that in place
-        # when the mutated inputs share no base (views would make it copy the whole base).
+        # One tensor per layer and K/V, not views of one allocation: an in-place custom op on
+        # them, if compiled, stays in place only when the mutated inputs share no base
+        # (views would make inductor copy the whole base; tests/test_qk_norm_rope.py).
         shape = (num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [tuple(torch.zeros(shape, dtype=self.config.model.dtype,
                                             device=self.device) for _ in range(2))
