@@ -85,6 +85,7 @@ class ModelRunner:
         self.sampled = torch.zeros(sched.max_num_seqs, dtype=torch.int64, device=self.device)
         self.async_scheduling = sched.async_scheduling
         self._last_rows: dict[int, int] = {}       # async only: id(request) -> its row
+        self._last_step: StepInputs | None = None
         # Recorded after each step's host->device input copies (see `launch`).
         self._inputs_copied = torch.cuda.Event() if self.device.type == "cuda" else None
         self.backend_cls = get_backend_class(config.attention_backend)
@@ -260,8 +261,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
         step = self.buffers.prepare(chunks, desc, self._last_rows)
-        if self.async_scheduling:
+        # A steady decode step (the last step's StepInputs again) keeps every request's row.
+        if self.async_scheduling and step is not self._last_step:
             self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
+        self._last_step = step
         self.backend.prepare(step.attention)
         self.prepare_seconds += time.perf_counter() - t0
         if self._inputs_copied is not None:
