@@ -5,9 +5,10 @@ BlockMask lists which physical KV blocks each query block may visit. Two layouts
 
 * decode (every request has the same query length q): on CUDA with compilation on, our
   Triton paged decode kernel (attention/paged_decode.py: one kernel per layer, no compile
-  per batch size; in the engine on an H100 6% faster than flex decoding at batch 1, even at
-  32, 7% slower at 8 — docs/benchmarks.md, fifth session). Otherwise (and for
-  queries too long for that kernel) flex decoding: one batch row per request,
+  per batch size), which for 2+ requests and more than one KV split also starts from the
+  qkv projection (`forward_qkv`, attention/paged_decode_qk.py; `fuse_qk_norm_rope` says
+  where that measured faster — docs/benchmarks.md, fifth and sixth sessions). Otherwise
+  (and for queries too long for that kernel) flex decoding: one batch row per request,
   `q [R, Hq, q, D]`; the block table *is* `kv_indices`. Flex decoding compiles per batch
   size, so the rows are padded to a power of two (empty rows: no KV blocks) and a few
   compiles serve every decode graph; SPLIT_KV is sized to keep every SM busy (inductor's

@@ -21,6 +21,7 @@ import torch
 
 from fullgraph.attention import paged_decode as paged
 from fullgraph.layers.pdl import pdl_enabled
+from fullgraph.layers.qk_norm_rope import triton_supported
 
 try:
     import triton
@@ -173,9 +174,8 @@ if triton is not None:
 
 def supported(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """bf16/fp16 on CUDA (float32 models keep the unfused path's IEEE dots)."""
-    return (triton is not None and qkv.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16)
-            and qkv.dtype == k_cache.dtype and qkv.stride(-1) == 1 and k_cache.stride(-1) == 1
-            and paged.supported(qkv.device, k_cache.shape[-1]) and k_cache.shape[-1] >= 32)
+    return (qkv.dtype in (torch.bfloat16, torch.float16)
+            and triton_supported(qkv, k_cache, k_cache.shape[-1]))
 
 
 def paged_decode_qk(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

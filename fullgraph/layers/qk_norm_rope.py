@@ -102,7 +102,8 @@ if triton is not None:
 FEW_TOKENS = 64
 
 
-def _triton_supported(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
+def triton_supported(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether the Triton kernel (and the fused decode kernel's prologue) covers these."""
     return (triton is not None and qkv.is_cuda and qkv.stride(-1) == 1
             and head_dim >= 32 and head_dim & (head_dim - 1) == 0
             and k_cache.stride(-1) == 1 and qkv.dtype == k_cache.dtype)
@@ -119,7 +120,7 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     rotated) and v stored at `slot_mapping` in the caches ([slots, Hkv, D] each)."""
     t = qkv.shape[0]
     d = k_cache.shape[-1]
-    if not _triton_supported(qkv, k_cache, d):
+    if not triton_supported(qkv, k_cache, d):
         q, k, v = qkv.split((num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
         q = rms_norm(q.reshape(t, num_heads, d), q_weight, eps)
         k = rms_norm(k.reshape(t, num_kv_heads, d), k_weight, eps)

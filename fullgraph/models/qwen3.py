@@ -124,7 +124,7 @@ class Qwen3ForCausalLM(nn.Module):
     def compile_layers(self) -> None:
         """torch.compile each layer (`--compile-layers`, off by default): one compiled graph,
         dynamic in the token count, serves every layer and batch size; the attention call is
-        left out (ForwardContext.attention). The layers' elementwise work lives in our fused
+        left out (ForwardContext.attention_qkv). The layers' elementwise work lives in our fused
         ops, so inductor has nothing left to fuse: on an H100 eager layers decode as fast
         (docs/benchmarks.md, fifth session) and capture skips the layer compiles."""
         options = inductor_options(self.lm_head.weight.device)
