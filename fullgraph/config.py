@@ -57,6 +57,9 @@ class CompilationConfig:
     # torch.compile FlexAttention: on for CUDA always (eager FlexAttention materializes the
     # scores, which is only fit for CPU test models)
     compile_attention: bool = True
+    # Compile the Triton kernels capture needs side by side before the warmups (CUDA; see
+    # worker/compilers.py's triton_compile_ahead), instead of one by one inside them.
+    compile_ahead: bool = True
 
 
 @dataclass(frozen=True, slots=True)

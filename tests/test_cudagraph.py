@@ -1,6 +1,7 @@
 """Graph manager, dispatcher and capture on the CPU (fake graphs with replay semantics)."""
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -103,6 +104,38 @@ def test_capture_needs_its_own_attention_state(share_state, correct):
     x.copy_(torch.tensor([10.0, 20.0, 30.0, 40.0]))               # new step, same buffers
     out = manager.replay("k")
     assert torch.equal(out, x * 2 + 1) == correct
+
+
+def test_warmups_run_inside_compile_ahead_and_before_any_capture():
+    log: list = []
+
+    @contextlib.contextmanager
+    def compile_ahead():
+        log.append("enter")
+        yield
+        log.append("compiles loaded")
+
+    runtime = FakeGraphRuntime()
+    original_capture = runtime.capture
+    runtime.capture = lambda fn: (log.append("capture"), original_capture(fn))[1]
+
+    def create_forward_fn(key, warmup):
+        state = object()
+
+        def fn():
+            log.append((key, warmup, id(state)))
+            return torch.zeros(1)
+        return fn, state
+
+    manager = CUDAGraphManager(runtime, compile_ahead)
+    pairs, report = manager.capture(["a", "b"], create_forward_fn, progress=False)
+    assert report.num_graphs == 2
+    assert [e if isinstance(e, str) else e[:2] for e in log] == [
+        "enter", ("a", True), ("b", True), "compiles loaded",
+        "capture", ("a", False), "capture", ("b", False)]
+    warm_ids = {e[0]: e[2] for e in log if isinstance(e, tuple) and e[1]}
+    assert all(id(pairs[k].warmup) == warm_ids[k] for k in "ab")
+    assert all(pairs[k].captured is not pairs[k].warmup for k in "ab")
 
 
 def test_fake_graph_refuses_host_syncs():

@@ -39,6 +39,8 @@ class EngineArgs:
     # kernels already, and on an H100 eager layers decode as fast while capture skips four
     # layer compiles (docs/benchmarks.md, fifth session).
     compile_layers: bool = False
+    # Compile the Triton kernels capture needs in parallel before the warmups (CUDA).
+    compile_ahead: bool = True
     # Overlap host work with the device (one step in flight); None = on for CUDA devices,
     # where it pays (H200: batch 1 decode 2.28 -> 1.64 ms/step), off on a CPU.
     async_scheduling: bool | None = None
@@ -86,7 +88,7 @@ class EngineArgs:
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
                                                         self.max_cudagraph_capture_size, scheduler)),
             graph_runtime=runtime, compile_layers=self.compile_layers and device.type == "cuda",
-            compile_attention=device.type == "cuda")
+            compile_attention=device.type == "cuda", compile_ahead=self.compile_ahead)
         # num_blocks is decided by the worker once it knows the memory left (0 = not yet).
         cache = CacheConfig(block_size=self.block_size,
                             num_blocks=self.num_gpu_blocks_override or 0,

@@ -41,6 +41,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=d.compile_layers,
                    help="torch.compile the decoder layers (CUDA); FlexAttention is compiled "
                         "either way")
+    g.add_argument("--compile-ahead", action=argparse.BooleanOptionalAction,
+                   default=d.compile_ahead,
+                   help="compile the Triton kernels graph capture needs in parallel before "
+                        "its warmups (CUDA)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs this one (default: on "
                         "for CUDA)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -17,7 +18,8 @@ from fullgraph.attention.metadata import AttentionSpec
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.models.loader import load_model
 from fullgraph.sampling_params import SamplingParams
-from fullgraph.worker.compilers import configure_compilers
+from fullgraph.worker.compilers import (configure_compilers, start_compile_workers,
+                                        triton_compile_ahead)
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
 from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
                                                 GraphRuntime)
@@ -58,9 +60,16 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        comp = config.compilation
+        self._compile_workers = None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             configure_compilers()
+            if (comp.compile_ahead and comp.graph_runtime == "cuda"
+                    and comp.cudagraph_mode != CUDAGraphMode.NONE):
+                # Started now, they are ready when capture needs them (closed there, or
+                # when the runner is collected).
+                self._compile_workers = start_compile_workers()
         t0 = time.perf_counter()
         self.model = load_model(config.model, self.device)
         if config.compilation.compile_layers and hasattr(self.model, "compile_layers"):
@@ -179,11 +188,22 @@ class ModelRunner:
     def capture_graphs(self, runtime: GraphRuntime | None = None) -> CaptureReport | None:
         """Capture a model graph per descriptor and a general-sampler graph per request count;
         afterwards steps that fit replay."""
+        workers, self._compile_workers = self._compile_workers, None
+        try:
+            return self._capture_graphs(runtime, workers)
+        finally:
+            if workers is not None:
+                workers.close()
+
+    def _capture_graphs(self, runtime: GraphRuntime | None, workers) -> CaptureReport | None:
         descs = self.dispatcher.descriptors_to_capture()
         if not descs or not self.backend_cls.supports_cudagraph:
             return None
-        runtime = runtime or CUDAGraphRuntime(self.device)
-        self.graphs = CUDAGraphManager(runtime)
+        ahead = None
+        if runtime is None:
+            runtime = CUDAGraphRuntime(self.device)
+            ahead = partial(triton_compile_ahead, workers) if workers is not None else None
+        self.graphs = CUDAGraphManager(runtime, ahead)
         rows = sorted({d.num_reqs for d in descs}, reverse=True)
         keys = descs + [SamplerGraphKey(r) for r in rows]
         compiles0 = compile_count()

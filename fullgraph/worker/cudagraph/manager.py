@@ -1,20 +1,27 @@
 """The CUDA graph manager: captures and replays full-step graphs. It knows no model.
 
 It is given keys to capture (hashable; the runner uses batch descriptors) and a
-`create_forward_fn(key, warmup)` that returns `(fn, attention_state)`. For each key, largest
-first, it runs `create_forward_fn(key, warmup=True)`'s fn eagerly, then captures
-`create_forward_fn(key, warmup=False)`'s fn into one memory pool shared by every graph. The
+`create_forward_fn(key, warmup)` that returns `(fn, attention_state)`. It runs
+`create_forward_fn(key, warmup=True)`'s fn eagerly for every key, largest first (kernels
+compile there), then captures `create_forward_fn(key, warmup=False)`'s fn for every key into
+one memory pool shared by every graph. The
 two calls build *separate* attention state (seed 001): a backend that initializes lazily on
 its first run (planning, workspaces, an "initialized" flag) would otherwise be captured with
 the initialization already done, and the graph would replay kernels that read buffers it
 never fills. The states come back as `{key: AttentionStatePair}` for components that capture
 later against the same batch (a drafter's prefill graphs).
+
+Given `compile_ahead` (a context manager factory, worker/compilers.py's
+`triton_compile_ahead`), the warmups run inside it: there a launch that would compile a
+kernel is skipped and the kernel compiled elsewhere, side by side with the others, and the
+context's exit waits for them and loads them, so every kernel is ready before capture.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -75,34 +82,38 @@ class CaptureReport:
 
 
 class CUDAGraphManager:
-    def __init__(self, runtime: GraphRuntime) -> None:
+    def __init__(self, runtime: GraphRuntime,
+                 compile_ahead: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         self.runtime = runtime
+        self.compile_ahead = compile_ahead
         self.graphs: dict[Hashable, tuple[Any, Any]] = {}
         self.num_replays = 0
 
     def capture(self, keys: Sequence[Hashable], create_forward_fn: CreateForwardFn,
                 progress: bool = True) -> tuple[dict[Hashable, AttentionStatePair], CaptureReport]:
-        pairs: dict[Hashable, AttentionStatePair] = {}
         mem0, t0 = self.runtime.memory_in_use(), time.perf_counter()
-        warmup = 0.0
+        warm_states: dict[Hashable, Any] = {}
+        with (self.compile_ahead or nullcontext)():
+            for key in tqdm(keys, desc="Warming up", unit="graph",
+                            disable=not progress or not keys):
+                w0 = time.perf_counter()
+                fn, warm_states[key] = create_forward_fn(key, True)
+                fn()
+                if time.perf_counter() - w0 > 0.5:    # a compile: say which shape paid for it
+                    logger.info("warmup of %s took %.1f s", key, time.perf_counter() - w0)
+        warmup = time.perf_counter() - t0
+        pairs: dict[Hashable, AttentionStatePair] = {}
         for key in tqdm(keys, desc="Capturing CUDA graphs", unit="graph",
                         disable=not progress or not keys):
-            w0 = time.perf_counter()
-            warm_fn, warm_state = create_forward_fn(key, True)
-            warm_fn()
-            dt = time.perf_counter() - w0
-            warmup += dt
-            if dt > 0.5:       # a compile: say which shape paid for it
-                logger.info("warmup of %s took %.1f s", key, dt)
             fn, state = create_forward_fn(key, False)
             self.graphs[key] = self.runtime.capture(fn)
-            pairs[key] = AttentionStatePair(warm_state, state)
+            pairs[key] = AttentionStatePair(warm_states[key], state)
         report = CaptureReport(len(keys), time.perf_counter() - t0,
                                self.runtime.memory_in_use() - mem0, warmup)
         if keys:
-            logger.info("captured %d CUDA graphs in %.1f s (%.1f s of it warmup) using %.2f GiB",
-                        report.num_graphs, report.seconds, report.warmup_seconds,
-                        report.memory_bytes / 2**30)
+            logger.info("captured %d CUDA graphs in %.1f s (%.1f s of it warming up, where "
+                        "kernels compile) using %.2f GiB", report.num_graphs, report.seconds,
+                        warmup, report.memory_bytes / 2**30)
         return pairs, report
 
     def has(self, key: Hashable) -> bool:
