@@ -128,14 +128,17 @@ def test_warmups_run_inside_compile_ahead_and_before_any_capture():
         return fn, state
 
     manager = CUDAGraphManager(runtime, compile_ahead)
-    pairs, report = manager.capture(["a", "b"], create_forward_fn, progress=False)
+    pairs, report = manager.capture(["a", "b"], create_forward_fn, progress=False,
+                                    warmup_order=["b", "a"])
     assert report.num_graphs == 2
     assert [e if isinstance(e, str) else e[:2] for e in log] == [
-        "enter", ("a", True), ("b", True), "compiles loaded",
+        "enter", ("b", True), ("a", True), "compiles loaded",
         "capture", ("a", False), "capture", ("b", False)]
     warm_ids = {e[0]: e[2] for e in log if isinstance(e, tuple) and e[1]}
     assert all(id(pairs[k].warmup) == warm_ids[k] for k in "ab")
     assert all(pairs[k].captured is not pairs[k].warmup for k in "ab")
+    with pytest.raises(ValueError, match="same keys"):
+        manager.capture(["a", "b"], create_forward_fn, progress=False, warmup_order=["a"])
 
 
 def test_fake_graph_refuses_host_syncs():

@@ -3,7 +3,8 @@ Triton compile (our kernels and inductor's; a call answered from the on-disk cac
 too, and is fast).
 
     python benchmarks/probes/startup.py [--model qwen3-0.6b-random] [--top 25] [--json F]
-                                        [--no-compile-ahead]
+                                        [--no-compile-ahead] [--max-model-len N]
+                                        [--num-gpu-blocks-override N]
 
 Prints the capture report, the slowest warmups, the Triton compiles grouped by kernel name
 (count, seconds) and torch.compile's own phase times.
@@ -51,6 +52,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json")
     p.add_argument("--compile-ahead", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max-model-len", type=int, help="`bench latency` uses 672")
+    p.add_argument("--num-gpu-blocks-override", type=int,
+                   help="`bench latency` sets one (2752), so no memory-profiling step runs")
     a = p.parse_args()
     compiles: dict[str, list[float]] = defaultdict(list)
     calls: list = []
@@ -80,7 +84,8 @@ def main() -> None:
         pools.append(self)
     compile_worker.CompileWorkers.__init__ = init
     t0 = time.perf_counter()
-    llm = LLM(a.model, compile_ahead=a.compile_ahead)
+    llm = LLM(a.model, compile_ahead=a.compile_ahead, max_model_len=a.max_model_len,
+              num_gpu_blocks_override=a.num_gpu_blocks_override)
     start = time.perf_counter() - t0
     report = llm.engine.runner.capture_report
     print(f"engine start {start:.1f} s; capture {report.seconds:.1f} s "

@@ -2,9 +2,9 @@
 
 It is given keys to capture (hashable; the runner uses batch descriptors) and a
 `create_forward_fn(key, warmup)` that returns `(fn, attention_state)`. It runs
-`create_forward_fn(key, warmup=True)`'s fn eagerly for every key, largest first (kernels
-compile there), then captures `create_forward_fn(key, warmup=False)`'s fn for every key into
-one memory pool shared by every graph. The
+`create_forward_fn(key, warmup=True)`'s fn eagerly for every key (kernels compile there),
+then captures `create_forward_fn(key, warmup=False)`'s fn for every key, in the order given
+(the runner gives largest first), into one memory pool shared by every graph. The
 two calls build *separate* attention state (seed 001): a backend that initializes lazily on
 its first run (planning, workspaces, an "initialized" flag) would otherwise be captured with
 the initialization already done, and the graph would replay kernels that read buffers it
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -90,11 +91,16 @@ class CUDAGraphManager:
         self.num_replays = 0
 
     def capture(self, keys: Sequence[Hashable], create_forward_fn: CreateForwardFn,
-                progress: bool = True) -> tuple[dict[Hashable, AttentionStatePair], CaptureReport]:
+                progress: bool = True, warmup_order: Sequence[Hashable] | None = None
+                ) -> tuple[dict[Hashable, AttentionStatePair], CaptureReport]:
+        """Warm up every key (in `warmup_order`, the same keys; default `keys`' order), then
+        capture them in `keys`' order."""
+        if warmup_order is not None and Counter(warmup_order) != Counter(keys):
+            raise ValueError("warmup_order must hold the same keys as keys")
         mem0, t0 = self.runtime.memory_in_use(), time.perf_counter()
         warm_states: dict[Hashable, Any] = {}
         with (self.compile_ahead or nullcontext)():
-            for key in tqdm(keys, desc="Warming up", unit="graph",
+            for key in tqdm(warmup_order or keys, desc="Warming up", unit="graph",
                             disable=not progress or not keys):
                 w0 = time.perf_counter()
                 fn, warm_states[key] = create_forward_fn(key, True)

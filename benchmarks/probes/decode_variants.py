@@ -1,0 +1,94 @@
+"""Probe: decode ms/step of kernel-parameter variants, measured in the model on one machine
+(`bench latency`'s graph mode; one engine per variant; the variants' runs interleaved, so
+drift hits them alike).
+
+    python benchmarks/probes/decode_variants.py --batch-sizes 1 --repeats 2 \\
+        base splits=8 fuse norm_tile=4,1024,4
+
+A variant is `base` or `+`-joined edits:
+  splits=N            decode attention KV splits at one request
+  fuse                the fused q/k + attention kernel at one request too
+  norm_tile=BN,BK,W   one-row GEMV tiles with the RMSNorm prologue (qkv, gate_up)
+  silu_tile=BN,BK,W   one-row GEMV tiles with the SiLU prologue (down)
+  plain_tile=BN,BK,W  one-row GEMV tiles without a prologue, N <= 2048 (o)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fullgraph.attention import flex
+from fullgraph.attention import paged_decode as paged
+from fullgraph.entrypoints.bench import latency
+from fullgraph.entrypoints.bench.common import copy_bandwidth
+from fullgraph.layers import gemv
+
+ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
+            "config": gemv._config}
+
+
+def apply(variant: str) -> None:
+    paged.decode_splits, flex.fuse_qk_norm_rope = ORIGINAL["splits"], ORIGINAL["fuse"]
+    gemv._config = ORIGINAL["config"]
+    tiles: dict[int, tuple[int, int, int]] = {}
+    plain: tuple[int, int, int] | None = None
+    for edit in variant.split("+"):
+        name, _, value = edit.partition("=")
+        if name == "base":
+            continue
+        if name == "splits":
+            n = int(value)
+            paged.decode_splits = (lambda rows, hkv, sms, n=n:
+                                   n if rows == 1 else ORIGINAL["splits"](rows, hkv, sms))
+        elif name == "fuse":
+            flex.fuse_qk_norm_rope = lambda num_reqs, num_splits: num_splits > 1
+        elif name in ("norm_tile", "silu_tile", "plain_tile"):
+            tile = tuple(int(v) for v in value.split(","))
+            if name == "plain_tile":
+                plain = tile
+            else:
+                tiles[gemv.RMS_NORM if name == "norm_tile" else gemv.SILU_MUL] = tile
+        else:
+            raise SystemExit(f"unknown edit {edit!r}")
+
+    def config(m_bucket, n, k, prologue=gemv.PLAIN):
+        if m_bucket == 1 and prologue in tiles:
+            return tiles[prologue]
+        if m_bucket == 1 and prologue == gemv.PLAIN and plain and n <= 2048:
+            return plain
+        return ORIGINAL["config"](m_bucket, n, k, prologue)
+    gemv._config = config
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    latency.add_args(p)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json")
+    p.add_argument("variants", nargs="+")
+    ns = p.parse_args()
+    ns.cudagraph_capture_sizes = [[b] for b in ns.batch_sizes]
+    ns.cudagraph_mode = "full_decode_only"
+    bandwidth = copy_bandwidth(torch.device("cuda"))
+    results: dict[str, list[list[float]]] = {v: [] for v in ns.variants}
+    for rep in range(ns.repeats):
+        for v in ns.variants:
+            apply(v)
+            run = latency.run_mode(ns, "graph", bandwidth)
+            ms = [r["decode_ms_median"] for r in run["rows"]]
+            results[v].append(ms)
+            print(f"rep {rep} {v:40s} " + " ".join(f"{m:.3f}" for m in ms), flush=True)
+    print(f"\nms/step, best of {ns.repeats} (batch {' '.join(map(str, ns.batch_sizes))}):")
+    for v, runs in results.items():
+        print(f"  {v:40s} " + " ".join(f"{min(col):.3f}" for col in zip(*runs)))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump({"batch_sizes": ns.batch_sizes, "results": results,
+                       "argv": sys.argv[1:]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
