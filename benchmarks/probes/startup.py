@@ -62,7 +62,7 @@ def main() -> None:
     shapes: list[tuple[str, float, float]] = []
     original_capture = manager.CUDAGraphManager.capture
 
-    def capture(self, keys, create_forward_fn, progress=True):
+    def capture(self, keys, create_forward_fn, progress=True, **kwargs):
         def timed_fn(key, warmup):
             fn, state = create_forward_fn(key, warmup)
 
@@ -72,7 +72,7 @@ def main() -> None:
                 shapes.append((str(key), warmup, time.perf_counter() - t0, t0))
                 return out
             return run, state
-        return original_capture(self, keys, timed_fn, progress)
+        return original_capture(self, keys, timed_fn, progress, **kwargs)
 
     manager.CUDAGraphManager.capture = capture
     pools: list = []
