@@ -11,6 +11,7 @@ A variant is `base` or `+`-joined edits:
   norm_tile=BN,BK,W   one-row GEMV tiles with the RMSNorm prologue (qkv, gate_up)
   silu_tile=BN,BK,W   one-row GEMV tiles with the SiLU prologue (down)
   plain_tile=BN,BK,W  one-row GEMV tiles without a prologue, N <= 2048 (o)
+  big_tile=BN,BK,W    one-row GEMV tiles without a prologue, N >= 32768 (LM head)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def apply(variant: str) -> None:
     gemv._config = ORIGINAL["config"]
     tiles: dict[int, tuple[int, int, int]] = {}
     plain: tuple[int, int, int] | None = None
+    big: tuple[int, int, int] | None = None
     for edit in variant.split("+"):
         name, _, value = edit.partition("=")
         if name == "base":
@@ -45,10 +47,12 @@ def apply(variant: str) -> None:
                                    n if rows == 1 else ORIGINAL["splits"](rows, hkv, sms))
         elif name == "fuse":
             flex.fuse_qk_norm_rope = lambda num_reqs, num_splits: num_splits > 1
-        elif name in ("norm_tile", "silu_tile", "plain_tile"):
+        elif name in ("norm_tile", "silu_tile", "plain_tile", "big_tile"):
             tile = tuple(int(v) for v in value.split(","))
             if name == "plain_tile":
                 plain = tile
+            elif name == "big_tile":
+                big = tile
             else:
                 tiles[gemv.RMS_NORM if name == "norm_tile" else gemv.SILU_MUL] = tile
         else:
@@ -59,6 +63,8 @@ def apply(variant: str) -> None:
             return tiles[prologue]
         if m_bucket == 1 and prologue == gemv.PLAIN and plain and n <= 2048:
             return plain
+        if m_bucket == 1 and prologue == gemv.PLAIN and big and n >= 32768:
+            return big
         return ORIGINAL["config"](m_bucket, n, k, prologue)
     gemv._config = config
 
