@@ -126,7 +126,8 @@ def gemv_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): the fastest tiles measured on an H200 for Qwen3-0.6B's
-    shapes (benchmarks/probes/gemv.py, gemv_tiles.py), as a rule. Fixed rather than
+    shapes (benchmarks/probes/gemv.py, gemv_tiles.py), then in the model on an H100
+    (benchmarks/probes/decode_variants.py), as a rule. Fixed rather than
     autotuned: tuning every shape at start-up cost ~40 s of graph capture. One row: few
     outputs per program (many programs) and long K slices; with a prologue, which every
     program repeats over the whole row, a few more outputs per program. Up to 32 rows: with
@@ -137,12 +138,14 @@ def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, 
         if prologue == RMS_NORM:
             return 8, 1024, 4
         if prologue == SILU_MUL:
-            return 2, 1024, 8
+            # down: its whole weight strip in one slice where it fits, which the PDL prefetch
+            # loads before the wait; in the model (decode_variants.py, H100) batch 1
+            # 0.882 -> 0.844 ms/step against 2, 1024, 8
+            return 8, min(4096, 1 << (k - 1).bit_length()), 8
         if n >= 32768:
             return 16, 512, 4
         if n <= 2048 and k >= 2048:
-            # o_proj: its whole weight strip in one slice, prefetched before the PDL wait;
-            # in the model (decode_variants.py, H100) batch 1 0.911 -> 0.880 ms/step
+            # o_proj likewise: batch 1 0.911 -> 0.880 ms/step against 1, 1024, 2
             return 1, 2048, 8
         return (1, 1024, 2) if n <= 2048 else (2, 1024, 4)
     return (32 if n >= 32768 else 16), 256, 2
