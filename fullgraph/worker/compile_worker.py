@@ -37,7 +37,8 @@ class CompileWorkers:
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="triton-compile")
         self._idle: queue.SimpleQueue[subprocess.Popen] = queue.SimpleQueue()
         self._procs: list[subprocess.Popen] = []
-        # also when collected unclosed (an engine whose start failed before capture)
+        # `close()` stops them; so does collecting an unclosed one (an engine whose start
+        # failed before capture)
         self.close = weakref.finalize(self, _stop, self._pool, self._procs)
         for _ in range(num_workers):
             self._idle.put(self._start())
@@ -76,7 +77,6 @@ class CompileWorkers:
         self.log.append((kernel, submitted, started, time.perf_counter(), proc.pid))
         if "error" in reply:
             raise RuntimeError(f"compiling {kernel}: {reply['error']}")
-
 
 
 def _stop(pool: ThreadPoolExecutor, procs: list[subprocess.Popen]) -> None:

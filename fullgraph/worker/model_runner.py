@@ -18,6 +18,7 @@ from fullgraph.attention.metadata import AttentionSpec
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.models.loader import load_model
 from fullgraph.sampling_params import SamplingParams
+from fullgraph.worker.compile_worker import CompileWorkers
 from fullgraph.worker.compilers import (configure_compilers, start_compile_workers,
                                         triton_compile_ahead)
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
@@ -195,7 +196,8 @@ class ModelRunner:
             if workers is not None:
                 workers.close()
 
-    def _capture_graphs(self, runtime: GraphRuntime | None, workers) -> CaptureReport | None:
+    def _capture_graphs(self, runtime: GraphRuntime | None,
+                        workers: CompileWorkers | None) -> CaptureReport | None:
         descs = self.dispatcher.descriptors_to_capture()
         if not descs or not self.backend_cls.supports_cudagraph:
             return None
