@@ -93,3 +93,46 @@ def test_lazy_backend_needs_separate_capture_state(share_state, correct):
     out = manager.replay("k")
     torch.cuda.synchronize()
     assert torch.equal(out, x * 2 + 1) == correct
+
+
+def _forget_compiled_triton_kernels() -> None:
+    """Drop every fullgraph Triton kernel's in-memory compiled variants, as in a new process
+    (Triton's on-disk cache is the test's own, empty directory)."""
+    import sys
+    from triton.runtime.jit import JITFunction
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fullgraph.") and module is not None:
+            for value in vars(module).values():
+                if isinstance(value, JITFunction):
+                    value.device_caches.clear()
+
+
+def test_cold_start_compiles_ahead_in_workers_and_decodes_as_without(monkeypatch, tmp_path):
+    """Compile-ahead skips the warmups' launches of kernels nobody has compiled yet; the
+    graphs captured afterwards must compute what an engine that compiled them in its
+    warmups computes (bf16, so the one-row GEMV and fused decode kernels run)."""
+    from fullgraph.worker import compile_worker
+    submitted = []
+    original_submit = compile_worker.CompileWorkers.submit
+
+    def submit(self, module, name, specialization):
+        submitted.append(f"{module}.{name}")
+        return original_submit(self, module, name, specialization)
+    monkeypatch.setattr(compile_worker.CompileWorkers, "submit", submit)
+    common = dict(device="cuda", dtype="bfloat16", max_model_len=256, max_num_seqs=8,
+                  max_num_batched_tokens=64, num_gpu_blocks_override=128,
+                  cudagraph_capture_sizes=[1, 2, 4, 8])
+    prompts = [{"prompt_token_ids": list(range(3 + 7 * i, 40 + 11 * i))} for i in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = {}
+    for ahead in (True, False):
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / f"triton-{ahead}"))
+        _forget_compiled_triton_kernels()
+        llm = LLM("tiny-qwen3", compile_ahead=ahead, **common)
+        assert llm.engine.runner.compiles_during_capture == 0
+        outputs[ahead] = [o.outputs[0].token_ids for o in
+                          llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+    assert any("paged_decode" in k for k in submitted)
+    assert any("gemv" in k for k in submitted)
+    assert outputs[True] == outputs[False]
