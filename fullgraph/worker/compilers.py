@@ -110,7 +110,8 @@ def triton_compile_ahead(workers: CompileWorkers | None) -> Iterator[CompileAhea
     the variants compile side by side. A warmup that skipped a launch computed garbage, which
     a warmup may: it runs for the compiles and one-time setup, and after the exit nothing is
     left to set up. Without workers, or a Triton without the hooks this needs, this yields
-    None and changes nothing."""
+    None and changes nothing. Not for kernels under `triton.autotune`: it would time skipped
+    launches and keep a meaningless best config (ours have fixed configs)."""
     knobs = _triton_knobs()
     if workers is None or knobs is None:
         yield None
