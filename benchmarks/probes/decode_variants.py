@@ -12,6 +12,8 @@ A variant is `base` or `+`-joined edits:
   silu_tile=BN,BK,W   one-row GEMV tiles with the SiLU prologue (down)
   plain_tile=BN,BK,W  one-row GEMV tiles without a prologue, N <= 2048 (o)
   big_tile=BN,BK,W    one-row GEMV tiles without a prologue, N >= 32768 (LM head)
+  decode_warps=N      warps of both decode attention kernels (paged_decode.NUM_WARPS)
+  decode_tile=N       KV tokens per loop iteration of both (paged_decode.TILE_TOKENS)
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ from fullgraph.entrypoints.bench.common import copy_bandwidth
 from fullgraph.layers import gemv
 
 ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
-            "config": gemv._config}
+            "config": gemv._config, "NUM_WARPS": paged.NUM_WARPS,
+            "TILE_TOKENS": paged.TILE_TOKENS}
 
 
 def apply(variant: str) -> None:
     paged.decode_splits, flex.fuse_qk_norm_rope = ORIGINAL["splits"], ORIGINAL["fuse"]
     gemv._config = ORIGINAL["config"]
+    paged.NUM_WARPS, paged.TILE_TOKENS = ORIGINAL["NUM_WARPS"], ORIGINAL["TILE_TOKENS"]
     tiles: dict[int, tuple[int, int, int]] = {}
     plain: tuple[int, int, int] | None = None
     big: tuple[int, int, int] | None = None
@@ -45,6 +49,10 @@ def apply(variant: str) -> None:
             n = int(value)
             paged.decode_splits = (lambda rows, hkv, sms, n=n:
                                    n if rows == 1 else ORIGINAL["splits"](rows, hkv, sms))
+        elif name == "decode_warps":
+            paged.NUM_WARPS = int(value)
+        elif name == "decode_tile":
+            paged.TILE_TOKENS = int(value)
         elif name == "fuse":
             flex.fuse_qk_norm_rope = lambda num_reqs, num_splits: num_splits > 1
         elif name in ("norm_tile", "silu_tile", "plain_tile", "big_tile"):
