@@ -75,7 +75,7 @@ def decode_rows(num_reqs: int, query_len: int, max_rows: int) -> int:
     """Rows the decode kernel runs with: a power of two, so few shapes compile."""
     if query_len > DECODE_PAD_MAX_Q:
         return num_reqs
-    return min(1 << (num_reqs - 1).bit_length(), max_rows)
+    return min(paged.pow2(num_reqs), max_rows)
 
 
 def split_kv(rows: int, num_kv_heads: int, num_sms: int) -> int:

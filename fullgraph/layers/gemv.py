@@ -141,7 +141,7 @@ def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, 
             # down: its whole weight strip in one slice where it fits, which the PDL prefetch
             # loads before the wait; in the model (decode_variants.py, H100) batch 1
             # 0.882 -> 0.844 ms/step against 2, 1024, 8
-            return 8, min(4096, 1 << (k - 1).bit_length()), 8
+            return 8, min(4096, triton.next_power_of_2(k)), 8
         if n >= 32768:
             return 16, 512, 4
         if n <= 2048 and k >= 2048:

@@ -73,7 +73,7 @@ class ModelRunner:
                 self._compile_workers = start_compile_workers()
         t0 = time.perf_counter()
         self.model = load_model(config.model, self.device)
-        if config.compilation.compile_layers and hasattr(self.model, "compile_layers"):
+        if comp.compile_layers and hasattr(self.model, "compile_layers"):
             self.model.compile_layers()
         logger.info("loaded %s in %.1f s", config.model.path, time.perf_counter() - t0)
         hf = config.model.hf_config
