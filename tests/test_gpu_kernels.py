@@ -122,3 +122,42 @@ def test_silu_mul_linear_matches_float32(m):
     gate, up = gate_up.chunk(2, dim=-1)
     err_unfused = (F.linear(F.silu(gate) * up, proj.weight).float() - ref).abs().max()
     assert (y.float() - ref).abs().max() <= 2 * err_unfused + 1e-3
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_gemv_l2_prefetch_hint_changes_nothing_it_computes(m):
+    """The prefetched tensors (sizes not multiples of a 128-byte line, more programs than
+    lines) stay as they were, and the product is bitwise the one without the hint."""
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
+    later = [torch.randn(6144, 1024, device="cuda", dtype=torch.bfloat16, generator=g),
+             torch.randn(37, device="cuda", dtype=torch.bfloat16, generator=g)]
+    before = [t.clone() for t in later]
+    plain = gemv(x, w)
+    for hint in ([later[0]], later, [later[1]]):
+        out = gemv(x, w, l2_prefetch_next=hint)
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)
+    assert all(torch.equal(a, b) for a, b in zip(later, before))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 1000), (128, 151936), (2, 600000)])
+def test_argmax_rows_is_torch_argmax_with_ties(dtype, rows, vocab):
+    """Few distinct values, so every row's maximum appears many times, in many chunks: the
+    first index must win, as in torch.argmax."""
+    from fullgraph.layers.argmax import argmax_rows
+    g = torch.Generator(device="cuda").manual_seed(rows + vocab)
+    x = torch.randint(-40, 40, (rows, vocab), device="cuda", generator=g).to(dtype)
+    x[0, -1] = 100.0                       # a lone maximum in the last (partial) chunk
+    if rows > 1:
+        x[1, :] = -3.0                     # one value everywhere: index 0
+    got = argmax_rows(x)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, x.argmax(dim=-1))
+    sliced = x[:, : vocab - 5]             # a row stride wider than the row
+    assert torch.equal(argmax_rows(sliced), sliced.argmax(dim=-1))
+    buf = torch.full((rows + 3,), -1, dtype=torch.int64, device="cuda")
+    assert argmax_rows(x, out=buf[:rows]).data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:rows], x.argmax(dim=-1)) and (buf[rows:] == -1).all()

@@ -14,6 +14,8 @@ A variant is `base` or `+`-joined edits:
   big_tile=BN,BK,W    one-row GEMV tiles without a prologue, N >= 32768 (LM head)
   decode_warps=N      warps of both decode attention kernels (paged_decode.NUM_WARPS)
   decode_tile=N       KV tokens per loop iteration of both (paged_decode.TILE_TOKENS)
+  l2=P:A,B/P:C | l2=none  L2 prefetch plan (Qwen3DecoderLayer.l2_prefetch_plan):
+                      projection P prefetches A and B ("next.X": the next layer's X)
 """
 from __future__ import annotations
 
@@ -28,16 +30,18 @@ from fullgraph.attention import paged_decode as paged
 from fullgraph.entrypoints.bench import latency
 from fullgraph.entrypoints.bench.common import copy_bandwidth
 from fullgraph.layers import gemv
+from fullgraph.models.qwen3 import Qwen3DecoderLayer
 
 ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
             "config": gemv._config, "NUM_WARPS": paged.NUM_WARPS,
-            "TILE_TOKENS": paged.TILE_TOKENS}
+            "TILE_TOKENS": paged.TILE_TOKENS, "l2": Qwen3DecoderLayer.l2_prefetch_plan}
 
 
 def apply(variant: str) -> None:
     paged.decode_splits, flex.fuse_qk_norm_rope = ORIGINAL["splits"], ORIGINAL["fuse"]
     gemv._config = ORIGINAL["config"]
     paged.NUM_WARPS, paged.TILE_TOKENS = ORIGINAL["NUM_WARPS"], ORIGINAL["TILE_TOKENS"]
+    Qwen3DecoderLayer.l2_prefetch_plan = ORIGINAL["l2"]
     tiles: dict[int, tuple[int, int, int]] = {}
     plain: tuple[int, int, int] | None = None
     big: tuple[int, int, int] | None = None
@@ -53,6 +57,10 @@ def apply(variant: str) -> None:
             paged.NUM_WARPS = int(value)
         elif name == "decode_tile":
             paged.TILE_TOKENS = int(value)
+        elif name == "l2":
+            Qwen3DecoderLayer.l2_prefetch_plan = {} if value == "none" else {
+                proj: tuple(targets.split(",")) for proj, _, targets in
+                (part.partition(":") for part in value.split("/"))}
         elif name == "fuse":
             flex.fuse_qk_norm_rope = lambda num_reqs, num_splits: num_splits > 1
         elif name in ("norm_tile", "silu_tile", "plain_tile", "big_tile"):

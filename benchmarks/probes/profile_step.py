@@ -3,7 +3,11 @@
     python benchmarks/probes/profile_step.py --batch-sizes 1 32 --capture-sizes 1 32
 
 Prints, per batch size, the kernels of one decode step grouped by name (count, total µs),
-and dynamo's graph-break counters.
+and dynamo's graph-break counters. `--timeline` also prints, for each kernel of a decoder
+layer (the layers' kernels have a fixed period), the median over layers of its duration and
+of the time from the previous kernel's end to its own end: with PDL a kernel starts before
+its predecessor ends, so durations overlap and sum to more than the step; the end-to-end
+gaps sum to the step and say what each kernel adds to it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,38 @@ from torch.profiler import ProfilerActivity, profile
 from fullgraph import LLM, SamplingParams
 
 
+def print_timeline(prof) -> None:
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                     key=lambda e: e.time_range.start)
+    names = [e.name[:60] for e in kernels]
+    # a layer: [qkv GEMV, q/k kernel (unless fused),] decode attention, o, gate_up, down
+    marks = [i for i, n in enumerate(names) if "paged_decode" in n]
+    if len(marks) < 3:
+        print("timeline: no per-layer decode attention kernel found")
+        return
+    period = marks[1] - marks[0]
+    first = marks[0] - (2 if "qk_norm_rope" in names[marks[0] - 1] else 1)
+    ends = [e.time_range.end for e in kernels]
+    step = ends[-1] - kernels[0].time_range.start
+    print(f"timeline: {len(kernels)} kernels, {step:.1f} us first start to last end, layer "
+          f"period {period}, first layer kernel {first}")
+    rows = []
+    for j in range(period):
+        idx = [first + layer * period + j for layer in range(len(marks))]
+        idx = [i for i in idx if 0 < i < len(kernels)]
+        durs = [kernels[i].time_range.elapsed_us() for i in idx]
+        gaps = [ends[i] - ends[i - 1] for i in idx]
+        rows.append((names[first + j], np.median(durs), np.median(gaps), len(idx)))
+    for name, dur, gap, n in rows:
+        print(f"  {name:60s} dur {dur:6.2f} us  end-to-end {gap:6.2f} us  (x{n})")
+    print(f"  per layer: {sum(r[2] for r in rows):.2f} us; before the layers "
+          f"{ends[first - 1] - kernels[0].time_range.start if first else 0.0:.1f} us, after "
+          f"{ends[-1] - ends[first + period * len(marks) - 1]:.1f} us")
+    for i in range(first + period * len(marks), len(kernels)):
+        print(f"  tail {names[i]:55s} dur {kernels[i].time_range.elapsed_us():6.2f} "
+              f"end-to-end {ends[i] - ends[i - 1]:6.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen3-0.6b-random")
@@ -24,6 +60,7 @@ def main() -> None:
     p.add_argument("--capture-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--timeline", action="store_true")
     a = p.parse_args()
     llm = LLM(a.model, cudagraph_capture_sizes=a.capture_sizes, cudagraph_mode="full_decode_only")
     engine = llm.engine
@@ -51,6 +88,8 @@ def main() -> None:
         print(f"\n=== batch {b}: {sum(g[0] for g in groups.values())} kernels, {total:.0f} us")
         for name, (n, us) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:a.top]:
             print(f"{n:5d} {us:9.1f} us  {name}")
+        if a.timeline:
+            print_timeline(prof)
         while engine.has_unfinished_requests():
             engine.step()
     from torch._dynamo.utils import counters

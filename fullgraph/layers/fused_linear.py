@@ -90,27 +90,29 @@ def _(x, residual, norm_weight, eps):
 
 @torch.library.custom_op("fullgraph::rms_norm_linear", mutates_args=())
 def _rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                     eps: float, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     eps: float, weight: torch.Tensor,
+                     l2_prefetch_next: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(h) @ weight.T, h) with h = x + residual (x without one)."""
     h = torch.empty_like(x)
     if x.shape[0] == 1 and gemv_supported(x, weight):
         y = gemv(x, weight, prologue=RMS_NORM, residual=residual, norm_weight=norm_weight,
-                 eps=eps, residual_out=h)
+                 eps=eps, residual_out=h, l2_prefetch_next=l2_prefetch_next)
         return y, h
     normed = torch.empty_like(x)
     _add_rms_norm_rows(x, residual, norm_weight, eps, h, normed)
-    return matmul(normed, weight), h
+    return matmul(normed, weight, l2_prefetch_next), h
 
 
 @_rms_norm_linear.register_fake
-def _(x, residual, norm_weight, eps, weight):
+def _(x, residual, norm_weight, eps, weight, l2_prefetch_next):
     return x.new_empty(x.shape[0], weight.shape[0]), torch.empty_like(x)
 
 
 @torch.library.custom_op("fullgraph::silu_mul_linear", mutates_args=())
-def _silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
+                     l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
     if gate_up.shape[0] == 1 and gemv_supported(gate_up, weight):
-        return gemv(gate_up, weight, prologue=SILU_MUL)
+        return gemv(gate_up, weight, prologue=SILU_MUL, l2_prefetch_next=l2_prefetch_next)
     m, k = gate_up.shape[0], weight.shape[1]
     act = gate_up.new_empty(m, k)
     if m:
@@ -118,11 +120,11 @@ def _silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
         _silu_mul_rows_kernel[(m, triton.cdiv(k, SILU_BLOCK))](
             gate_up, act, k, gate_up.stride(0), act.stride(0), BLOCK=SILU_BLOCK, USE_PDL=pdl,
             num_warps=4, launch_pdl=pdl)
-    return matmul(act, weight)
+    return matmul(act, weight, l2_prefetch_next)
 
 
 @_silu_mul_linear.register_fake
-def _(gate_up, weight):
+def _(gate_up, weight, l2_prefetch_next):
     return gate_up.new_empty(gate_up.shape[0], weight.shape[0])
 
 
@@ -139,11 +141,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
     return norm(x, residual)
 
 
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """proj(norm(x + residual)) and the new residual x + residual (x when there is none)."""
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: nn.Module,
+                l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """proj(norm(x + residual)) and the new residual x + residual (x when there is none).
+    `l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
     if _fusable(x):
-        y, residual = _rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
+        y, residual = _rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight,
+                                       list(l2_prefetch_next))
     else:
         if residual is None:
             residual, normed = x, norm(x)
@@ -153,10 +157,11 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
     return (y if proj.bias is None else y + proj.bias), residual
 
 
-def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module) -> torch.Tensor:
-    """proj(silu(gate) * up) for gate_up = [gate | up]."""
+def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
+                    l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """proj(silu(gate) * up) for gate_up = [gate | up]; `l2_prefetch_next` as in norm_linear."""
     if _fusable(gate_up):
-        y = _silu_mul_linear(gate_up, proj.weight)
+        y = _silu_mul_linear(gate_up, proj.weight, list(l2_prefetch_next))
     else:
         y = F.linear(silu_and_mul(gate_up), proj.weight)
     return y if proj.bias is None else y + proj.bias

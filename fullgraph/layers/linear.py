@@ -12,27 +12,31 @@ from fullgraph.layers.gemv import matmul
 # An opaque op for torch.compile: the row count is only known at run time (compiled layers
 # are dynamic in it), and it picks the kernel then.
 @torch.library.custom_op("fullgraph::linear", mutates_args=())
-def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return matmul(x, weight)
+def _linear(x: torch.Tensor, weight: torch.Tensor,
+            l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
+    return matmul(x, weight, l2_prefetch_next)
 
 
 @_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """`l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
     if not x.is_cuda or x.dim() != 2:
         return F.linear(x, weight, bias)
-    y = _linear(x, weight)
+    y = _linear(x, weight, list(l2_prefetch_next))
     return y if bias is None else y + bias
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) through `linear`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor,
+                l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, l2_prefetch_next)
 
 
 class MergedLinear(nn.Module):

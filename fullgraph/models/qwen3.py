@@ -19,6 +19,9 @@ from fullgraph.layers.pdl import inductor_options
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 
 
+L2Targets = dict[str, tuple[torch.Tensor, ...]]   # projection -> weights to prefetch
+
+
 def head_dim_of(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
@@ -37,16 +40,16 @@ class Qwen3Attention(nn.Module):
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                norm: RMSNorm, ctx: ForwardContext,
-                kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
+                norm: RMSNorm, ctx: ForwardContext, kv_cache: KVCache,
+                l2_next: L2Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, residual = norm_linear(x, residual, norm, self.qkv_proj, l2_next.get("qkv_proj", ()))
         # q/k norm, rotary and the K/V store (reference: layers/qk_norm_rope.py), then
         # attention; decode steps on CUDA do all of it in the attention kernel
         prologue = QKNormRope(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
                               self.rotary.cos, self.rotary.sin, self.num_heads,
                               self.num_kv_heads)
         o = ctx.attention_qkv(qkv, positions, kv_cache, prologue)
-        return self.o_proj(o.reshape(x.shape[0], -1)), residual
+        return self.o_proj(o.reshape(x.shape[0], -1), l2_next.get("o_proj", ())), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -56,13 +59,18 @@ class Qwen3MLP(nn.Module):
                                                            "up_proj": cfg.intermediate_size})
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor,
-                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        gate_up, residual = norm_linear(x, residual, norm, self.gate_up_proj)
-        return silu_mul_linear(gate_up, self.down_proj), residual
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                l2_next: L2Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up, residual = norm_linear(x, residual, norm, self.gate_up_proj,
+                                        l2_next.get("gate_up_proj", ()))
+        return silu_mul_linear(gate_up, self.down_proj, l2_next.get("down_proj", ())), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
+    # projection -> the weights it asks L2 for, for the kernels after it
+    # (layers/l2_prefetch.py); "next." names the next layer's projections
+    l2_prefetch_plan: dict[str, tuple[str, ...]] = {"o_proj": ("gate_up_proj",)}
+
     def __init__(self, cfg, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = Qwen3Attention(cfg, rotary)
@@ -70,11 +78,24 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, x, residual, ctx, kv_cache):
+    def projections(self) -> dict[str, nn.Module]:
+        return {"qkv_proj": self.self_attn.qkv_proj, "o_proj": self.self_attn.o_proj,
+                "gate_up_proj": self.mlp.gate_up_proj, "down_proj": self.mlp.down_proj}
+
+    def l2_targets(self, next_layer: Qwen3DecoderLayer | None) -> L2Targets:
+        """`l2_prefetch_plan` resolved to weights (the last layer has no next one)."""
+        mine = self.projections()
+        theirs = next_layer.projections() if next_layer is not None else {}
+        return {proj: tuple(m.weight for m in (theirs.get(n[5:]) if n.startswith("next.")
+                                               else mine[n] for n in names) if m is not None)
+                for proj, names in self.l2_prefetch_plan.items()}
+
+    def forward(self, positions, x, residual, ctx, kv_cache, l2_next: L2Targets):
         # Each RMSNorm (with the residual add before it) runs inside the projection it feeds:
         # input_layernorm in qkv_proj, post_attention_layernorm in gate_up_proj.
-        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx, kv_cache)
-        return self.mlp(x, residual, self.post_attention_layernorm)
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx, kv_cache,
+                                     l2_next)
+        return self.mlp(x, residual, self.post_attention_layernorm, l2_next)
 
 
 class Qwen3Model(nn.Module):
@@ -91,8 +112,10 @@ class Qwen3Model(nn.Module):
     def forward(self, input_ids, positions, ctx):
         x, residual = self.embed_tokens(input_ids), None
         # Each layer gets its own KV tensors as arguments, so one compiled graph serves all.
-        for layer, kv_cache in zip(self.layers, ctx.kv_caches, strict=True):
-            x, residual = layer(positions, x, residual, ctx, kv_cache)
+        layers = list(self.layers)
+        for i, (layer, kv_cache) in enumerate(zip(layers, ctx.kv_caches, strict=True)):
+            l2_next = layer.l2_targets(layers[i + 1] if i + 1 < len(layers) else None)
+            x, residual = layer(positions, x, residual, ctx, kv_cache, l2_next)
         x, _ = add_rms_norm(x, residual, self.norm)
         return x
 

@@ -109,8 +109,10 @@ def triton_compile_ahead(workers: CompileWorkers | None) -> Iterator[CompileAhea
     its 21 s on an H100 (docs/benchmarks.md, seventh session). Run the warmups in here and
     the variants compile side by side. A warmup that skipped a launch computed garbage, which
     a warmup may: it runs for the compiles and one-time setup, and after the exit nothing is
-    left to set up. Without workers, or a Triton without the hooks this needs, this yields
-    None and changes nothing. Not for kernels under `triton.autotune`: it would time skipped
+    left to set up, as long as garbage cannot fault: a kernel whose output later code uses
+    as indices must write into memory that holds valid ones already (layers/argmax.py).
+    Without workers, or a Triton without the hooks this needs, this yields None and changes
+    nothing. Not for kernels under `triton.autotune`: it would time skipped
     launches and keep a meaningless best config (ours have fixed configs)."""
     knobs = _triton_knobs()
     if workers is None or knobs is None:

@@ -16,6 +16,7 @@ import torch
 from fullgraph.attention.backend import ForwardContext, get_backend_class
 from fullgraph.attention.metadata import AttentionSpec
 from fullgraph.config import CUDAGraphMode, EngineConfig
+from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.loader import load_model
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.compile_worker import CompileWorkers
@@ -259,8 +260,10 @@ class ModelRunner:
         ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
         hidden = self.model(step.input_ids, step.positions, ctx)
         logits = self.logits[:r]
-        self.model.compute_logits(hidden[step.logits_indices], out=logits)
-        return self.sampled[:r].copy_(logits.argmax(dim=-1))
+        # one token per request: the rows are the requests' already (no gather kernel)
+        rows = hidden[:r] if step.desc.uniform_query_len == 1 else hidden[step.logits_indices]
+        self.model.compute_logits(rows, out=logits)
+        return argmax_rows(logits, out=self.sampled[:r])
 
     def _sample(self, sampling: SamplingTensors) -> SamplerOutput:
         r = sampling.temperature.shape[0]

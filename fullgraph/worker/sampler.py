@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fullgraph.layers.argmax import argmax_rows
+
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B          # < 2**31, so products of 32-bit values stay inside int64
 _GOLDEN = 0x9E3779B1
@@ -84,7 +86,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """logits: [R, V] in the model's dtype (argmax over them equals argmax over float32)."""
     if t.greedy_only:
-        return SamplerOutput(logits.argmax(dim=-1))
+        return SamplerOutput(argmax_rows(logits))
     n = logits.shape[0]
     parts = [_sample_rows(logits[lo:lo + SAMPLE_CHUNK_ROWS].float(),
                           t.rows(lo, lo + SAMPLE_CHUNK_ROWS))
@@ -98,7 +100,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
 
 def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """logits: [r, V] float32."""
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax_rows(logits)
     if t.all_greedy:
         token_ids = greedy
     else:
@@ -107,7 +109,7 @@ def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         if t.any_top_k_top_p:
             scaled = apply_top_k_top_p(scaled, t.top_k, t.top_p)
         gumbel = -torch.log(-torch.log(uniform_noise(t.seeds, t.positions, logits.shape[-1])))
-        sampled = (scaled + gumbel).argmax(dim=-1)
+        sampled = argmax_rows(scaled + gumbel)
         token_ids = torch.where(t.temperature > 0, sampled, greedy)
     out = SamplerOutput(token_ids)
     if t.num_logprobs >= 0:
