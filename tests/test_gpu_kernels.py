@@ -67,22 +67,23 @@ def test_qk_norm_rope_kernel_matches_transformers(dtype, t):
 
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 300])
 @pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("hidden", [1024, 2560])   # one K slice at one row, and several
 @torch.inference_mode()
-def test_norm_linear_matches_transformers_rmsnorm(m, with_residual):
+def test_norm_linear_matches_transformers_rmsnorm(m, with_residual, hidden):
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
     from fullgraph.layers.fused_linear import norm_linear
     from fullgraph.layers.norm import RMSNorm
     g = torch.Generator(device="cuda").manual_seed(m)
-    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
-    res = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16, generator=g) \
+    x = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+    res = torch.randn(m, hidden, device="cuda", dtype=torch.bfloat16, generator=g) \
         if with_residual else None
-    norm = RMSNorm(1024, 1e-6).cuda().to(torch.bfloat16)
-    norm.weight.data = torch.rand(1024, device="cuda", generator=g).to(torch.bfloat16) + 0.5
-    proj = torch.nn.Linear(1024, 3000, bias=False, device="cuda", dtype=torch.bfloat16)
+    norm = RMSNorm(hidden, 1e-6).cuda().to(torch.bfloat16)
+    norm.weight.data = torch.rand(hidden, device="cuda", generator=g).to(torch.bfloat16) + 0.5
+    proj = torch.nn.Linear(hidden, 3000, bias=False, device="cuda", dtype=torch.bfloat16)
     y, h = torch.compile(norm_linear, dynamic=True, fullgraph=True)(x, res, norm, proj)
     h_ref = x + res if with_residual else x
     assert torch.equal(h, h_ref)
-    ref_norm = Qwen3RMSNorm(1024, 1e-6).cuda()
+    ref_norm = Qwen3RMSNorm(hidden, 1e-6).cuda()
     ref_norm.weight.data = norm.weight.float()
     ref = F.linear(ref_norm(h_ref.float()), proj.weight.float())
     unfused = F.linear(norm(h_ref), proj.weight)        # the same math op by op in bf16

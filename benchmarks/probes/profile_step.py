@@ -57,12 +57,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen3-0.6b-random")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--capture-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--capture-sizes", type=int, nargs="*", default=[1, 32],
+                   help="none given: the engine's default sizes")
+    p.add_argument("--cudagraph-mode", default="full_decode_only")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--timeline", action="store_true")
     a = p.parse_args()
-    llm = LLM(a.model, cudagraph_capture_sizes=a.capture_sizes, cudagraph_mode="full_decode_only")
+    sizes = {"cudagraph_capture_sizes": a.capture_sizes} if a.capture_sizes else {}
+    llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, **sizes)
     engine = llm.engine
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import os
 import statistics
 import time
 
@@ -147,6 +148,6 @@ def main(ns: argparse.Namespace) -> int:
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode ms/step",
            title=f"{ns.model} on {data['device']}")
     ax.legend()
-    fig.savefig(path.replace(".json", ".png"), dpi=120, bbox_inches="tight")
+    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=120, bbox_inches="tight")
     print(f"wrote {path}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -76,7 +77,7 @@ def main(ns: argparse.Namespace) -> int:
     ax.set(xlabel="seconds", ylabel="output tokens (thousands)",
            title=f"{data['output_tokens_per_s']:.0f} output tokens/s on {data['device']}")
     ax2.set_ylabel("running requests")
-    fig.savefig(path.replace(".json", ".png"), dpi=120, bbox_inches="tight")
+    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=120, bbox_inches="tight")
     print(f"{data['output_tokens_per_s']:.0f} output tokens/s ({data['output_tokens']} tokens in "
           f"{elapsed:.1f} s, {data['preemptions']} preemptions); wrote {path}")
     return 0
