@@ -22,3 +22,21 @@ def test_regions_reject_what_the_kernel_cannot_prefetch():
         l2_prefetch.regions([w, w, w], w)
     with pytest.raises(ValueError, match="contiguous"):
         l2_prefetch.regions([w.t()], w)
+
+
+def test_layer_resolves_its_prefetch_plan_to_weights(monkeypatch):
+    from transformers import Qwen3Config
+
+    from fullgraph.layers.rotary import RotaryEmbedding
+    from fullgraph.models.qwen3 import Qwen3DecoderLayer
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, num_hidden_layers=2)
+    rotary = RotaryEmbedding(16, 64, 10000.0)
+    first, last = Qwen3DecoderLayer(cfg, rotary), Qwen3DecoderLayer(cfg, rotary)
+    monkeypatch.setattr(Qwen3DecoderLayer, "l2_prefetch_plan",
+                        {"o_proj": ("gate_up_proj", "down_proj"), "down_proj": ("next.qkv_proj",)})
+    targets = first.l2_targets(last)
+    assert targets["o_proj"][0] is first.mlp.gate_up_proj.weight
+    assert targets["o_proj"][1] is first.mlp.down_proj.weight
+    assert targets["down_proj"] == (last.self_attn.qkv_proj.weight,)
+    assert last.l2_targets(None)["down_proj"] == ()      # the last layer has no next one

@@ -142,7 +142,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: nn.Module,
-                l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                l2_prefetch_next: tuple[torch.Tensor, ...] = ()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """proj(norm(x + residual)) and the new residual x + residual (x when there is none).
     `l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
     if _fusable(x):

@@ -1,7 +1,7 @@
 """Asking L2 for a later kernel's weights while this one waits on latency, not bandwidth.
 
 At batch 1 a layer's q/k kernel and decode attention move ~1 MB in several dependent round
-trips (~10 µs of a ~26 µs layer on an H100) while HBM idles; the GEMVs after them stream
+trips (~8.5 µs of a ~24.5 µs layer on an H100, docs/benchmarks.md) while HBM idles; the GEMVs after them stream
 their weights at full rate only once they run. A kernel that starts early under PDL can
 issue `prefetch.global.L2` for a later kernel's weights before it waits: the lines are
 fetched while attention's latency chain runs, and the later GEMV reads them from L2.
@@ -18,8 +18,7 @@ try:
 except ImportError:            # CPU-only installs: nothing to prefetch
     triton = None
 
-LINE_BYTES = 128
-MAX_TENSORS = 2                # per kernel: what a layer's MLP needs (gate_up, down)
+MAX_TENSORS = 2                # per kernel: enough for a layer's MLP (gate_up, down)
 
 
 def regions(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor],

@@ -86,8 +86,13 @@ class Qwen3DecoderLayer(nn.Module):
         """`l2_prefetch_plan` resolved to weights (the last layer has no next one)."""
         mine = self.projections()
         theirs = next_layer.projections() if next_layer is not None else {}
-        return {proj: tuple(m.weight for m in (theirs.get(n[5:]) if n.startswith("next.")
-                                               else mine[n] for n in names) if m is not None)
+
+        def weight(name: str) -> torch.Tensor | None:
+            if name.startswith("next."):
+                module = theirs.get(name.removeprefix("next."))
+                return module.weight if module is not None else None
+            return mine[name].weight
+        return {proj: tuple(w for w in map(weight, names) if w is not None)
                 for proj, names in self.l2_prefetch_plan.items()}
 
     def forward(self, positions, x, residual, ctx, kv_cache, l2_next: L2Targets):

@@ -112,8 +112,8 @@ def triton_compile_ahead(workers: CompileWorkers | None) -> Iterator[CompileAhea
     left to set up, as long as garbage cannot fault: a kernel whose output later code uses
     as indices must write into memory that holds valid ones already (layers/argmax.py).
     Without workers, or a Triton without the hooks this needs, this yields None and changes
-    nothing. Not for kernels under `triton.autotune`: it would time skipped
-    launches and keep a meaningless best config (ours have fixed configs)."""
+    nothing. Not for kernels under `triton.autotune`: it would time skipped launches and
+    keep a meaningless best config (ours have fixed configs)."""
     knobs = _triton_knobs()
     if workers is None or knobs is None:
         yield None
