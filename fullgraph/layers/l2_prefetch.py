@@ -1,10 +1,11 @@
 """Asking L2 for a later kernel's weights while this one waits on latency, not bandwidth.
 
 At batch 1 a layer's q/k kernel and decode attention move ~1 MB in several dependent round
-trips (~8.5 µs of a ~24.5 µs layer on an H100, docs/benchmarks.md) while HBM idles; the GEMVs after them stream
-their weights at full rate only once they run. A kernel that starts early under PDL can
-issue `prefetch.global.L2` for a later kernel's weights before it waits: the lines are
-fetched while attention's latency chain runs, and the later GEMV reads them from L2.
+trips (~8.5 µs of a ~24.5 µs layer on an H100, docs/benchmarks.md) while HBM idles; the
+GEMVs after them stream their weights at full rate only once they run. A kernel that starts
+early under PDL can issue `prefetch.global.L2` for a later kernel's weights before it
+waits: the lines are fetched while attention's latency chain runs, and the later GEMV
+reads them from L2.
 Prefetches are fire-and-forget (no registers, no completion), so the issuing kernel is not
 slowed by them; a line evicted before use only costs its bandwidth again.
 """

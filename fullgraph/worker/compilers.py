@@ -44,7 +44,6 @@ def pin_triton_cache_dir() -> None:
     os.environ["TRITON_CACHE_DIR"] = directory
 
 
-
 def pin_triton_ptxas() -> None:
     """Set TRITON_PTXAS_PATH (where unset) to the ptxas inductor switches Triton to, before
     anything compiles.
