@@ -8,6 +8,7 @@ import torch
 
 from conftest import graph_input_tensors
 from fullgraph import LLM, SamplingParams
+from fullgraph.layers import pdl
 from fullgraph.worker.cudagraph.manager import CUDAGraphManager, CUDAGraphRuntime
 from fullgraph.worker.model_runner import compile_count
 
@@ -18,10 +19,15 @@ pytestmark = pytest.mark.gpu
 def engines(hf_dir):
     common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16,
                   max_num_batched_tokens=128, num_gpu_blocks_override=512)
-    # the graph engine also schedules asynchronously: its input tokens come from the device
-    graphs = LLM(hf_dir, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128],
-                 async_scheduling=True, **common)
-    eager = LLM(hf_dir, enforce_eager=True, **common)
+    launches = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pdl, "launch_outside_graph",
+                   lambda device, f=pdl.launch_outside_graph: launches.append(f(device)))
+        # the graph engine also schedules asynchronously: its input tokens come from the device
+        graphs = LLM(hf_dir, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128],
+                     async_scheduling=True, **common)
+        eager = LLM(hf_dir, enforce_eager=True, **common)
+    graphs.pdl_launches_after_capture = launches
     return graphs, eager
 
 
@@ -33,6 +39,9 @@ def test_capture_report_and_no_compiles_during_capture(engines):
     assert report.num_graphs == (5 + 8) + 5
     assert runner.compiles_during_capture == 0
     assert report.memory_bytes < 2**30
+    # one eager PDL launch after capture, else replays run slower (layers/pdl.py)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert [m is not None for m in graphs.pdl_launches_after_capture] == [hopper]
 
 
 def test_graph_replay_matches_eager_and_does_not_recompile(engines):

@@ -28,3 +28,16 @@ def test_on_for_hopper_unless_turned_off(monkeypatch):
     monkeypatch.setenv("FULLGRAPH_PDL", "0")
     pdl._enabled.cache_clear()
     assert not pdl.pdl_enabled(x) and pdl.inductor_options(x.device) == {}
+
+
+@pytest.mark.gpu
+def test_launch_outside_graph_runs_a_pdl_kernel_where_enabled(monkeypatch):
+    device = torch.device("cuda")
+    mark = pdl.launch_outside_graph(device)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert mark is not None and mark.item() == 1
+    else:
+        assert mark is None
+    monkeypatch.setenv("FULLGRAPH_PDL", "0")
+    pdl._enabled.cache_clear()
+    assert pdl.launch_outside_graph(device) is None

@@ -9,7 +9,9 @@ Each number is a request with that prompt length (a prompt longer than the large
 size prefills eagerly); `N:eager` runs that request's first decode step eagerly before the
 timing. Actions between requests, to find what an eager step does that matters: `alloc`
 allocates, fills and frees 2 GiB; `empty_cache` empties the caching allocator; `gemm` runs a
-600-row bf16 cuBLAS matmul; `gemv` our one-row Triton GEMV outside a graph. Prints each
+600-row bf16 cuBLAS matmul; `add` a torch elementwise kernel; `triton` / `triton_pdl` a
+trivial Triton kernel launched without / with PDL; `gemv` our one-row Triton GEMV (a PDL
+kernel), all outside a graph. Prints each
 request's decode ms/step (3 x 40 steps, synchronized), its KV blocks, and the engine's eager
 fallbacks so far.
 """
@@ -26,6 +28,20 @@ from fullgraph.config import CUDAGraphMode
 from fullgraph.layers.gemv import gemv
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fill_kernel(out_ptr, n, USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+        tl.store(out_ptr + offs, 1.0, mask=offs < n)
+except ImportError:
+    triton = None
+
 
 def action(name: str) -> None:
     kw = dict(device="cuda", dtype=torch.bfloat16)
@@ -37,6 +53,12 @@ def action(name: str) -> None:
         torch.cuda.empty_cache()
     elif name == "gemm":
         torch.randn(600, 1024, **kw) @ torch.randn(1024, 6144, **kw)
+    elif name == "add":
+        torch.ones(1 << 20, device="cuda").add_(1)
+    elif name in ("triton", "triton_pdl"):
+        out = torch.empty(1 << 20, device="cuda")
+        pdl = name == "triton_pdl"
+        _fill_kernel[(out.numel() // 1024,)](out, out.numel(), USE_PDL=pdl, launch_pdl=pdl)
     elif name == "gemv":
         gemv(torch.randn(1, 1024, **kw), torch.randn(4096, 1024, **kw))
     else:

@@ -107,8 +107,8 @@ def main() -> None:
               f"{min((s[3] - t0 for s in shapes if not s[1]), default=float('nan')):.2f} s")
         print(f"\ncompile workers ({len({e[4] for e in worker_log})} processes): kernel, "
               "submitted / started / done, s after the first submit")
-        for kernel, sub, start, end, pid in sorted(worker_log, key=lambda e: e[2]):
-            print(f"  {pid:8d} {sub - t0:6.2f} {start - t0:6.2f} {end - t0:6.2f}  {kernel}")
+        for kernel, sub, began, end, pid in sorted(worker_log, key=lambda e: e[2]):
+            print(f"  {pid:8d} {sub - t0:6.2f} {began - t0:6.2f} {end - t0:6.2f}  {kernel}")
     from torch._dynamo.utils import compile_times
     print("\n" + str(compile_times()))
     if a.json:

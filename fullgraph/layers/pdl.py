@@ -16,6 +16,12 @@ inductor's as well.
 
 On by default where the GPU supports it; `FULLGRAPH_PDL=0` turns it off (A/B benchmarks,
 or a driver that mishandles it). Read once per process: a launch option, not step state.
+
+After graph capture, replays run ~3-4% slower (H100, Triton 3.6) until a PDL
+kernel is launched outside a graph; `launch_outside_graph` is that launch, and the runner makes
+it after capturing. Which launches restore the fast state was bisected on the device
+(docs/benchmarks.md, ninth session): a PDL Triton kernel does; the same kernel without PDL, a
+torch elementwise kernel or a cuBLAS GEMM do not. The cause is inside the driver.
 """
 from __future__ import annotations
 
@@ -23,6 +29,18 @@ import functools
 import os
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mark_kernel(out_ptr):
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.store(out_ptr, 1)
+except ImportError:            # CPU-only installs: there is no PDL to restore
+    triton = None
 
 
 @functools.cache
@@ -48,3 +66,13 @@ def inductor_options(device: torch.device) -> dict[str, bool]:
     if not hasattr(inductor_config.triton, "enable_pdl") or not _device_enabled(device):
         return {}
     return {"triton.enable_pdl": True}
+
+
+def launch_outside_graph(device: torch.device) -> torch.Tensor | None:
+    """Launch one tiny PDL kernel eagerly on the current stream (why: the module docstring).
+    Returns the int32 it sets to 1, or None where PDL is off."""
+    if triton is None or not _device_enabled(device):
+        return None
+    mark = torch.zeros(1, dtype=torch.int32, device=device)
+    _mark_kernel[(1,)](mark, launch_pdl=True)
+    return mark

@@ -16,6 +16,7 @@ import torch
 from fullgraph.attention.backend import ForwardContext, get_backend_class
 from fullgraph.attention.metadata import AttentionSpec
 from fullgraph.config import CUDAGraphMode, EngineConfig
+from fullgraph.layers import pdl
 from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.loader import load_model
 from fullgraph.sampling_params import SamplingParams
@@ -218,6 +219,8 @@ class ModelRunner:
         with torch.inference_mode():
             pairs, report = self.graphs.capture(keys, self._create_forward_fn,
                                                 warmup_order=decode_first)
+        if isinstance(runtime, CUDAGraphRuntime):
+            pdl.launch_outside_graph(self.device)   # else replays run slower (layers/pdl.py)
         self.attention_states = {k: v for k, v in pairs.items() if k in descs}
         self.compiles_during_capture = compile_count() - compiles0 - self._warmup_compiles
         self.dispatcher.captured = set(descs)
