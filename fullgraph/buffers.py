@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fullgraph import pcie_copy
+
 
 def copy_to_persistent(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Copy `src` into the leading `src.shape` corner of `dst`; return that view of `dst`."""
@@ -40,23 +42,42 @@ class CpuGpuBuffer:
         return copy_to_persistent(self.gpu, src)
 
 
+# Elements of a field a step uses: tokens * a + requests * b + c (the whole field if absent).
+Extent = tuple[int, int, int]
+
+
 class StagingArena:
     """Several 1-D persistent buffers packed into one pinned host arena and one device arena,
-    so a step's inputs reach the device in a single copy instead of one per buffer (each
-    copy costs a few microseconds of host time). Fields are typed views at fixed offsets."""
+    so a step's inputs reach the device in one transfer instead of one per buffer (each
+    costs host time and, on the device, a wait between kernels). Fields are typed views at
+    fixed offsets.
+
+    A field may declare its `Extent`: then `copy_to_gpu(num_tokens, num_reqs)` moves only the
+    elements a step of that size uses, in one kernel reading pinned memory (pcie_copy.py);
+    without counts, or where that kernel cannot run, the whole arena is copied."""
 
     _ALIGN = 64
 
-    def __init__(self, fields: dict[str, tuple[int, torch.dtype]], device: torch.device,
-                 pin: bool) -> None:
-        offsets, total = {}, 0
-        for name, (n, dtype) in fields.items():
+    def __init__(self, fields: dict[str, tuple[int, torch.dtype] | tuple[int, torch.dtype, Extent]],
+                 device: torch.device, pin: bool) -> None:
+        offsets, total, table = {}, 0, []
+        for name, (n, dtype, *extent) in fields.items():
             offsets[name] = (total, n, dtype)
+            words = dtype.itemsize // 4
+            if extent and (words == 0 or dtype.itemsize % 4):
+                raise ValueError(f"field {name!r}: an extent needs 4-byte-multiple elements")
+            a, b, c = extent[0] if extent else (0, 0, n)
+            table.append((total // 4, a * words, b * words, c * words))
             total += -(-n * dtype.itemsize // self._ALIGN) * self._ALIGN
         self.nbytes = total
         self.cpu = torch.zeros(total, dtype=torch.uint8, pin_memory=pin)
         self.gpu = self.cpu if device.type == "cpu" else torch.zeros(total, dtype=torch.uint8,
                                                                      device=device)
+        self._table = table
+        self._gather = None
+        if self.gpu is not self.cpu and pin and pcie_copy.supported(device):
+            self._gather = torch.tensor(table, dtype=torch.int32, device=device)
+            self.copy_to_gpu(0, 0)     # compiles the kernel now, before any graph warmup
         self.np: dict[str, np.ndarray] = {}
         self.dev: dict[str, torch.Tensor] = {}
         for name, (off, n, dtype) in offsets.items():
@@ -64,6 +85,12 @@ class StagingArena:
             self.np[name] = self.cpu[off:off + size].view(dtype).numpy()
             self.dev[name] = self.gpu[off:off + size].view(dtype)
 
-    def copy_to_gpu(self) -> None:
-        if self.gpu is not self.cpu:
+    def copy_to_gpu(self, num_tokens: int | None = None, num_reqs: int | None = None) -> None:
+        if self.gpu is self.cpu:
+            return
+        if self._gather is None or num_tokens is None or num_reqs is None:
             self.gpu.copy_(self.cpu, non_blocking=True)
+            return
+        words = max(num_tokens * a + num_reqs * b + c for _, a, b, c in self._table)
+        pcie_copy.gather_fields(self.gpu.view(torch.int32), self.cpu.view(torch.int32),
+                                self._gather, num_tokens, num_reqs, words)

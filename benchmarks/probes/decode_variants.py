@@ -16,6 +16,9 @@ A variant is `base` or `+`-joined edits:
   decode_tile=N       KV tokens per loop iteration of both (paged_decode.TILE_TOKENS)
   l2=P:A,B/P:C | l2=none  L2 prefetch plan (Qwen3DecoderLayer.l2_prefetch_plan):
                       projection P prefetches A and B ("next.X": the next layer's X)
+  copy_engine         step inputs and samples by copy-engine copies (pcie_copy.py off)
+  no_htod / no_dtoh   skip steady decode steps' input copy / every step's copy of samples to
+                      the host (timing only: steps decode stale inputs or return zeros)
 """
 from __future__ import annotations
 
@@ -25,16 +28,19 @@ import sys
 
 import torch
 
+from fullgraph import pcie_copy
 from fullgraph.attention import flex
 from fullgraph.attention import paged_decode as paged
 from fullgraph.entrypoints.bench import latency
 from fullgraph.entrypoints.bench.common import copy_bandwidth
 from fullgraph.layers import gemv
 from fullgraph.models.qwen3 import Qwen3DecoderLayer
+from fullgraph.worker import inputs, model_runner
 
 ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
             "config": gemv._config, "NUM_WARPS": paged.NUM_WARPS,
-            "TILE_TOKENS": paged.TILE_TOKENS, "l2": Qwen3DecoderLayer.l2_prefetch_plan}
+            "TILE_TOKENS": paged.TILE_TOKENS, "l2": Qwen3DecoderLayer.l2_prefetch_plan,
+            "pcie": pcie_copy.supported, "htod": inputs.InputBuffers._advance_decode, "dtoh": model_runner.to_host}
 
 
 def apply(variant: str) -> None:
@@ -42,6 +48,9 @@ def apply(variant: str) -> None:
     gemv._config = ORIGINAL["config"]
     paged.NUM_WARPS, paged.TILE_TOKENS = ORIGINAL["NUM_WARPS"], ORIGINAL["TILE_TOKENS"]
     Qwen3DecoderLayer.l2_prefetch_plan = ORIGINAL["l2"]
+    inputs.InputBuffers._advance_decode = ORIGINAL["htod"]
+    model_runner.to_host = ORIGINAL["dtoh"]
+    pcie_copy.supported = ORIGINAL["pcie"]
     tiles: dict[int, tuple[int, int, int]] = {}
     plain: tuple[int, int, int] | None = None
     big: tuple[int, int, int] | None = None
@@ -61,6 +70,19 @@ def apply(variant: str) -> None:
             Qwen3DecoderLayer.l2_prefetch_plan = {} if value == "none" else {
                 proj: tuple(targets.split(",")) for proj, _, targets in
                 (part.partition(":") for part in value.split("/"))}
+        elif name == "copy_engine":
+            pcie_copy.supported = lambda device: False
+        elif name == "no_htod":
+            def steady_without_copy(self, *args, advance=ORIGINAL["htod"]):
+                self.arena.copy_to_gpu = lambda: None
+                try:
+                    return advance(self, *args)
+                finally:
+                    del self.arena.copy_to_gpu
+            inputs.InputBuffers._advance_decode = steady_without_copy
+        elif name == "no_dtoh":
+            model_runner.to_host = lambda t: None if t is None else torch.zeros(t.shape,
+                                                                                dtype=t.dtype)
         elif name == "fuse":
             flex.fuse_qk_norm_rope = lambda num_reqs, num_splits: num_splits > 1
         elif name in ("norm_tile", "silu_tile", "plain_tile", "big_tile"):

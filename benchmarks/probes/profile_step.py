@@ -7,7 +7,8 @@ and dynamo's graph-break counters. `--timeline` also prints, for each kernel of 
 layer (the layers' kernels have a fixed period), the median over layers of its duration and
 of the time from the previous kernel's end to its own end: with PDL a kernel starts before
 its predecessor ends, so durations overlap and sum to more than the step; the end-to-end
-gaps sum to the step and say what each kernel adds to it.
+gaps sum to the step and say what each kernel adds to it. `--steps N` profiles N steps in a
+row and prints where the GPU idles between and inside them (copies included).
 """
 from __future__ import annotations
 
@@ -53,6 +54,23 @@ def print_timeline(prof) -> None:
               f"end-to-end {ends[i] - ends[i - 1]:6.2f}")
 
 
+def print_idle(prof, steps: int, top: int) -> None:
+    """GPU idle time over the profiled steps: the gaps where no kernel, copy or memset runs."""
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                    key=lambda e: e.time_range.start)
+    busy_end, gaps = events[0].time_range.end, []
+    for prev, e in zip(events, events[1:]):
+        if e.time_range.start > busy_end:
+            gaps.append((e.time_range.start - busy_end, prev.name[:40], e.name[:40]))
+        busy_end = max(busy_end, e.time_range.end)
+    span = busy_end - events[0].time_range.start
+    idle = sum(g[0] for g in gaps)
+    print(f"idle: {steps} steps span {span:.1f} us ({span / steps:.1f} per step), GPU idle "
+          f"{idle:.1f} us ({idle / steps:.1f} per step) in {len(gaps)} gaps; largest:")
+    for dt, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {dt:7.2f} us  after {before:40s} before {after}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen3-0.6b-random")
@@ -63,6 +81,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--timeline", action="store_true")
+    p.add_argument("--steps", type=int, default=1, help="steps profiled in a row")
     a = p.parse_args()
     sizes = {"cudagraph_capture_sizes": a.capture_sizes} if a.capture_sizes else {}
     llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, **sizes)
@@ -79,7 +98,8 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.step()
+            for _ in range(a.steps):
+                engine.step()
             torch.cuda.synchronize()
         groups = defaultdict(lambda: [0, 0.0])
         for e in prof.events():
@@ -93,6 +113,8 @@ def main() -> None:
             print(f"{n:5d} {us:9.1f} us  {name}")
         if a.timeline:
             print_timeline(prof)
+        if a.steps > 1:
+            print_idle(prof, a.steps, a.top)
         while engine.has_unfinished_requests():
             engine.step()
     from torch._dynamo.utils import counters

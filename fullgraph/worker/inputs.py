@@ -1,8 +1,9 @@
 """The model runner's persistent step inputs and how one step's values are written into them.
 
 Everything is staged in pinned host buffers through numpy views (no per-step tensor
-allocation) and reaches the persistent device buffers in two non_blocking copies: one arena
-holding every 1-D input, and the block-table rows up to the step's padded size. Padding
+allocation) and reaches the persistent device buffers in two transfers: one arena holding
+every 1-D input (a kernel moves the step's padded extent of each; buffers.py), and the
+block-table rows up to the step's padded size. Padding
 lanes get harmless values: token 0 at position 0, slot 0 of the null block, a zero
 block-table row, sequence length 0. Host time is the budget here (tens of µs a step): device
 views are sliced once per padded shape, block-table rows and sampling rows are rewritten only
@@ -104,13 +105,17 @@ class InputBuffers:
         # Everything but the block table travels in one copy per step.
         # input_ids has one spare slot at the end: the target of unused pending-token writes.
         self.scratch_index = t
+        # A step copies only its padded tokens' and requests' elements of each field.
+        tok, req = (1, 0, 0), (0, 1, 0)
         self.arena = StagingArena({
-            "input_ids": (t + 1, torch.int64), "positions": (t, torch.int64),
-            "slot_mapping": (t, torch.int64), "query_start_loc": (r + 1, torch.int32),
-            "seq_lens": (r, torch.int32), "logits_indices": (r, torch.int64),
-            "temperature": (r, torch.float32), "top_k": (r, torch.int32),
-            "top_p": (r, torch.float32), "seeds": (r, torch.int64),
-            "pending_index": (r, torch.int64), "pending_row": (r, torch.int64)}, device, pin)
+            "input_ids": (t + 1, torch.int64, tok), "positions": (t, torch.int64, tok),
+            "slot_mapping": (t, torch.int64, tok),
+            "query_start_loc": (r + 1, torch.int32, (0, 1, 1)),
+            "seq_lens": (r, torch.int32, req), "logits_indices": (r, torch.int64, req),
+            "temperature": (r, torch.float32, req), "top_k": (r, torch.int32, req),
+            "top_p": (r, torch.float32, req), "seeds": (r, torch.int64, req),
+            "pending_index": (r, torch.int64, req), "pending_row": (r, torch.int64, req)},
+            device, pin)
         self.block_table = buf((r + 1, max_blocks_per_seq), torch.int32)  # + a zero row
         # What each block-table row holds, so a step rewrites only rows that changed: in
         # steady decoding a row gains one block every block_size steps.
@@ -281,8 +286,8 @@ class InputBuffers:
         a["top_p"][n_req:r_pad] = 1.0
         a["seeds"][n_req:r_pad] = 0
         a["logits_indices"][n_req:r_pad] = 0
-        # two copies: the arena, and the block-table rows in use
-        self.arena.copy_to_gpu()
+        # two transfers: the arena, and the block-table rows in use
+        self.arena.copy_to_gpu(t_pad, r_pad)
         v = self._views(t_pad, r_pad, cache=desc.mode == CUDAGraphMode.FULL)
         if self.block_table.gpu is not self.block_table.cpu:
             v.block_table.copy_(v.block_table_cpu, non_blocking=True)
@@ -373,5 +378,5 @@ class InputBuffers:
                 bt_rows = last.step.attention.block_table
                 bt_rows.copy_(self.block_table.cpu[:bt_rows.shape[0]], non_blocking=True)
         slot_mapping[:n] = array("q", slots)
-        self.arena.copy_to_gpu()
+        self.arena.copy_to_gpu(desc.num_tokens, desc.num_reqs)
         return last.step

@@ -95,6 +95,7 @@ class ModelRunner:
         # Each step's sampled tokens; the next step reads the ones the host does not know
         # yet from here (async scheduling), so the device never waits for the host.
         self.sampled = torch.zeros(sched.max_num_seqs, dtype=torch.int64, device=self.device)
+        to_host(self.sampled[:1])      # compiles the samples' copy kernel before any warmup
         self.async_scheduling = sched.async_scheduling
         self._last_rows: dict[int, int] = {}       # async only: id(request) -> its row
         self._last_step: StepInputs | None = None
