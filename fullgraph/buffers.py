@@ -7,6 +7,8 @@ bounds: seed 002).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -42,6 +44,17 @@ class CpuGpuBuffer:
         return copy_to_persistent(self.gpu, src)
 
 
+@dataclass(frozen=True)
+class IndexedWrite:
+    """After the arena's copy: target[index[i]] = source[row[i]] for the step's requests i
+    (`target`, `index`, `row` int64 fields; `source` an int64 device tensor that earlier
+    kernels write, e.g. the last step's sampled tokens)."""
+    target: str
+    index: str
+    row: str
+    source: torch.Tensor
+
+
 # Elements of a field a step uses: tokens * a + requests * b + c (the whole field if absent).
 Extent = tuple[int, int, int]
 
@@ -54,12 +67,14 @@ class StagingArena:
 
     A field may declare its `Extent`: then `copy_to_gpu(num_tokens, num_reqs)` moves only the
     elements a step of that size uses, in one kernel reading pinned memory (pcie_copy.py);
-    without counts, or where that kernel cannot run, the whole arena is copied."""
+    without counts, or where that kernel cannot run, the whole arena is copied. That kernel
+    also performs `merge` (then `merges` is True; otherwise the caller must)."""
 
     _ALIGN = 64
 
-    def __init__(self, fields: dict[str, tuple[int, torch.dtype] | tuple[int, torch.dtype, Extent]],
-                 device: torch.device, pin: bool) -> None:
+    def __init__(self, fields: dict[str, tuple[int, torch.dtype]
+                                    | tuple[int, torch.dtype, Extent]],
+                 device: torch.device, pin: bool, merge: IndexedWrite | None = None) -> None:
         offsets, total, table = {}, 0, []
         for name, (n, dtype, *extent) in fields.items():
             offsets[name] = (total, n, dtype)
@@ -73,11 +88,19 @@ class StagingArena:
         self.cpu = torch.zeros(total, dtype=torch.uint8, pin_memory=pin)
         self.gpu = self.cpu if device.type == "cpu" else torch.zeros(total, dtype=torch.uint8,
                                                                      device=device)
-        self._table = table
+        merge_args, max_reqs = None, 1
+        if merge is not None:
+            names = list(fields)
+            if any(fields[f][1] != torch.int64 for f in (merge.target, merge.index, merge.row)):
+                raise ValueError("merge fields must be int64")
+            merge_args = (names.index(merge.target), *(offsets[f][0] // 8 for f in
+                          (merge.target, merge.index, merge.row)), merge.source)
+            max_reqs = fields[merge.index][0]
         self._gather = None
         if self.gpu is not self.cpu and pin and pcie_copy.supported(device):
-            self._gather = torch.tensor(table, dtype=torch.int32, device=device)
+            self._gather = pcie_copy.FieldGather(self.gpu, self.cpu, table, merge_args, max_reqs)
             self.copy_to_gpu(0, 0)     # compiles the kernel now, before any graph warmup
+        self.merges = self._gather is not None and merge is not None
         self.np: dict[str, np.ndarray] = {}
         self.dev: dict[str, torch.Tensor] = {}
         for name, (off, n, dtype) in offsets.items():
@@ -91,6 +114,4 @@ class StagingArena:
         if self._gather is None or num_tokens is None or num_reqs is None:
             self.gpu.copy_(self.cpu, non_blocking=True)
             return
-        words = max(num_tokens * a + num_reqs * b + c for _, a, b, c in self._table)
-        pcie_copy.gather_fields(self.gpu.view(torch.int32), self.cpu.view(torch.int32),
-                                self._gather, num_tokens, num_reqs, words)
+        self._gather(num_tokens, num_reqs)

@@ -55,3 +55,26 @@ def test_to_host_copies_a_device_slice_into_pinned_memory(shape, dtype):
     torch.cuda.synchronize()
     assert host.is_pinned() and host.shape == src.shape and host.dtype == dtype
     assert torch.equal(host, src.cpu())
+
+
+@pytest.mark.gpu
+def test_arena_merge_fills_indexed_tokens_from_a_device_source_across_chunks():
+    from fullgraph.buffers import IndexedWrite
+    source = torch.tensor([100, 101, 102, 103, 104], device="cuda")
+    tok, req = (1, 0, 0), (0, 1, 0)
+    a = StagingArena({"ids": (1500, torch.int64, tok), "index": (5, torch.int64, req),
+                      "row": (5, torch.int64, req)}, torch.device("cuda"), pin=True,
+                     merge=IndexedWrite("ids", "index", "row", source))
+    assert a.merges
+    a.np["ids"][:] = range(1500)
+    # rows 0-2 land in three different chunks of the copy; row 3 points past the step's
+    # tokens (the scratch slot), row 4 is past the step's requests: neither is written
+    a.np["index"][:] = [3, 700, 1299, 1300, 5]
+    a.np["row"][:] = [4, 0, 2, 1, 3]
+    a.dev["ids"].fill_(-1)
+    a.copy_to_gpu(1300, 4)
+    torch.cuda.synchronize()
+    want = torch.arange(1500)
+    want[1300:] = -1
+    want[3], want[700], want[1299] = 104, 100, 102
+    assert torch.equal(a.dev["ids"].cpu(), want)

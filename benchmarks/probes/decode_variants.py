@@ -40,7 +40,8 @@ from fullgraph.worker import inputs, model_runner
 ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
             "config": gemv._config, "NUM_WARPS": paged.NUM_WARPS,
             "TILE_TOKENS": paged.TILE_TOKENS, "l2": Qwen3DecoderLayer.l2_prefetch_plan,
-            "pcie": pcie_copy.supported, "htod": inputs.InputBuffers._advance_decode, "dtoh": model_runner.to_host}
+            "pcie": pcie_copy.supported, "htod": inputs.InputBuffers._advance_decode,
+            "dtoh": model_runner.to_host}
 
 
 def apply(variant: str) -> None:
@@ -81,8 +82,8 @@ def apply(variant: str) -> None:
                     del self.arena.copy_to_gpu
             inputs.InputBuffers._advance_decode = steady_without_copy
         elif name == "no_dtoh":
-            model_runner.to_host = lambda t: None if t is None else torch.zeros(t.shape,
-                                                                                dtype=t.dtype)
+            model_runner.to_host = lambda t, out=None: None if t is None else torch.zeros(
+                t.shape, dtype=t.dtype)
         elif name == "fuse":
             flex.fuse_qk_norm_rope = lambda num_reqs, num_splits: num_splits > 1
         elif name in ("norm_tile", "silu_tile", "plain_tile", "big_tile"):
@@ -124,7 +125,9 @@ def main() -> None:
             run = latency.run_mode(ns, "graph", bandwidth)
             ms = [r["decode_ms_median"] for r in run["rows"]]
             results[v].append(ms)
-            print(f"rep {rep} {v:40s} " + " ".join(f"{m:.3f}" for m in ms), flush=True)
+            prep = [r["prepare_us_per_step"] for r in run["rows"]]
+            print(f"rep {rep} {v:40s} " + " ".join(f"{m:.3f}" for m in ms)
+                  + "  (prepare µs " + " ".join(f"{p:.1f}" for p in prep) + ")", flush=True)
     print(f"\nms/step, best of {ns.repeats} (batch {' '.join(map(str, ns.batch_sizes))}):")
     for v, runs in results.items():
         print(f"  {v:40s} " + " ".join(f"{min(col):.3f}" for col in zip(*runs)))

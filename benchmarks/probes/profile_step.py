@@ -8,7 +8,8 @@ layer (the layers' kernels have a fixed period), the median over layers of its d
 of the time from the previous kernel's end to its own end: with PDL a kernel starts before
 its predecessor ends, so durations overlap and sum to more than the step; the end-to-end
 gaps sum to the step and say what each kernel adds to it. `--steps N` profiles N steps in a
-row and prints where the GPU idles between and inside them (copies included).
+row and prints where the GPU idles between and inside them (copies included); `--variant`
+applies decode_variants.py's edits first.
 """
 from __future__ import annotations
 
@@ -82,7 +83,11 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--timeline", action="store_true")
     p.add_argument("--steps", type=int, default=1, help="steps profiled in a row")
+    p.add_argument("--variant", help="decode_variants.py's edits, e.g. fuse+splits=8")
     a = p.parse_args()
+    if a.variant:
+        from decode_variants import apply     # this directory's probe
+        apply(a.variant)
     sizes = {"cudagraph_capture_sizes": a.capture_sizes} if a.capture_sizes else {}
     llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, **sizes)
     engine = llm.engine

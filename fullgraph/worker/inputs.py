@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fullgraph.attention.metadata import PersistentInputs, StepAttentionInputs
-from fullgraph.buffers import CpuGpuBuffer, StagingArena
+from fullgraph.buffers import CpuGpuBuffer, IndexedWrite, StagingArena
 from fullgraph.config import CUDAGraphMode
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
@@ -105,7 +105,11 @@ class InputBuffers:
         # Everything but the block table travels in one copy per step.
         # input_ids has one spare slot at the end: the target of unused pending-token writes.
         self.scratch_index = t
-        # A step copies only its padded tokens' and requests' elements of each field.
+        # Each step's sampled tokens; the next step's input tokens that the host does not know
+        # yet come from here (async scheduling), so the device never waits for the host.
+        self.sampled = torch.zeros(r, dtype=torch.int64, device=device)
+        # A step copies only its padded tokens' and requests' elements of each field, and
+        # the same kernel fills the pending input tokens from `sampled` (`arena.merges`).
         tok, req = (1, 0, 0), (0, 1, 0)
         self.arena = StagingArena({
             "input_ids": (t + 1, torch.int64, tok), "positions": (t, torch.int64, tok),
@@ -115,7 +119,8 @@ class InputBuffers:
             "temperature": (r, torch.float32, req), "top_k": (r, torch.int32, req),
             "top_p": (r, torch.float32, req), "seeds": (r, torch.int64, req),
             "pending_index": (r, torch.int64, req), "pending_row": (r, torch.int64, req)},
-            device, pin)
+            device, pin, merge=IndexedWrite("input_ids", "pending_index", "pending_row",
+                                            self.sampled))
         self.block_table = buf((r + 1, max_blocks_per_seq), torch.int32)  # + a zero row
         # What each block-table row holds, so a step rewrites only rows that changed: in
         # steady decoding a row gains one block every block_size steps.

@@ -92,9 +92,14 @@ class ModelRunner:
         # a sampler graph can read what any model graph wrote.
         self.logits = torch.zeros(sched.max_num_seqs, config.model.vocab_size,
                                   dtype=config.model.dtype, device=self.device)
-        # Each step's sampled tokens; the next step reads the ones the host does not know
-        # yet from here (async scheduling), so the device never waits for the host.
-        self.sampled = torch.zeros(sched.max_num_seqs, dtype=torch.int64, device=self.device)
+        self.sampled = self.buffers.sampled     # each step's samples, the next step's inputs
+        # Where steps' samples land on the host, in turn: the engine waits for a step's
+        # results (PendingStep.wait copies them out) before it launches the step after next,
+        # and a new pinned tensor per step costs ~7 µs of host time
+        # (benchmarks/probes/host_copy_launch.py).
+        pin = self.device.type == "cuda"
+        self._sampled_host = [torch.zeros(sched.max_num_seqs, dtype=torch.int64, pin_memory=pin)
+                              for _ in range(2)]
         to_host(self.sampled[:1])      # compiles the samples' copy kernel before any warmup
         self.async_scheduling = sched.async_scheduling
         self._last_rows: dict[int, int] = {}       # async only: id(request) -> its row
@@ -258,7 +263,8 @@ class ModelRunner:
         """The model, its logits into `self.logits`, and the greedy token of every row into
         `self.sampled`."""
         r = step.desc.num_reqs
-        if self.async_scheduling:      # synchronous steps never have pending tokens
+        # Synchronous steps never have pending tokens; the arena's copy kernel may fill them.
+        if self.async_scheduling and not self.buffers.arena.merges:
             self.buffers.input_ids.index_put_((step.pending_index,),
                                               self.sampled[step.pending_row])
         ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
@@ -316,7 +322,8 @@ class ModelRunner:
         tensors = [self.sampled[:n], None, None, None]
         if out is not None and step.sampling.num_logprobs >= 0:
             tensors[1:] = out.logprobs[:n], out.logprob_token_ids[:n], out.ranks[:n]
-        host = tuple(to_host(t) for t in tensors)
+        host = (to_host(tensors[0], self._sampled_host[self.num_steps % 2][:n]),
+                *(to_host(t) for t in tensors[1:]))
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()

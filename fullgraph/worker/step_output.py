@@ -24,17 +24,20 @@ class PendingStep:
     event: torch.cuda.Event | None
 
     def wait(self) -> StepResult:
+        """The results, copied out of the host tensors (which a later step may reuse)."""
         if self.event is not None:
             self.event.synchronize()
-        return StepResult(*(t.numpy() if t is not None else None for t in self.tensors))
+        return StepResult(*(t.numpy().copy() if t is not None else None for t in self.tensors))
 
 
-def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+def to_host(t: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`t` on its way into pinned host memory: `out` (a slice of a reused buffer) or a new
+    tensor."""
     if t is None:
         return None
     if t.device.type == "cpu":
         return t.clone()          # the persistent source is rewritten by the next step
     if pcie_copy.supported(t.device) and t.is_contiguous():
-        return pcie_copy.to_host(t)
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return pcie_copy.to_host(t, out)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if out is None else out
     return host.copy_(t, non_blocking=True)
