@@ -90,10 +90,10 @@ def _launch_hooks() -> bool:
 
 class _Launch:
     """Launches a Triton kernel whose arguments are never specialized: the first launch of a
-    signature (`key`: its pointer dtypes) goes through the JIT, which compiles or loads the
-    kernel; later ones call the compiled kernel's launcher directly, skipping the JIT's
-    binding, specialization and cache lookup. Through the JIT again whenever a launch hook
-    is set (profilers read launch metadata there)."""
+    variant (`key`: what selects it, the pointer dtypes and constants) goes through the JIT,
+    which compiles or loads the kernel; later ones call the compiled kernel's launcher
+    directly, skipping the JIT's binding, specialization and cache lookup. Through the JIT
+    again whenever a launch hook is set (profilers read launch metadata there)."""
 
     def __init__(self, fn) -> None:
         self.fn = fn

@@ -3,11 +3,11 @@
 Everything is staged in pinned host buffers through numpy views (no per-step tensor
 allocation) and reaches the persistent device buffers in two transfers: one arena holding
 every 1-D input (a kernel moves the step's padded extent of each; buffers.py), and the
-block-table rows up to the step's padded size. Padding
-lanes get harmless values: token 0 at position 0, slot 0 of the null block, a zero
-block-table row, sequence length 0. Host time is the budget here (tens of µs a step): device
-views are sliced once per padded shape, block-table rows and sampling rows are rewritten only
-when they change, and a pure-decode step skips the general path's repeats and cumsums.
+block-table rows up to the step's padded size. Padding lanes get harmless values: token 0
+at position 0, slot 0 of the null block, a zero block-table row, sequence length 0. Host
+time is the budget here (tens of µs a step): device views are sliced once per padded shape,
+block-table rows and sampling rows are rewritten only when they change, and a pure-decode
+step skips the general path's repeats and cumsums.
 """
 from __future__ import annotations
 
