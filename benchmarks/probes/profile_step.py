@@ -84,11 +84,15 @@ def main() -> None:
     p.add_argument("--timeline", action="store_true")
     p.add_argument("--steps", type=int, default=1, help="steps profiled in a row")
     p.add_argument("--variant", help="decode_variants.py's edits, e.g. fuse+splits=8")
+    p.add_argument("--num-gpu-blocks", type=int,
+                   help="KV blocks (small under ncu: it saves and restores device memory)")
     a = p.parse_args()
     if a.variant:
         from decode_variants import apply     # this directory's probe
         apply(a.variant)
     sizes = {"cudagraph_capture_sizes": a.capture_sizes} if a.capture_sizes else {}
+    if a.num_gpu_blocks:
+        sizes["num_gpu_blocks_override"] = a.num_gpu_blocks
     llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, **sizes)
     engine = llm.engine
     rng = np.random.default_rng(0)
