@@ -17,11 +17,13 @@ inductor's as well.
 On by default where the GPU supports it; `FULLGRAPH_PDL=0` turns it off (A/B benchmarks,
 or a driver that mishandles it). Read once per process: a launch option, not step state.
 
-After graph capture, replays run ~3-4% slower (H100, Triton 3.6) until a PDL
-kernel is launched outside a graph; `launch_outside_graph` is that launch, and the runner makes
-it after capturing. Which launches restore the fast state was bisected on the device
+After graph capture, replays run ~3-4% slower (H100, Triton 3.6) until a PDL kernel is
+launched outside a graph; `launch_outside_graph` is that launch, and the runner makes it after
+capturing. Which launches restore the fast state was bisected on the device
 (docs/benchmarks.md, ninth session): a PDL Triton kernel does; the same kernel without PDL, a
-torch elementwise kernel or a cuBLAS GEMM do not. The cause is inside the driver.
+torch elementwise kernel or a cuBLAS GEMM do not. The cause is inside the driver. (Every
+step's input copy is now an eager PDL kernel too, pcie_copy.py; this launch keeps the fix
+independent of how inputs travel.)
 """
 from __future__ import annotations
 
