@@ -81,6 +81,12 @@ if triton is not None:
         tl.store(dst_ptr + idx, tl.load(src_ptr + idx, mask=idx < n), mask=idx < n)
 
 
+def _direct_launch_checked() -> bool:
+    """The compiled kernel's launcher takes Triton-internal arguments: called directly only on
+    the Triton minor version this was checked with on the device (3.6)."""
+    return tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
+
+
 def _launch_hooks() -> bool:
     """Whether a launch hook is set (Triton 3.6 keeps them in always-present `HookChain`s)."""
     runtime = triton.knobs.runtime
@@ -93,16 +99,18 @@ class _Launch:
     variant (`key`: what selects it, the pointer dtypes and constants) goes through the JIT,
     which compiles or loads the kernel; later ones call the compiled kernel's launcher
     directly, skipping the JIT's binding, specialization and cache lookup. Through the JIT
-    again whenever a launch hook is set (profilers read launch metadata there)."""
+    always on other Triton versions, and whenever a launch hook is set (profilers read
+    launch metadata there)."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
         self.compiled: dict = {}
+        self.direct = _direct_launch_checked()
 
     def __call__(self, key, grid: tuple[int, int, int], device_index: int, *args,
                  **options) -> None:
         kernel = self.compiled.get(key)
-        if kernel is None or _launch_hooks():
+        if kernel is None or not self.direct or _launch_hooks():
             self.compiled[key] = self.fn[grid](*args, **options)
             return
         stream = torch._C._cuda_getCurrentRawStream(device_index)   # as Triton's driver does
