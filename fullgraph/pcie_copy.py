@@ -142,7 +142,7 @@ class FieldGather:
         self.rows = table
         self.device_index = dst.device.index
         self.pdl = pdl_enabled(dst)
-        r_block = 1 << max(0, max_reqs - 1).bit_length()
+        r_block = triton.next_power_of_2(max_reqs)
         field, target, index, row, source = merge if merge is not None else (0, 0, 0, 0, dst)
         dst32, src32 = dst.view(torch.int32), src.view(torch.int32)
         self.head = (dst32, src32, torch.tensor(table, dtype=torch.int32, device=dst.device))
