@@ -1,6 +1,6 @@
 """Probe: decode ms/step of kernel-parameter variants, measured in the model on one machine
 (`bench latency`'s graph mode; one engine per variant; the variants' runs interleaved, so
-drift hits them alike).
+drift hits them alike; `--fresh` builds each in a new process).
 
     python benchmarks/probes/decode_variants.py --batch-sizes 1 --repeats 2 \\
         base splits=8 fuse norm_tile=4,1024,4
@@ -14,6 +14,8 @@ A variant is `base` or `+`-joined edits:
   big_tile=BN,BK,W    one-row GEMV tiles without a prologue, N >= 32768 (LM head)
   decode_warps=N      warps of both decode attention kernels (paged_decode.NUM_WARPS)
   decode_tile=N       KV tokens per loop iteration of both (paged_decode.TILE_TOKENS)
+  decode_stages=N     Triton pipeline stages of paged_decode's KV loop at every split count
+                      (paged_decode.pipeline_stages)
   l2=P:A,B/P:C | l2=none  L2 prefetch plan (Qwen3DecoderLayer.l2_prefetch_plan):
                       projection P prefetches A and B ("next.X": the next layer's X)
   copy_engine         step inputs and samples by copy-engine copies (pcie_copy.py off)
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -39,7 +43,8 @@ from fullgraph.worker import inputs, model_runner
 
 ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
             "config": gemv._config, "NUM_WARPS": paged.NUM_WARPS,
-            "TILE_TOKENS": paged.TILE_TOKENS, "l2": Qwen3DecoderLayer.l2_prefetch_plan,
+            "TILE_TOKENS": paged.TILE_TOKENS, "stages": paged.pipeline_stages,
+            "l2": Qwen3DecoderLayer.l2_prefetch_plan,
             "pcie": pcie_copy.supported, "htod": inputs.InputBuffers._advance_decode,
             "dtoh": model_runner.to_host}
 
@@ -48,6 +53,7 @@ def apply(variant: str) -> None:
     paged.decode_splits, flex.fuse_qk_norm_rope = ORIGINAL["splits"], ORIGINAL["fuse"]
     gemv._config = ORIGINAL["config"]
     paged.NUM_WARPS, paged.TILE_TOKENS = ORIGINAL["NUM_WARPS"], ORIGINAL["TILE_TOKENS"]
+    paged.pipeline_stages = ORIGINAL["stages"]
     Qwen3DecoderLayer.l2_prefetch_plan = ORIGINAL["l2"]
     inputs.InputBuffers._advance_decode = ORIGINAL["htod"]
     model_runner.to_host = ORIGINAL["dtoh"]
@@ -67,6 +73,8 @@ def apply(variant: str) -> None:
             paged.NUM_WARPS = int(value)
         elif name == "decode_tile":
             paged.TILE_TOKENS = int(value)
+        elif name == "decode_stages":
+            paged.pipeline_stages = lambda num_splits, n=int(value): n
         elif name == "l2":
             Qwen3DecoderLayer.l2_prefetch_plan = {} if value == "none" else {
                 proj: tuple(targets.split(",")) for proj, _, targets in
@@ -108,19 +116,37 @@ def apply(variant: str) -> None:
     gemv._config = config
 
 
+def run_fresh(variant: str, argv: list[str]) -> list[float]:
+    """One variant in a new process: engines built one after another in one process drift
+    (a later one decoded up to 5% slower at batch 1 on an H100), a new process each does
+    not carry that over."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run([sys.executable, __file__, *argv, "--repeats", "1", "--json", f.name,
+                        variant], check=True)
+        return json.load(open(f.name))["results"][variant][0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     latency.add_args(p)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--fresh", action="store_true",
+                   help="each (repeat, variant) in a new process")
     p.add_argument("--json")
     p.add_argument("variants", nargs="+")
     ns = p.parse_args()
+    child_argv = [a for a in sys.argv[1:] if a not in ns.variants and a != "--fresh"]
     ns.cudagraph_capture_sizes = [[b] for b in ns.batch_sizes]
     ns.cudagraph_mode = "full_decode_only"
-    bandwidth = copy_bandwidth(torch.device("cuda"))
+    bandwidth = None if ns.fresh else copy_bandwidth(torch.device("cuda"))
     results: dict[str, list[list[float]]] = {v: [] for v in ns.variants}
     for rep in range(ns.repeats):
         for v in ns.variants:
+            if ns.fresh:
+                ms = run_fresh(v, strip_option(child_argv, "--repeats", "--json"))
+                results[v].append(ms)
+                print(f"rep {rep} {v:40s} " + " ".join(f"{m:.3f}" for m in ms), flush=True)
+                continue
             apply(v)
             run = latency.run_mode(ns, "graph", bandwidth)
             ms = [r["decode_ms_median"] for r in run["rows"]]
@@ -135,6 +161,19 @@ def main() -> None:
         with open(ns.json, "w") as f:
             json.dump({"batch_sizes": ns.batch_sizes, "results": results,
                        "argv": sys.argv[1:]}, f, indent=1)
+
+
+def strip_option(argv: list[str], *names: str) -> list[str]:
+    """argv without the options `names` and their values."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        else:
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

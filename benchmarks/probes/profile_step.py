@@ -9,12 +9,16 @@ of the time from the previous kernel's end to its own end: with PDL a kernel sta
 its predecessor ends, so durations overlap and sum to more than the step; the end-to-end
 gaps sum to the step and say what each kernel adds to it. `--steps N` profiles N steps in a
 row and prints where the GPU idles between and inside them (copies included); `--variant`
-applies decode_variants.py's edits first.
+applies decode_variants.py's edits first; `--external` leaves the profiling to ncu:
+
+    ncu -k regex:"paged_decode|qk_norm|gemv" --launch-skip 300 -c 12 \
+        python profile_step.py --batch-sizes 1 --capture-sizes 1 --num-gpu-blocks 256 --external
 """
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -72,6 +76,11 @@ def print_idle(prof, steps: int, top: int) -> None:
         print(f"  {dt:7.2f} us  after {before:40s} before {after}")
 
 
+def drain(engine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="qwen3-0.6b-random")
@@ -86,6 +95,8 @@ def main() -> None:
     p.add_argument("--variant", help="decode_variants.py's edits, e.g. fuse+splits=8")
     p.add_argument("--num-gpu-blocks", type=int,
                    help="KV blocks (small under ncu: it saves and restores device memory)")
+    p.add_argument("--external", action="store_true",
+                   help="only run the steps, for a profiler outside (ncu, nsys)")
     a = p.parse_args()
     if a.variant:
         from decode_variants import apply     # this directory's probe
@@ -106,10 +117,13 @@ def main() -> None:
         for _ in range(3):
             engine.step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with nullcontext() if a.external else profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(a.steps):
                 engine.step()
             torch.cuda.synchronize()
+        if a.external:
+            drain(engine)
+            continue
         groups = defaultdict(lambda: [0, 0.0])
         for e in prof.events():
             if e.device_type.name == "CUDA":
@@ -124,8 +138,7 @@ def main() -> None:
             print_timeline(prof)
         if a.steps > 1:
             print_idle(prof, a.steps, a.top)
-        while engine.has_unfinished_requests():
-            engine.step()
+        drain(engine)
     from torch._dynamo.utils import counters
     print("\ngraph breaks:", dict(counters["graph_break"]))
     print("stats:", dict(counters["stats"]))

@@ -64,6 +64,16 @@ def decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
     return max(1, min(MAX_SPLITS, 1 << max(0, per_pair.bit_length() - 1)))
 
 
+def pipeline_stages(num_splits: int) -> int:
+    """Triton's software-pipelining stages for the KV loop (K/V tiles go to shared memory by
+    cp.async, this many tiles in flight). Measured in the model on an H100, a new process per
+    run (benchmarks/probes/decode_variants.py --fresh; docs/benchmarks.md, tenth session),
+    ms/step: batch 1 (16 splits) 3 stages 0.786-0.788, 2 0.794-0.796, 1 0.874-0.876; batch 8
+    (4 splits) equal; batch 32 (one split, ~10 tiles a program) 2 stages 1.845-1.851, 3
+    1.894-1.897, 1 1.985-1.990. The stages change when loads issue, not the arithmetic."""
+    return 3 if num_splits > 1 else 2
+
+
 if triton is not None:
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, seq_lens_ptr,
@@ -243,5 +253,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         QUERY_LEN=query_len, GROUP=hq // hkv, HKV=hkv, D=d, PAGE=block_size,
         **tiling(block_size, rows_p2, num_splits),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",   # float32 stays float32
-        USE_PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
+        USE_PDL=pdl, num_warps=NUM_WARPS, num_stages=pipeline_stages(num_splits),
+        launch_pdl=pdl)
     return out
