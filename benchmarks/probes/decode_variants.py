@@ -1,6 +1,8 @@
 """Probe: decode ms/step of kernel-parameter variants, measured in the model on one machine
-(`bench latency`'s graph mode; one engine per variant; the variants' runs interleaved, so
-drift hits them alike; `--fresh` builds each in a new process).
+(`bench latency`'s graph mode; one engine per variant, each run in a new process; the
+variants' runs interleaved, so drift between runs hits them alike). `--in-process` builds
+every engine in this process: ~30 s faster per run, but engines built one after another in
+one process drift by up to 5% (docs/benchmarks.md, tenth session).
 
     python benchmarks/probes/decode_variants.py --batch-sizes 1 --repeats 2 \\
         base splits=8 fuse norm_tile=4,1024,4
@@ -121,8 +123,8 @@ def run_fresh(variant: str, argv: list[str]) -> list[float]:
     (a later one decoded up to 5% slower at batch 1 on an H100), a new process each does
     not carry that over."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, __file__, *argv, "--repeats", "1", "--json", f.name,
-                        variant], check=True)
+        subprocess.run([sys.executable, __file__, *argv, "--in-process", "--repeats", "1",
+                        "--json", f.name, variant], check=True)
         return json.load(open(f.name))["results"][variant][0]
 
 
@@ -130,19 +132,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     latency.add_args(p)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--fresh", action="store_true",
-                   help="each (repeat, variant) in a new process")
+    p.add_argument("--in-process", action="store_true",
+                   help="every engine in this process (faster; later engines drift)")
     p.add_argument("--json")
     p.add_argument("variants", nargs="+")
     ns = p.parse_args()
-    child_argv = [a for a in sys.argv[1:] if a not in ns.variants and a != "--fresh"]
+    child_argv = [a for a in sys.argv[1:] if a not in ns.variants]
     ns.cudagraph_capture_sizes = [[b] for b in ns.batch_sizes]
     ns.cudagraph_mode = "full_decode_only"
-    bandwidth = None if ns.fresh else copy_bandwidth(torch.device("cuda"))
+    bandwidth = copy_bandwidth(torch.device("cuda")) if ns.in_process else None
     results: dict[str, list[list[float]]] = {v: [] for v in ns.variants}
     for rep in range(ns.repeats):
         for v in ns.variants:
-            if ns.fresh:
+            if not ns.in_process:
                 ms = run_fresh(v, strip_option(child_argv, "--repeats", "--json"))
                 results[v].append(ms)
                 print(f"rep {rep} {v:40s} " + " ".join(f"{m:.3f}" for m in ms), flush=True)
