@@ -119,9 +119,9 @@ def apply(variant: str) -> None:
 
 
 def run_fresh(variant: str, argv: list[str]) -> list[float]:
-    """One variant in a new process: engines built one after another in one process drift
-    (a later one decoded up to 5% slower at batch 1 on an H100), a new process each does
-    not carry that over."""
+    """One run of `variant` in a new process, which inherits no drift: engines built one
+    after another in one process drift (a later one decoded up to 5% slower at batch 1 on
+    an H100)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         subprocess.run([sys.executable, __file__, *argv, "--in-process", "--repeats", "1",
                         "--json", f.name, variant], check=True)
