@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.pdl import pdl_enabled, wait_and_release
+from fullgraph.layers.pdl import pdl_enabled
 
 try:
     import triton
@@ -63,7 +63,9 @@ if triton is not None:
             merge = ((f == target_field) & (index >= lo) & (index < lo + CHUNK // 2)
                      & (index < n // 2))
             source_row = tl.load(src64_ptr + row_off + i, mask=merge, other=0)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         tl.store(dst_ptr + offset + idx, words, mask=mask)
         if MERGE:                  # the source is device memory an earlier kernel wrote
             value = tl.load(source_ptr + source_row, mask=merge)
@@ -73,7 +75,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["dst_ptr", "src_ptr"])
     def _copy_rows_kernel(dst_ptr, src_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         tl.store(dst_ptr + idx, tl.load(src_ptr + idx, mask=idx < n), mask=idx < n)
 
 

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fullgraph.layers.pdl import wait_and_release
 from gemv import timed
 
 BLOCK = 128                    # one element per thread at 4 warps
@@ -30,7 +29,9 @@ def _link(src_ptr, dst_ptr, counter_ptr, TRIPS: tl.constexpr, ATOMIC: tl.constex
           USE_PDL: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    wait_and_release(USE_PDL)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(src_ptr + offs)
     for _ in tl.static_range(TRIPS - 1):
         # every element holds its own index, so this reloads the same address, but only

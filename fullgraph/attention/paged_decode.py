@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.pdl import pdl_enabled, wait_and_release
+from fullgraph.layers.pdl import pdl_enabled
 
 try:
     import triton
@@ -95,7 +95,9 @@ if triton is not None:
         live = m < ROWS
         d = tl.arange(0, D)
         n = tl.arange(0, TILE)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # Split s takes tiles s, s + NUM_SPLITS, ...: its first tile's block-table entries
         # load alongside the length and q (the K/V loads are masked by the length).
         bt_row = block_table_ptr + r.to(tl.int64) * stride_bt

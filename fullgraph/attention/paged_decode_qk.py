@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.attention import paged_decode as paged
-from fullgraph.layers.pdl import pdl_enabled, wait_and_release
+from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.qk_norm_rope import triton_supported
 
 try:
@@ -119,7 +119,9 @@ if triton is not None:
         kc1, kc2, ks1, ks2 = rope_tables(tl.load(pos_ptr + new_tok, mask=new, other=0)[:, None],
                                          cos_ptr, sin_ptr, stride_rope, D, dtype)
         new_slot = tl.load(slot_ptr + new_tok, mask=new, other=0)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # --- The qkv projection's rows: q of the rows; this step's k and v.
         src = qkv_ptr + tok[:, None] * stride_qkv + head[:, None] * D + dh[None, :]
         x1 = tl.load(src, mask=live[:, None], other=0.0).to(tl.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.pdl import pdl_enabled, wait_and_release
+from fullgraph.layers.pdl import pdl_enabled
 
 try:
     import triton
@@ -29,7 +29,9 @@ if triton is not None:
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         offs = c * CHUNK + tl.arange(0, CHUNK)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + r * stride_x + offs, mask=offs < V, other=float("-inf"))
         m, i = tl.max(x.to(tl.float32), 0, return_indices=True,
                       return_indices_tie_break_left=True)
@@ -41,7 +43,9 @@ if triton is not None:
                            USE_PDL: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, CHUNKS_P2)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         m = tl.load(max_ptr + r * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
         # the first chunk holding the maximum holds its first index (maxima compare exactly:
         # they are the logits themselves, widened)

@@ -18,7 +18,7 @@ from torch import nn
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
 from fullgraph.layers.norm import RMSNorm
-from fullgraph.layers.pdl import pdl_enabled, wait_and_release
+from fullgraph.layers.pdl import pdl_enabled
 
 if triton is not None:
     import triton.language as tl
@@ -31,7 +31,9 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         mask = offs < K
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)    # a parameter: before the wait
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
             x = x + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -44,7 +46,9 @@ if triton is not None:
     @triton.jit
     def _silu_mul_rows_kernel(x_ptr, y_ptr, K, stride_x, stride_y, BLOCK: tl.constexpr,
                               USE_PDL: tl.constexpr):
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < K

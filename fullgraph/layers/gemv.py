@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph.layers import l2_prefetch
-from fullgraph.layers.pdl import pdl_enabled, wait_and_release
+from fullgraph.layers.pdl import pdl_enabled
 
 try:
     import triton
@@ -74,7 +74,9 @@ if triton is not None:
             l2_prefetch.prefetch_l2(pa_ptr, pa_bytes, pid, tl.num_programs(0), L2_LINES)
         if NUM_L2 > 1:
             l2_prefetch.prefetch_l2(pb_ptr, pb_bytes, pid, tl.num_programs(0), L2_LINES)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if PROLOGUE == _RMS_NORM:      # every program needs its rows' statistics first
             sumsq = tl.zeros((M_BUCKET,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):

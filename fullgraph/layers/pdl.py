@@ -37,23 +37,12 @@ try:
     import triton.language as tl
 
     @triton.jit
-    def wait_and_release(USE_PDL: tl.constexpr):
-        """In a kernel launched with PDL: wait until the previous kernel has finished and its
-        memory is visible, then let the next kernel launch. Before this call a kernel may
-        read only what no kernel still running writes (weights, the step's inputs copied in
-        before the graph); each of ours calls it before its first other load and its first
-        store, so the ordering stays transitive (module docstring)."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
     def _mark_kernel(out_ptr):
-        wait_and_release(True)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
         tl.store(out_ptr, 1)
 except ImportError:            # CPU-only installs: there is no PDL to restore
     triton = None
-    wait_and_release = None    # a Triton helper: nothing calls it without Triton
 
 
 @functools.cache

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.layers.norm import rms_norm
-from fullgraph.layers.pdl import pdl_enabled, wait_and_release
+from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.rotary import apply_rotary
 
 try:
@@ -76,7 +76,9 @@ if triton is not None:
         c1, c2, s1, s2 = rope_tables(tl.load(pos_ptr + t), cos_ptr, sin_ptr, stride_rope, D,
                                      dtype)
         slot = tl.load(slot_ptr + t)
-        wait_and_release(USE_PDL)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         src = qkv_ptr + t * stride_qkv + h * D + d
         x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
