@@ -113,13 +113,17 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, rotary)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # each layer's L2 prefetch targets, resolved once rather than every eager step (the
+        # loader copies weights into these parameters in place)
+        layers = list(self.layers)
+        self._l2_next = [layer.l2_targets(nxt)
+                         for layer, nxt in zip(layers, layers[1:] + [None], strict=True)]
 
     def forward(self, input_ids, positions, ctx):
         x, residual = self.embed_tokens(input_ids), None
         # Each layer gets its own KV tensors as arguments, so one compiled graph serves all.
-        layers = list(self.layers)
-        for i, (layer, kv_cache) in enumerate(zip(layers, ctx.kv_caches, strict=True)):
-            l2_next = layer.l2_targets(layers[i + 1] if i + 1 < len(layers) else None)
+        for layer, kv_cache, l2_next in zip(self.layers, ctx.kv_caches, self._l2_next,
+                                            strict=True):
             x, residual = layer(positions, x, residual, ctx, kv_cache, l2_next)
         x, _ = add_rms_norm(x, residual, self.norm)
         return x
