@@ -75,6 +75,37 @@ def test_graph_inputs_are_not_reallocated(engines):
     assert [t.data_ptr() for t in tensors] == ptrs
 
 
+def test_graph_step_copies_its_inputs_and_signals_the_host(engines):
+    """A graph step of several requests copies its inputs inside its graph, and the event
+    the host waits on before rewriting the pinned staging buffers is recorded there, after
+    the copy: with a long kernel queued ahead of the replay, the event is still pending when
+    `launch` returns, and the outputs are right. (One request copies eagerly.)"""
+    graphs, eager = engines
+    runner = graphs.engine.runner
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(5, 40))}, {"prompt_token_ids": [7, 8, 9]}]
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    pending_at_launch = []
+    replay = runner.graphs.replay
+
+    def replay_behind_a_long_kernel(key):
+        torch.cuda._sleep(200_000_000)                       # ~0.1 s
+        out = replay(key)
+        pending_at_launch.append(not runner._inputs_copied.query())
+        return out
+
+    runner.graphs.replay = replay_behind_a_long_kernel
+    try:
+        steps0 = runner.dispatcher.num_graph_steps
+        got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params, use_tqdm=False)]
+    finally:
+        del runner.graphs.replay
+    assert runner.dispatcher.num_graph_steps > steps0
+    assert pending_at_launch and all(pending_at_launch)
+    assert got == expected
+    assert runner._inputs_copied.query()
+
+
 @pytest.mark.parametrize("share_state, correct", [(True, False), (False, True)])
 def test_lazy_backend_needs_separate_capture_state(share_state, correct):
     x = torch.arange(4.0, device="cuda")

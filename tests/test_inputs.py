@@ -24,10 +24,10 @@ def test_steady_decode_path_matches_the_general_path(hf_dir, async_scheduling):
     fast_steps = 0
     prepare, advance = buffers.prepare, buffers._advance_decode
 
-    def checked_prepare(chunks, desc, prev_rows=None):
+    def checked_prepare(chunks, desc, prev_rows=None, copy=True):
         shadow._last_decode = None                   # the general path, always
-        expected = shadow.prepare(chunks, desc, prev_rows)
-        step = prepare(chunks, desc, prev_rows)
+        expected = shadow.prepare(chunks, desc, prev_rows, copy)
+        step = prepare(chunks, desc, prev_rows, copy)
         # the ranges a step writes (on a CPU the device buffers are these host buffers, so
         # the last step's pending-token copy may have landed in input_ids)
         for name, arr in shadow.arena.np.items():

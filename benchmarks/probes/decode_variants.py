@@ -21,8 +21,8 @@ A variant is `base` or `+`-joined edits:
   l2=P:A,B/P:C | l2=none  L2 prefetch plan (Qwen3DecoderLayer.l2_prefetch_plan):
                       projection P prefetches A and B ("next.X": the next layer's X)
   copy_engine         step inputs and samples by copy-engine copies (pcie_copy.py off)
-  no_htod / no_dtoh   skip steady decode steps' input copy / every step's copy of samples to
-                      the host (timing only: steps decode stale inputs or return zeros)
+  no_dtoh             skip every step's copy of samples to the host (timing only: steps
+                      return zeros)
 """
 from __future__ import annotations
 
@@ -41,14 +41,13 @@ from fullgraph.entrypoints.bench import latency
 from fullgraph.entrypoints.bench.common import copy_bandwidth
 from fullgraph.layers import gemv
 from fullgraph.models.qwen3 import Qwen3DecoderLayer
-from fullgraph.worker import inputs, model_runner
+from fullgraph.worker import model_runner
 
 ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
             "config": gemv._config, "NUM_WARPS": paged.NUM_WARPS,
             "TILE_TOKENS": paged.TILE_TOKENS, "stages": paged.pipeline_stages,
             "l2": Qwen3DecoderLayer.l2_prefetch_plan,
-            "pcie": pcie_copy.supported, "htod": inputs.InputBuffers._advance_decode,
-            "dtoh": model_runner.to_host}
+            "pcie": pcie_copy.supported, "dtoh": model_runner.to_host}
 
 
 def apply(variant: str) -> None:
@@ -57,7 +56,6 @@ def apply(variant: str) -> None:
     paged.NUM_WARPS, paged.TILE_TOKENS = ORIGINAL["NUM_WARPS"], ORIGINAL["TILE_TOKENS"]
     paged.pipeline_stages = ORIGINAL["stages"]
     Qwen3DecoderLayer.l2_prefetch_plan = ORIGINAL["l2"]
-    inputs.InputBuffers._advance_decode = ORIGINAL["htod"]
     model_runner.to_host = ORIGINAL["dtoh"]
     pcie_copy.supported = ORIGINAL["pcie"]
     tiles: dict[int, tuple[int, int, int]] = {}
@@ -83,14 +81,6 @@ def apply(variant: str) -> None:
                 (part.partition(":") for part in value.split("/"))}
         elif name == "copy_engine":
             pcie_copy.supported = lambda device: False
-        elif name == "no_htod":
-            def steady_without_copy(self, *args, advance=ORIGINAL["htod"]):
-                self.arena.copy_to_gpu = lambda *counts: None
-                try:
-                    return advance(self, *args)
-                finally:
-                    del self.arena.copy_to_gpu
-            inputs.InputBuffers._advance_decode = steady_without_copy
         elif name == "no_dtoh":
             model_runner.to_host = lambda t, out=None: None if t is None else torch.zeros(
                 t.shape, dtype=t.dtype)

@@ -48,9 +48,13 @@ def print_timeline(prof) -> None:
         idx = [i for i in idx if 0 < i < len(kernels)]
         durs = [kernels[i].time_range.elapsed_us() for i in idx]
         gaps = [ends[i] - ends[i - 1] for i in idx]
-        rows.append((names[first + j], np.median(durs), np.median(gaps), len(idx)))
-    for name, dur, gap, n in rows:
-        print(f"  {name:60s} dur {dur:6.2f} us  end-to-end {gap:6.2f} us  (x{n})")
+        # negative: the kernel started before its predecessor ended (PDL)
+        starts = [kernels[i].time_range.start - ends[i - 1] for i in idx]
+        rows.append((names[first + j], np.median(durs), np.median(gaps), np.median(starts),
+                     len(idx)))
+    for name, dur, gap, start, n in rows:
+        print(f"  {name:60s} dur {dur:6.2f} us  end-to-end {gap:6.2f} us  start after "
+              f"previous end {start:6.2f} us  (x{n})")
     print(f"  per layer: {sum(r[2] for r in rows):.2f} us; before the layers "
           f"{ends[first - 1] - kernels[0].time_range.start if first else 0.0:.1f} us, after "
           f"{ends[-1] - ends[first + period * len(marks) - 1]:.1f} us")

@@ -2,8 +2,9 @@
 
 Everything is staged in pinned host buffers through numpy views (no per-step tensor
 allocation) and reaches the persistent device buffers in two transfers: one arena holding
-every 1-D input (a kernel moves the step's padded extent of each; buffers.py), and the
-block-table rows up to the step's padded size. Padding lanes get harmless values: token 0
+every 1-D input (a kernel moves the step's padded extent of each, buffers.py; a graph step
+makes that launch inside its graph, model_runner.py), and the block-table rows up to the
+step's padded size. Padding lanes get harmless values: token 0
 at position 0, slot 0 of the null block, a zero block-table row, sequence length 0. Host
 time is the budget here (tens of µs a step): device views are sliced once per padded shape,
 block-table rows and sampling rows are rewritten only when they change, and a pure-decode
@@ -212,10 +213,16 @@ class InputBuffers:
             max((sps[i].logprobs for i in rows), default=-1), rows)
         self._sampling_reqs = list(reqs)
 
+    def copy_inputs(self, desc: BatchExecutionDescriptor) -> None:
+        """The staged inputs of a step of shape `desc` to the device (one kernel or copy)."""
+        self.arena.copy_to_gpu(desc.num_tokens, desc.num_reqs)
+
     def prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
-                prev_rows: dict[int, int] | None = None) -> StepInputs:
+                prev_rows: dict[int, int] | None = None, copy: bool = True) -> StepInputs:
         """`prev_rows`: id(request) -> its row in the previous step, for requests whose last
-        input token that step sampled and the host does not know yet."""
+        input token that step sampled and the host does not know yet. `copy=False` leaves
+        the staged inputs' copy (`copy_inputs`) to the caller: a graph makes it itself.
+        Block-table rows are copied here either way."""
         n_req, r_pad, t_pad = len(chunks), desc.num_reqs, desc.num_tokens
         a, bs = self.arena.np, self.block_size
         ids, pos, bt, slots = a["input_ids"], a["positions"], self.block_table.np, a["slot_mapping"]
@@ -225,6 +232,8 @@ class InputBuffers:
         if decode:
             step = self._advance_decode(reqs, desc, prev_rows)
             if step is not None:
+                if copy:
+                    self.copy_inputs(desc)
                 return step
         done_list = [r.num_computed_tokens for r in reqs]
         done = np.array(done_list, np.int64)
@@ -292,7 +301,8 @@ class InputBuffers:
         a["seeds"][n_req:r_pad] = 0
         a["logits_indices"][n_req:r_pad] = 0
         # two transfers: the arena, and the block-table rows in use
-        self.arena.copy_to_gpu(t_pad, r_pad)
+        if copy:
+            self.copy_inputs(desc)
         v = self._views(t_pad, r_pad, cache=desc.mode == CUDAGraphMode.FULL)
         if self.block_table.gpu is not self.block_table.cpu:
             v.block_table.copy_(v.block_table_cpu, non_blocking=True)
@@ -383,5 +393,4 @@ class InputBuffers:
                 bt_rows = last.step.attention.block_table
                 bt_rows.copy_(self.block_table.cpu[:bt_rows.shape[0]], non_blocking=True)
         slot_mapping[:n] = array("q", slots)
-        self.arena.copy_to_gpu(desc.num_tokens, desc.num_reqs)
         return last.step

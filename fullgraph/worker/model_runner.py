@@ -104,8 +104,11 @@ class ModelRunner:
         self.async_scheduling = sched.async_scheduling
         self._last_rows: dict[int, int] = {}       # async only: id(request) -> its row
         self._last_step: StepInputs | None = None
-        # Recorded after each step's host->device input copies (see `launch`).
-        self._inputs_copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        # Recorded after each step's host->device input copies (see `launch`); inside a
+        # graph by an event node (`external`), on a branch of its own (`_copy_inputs`).
+        cuda = self.device.type == "cuda"
+        self._inputs_copied = torch.cuda.Event(external=True) if cuda else None
+        self._event_stream = torch.cuda.Stream(self.device) if cuda else None
         self.backend_cls = get_backend_class(config.attention_backend)
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
@@ -238,18 +241,46 @@ class ModelRunner:
             sampling = self._general_sampling(key.num_reqs)
             return (lambda: self._sample(sampling)), None
         compiles0 = compile_count()
-        step = self.buffers.prepare(self._dummy_chunks(key), key)
+        copies = self._graph_copies_inputs(key)
+        step = self.buffers.prepare(self._dummy_chunks(key), key, copy=not copies)
         self.backend.prepare(step.attention)
         metadata = self.backend.build(step.attention)
 
         def forward():
+            if copies:
+                self._copy_inputs(key)
             self.backend.update(metadata, step.attention)
             out = self._run_model(step, metadata)
+            if copies and self._event_stream is not None:
+                torch.cuda.current_stream().wait_stream(self._event_stream)   # rejoin
             if warmup:
                 self._warmup_compiles += compile_count() - compiles0
             return out
 
         return forward, metadata
+
+    @staticmethod
+    def _graph_copies_inputs(desc: BatchExecutionDescriptor) -> bool:
+        """Whether a graph step's input copy runs inside its graph, or eagerly before the
+        replay as for eager steps. Inside, the host launches nothing before the replay: a
+        launch behind a running step costs 14-40 µs of host time (H100,
+        benchmarks/probes/host_copy_launch.py), and batch-32 input preparation went 63 -> 42
+        µs. But replays run at another speed without an eager PDL kernel just before them,
+        faster or slower by request count (H100, decode ms/step, eager copy -> in the graph;
+        docs/benchmarks.md, eleventh session): 1 request 0.785 -> 0.821, 2 1.105 -> 1.101,
+        8 1.329 -> 1.256, 32 1.846 -> 1.863, 64 2.615 -> 2.675, 128 4.043 -> 4.118. So: in
+        the graph from 2 to 32 requests (batch 32's input preparation is a target)."""
+        return desc.mode == CUDAGraphMode.FULL and 1 < desc.num_reqs <= 32
+
+    def _copy_inputs(self, desc: BatchExecutionDescriptor) -> None:
+        """A graph step's input copy, made by its graph. `_inputs_copied` is recorded on a
+        side branch (the forward rejoins it at its end), so the copy kernel's PDL edge to the
+        model's first kernel stays."""
+        self.buffers.copy_inputs(desc)
+        if self._event_stream is not None:
+            self._event_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._event_stream):
+                self._inputs_copied.record()
 
     def _general_sampling(self, num_reqs: int) -> SamplingTensors:
         """What a sampler graph is captured with (a graph cannot branch): every feature on.
@@ -301,14 +332,15 @@ class ModelRunner:
             self._inputs_copied.synchronize()
         t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
-        step = self.buffers.prepare(chunks, desc, self._last_rows)
+        in_graph = self._graph_copies_inputs(desc)
+        step = self.buffers.prepare(chunks, desc, self._last_rows, copy=not in_graph)
         # A steady decode step (the last step's StepInputs again) keeps every request's row.
         if self.async_scheduling and step is not self._last_step:
             self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
         self._last_step = step
         self.backend.prepare(step.attention)
         self.prepare_seconds += time.perf_counter() - t0
-        if self._inputs_copied is not None:
+        if self._inputs_copied is not None and not in_graph:
             self._inputs_copied.record()
         greedy = step.sampling.greedy_only
         if desc.mode == CUDAGraphMode.FULL:
