@@ -7,12 +7,16 @@ latency (docs/benchmarks.md), so these two numbers bound what reordering work ca
 One graph replays a chain of 50 kernels; kernel i reads the buffer kernel i - 1 wrote (a
 true dependency) through `trips` dependent loads (each load's address comes from the value
 before: a pointer chase in L2) and stores it. `--atomic` adds the decode kernel's ending:
-a block barrier, an acq_rel atomic counter, and the last program to arrive resetting it.
+a block barrier, an atomic counter (`--sem`: acq_rel as there; release, or relaxed, which
+orders nothing, to split the cost), and the last program to arrive resetting it (an
+exchange, `--reset-sem`: acq_rel as there, relaxed, or a plain store: the kernel boundary
+orders it for the next launch).
 Prints µs per kernel; the difference between trip counts is the cost of a round trip.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -26,7 +30,8 @@ BLOCK = 128                    # one element per thread at 4 warps
 
 @triton.jit
 def _link(src_ptr, dst_ptr, counter_ptr, TRIPS: tl.constexpr, ATOMIC: tl.constexpr,
-          USE_PDL: tl.constexpr, BLOCK: tl.constexpr):
+          SEM: tl.constexpr, RESET_SEM: tl.constexpr, USE_PDL: tl.constexpr,
+          BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     if USE_PDL:
@@ -40,12 +45,16 @@ def _link(src_ptr, dst_ptr, counter_ptr, TRIPS: tl.constexpr, ATOMIC: tl.constex
     tl.store(dst_ptr + offs, x)
     if ATOMIC:
         tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        arrived = tl.atomic_add(counter_ptr, 1, sem=SEM)
         if arrived == tl.num_programs(0) - 1:
-            tl.atomic_xchg(counter_ptr, 0)
+            if RESET_SEM == "store":
+                tl.store(counter_ptr, 0)
+            else:
+                tl.atomic_xchg(counter_ptr, 0, sem=RESET_SEM)
 
 
-def per_kernel_us(grid: int, trips: int, atomic: bool, pdl: bool, chain: int) -> float:
+def per_kernel_us(grid: int, trips: int, atomic: bool, pdl: bool, chain: int,
+                  sem: str = "acq_rel", reset_sem: str = "acq_rel") -> float:
     n = grid * BLOCK
     bufs = [torch.arange(n, dtype=torch.int32, device="cuda") for _ in range(2)]
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
@@ -53,7 +62,7 @@ def per_kernel_us(grid: int, trips: int, atomic: bool, pdl: bool, chain: int) ->
 
     def link(i: int) -> None:
         _link[(grid,)](bufs[i % 2], bufs[(i + 1) % 2], counter, TRIPS=trips, ATOMIC=atomic,
-                       USE_PDL=pdl, BLOCK=BLOCK, num_warps=4, launch_pdl=pdl)
+                       SEM=sem, RESET_SEM=reset_sem, USE_PDL=pdl, BLOCK=BLOCK, num_warps=4, launch_pdl=pdl)
 
     us = timed(link, links)
     if not torch.equal(bufs[0], torch.arange(n, dtype=torch.int32, device="cuda")):
@@ -67,17 +76,22 @@ def main() -> None:
     p.add_argument("--trips", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--chain", type=int, default=50)
     p.add_argument("--atomic", action="store_true")
+    p.add_argument("--sem", nargs="+", default=["acq_rel"],
+                   choices=["acq_rel", "release", "acquire", "relaxed"])
+    p.add_argument("--reset-sem", nargs="+", default=["acq_rel"], choices=["acq_rel", "relaxed", "store"])
     p.add_argument("--json")
     a = p.parse_args()
     rows = []
     for grid in a.grids:
         for trips in a.trips:
-            for pdl in (False, True):
-                us = per_kernel_us(grid, trips, a.atomic, pdl, a.chain)
-                rows.append(dict(grid=grid, trips=trips, atomic=a.atomic, pdl=pdl,
-                                 us_per_kernel=round(us, 3)))
-                print(f"grid {grid:5d}  trips {trips}  atomic {int(a.atomic)}  pdl {int(pdl)}: "
-                      f"{us:6.2f} us/kernel", flush=True)
+            for sem, reset in itertools.product(*((a.sem, a.reset_sem) if a.atomic
+                                                  else (["-"], ["-"]))):
+                for pdl in (False, True):
+                    us = per_kernel_us(grid, trips, a.atomic, pdl, a.chain, sem, reset)
+                    rows.append(dict(grid=grid, trips=trips, atomic=a.atomic, sem=sem,
+                                     reset_sem=reset, pdl=pdl, us_per_kernel=round(us, 3)))
+                    print(f"grid {grid:5d}  trips {trips}  atomic {int(a.atomic)} {sem:8s} "
+                          f"reset {reset:8s} pdl {int(pdl)}: {us:6.2f} us/kernel", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

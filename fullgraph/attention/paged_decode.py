@@ -161,7 +161,9 @@ if triton is not None:
             if arrived == NUM_SPLITS - 1:
                 _combine(part_acc_ptr, part_ml_ptr, out_ptr, pair, stride_ot, stride_oh, r,
                          h, QUERY_LEN, GROUP, D, ROWS, ROWS_P2, NUM_SPLITS, CHUNK)
-                tl.atomic_xchg(counter_ptr + pair, 0)
+                # a plain store: the kernel boundary orders it before the next launch's
+                # atomics, so it need not wait for anything here
+                tl.store(counter_ptr + pair, 0)
 
     @triton.jit
     def _combine(part_acc_ptr, part_ml_ptr, out_ptr, pair, stride_ot, stride_oh, r, h,
