@@ -6,12 +6,12 @@ latency (docs/benchmarks.md), so these two numbers bound what reordering work ca
 
 One graph replays a chain of 50 kernels; kernel i reads the buffer kernel i - 1 wrote (a
 true dependency) through `trips` dependent loads (each load's address comes from the value
-before: a pointer chase in L2) and stores it. `--atomic` adds the decode kernel's ending:
-a block barrier, an atomic counter (`--sem`: acq_rel as there; release, or relaxed, which
-orders nothing, to split the cost), and the last program to arrive resetting it (an
-exchange, `--reset-sem`: acq_rel as there, relaxed, or a plain store: the kernel boundary
-orders it for the next launch).
-Prints µs per kernel; the difference between trip counts is the cost of a round trip.
+before; it is the same line, so the later loads hit L1: trips show little) and stores it.
+`--atomic` adds the decode kernel's ending: a block barrier, an atomic arrival count
+(`--sem`: acq_rel as there; release, or relaxed, which orders nothing, to split the cost),
+and the last program to arrive resetting the counter (`--reset-sem`: an acq_rel or relaxed
+exchange, or a plain store as the decode kernel now does: the kernel boundary orders it for
+the next launch). Prints µs per kernel.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def per_kernel_us(grid: int, trips: int, atomic: bool, pdl: bool, chain: int,
 
     def link(i: int) -> None:
         _link[(grid,)](bufs[i % 2], bufs[(i + 1) % 2], counter, TRIPS=trips, ATOMIC=atomic,
-                       SEM=sem, RESET_SEM=reset_sem, USE_PDL=pdl, BLOCK=BLOCK, num_warps=4, launch_pdl=pdl)
+                       SEM=sem, RESET_SEM=reset_sem, USE_PDL=pdl, BLOCK=BLOCK, num_warps=4,
+                       launch_pdl=pdl)
 
     us = timed(link, links)
     if not torch.equal(bufs[0], torch.arange(n, dtype=torch.int32, device="cuda")):
@@ -78,7 +79,8 @@ def main() -> None:
     p.add_argument("--atomic", action="store_true")
     p.add_argument("--sem", nargs="+", default=["acq_rel"],
                    choices=["acq_rel", "release", "acquire", "relaxed"])
-    p.add_argument("--reset-sem", nargs="+", default=["acq_rel"], choices=["acq_rel", "relaxed", "store"])
+    p.add_argument("--reset-sem", nargs="+", default=["acq_rel"],
+                   choices=["acq_rel", "relaxed", "store"])
     p.add_argument("--json")
     a = p.parse_args()
     rows = []
