@@ -8,8 +8,9 @@ the kernels before it, and the kernels after it wait for the copy. A kernel read
 writes pinned memory through unified addressing instead, and as a PDL kernel (layers/pdl.py)
 it loads its host words while the previous kernel finishes.
 
-Both kernels launch eagerly, between graph replays, with host buffers that stay put until
-the launch's event says the kernel ran (the runner's `_inputs_copied`, the step's event).
+The samples' copy launches eagerly after each replay; the inputs' copy eagerly before it, or
+inside the graph for steps of 2-32 requests (model_runner.py). Their host buffers stay put
+until an event says the kernel ran (the runner's `_inputs_copied`, the step's event).
 They launch without Triton's per-call work (`_Launch`): through the JIT a launch cost
 ~29 µs of host time against ~4 µs for a copy-engine copy (H100 host,
 benchmarks/probes/host_copy_launch.py), and host time per step is a budget.

@@ -93,8 +93,9 @@ if triton is not None:
         dh = tl.arange(0, HALF)
         d = tl.arange(0, D)
         n = tl.arange(0, TILE)
-        # --- Before the wait: parameters, the step's inputs (copied in before the graph) and
-        # the cache as earlier steps left it: the split's first tile of cached tokens.
+        # --- Before the wait: parameters, the step's inputs (the input copy wrote them two or
+        # more kernels back, layers/pdl.py) and the cache as earlier steps left it: the
+        # split's first tile of cached tokens.
         seq_len = tl.load(seq_lens_ptr + r)
         cached = seq_len - QUERY_LEN       # tokens already in the cache
         n_tiles = tl.cdiv(cached, TILE)

@@ -6,7 +6,10 @@ PDL, a kernel's programs may start while the previous kernel finishes; each of o
 first loads what no earlier kernel writes (a GEMV's weights), then `gdc_wait`s for the
 previous kernel's memory, then lets the next kernel launch (`gdc_launch_dependents`). Every
 PDL kernel waits before its first dependent load and before any store, so ordering stays
-transitive across kernels that do not use PDL (cuBLAS, inductor's). CUDA graph capture keeps
+transitive across kernels that do not use PDL (cuBLAS, inductor's). A kernel may load before
+its wait what a kernel two or more launches back wrote (the step's inputs in the q/k
+kernels): its predecessor lets it launch only after the predecessor's own wait, which
+returned once everything before the predecessor had completed. CUDA graph capture keeps
 these as programmatic edges.
 
 Inductor can emit the same for the kernels it generates (`triton.enable_pdl`, torch >= 2.11):
@@ -21,9 +24,10 @@ After graph capture, replays run ~3-4% slower (H100, Triton 3.6) until a PDL ker
 launched outside a graph; `launch_outside_graph` is that launch, and the runner makes it after
 capturing. Which launches restore the fast state was bisected on the device
 (docs/benchmarks.md, ninth session): a PDL Triton kernel does; the same kernel without PDL, a
-torch elementwise kernel or a cuBLAS GEMM do not. The cause is inside the driver. (Every
-step's input copy is now an eager PDL kernel too, pcie_copy.py; this launch keeps the fix
-independent of how inputs travel.)
+torch elementwise kernel or a cuBLAS GEMM do not. The cause is inside the driver. An eager
+PDL kernel just before each replay changes the replay's speed too, faster or slower by batch
+size (eleventh session; the runner's `_graph_copies_inputs` follows it), so this launch keeps
+the fix independent of how inputs travel.
 """
 from __future__ import annotations
 

@@ -69,8 +69,8 @@ if triton is not None:
         d = tl.arange(0, HALF)[None, :]
         live = h < HQ + HKV
         is_q = h < HQ
-        # Parameters and the step's inputs (positions, slots: copied in before the graph)
-        # load before waiting for the qkv projection.
+        # Parameters and the step's inputs (positions, slots: the input copy wrote them two
+        # or more kernels back, layers/pdl.py) load before waiting for the qkv projection.
         w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d))
         w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + HALF + d))
         c1, c2, s1, s2 = rope_tables(tl.load(pos_ptr + t), cos_ptr, sin_ptr, stride_rope, D,

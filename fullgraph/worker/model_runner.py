@@ -267,15 +267,16 @@ class ModelRunner:
         benchmarks/probes/host_copy_launch.py), and batch-32 input preparation went 63 -> 42
         µs. But replays run at another speed without an eager PDL kernel just before them,
         faster or slower by request count (H100, decode ms/step, eager copy -> in the graph;
-        docs/benchmarks.md, eleventh session): 1 request 0.785 -> 0.821, 2 1.105 -> 1.101,
-        8 1.329 -> 1.256, 32 1.846 -> 1.863, 64 2.615 -> 2.675, 128 4.043 -> 4.118. So: in
-        the graph from 2 to 32 requests (batch 32's input preparation is a target)."""
+        docs/benchmarks.md, eleventh session): 2 requests 1.105 -> 1.101, 8 1.329 -> 1.256,
+        32 1.846 -> 1.863, 64 2.615 -> 2.675, 128 4.043 -> 4.118; on another machine 1
+        request 0.785 -> 0.821. So: in the graph from 2 to 32 requests (batch 32's input
+        preparation is a target)."""
         return desc.mode == CUDAGraphMode.FULL and 1 < desc.num_reqs <= 32
 
     def _copy_inputs(self, desc: BatchExecutionDescriptor) -> None:
         """A graph step's input copy, made by its graph. `_inputs_copied` is recorded on a
-        side branch (the forward rejoins it at its end), so the copy kernel's PDL edge to the
-        model's first kernel stays."""
+        side branch (the forward rejoins it at its end), so no model kernel waits on the event
+        node (inline, it measured the same)."""
         self.buffers.copy_inputs(desc)
         if self._event_stream is not None:
             self._event_stream.wait_stream(torch.cuda.current_stream())
