@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fullgraph import LLM, SamplingParams
+from profile_step import start_decoding      # this directory's probe
 
 
 def main() -> None:
@@ -51,11 +52,8 @@ def main() -> None:
     buffers = runner.buffers
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=a.steps + 50, ignore_eos=True)
-    for i in range(a.batch):
-        engine.add_request(f"r{i}", rng.integers(0, 200, 500).tolist(), params)
-    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1
-                                          for r in engine.scheduler.running):
-        engine.step()
+    start_decoding(engine, [rng.integers(0, 200, 500).tolist() for _ in range(a.batch)], params,
+                   "r", steady_steps=0)
 
     wall, cpu = defaultdict(list), defaultdict(list)
 

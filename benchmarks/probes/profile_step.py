@@ -83,6 +83,19 @@ def print_idle(prof, steps: int, top: int) -> None:
         print(f"  {dt:7.2f} us  after {before:40s} before {after}")
 
 
+def start_decoding(engine, prompts: list[list[int]], params: SamplingParams, tag: str,
+                   steady_steps: int = 3) -> None:
+    """Add a request per prompt, step until every one of them decodes, then `steady_steps`
+    more (steady decode steps)."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", ids, params)
+    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1
+                                          for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(steady_steps):
+        engine.step()
+
+
 def drain(engine) -> None:
     while engine.has_unfinished_requests():
         engine.step()
@@ -116,13 +129,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for b in a.batch_sizes:
-        for i in range(b):
-            engine.add_request(f"p{b}-{i}", rng.integers(0, 50000, a.input_len).tolist(), params)
-        while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) \
-                or engine.scheduler.waiting:
-            engine.step()
-        for _ in range(3):
-            engine.step()
+        start_decoding(engine, [rng.integers(0, 50000, a.input_len).tolist() for _ in range(b)],
+                       params, f"p{b}")
         torch.cuda.synchronize()
         with nullcontext() if a.external else profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(a.steps):

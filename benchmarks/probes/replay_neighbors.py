@@ -28,6 +28,7 @@ import torch
 
 from fullgraph import LLM, SamplingParams
 from fullgraph.layers import pdl
+from profile_step import start_decoding      # this directory's probe
 
 VARIANTS = ("none", "pdl_before", "plain_before", "fill_before", "copy_before", "pdl_after")
 
@@ -82,13 +83,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     for b in a.batch_sizes:
-        for i in range(b):
-            engine.add_request(f"r{b}-{i}", rng.integers(0, 50000, a.input_len).tolist(), params)
-        while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) \
-                or engine.scheduler.waiting:
-            engine.step()
-        for _ in range(3):             # steady decode steps: the graph's inputs are a real step's
-            engine.step()
+        # steady decode steps first: the graph's inputs are a real step's
+        start_decoding(engine, [rng.integers(0, 50000, a.input_len).tolist() for _ in range(b)],
+                       params, f"r{b}")
         desc = runner.dispatcher.dispatch(b, b, 1)
         replay = lambda desc=desc: runner.graphs.replay(desc)          # noqa: E731
         results: dict[str, list[float]] = {v: [] for v in a.variants}

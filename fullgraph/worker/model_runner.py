@@ -333,15 +333,15 @@ class ModelRunner:
             self._inputs_copied.synchronize()
         t0 = time.perf_counter()
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
-        in_graph = self._graph_copies_inputs(desc)
-        step = self.buffers.prepare(chunks, desc, self._last_rows, copy=not in_graph)
+        copied_in_graph = self._graph_copies_inputs(desc)
+        step = self.buffers.prepare(chunks, desc, self._last_rows, copy=not copied_in_graph)
         # A steady decode step (the last step's StepInputs again) keeps every request's row.
         if self.async_scheduling and step is not self._last_step:
             self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
         self._last_step = step
         self.backend.prepare(step.attention)
         self.prepare_seconds += time.perf_counter() - t0
-        if self._inputs_copied is not None and not in_graph:
+        if self._inputs_copied is not None and not copied_in_graph:
             self._inputs_copied.record()
         greedy = step.sampling.greedy_only
         if desc.mode == CUDAGraphMode.FULL:
