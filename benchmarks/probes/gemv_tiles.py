@@ -48,10 +48,10 @@ def main() -> None:
 
             def launch(wt, xx, pro, bn, bk, warps):
                 _gemv_kernel[(triton.cdiv(n, bn),)](
-                    xx, wt, out, r, h, nw, m, n, k, xx.stride(0), wt.stride(0), out.stride(0),
-                    r.stride(0), h.stride(0), 1e-6, PROLOGUE=pro, HAS_RES=True,
-                    M_BUCKET=bucket, BLOCK_N=bn, BLOCK_K=bk, USE_PDL=a.pdl, num_warps=warps,
-                    launch_pdl=a.pdl)
+                    xx, wt, out, r, h, nw, wt, 0, wt, 0, m, n, k, xx.stride(0), wt.stride(0),
+                    out.stride(0), r.stride(0), h.stride(0), 1e-6, PROLOGUE=pro, HAS_RES=True,
+                    M_BUCKET=bucket, BLOCK_N=bn, BLOCK_K=bk, NUM_L2=0, L2_LINES=32 * warps,
+                    ONE_SLICE=bk >= k, USE_PDL=a.pdl, num_warps=warps, launch_pdl=a.pdl)
 
             res = []
             for bn, bk, warps in itertools.product(*tiles):

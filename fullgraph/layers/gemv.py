@@ -54,7 +54,7 @@ if triton is not None:
                      pb_bytes, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_hm,
                      eps, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, M_BUCKET: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_L2: tl.constexpr,
-                     L2_LINES: tl.constexpr, USE_PDL: tl.constexpr):
+                     L2_LINES: tl.constexpr, ONE_SLICE: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -96,9 +96,10 @@ if triton is not None:
             mask = mask_m[:, None] & mask_k[None, :]
             if PREFETCH:               # the slice loaded one iteration ahead
                 w = w_next
-                w_next = tl.load(w_rows + (offs_k + BLOCK_K)[None, :],
-                                 mask=mask_n[:, None] & (offs_k + BLOCK_K < K)[None, :],
-                                 other=0.0)
+                if not ONE_SLICE:      # else there is no next slice: no registers for it
+                    w_next = tl.load(w_rows + (offs_k + BLOCK_K)[None, :],
+                                     mask=mask_n[:, None] & (offs_k + BLOCK_K < K)[None, :],
+                                     other=0.0)
             else:
                 w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                             other=0.0)
@@ -143,7 +144,11 @@ def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, 
     matched cuBLAS at 32-64 rows."""
     if m_bucket == 1:
         if prologue == RMS_NORM:
-            return 8, 1024, 4
+            # qkv, gate_up. Where the row fits one slice (no next slice held in registers),
+            # 2 warps: 168 registers a thread (ptxas, sm_90a), 6 programs an SM where 4
+            # warps fit 5. In the model (decode_variants.py, H100) batch 1 0.769 / 0.764 ->
+            # 0.752 / 0.748 ms/step; 2 warps with the next slice held: 0.791 / 0.796
+            return 8, 1024, (2 if k <= 1024 else 4)
         if prologue == SILU_MUL:
             # down: its whole weight strip in one slice where it fits, which the PDL prefetch
             # loads before the wait; in the model (decode_variants.py, H100) batch 1
@@ -188,8 +193,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
         x, w, out, r, h, norm_weight if norm_weight is not None else w, *l2_args, m, n, k,
         x.stride(0), w.stride(0), out.stride(0), r.stride(0), h.stride(0), eps,
         PROLOGUE=prologue, HAS_RES=residual is not None, M_BUCKET=bucket, BLOCK_N=block_n,
-        BLOCK_K=block_k, NUM_L2=num_l2, L2_LINES=32 * warps, USE_PDL=pdl, num_warps=warps,
-        launch_pdl=pdl)
+        BLOCK_K=block_k, NUM_L2=num_l2, L2_LINES=32 * warps, ONE_SLICE=block_k >= k,
+        USE_PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return out
 
 
