@@ -9,8 +9,10 @@ PDL kernel waits before its first dependent load and before any store, so orderi
 transitive across kernels that do not use PDL (cuBLAS, inductor's). A kernel may load before
 its wait what a kernel two or more launches back wrote (the step's inputs in the q/k
 kernels): its predecessor lets it launch only after the predecessor's own wait, which
-returned once everything before the predecessor had completed. CUDA graph capture keeps
-these as programmatic edges.
+returned once everything before the predecessor had completed. One exception: the q/k
+kernel at 2-64 tokens lets decode attention launch before its own wait
+(layers/qk_norm_rope.py, measured faster there); attention loads nothing before its wait.
+CUDA graph capture keeps these as programmatic edges.
 
 Inductor can emit the same for the kernels it generates (`triton.enable_pdl`, torch >= 2.11):
 `inductor_options` turns it on for our compiled layers and FlexAttention. Measured on an H100

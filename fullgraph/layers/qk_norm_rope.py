@@ -59,9 +59,14 @@ if triton is not None:
                                 q_ptr, k_cache_ptr, v_cache_ptr, stride_qkv, stride_q,
                                 stride_ks, stride_kh, stride_vs, stride_vh, stride_rope, eps,
                                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                                HEADS: tl.constexpr, USE_PDL: tl.constexpr):
+                                HEADS: tl.constexpr, EARLY_LAUNCH: tl.constexpr,
+                                USE_PDL: tl.constexpr):
         """Program (t, g): token t, heads [g * HEADS, (g + 1) * HEADS) of q's then k's; a k
         head's program also stores the v head of the same index."""
+        if USE_PDL and EARLY_LAUNCH:
+            # decode attention may launch now: it loads nothing before its own wait, and
+            # waiting on this kernel orders it after the qkv projection too
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         HALF: tl.constexpr = D // 2
         dtype = q_ptr.dtype.element_ty
@@ -78,7 +83,8 @@ if triton is not None:
         slot = tl.load(slot_ptr + t)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if not EARLY_LAUNCH:
+                tl.extra.cuda.gdc_launch_dependents()
         src = qkv_ptr + t * stride_qkv + h * D + d
         x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
@@ -100,6 +106,10 @@ if triton is not None:
 # Few tokens (decode): one head per program, so the heads spread over SMs instead of one
 # program doing all of a token's ~24 heads serially (3 µs at batch 1 on an H100).
 FEW_TOKENS = 64
+# Between 2 and FEW_TOKENS tokens the kernel lets the next one launch before waiting itself
+# (EARLY_LAUNCH). H100, in the model (decode_variants.py), ms/step: batch 32 1.857-1.870 ->
+# 1.761-1.764; batch 1 0.770 -> 0.822-0.825, so not at one token; 128 tokens unclear (4.08
+# -> 4.09 / 4.13), so not above FEW_TOKENS. Batches of 2-16 use the fused decode kernel.
 
 
 def triton_supported(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
@@ -137,7 +147,8 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
             qkv, positions, cos, sin, q_weight, k_weight, slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1), cos.stride(0), eps,
-            HQ=num_heads, HKV=num_kv_heads, D=d, HEADS=per_program, USE_PDL=pdl,
+            HQ=num_heads, HKV=num_kv_heads, D=d, HEADS=per_program,
+            EARLY_LAUNCH=1 < t <= FEW_TOKENS, USE_PDL=pdl,
             num_warps=1 if per_program == 1 else 4, launch_pdl=pdl)
     return q
 
