@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fullgraph.layers.embedding import embedding
 from fullgraph.layers.gemv import GEMV_MAX_ROWS, gemv, gemv_supported
 from fullgraph.layers.linear import linear
 
@@ -162,3 +163,18 @@ def test_argmax_rows_is_torch_argmax_with_ties(dtype, rows, vocab):
     buf = torch.full((rows + 3,), -1, dtype=torch.int64, device="cuda")
     assert argmax_rows(x, out=buf[:rows]).data_ptr() == buf.data_ptr()
     assert torch.equal(buf[:rows], x.argmax(dim=-1)) and (buf[rows:] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("t, vocab, hidden", [(1, 151936, 1024), (7, 1000, 100),
+                                              (300, 5000, 5000), (0, 10, 64)])
+def test_embedding_kernel_is_torch_embedding(dtype, ids_dtype, t, vocab, hidden):
+    g = torch.Generator(device="cuda").manual_seed(t + hidden)
+    weight = torch.randn(vocab, hidden, device="cuda", dtype=dtype, generator=g)
+    ids = torch.randint(0, vocab, (t,), device="cuda", generator=g).to(ids_dtype)
+    if t:
+        ids[0] = vocab - 1             # the last row: no overflow in the row offset
+    out = embedding(ids, weight)
+    assert out.shape == (t, hidden) and out.dtype == dtype
+    assert torch.equal(out, F.embedding(ids, weight))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fullgraph.attention.backend import ForwardContext, KVCache, QKNormRope
+from fullgraph.layers.embedding import Embedding
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
 from fullgraph.layers.gemv import gemv, gemv_supported
 from fullgraph.layers.linear import Linear, MergedLinear
@@ -109,7 +110,7 @@ class Qwen3Model(nn.Module):
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("Qwen3 with use_sliding_window=true is not supported")
         rotary = RotaryEmbedding(head_dim_of(cfg), max_position, rope_theta_of(cfg))
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, rotary)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
