@@ -41,7 +41,8 @@ if triton is not None:
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.embedding(ids, weight)` for ids [T] (ids must be inside the vocabulary: the engine
     checks prompts, and sampled ids come from the model's own vocabulary)."""
-    if triton is None or not ids.is_cuda or ids.dim() != 1 or weight.stride(1) != 1:
+    if (triton is None or not ids.is_cuda or ids.dim() != 1 or ids.stride(0) != 1
+            or weight.stride(1) != 1):
         return F.embedding(ids, weight)
     h = weight.shape[1]
     out = torch.empty(ids.shape[0], h, dtype=weight.dtype, device=weight.device)
