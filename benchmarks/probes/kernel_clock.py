@@ -4,24 +4,24 @@
 
 The profiler gives each kernel's first start and last end, but with PDL a kernel starts
 long before its predecessor ends, so its duration says little. This probe rebuilds the
-decode step's Triton kernels (the GEMVs, the q/k kernel, decode attention) with three reads
-of `%globaltimer` per program: at its start, right after its PDL wait, at a mark (`MARKS`)
-and at its end,
-stored to a buffer (a slot per launch in the graph, rewritten by every replay). From one
-replay it prints, per kernel of a decoder layer (median over layers, µs):
+decode step's Triton kernels (the GEMVs, the q/k kernel, decode attention) with reads of
+`%globaltimer` (32 ns steps on an H100) in every program: at its start, right after its PDL
+wait, at its end and at the marks in `MARKS`, stored to a buffer (a slot per launch in the
+graph, rewritten by every replay). From one replay it prints, per kernel of a decoder layer
+(median over layers, µs):
 
   boundary   from the predecessor's last program end to this kernel's first wait return
              (the drain, the memory flush and the wait's release);
   work       from that wait return to this kernel's last program end;
   spread     first to last wait return over its programs (programs that start late);
-  early      first wait return minus first program start (the time it had before its wait).
-
-  mark med/max  median / last program's reading before the call named in MARKS (decode
-             attention: the split merge), from the first wait return;
-  end med    the median program's end, from the first wait return.
+  early      first wait return minus first program start (the time it had before its wait);
+  end med    the median program's end, from the first wait return;
+  marks      for the kernels in MARKS (decode attention: q loaded, the q.k scores, the
+             probabilities, before the split merge): the median and the last program's
+             reading, from the first wait return.
 
 boundary + work of consecutive kernels sum to the step. The reads add a few instructions
-and four stores per program.
+and stores per program; a mark adds a reduction over the program's threads.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ TARGETS = {"gemv": ("fullgraph.layers.gemv", "_gemv_kernel"),
            "attn": ("fullgraph.attention.paged_decode", "_paged_decode_kernel"),
            "attn_qk": ("fullgraph.attention.paged_decode_qk", "_paged_decode_qk_kernel")}
 
-HELPERS = '''
+HELPERS = """
 @triton.jit
 def _gtimer():
     return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [tl.program_id(0)],
@@ -54,43 +54,64 @@ def _gtimer():
 
 @triton.jit
 def _gtimer_after(x):
-    """The clock once `x` (a tensor) is computed."""
+    # the clock once every thread has its part of `x` (a tensor)
     t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x.to(tl.float32)],
                                   dtype=tl.int64, is_pure=False, pack=1)
-    return tl.min(tl.reshape(t, [t.numel]), 0)
+    return tl.max(tl.reshape(t, [t.numel]), 0)
 
 
 @triton.jit
-def _trace_store(trace_ptr, t0, t1, t2, t3):
+def _record(trace_ptr):
     pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1)
                                                    * tl.program_id(2))
-    base = trace_ptr + pid.to(tl.int64) * 4
-    tl.store(base, t0)
-    tl.store(base + 1, t1)
-    tl.store(base + 2, t2)
-    tl.store(base + 3, t3)
-'''
+    return trace_ptr + pid.to(tl.int64) * 8
+"""
 
-
-# A fourth reading, before the top-level call named here, once the named value is computed.
-MARKS = {"attn": ("finish_split", "l_i"), "attn_qk": ("finish_split", "l_i")}
+RECORD = 8                             # per program: start, wait, end, up to 5 marks
+# Extra readings per kernel, in record order: ("after", v) once the first assignment to `v`
+# has its value (inside a loop: the last iteration's), ("before", f, v) before the call of
+# `f` once `v` is computed.
+MARKS = {"attn": [("after", "q"), ("after", "qk"), ("after", "pr"),
+                  ("before", "finish_split", "l_i")],
+         "attn_qk": [("before", "finish_split", "l_i")]}
 
 
 class _Instrument(ast.NodeTransformer):
-    def __init__(self, mark):
-        self.mark = mark
+    def __init__(self, marks):
+        self.marks, self.done = marks, set()
+
+    def _mark(self, i: int, value: str):
+        self.done.add(i)
+        return ast.parse(f"_m{i} = _gtimer_after({value})").body[0]
 
     def visit_Expr(self, node):
         call = node.value
         if isinstance(call, ast.Call) and ast.unparse(call.func).endswith("gdc_wait"):
             return [node, ast.parse("_t1 = _gtimer()").body[0]]
-        if (self.mark and isinstance(call, ast.Call)
-                and ast.unparse(call.func) == self.mark[0]):
-            return [ast.parse(f"_t2 = _gtimer_after({self.mark[1]})").body[0], node]
+        for i, m in enumerate(self.marks):
+            if (m[0] == "before" and i not in self.done and isinstance(call, ast.Call)
+                    and ast.unparse(call.func) == m[1]):
+                return [self._mark(i, m[2]), node]
+        return node
+
+    def visit_Assign(self, node):
+        names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        for i, m in enumerate(self.marks):
+            if m[0] == "after" and i not in self.done and m[1] in names:
+                return [node, self._mark(i, m[1])]
+        return node
+
+    def generic_visit(self, node):
+        super().generic_visit(node)
+        for field in ("body", "orelse"):      # statements that became lists
+            stmts = getattr(node, field, None)
+            if isinstance(stmts, list):
+                setattr(node, field, [x for s in stmts
+                                      for x in (s if isinstance(s, list) else [s])])
         return node
 
 
-def instrumented(module_name: str, kernel_name: str, out_dir: str, mark=None):
+def instrumented(module_name: str, kernel_name: str, out_dir: str, marks=()):
     """The kernel rebuilt with timer reads, in a module file of its own (Triton reads the
     source), with the original module's globals."""
     mod = importlib.import_module(module_name)
@@ -100,11 +121,16 @@ def instrumented(module_name: str, kernel_name: str, out_dir: str, mark=None):
     fn.args.args.append(ast.arg(arg="trace_ptr"))
     body = fn.body
     start = 1 if (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)) else 0
-    fn.body = (body[:start] + ast.parse("_t0 = _gtimer()\n_t1 = _t0").body
-               + [_Instrument(mark).visit(s) for s in body[start:]]
-               + ast.parse("_t3 = _gtimer()\n" + ("" if mark else "_t2 = _t3\n")
-                           + "_trace_store(trace_ptr, _t0, _t1, _t2, _t3)").body)
-    fn.body = [x for s in fn.body for x in (s if isinstance(s, list) else [s])]
+    inst = _Instrument(list(marks))
+    fn.body = body[start:]
+    inst.visit(fn)
+    if len(inst.done) != len(marks):
+        raise ValueError(f"{kernel_name}: marks not found: {marks}")
+    init = "_t0 = _gtimer()\n_t1 = _t0\n" + "".join(f"_m{i} = _t0\n" for i in range(len(marks)))
+    stores = ["_t0", "_t1", "_gtimer()"] + [f"_m{i}" for i in range(len(marks))]
+    fin = "_rec = _record(trace_ptr)\n" + "".join(f"tl.store(_rec + {j}, {v})\n"
+                                                   for j, v in enumerate(stores))
+    fn.body = body[:start] + ast.parse(init).body + fn.body + ast.parse(fin).body
     ast.fix_missing_locations(tree)
     src = ("import triton\nimport triton.language as tl\n" + HELPERS + "\n\n"
            + ast.unparse(tree) + "\n")
@@ -126,13 +152,12 @@ class Tracer:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            programs = math.prod(grid)
-            last = self.launches[-1] if self.launches else (None, 0, 0, None)
-            start = last[1] + -(-last[2] // 16) * 16
-            if (start + programs * 4) > self.buf.numel():
+            n = math.prod(grid) * RECORD
+            start = self.launches[-1][1] + self.launches[-1][2] if self.launches else 0
+            if start + n > self.buf.numel():
                 raise RuntimeError("trace buffer full")
             capturing = torch.cuda.is_current_stream_capturing()
-            self.launches.append((self.name, start, programs * 4, capturing))
+            self.launches.append((self.name, start, n, capturing))
             return self.kernel[grid](*args, trace_ptr=self.buf[start:], **kwargs)
         return launch
 
@@ -143,11 +168,14 @@ def report(buf: torch.Tensor, launches: list) -> None:
     for name, start, n, captured in launches:
         if not captured:
             continue
-        t = trace[start:start + n].reshape(-1, 4)
-        if (t == 0).any():
+        t = trace[start:start + n].reshape(-1, RECORD)
+        if (t[:, :3] == 0).any():
             continue                   # a launch of another graph
-        rows.append((name, t[:, 0].min(), t[:, 1].min(), t[:, 1].max(), t[:, 3].max(),
-                     np.median(t[:, 2]), t[:, 2].max(), np.median(t[:, 3])))
+        wait = t[:, 1].min()
+        marks = [(np.median(t[:, 3 + i]) - wait, t[:, 3 + i].max() - wait)
+                 for i in range(len(MARKS.get(name, ())))]
+        rows.append((name, t[:, 0].min(), wait, t[:, 1].max(), t[:, 2].max(),
+                     np.median(t[:, 2]) - wait, marks))
     if not rows:
         print("no traced launch in the replayed graph")
         return
@@ -158,27 +186,29 @@ def report(buf: torch.Tensor, launches: list) -> None:
     first = attn[0] - names[attn[0]::-1].index("gemv")     # the layer's qkv GEMV
     print(f"{len(rows)} traced kernels, first start to last end "
           f"{(max(r[4] for r in rows) - t0) / 1e3:.1f} us, period {period}")
-    stats = []
+    print(f"  {'kernel':8s} {'boundary':>9s} {'work':>7s} {'spread':>7s} {'early':>7s} "
+          f"{'end med':>8s}  marks: median / last program  (µs from the first wait)")
+    total = 0.0
     for j in range(period):
         idx = [first + layer * period + j for layer in range(len(attn))]
         idx = [i for i in idx if 0 < i < len(rows)]
-        b = [rows[i][2] - rows[i - 1][4] for i in idx]
-        w = [rows[i][4] - rows[i][2] for i in idx]
-        sp = [rows[i][3] - rows[i][2] for i in idx]
-        e = [rows[i][2] - rows[i][1] for i in idx]
-        mk = [rows[i][5] - rows[i][2] for i in idx]
-        mx = [rows[i][6] - rows[i][2] for i in idx]
-        em = [rows[i][7] - rows[i][2] for i in idx]
-        stats.append((names[first + j],
-                      *(np.median(x) / 1e3 for x in (b, w, sp, e, mk, mx, em))))
-    print(f"  {'kernel':8s} {'boundary':>9s} {'work':>7s} {'spread':>7s} {'early':>7s} "
-          f"{'mark med':>9s} {'mark max':>9s} {'end med':>8s}  (µs)")
-    for name, b, w, sp, e, mk, mx, em in stats:
-        print(f"  {name:8s} {b:9.2f} {w:7.2f} {sp:7.2f} {e:7.2f} {mk:9.2f} {mx:9.2f} {em:8.2f}")
-    print(f"  layer: {sum(s[1] + s[2] for s in stats):.2f} us")
+        def med(f):                    # median over the layers of f(row, previous row)
+            return np.median([f(rows[i], rows[i - 1]) for i in idx]) / 1e3
+
+        b, w = med(lambda r, p: r[2] - p[4]), med(lambda r, p: r[4] - r[2])
+        total += b + w
+        name = names[first + j]
+        marks = "  ".join(f"{m[1] if m[0] == 'after' else m[2]} "
+                          f"{med(lambda r, p, k=k: r[6][k][0]):.2f}/"
+                          f"{med(lambda r, p, k=k: r[6][k][1]):.2f}"
+                          for k, m in enumerate(MARKS.get(name, ())))
+        print(f"  {name:8s} {b:9.2f} {w:7.2f} {med(lambda r, p: r[3] - r[2]):7.2f} "
+              f"{med(lambda r, p: r[2] - r[1]):7.2f} {med(lambda r, p: r[5]):8.2f}  {marks}")
+    print(f"  layer: {total:.2f} us")
     tail = rows[first + period * len(attn):]
-    for (name, s, w0, w1, e, *_), prev in zip(tail, rows[first + period * len(attn) - 1:]):
-        print(f"  tail {name}: boundary {(w0 - prev[4]) / 1e3:.2f} work {(e - w0) / 1e3:.2f}")
+    for row, prev in zip(tail, rows[first + period * len(attn) - 1:]):
+        print(f"  tail {row[0]}: boundary {(row[2] - prev[4]) / 1e3:.2f} work "
+              f"{(row[4] - row[2]) / 1e3:.2f}")
     deltas = np.diff(np.unique(trace[trace > 0]))
     print(f"  timer: smallest step between distinct readings {deltas.min()} ns")
 
@@ -199,8 +229,8 @@ def main() -> None:
     out_dir = tempfile.mkdtemp(prefix="kernel_clock_")
     for name, (module_name, kernel_name) in TARGETS.items():
         setattr(importlib.import_module(module_name), kernel_name,
-                Tracer(name, instrumented(module_name, kernel_name, out_dir, MARKS.get(name)),
-                       buf, launches))
+                Tracer(name, instrumented(module_name, kernel_name, out_dir,
+                                          MARKS.get(name, ())), buf, launches))
     llm = LLM(a.model, cudagraph_mode="full_decode_only", cudagraph_capture_sizes=a.batch_sizes,
               max_num_seqs=max(a.batch_sizes), compile_ahead=False)
     engine = llm.engine
