@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fullgraph import LLM, SamplingParams
-from profile_step import drain, start_decoding      # this directory's probe
+from profile_step import drain, random_prompts, start_decoding   # this directory's probe
 
 TARGETS = {"gemv": ("fullgraph.layers.gemv", "_gemv_kernel"),
            "qk": ("fullgraph.layers.qk_norm_rope", "_qk_norm_rope_kv_kernel"),
@@ -237,7 +237,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     for b in a.batch_sizes:
-        start_decoding(engine, [rng.integers(0, 50000, a.input_len).tolist() for _ in range(b)],
+        start_decoding(engine, random_prompts(rng, b, a.input_len),
                        params, f"c{b}")
         for i in range(a.replays):
             torch.cuda.synchronize()

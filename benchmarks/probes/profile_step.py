@@ -83,6 +83,11 @@ def print_idle(prof, steps: int, top: int) -> None:
         print(f"  {dt:7.2f} us  after {before:40s} before {after}")
 
 
+def random_prompts(rng: np.random.Generator, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` random token ids (inside every preset's vocabulary)."""
+    return [rng.integers(0, 50000, length).tolist() for _ in range(count)]
+
+
 def start_decoding(engine, prompts: list[list[int]], params: SamplingParams, tag: str,
                    steady_steps: int = 3) -> None:
     """Add a request per prompt, step until every one of them decodes, then `steady_steps`
@@ -129,7 +134,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     for b in a.batch_sizes:
-        start_decoding(engine, [rng.integers(0, 50000, a.input_len).tolist() for _ in range(b)],
+        start_decoding(engine, random_prompts(rng, b, a.input_len),
                        params, f"p{b}")
         torch.cuda.synchronize()
         with nullcontext() if a.external else profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -28,7 +28,7 @@ import torch
 
 from fullgraph import LLM, SamplingParams
 from fullgraph.layers import pdl
-from profile_step import start_decoding      # this directory's probe
+from profile_step import random_prompts, start_decoding   # this directory's probe
 
 VARIANTS = ("none", "pdl_before", "plain_before", "fill_before", "copy_before", "pdl_after")
 
@@ -84,7 +84,7 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     for b in a.batch_sizes:
         # steady decode steps first: the graph's inputs are a real step's
-        start_decoding(engine, [rng.integers(0, 50000, a.input_len).tolist() for _ in range(b)],
+        start_decoding(engine, random_prompts(rng, b, a.input_len),
                        params, f"r{b}")
         desc = runner.dispatcher.dispatch(b, b, 1)
         replay = lambda desc=desc: runner.graphs.replay(desc)          # noqa: E731
