@@ -34,9 +34,17 @@ def test_layer_resolves_its_prefetch_plan_to_weights(monkeypatch):
     rotary = RotaryEmbedding(16, 64, 10000.0)
     first, last = Qwen3DecoderLayer(cfg, rotary), Qwen3DecoderLayer(cfg, rotary)
     monkeypatch.setattr(Qwen3DecoderLayer, "l2_prefetch_plan",
-                        {"o_proj": ("gate_up_proj", "down_proj"), "down_proj": ("next.qkv_proj",)})
+                        {"o_proj": (("gate_up_proj", 1.0), ("down_proj", 0.25)),
+                         "down_proj": (("next.qkv_proj", 1.0),)})
     targets = first.l2_targets(last)
-    assert targets["o_proj"][0] is first.mlp.gate_up_proj.weight
-    assert targets["o_proj"][1] is first.mlp.down_proj.weight
-    assert targets["down_proj"] == (last.self_attn.qkv_proj.weight,)
+    gate_up, down = first.mlp.gate_up_proj.weight, first.mlp.down_proj.weight
+    assert targets["o_proj"][0].data_ptr() == gate_up.data_ptr()
+    assert targets["o_proj"][0].shape == gate_up.shape
+    # a share of the rows: the last ones, as a view
+    assert targets["o_proj"][1].shape == (16, 128)
+    assert targets["o_proj"][1].data_ptr() == down[48:].data_ptr()
+    assert targets["o_proj"][1].is_contiguous()
+    qkv = last.self_attn.qkv_proj.weight
+    assert targets["down_proj"][0].data_ptr() == qkv.data_ptr()
+    assert targets["down_proj"][0].shape == qkv.shape
     assert last.l2_targets(None)["down_proj"] == ()      # the last layer has no next one

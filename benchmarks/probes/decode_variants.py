@@ -18,8 +18,9 @@ A variant is `base` or `+`-joined edits:
   decode_tile=N       KV tokens per loop iteration of both (paged_decode.TILE_TOKENS)
   decode_stages=N     Triton pipeline stages of paged_decode's KV loop at every split count
                       (paged_decode.pipeline_stages)
-  l2=P:A,B/P:C | l2=none  L2 prefetch plan (Qwen3DecoderLayer.l2_prefetch_plan):
-                      projection P prefetches A and B ("next.X": the next layer's X)
+  l2=P:A,B@S/P:C | l2=none  L2 prefetch plan (Qwen3DecoderLayer.l2_prefetch_plan):
+                      projection P prefetches A and the last share S of B's rows (default
+                      all; "next.X": the next layer's X)
   copy_engine         step inputs and samples by copy-engine copies (pcie_copy.py off)
   no_dtoh             skip every step's copy of samples to the host (timing only: steps
                       return zeros)
@@ -77,8 +78,9 @@ def apply(variant: str) -> None:
             paged.pipeline_stages = lambda num_splits, n=int(value): n
         elif name == "l2":
             Qwen3DecoderLayer.l2_prefetch_plan = {} if value == "none" else {
-                proj: tuple(targets.split(",")) for proj, _, targets in
-                (part.partition(":") for part in value.split("/"))}
+                proj: tuple((name, float(share or 1)) for name, _, share in
+                            (t.partition("@") for t in targets.split(",")))
+                for proj, _, targets in (part.partition(":") for part in value.split("/"))}
         elif name == "copy_engine":
             pcie_copy.supported = lambda device: False
         elif name == "no_dtoh":
