@@ -124,8 +124,9 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, rotary)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # each layer's L2 prefetch targets, resolved once rather than every eager step (the
-        # loader copies weights into these parameters in place)
+        # each layer's L2 prefetch targets, resolved once rather than every eager step: views
+        # of the parameters, which the loader fills in place on the model's device (a later
+        # `.to()` would leave the views behind)
         layers = list(self.layers)
         self._l2_next = [layer.l2_targets(nxt)
                          for layer, nxt in zip(layers, layers[1:] + [None], strict=True)]
