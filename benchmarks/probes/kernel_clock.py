@@ -37,8 +37,8 @@ import textwrap
 import numpy as np
 import torch
 
-from fullgraph import LLM, SamplingParams
-from profile_step import drain, random_prompts, start_decoding   # this directory's probe
+from fullgraph import LLM
+from profile_step import decoding_batches   # this directory's probe
 
 TARGETS = {"gemv": ("fullgraph.layers.gemv", "_gemv_kernel"),
            "qk": ("fullgraph.layers.qk_norm_rope", "_qk_norm_rope_kv_kernel"),
@@ -234,11 +234,7 @@ def main() -> None:
     llm = LLM(a.model, cudagraph_mode="full_decode_only", cudagraph_capture_sizes=a.batch_sizes,
               max_num_seqs=max(a.batch_sizes), compile_ahead=False)
     engine = llm.engine
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    for b in a.batch_sizes:
-        start_decoding(engine, random_prompts(rng, b, a.input_len),
-                       params, f"c{b}")
+    for b in decoding_batches(engine, a.batch_sizes, a.input_len, 32, "c"):
         for i in range(a.replays):
             torch.cuda.synchronize()
             buf.zero_()
@@ -246,7 +242,6 @@ def main() -> None:
             torch.cuda.synchronize()
             print(f"batch {b}, step {i}:")
             report(buf, launches)
-        drain(engine)
 
 
 if __name__ == "__main__":

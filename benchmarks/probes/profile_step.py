@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import numpy as np
@@ -84,7 +85,8 @@ def print_idle(prof, steps: int, top: int) -> None:
 
 
 def random_prompts(rng: np.random.Generator, count: int, length: int) -> list[list[int]]:
-    """`count` prompts of `length` random token ids (inside every preset's vocabulary)."""
+    """`count` prompts of `length` random token ids (below 50,000: inside the 0.6B preset's
+    151,936-token vocabulary, not the tiny preset's)."""
     return [rng.integers(0, 50000, length).tolist() for _ in range(count)]
 
 
@@ -104,6 +106,19 @@ def start_decoding(engine, prompts: list[list[int]], params: SamplingParams, tag
 def drain(engine) -> None:
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def decoding_batches(engine, batch_sizes: list[int], input_len: int, max_tokens: int,
+                     tag: str) -> Iterator[int]:
+    """For each batch size: that many random prompts of `input_len` tokens (the same ones in
+    every probe), started and decoding steadily (greedy, `max_tokens` each, `start_decoding`);
+    yields the size, then finishes them."""
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for b in batch_sizes:
+        start_decoding(engine, random_prompts(rng, b, input_len), params, f"{tag}{b}")
+        yield b
+        drain(engine)
 
 
 def main() -> None:
@@ -131,18 +146,13 @@ def main() -> None:
         sizes["num_gpu_blocks_override"] = a.num_gpu_blocks
     llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, **sizes)
     engine = llm.engine
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    for b in a.batch_sizes:
-        start_decoding(engine, random_prompts(rng, b, a.input_len),
-                       params, f"p{b}")
+    for b in decoding_batches(engine, a.batch_sizes, a.input_len, 64, "p"):
         torch.cuda.synchronize()
         with nullcontext() if a.external else profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(a.steps):
                 engine.step()
             torch.cuda.synchronize()
         if a.external:
-            drain(engine)
             continue
         groups = defaultdict(lambda: [0, 0.0])
         for e in prof.events():
@@ -158,7 +168,6 @@ def main() -> None:
             print_timeline(prof)
         if a.steps > 1:
             print_idle(prof, a.steps, a.top)
-        drain(engine)
     from torch._dynamo.utils import counters
     print("\ngraph breaks:", dict(counters["graph_break"]))
     print("stats:", dict(counters["stats"]))

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import numpy as np
 import torch
 
-from fullgraph import LLM, SamplingParams
+from fullgraph import LLM
 from fullgraph.layers import pdl
-from profile_step import random_prompts, start_decoding   # this directory's probe
+from profile_step import decoding_batches   # this directory's probe
 
 VARIANTS = ("none", "pdl_before", "plain_before", "fill_before", "copy_before", "pdl_after")
 
@@ -80,12 +79,8 @@ def main() -> None:
               max_num_seqs=max(a.batch_sizes))
     engine, runner = llm.engine, llm.engine.runner
     around = neighbors(runner.device)
-    rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    for b in a.batch_sizes:
-        # steady decode steps first: the graph's inputs are a real step's
-        start_decoding(engine, random_prompts(rng, b, a.input_len),
-                       params, f"r{b}")
+    # steady decode steps first: the graph's inputs are a real step's
+    for b in decoding_batches(engine, a.batch_sizes, a.input_len, 16, "r"):
         desc = runner.dispatcher.dispatch(b, b, 1)
         replay = lambda desc=desc: runner.graphs.replay(desc)          # noqa: E731
         results: dict[str, list[float]] = {v: [] for v in a.variants}
@@ -97,8 +92,6 @@ def main() -> None:
         for v, us in results.items():
             print(f"  {v:14s} {statistics.median(us):8.1f}   "
                   + " ".join(f"{x:.1f}" for x in us))
-        while engine.has_unfinished_requests():
-            engine.step()
 
 
 if __name__ == "__main__":

@@ -95,12 +95,10 @@ class Qwen3DecoderLayer(nn.Module):
         theirs = next_layer.projections() if next_layer is not None else {}
 
         def rows(name: str, share: float) -> torch.Tensor | None:
-            if name.startswith("next."):
-                module = theirs.get(name.removeprefix("next."))
-                if module is None:
-                    return None
-            else:
-                module = mine[name]
+            own = name.removeprefix("next.")
+            module = mine[name] if own == name else theirs.get(own)
+            if module is None:
+                return None
             w = module.weight
             return w[w.shape[0] - round(w.shape[0] * share):]   # a view: the last rows
         return {proj: tuple(w for w in (rows(*hint) for hint in hints) if w is not None)
