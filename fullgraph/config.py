@@ -22,6 +22,11 @@ class ModelConfig:
     max_model_len: int
     vocab_size: int
     eos_token_ids: tuple[int, ...] = ()
+    tokenizer: str = ""          # directory of the tokenizer files ("" = `path`)
+    chat_template: str | None = None    # overrides the tokenizer's
+    # (SamplingParams field, value): the defaults a request that sets nothing gets, from the
+    # model's generation_config.json (`--generation-config`)
+    sampling_defaults: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,7 @@ class EngineConfig:
     attention_backend: str = "flex"
     seed: int = 0
     max_logprobs: int = 20
+    log_stats: bool = True       # the server's periodic stats line
 
     @property
     def max_blocks_per_seq(self) -> int:

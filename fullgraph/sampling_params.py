@@ -1,8 +1,34 @@
-"""Per-request sampling parameters, shaped like vLLM's so users can switch."""
+"""Per-request sampling parameters, shaped like vLLM's so users can switch.
+
+Every field is checked when the object is made: a wrong type or a value out of range is a
+ValueError naming the field, never a TypeError from deep inside a step.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass, field, fields
+
+
+def _integer(name: str, value, optional: bool = False):
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} "
+                         f"({type(value).__name__})")
+    return int(value)
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(slots=True)
@@ -22,10 +48,15 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        self.n = _integer("n", self.n)
+        self.temperature = _number("temperature", self.temperature)
+        self.top_p = _number("top_p", self.top_p)
+        self.top_k = _integer("top_k", self.top_k)
+        self.seed = _integer("seed", self.seed, optional=True)
+        self.max_tokens = _integer("max_tokens", self.max_tokens, optional=True)
+        self.logprobs = _integer("logprobs", self.logprobs, optional=True)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            _flag(name, getattr(self, name))
         if self.n != 1:
             raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
         if self.temperature < 0:
@@ -33,20 +64,34 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
-        if self.seed is not None and (not isinstance(self.seed, int)
-                                      or not -2**63 <= self.seed < 2**63):
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if isinstance(self.stop, str):
+            stop = [self.stop]
+        elif self.stop is None or isinstance(self.stop, (list, tuple)):
+            stop = list(self.stop or [])
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         self.stop_strings = tuple(stop)
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        ids = self.stop_token_ids
+        if ids is not None and (not isinstance(ids, (list, tuple)) or any(
+                isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
+                for t in ids)):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, "
+                             f"got {ids!r}")
+        if ids is not None:
+            self.stop_token_ids = [int(t) for t in ids]
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls) if f.init}
 
     @property
     def greedy(self) -> bool:

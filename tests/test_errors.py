@@ -30,10 +30,33 @@ def llm():
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": float("inf")}, "top_p"),
     ({"seed": 2**64}, "seed"),
+    ({"max_tokens": "5"}, "max_tokens must be an integer"),
+    ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+    ({"top_k": 1.5}, "top_k must be an integer"),
+    ({"stop": 5}, "stop must be a string or a list"),
+    ({"logprobs": True}, "logprobs must be an integer"),
+    ({"temperature": "0.5"}, "temperature must be a finite number"),
+    ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
+    ({"stop_token_ids": [True]}, "stop_token_ids"),
+    ({"stop_token_ids": 7}, "stop_token_ids"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(SamplingParams.field_names()))
+def test_every_sampling_field_is_type_checked(name):
+    """A value of no sensible type for any field (including ones added later) is a ValueError
+    naming that field, not a TypeError inside a step."""
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**{name: object()})
+
+
+def test_sampling_params_accept_numpy_scalars():
+    import numpy as np
+    sp = SamplingParams(max_tokens=np.int64(5), temperature=np.float32(0.5), top_k=np.int32(3))
+    assert (sp.max_tokens, sp.top_k) == (5, 3) and type(sp.max_tokens) is int
 
 
 @pytest.mark.parametrize("prompt, match", [
@@ -90,7 +113,7 @@ def _preset_copy(tmp_path):
 
 
 def test_missing_model_directory(tmp_path):
-    with pytest.raises(ValueError, match="neither a local directory nor a built-in preset"):
+    with pytest.raises(ValueError, match="not a local directory, a built-in preset"):
         LLM(str(tmp_path / "nope"))
 
 

@@ -9,8 +9,9 @@ import torch
 
 from fullgraph.config import (CacheConfig, CompilationConfig, CUDAGraphMode, EngineConfig,
                               ModelConfig, SchedulerConfig)
-from fullgraph.models.presets import resolve_model_path
+from fullgraph.models.hub import resolve_model_dir
 from fullgraph.models.registry import get_model_class
+from fullgraph.sampling_params import SamplingParams
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -20,6 +21,12 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
 class EngineArgs:
     model: str = "tiny-qwen3"
     served_model_name: str | None = None
+    tokenizer: str | None = None      # a directory or model id; None: the model's own
+    # a Jinja template, or a file holding one; None: the tokenizer's own
+    chat_template: str | None = None
+    # default sampling parameters: "auto" from the model's generation_config.json, "none"
+    # (or vLLM's "vllm") fullgraph's own, or a directory holding a generation_config.json
+    generation_config: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
@@ -46,6 +53,7 @@ class EngineArgs:
     async_scheduling: bool | None = None
     seed: int = 0
     max_logprobs: int = 20
+    disable_log_stats: bool = False   # the server's periodic throughput / KV usage log line
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -54,7 +62,8 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         device = resolve_device(self.device)
         model = create_model_config(self.model, self.dtype, self.max_model_len, device,
-                                    self.served_model_name)
+                                    self.served_model_name, self.tokenizer, self.chat_template,
+                                    self.generation_config)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -96,7 +105,8 @@ class EngineArgs:
                             gpu_memory_utilization=self.gpu_memory_utilization)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, compilation=compilation,
                             device=str(device), attention_backend=self.attention_backend,
-                            seed=self.seed, max_logprobs=self.max_logprobs)
+                            seed=self.seed, max_logprobs=self.max_logprobs,
+                            log_stats=not self.disable_log_stats)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,10 +137,10 @@ def capture_sizes(user: list[int] | None, max_size: int | None,
 
 
 def create_model_config(model: str, dtype: str, max_model_len: int | None,
-                        device: torch.device, served_name: str | None = None) -> ModelConfig:
-    path = resolve_model_path(model)
-    if not os.path.isdir(path):
-        raise ValueError(f"model {model!r} is neither a local directory nor a built-in preset")
+                        device: torch.device, served_name: str | None = None,
+                        tokenizer: str | None = None, chat_template: str | None = None,
+                        generation_config: str = "auto") -> ModelConfig:
+    path = resolve_model_dir(model)
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise ValueError(f"model directory {path} has no config.json")
@@ -160,7 +170,50 @@ def create_model_config(model: str, dtype: str, max_model_len: int | None,
                          f"max_position_embeddings), got {max_model_len}")
     return ModelConfig(path=path, name=served_name or model, hf_config=hf_config,
                        architecture=archs[0], dtype=torch_dtype, max_model_len=max_model_len,
-                       vocab_size=hf_config.vocab_size, eos_token_ids=_eos_ids(path, raw))
+                       vocab_size=hf_config.vocab_size, eos_token_ids=_eos_ids(path, raw),
+                       tokenizer=resolve_model_dir(tokenizer, "tokenizer") if tokenizer else path,
+                       chat_template=_read_chat_template(chat_template),
+                       sampling_defaults=_sampling_defaults(generation_config, path))
+
+
+def _read_chat_template(template: str | None) -> str | None:
+    """`--chat-template`: a file's contents, or the template itself (as vLLM takes it)."""
+    if template is None:
+        return None
+    if os.path.isfile(template):
+        with open(template) as f:
+            return f.read()
+    if "{{" in template or "{%" in template:
+        return template
+    raise ValueError(f"chat_template {template!r} is neither a file nor a Jinja template")
+
+
+# generation_config.json key -> SamplingParams field (vLLM reads the same ones)
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                        "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                        "max_new_tokens": "max_tokens"}
+
+
+def _sampling_defaults(source: str, model_path: str) -> tuple[tuple[str, object], ...]:
+    """The model creator's recommended sampling parameters (`--generation-config`), as
+    (SamplingParams field, value) pairs; fields SamplingParams lacks are left out."""
+    if source in ("none", "vllm"):
+        return ()
+    folder = model_path if source == "auto" else source
+    file = os.path.join(folder, "generation_config.json")
+    if source != "auto" and not os.path.isfile(file):
+        raise ValueError(f"generation_config {source!r} is not a directory holding a "
+                         f"generation_config.json")
+    if not os.path.isfile(file):
+        return ()
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed {file}: {e}") from e
+    fields_ = SamplingParams.field_names()
+    return tuple((ours, raw[theirs]) for theirs, ours in _GENERATION_DEFAULTS.items()
+                 if ours in fields_ and raw.get(theirs) is not None)
 
 
 def _resolve_dtype(dtype: str, raw: dict, device: torch.device) -> torch.dtype:

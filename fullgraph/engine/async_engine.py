@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fullgraph.engine.engine import LLMEngine
+from fullgraph.engine.stats import EngineSnapshot, StatLogger
 from fullgraph.outputs import RequestOutput
 from fullgraph.sampling_params import SamplingParams
 
@@ -44,28 +45,6 @@ class GenerationItem:
     request_id: str
     prompt: PromptInput
     params: SamplingParams
-
-
-@dataclass(slots=True, frozen=True)
-class EngineSnapshot:
-    """Engine state after the last step, published by the engine thread for /metrics:
-    readers never touch the live engine."""
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    steps: int = 0
-    finished_requests: int = 0
-    aborted_requests: int = 0
-    num_graph_steps: int = 0
-    num_eager_fallbacks: int = 0
-    num_preemptions: int = 0
-    prefix_queries: int = 0
-    prefix_hits: int = 0
-    step_errors: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -127,6 +106,7 @@ class AsyncLLMEngine:
         self._routes: dict[str, _Route] = {}
         self._step_errors = 0
         self._dead: BaseException | None = None
+        self._stat_logger = StatLogger() if engine.config.log_stats else None
         self._publish()
         self._thread = threading.Thread(target=self._run, name="fullgraph-engine", daemon=True)
         self._thread.start()
@@ -170,8 +150,7 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         try:
             while True:
-                block = not self.engine.has_unfinished_requests()
-                cmds = self._drain(block)
+                cmds = self._drain(block=not self.engine.has_unfinished_requests())
                 if _STOP in cmds:
                     self._stop(cmds)
                     return
@@ -180,6 +159,8 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish()
+                if self._stat_logger is not None:
+                    self._stat_logger.observe(self.snapshot)
         except BaseException as e:  # a bug in this loop: fail everyone, refuse new work
             logger.exception("the engine loop died")
             self._dead = e
@@ -193,7 +174,15 @@ class AsyncLLMEngine:
                 _resolve(cmd.loop, cmd.admitted, error=self._dead)
 
     def _drain(self, block: bool) -> list:
-        cmds = [self._inbox.get()] if block else []
+        """The commands waiting in the inbox; with `block`, waits for one (or, while the stats
+        line still has an idle engine to report, until that line is due)."""
+        cmds = []
+        if block:
+            timeout = self._stat_logger.seconds_to_next() if self._stat_logger else None
+            try:
+                cmds.append(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                return cmds
         while True:
             try:
                 cmds.append(self._inbox.get_nowait())
@@ -296,7 +285,8 @@ class AsyncLLMEngine:
         self.snapshot = EngineSnapshot(
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
             kv_usage=kv.usage, num_free_blocks=kv.pool.num_free, num_blocks=kv.num_usable_blocks,
-            prompt_tokens=stats.prompt_tokens, generation_tokens=stats.generation_tokens,
+            prompt_tokens=stats.prompt_tokens, prefilled_tokens=stats.prefilled_tokens,
+            generation_tokens=stats.generation_tokens,
             steps=stats.steps, finished_requests=stats.finished_requests,
             aborted_requests=stats.aborted_requests, num_graph_steps=disp.num_graph_steps,
             num_eager_fallbacks=disp.num_eager_fallbacks,

@@ -13,6 +13,7 @@ from fullgraph.engine.detokenizer import IncrementalDetokenizer, load_tokenizer
 from fullgraph.engine.kv_cache import KVCacheManager
 from fullgraph.engine.request import Request
 from fullgraph.engine.scheduler import Scheduler, SchedulerOutput
+from fullgraph.engine.stats import EngineStats
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.model_runner import ModelRunner
@@ -29,19 +30,9 @@ class _Launched:
     num_preemptions: int
 
 
-@dataclass(slots=True)
-class EngineStats:
-    """Cumulative counters, read by the server's /metrics."""
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    steps: int = 0
-    finished_requests: int = 0
-    aborted_requests: int = 0
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.tokenizer = load_tokenizer(config.model.path)
+        self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
         self.runner = ModelRunner(config)
         if config.compilation.graph_runtime == "fake":
             from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
@@ -59,7 +50,8 @@ class LLMEngine:
         self._inflight: tuple[list[_Launched], PendingStep] | None = None
         self._rng = random.Random(config.seed)
         self.stats = EngineStats()
-        logger.info("KV cache: %d blocks of %d tokens", cache.num_blocks, cache.block_size)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.kv.num_usable_blocks,
+                    cache.block_size, self.kv.num_usable_blocks * cache.block_size)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -71,12 +63,17 @@ class LLMEngine:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> list[int]:
-        """Render messages with the tokenizer's chat template; ValueError if it cannot."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("the model's tokenizer has no chat template")
+        """Render messages with the chat template (`chat_template`, else the tokenizer's);
+        ValueError if it cannot."""
+        template = self.config.model.chat_template or getattr(self.tokenizer, "chat_template",
+                                                              None)
+        if not template:
+            raise ValueError("the model's tokenizer has no chat template (pass one with "
+                             "--chat-template)")
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+                messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+                tokenize=False, **kwargs)
         except Exception as e:  # jinja errors, malformed messages
             raise ValueError(f"cannot apply the chat template: {e}") from e
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -190,6 +187,7 @@ class LLMEngine:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
+                self.stats.prefilled_tokens += req.num_prompt_tokens
             self.stats.generation_tokens += 1
             if req.finish_reason is not None:
                 self.stats.finished_requests += 1

@@ -15,12 +15,19 @@ is scheduled for its next position at once, and its input token comes from the d
 """
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from fullgraph.config import SchedulerConfig
 from fullgraph.engine.kv_cache import KVCacheManager
 from fullgraph.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+PREEMPTION_WARNING_INTERVAL_S = 10.0   # at most one preemption warning this often
 
 
 @dataclass(slots=True)
@@ -56,6 +63,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._last_warning = -math.inf
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -114,6 +122,14 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
+        now = time.monotonic()
+        if now - self._last_warning >= PREEMPTION_WARNING_INTERVAL_S:
+            self._last_warning = now
+            logger.warning(
+                "request %s was preempted: the KV cache ran out of blocks, so it will be "
+                "recomputed (%d preemptions so far). This costs throughput: give the cache more "
+                "memory (gpu_memory_utilization, num_gpu_blocks_override) or lower "
+                "max_num_seqs.", req.request_id, self.num_preemptions)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""

@@ -1,79 +1,116 @@
-"""`fullgraph` command line: generate, serve, bench, selftest."""
+"""`fullgraph` command line: generate, serve, bench, selftest.
+
+A subcommand's module is imported only when that subcommand runs (or prints its help):
+`fullgraph serve` never imports the benchmarks' HTTP client, and `fullgraph --help` imports
+no subcommand at all.
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
+import copy
+import importlib
 import sys
-import time
+from dataclasses import dataclass
 
-from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
-
-
-def cmd_generate(ns: argparse.Namespace) -> int:
-    from fullgraph.entrypoints.llm import LLM
-    from fullgraph.sampling_params import SamplingParams
-
-    t0 = time.perf_counter()
-    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
-    t_load = time.perf_counter() - t0
-    params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                            seed=ns.sampling_seed, max_tokens=ns.max_tokens,
-                            ignore_eos=ns.ignore_eos)
-    prompts = ns.prompt or ["Once upon a time"]
-    if ns.chat:
-        prompts = [{"prompt_token_ids": llm.engine.apply_chat_template(
-            [{"role": "user", "content": p}])} for p in prompts]
-    t1 = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t1
-    n_out = 0
-    for prompt, out in zip(ns.prompt or prompts, outputs):
-        c = out.outputs[0]
-        n_out += len(c.token_ids)
-        print(f"--- prompt: {prompt!r}")
-        print(c.text)
-        print(f"--- {len(out.prompt_token_ids)} prompt tokens, {len(c.token_ids)} generated, "
-              f"finish_reason={c.finish_reason}")
-    print(f"load {t_load:.2f} s, generate {elapsed:.3f} s, {n_out / max(elapsed, 1e-9):.1f} "
-          f"tokens/s on {llm.engine.config.device}")
-    return 0
+from fullgraph.logger import LEVELS, configure_logging, parse_level
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fullgraph", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+@dataclass(frozen=True, slots=True)
+class Command:
+    module: str
+    help: str
+    add_args: str = "add_args"      # the module's function that adds its flags to a parser
+    main: str = "main"              # the module's function that runs it: main(ns) -> exit code
 
-    gen = sub.add_parser("generate", help="generate text for prompts")
-    add_engine_args(gen)
-    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    gen.add_argument("--ignore-eos", action="store_true")
-    gen.set_defaults(func=cmd_generate)
+    def install(self, parser: argparse.ArgumentParser) -> None:
+        module = importlib.import_module(self.module)
+        getattr(module, self.add_args)(parser)
+        parser.set_defaults(func=getattr(module, self.main))
 
-    from fullgraph.entrypoints.server.cli import register as register_serve
-    register_serve(sub)
 
-    from fullgraph.entrypoints.bench.cli import register as register_bench
-    register_bench(sub)
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "generate": Command("fullgraph.entrypoints.generate", "generate text for prompts"),
+    "serve": Command("fullgraph.entrypoints.server.cli", "serve an OpenAI-compatible API",
+                     add_args="add_serve_args"),
+    "bench": {
+        "latency": Command("fullgraph.entrypoints.bench.latency",
+                           "decode ms/step and TTFT, eager vs CUDA graphs"),
+        "throughput": Command("fullgraph.entrypoints.bench.throughput",
+                              "offline output tokens/s on a mixed-length workload"),
+        "serve": Command("fullgraph.entrypoints.bench.serve",
+                         "load generator for a running OpenAI-compatible server"),
+    },
+    "selftest": Command("fullgraph.entrypoints.selftest",
+                        "check that CUDA-graph replay matches eager execution"),
+}
+_GROUP_HELP = {"bench": "benchmarks (JSON + PNG)"}
 
-    from fullgraph.entrypoints import selftest
-    st = sub.add_parser("selftest", help="check that CUDA-graph replay matches eager execution")
-    selftest.add_args(st)
-    st.set_defaults(func=selftest.main)
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help shows its default, also flags without a help text (argparse skips
+    those)."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if (action.help is None and action.option_strings
+                and action.default not in (None, argparse.SUPPRESS)):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+
+def _log_level(text: str) -> str:
+    try:
+        parse_level(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _chosen(argv: list[str]) -> tuple[str, ...]:
+    """The subcommand path named in argv (("bench", "latency"), ("serve",), or ())."""
+    for i, token in enumerate(argv):
+        entry = COMMANDS.get(token)
+        if isinstance(entry, Command):
+            return (token,)
+        if isinstance(entry, dict):
+            kind = next((t for t in argv[i + 1:] if t in entry), None)
+            return (token, kind) if kind else (token,)
+    return ()
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with flags only for the subcommand `argv` names (all of them if None)."""
+    chosen = None if argv is None else _chosen(argv)
+    level_help = f"logging level of fullgraph's messages ({', '.join(LEVELS)})"
+    common = argparse.ArgumentParser(add_help=False)      # --log-level after the subcommand
+    common.add_argument("--log-level", type=_log_level, default=argparse.SUPPRESS,
+                        help=level_help)
+    parser = argparse.ArgumentParser(prog="fullgraph", description=__doc__.split("\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--log-level", type=_log_level, default="info", help=level_help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, entry in COMMANDS.items():
+        if isinstance(entry, Command):
+            p = sub.add_parser(name, help=entry.help, description=entry.help, parents=[common],
+                               formatter_class=HelpFormatter)
+            if chosen is None or chosen == (name,):
+                entry.install(p)
+            continue
+        group = sub.add_parser(name, help=_GROUP_HELP[name], parents=[common],
+                               formatter_class=HelpFormatter)
+        kinds = group.add_subparsers(dest=name, required=True, metavar="KIND")
+        for kind, cmd in entry.items():
+            p = kinds.add_parser(kind, help=cmd.help, description=cmd.help, parents=[common],
+                                 formatter_class=HelpFormatter)
+            if chosen is None or chosen == (name, kind):
+                cmd.install(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser(argv).parse_args(argv)
+    configure_logging(ns.log_level)
     try:
         return ns.func(ns)
     except ValueError as e:

@@ -17,9 +17,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineArgs()
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=d.model,
-                   help="a Hugging Face-format directory, or a built-in preset (tiny-qwen3, "
-                        "qwen3-0.6b-random)")
-    g.add_argument("--served-model-name", default=None)
+                   help="a Hugging Face-format directory, a model id in the local Hugging Face "
+                        "cache, or a built-in preset (tiny-qwen3, qwen3-0.6b-random)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model id the server answers to (default: --model)")
+    g.add_argument("--tokenizer", default=None,
+                   help="the tokenizer's directory or model id (default: the model's)")
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one (default: the "
+                        "tokenizer's)")
+    g.add_argument("--generation-config", default=d.generation_config,
+                   help="default sampling parameters: 'auto' from the model's "
+                        "generation_config.json, 'none' (or 'vllm') for fullgraph's own, or a "
+                        "directory holding a generation_config.json")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     g.add_argument("--max-model-len", type=int, default=None)
@@ -28,8 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    g.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false", help="disable prefix caching")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d.enable_prefix_caching, help="reuse the KV blocks of shared prefixes")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=["flex", "sdpa"])
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     g.add_argument("--cudagraph-mode", default=d.cudagraph_mode,
@@ -49,7 +59,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="schedule the next step while the device runs this one (default: on "
                         "for CUDA)")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+    g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                   help="the most top logprobs a request may ask for")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic throughput / KV-usage log line (server)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -26,19 +26,33 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` samples with when given no SamplingParams: fullgraph's defaults,
+        overridden by the model's generation_config.json (`generation_config`)."""
+        return SamplingParams(**dict(self.engine.config.model.sampling_defaults))
+
+    def generate(self, prompts: PromptType | Sequence[PromptType] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in prompt order.
+                 use_tqdm: bool = True, *,
+                 prompt_token_ids: list[int] | list[list[int]] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order. `prompt_token_ids`
+        (one list of ids, or one per prompt) is vLLM's older way to pass token prompts.
 
         All prompts are validated before any runs: a bad one raises ValueError naming its
         index and problem, nothing is enqueued, and the engine stays usable.
         """
+        if prompt_token_ids is not None:
+            if prompts is not None:
+                raise ValueError("pass either prompts or prompt_token_ids, not both")
+            prompts = _token_prompts(prompt_token_ids)
+        if prompts is None:
+            raise ValueError("generate() needs prompts (or prompt_token_ids)")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = (list(sampling_params) if isinstance(sampling_params, Sequence)
                   else [sampling_params] * len(prompts))
         if len(params) != len(prompts):
@@ -64,14 +78,13 @@ class LLM:
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="Generating", unit="req",
-                   disable=not use_tqdm or len(requests) < 2)
+        bar = _ProgressBar(len(requests), use_tqdm)
         try:
             while any(r is None for r in results):
                 for out in self.engine.step():
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
-                        bar.update(1)
+                        bar.finished(out)
         except BaseException:
             for r in requests:      # leave the engine clean for the next call
                 if r.request_id in self.engine.requests:
@@ -80,6 +93,40 @@ class LLM:
         finally:
             bar.close()
         return results
+
+
+class _ProgressBar:
+    """vLLM's progress bar: prompts done, with input and output tokens/s so far."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True,
+                        disable=not enabled, postfix=self._speeds(0.0, 0.0))
+        self.input_tokens = self.output_tokens = 0
+
+    @staticmethod
+    def _speeds(input_speed: float, output_speed: float) -> str:
+        return f"est. speed input: {input_speed:.2f} toks/s, output: {output_speed:.2f} toks/s"
+
+    def finished(self, out: RequestOutput) -> None:
+        if self.bar.disable:
+            return
+        self.input_tokens += len(out.prompt_token_ids) * len(out.outputs)
+        self.output_tokens += sum(len(c.token_ids) for c in out.outputs)
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.postfix = self._speeds(self.input_tokens / elapsed, self.output_tokens / elapsed)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _token_prompts(ids) -> list[dict[str, Any]]:
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ValueError("prompt_token_ids must be a non-empty list of token ids, or a list "
+                         "of such lists")
+    if all(isinstance(x, (list, tuple)) for x in ids):
+        return [{"prompt_token_ids": list(x)} for x in ids]
+    return [{"prompt_token_ids": list(ids)}]
 
 
 def _prompt_input(prompt: PromptType) -> str | list[int]:

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from fullgraph.config import CUDAGraphMode
 from fullgraph.entrypoints.bench.common import copy_bandwidth, header, pyplot, write_json
 from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 from fullgraph.sampling_params import SamplingParams
@@ -101,6 +102,9 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
     startup = time.perf_counter() - t0
     engine = llm.engine
     runner = engine.runner
+    if mode == "graph" and engine.config.compilation.cudagraph_mode == CUDAGraphMode.NONE:
+        mode = f"eager (no CUDA graphs on {engine.config.device})"
+        print(f"[graph] {engine.config.device} has no CUDA graphs: this mode runs eagerly")
     w_bytes = weight_bytes(runner.model)
     kv_per_token = runner.kv_bytes_per_block // runner.block_size
     rng = np.random.default_rng(0)
@@ -115,9 +119,11 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
         row["achieved_GBps"] = step_bytes / (row["decode_ms_median"] / 1e3) / 1e9
         row["ratio_to_floor"] = row["decode_ms_median"] / row["floor_ms"]
         rows.append(row)
+        kernels = row["kernels_per_decode_step"]
         print(f"[{mode}] batch {b:4d}: {row['decode_ms_median']:.3f} ms/step "
               f"({row['ratio_to_floor']:.2f}x floor, {row['achieved_GBps']:.0f} GB/s), "
-              f"TTFT {row['ttft_ms']:.1f} ms, {row['kernels_per_decode_step']} kernels", flush=True)
+              f"TTFT {row['ttft_ms']:.1f} ms"
+              + (f", {kernels} kernels" if kernels is not None else ""), flush=True)
     report = runner.capture_report
     result = {"mode": mode, "startup_s": startup, "weight_bytes": w_bytes, "rows": rows,
               "capture_seconds": report.seconds if report else None,

@@ -17,6 +17,7 @@ import os
 import random
 import statistics
 import time
+import logging
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -205,6 +206,8 @@ def plot(report: dict, results: list[RequestResult], path: str) -> None:
 
 def main(ns: argparse.Namespace) -> int:
     _check(ns)
+    # httpx logs every request at INFO, which would scroll the progress bar away
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     results, duration, model = asyncio.run(run(ns))
     report = summarize(ns, results, duration, model)
     os.makedirs(ns.out, exist_ok=True)

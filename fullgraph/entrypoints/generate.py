@@ -1,0 +1,53 @@
+"""`fullgraph generate`: generate text for a few prompts with the offline API."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", action="append",
+                   help="a prompt (repeat for several; default: 'Once upon a time')")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1, help="-1 = off")
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def main(ns: argparse.Namespace) -> int:
+    from fullgraph.entrypoints.llm import LLM
+    from fullgraph.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
+    t_load = time.perf_counter() - t0
+    params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                            seed=ns.sampling_seed, max_tokens=ns.max_tokens,
+                            ignore_eos=ns.ignore_eos)
+    texts = ns.prompt or ["Once upon a time"]
+    prompts = texts
+    if ns.chat:
+        prompts = [{"prompt_token_ids": llm.engine.apply_chat_template(
+            [{"role": "user", "content": p}])} for p in texts]
+    t1 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t1
+    n_out = 0
+    for prompt, out in zip(texts, outputs):
+        c = out.outputs[0]
+        n_out += len(c.token_ids)
+        print(f"--- prompt: {prompt!r}")
+        print(c.text)
+        print(f"--- {len(out.prompt_token_ids)} prompt tokens, {len(c.token_ids)} generated, "
+              f"finish_reason={c.finish_reason}")
+    print(f"load {t_load:.2f} s, generate {elapsed:.3f} s, {n_out / max(elapsed, 1e-9):.1f} "
+          f"tokens/s on {llm.engine.config.device}")
+    return 0
