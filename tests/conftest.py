@@ -45,6 +45,48 @@ def make_hf_checkpoint(path: str, *, tie: bool = True, num_layers: int = 2, seed
     return path
 
 
+def make_hybrid_checkpoint(path: str, architecture: str = "Qwen3_5ForCausalLM", *,
+                           num_layers: int = 4, seed: int = 0, dtype=torch.float32,
+                           **overrides) -> str:
+    """A random-weight transformers hybrid (Gated DeltaNet + gated attention) model saved with
+    save_pretrained: Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM or Qwen3NextForCausalLM. Norm
+    weights are randomized too (transformers initializes the (1 + w) norms at w = 0, which
+    would hide a missing offset)."""
+    import transformers
+
+    from fullgraph.models.presets import train_tokenizer
+
+    tok = train_tokenizer(1024)
+    tok.save_pretrained(path)
+    config_cls, model_cls = {
+        "Qwen3_5ForCausalLM": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+        "Qwen3_5MoeForCausalLM": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"),
+        "Qwen3NextForCausalLM": ("Qwen3NextConfig", "Qwen3NextForCausalLM"),
+    }[architecture]
+    kwargs = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                  linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                  max_position_embeddings=1024, initializer_range=0.2, tie_word_embeddings=True,
+                  eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                   "partial_rotary_factor": 0.25})
+    if architecture != "Qwen3_5ForCausalLM":
+        kwargs |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48, norm_topk_prob=True)
+    kwargs |= overrides
+    cfg = getattr(transformers, config_cls)(**kwargs)
+    cfg.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and "linear_attn" not in name:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory) -> str:
     return make_hf_checkpoint(str(tmp_path_factory.mktemp("hf-qwen3")))

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +19,9 @@ import torch
 openai = pytest.importorskip("openai")   # a test dependency (the GPU image lacks it)
 from prometheus_client.parser import text_string_to_metric_families
 
+import fullgraph
 from fullgraph import LLM, SamplingParams
+from fullgraph.engine.args import EngineArgs
 
 MODEL = "tiny-qwen3"
 MAX_LEN = 512
@@ -42,13 +46,19 @@ def offline() -> LLM:
     return LLM(MODEL, **ENGINE_KW)
 
 
+@dataclass(frozen=True)
+class ServerProcess:
+    url: str
+    log: Path       # the server's stdout and stderr
+
+
 @pytest.fixture(scope="module")
-def server(offline, tmp_path_factory) -> str:
+def server_process(offline, tmp_path_factory) -> ServerProcess:
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fullgraph.entrypoints.server.cli", "--model", MODEL,
+    proc = subprocess.Popen(   # the model as a positional argument, as `vllm serve MODEL`
+        [sys.executable, "-m", "fullgraph.entrypoints.server.cli", MODEL,
          "--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning",
          *ENGINE_FLAGS], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
@@ -65,7 +75,7 @@ def server(offline, tmp_path_factory) -> str:
             if time.monotonic() > deadline:
                 pytest.fail(f"server did not become healthy:\n{log_path.read_text()}")
             time.sleep(0.2)
-        yield url
+        yield ServerProcess(url, log_path)
     finally:
         proc.terminate()
         try:
@@ -77,9 +87,21 @@ def server(offline, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def server(server_process) -> str:
+    return server_process.url
+
+
+@pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=TIMEOUT,
                          max_retries=0)
+
+
+def success_by_reason(server: str) -> dict[str, float]:
+    """fullgraph:request_success_total by finished_reason."""
+    fam = metrics(server)["__families__"]["fullgraph:request_success"]
+    return {s.labels["finished_reason"]: s.value for s in fam.samples
+            if s.name.endswith("_total")}
 
 
 def metrics(server: str) -> dict[str, float]:
@@ -296,7 +318,7 @@ def _start_long_stream(server: str, client: httpx.Client):
 
 
 def test_disconnect_mid_stream_frees_blocks(server):
-    before = metrics(server)
+    before, aborts_before = metrics(server), success_by_reason(server)["abort"]
     with httpx.Client(timeout=TIMEOUT) as http:
         with _start_long_stream(server, http) as resp:
             assert resp.status_code == 200
@@ -315,16 +337,35 @@ def test_disconnect_mid_stream_frees_blocks(server):
     assert after["fullgraph:num_free_blocks"] == after["fullgraph:num_blocks"]
     made = after["fullgraph:generation_tokens_total"] - before["fullgraph:generation_tokens_total"]
     assert made < 480
+    assert success_by_reason(server)["abort"] == aborts_before + 1
 
 
-def test_disconnect_non_streamed_request_aborts(server):
-    before = metrics(server)["fullgraph:request_aborted_total"]
-    body = {"model": MODEL, "prompt": "Another long story:", "max_tokens": 480,
-            "temperature": 0, "ignore_eos": True}
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_disconnect_non_streamed_request_aborts(server_process, endpoint):
+    server = server_process.url
+    log_before = server_process.log.read_text()
+    before, aborts_before = metrics(server), success_by_reason(server)["abort"]
+    body = {"model": MODEL, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    if endpoint == "completions":
+        body["prompt"] = "Another long story:"
+    else:
+        body["messages"] = [{"role": "user", "content": "Tell me a long story"}]
+    # The client gives up long before 400 tokens (about a second here) are generated.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.05))
-    assert wait_for(lambda: metrics(server)["fullgraph:request_aborted_total"] == before + 1)
-    assert wait_for(lambda: metrics(server)["fullgraph:kv_cache_usage_perc"] == 0)
+        httpx.post(f"{server}/v1/{endpoint}", json=body, timeout=httpx.Timeout(5, read=0.05))
+    aborted = before["fullgraph:request_aborted_total"] + 1
+    assert wait_for(lambda: metrics(server)["fullgraph:request_aborted_total"] == aborted)
+    after = metrics(server)
+    assert after["fullgraph:num_requests_running"] == 0
+    assert after["fullgraph:kv_cache_usage_perc"] == 0
+    assert after["fullgraph:num_free_blocks"] == after["fullgraph:num_blocks"]
+    made = after["fullgraph:generation_tokens_total"] - before["fullgraph:generation_tokens_total"]
+    assert made < 400
+    assert success_by_reason(server)["abort"] == aborts_before + 1
+    # The handler saw the disconnect and returned quietly: nothing was logged for it (a
+    # result read before the cancelled task finished logged InvalidStateError here).
+    new_log = server_process.log.read_text()[len(log_before):]
+    assert "Traceback" not in new_log and "InvalidStateError" not in new_log, new_log
 
 
 # ---------------------------------------------------------------- bad input
@@ -413,6 +454,169 @@ def test_unknown_route_and_server_keeps_serving(server, client):
     assert httpx.get(f"{server}/health", timeout=5).status_code == 200
 
 
+@pytest.mark.parametrize("top,needle", [(EngineArgs().max_logprobs + 1, "max_logprobs"),
+                                         (-1, ">= 0")])
+def test_chat_top_logprobs_errors_name_top_logprobs(client, top, needle):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, logprobs=True, top_logprobs=top)
+    err = info.value.response.json()["error"]
+    assert err["param"] == "top_logprobs"
+    assert f"top_logprobs={top}" in err["message"] or f"got {top}" in err["message"]
+    assert "top_logprobs" in err["message"] and needle in err["message"]
+
+
+# ---------------------------------------------------------------- /tokenize, /detokenize, probes
+def post(server: str, path: str, body) -> httpx.Response:
+    return httpx.post(f"{server}{path}", json=body, timeout=TIMEOUT)
+
+
+def test_ping_and_version(server):
+    for method in ("GET", "POST"):
+        r = httpx.request(method, f"{server}/ping", timeout=5)
+        assert r.status_code == 200, method
+    assert httpx.put(f"{server}/ping", timeout=5).status_code == 405
+    r = httpx.get(f"{server}/version", timeout=5)
+    assert r.status_code == 200 and r.json() == {"version": fullgraph.__version__}
+
+
+def test_tokenize_prompt_matches_completions(server, client, offline):
+    prompt = "Tokenize me, please: héllo wörld 123"
+    r = post(server, "/tokenize", {"prompt": prompt})
+    assert r.status_code == 200
+    got = r.json()
+    gen = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                    extra_body={"return_token_ids": True})
+    assert got["tokens"] == gen.choices[0].prompt_token_ids       # what generation runs
+    assert got["count"] == len(got["tokens"]) == gen.usage.prompt_tokens
+    assert got["max_model_len"] == MAX_LEN and got["token_strs"] is None
+    strs = post(server, "/tokenize", {"model": MODEL, "prompt": prompt,
+                                      "return_token_strs": True}).json()
+    assert strs["tokens"] == got["tokens"]
+    assert strs["token_strs"] == offline.get_tokenizer().convert_ids_to_tokens(got["tokens"])
+    r = post(server, "/detokenize", {"model": MODEL, "tokens": got["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": prompt}
+    # The vocabulary's last id is accepted, the next one is not.
+    vocab = client.models.list().data[0].vocab_size
+    assert post(server, "/detokenize", {"tokens": [vocab - 1]}).status_code == 200
+    r = post(server, "/detokenize", {"tokens": [5, vocab]})
+    assert r.status_code == 400
+    assert f"tokens[1] = {vocab} is outside" in r.json()["error"]["message"]
+
+
+def test_tokenize_chat_matches_chat_completions(server, client):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi there"}]
+    got = post(server, "/tokenize", {"messages": messages}).json()
+    assert post(server, "/tokenize", {"messages": messages, "prompt": None}).json() == got
+    gen = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                         extra_body={"return_token_ids": True})
+    assert got["tokens"] == gen.prompt_token_ids
+    assert got["count"] == gen.usage.prompt_tokens
+    # Without the generation prompt: the same conversation without the assistant header.
+    bare = post(server, "/tokenize", {"messages": messages,
+                                      "add_generation_prompt": False}).json()["tokens"]
+    assert 0 < len(bare) < len(got["tokens"]) and got["tokens"][:len(bare)] == bare
+    # continue_final_message leaves the last (assistant) message open.
+    prefill = [*messages, {"role": "assistant", "content": "Hello"}]
+    texts = {}
+    for cont in (False, True):
+        ids = post(server, "/tokenize", {"messages": prefill, "add_generation_prompt": False,
+                                         "continue_final_message": cont}).json()["tokens"]
+        texts[cont] = post(server, "/detokenize", {"tokens": ids}).json()["prompt"]
+    assert texts[True].endswith("Hello") and not texts[False].endswith("Hello")
+    assert texts[False].startswith(texts[True])
+
+
+def test_tokenize_while_generating(server, offline):
+    """The event loop tokenizes while the engine thread decodes a stream with the same
+    tokenizer (`ServerState.tokenizer` says why that is safe)."""
+    tok = offline.get_tokenizer()
+    texts = [f"Sentence {i} is {'quite ' * i}long." for i in range(48)]
+    body = {"model": MODEL, "prompt": "Go on:", "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server, timeout=TIMEOUT) as http:
+            async def generate() -> int:
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    return sum([len(json.loads(line[6:])["choices"][0]["token_ids"])
+                                async for line in r.aiter_lines()
+                                if line.startswith("data: {")])
+
+            async def round_trip(text: str) -> tuple[list[int], str]:
+                await asyncio.sleep(0.01)
+                ids = (await http.post("/tokenize", json={"prompt": text})).json()["tokens"]
+                back = (await http.post("/detokenize", json={"tokens": ids})).json()["prompt"]
+                return ids, back
+            return await asyncio.gather(generate(), *[round_trip(t) for t in texts])
+    generated, *results = asyncio.run(main())
+    assert generated == 200
+    for text, (ids, back) in zip(texts, results):
+        assert ids == tok.encode(text) and back == text
+
+
+USER = {"role": "user", "content": "hi"}
+BAD_TOKENIZE = [
+    ({}, 400, "prompt", "prompt (text) or messages (chat)"),
+    ({"prompt": None}, 400, "prompt", "prompt (text) or messages (chat)"),
+    ({"prompt": ""}, 400, "prompt", "at least 1"),
+    ({"prompt": 5}, 400, "prompt", "string"),
+    ({"prompt": ["a", "b"]}, 400, "prompt", "string"),
+    ({"prompt": "hi", "messages": [USER]}, 400, "messages", "not both"),
+    ({"prompt": "hi", "add_special_tokens": "yes"}, 400, "add_special_tokens", "boolean"),
+    ({"prompt": "hi", "return_token_strs": 1}, 400, "return_token_strs", "boolean"),
+    ({"prompt": "hi", "model": "nope"}, 404, "model", "nope"),
+    ({"messages": []}, 400, "messages", "at least 1"),
+    ({"messages": "hi"}, 400, "messages", "list"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", "role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages",
+     "image_url"),
+    ({"messages": [USER], "add_special_tokens": True}, 400, "add_special_tokens",
+     "not supported"),
+    ({"messages": [USER], "continue_final_message": True}, 400, "continue_final_message",
+     "add_generation_prompt=false"),
+    ({"messages": [USER], "chat_template_kwargs": "x"}, 400, "chat_template_kwargs",
+     "dictionary"),
+]
+BAD_DETOKENIZE = [
+    ({}, 400, "tokens", "required"),
+    ({"tokens": []}, 400, "tokens", "at least 1"),
+    ({"tokens": [1, 10**6]}, 400, "tokens", "outside the vocabulary"),
+    ({"tokens": [-1]}, 400, "tokens", "outside the vocabulary"),
+    ({"tokens": ["1"]}, 400, "tokens", "integer"),
+    ({"tokens": [1.5]}, 400, "tokens", "integer"),
+    ({"tokens": [True]}, 400, "tokens", "integer"),
+    ({"tokens": "1 2"}, 400, "tokens", "list"),
+    ({"tokens": [1], "model": "nope"}, 404, "model", "nope"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,needle",
+                         [("/tokenize", *case) for case in BAD_TOKENIZE]
+                         + [("/detokenize", *case) for case in BAD_DETOKENIZE],
+                         ids=[f"tokenize-{i}" for i in range(len(BAD_TOKENIZE))]
+                         + [f"detokenize-{i}" for i in range(len(BAD_DETOKENIZE))])
+def test_bad_tokenizer_requests(server, path, body, status, param, needle):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert param in err["message"] and needle in err["message"], err["message"]
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+@pytest.mark.parametrize("raw", [b"[1, 2]", b"not json", b'{"prompt": "hi",'])
+def test_tokenizer_endpoints_malformed_json(server, path, raw):
+    r = httpx.post(f"{server}{path}", content=raw, timeout=TIMEOUT,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+
+
 # ---------------------------------------------------------------- metrics
 def test_metrics_parse(server, client):
     client.completions.create(model=MODEL, prompt="metrics please", max_tokens=5, temperature=0,
@@ -434,9 +638,10 @@ def test_metrics_parse(server, client):
         assert m["fullgraph:cudagraph_replays_total"] > 0
     else:   # eager by configuration: nothing captured, so no replays and no "fallbacks"
         assert m["fullgraph:cudagraph_replays_total"] == m["fullgraph:eager_fallbacks_total"] == 0
-    reasons = {s.labels["finished_reason"]: s.value
-               for s in fams["fullgraph:request_success"].samples if s.name.endswith("_total")}
-    assert reasons.get("length", 0) >= 1
+    reasons = success_by_reason(server)
+    assert set(reasons) == {"stop", "length", "abort"}
+    assert reasons["length"] >= 1
+    assert reasons["abort"] == m["fullgraph:request_aborted_total"]    # the engine's count
 
 
 @pytest.mark.parametrize("load", [["--concurrency", "4"], ["--request-rate", "200"]])
@@ -458,6 +663,13 @@ def test_bench_serve(server, tmp_path, load):
         assert report[key]["p50"] <= report[key]["p99"]
     assert report["output_throughput_tok_s"] > 0
     assert (tmp_path / "bench_serve.png").stat().st_size > 1000
+
+
+def test_server_log_has_no_tracebacks(server_process):
+    """After every request above (bad ones, disconnects, concurrent streams) the server
+    logged no traceback."""
+    log = server_process.log.read_text()
+    assert "Traceback" not in log and "Task was destroyed" not in log, log
 
 
 @pytest.fixture(scope="module")
@@ -498,8 +710,13 @@ def test_api_key(inproc):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert http.get("/v1/models", headers=AUTH).status_code == 200
-    assert http.get("/health").status_code == 200       # probes need no key
-    assert http.get("/metrics").status_code == 200
+    for path, body in [("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})]:
+        r = http.post(path, json=body)        # behind the key, as in vLLM
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert http.post(path, json=body, headers=AUTH).status_code == 200, path
+    for path in ["/health", "/metrics", "/ping", "/version"]:     # probes need no key
+        assert http.get(path).status_code == 200, path
+    assert http.post("/ping").status_code == 200
 
 
 def test_step_error_is_reported_and_server_survives(inproc, monkeypatch):
@@ -522,4 +739,37 @@ def test_step_error_is_reported_and_server_survives(inproc, monkeypatch):
     r = http.post("/v1/completions", json=body, headers=AUTH)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert http.get("/health").status_code == 200
-    assert engine.snapshot.step_errors == 2 and engine.snapshot.kv_usage == 0
+    # The engine thread publishes its snapshot just after it hands out the outputs.
+    assert wait_for(lambda: engine.snapshot.kv_usage == 0 == engine.snapshot.num_running)
+    assert engine.snapshot.step_errors == 2
+
+
+# ---------------------------------------------------------------- `fullgraph serve` arguments
+def test_serve_model_positional_or_flag():
+    import argparse
+
+    from fullgraph.entrypoints.cli import build_parser
+    from fullgraph.entrypoints.server import cli as serve_cli
+
+    def parse(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        serve_cli.add_serve_args(parser)
+        return parser.parse_args(argv)
+
+    def model(*argv: str) -> str:
+        ns = parse(*argv)
+        serve_cli.resolve_model(ns)
+        return ns.model
+
+    assert model("some/dir") == "some/dir"                   # as `vllm serve MODEL`
+    assert model("--port", "9000", "some/dir", "--max-num-seqs", "4") == "some/dir"
+    assert model("--model", "some/dir") == "some/dir"
+    assert model("same", "--model", "same") == "same"
+    assert model() == EngineArgs().model
+    with pytest.raises(ValueError, match=r"'a' \(positional MODEL\) and 'b' \(--model\)"):
+        model("a", "--model", "b")
+    # `fullgraph serve MODEL`; main resolves the model before it loads anything.
+    ns = build_parser().parse_args(["serve", "some/dir"])
+    assert ns.func is serve_cli.main and ns.model_tag == "some/dir"
+    with pytest.raises(ValueError, match="two models given"):
+        serve_cli.main(parse("a", "--model", "b"))

@@ -83,18 +83,30 @@ class ForwardContext:
     """The step state a model's forward needs: passed explicitly, never a module global.
 
     Its lifetime is one forward call (or, under a CUDA graph, the graph's: the metadata then
-    lives in persistent buffers that replays refill).
+    lives in persistent buffers that replays refill). The model hands each of its layers that
+    layer's own cache: `kv_caches[i]` to its i-th full-attention layer, `state_caches[j]` to
+    its j-th linear-attention layer (models/interface.py says what each holds).
     """
 
-    __slots__ = ("backend", "metadata", "kv_caches", "slot_mapping", "_forward_qkv")
+    __slots__ = ("backend", "metadata", "kv_caches", "slot_mapping", "state_caches",
+                 "state_metadata", "_forward_qkv")
 
     def __init__(self, backend: AttentionBackend, metadata: Any, kv_caches: list[KVCache],
-                 slot_mapping: torch.Tensor):
+                 slot_mapping: torch.Tensor, state_caches: list[tuple[torch.Tensor, ...]] = (),
+                 state_metadata: Any = None):
         self.backend = backend
         self.metadata = metadata
-        self.kv_caches = kv_caches        # per layer; the model hands each layer its own
+        self.kv_caches = kv_caches        # per full-attention layer
         self.slot_mapping = slot_mapping  # [num_tokens_padded]
+        self.state_caches = state_caches  # per linear-attention layer: its state pools
+        self.state_metadata = state_metadata   # attention/gdn.py's GDNMetadata, or None
         self._forward_qkv = getattr(backend, "forward_qkv", None)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache) -> None:
+        """Write this step's K/V ([T, Hkv, D]) at the slot mapping: for a layer that runs its
+        own q/k prologue, before `attention`."""
+        kv_cache[0].index_copy_(0, self.slot_mapping, k.to(kv_cache[0].dtype))
+        kv_cache[1].index_copy_(0, self.slot_mapping, v.to(kv_cache[1].dtype))
 
     # Compiled layers (`--compile-layers`) break their graph at these two: the backends'
     # kernels are ours or compiled separately, per shape bucket, and graph capture covers all.

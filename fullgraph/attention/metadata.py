@@ -48,6 +48,8 @@ class StepAttentionInputs:
     seq_lens_cpu: np.ndarray
     query_start_loc_cpu: np.ndarray
     block_table_cpu: np.ndarray
+    # [num_reqs_padded] linear-attention state slot per request (0: the null slot)
+    state_slots: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)

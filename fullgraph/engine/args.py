@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, fields
 
@@ -12,6 +13,8 @@ from fullgraph.config import (CacheConfig, CompilationConfig, CUDAGraphMode, Eng
 from fullgraph.models.hub import resolve_model_dir
 from fullgraph.models.registry import get_model_class
 from fullgraph.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -35,7 +38,9 @@ class EngineArgs:
     block_size: int = 32          # FlexAttention's KV tile: 32 decodes faster than 16 or 64
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = True
+    # None: on where the model supports it (off, with a log line, for models with
+    # per-request recurrent state); True asks for it, an error where it cannot work
+    enable_prefix_caching: bool | None = None
     attention_backend: str = "flex"
     enforce_eager: bool = False
     cudagraph_mode: str = "full"
@@ -101,12 +106,27 @@ class EngineArgs:
         # num_blocks is decided by the worker once it knows the memory left (0 = not yet).
         cache = CacheConfig(block_size=self.block_size,
                             num_blocks=self.num_gpu_blocks_override or 0,
-                            enable_prefix_caching=self.enable_prefix_caching,
+                            enable_prefix_caching=prefix_caching(self.enable_prefix_caching,
+                                                                 model.architecture),
                             gpu_memory_utilization=self.gpu_memory_utilization)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, compilation=compilation,
                             device=str(device), attention_backend=self.attention_backend,
                             seed=self.seed, max_logprobs=self.max_logprobs,
                             log_stats=not self.disable_log_stats)
+
+
+def prefix_caching(asked: bool | None, architecture: str) -> bool:
+    if asked is False:
+        return False
+    if get_model_class(architecture).capabilities.prefix_caching:
+        return True
+    reason = (f"{architecture} keeps a recurrent state per request, which a prefix-cache hit "
+              f"would skip computing")
+    if asked:
+        raise ValueError(f"prefix caching is not supported for {reason}; run without "
+                         f"enable_prefix_caching (--no-enable-prefix-caching)")
+    logger.info("prefix caching is off: %s", reason)
+    return False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -154,12 +174,14 @@ def create_model_config(model: str, dtype: str, max_model_len: int | None,
     archs = raw.get("architectures") or []
     if not archs:
         raise ValueError(f"config.json in {path} names no architectures")
-    get_model_class(archs[0])   # unknown architecture -> ValueError naming the supported ones
+    model_cls = get_model_class(archs[0])   # unknown -> ValueError naming the supported ones
     from transformers import AutoConfig
     try:
         hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises several types for bad configs
         raise ValueError(f"cannot read config.json in {path}: {e}") from e
+    if hasattr(model_cls, "check_config"):
+        model_cls.check_config(hf_config, raw)   # fields it cannot run with, named now
 
     torch_dtype = _resolve_dtype(dtype, raw, device)
     max_pos = getattr(hf_config, "max_position_embeddings", None) or 4096

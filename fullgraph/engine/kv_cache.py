@@ -72,9 +72,36 @@ class BlockPool:
             self.block_hash[block] = self.block_key[block] = None
 
 
+class StateSlotPool:
+    """Slots 1..n of the linear-attention state pools (slot 0 is the null slot). A running
+    request holds one; there are as many as `max_num_seqs`, so admission never waits for one."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._free = list(range(num_slots, 0, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free state slot: more running requests than max_num_seqs")
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    """The block pool and prefix cache of the paged KV layers, and the state-slot pool of
+    the linear-attention layers (none when `num_state_slots` is 0): what a running request
+    holds."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 num_state_slots: int = 0) -> None:
         self.pool = BlockPool(num_blocks)
+        self.state_slots = StateSlotPool(num_state_slots) if num_state_slots else None
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_queries = 0          # prompt tokens looked up
@@ -128,6 +155,8 @@ class KVCacheManager:
         reviving = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
         if max(needed, 0) + reviving > self.pool.num_free:
             return False
+        if self.state_slots is not None and req.state_slot == 0:
+            req.state_slot = self.state_slots.take()   # a new (or recomputed) request
         self.pool.touch(list(computed_blocks))
         req.block_ids.extend(computed_blocks)
         if needed > 0:
@@ -152,3 +181,6 @@ class KVCacheManager:
         self.pool.release(req.block_ids)
         req.block_ids = []
         req.num_registered_blocks = 0
+        if req.state_slot:
+            self.state_slots.give_back(req.state_slot)
+            req.state_slot = 0

@@ -33,6 +33,7 @@ class Request:
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)
+    state_slot: int = 0                     # linear-attention state slot while running (0: none)
     block_hashes: list[int] = field(default_factory=list)   # of full blocks, in order
     num_registered_blocks: int = 0          # leading blocks already in the prefix cache
     logprobs: list[dict[int, Logprob]] | None = None

@@ -39,7 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     g.add_argument("--num-gpu-blocks-override", type=int, default=None)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=d.enable_prefix_caching, help="reuse the KV blocks of shared prefixes")
+                   default=d.enable_prefix_caching,
+                   help="reuse the KV blocks of shared prefixes (default: on, off for models "
+                        "with recurrent state)")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=["flex", "sdpa"])
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     g.add_argument("--cudagraph-mode", default=d.cudagraph_mode,

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm import tqdm
 
 from fullgraph.config import ModelConfig
+from fullgraph.layers.linear import MergedLinear
 from fullgraph.models.registry import get_model_class
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -64,3 +66,55 @@ def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Modu
         model.load_weights((name, t.to(model_config.dtype) if t.is_floating_point() else t)
                            for name, t in iterate_weights(model_config.path))
     return model.eval().requires_grad_(False)
+
+
+def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
+                         stacked_params: dict[str, str], skip=lambda name: False) -> None:
+    """Copy checkpoint tensors into the parameters of the same name. `stacked_params` maps a
+    checkpoint module name (the last part, e.g. "q_proj") to the `MergedLinear` sibling that
+    holds it as a shard ("qkv_proj"); `skip(name)` drops tensors the model does not use
+    (a tied lm_head). Every parameter must be filled: ValueError naming what is missing,
+    unexpected or of the wrong shape."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if skip(name):
+            continue
+        module_name, _, param = name.rpartition(".")
+        parent, _, leaf = module_name.rpartition(".")
+        if leaf in stacked_params:
+            fused = f"{parent}.{stacked_params[leaf]}"
+            if fused not in modules:
+                raise ValueError(f"unexpected checkpoint tensor {name!r}")
+            modules[fused].load_shard(leaf, param, tensor)
+            loaded.add(f"{fused}.{param}:{leaf}")
+            continue
+        if name not in params:
+            raise ValueError(f"unexpected checkpoint tensor {name!r}")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        loaded.add(name)
+    missing = [n for n in expected_weights(model) if n not in loaded]
+    if missing:
+        raise ValueError(f"missing weights in checkpoint: {', '.join(missing[:8])}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+def expected_weights(model: nn.Module) -> list[str]:
+    """Every parameter's name, with a merged layer's shards named "<module>.weight:<shard>"."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, MergedLinear):
+            for shard in module.offsets:
+                names.append(f"{name}.weight:{shard}")
+                if module.bias is not None:
+                    names.append(f"{name}.bias:{shard}")
+    for name, _ in model.named_parameters():
+        module_name = name.rpartition(".")[0]
+        if not isinstance(model.get_submodule(module_name), MergedLinear):
+            names.append(name)
+    return names

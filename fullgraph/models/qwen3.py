@@ -18,6 +18,8 @@ from fullgraph.layers.linear import Linear, MergedLinear
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.pdl import inductor_options
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
+from fullgraph.models.interface import CacheSpecs, ModelCapabilities, PagedAttentionSpec
+from fullgraph.models.loader import load_weights_by_name
 
 
 L2Targets = dict[str, tuple[torch.Tensor, ...]]   # projection -> weights to prefetch
@@ -153,11 +155,12 @@ class Qwen3ForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    capabilities = ModelCapabilities()
+
     @staticmethod
-    def attention_shape(cfg) -> tuple[int, int, int, int]:
-        """(num_layers, num_heads, num_kv_heads, head_dim) of the paged-KV layers."""
-        return (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
-                head_dim_of(cfg))
+    def cache_specs(cfg) -> CacheSpecs:
+        return CacheSpecs(PagedAttentionSpec(cfg.num_hidden_layers, cfg.num_attention_heads,
+                                             cfg.num_key_value_heads, head_dim_of(cfg)))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
@@ -181,44 +184,6 @@ class Qwen3ForCausalLM(nn.Module):
         return torch.matmul(hidden, self.lm_head.weight.t(), out=out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters(remove_duplicate=False))
-        modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name.startswith("lm_head.") and self.tie_word_embeddings:
-                continue
-            module_name, _, param = name.rpartition(".")
-            parent, _, leaf = module_name.rpartition(".")
-            if leaf in self.stacked_params:
-                fused = f"{parent}.{self.stacked_params[leaf]}"
-                if fused not in modules:
-                    raise ValueError(f"unexpected checkpoint tensor {name!r}")
-                modules[fused].load_shard(leaf, param, tensor)
-                loaded.add(f"{fused}.{param}:{leaf}")
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected checkpoint tensor {name!r}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        missing = [n for n in self.expected_weights() if n not in loaded]
-        if missing:
-            raise ValueError(f"missing weights in checkpoint: {', '.join(missing[:8])}"
-                             + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-
-    def expected_weights(self) -> list[str]:
-        names = []
-        for name, module in self.named_modules():
-            if isinstance(module, MergedLinear):
-                for shard in module.offsets:
-                    names.append(f"{name}.weight:{shard}")
-                    if module.bias is not None:
-                        names.append(f"{name}.bias:{shard}")
-        for name, _ in self.named_parameters():
-            module_name = name.rpartition(".")[0]
-            if not isinstance(self.get_submodule(module_name), MergedLinear):
-                names.append(name)
-        return names
+        load_weights_by_name(self, weights, self.stacked_params,
+                             skip=lambda name: self.tie_word_embeddings
+                             and name.startswith("lm_head."))

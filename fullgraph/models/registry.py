@@ -8,6 +8,9 @@ import importlib
 
 _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("fullgraph.models.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3_5ForCausalLM": ("fullgraph.models.qwen3_next", "HybridForCausalLM"),
+    "Qwen3_5MoeForCausalLM": ("fullgraph.models.qwen3_next", "HybridForCausalLM"),
+    "Qwen3NextForCausalLM": ("fullgraph.models.qwen3_next", "HybridForCausalLM"),
 }
 
 

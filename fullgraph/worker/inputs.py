@@ -33,6 +33,7 @@ class RequestState(Protocol):
     all_token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int]
+    state_slot: int                  # linear-attention state slot (0: the null slot)
     sampling_params: SamplingParams
     seed: int
 
@@ -54,6 +55,7 @@ class _StepViews:
     pending_row: torch.Tensor
     block_table: torch.Tensor
     block_table_cpu: torch.Tensor
+    state_slots: torch.Tensor
     sampling: SamplingTensors
 
 
@@ -119,7 +121,8 @@ class InputBuffers:
             "seq_lens": (r, torch.int32, req), "logits_indices": (r, torch.int64, req),
             "temperature": (r, torch.float32, req), "top_k": (r, torch.int32, req),
             "top_p": (r, torch.float32, req), "seeds": (r, torch.int64, req),
-            "pending_index": (r, torch.int64, req), "pending_row": (r, torch.int64, req)},
+            "pending_index": (r, torch.int64, req), "pending_row": (r, torch.int64, req),
+            "state_slots": (r, torch.int64, req)},
             device, pin, merge=IndexedWrite("input_ids", "pending_index", "pending_row",
                                             self.sampled))
         self.block_table = buf((r + 1, max_blocks_per_seq), torch.int32)  # + a zero row
@@ -188,7 +191,7 @@ class InputBuffers:
                 dev["seq_lens"][:r_pad], dev["query_start_loc"][:r_pad + 1],
                 dev["logits_indices"][:r_pad], dev["pending_index"][:r_pad],
                 dev["pending_row"][:r_pad], self.block_table.gpu[:r_pad + 1],
-                self.block_table.cpu[:r_pad + 1],
+                self.block_table.cpu[:r_pad + 1], dev["state_slots"][:r_pad],
                 self.sampling_tensors(r_pad, all_greedy=True, any_top_k_top_p=False,
                                       num_logprobs=-1))
             if cache:
@@ -286,11 +289,13 @@ class InputBuffers:
                                    "previous step")
             pend_idx[i], pend_row[i] = index, row
         self._write_sampling_rows(reqs)
+        a["state_slots"][:n_req] = [r.state_slot for r in reqs]
         # padding lanes
         ids[n_tok:t_pad] = 0
         pos[n_tok:t_pad] = 0
         slots[n_tok:t_pad] = 0
         seq[n_req:r_pad] = 0
+        a["state_slots"][n_req:r_pad] = 0
         if desc.uniform_query_len is not None:   # padded requests keep the uniform query length
             qsl[n_req + 1:r_pad + 1] = n_tok + desc.uniform_query_len * self._arange[1:r_pad - n_req + 1]
         else:
@@ -310,8 +315,8 @@ class InputBuffers:
             num_reqs=n_req, num_tokens=n_tok, num_reqs_padded=r_pad, num_tokens_padded=t_pad,
             uniform_query_len=desc.uniform_query_len, positions=v.positions,
             slot_mapping=v.slot_mapping, seq_lens=v.seq_lens, query_start_loc=v.query_start_loc,
-            block_table=v.block_table, positions_cpu=pos, seq_lens_cpu=seq,
-            query_start_loc_cpu=qsl, block_table_cpu=bt)
+            block_table=v.block_table, state_slots=v.state_slots, positions_cpu=pos,
+            seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt)
         all_greedy, any_top_k_top_p, num_logprobs, logprob_rows = self._sampling_flags
         sampling = dataclasses.replace(v.sampling, all_greedy=all_greedy,
                                        any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)

@@ -9,15 +9,17 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from fullgraph.attention.backend import ForwardContext, get_backend_class
+from fullgraph.attention.gdn import GDNMetadata, GDNMetadataBuilder
 from fullgraph.attention.metadata import AttentionSpec
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.layers import pdl
 from fullgraph.layers.argmax import argmax_rows
+from fullgraph.models.interface import CacheSpecs
 from fullgraph.models.loader import load_model
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.compile_worker import CompileWorkers
@@ -32,7 +34,9 @@ from fullgraph.worker.step_output import PendingStep, to_host
 
 logger = logging.getLogger(__name__)
 
-CPU_DEFAULT_MAX_BLOCKS = 2048   # eager FlexAttention on a CPU reads the whole cache per step
+# A CPU has no memory-profiling step: the default cache is capped, for its host memory only
+# (a CPU step's attention reads the step's blocks, not the cache: attention/gathered.py).
+CPU_DEFAULT_MAX_BLOCKS = 2048
 GRAPH_RESERVE_BYTES = 1 << 30   # left free for CUDA graphs and the sampler's workspace
 
 
@@ -41,6 +45,7 @@ class _DummyRequest:
     all_token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int]
+    state_slot: int
     sampling_params: SamplingParams
     seed: int
 
@@ -49,6 +54,15 @@ class _DummyRequest:
 class _DummyChunk:
     request: _DummyRequest
     num_new_tokens: int
+
+
+@dataclass(slots=True)
+class StepMetadata:
+    """A step's metadata for each cache kind: the attention backend's, and the linear-attention
+    layers' (attention/gdn.py; None for models without them). A captured graph keeps the one
+    it was captured with (its attention state)."""
+    attention: Any
+    state: GDNMetadata | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +92,7 @@ class ModelRunner:
         if comp.compile_layers and hasattr(self.model, "compile_layers"):
             self.model.compile_layers()
         logger.info("loaded %s in %.1f s", config.model.path, time.perf_counter() - t0)
-        hf = config.model.hf_config
-        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = \
-            self.model.attention_shape(hf)
+        self.cache_specs: CacheSpecs = self.model.cache_specs(config.model.hf_config)
         sched = config.scheduler
         self.max_num_tokens = sched.max_num_batched_tokens
         self.max_num_seqs = sched.max_num_seqs
@@ -110,6 +122,12 @@ class ModelRunner:
         self._inputs_copied = torch.cuda.Event(external=True) if cuda else None
         self._event_stream = torch.cuda.Stream(self.device) if cuda else None
         self.backend_cls = get_backend_class(config.attention_backend)
+        # Per-request state (linear-attention layers) is allocated first, at its fixed size:
+        # the KV cache gets what memory is left.
+        self.state_caches = self._allocate_state_caches()
+        self.state_backend = (GDNMetadataBuilder(self.max_num_seqs, self.max_num_tokens,
+                                                 self.device)
+                              if self.cache_specs.state is not None else None)
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
@@ -127,8 +145,23 @@ class ModelRunner:
     # ---------------------------------------------------------------- memory
     @property
     def kv_bytes_per_block(self) -> int:
-        return (2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
-                * self.config.model.dtype.itemsize)
+        return self.cache_specs.attention.bytes_per_block(self.block_size,
+                                                         self.config.model.dtype)
+
+    @property
+    def num_state_slots(self) -> int:
+        """Slots a request can take (slot 0, the null slot, not counted); 0 without state."""
+        return self.max_num_seqs if self.cache_specs.state is not None else 0
+
+    def _allocate_state_caches(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per linear-attention layer, its state tensors [max_num_seqs + 1, *shape]."""
+        spec = self.cache_specs.state
+        if spec is None:
+            return []
+        dtype = self.config.model.dtype
+        return [tuple(torch.zeros(self.max_num_seqs + 1, *t.shape, dtype=t.dtype or dtype,
+                                  device=self.device) for t in spec.tensors)
+                for _ in range(spec.num_layers)]
 
     def _default_num_blocks(self) -> int:
         per_seq = self.config.max_blocks_per_seq
@@ -160,17 +193,18 @@ class ModelRunner:
         return min(num, self.max_num_seqs * self.config.max_blocks_per_seq + 1)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        spec = AttentionSpec(self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim,
+        att = self.cache_specs.attention
+        spec = AttentionSpec(att.num_layers, att.num_heads, att.num_kv_heads, att.head_dim,
                              self.block_size, num_blocks, self.max_num_seqs, self.max_num_tokens,
                              self.config.max_blocks_per_seq, self.config.model.dtype)
         self.attention_spec = spec
         # One tensor per layer and K/V, not views of one allocation: an in-place custom op on
         # them, if compiled, stays in place only when the mutated inputs share no base
         # (views would make inductor copy the whole base; tests/test_qk_norm_rope.py).
-        shape = (num_blocks * self.block_size, self.num_kv_heads, self.head_dim)
+        shape = (num_blocks * self.block_size, att.num_kv_heads, att.head_dim)
         self.kv_caches = [tuple(torch.zeros(shape, dtype=self.config.model.dtype,
                                             device=self.device) for _ in range(2))
-                          for _ in range(self.num_layers)]
+                          for _ in range(att.num_layers)]
         self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
                                         compile=self.config.compilation.compile_attention)
 
@@ -180,7 +214,7 @@ class ModelRunner:
         over every row."""
         desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, self.max_num_tokens, 1, None)
         step = self.buffers.prepare(self._dummy_chunks(desc), desc)
-        self.backend.prepare(step.attention)
+        self._prepare_metadata(step)
         self._forward_eager(step)
         sample(self.logits, self._general_sampling(self.max_num_seqs))
 
@@ -194,7 +228,7 @@ class ModelRunner:
             lens = [min(per_req, n - i) for i in range(0, n, per_req)][:desc.num_reqs]
         blocks = [0] * self.config.max_blocks_per_seq
         params = SamplingParams(temperature=0.0)
-        return [_DummyChunk(_DummyRequest([0] * m, 0, blocks, params, 0), m) for m in lens]
+        return [_DummyChunk(_DummyRequest([0] * m, 0, blocks, 0, params, 0), m) for m in lens]
 
     # ---------------------------------------------------------------- graphs
     def capture_graphs(self, runtime: GraphRuntime | None = None) -> CaptureReport | None:
@@ -243,13 +277,13 @@ class ModelRunner:
         compiles0 = compile_count()
         copies = self._graph_copies_inputs(key)
         step = self.buffers.prepare(self._dummy_chunks(key), key, copy=not copies)
-        self.backend.prepare(step.attention)
-        metadata = self.backend.build(step.attention)
+        self._prepare_metadata(step)
+        metadata = self._build_metadata(step)
 
         def forward():
             if copies:
                 self._copy_inputs(key)
-            self.backend.update(metadata, step.attention)
+            self._update_metadata(metadata, step)
             out = self._run_model(step, metadata)
             if copies and self._event_stream is not None:
                 torch.cuda.current_stream().wait_stream(self._event_stream)   # rejoin
@@ -291,7 +325,24 @@ class ModelRunner:
                                              num_logprobs=self.config.max_logprobs)
 
     # ---------------------------------------------------------------- step
-    def _run_model(self, step: StepInputs, metadata) -> torch.Tensor:
+    def _prepare_metadata(self, step: StepInputs) -> None:
+        """Host work of every cache kind's metadata (never inside a graph)."""
+        self.backend.prepare(step.attention)
+        if self.state_backend is not None:
+            self.state_backend.prepare(step.attention)
+
+    def _build_metadata(self, step: StepInputs) -> StepMetadata:
+        state = (self.state_backend.build(step.attention) if self.state_backend is not None
+                 else None)
+        return StepMetadata(self.backend.build(step.attention), state)
+
+    def _update_metadata(self, metadata: StepMetadata, step: StepInputs) -> None:
+        """Device work (captured inside graphs)."""
+        self.backend.update(metadata.attention, step.attention)
+        if metadata.state is not None:
+            self.state_backend.update(metadata.state, step.attention)
+
+    def _run_model(self, step: StepInputs, metadata: StepMetadata) -> torch.Tensor:
         """The model, its logits into `self.logits`, and the greedy token of every row into
         `self.sampled`."""
         r = step.desc.num_reqs
@@ -299,7 +350,8 @@ class ModelRunner:
         if self.async_scheduling and not self.buffers.arena.merges:
             self.buffers.input_ids.index_put_((step.pending_index,),
                                               self.sampled[step.pending_row])
-        ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
+        ctx = ForwardContext(self.backend, metadata.attention, self.kv_caches,
+                             step.attention.slot_mapping, self.state_caches, metadata.state)
         hidden = self.model(step.input_ids, step.positions, ctx)
         logits = self.logits[:r]
         # one token per request: the rows are the requests' already (no gather kernel)
@@ -314,9 +366,9 @@ class ModelRunner:
         return out
 
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
-        """After `backend.prepare`."""
-        metadata = self.backend.build(step.attention)
-        self.backend.update(metadata, step.attention)
+        """After `_prepare_metadata`."""
+        metadata = self._build_metadata(step)
+        self._update_metadata(metadata, step)
         return self._run_model(step, metadata)
 
     @torch.inference_mode()
@@ -339,7 +391,7 @@ class ModelRunner:
         if self.async_scheduling and step is not self._last_step:
             self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
         self._last_step = step
-        self.backend.prepare(step.attention)
+        self._prepare_metadata(step)
         self.prepare_seconds += time.perf_counter() - t0
         if self._inputs_copied is not None and not copied_in_graph:
             self._inputs_copied.record()

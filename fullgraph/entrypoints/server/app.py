@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+import fullgraph
 from fullgraph.engine.async_engine import AsyncLLMEngine
 from fullgraph.entrypoints.server.chat import create_chat_completion
 from fullgraph.entrypoints.server.completions import create_completion
 from fullgraph.entrypoints.server.errors import APIError, error_response, install_error_handlers
 from fullgraph.entrypoints.server.metrics import ServerMetrics
-from fullgraph.entrypoints.server.protocol import ChatCompletionRequest, CompletionRequest
+from fullgraph.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
+                                                   VersionResponse)
 from fullgraph.entrypoints.server.serving import ServerState
+from fullgraph.entrypoints.server.tokenization import detokenize, tokenize
 
 
 def _api_key_check(key: str):
@@ -38,7 +42,8 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))] if api_key else [])
+    auth = [Depends(_api_key_check(api_key))] if api_key else []
+    v1 = APIRouter(prefix="/v1", dependencies=auth)
 
     @v1.get("/models")
     async def models() -> JSONResponse:
@@ -58,11 +63,33 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
 
     app.include_router(v1)
 
+    # vLLM's tokenizer endpoints: outside /v1, but behind --api-key as vLLM has them.
+    tok = APIRouter(dependencies=auth)
+
+    @tok.post("/tokenize")
+    async def tokenize_route(body: dict[str, Any] = Body()) -> JSONResponse:
+        return JSONResponse(tokenize(state, body).model_dump())
+
+    @tok.post("/detokenize")
+    async def detokenize_route(body: dict[str, Any] = Body()) -> JSONResponse:
+        return JSONResponse(detokenize(state, body).model_dump())
+
+    app.include_router(tok)
+
+    # Probes and version: no key, like /health and /metrics.
     @app.get("/health")
     async def health() -> Response:
         if not engine.is_alive:
             return error_response(503, "the engine loop is not running")
         return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:       # vLLM's (SageMaker's) name for /health
+        return await health()
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse(VersionResponse(version=fullgraph.__version__).model_dump())
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -23,9 +23,7 @@ from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model
 from fullgraph.outputs import CompletionOutput
 
 
-
-
-def _message_dict(i: int, m: ChatMessage) -> dict:
+def message_dict(i: int, m: ChatMessage) -> dict:
     if m.content is None or isinstance(m.content, str):
         content = m.content or ""
     else:
@@ -56,15 +54,29 @@ def _logprobs(c: CompletionOutput, start: int, top_n: int) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
+def _check_top_logprobs(body: ChatCompletionRequest, max_logprobs: int) -> None:
+    """Chat's count is `top_logprobs` (`logprobs` is a bool): check it here, so the errors
+    name it rather than the engine's `logprobs`."""
+    n = body.top_logprobs
+    if n is None:
+        return
+    if not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    if n < 0:
+        raise bad_request(f"top_logprobs must be >= 0, got {n}", "top_logprobs")
+    if n > max_logprobs:
+        raise bad_request(f"top_logprobs={n} exceeds max_logprobs={max_logprobs} (the "
+                          f"server's --max-logprobs)", "top_logprobs")
+
+
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
                                  request: Request) -> Response:
     check_model(state, body.model)
     warn_unknown_fields(body, "chat/completions")
     fmt = (body.response_format or {}).get("type", "text")
     check_unsupported(body, {"tools": bool(body.tools), "response_format": fmt != "text"})
-    if body.top_logprobs is not None and not body.logprobs:
-        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    messages = tuple(_message_dict(i, m) for i, m in enumerate(body.messages))
+    _check_top_logprobs(body, state.engine.config.max_logprobs)
+    messages = tuple(message_dict(i, m) for i, m in enumerate(body.messages))
     max_tokens = body.max_completion_tokens or body.max_tokens
     top_n = body.top_logprobs or 0
     params = sampling_params(body, max_tokens, top_n if body.logprobs else None)

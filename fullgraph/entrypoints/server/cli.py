@@ -12,12 +12,20 @@ logger = logging.getLogger(__name__)
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
+    default = p.get_default("model")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help=f"the model to serve, as in `vllm serve MODEL` (or --model MODEL; "
+                        f"default: {default})")
+    # --model's default becomes None, so that resolve_model can tell "--model not given"
+    # from "--model given the default's value"; the default itself is kept beside it.
+    p.set_defaults(model=None, serve_default_model=default)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (0.0.0.0 for every interface)")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=None,
-                   help="if set, /v1 requests need 'Authorization: Bearer <key>'")
+                   help="if set, /v1/*, /tokenize and /detokenize need 'Authorization: "
+                        "Bearer <key>'")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -29,7 +37,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def resolve_model(ns: argparse.Namespace) -> None:
+    """Set `ns.model` from the positional MODEL or --model (ValueError if they differ), else
+    the engine's default model."""
+    tag, flag = getattr(ns, "model_tag", None), getattr(ns, "model", None)
+    if tag is not None and flag is not None and tag != flag:
+        raise ValueError(f"two models given: {tag!r} (positional MODEL) and {flag!r} "
+                         f"(--model); give one of them")
+    ns.model = tag or flag or getattr(ns, "serve_default_model", None)
+
+
 def main(ns: argparse.Namespace) -> int:
+    resolve_model(ns)       # before engine_args_from: the engine reads ns.model
+
     import uvicorn
 
     from fullgraph.engine.async_engine import AsyncLLMEngine
@@ -47,7 +67,7 @@ def main(ns: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":      # python -m fullgraph.entrypoints.server.cli --model ...
+if __name__ == "__main__":      # python -m fullgraph.entrypoints.server.cli MODEL ...
     parser = argparse.ArgumentParser(prog="fullgraph serve")
     parser.add_argument("--log-level", default="INFO")
     add_serve_args(parser)

@@ -21,7 +21,6 @@ from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model
 from fullgraph.outputs import CompletionOutput
 
 
-
 def normalize_prompts(prompt) -> list[str | list[int]]:
     """str | list[str] | list[int] | list[list[int]] -> one engine prompt per choice."""
     def is_ids(x) -> bool:
@@ -98,7 +97,7 @@ async def create_completion(state: ServerState, body: CompletionRequest,
 def _prompt_text(state: ServerState, prompt: str | list[int]) -> str:
     if isinstance(prompt, str):
         return prompt
-    return state.engine.engine.tokenizer.decode(prompt, skip_special_tokens=False)
+    return state.tokenizer.decode(prompt, skip_special_tokens=False)
 
 
 async def _stream(state: ServerState, body: CompletionRequest, rid: str,

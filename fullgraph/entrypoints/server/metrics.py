@@ -5,16 +5,20 @@ every step (a collector, so they are exact at scrape time and never touch the li
 Latency histograms are observed here, per request, from the outputs the server receives;
 they use the engine's own timestamps, not the time an output reached the event loop.
 Each app gets its own registry: no module-global state, several servers per process work.
+
+`request_success_total{finished_reason}`: `stop` and `length` are counted here as outputs
+arrive; `abort` is the engine's own count of aborted requests (a client that disconnects
+never reads its request's final output, so the server cannot count it from outputs).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fullgraph.engine.async_engine import EngineSnapshot
+from fullgraph.engine.stats import EngineSnapshot
 from fullgraph.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -46,11 +50,17 @@ _COUNTERS = [
 
 
 class _EngineCollector(Collector):
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str) -> None:
-        self.snapshot, self.model = snapshot, model
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str,
+                 finished: dict[str, int]) -> None:
+        self.snapshot, self.model, self.finished = snapshot, model, finished
 
     def collect(self) -> Iterator:
         snap = self.snapshot()
+        c = CounterMetricFamily("fullgraph:request_success", "Requests that ended, by reason.",
+                                labels=["model_name", "finished_reason"])
+        for reason, count in {**self.finished, "abort": snap.aborted_requests}.items():
+            c.add_metric([self.model, reason], float(count))
+        yield c
         for name, doc, attr in _GAUGES:
             g = GaugeMetricFamily(f"fullgraph:{name}", doc, labels=["model_name"])
             g.add_metric([self.model], float(getattr(snap, attr)))
@@ -63,8 +73,10 @@ class _EngineCollector(Collector):
 
 class ServerMetrics:
     def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str) -> None:
+        # finish reason -> requests seen to end with it (not "abort": the engine counts those)
+        self.finished: dict[str, int] = {"stop": 0, "length": 0}
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(snapshot, model))
+        self.registry.register(_EngineCollector(snapshot, model, self.finished))
         labels, reg = ["model_name"], self.registry
         self.ttft = Histogram("fullgraph:time_to_first_token_seconds",
                               "Time from arrival to the first generated token.", labels,
@@ -75,8 +87,6 @@ class ServerMetrics:
         self.e2e = Histogram("fullgraph:e2e_request_latency_seconds",
                              "Time from arrival to the last token.", labels, registry=reg,
                              buckets=_LATENCY_BUCKETS).labels(model)
-        self.success = Counter("fullgraph:request_success", "Requests finished, by reason.",
-                                labels + ["finished_reason"], registry=reg)
         self.model = model
 
     def render(self) -> bytes:
@@ -108,4 +118,5 @@ class RequestTracker:
             if t is not None:
                 m.e2e.observe(t - times["arrival_time"])
             reason = out.outputs[0].finish_reason or "unknown"
-            m.success.labels(m.model, reason).inc()
+            if reason != "abort":       # already in the engine's count
+                m.finished[reason] = m.finished.get(reason, 0) + 1

@@ -174,6 +174,51 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+# ---------------------------------------------------------------- tokenizer endpoints (vLLM's)
+class _StrictRequest(_Request):
+    # No coercion: "5" or 5.0 is not a token id, "yes" not a bool.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+class TokenizeCompletionRequest(_StrictRequest):
+    """POST /tokenize with a text prompt: ids as `/v1/completions` would see them."""
+    model: str | None = None
+    prompt: str = Field(min_length=1)
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_StrictRequest):
+    """POST /tokenize with messages: ids as `/v1/chat/completions` would see them."""
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False    # the chat template writes the special tokens
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_StrictRequest):
+    model: str | None = None
+    tokens: list[int] = Field(min_length=1)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

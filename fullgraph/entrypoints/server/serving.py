@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from fullgraph.engine.async_engine import (AsyncLLMEngine, EngineError, GenerationItem,
@@ -37,6 +38,33 @@ class ServerState:
     api_key: str | None
     created: int
 
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer, which handlers may call from the event loop while the
+        engine thread uses it too (/tokenize, /detokenize, completions' echo).
+
+        That is safe because nothing mutates it after loading. It is a `tokenizers` (Rust)
+        tokenizer behind transformers' fast-tokenizer class; encode, decode,
+        convert_ids_to_tokens and DecodeStream take only shared borrows of the Rust object,
+        which any number of threads may hold at once. The one way to make two threads
+        collide ("RuntimeError: Already borrowed") is a call that reconfigures it:
+        transformers' encode writes truncation, padding or `encode_special_tokens` only when
+        a call asks for a value other than the current one (transformers 5.x,
+        `TokenizersBackend.set_truncation_and_padding` and `_encode_plus`), and neither the
+        engine nor this server ever asks for anything but the defaults (no truncation, no
+        padding, no `split_special_tokens`). Rendering a chat template is Jinja on Python
+        objects plus such an encode. `tests/test_server.py::test_tokenize_while_generating`
+        exercises both threads at once."""
+        return self.engine.engine.tokenizer
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool,
+                    **template_kwargs) -> list[int]:
+        """Chat-template ids exactly as the engine thread makes them for a chat request.
+        `LLMEngine.apply_chat_template` reads only the tokenizer (see `tokenizer`) and the
+        frozen config, so the event loop may call it; ValueError if the template fails."""
+        return self.engine.engine.apply_chat_template(messages, add_generation_prompt,
+                                                      **template_kwargs)
+
 
 def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
@@ -44,7 +72,7 @@ def check_model(state: ServerState, model: str | None) -> None:
                             f"`{state.model_name}`", param="model", code="model_not_found")
 
 
-def warn_unknown_fields(body: SamplingFields, endpoint: str) -> None:
+def warn_unknown_fields(body: BaseModel, endpoint: str) -> None:
     if body.model_extra:
         logger.warning("%s: ignoring unknown fields %s", endpoint, sorted(body.model_extra))
 
@@ -120,16 +148,20 @@ async def run_to_end(request: Request, stream: GenerationStream,
     try:
         await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        if not consumer.done():
-            consumer.cancel()
+        if not consumer.done():     # the client left (or this handler is being cancelled)
             stream.abort()
+        consumer.cancel()
+        watcher.cancel()
+        # cancel() only asks: a task is done once it has run its cancellation, and reading
+        # its result before then raises InvalidStateError. Wait for both (asyncio.wait
+        # never raises their exceptions).
+        await asyncio.wait({consumer, watcher})
+    if consumer.cancelled():
+        return None
     try:
         return consumer.result()
     except EngineError as e:
         raise APIError(500, str(e)) from None
-    except asyncio.CancelledError:
-        return None
 
 
 def usage(outputs: list[RequestOutput]) -> UsageInfo:

@@ -1,0 +1,65 @@
+"""Step metadata of the linear-attention (Gated DeltaNet) layers, with the backend contract.
+
+Like an attention backend (backend.py): `prepare` does the host work of a step, `build`
+makes the metadata object over persistent buffers, `update` refreshes it on the device
+(captured inside graphs). What a GDN layer needs per step:
+- each lane's state slot (the runner's persistent `state_slots` input) and whether the lane
+  continues a saved state: a decode, or a prefill chunk after the first. That flag is
+  `seq_len - query_len > 0`, derived on the device in `update`, so nothing new crosses PCIe;
+- for steps that are not pure decode, the chunk map of the chunked kernel (fla's
+  `chunk_indices`): built on the host from the step's query start locations and copied with
+  the step's inputs, padded to a capacity fixed by the padded shape (layers/gdn/metadata.py).
+  fla would otherwise derive it from `cu_seqlens` with a GPU->CPU sync, which no graph may
+  hold; so a step syncs only to return its sampled tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fullgraph.attention.metadata import StepAttentionInputs
+from fullgraph.buffers import CpuGpuBuffer
+from fullgraph.layers.gdn import chunk_capacity, padded_chunk_indices
+
+
+@dataclass(slots=True)
+class GDNMetadata:
+    decode: bool                     # one token per lane: the recurrent (not chunked) rule
+    state_slots: torch.Tensor        # [R_pad] views of persistent buffers
+    has_initial_state: torch.Tensor  # [R_pad] bool
+    query_start_loc: torch.Tensor    # [R_pad + 1]
+    chunk_indices: torch.Tensor | None   # [capacity, 2] int32; None for decode
+
+
+class GDNMetadataBuilder:
+    def __init__(self, max_num_seqs: int, max_num_tokens: int, device: torch.device) -> None:
+        self.chunk_indices = CpuGpuBuffer((chunk_capacity(max_num_tokens, max_num_seqs), 2),
+                                          torch.int32, device, device.type == "cuda")
+        self.has_initial_state = torch.zeros(max_num_seqs, dtype=torch.bool, device=device)
+
+    @staticmethod
+    def _decode(inputs: StepAttentionInputs) -> bool:
+        return (inputs.uniform_query_len == 1
+                and inputs.num_tokens_padded == inputs.num_reqs_padded)
+
+    def prepare(self, inputs: StepAttentionInputs) -> None:
+        if self._decode(inputs):
+            return
+        r = inputs.num_reqs_padded
+        capacity = chunk_capacity(inputs.num_tokens_padded, r)
+        padded_chunk_indices(inputs.query_start_loc_cpu[:r + 1], capacity,
+                             out=self.chunk_indices.np)
+        self.chunk_indices.copy_to_gpu(capacity)
+
+    def build(self, inputs: StepAttentionInputs) -> GDNMetadata:
+        r = inputs.num_reqs_padded
+        decode = self._decode(inputs)
+        chunks = (None if decode else
+                  self.chunk_indices.gpu[:chunk_capacity(inputs.num_tokens_padded, r)])
+        return GDNMetadata(decode, inputs.state_slots, self.has_initial_state[:r],
+                           inputs.query_start_loc, chunks)
+
+    def update(self, metadata: GDNMetadata, inputs: StepAttentionInputs) -> None:
+        qsl = inputs.query_start_loc
+        torch.gt(inputs.seq_lens, qsl[1:] - qsl[:-1], out=metadata.has_initial_state)

@@ -1,0 +1,29 @@
+"""Layer-level ops of Gated DeltaNet (linear attention) layers over packed variable-length
+batches, updating per-request state pools in place.
+
+A step's tokens are packed `[T, ...]`, lane r owning rows query_start_loc[r] ..
+query_start_loc[r + 1] (like vLLM's query_start_loc / fla's cu_seqlens); rows past the last
+lane's end are padding. Per lane a state slot and a has-initial-state flag select and gate its
+saved states (state.py: the two pools' layouts, slot 0 the null slot).
+
+- gating.py: g and beta from the a/b projections, l2norm, the gated output RMSNorm.
+- conv.py: the depthwise causal conv + SiLU on the conv state pool (varlen, decode).
+- reference.py: the gated delta rule in torch (recurrent, chunked) on the recurrent pool.
+- kernels.py: the same through fla's kernels on CUDA (the reference elsewhere).
+- metadata.py: host-side chunk maps (fla's chunk_indices), exact and padded for graphs.
+"""
+from fullgraph.layers.gdn.conv import causal_conv1d, causal_conv1d_decode
+from fullgraph.layers.gdn.gating import gdn_gating, l2norm, rms_norm_gated
+from fullgraph.layers.gdn.kernels import chunk_gated_delta_rule, decode_gated_delta_rule
+from fullgraph.layers.gdn.metadata import (CHUNK_SIZE, chunk_capacity, chunk_metadata,
+                                           padded_chunk_indices)
+from fullgraph.layers.gdn.reference import (chunk_gated_delta_rule_ref,
+                                            recurrent_gated_delta_rule_ref)
+from fullgraph.layers.gdn.state import NULL_SLOT, gather_states
+
+__all__ = [
+    "CHUNK_SIZE", "NULL_SLOT", "causal_conv1d", "causal_conv1d_decode", "chunk_capacity",
+    "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref", "chunk_metadata",
+    "decode_gated_delta_rule", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
+    "recurrent_gated_delta_rule_ref", "rms_norm_gated",
+]

@@ -1,0 +1,130 @@
+"""The gated delta rule in pure torch, over packed lanes, on the recurrent state pool.
+
+Per lane, from its state S (`[num_v_heads, head_k_dim, head_v_dim]`, see state.py), token t:
+    S = S * exp(g_t);  S = S + k_t (beta_t (v_t - k_t S));  o_t = q_t S
+with q, k l2-normalized (use_qk_l2norm_in_kernel) and q scaled by head_k_dim^-0.5; query/key
+heads serve num_v_heads / num_k_heads consecutive value heads (transformers' repeat_interleave,
+fla's i_hv // (HV // H)). Two forms, each transformers' torch fallback op for op
+(`torch_recurrent_gated_delta_rule`, `torch_chunk_gated_delta_rule`) so float32 runs match it:
+- recurrent: token by token, all lanes at once (decode; max_query_len steps);
+- chunked: every 64-token chunk's intra-chunk work batched over all chunks of all lanes, then
+  a scan over the chunks in order carrying each lane's state.
+Neither reads a device value on the host nor varies its op sequence with the data (the chunk
+map is an input), so both run inside CUDA graphs and the CPU fake graphs; the chunked one is
+also the CUDA fallback without fla.
+
+Inputs (T tokens, lane r owning rows query_start_loc[r] .. query_start_loc[r + 1]):
+q, k `[T, num_k_heads, head_k_dim]`, v `[T, num_v_heads, head_v_dim]`, g `[T, num_v_heads]`
+(log decay, float32), beta `[T, num_v_heads]` (gating.gdn_gating). Output `[T, num_v_heads,
+head_v_dim]` in q's dtype; rows of no lane are zeros. Each lane's final state is written to its
+slot of `state_pool` (in place).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fullgraph.layers.gdn.gating import l2norm
+from fullgraph.layers.gdn.metadata import CHUNK_SIZE, chunk_metadata
+from fullgraph.layers.gdn.state import gather_states
+
+
+def _prepare(q, k, v, g, beta, chunked: bool):
+    """float32 inputs with heads expanded, q/k normalized, q scaled, and one zero row appended
+    (row T): the no-op token that padding positions gather (decay exp(0) = 1, no update)."""
+    num_v_heads = v.shape[1]
+    if q.shape[1] != num_v_heads:
+        q = q.repeat_interleave(num_v_heads // q.shape[1], dim=1)
+        k = k.repeat_interleave(num_v_heads // k.shape[1], dim=1)
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    q, k = l2norm(q), l2norm(k)
+    # The two fallbacks scale differently (a multiply, a divide): rounding-level, but kept.
+    q = q * q.shape[-1] ** -0.5 if chunked else q / (q.shape[-1] ** 0.5)
+    return tuple(torch.cat([x, x.new_zeros((1,) + x.shape[1:])]) for x in (q, k, v, g, beta))
+
+
+def recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
+                                   state_slots: torch.Tensor,
+                                   has_initial_state: torch.Tensor | None,
+                                   query_start_loc: torch.Tensor | None = None,
+                                   max_query_len: int = 1) -> torch.Tensor:
+    """Token by token. query_start_loc None: one token per lane (decode, T == R). Otherwise
+    `[R + 1]` and no lane may own more than `max_query_len` tokens (a host int fixing the loop)."""
+    T, dtype = q.shape[0], q.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, chunked=False)
+    slots = state_slots.long()
+    state = gather_states(state_pool, slots, has_initial_state).float()
+    lanes = torch.arange(slots.shape[0], device=q.device)
+    if query_start_loc is None:
+        starts, ends = lanes, lanes + 1
+    else:
+        qsl = query_start_loc.long()
+        starts, ends = qsl[:-1], qsl[1:]
+    out = torch.zeros_like(v)                                    # [T + 1, HV, V]
+    for step in range(max_query_len):
+        t = starts + step
+        t = torch.where(t < ends, t, T)                          # finished lanes: the no-op row
+        q_t, k_t, v_t = q[t], k[t], v[t]
+        state = state * g[t].exp()[..., None, None]
+        kv_mem = (state * k_t.unsqueeze(-1)).sum(dim=-2)
+        delta = (v_t - kv_mem) * beta[t].unsqueeze(-1)
+        state = state + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
+        out.index_copy_(0, t, (state * q_t.unsqueeze(-1)).sum(dim=-2))
+    state_pool.index_copy_(0, slots, state.to(state_pool.dtype))
+    return out[:T].to(dtype)
+
+
+def chunk_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
+                               state_slots: torch.Tensor, query_start_loc: torch.Tensor,
+                               has_initial_state: torch.Tensor | None,
+                               chunk_indices: torch.Tensor | None = None,
+                               chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """Chunked. chunk_indices `[C, 2]` (metadata.py: exact or padded) fixes the work; None
+    derives it from query_start_loc on the host (eager only: a device read)."""
+    T, dtype, dev = q.shape[0], q.dtype, q.device
+    if chunk_indices is None:
+        qsl_host = np.asarray(query_start_loc.cpu())
+        chunk_indices = torch.from_numpy(chunk_metadata(qsl_host, chunk_size)[0]).to(dev)
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, chunked=True)
+    qsl = query_start_loc.long()
+    seq, within = chunk_indices.long().unbind(1)
+    tok = (qsl[seq] + within * chunk_size)[:, None] + torch.arange(chunk_size, device=dev)
+    tok = torch.where(tok < qsl[seq + 1][:, None], tok, T)    # past the lane's end: no-op row
+
+    def by_chunk(x):    # [T + 1, HV, ...] -> [C, HV, chunk_size, ...]
+        return x[tok].transpose(1, 2)
+
+    query, key, value, beta, decay = (by_chunk(x) for x in (q, k, v, beta, g))
+    # From here on transformers' torch_chunk_gated_delta_rule, batch dims (chunk, head).
+    v_beta = value * beta.unsqueeze(-1)
+    k_beta = key * beta.unsqueeze(-1)
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=dev).triu(1)
+    cum_decay = decay.cumsum(dim=-1)
+    pairwise = (cum_decay.unsqueeze(-1) - cum_decay.unsqueeze(-2)).masked_fill(upper, float("-inf"))
+    pairwise = pairwise.exp()
+    ut_system = (k_beta @ key.transpose(-1, -2)) * pairwise
+    intra = (query @ key.transpose(-1, -2)) * pairwise
+    decayed_k_beta = k_beta * cum_decay.exp().unsqueeze(-1)
+    new_values = torch.linalg.solve_triangular(ut_system, v_beta, upper=False, unitriangular=True)
+    k_cumdecay = torch.linalg.solve_triangular(ut_system, decayed_k_beta, upper=False,
+                                               unitriangular=True)
+    query = query * cum_decay.exp().unsqueeze(-1)
+    key = key * (cum_decay[..., -1:] - cum_decay).exp().unsqueeze(-1)
+    chunk_decay = cum_decay[..., -1].exp()[..., None, None]
+
+    # The scan: chunks in order, each reading and replacing its lane's state. A lane's chunks
+    # are consecutive, and the padding chunks (all no-op tokens) leave the state as it is.
+    slots = state_slots.long()
+    states = gather_states(state_pool, slots, has_initial_state).float()
+    out = torch.empty_like(new_values)                           # [C, HV, chunk_size, V]
+    for i in range(chunk_indices.shape[0]):
+        lane = seq[i:i + 1]
+        state = states.index_select(0, lane)[0]
+        v_new = new_values[i] - k_cumdecay[i] @ state
+        out[i] = query[i] @ state + intra[i] @ v_new
+        state = state * chunk_decay[i] + key[i].transpose(-1, -2) @ v_new
+        states.index_copy_(0, lane, state[None])
+    state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
+    o = torch.zeros_like(v)                                      # [T + 1, HV, V]
+    o.index_copy_(0, tok.reshape(-1), out.transpose(1, 2).reshape(-1, *o.shape[1:]))
+    return o[:T].to(dtype)

@@ -1,0 +1,340 @@
+"""Hybrid Gated DeltaNet models: Qwen3-Next and Qwen3.5 (dense and mixture-of-experts).
+
+Read it as a reference. Most layers mix tokens with a Gated DeltaNet (linear attention: a
+short causal conv, then the gated delta rule over a recurrent state per request); every few
+layers (the config's `layer_types`) use gated full attention over the paged KV cache. The
+MLP is a SwiGLU, or a sparse mixture of experts with a shared expert. Tensors are
+[tokens, ...] with every request's tokens packed together; the runner hands each layer its
+own cache through `ForwardContext` (attention layers a KV pair, GDN layers their state pools).
+
+Conventions that differ from Qwen3 (models/qwen3.py), all from transformers' modeling files:
+- RMSNorms scale by (1 + w), computed in float32 (the checkpoint stores w around 0), except the
+  GDN output norm, which scales by w;
+- the q projection yields a query and an output gate per head; attention's output is
+  multiplied by sigmoid(gate) before o_proj;
+- rotary embedding covers the first `partial_rotary_factor` of each head's dimensions.
+Qwen3-Next checkpoints interleave q/k/v/z (and b/a) per key-head group in one projection;
+`_split_qwen3_next_projections` reorders them into Qwen3.5's separate projections at load,
+so one layer serves both.
+
+These layers run as plain torch ops around our GDN ops (layers/gdn) and attention backend:
+correct everywhere and capturable in graphs; fusing their elementwise work into kernels as
+models/qwen3.py does is later work.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from fullgraph.attention.backend import ForwardContext, KVCache
+from fullgraph.layers.embedding import Embedding
+from fullgraph.layers.fused_linear import silu_mul_linear
+from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, chunk_gated_delta_rule,
+                                  decode_gated_delta_rule, gdn_gating, rms_norm_gated)
+from fullgraph.layers.gemv import gemv, gemv_supported
+from fullgraph.layers.linear import Linear, MergedLinear
+from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
+from fullgraph.models.interface import (CacheSpecs, ModelCapabilities, PagedAttentionSpec,
+                                        StateSpec, StateTensorSpec)
+from fullgraph.models.loader import load_weights_by_name
+
+LAYER_TYPES = ("linear_attention", "full_attention")
+# Shapes that must come from config.json itself: transformers would fill in its own defaults
+# (a 9B model's), and the checkpoint would then fail to load with a less helpful message.
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "linear_conv_kernel_dim", "linear_key_head_dim",
+             "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
+
+
+def check_config(cfg, raw: dict) -> None:
+    """ValueError naming the field of config.json (`raw`, as read) this code cannot run with,
+    at load time."""
+    raw = raw.get("text_config", raw)
+    for name in _REQUIRED:
+        if raw.get(name) is None:
+            raise ValueError(f"config.json lacks {name!r}, which hybrid models need")
+    if raw.get("layer_types") is None and raw.get("full_attention_interval") is None:
+        raise ValueError("config.json has neither 'layer_types' nor 'full_attention_interval'")
+    if len(cfg.layer_types) != cfg.num_hidden_layers:
+        raise ValueError(f"config.json's layer_types has {len(cfg.layer_types)} entries for "
+                         f"{cfg.num_hidden_layers} num_hidden_layers")
+    unknown = sorted(set(cfg.layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"config.json's layer_types has unknown types {unknown}; supported: "
+                         f"{list(LAYER_TYPES)}")
+    if cfg.linear_num_value_heads % cfg.linear_num_key_heads:
+        raise ValueError("config.json's linear_num_value_heads must be a multiple of "
+                         "linear_num_key_heads")
+    if getattr(cfg, "num_experts", 0) and getattr(cfg, "moe_intermediate_size", None) is None:
+        raise ValueError("config.json lacks 'moe_intermediate_size', which its experts need")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json's hidden_act {cfg.hidden_act!r} is not supported "
+                         f"(silu only)")
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def rotary_dim_of(cfg) -> int:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    return int(head_dim_of(cfg) * factor)
+
+
+def uses_experts(cfg, layer: int) -> bool:
+    """Qwen3-Next's rule (Qwen3.5-MoE has experts in every layer: step 1, no exceptions)."""
+    if not getattr(cfg, "num_experts", 0):
+        return False
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    return layer not in (getattr(cfg, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    """RMSNorm scaled by (1 + weight), in float32 then cast (transformers' Qwen3NextRMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """The GDN output norm: RMSNorm scaled by w (not 1 + w), times silu(gate)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return rms_norm_gated(x, gate, self.weight, self.eps)
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.head_dim = d = head_dim_of(cfg)
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        bias = getattr(cfg, "attention_bias", False)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {
+            "q_proj": 2 * self.num_heads * d,        # query and output gate, per head
+            "k_proj": self.num_kv_heads * d, "v_proj": self.num_kv_heads * d}, bias=bias)
+        self.o_proj = Linear(self.num_heads * d, cfg.hidden_size, bias=bias)
+        self.q_norm = ZeroCenteredRMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = ZeroCenteredRMSNorm(d, cfg.rms_norm_eps)
+        self.rotary = rotary
+        self.rotary_dim = rotary_dim_of(cfg)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                kv_cache: KVCache) -> torch.Tensor:
+        t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        qg, k, v = self.qkv_proj(x).split((2 * hq * d, hkv * d, hkv * d), dim=-1)
+        q, gate = qg.view(t, hq, 2 * d).chunk(2, dim=-1)
+        q = self.q_norm(q)
+        k = self.k_norm(k.view(t, hkv, d))
+        rd = self.rotary_dim
+        q_rot, k_rot = apply_rotary(positions, self.rotary.cos, self.rotary.sin,
+                                    q[..., :rd], k[..., :rd])
+        q = torch.cat((q_rot, q[..., rd:]), dim=-1)
+        k = torch.cat((k_rot, k[..., rd:]), dim=-1)
+        ctx.store_kv(k, v.view(t, hkv, d), kv_cache)
+        o = ctx.attention(q, kv_cache).reshape(t, hq * d)
+        return self.o_proj(o * torch.sigmoid(gate.reshape(t, hq * d)))
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.in_proj = MergedLinear(cfg.hidden_size, {
+            "in_proj_qkv": self.conv_dim, "in_proj_z": self.value_dim,
+            "in_proj_b": self.num_v_heads, "in_proj_a": self.num_v_heads})
+        k = cfg.linear_conv_kernel_dim
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, k, groups=self.conv_dim,
+                                bias=False, padding=k - 1)      # holds the weight only
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
+        self.out_proj = Linear(self.value_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext,
+                state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        md, (conv_pool, recurrent_pool) = ctx.state_metadata, state
+        t = x.shape[0]
+        qkv, z, b, a = self.in_proj(x).split(
+            (self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads), dim=-1)
+        weight = self.conv1d.weight.squeeze(1)                  # [conv_dim, kernel]
+        if md.decode:
+            qkv = causal_conv1d_decode(qkv, weight, None, conv_pool, md.state_slots,
+                                       md.has_initial_state)
+        else:
+            qkv = causal_conv1d(qkv, weight, None, conv_pool, md.state_slots,
+                                md.query_start_loc, md.has_initial_state)
+        q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
+        q = q.reshape(t, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(t, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(t, self.num_v_heads, self.head_v_dim)
+        g, beta = gdn_gating(a, b, self.A_log, self.dt_bias)
+        if md.decode:
+            o = decode_gated_delta_rule(q, k, v, g, beta, recurrent_pool, md.state_slots,
+                                        md.has_initial_state)
+        else:
+            o = chunk_gated_delta_rule(q, k, v, g, beta, recurrent_pool, md.state_slots,
+                                       md.query_start_loc, md.has_initial_state,
+                                       md.chunk_indices)
+        o = self.norm(o, z.reshape(t, self.num_v_heads, self.head_v_dim))
+        return self.out_proj(o.reshape(t, self.value_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, {"gate_proj": intermediate_size,
+                                                       "up_proj": intermediate_size})
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_mul_linear(self.gate_up_proj(x), self.down_proj)
+
+
+class HybridDecoderLayer(nn.Module):
+    def __init__(self, cfg, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_type = cfg.layer_types[layer]
+        if self.layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = GatedAttention(cfg, rotary)
+        if uses_experts(cfg, layer):
+            from fullgraph.layers.moe import SparseMoeBlock
+            self.mlp = SparseMoeBlock(cfg)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
+                cache) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h = self.linear_attn(h, ctx, cache)
+        else:
+            h = self.self_attn(positions, h, ctx, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HybridModel(nn.Module):
+    def __init__(self, cfg, max_position: int) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(rotary_dim_of(cfg), max_position, rope_theta_of(cfg))
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(HybridDecoderLayer(cfg, i, rotary)
+                                    for i in range(cfg.num_hidden_layers))
+        self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        kv_caches, states = iter(ctx.kv_caches), iter(ctx.state_caches)
+        for layer in self.layers:
+            cache = next(states) if layer.layer_type == "linear_attention" else next(kv_caches)
+            x = layer(positions, x, ctx, cache)
+        return self.norm(x)
+
+
+class HybridForCausalLM(nn.Module):
+    """`Qwen3NextForCausalLM`, `Qwen3_5ForCausalLM` and `Qwen3_5MoeForCausalLM`."""
+
+    capabilities = ModelCapabilities(prefix_caching=False)
+    # checkpoint name -> the merged projection that holds it
+    stacked_params = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                      "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                      "in_proj_qkv": "in_proj", "in_proj_z": "in_proj", "in_proj_b": "in_proj",
+                      "in_proj_a": "in_proj"}
+
+    def __init__(self, cfg, max_position: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = HybridModel(cfg, max_position)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    check_config = staticmethod(check_config)
+
+    @staticmethod
+    def cache_specs(cfg) -> CacheSpecs:
+        num_full = sum(t == "full_attention" for t in cfg.layer_types)
+        conv_dim = (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+                    + cfg.linear_num_value_heads * cfg.linear_value_head_dim)
+        state = StateSpec(len(cfg.layer_types) - num_full, (
+            StateTensorSpec("conv", (cfg.linear_conv_kernel_dim - 1, conv_dim)),
+            StateTensorSpec("recurrent", (cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                          cfg.linear_value_head_dim), torch.float32)))
+        return CacheSpecs(PagedAttentionSpec(num_full, cfg.num_attention_heads,
+                                             cfg.num_key_value_heads, head_dim_of(cfg)), state)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if gemv_supported(hidden, self.lm_head.weight):
+            return gemv(hidden, self.lm_head.weight, out)
+        return torch.matmul(hidden, self.lm_head.weight.t(), out=out)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def skip(name: str) -> bool:
+            # multi-token-prediction heads are a drafter, not part of this model
+            return (name.startswith("mtp.")
+                    or (self.tie_word_embeddings and name.startswith("lm_head.")))
+        load_weights_by_name(self, self._route(weights), self.stacked_params, skip)
+
+    def _route(self, weights: Iterable[tuple[str, torch.Tensor]]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors in the names and layouts of our parameters: Qwen3-Next's
+        interleaved projections split, experts handed to their block."""
+        modules = dict(self.named_modules())
+        for name, tensor in weights:
+            if ".in_proj_qkvz." in name or ".in_proj_ba." in name:
+                yield from _split_qwen3_next_projections(self.config, name, tensor)
+                continue
+            block, sep, rest = name.partition(".mlp.experts.")
+            if sep and hasattr(modules.get(f"{block}.mlp"), "load_expert_weight"):
+                modules[f"{block}.mlp"].load_expert_weight(f"experts.{rest}", tensor)
+                continue
+            yield name, tensor
+
+
+def _split_qwen3_next_projections(cfg, name: str, w: torch.Tensor
+                                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Qwen3-Next's in_proj_qkvz rows are grouped per key head as [q, k, v..., z...] (and
+    in_proj_ba as [b..., a...]): regroup them into Qwen3.5's in_proj_qkv = [all q; all k; all
+    v], in_proj_z, in_proj_b, in_proj_a (transformers' fix_query_key_value_ordering)."""
+    hk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    r = cfg.linear_num_value_heads // hk             # value heads per key head
+    prefix = name.rsplit(".", 2)[0]
+    grouped = w.reshape(hk, -1, *w.shape[1:])
+    if ".in_proj_qkvz." in name:
+        q, k, v, z = grouped.split((dk, dk, r * dv, r * dv), dim=1)
+        flat = [p.reshape(-1, *w.shape[1:]) for p in (q, k, v, z)]
+        yield f"{prefix}.in_proj_qkv.weight", torch.cat(flat[:3])
+        yield f"{prefix}.in_proj_z.weight", flat[3]
+    else:
+        b, a = grouped.split((r, r), dim=1)
+        yield f"{prefix}.in_proj_b.weight", b.reshape(-1, *w.shape[1:])
+        yield f"{prefix}.in_proj_a.weight", a.reshape(-1, *w.shape[1:])
