@@ -773,3 +773,21 @@ def test_serve_model_positional_or_flag():
     assert ns.func is serve_cli.main and ns.model_tag == "some/dir"
     with pytest.raises(ValueError, match="two models given"):
         serve_cli.main(parse("a", "--model", "b"))
+
+
+def test_unset_fields_take_the_models_recommended_sampling():
+    """Fields a request leaves out come from the model's generation_config.json
+    (`--generation-config`), as vLLM's server does; fields it sends win."""
+    from types import SimpleNamespace
+
+    from fullgraph.entrypoints.server.protocol import ChatCompletionRequest
+    from fullgraph.entrypoints.server.serving import sampling_params
+    model = SimpleNamespace(sampling_defaults=(("temperature", 0.6), ("top_k", 20),
+                                               ("top_p", 0.95)))
+    state = SimpleNamespace(engine=SimpleNamespace(config=SimpleNamespace(model=model)))
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], top_p=0.5)
+    sp = sampling_params(state, body, None, None)
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.6, 20, 0.5)
+    model.sampling_defaults = ()
+    sp = sampling_params(state, body, None, None)
+    assert (sp.temperature, sp.top_k, sp.top_p) == (1.0, -1, 0.5)

@@ -18,8 +18,13 @@ from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 from fullgraph.sampling_params import SamplingParams
 
 
+# One model of each cache kind: paged KV only, and paged KV with linear-attention state.
+DEFAULT_MODELS = ("tiny-qwen3", "tiny-qwen3.5")
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
+    p.set_defaults(model=None)
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--selftest-seed", type=int, default=0)
 
@@ -35,8 +40,17 @@ def random_batch(rng: random.Random, vocab: int, max_len: int, max_seqs: int):
 
 
 def main(ns: argparse.Namespace) -> int:
+    """Every model given (default: `DEFAULT_MODELS`); 0 if all pass."""
+    models = [ns.model] if ns.model else DEFAULT_MODELS
+    failed = [m for m in models if check_model(dataclasses.replace(engine_args_from(ns),
+                                                                    model=m), ns) != 0]
+    if len(models) > 1:
+        print(f"{'FAIL' if failed else 'PASS'}: {len(models) - len(failed)}/{len(models)} models")
+    return 1 if failed else 0
+
+
+def check_model(base, ns: argparse.Namespace) -> int:
     from fullgraph.entrypoints.llm import LLM
-    base = engine_args_from(ns)
     cuda = torch.cuda.is_available() and base.device != "cpu"
     base = dataclasses.replace(
         base, max_model_len=base.max_model_len or 512, max_num_seqs=min(base.max_num_seqs, 16),
@@ -47,7 +61,8 @@ def main(ns: argparse.Namespace) -> int:
     graph = LLM(**dataclasses.asdict(dataclasses.replace(
         base, enforce_eager=False, cudagraph_runtime="cuda" if cuda else "fake")))
     eager = LLM(**dataclasses.asdict(dataclasses.replace(base, enforce_eager=True)))
-    print(f"engines ready in {time.perf_counter() - t0:.1f} s on {graph.engine.config.device} "
+    print(f"{base.model}: engines ready in {time.perf_counter() - t0:.1f} s on "
+          f"{graph.engine.config.device} "
           f"({graph.engine.runner.capture_report.num_graphs} graphs)")
     rng = random.Random(ns.selftest_seed)
     vocab = min(graph.engine.config.model.vocab_size, 50000)

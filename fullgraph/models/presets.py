@@ -58,6 +58,17 @@ class Preset:
     dtype: str
     tie_word_embeddings: bool = True
     tokenizer_vocab: int = 1024
+    # Hybrid (Gated DeltaNet) presets: transformers' Qwen3_5TextConfig fields beyond the
+    # above; their random weights come from transformers' own initialization.
+    hybrid: dict | None = None
+
+
+def _qwen3_5_fields(key_heads: int, value_heads: int, head_dim: int) -> dict:
+    return {"linear_num_key_heads": key_heads, "linear_num_value_heads": value_heads,
+            "linear_key_head_dim": head_dim, "linear_value_head_dim": head_dim,
+            "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                                "partial_rotary_factor": 0.25}}
 
 
 PRESETS = {
@@ -66,6 +77,12 @@ PRESETS = {
     # Qwen3-0.6B's shapes with random bf16 weights, for GPU benchmarks.
     "qwen3-0.6b-random": Preset("qwen3-0.6b-random", 1024, 3072, 28, 16, 8, 128, 151936,
                                 40960, "bfloat16"),
+    # A hybrid for tests: 3 Gated DeltaNet layers, then a gated full-attention layer.
+    "tiny-qwen3.5": Preset("tiny-qwen3.5", 64, 192, 4, 4, 2, 32, None, 4096, "float32",
+                           hybrid=_qwen3_5_fields(2, 4, 16)),
+    # The text model of Qwen/Qwen3.5-0.8B with random bf16 weights, for GPU benchmarks.
+    "qwen3.5-0.8b-random": Preset("qwen3.5-0.8b-random", 1024, 3584, 24, 8, 2, 256, 248320,
+                                  262144, "bfloat16", hybrid=_qwen3_5_fields(16, 16, 128)),
 }
 
 
@@ -145,22 +162,12 @@ def build_preset(p: Preset, path: str) -> None:
         tokenizer.save_pretrained(tmp)
         vocab = p.vocab_size or len(tokenizer)
         eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        config = {
-            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-            "hidden_size": p.hidden_size, "intermediate_size": p.intermediate_size,
-            "num_hidden_layers": p.num_hidden_layers, "num_attention_heads": p.num_attention_heads,
-            "num_key_value_heads": p.num_key_value_heads, "head_dim": p.head_dim,
-            "vocab_size": vocab, "max_position_embeddings": p.max_position_embeddings,
-            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
-            "attention_bias": False, "tie_word_embeddings": p.tie_word_embeddings,
-            "torch_dtype": p.dtype, "bos_token_id": None, "eos_token_id": eos[1],
-        }
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos}, f, indent=2)
-        save_file(random_weights(p, vocab), os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
+        if p.hybrid is not None:
+            _save_hybrid(p, vocab, eos[1], tmp)
+        else:
+            _save_qwen3(p, vocab, eos[1], tmp)
         try:
             os.rename(tmp, path)     # atomic: a concurrent builder's result wins, ours is dropped
         except OSError:
@@ -168,3 +175,41 @@ def build_preset(p: Preset, path: str) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_qwen3(p: Preset, vocab: int, eos: int, tmp: str) -> None:
+    config = {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "hidden_size": p.hidden_size, "intermediate_size": p.intermediate_size,
+        "num_hidden_layers": p.num_hidden_layers, "num_attention_heads": p.num_attention_heads,
+        "num_key_value_heads": p.num_key_value_heads, "head_dim": p.head_dim,
+        "vocab_size": vocab, "max_position_embeddings": p.max_position_embeddings,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+        "attention_bias": False, "tie_word_embeddings": p.tie_word_embeddings,
+        "torch_dtype": p.dtype, "bos_token_id": None, "eos_token_id": eos,
+    }
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(random_weights(p, vocab), os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _save_hybrid(p: Preset, vocab: int, eos: int, tmp: str) -> None:
+    """A transformers Qwen3_5ForCausalLM with its own random initialization, saved as it
+    saves itself (so its tensor names and layouts are transformers' by construction)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    cfg = Qwen3_5TextConfig(
+        vocab_size=vocab, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads, head_dim=p.head_dim,
+        max_position_embeddings=p.max_position_embeddings,
+        tie_word_embeddings=p.tie_word_embeddings, eos_token_id=eos, bos_token_id=None,
+        **p.hybrid)
+    cfg.architectures = ["Qwen3_5ForCausalLM"]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = Qwen3_5ForCausalLM(cfg).to(getattr(torch, p.dtype))
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(tmp)

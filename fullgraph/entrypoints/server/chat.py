@@ -79,7 +79,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     messages = tuple(message_dict(i, m) for i, m in enumerate(body.messages))
     max_tokens = body.max_completion_tokens or body.max_tokens
     top_n = body.top_logprobs or 0
-    params = sampling_params(body, max_tokens, top_n if body.logprobs else None)
+    params = sampling_params(state, body, max_tokens, top_n if body.logprobs else None)
     prompt = ChatPrompt(messages, body.add_generation_prompt,
                         tuple(sorted((body.chat_template_kwargs or {}).items())))
     rid = f"chatcmpl-{uuid.uuid4().hex}"

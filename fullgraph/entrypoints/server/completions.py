@@ -70,7 +70,7 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     check_unsupported(body, {"suffix": bool(body.suffix), "best_of": (body.best_of or 1) > 1})
     if body.echo and body.logprobs is not None:
         raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
-    params = sampling_params(body, body.max_tokens, body.logprobs)
+    params = sampling_params(state, body, body.max_tokens, body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     items = [GenerationItem(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
     stream = await submit(state, items, "prompt")

@@ -92,17 +92,19 @@ def check_unsupported(body: SamplingFields, extra: dict[str, object]) -> None:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None,
+def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | None,
                     logprobs: int | None) -> SamplingParams:
+    """The request's fields; those it leaves out take the model's recommended values (its
+    generation_config.json, `--generation-config`), else OpenAI's defaults, as vLLM does."""
+    asked = dict(n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                 seed=body.seed, max_tokens=max_tokens, stop=body.stop,
+                 stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
+                 logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
+                 include_stop_str_in_output=body.include_stop_str_in_output)
+    recommended = dict(state.engine.config.model.sampling_defaults)
     try:
-        return SamplingParams(
-            n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k is None else body.top_k, seed=body.seed,
-            max_tokens=max_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids,
-            ignore_eos=body.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=body.skip_special_tokens,
-            include_stop_str_in_output=body.include_stop_str_in_output)
+        return SamplingParams(**({"temperature": 1.0} | recommended
+                                 | {k: v for k, v in asked.items() if v is not None}))
     except ValueError as e:
         raise bad_request(str(e), param_of(str(e), "prompt")) from None
 
