@@ -1,4 +1,5 @@
-"""Attention backends on a paged cache: flex (both layouts) against SDPA and a dense reference."""
+"""Attention backends on a paged cache: flex (both layouts; uncompiled, its gathered CPU path)
+against eager FlexAttention, SDPA and a dense reference."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,6 +54,14 @@ def make_step(seq_lens, q_lens, shared_prefix_blocks=0, pad_tokens=0, seed=0, ma
     return s, inputs, PersistentInputs(bt_t, pos_t), bt, pos, req
 
 
+def eager_flex_backend(s, persistent):
+    """The flex backend as it was before its gathered CPU path (attention/gathered.py): eager
+    FlexAttention over the whole cache, the reference that path must match."""
+    backend = FlexAttentionBackend(s, torch.device("cpu"), persistent)
+    backend.gathered = None
+    return backend
+
+
 def dense_reference(q, cache, bt, pos, req, scale):
     out = torch.empty_like(q)
     for t in range(q.shape[0]):
@@ -83,7 +92,7 @@ def test_flex_matches_sdpa_and_dense(seq_lens, q_lens, shared, pad):
     v = torch.randn(T, HKV, D, generator=g)
     results = []
     for backend in (FlexAttentionBackend(s, torch.device("cpu"), persistent),
-                    SDPABackend(s, torch.device("cpu"))):
+                    SDPABackend(s, torch.device("cpu")), eager_flex_backend(s, persistent)):
         c = cache.clone()
         backend.prepare(inputs)
         meta = backend.build(inputs)
@@ -91,7 +100,7 @@ def test_flex_matches_sdpa_and_dense(seq_lens, q_lens, shared, pad):
         c[0].index_copy_(0, inputs.slot_mapping, k)
         c[1].index_copy_(0, inputs.slot_mapping, v)
         results.append((backend.forward(q, (c[0], c[1]), meta)[:inputs.num_tokens], c))
-    (flex, cache_f), (sdpa, cache_s) = results
+    (flex, cache_f), (sdpa, cache_s), (eager_flex, _) = results
     # every token's K/V sits in the slot its position maps to; padding only touched block 0
     n = inputs.num_tokens
     slots = torch.from_numpy(bt[req[:n], pos[:n] // BS].astype(np.int64) * BS + pos[:n] % BS)
@@ -106,6 +115,7 @@ def test_flex_matches_sdpa_and_dense(seq_lens, q_lens, shared, pad):
     ref = dense_reference(q[:inputs.num_tokens], cache_f, bt, pos, req, s.scale)
     torch.testing.assert_close(sdpa, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flex, eager_flex, atol=1e-6, rtol=1e-6)
 
 
 def test_mixed_kv_blocks_are_the_distinct_visible_blocks():
@@ -120,9 +130,12 @@ def test_mixed_kv_blocks_are_the_distinct_visible_blocks():
         assert len(got) == len(set(got)) and set(got) == want
 
 
-def test_metadata_buffers_are_not_reallocated():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_metadata_buffers_are_not_reallocated(compiled):
+    """Compiled: the BlockMasks read views of the persistent buffers (the compiled calls are
+    not made here). Uncompiled: so do the gathered path's block lists."""
     s, inputs, persistent, *_ = make_step([9, 17, 5, 30], [9, 4, 1, 13])
-    backend = FlexAttentionBackend(s, torch.device("cpu"), persistent)
+    backend = FlexAttentionBackend(s, torch.device("cpu"), persistent, compile=compiled)
     ptrs = [t.data_ptr() for t in (backend.block_logical, backend.doc_ids.gpu,
                                    backend.mixed_kv_indices.gpu, backend.decode_kv_num_blocks)]
     backend.prepare(inputs)
@@ -134,10 +147,13 @@ def test_metadata_buffers_are_not_reallocated():
     backend.update(m2, dec)
     assert ptrs == [t.data_ptr() for t in (backend.block_logical, backend.doc_ids.gpu,
                                            backend.mixed_kv_indices.gpu, backend.decode_kv_num_blocks)]
-    # the block masks read views of the persistent buffers
     base = backend.mixed_kv_indices.gpu
-    assert m1.block_mask.kv_indices.data_ptr() == base.data_ptr()
-    assert m2.block_mask.kv_num_blocks.data_ptr() == backend.decode_kv_num_blocks.data_ptr()
+    if compiled:
+        assert m1.block_mask.kv_indices.data_ptr() == base.data_ptr()
+        assert m2.block_mask.kv_num_blocks.data_ptr() == backend.decode_kv_num_blocks.data_ptr()
+    else:
+        assert m1.kv_blocks.data_ptr() == base.data_ptr()
+        assert m2.kv_blocks.data_ptr() == dec.block_table.data_ptr()
 
 
 def test_decode_rows_and_kv_splits():

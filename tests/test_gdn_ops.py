@@ -1,6 +1,8 @@
 """Gated DeltaNet layer ops (fullgraph/layers/gdn) against transformers' torch fallbacks."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,16 @@ from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, chunk_cap
                                   chunk_metadata, decode_gated_delta_rule, gdn_gating,
                                   padded_chunk_indices, recurrent_gated_delta_rule_ref,
                                   rms_norm_gated)
+
+
+@pytest.fixture(autouse=True)
+def _transformers_torch_paths(monkeypatch):
+    """transformers' pure-torch fallbacks, undecorated: with fla (or causal-conv1d) installed,
+    some transformers versions (5.17) hand even CPU tensors to those packages."""
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
+                 "causal_conv1d_fn", "causal_conv1d_update"):
+        monkeypatch.setattr(hf, name, inspect.unwrap(getattr(hf, name)))
+
 
 H, HV, DK, DV = 2, 4, 16, 8          # GQA-style: each q/k head serves 2 value heads
 CONV_DIM, KSIZE = 24, 4
@@ -66,12 +78,9 @@ def test_half_precision_inputs_match_transformers():
                      (hf.torch_recurrent_gated_delta_rule, recurrent_gated_delta_rule_ref)):
         states = pool()
         h0 = states[2].clone()
-        if ours is chunk_gated_delta_rule_ref:
-            o = ours(q, k, v, g, beta, states, torch.tensor([2]), qsl_of([100]),
-                     torch.tensor([True]))
-        else:
-            o = ours(q, k, v, g, beta, states, torch.tensor([2]), torch.tensor([True]),
-                     qsl_of([100]), max_query_len=100)
+        extra = {} if ours is chunk_gated_delta_rule_ref else {"max_query_len": 100}
+        o = ours(q, k, v, g, beta, states, torch.tensor([2]), qsl_of([100]),
+                 torch.tensor([True]), **extra)
         o_ref, ht_ref = hf_rule(fn, q, k, v, g, beta, h0)
         assert o.dtype == torch.bfloat16
         torch.testing.assert_close(o, o_ref, atol=0, rtol=0)
@@ -84,8 +93,8 @@ def test_recurrent_rule_matches_transformers(t, init):
     q, k, v, g, beta = inputs(t, seed=t)
     states = pool()
     h0 = states[5].clone() if init else None
-    o = recurrent_gated_delta_rule_ref(q, k, v, g, beta, states, torch.tensor([5]),
-                                       torch.tensor([init]), qsl_of([t]), max_query_len=t)
+    o = recurrent_gated_delta_rule_ref(q, k, v, g, beta, states, torch.tensor([5]), qsl_of([t]),
+                                       torch.tensor([init]), max_query_len=t)
     o_ref, ht_ref = hf_rule(hf.torch_recurrent_gated_delta_rule, q, k, v, g, beta, h0)
     torch.testing.assert_close(o, o_ref, **EXACT)
     torch.testing.assert_close(states[5], ht_ref, **EXACT)
@@ -127,7 +136,7 @@ def test_packed_lanes_equal_each_lane_alone(form):
         ci = torch.from_numpy(padded_chunk_indices(qsl.numpy(), cap))
         o = chunk_gated_delta_rule(q, k, v, g, beta, states, slots, qsl, has_init, ci)
     else:
-        o = recurrent_gated_delta_rule_ref(q, k, v, g, beta, states, slots, has_init, qsl,
+        o = recurrent_gated_delta_rule_ref(q, k, v, g, beta, states, slots, qsl, has_init,
                                            max_query_len=max(lens))
     fn = hf.torch_chunk_gated_delta_rule if form == "chunked" else \
         hf.torch_recurrent_gated_delta_rule
@@ -142,6 +151,7 @@ def test_packed_lanes_equal_each_lane_alone(form):
         o_ref, ht_ref = hf_rule(fn, *(x[lo:lo + n] for x in (q, k, v, g, beta)), h0)
         torch.testing.assert_close(o[lo:lo + n], o_ref, **EXACT)
         torch.testing.assert_close(states[slots[r]], ht_ref, **EXACT)
+    assert torch.isfinite(o).all()             # the padding lane's rows included
     assert torch.equal(o[sum(lens):], torch.zeros_like(o[sum(lens):]))
     assert torch.equal(states[4], before[4])
 
@@ -295,7 +305,7 @@ def test_layer_built_from_the_ops_matches_transformers_with_cache():
     cache = DynamicCache(config=cfg)
     with torch.no_grad():
         for lo, hi, decode in ((0, 70, False), (70, 71, True), (71, 90, False)):
-            ref = layer(x[:, lo:hi], cache=cache)[0]
+            ref = layer(x[:, lo:hi], cache)[0]    # `cache_params` before 5.25
             torch.testing.assert_close(ours(x[0, lo:hi], lo > 0, decode), ref,
                                        atol=1e-5, rtol=1e-5)
 

@@ -94,7 +94,7 @@ def test_fla_decode_matches_reference(dtype):
     init = torch.rand(r, device="cuda") < 0.7
     ref_pool = a["state_pool"].clone()
     ref = recurrent_gated_delta_rule_ref(**{**a, "state_pool": ref_pool}, state_slots=slots,
-                                         has_initial_state=init)
+                                         query_start_loc=None, has_initial_state=init)
     out = decode_gated_delta_rule(**a, state_slots=slots, has_initial_state=init)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
     torch.testing.assert_close(a["state_pool"][1:], ref_pool[1:], **TOL[dtype])

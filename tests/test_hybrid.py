@@ -73,14 +73,39 @@ def test_preemption_recomputes_the_state(qwen35_dir, qwen35_reference):
     assert llm.engine.kv.state_slots.num_free == 7
 
 
-@pytest.mark.parametrize("architecture", ["Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM"])
-def test_moe_hybrids_match_transformers(architecture, tmp_path):
+def fused_expert_layout(path) -> None:
+    """Rewrite a checkpoint's experts (transformers saves one 2-D tensor per expert and
+    projection, as the published Qwen3-Next checkpoints hold them) in the fused layout of the
+    published Qwen3.5-MoE checkpoints: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name in [n for n in tensors if ".mlp.experts." in n]:
+        m = re.fullmatch(r"(.*\.mlp\.experts\.)(\d+)\.(\w+)_proj\.weight", name)
+        experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = tensors.pop(name)
+    for prefix, by_expert in experts.items():
+        order = [by_expert[e] for e in sorted(by_expert)]
+        tensors[prefix + "gate_up_proj"] = torch.stack([torch.cat([w["gate"], w["up"]])
+                                                        for w in order])
+        tensors[prefix + "down_proj"] = torch.stack([w["down"] for w in order])
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("architecture, layout", [
+    ("Qwen3NextForCausalLM", "per-expert"), ("Qwen3_5MoeForCausalLM", "per-expert"),
+    ("Qwen3_5MoeForCausalLM", "fused")])
+def test_moe_hybrids_match_transformers(architecture, layout, tmp_path):
     import transformers
     path = make_hybrid_checkpoint(str(tmp_path / "ckpt"), architecture)
     hf = getattr(transformers, architecture).from_pretrained(path, dtype=torch.float32).eval()
     rng = random.Random(2)
     prompts = [[rng.randrange(700) for _ in range(n)] for n in (3, 70, 40)]
     expected = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
+    if layout == "fused":
+        fused_expert_layout(tmp_path / "ckpt")
     assert generate(LLM(path, **KW), prompts) == expected
 
 

@@ -25,12 +25,10 @@ from fullgraph.engine.args import EngineArgs
 
 MODEL = "tiny-qwen3"
 MAX_LEN = 512
-# Eager FlexAttention is slow on the CPU, and SDPA cannot be captured: graphs on a GPU only.
-ATTENTION = "flex" if torch.cuda.is_available() else "sdpa"
+# The default backend, as users run it (flex: the CPU's gathered path, graphs on a GPU).
 ENGINE_FLAGS = ["--max-model-len", str(MAX_LEN), "--max-num-seqs", "32",
-                "--num-gpu-blocks-override", "512", "--attention-backend", ATTENTION]
-ENGINE_KW = dict(max_model_len=MAX_LEN, max_num_seqs=32, num_gpu_blocks_override=512,
-                 attention_backend=ATTENTION)
+                "--num-gpu-blocks-override", "512"]
+ENGINE_KW = dict(max_model_len=MAX_LEN, max_num_seqs=32, num_gpu_blocks_override=512)
 TIMEOUT = 60.0
 
 
@@ -634,7 +632,7 @@ def test_metrics_parse(server, client):
     assert m["fullgraph:inter_token_latency_seconds_count"] >= 4
     assert m["fullgraph:generation_tokens_total"] >= 5
     assert m["fullgraph:engine_steps_total"] > 0
-    if ATTENTION == "flex" and torch.cuda.is_available():   # steps replay captured graphs
+    if torch.cuda.is_available():   # steps replay captured graphs
         assert m["fullgraph:cudagraph_replays_total"] > 0
     else:   # eager by configuration: nothing captured, so no replays and no "fallbacks"
         assert m["fullgraph:cudagraph_replays_total"] == m["fullgraph:eager_fallbacks_total"] == 0
@@ -791,3 +789,4 @@ def test_unset_fields_take_the_models_recommended_sampling():
     model.sampling_defaults = ()
     sp = sampling_params(state, body, None, None)
     assert (sp.temperature, sp.top_k, sp.top_p) == (1.0, -1, 0.5)
+    assert sp.max_tokens is None        # chat's default: the rest of the context

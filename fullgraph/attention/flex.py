@@ -7,10 +7,10 @@ BlockMask lists which physical KV blocks each query block may visit. Two layouts
   Triton paged decode kernel (attention/paged_decode.py: one kernel per layer, no compile
   per batch size), which for 2+ requests and more than one KV split also starts from the
   qkv projection (`forward_qkv`, attention/paged_decode_qk.py; `fuse_qk_norm_rope` says
-  where that measured faster — docs/benchmarks.md, fifth and sixth sessions). Otherwise
-  (and for queries too long for that kernel) flex decoding: one batch row per request,
-  `q [R, Hq, q, D]`; the block table *is* `kv_indices`. Flex decoding compiles per batch
-  size, so the rows are padded to a power of two (empty rows: no KV blocks) and a few
+  where that measured faster — docs/benchmarks.md, fifth and sixth sessions). Otherwise,
+  compiled (and for queries too long for that kernel), flex decoding: one batch row per
+  request, `q [R, Hq, q, D]`; the block table *is* `kv_indices`. Flex decoding compiles per
+  batch size, so the rows are padded to a power of two (empty rows: no KV blocks) and a few
   compiles serve every decode graph; SPLIT_KV is sized to keep every SM busy (inductor's
   default gives batch 32 a single split: 2.3x slower on an H200, benchmarks/probes).
 * mixed (prefill chunks and decodes together): all tokens packed in one row
@@ -20,8 +20,14 @@ BlockMask lists which physical KV blocks each query block may visit. Two layouts
 The mask_mod maps a physical KV position to its logical position through `block_logical`
 (physical block -> index in its block table; prefix-shared blocks have the same index in
 every sharer) and checks that the block belongs to the query's request and is causal. It is
-exact on its own, which matters because eager (uncompiled) FlexAttention ignores the block
-sparsity and evaluates the mask everywhere.
+exact on its own: a listed block may be another request's of the same query block.
+
+Uncompiled (the CPU), FlexAttention is not called at all: eager FlexAttention ignores the
+block sparsity and scores every query against the whole cache, so a CPU step cost what the
+cache did, ~90x the SDPA reference for 3 prompts (issue 21). Both layouts go instead through
+attention/gathered.py, which gathers only the blocks the step's rows see (the block table's
+rows; the per-query-block lists `prepare` builds) and applies the same mask with SDPA, over
+the step's own extent, or inside a recorded graph the bound its padded shape allows.
 
 Every tensor here is allocated once at its maximum size; steps fill leading slices
 (`copy_to_persistent`), and the BlockMask's `seq_lengths` depend only on the padded shape, so
@@ -42,6 +48,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from fullgraph.attention import paged_decode as paged
 from fullgraph.attention import paged_decode_qk as paged_qk
 from fullgraph.attention.backend import KVCache, QKNormRope
+from fullgraph.attention.gathered import GatheredAttention, GatheredMetadata
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
 from fullgraph.layers.pdl import inductor_options
@@ -184,6 +191,7 @@ class FlexAttentionBackend:
         # no finer-grained information); autotuning finds no valid choice otherwise.
         self.mixed_kernel_options = {"BLOCK_M": MIXED_Q_BLOCK, "BLOCK_N": bs} if compile else None
         self.compiled = compile
+        self.gathered: GatheredAttention | None = None
         if compile:
             # Decode: static shapes, one compile per row count (flex decoding needs a static
             # batch). Packed layout: optionally one compile, dynamic in the token count.
@@ -193,15 +201,22 @@ class FlexAttentionBackend:
             self.attend_mixed = torch.compile(_flex_mixed, dynamic=DYNAMIC_MIXED, fullgraph=True,
                                               options=pdl)
         else:
-            # Eager FlexAttention is the intended CPU path (tiny models); its warning is noise.
+            # Eager FlexAttention would score the whole cache (module docstring): the step's
+            # own blocks are gathered instead (attention/gathered.py).
+            self.gathered = GatheredAttention(spec, MIXED_Q_BLOCK, block_table,
+                                              self.block_logical, self.doc_ids.gpu,
+                                              self.mixed_kv_num_blocks.gpu,
+                                              self.mixed_kv_indices.gpu)
+            # Tests may still call eager FlexAttention (as the reference); its warning is noise.
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             self.attend = self.attend_mixed = flex_attention
 
     # ---------------------------------------------------------------- metadata
-    @staticmethod
-    def _decode_layout(inputs: StepAttentionInputs) -> bool:
+    def _decode_layout(self, inputs: StepAttentionInputs) -> bool:
+        # The gathered path's request rows take any query length (a long prompt alone: one
+        # row, not a query block per 16 tokens each gathering its KV again).
         q = inputs.uniform_query_len
-        return (q is not None and q <= DECODE_Q_BLOCK
+        return (q is not None and (q <= DECODE_Q_BLOCK or self.gathered is not None)
                 and inputs.num_tokens_padded == q * inputs.num_reqs_padded)
 
     def prepare(self, inputs: StepAttentionInputs) -> None:
@@ -223,8 +238,13 @@ class FlexAttentionBackend:
         self.mixed_kv_num_blocks.copy_to_gpu(num_q_blocks)
         copy_to_persistent(self.mixed_kv_indices.gpu, self.mixed_kv_indices.cpu[:num_q_blocks, :used])
 
-    def build(self, inputs: StepAttentionInputs) -> FlexMetadata | PagedDecodeMetadata:
+    def build(self, inputs: StepAttentionInputs
+              ) -> FlexMetadata | PagedDecodeMetadata | GatheredMetadata:
         bs = self.spec.block_size
+        if self.gathered is not None:
+            nqb = -(-max(inputs.num_tokens_padded, self.min_tokens) // MIXED_Q_BLOCK)
+            return self.gathered.build(inputs, self._decode_layout(inputs), nqb,
+                                       self.mixed_kv_num_blocks.np)
         if self._decode_layout(inputs):
             r, q = inputs.num_reqs_padded, inputs.uniform_query_len
             if self.paged and self.group * q <= paged.MAX_QUERY_ROWS:
@@ -248,15 +268,19 @@ class FlexAttentionBackend:
             seq_lengths=(t_pad, self.kv_len), compute_q_blocks=False)
         return FlexMetadata(mask, False, 1, 1, t_pad, self.mixed_kernel_options)
 
-    def update(self, metadata: FlexMetadata | PagedDecodeMetadata,
+    def update(self, metadata: FlexMetadata | PagedDecodeMetadata | GatheredMetadata,
                inputs: StepAttentionInputs) -> None:
         if isinstance(metadata, PagedDecodeMetadata):
             return                       # the kernel reads the block table and lengths itself
-        rows = inputs.block_table.shape[0]
-        self.block_logical.index_put_(
-            (inputs.block_table.reshape(-1).long(),),
-            self.column_ids[:rows * self.spec.max_blocks_per_seq])
-        if metadata.decode:
+        gathered = isinstance(metadata, GatheredMetadata)
+        if not (gathered and metadata.decode):   # the gathered decode rows are the table's
+            rows = inputs.block_table.shape[0]
+            self.block_logical.index_put_(
+                (inputs.block_table.reshape(-1).long(),),
+                self.column_ids[:rows * self.spec.max_blocks_per_seq])
+        if gathered:
+            self.gathered.update(metadata, inputs)
+        elif metadata.decode:
             r, bs = metadata.num_reqs, self.spec.block_size
             torch.floor_divide(inputs.seq_lens + (bs - 1), bs, out=self.decode_kv_num_blocks[:r])
             torch.sub(inputs.seq_lens, metadata.query_len, out=self.q_offset[:r])
@@ -303,12 +327,14 @@ class FlexAttentionBackend:
             self.workspace)
 
     def forward(self, q: torch.Tensor, kv_cache: KVCache,
-                metadata: FlexMetadata | PagedDecodeMetadata) -> torch.Tensor:
+                metadata: FlexMetadata | PagedDecodeMetadata | GatheredMetadata) -> torch.Tensor:
         if isinstance(metadata, PagedDecodeMetadata):
             return paged.paged_decode(q, kv_cache[0], kv_cache[1], metadata.block_table,
                                       metadata.seq_lens, self.spec.block_size,
                                       metadata.query_len, metadata.num_splits, self.spec.scale,
                                       self.workspace)
+        if isinstance(metadata, GatheredMetadata):
+            return self.gathered.forward(q, kv_cache, metadata)
         key = kv_cache[0].permute(1, 0, 2).unsqueeze(0)      # [1, Hkv, S, D], a view
         value = kv_cache[1].permute(1, 0, 2).unsqueeze(0)
         t, hq, d = q.shape

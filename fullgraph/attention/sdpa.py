@@ -1,7 +1,10 @@
 """Reference backend: gather each request's KV from the cache and call SDPA.
 
 It loops over requests on the host, so it runs eagerly only; it exists to check the flex
-backend against and as a fallback.
+backend against and as a fallback. On a CPU the flex backend (the default) computes the same
+attention faster (attention/gathered.py: one SDPA call a layer over the step's gathered
+blocks; tiny-qwen3, 3 / 8 greedy streams, one CPU thread: 1.37 / 1.44 ms a step against
+1.91 / 2.11 here) and, unlike this one, also runs inside captured (fake) graphs.
 """
 from __future__ import annotations
 

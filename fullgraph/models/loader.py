@@ -69,12 +69,15 @@ def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Modu
 
 
 def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
-                         stacked_params: dict[str, str], skip=lambda name: False) -> None:
+                         stacked_params: dict[str, str], skip=lambda name: False,
+                         loaded_elsewhere: set[str] = frozenset()) -> None:
     """Copy checkpoint tensors into the parameters of the same name. `stacked_params` maps a
     checkpoint module name (the last part, e.g. "q_proj") to the `MergedLinear` sibling that
     holds it as a shard ("qkv_proj"); `skip(name)` drops tensors the model does not use
-    (a tied lm_head). Every parameter must be filled: ValueError naming what is missing,
-    unexpected or of the wrong shape."""
+    (a tied lm_head). A module that keeps such a projection unmerged loads it by name.
+    Every parameter must be filled: ValueError naming what is missing,
+    unexpected or of the wrong shape. `loaded_elsewhere`: parameters the model filled itself
+    while `weights` was consumed (read once the iteration is over)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     loaded: set[str] = set()
@@ -83,10 +86,8 @@ def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Te
             continue
         module_name, _, param = name.rpartition(".")
         parent, _, leaf = module_name.rpartition(".")
-        if leaf in stacked_params:
-            fused = f"{parent}.{stacked_params[leaf]}"
-            if fused not in modules:
-                raise ValueError(f"unexpected checkpoint tensor {name!r}")
+        fused = f"{parent}.{stacked_params[leaf]}" if leaf in stacked_params else None
+        if fused in modules:
             modules[fused].load_shard(leaf, param, tensor)
             loaded.add(f"{fused}.{param}:{leaf}")
             continue
@@ -98,6 +99,7 @@ def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Te
         with torch.no_grad():
             params[name].copy_(tensor)
         loaded.add(name)
+    loaded |= loaded_elsewhere
     missing = [n for n in expected_weights(model) if n not in loaded]
     if missing:
         raise ValueError(f"missing weights in checkpoint: {', '.join(missing[:8])}"

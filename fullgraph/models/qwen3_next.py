@@ -219,7 +219,7 @@ class HybridDecoderLayer(nn.Module):
             self.self_attn = GatedAttention(cfg, rotary)
         if uses_experts(cfg, layer):
             from fullgraph.layers.moe import SparseMoeBlock
-            self.mlp = SparseMoeBlock(cfg)
+            self.mlp = SparseMoeBlock.from_config(cfg)
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -302,20 +302,31 @@ class HybridForCausalLM(nn.Module):
             # multi-token-prediction heads are a drafter, not part of this model
             return (name.startswith("mtp.")
                     or (self.tie_word_embeddings and name.startswith("lm_head.")))
-        load_weights_by_name(self, self._route(weights), self.stacked_params, skip)
+        per_expert: set[str] = set()
+        load_weights_by_name(self, self._route(weights, per_expert), self.stacked_params, skip,
+                             loaded_elsewhere=per_expert)
 
-    def _route(self, weights: Iterable[tuple[str, torch.Tensor]]
+    def _route(self, weights: Iterable[tuple[str, torch.Tensor]], per_expert: set[str]
                ) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors in the names and layouts of our parameters: Qwen3-Next's
-        interleaved projections split, experts handed to their block."""
+        interleaved projections split; one expert's tensors (the published checkpoints'
+        layout) copied into the experts' fused parameters, which go into `per_expert` once
+        every expert has filled them."""
         modules = dict(self.named_modules())
+        filled: dict[str, int] = {}
         for name, tensor in weights:
             if ".in_proj_qkvz." in name or ".in_proj_ba." in name:
                 yield from _split_qwen3_next_projections(self.config, name, tensor)
                 continue
             block, sep, rest = name.partition(".mlp.experts.")
-            if sep and hasattr(modules.get(f"{block}.mlp"), "load_expert_weight"):
-                modules[f"{block}.mlp"].load_expert_weight(f"experts.{rest}", tensor)
+            mlp = modules.get(f"{block}.mlp")
+            if sep and rest[:1].isdigit() and hasattr(mlp, "load_expert_weight"):
+                mlp.load_expert_weight(f"experts.{rest}", tensor)
+                fused = "down_proj" if rest.endswith("down_proj.weight") else "gate_up_proj"
+                key = f"{block}.mlp.experts.{fused}"
+                filled[key] = filled.get(key, 0) + 1
+                if filled[key] == mlp.num_experts * (1 if fused == "down_proj" else 2):
+                    per_expert.add(key)
                 continue
             yield name, tensor
 

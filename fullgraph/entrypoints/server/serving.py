@@ -102,9 +102,11 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
                  logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
                  include_stop_str_in_output=body.include_stop_str_in_output)
     recommended = dict(state.engine.config.model.sampling_defaults)
+    # max_tokens None is meaningful (chat: the rest of the context), not "left out"
+    merged = ({"temperature": 1.0, "max_tokens": None} | recommended
+              | {k: v for k, v in asked.items() if v is not None})
     try:
-        return SamplingParams(**({"temperature": 1.0} | recommended
-                                 | {k: v for k, v in asked.items() if v is not None}))
+        return SamplingParams(**merged)
     except ValueError as e:
         raise bad_request(str(e), param_of(str(e), "prompt")) from None
 

@@ -74,7 +74,7 @@ def decode_gated_delta_rule(q, k, v, g, beta, state_pool: torch.Tensor,
     head_v_dim]` in q's dtype; writes the final states."""
     fla = fla_gated_delta_rule(q.device) if use_fla else None
     if fla is None:
-        return recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_pool, state_slots,
+        return recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_pool, state_slots, None,
                                               has_initial_state)
     slots = state_slots.long()
     h0 = gather_states(state_pool, slots, has_initial_state)

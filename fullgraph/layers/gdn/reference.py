@@ -45,8 +45,8 @@ def _prepare(q, k, v, g, beta, chunked: bool):
 
 def recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
                                    state_slots: torch.Tensor,
+                                   query_start_loc: torch.Tensor | None,
                                    has_initial_state: torch.Tensor | None,
-                                   query_start_loc: torch.Tensor | None = None,
                                    max_query_len: int = 1) -> torch.Tensor:
     """Token by token. query_start_loc None: one token per lane (decode, T == R). Otherwise
     `[R + 1]` and no lane may own more than `max_query_len` tokens (a host int fixing the loop)."""
