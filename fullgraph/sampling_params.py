@@ -33,7 +33,7 @@ def _flag(name: str, value) -> bool:
 
 @dataclass(slots=True)
 class SamplingParams:
-    n: int = 1
+    n: int = 1                       # samples per prompt (the prompt is prefilled once)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1                  # -1 or 0: no top-k restriction
@@ -57,8 +57,8 @@ class SamplingParams:
         self.logprobs = _integer("logprobs", self.logprobs, optional=True)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _flag(name, getattr(self, name))
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

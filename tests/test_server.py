@@ -371,7 +371,8 @@ BAD_COMPLETIONS = [
     ({"temperature": -1}, 400, "temperature", "temperature"),
     ({"top_p": 1.5}, 400, "top_p", "top_p"),
     ({"max_tokens": 0}, 400, "max_tokens", "max_tokens"),
-    ({"n": 2}, 400, "n", "n must be 1"),
+    ({"n": 0}, 400, "n", "n must be at least 1"),
+    ({"n": 33}, 400, "n", "exceeds max_num_seqs"),
     ({"logprobs": 50}, 400, "logprobs", "max_logprobs"),
     ({"temperature": "hot"}, 400, "temperature", "temperature"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
@@ -413,7 +414,7 @@ BAD_CHAT = [
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ({"top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": "nope"}, 404, "model"),
-    ({"n": 3}, 400, "n"),
+    ({"n": 0}, 400, "n"),
     ({"max_tokens": 1000}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
 ]
@@ -790,3 +791,26 @@ def test_unset_fields_take_the_models_recommended_sampling():
     sp = sampling_params(state, body, None, None)
     assert (sp.temperature, sp.top_k, sp.top_p) == (1.0, -1, 0.5)
     assert sp.max_tokens is None        # chat's default: the rest of the context
+
+
+def test_n_samples_per_prompt(client, offline):
+    """Completions: prompt i's sample j is choice i * n + j, each equal to the offline API's
+    sample; the prompt is counted once in usage. Chat streams its n choices by index."""
+    sp = SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
+    prompts = ["The cat", "Hello there"]
+    want = offline.generate(prompts, sp, use_tqdm=False)
+    resp = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=6,
+                                     temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert [c.text for c in resp.choices] == [c.text for o in want for c in o.outputs]
+    assert resp.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in want)
+    assert resp.usage.completion_tokens == 4 * 6
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=5,
+              temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert [streamed[i] for i in range(3)] == [c.message.content for c in whole.choices]

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fullgraph.engine.engine import LLMEngine
+from fullgraph.engine.engine import LLMEngine, sample_request_ids
 from fullgraph.engine.stats import EngineSnapshot, StatLogger
 from fullgraph.outputs import RequestOutput
 from fullgraph.sampling_params import SamplingParams
@@ -49,9 +49,10 @@ class GenerationItem:
 
 @dataclass(slots=True, eq=False)
 class GenerationStream:
-    """The outputs of one API call: one or more engine requests sharing a queue. Iterating
-    yields (index, RequestOutput) until every request has finished; an engine failure is
-    raised as EngineError."""
+    """The outputs of one API call: one or more engine requests sharing a queue, one per
+    sample of each item (item i's sample j at index i * n + j). Iterating yields (index,
+    RequestOutput) until every request has finished; an engine failure is raised as
+    EngineError."""
     owner: "AsyncLLMEngine"
     request_ids: list[str]
     prompt_token_ids: list[list[int]]
@@ -125,7 +126,9 @@ class AsyncLLMEngine:
         if not self.is_alive:
             raise EngineError(f"the engine is not running: {self._dead}")
         loop = asyncio.get_running_loop()
-        stream = GenerationStream(self, [it.request_id for it in items], [])
+        stream = GenerationStream(self, [rid for it in items
+                                         for rid in sample_request_ids(it.request_id, it.params.n)],
+                                  [])
         admitted = loop.create_future()
         self._inbox.put(_Add(items, stream, loop, admitted))
         try:
@@ -206,7 +209,7 @@ class AsyncLLMEngine:
                 raise ValueError("request ids within one submission must be distinct")
             for i, item in enumerate(cmd.items):
                 try:
-                    reqs.append(self._make_request(item))
+                    reqs.extend(self._make_requests(item))
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}" if many else str(e)) from None
         except Exception as e:  # ValueError: bad input; anything else: a bug, still answered
@@ -215,22 +218,23 @@ class AsyncLLMEngine:
         for i, req in enumerate(reqs):
             self.engine.add(req, stream=True)
             self._routes[req.request_id] = _Route(cmd.stream, i, cmd.loop)
-        _resolve(cmd.loop, cmd.admitted, result=[list(r.prompt_token_ids) for r in reqs])
+        _resolve(cmd.loop, cmd.admitted,
+                 result=[list(r.prompt_token_ids) for r in reqs if r.index == 0])
 
-    def _make_request(self, item: GenerationItem):
+    def _make_requests(self, item: GenerationItem):
         prompt = item.prompt
         if isinstance(prompt, ChatPrompt):
             prompt = self.engine.apply_chat_template(
                 list(prompt.messages), prompt.add_generation_prompt, **dict(prompt.template_kwargs))
-        req = self.engine.make_request(item.request_id, prompt, item.params)
+        reqs = self.engine.make_requests(item.request_id, prompt, item.params)
         max_len, asked = self.config.model.max_model_len, item.params.max_tokens
-        n = req.num_prompt_tokens
+        n = reqs[0].num_prompt_tokens
         if self.strict_max_tokens and asked is not None and n + asked > max_len:
             raise ValueError(
                 f"this model's maximum context length is {max_len} tokens, but {n + asked} were "
                 f"requested ({n} in the prompt and {asked} in max_tokens); reduce the prompt "
                 f"or max_tokens")
-        return req
+        return reqs
 
     def _step(self) -> None:
         try:

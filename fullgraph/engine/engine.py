@@ -79,6 +79,28 @@ class LLMEngine:
             raise ValueError(f"cannot apply the chat template: {e}") from e
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def make_requests(self, request_id: str, prompt: str | list[int],
+                      params: SamplingParams) -> list[Request]:
+        """One request per sample (`params.n`), validated: `request_id` itself for n == 1,
+        else "{request_id}-{i}". Sample i draws with `sample_seed(seed, i)`, so each sample is
+        reproducible from the seed and its index; with prefix caching, samples 1.. wait until
+        sample 0 has prefilled the prompt and share its KV blocks."""
+        ids = sample_request_ids(request_id, params.n)
+        first = self.make_request(ids[0], prompt, params)
+        if params.n == 1:
+            return [first]
+        if params.n > self.config.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs="
+                             f"{self.config.scheduler.max_num_seqs}")
+        leader = first if self.kv.enable_prefix_caching else None
+        rest = [Request(ids[i], list(first.prompt_token_ids), params,
+                        seed=sample_seed(first.seed, i), max_tokens=first.max_tokens,
+                        prompt=first.prompt, index=i, leader=leader)
+                for i in range(1, params.n)]
+        if any(r.request_id in self.requests for r in rest):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return [first, *rest]
+
     def make_request(self, request_id: str, prompt: str | list[int],
                      params: SamplingParams) -> Request:
         """Validate one request; raises ValueError naming the problem, changes nothing."""
@@ -236,7 +258,7 @@ class LLMEngine:
         finished = req.finish_reason is not None
         text = self._detok[req.request_id].visible_text(finished)
         completion = CompletionOutput(
-            index=0, text=text, token_ids=list(req.output_token_ids),
+            index=req.index, text=text, token_ids=list(req.output_token_ids),
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason)
@@ -245,3 +267,20 @@ class LLMEngine:
             metrics["first_token_time"] = req.first_token_time
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
                              finished, req.num_cached_tokens, metrics)
+
+
+def sample_request_ids(request_id: str, n: int) -> list[str]:
+    """The engine requests of a request with `n` samples, in index order."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Sample `index`'s seed of an n > 1 request seeded `seed` (sample 0 keeps it): a 64-bit
+    mix, so neighbouring seeds' samples do not collide."""
+    if index == 0:
+        return seed
+    x = (seed + index * 0x9E3779B97F4A7C15) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x - 2**64 if x >= 2**63 else x

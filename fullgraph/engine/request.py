@@ -23,6 +23,10 @@ class Request:
     seed: int                               # per-request sampling seed (given or drawn)
     max_tokens: int                         # resolved against max_model_len
     prompt: str | None = None
+    index: int = 0                          # which of its prompt's `n` samples this is
+    # the first sample of the same prompt: this one waits until the leader's prompt is in the
+    # prefix cache, so the prompt is prefilled once (None: no wait)
+    leader: "Request | None" = None
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -58,6 +62,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def waits_for_leader(self) -> bool:
+        lead = self.leader
+        return (lead is not None and not lead.is_finished
+                and lead.num_computed_tokens < lead.num_prompt_tokens)
 
     @property
     def is_finished(self) -> bool:

@@ -95,10 +95,14 @@ class Scheduler:
                 continue
             break                       # `req` itself was preempted: nothing after it is left
 
-        # Admit new work only when nothing had to be preempted this step.
+        # Admit new work only when nothing had to be preempted this step, first come first
+        # served: a sample of an n > 1 request whose first sample is still prefilling the
+        # shared prompt waits (and what came after it), then finds the prompt cached.
         while (not out.preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.waits_for_leader:
+                break
             hits = self.kv.get_computed_blocks(req)
             num_cached = len(hits) * self.kv.block_size
             n = min(req.num_tokens - num_cached, budget)

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from fullgraph.engine.args import EngineArgs
 from fullgraph.engine.engine import LLMEngine
+from fullgraph.engine.request import Request
 from fullgraph.outputs import RequestOutput
 from fullgraph.sampling_params import SamplingParams
 
@@ -57,16 +58,16 @@ class LLM:
                   else [sampling_params] * len(prompts))
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        requests = []
+        groups = []        # per prompt, one request per sample
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             try:
-                requests.append(self.engine.make_request(f"offline-{next(self._ids)}",
-                                                         _prompt_input(prompt), sp))
+                groups.append(self.engine.make_requests(f"offline-{next(self._ids)}",
+                                                        _prompt_input(prompt), sp))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        for req in requests:
+        for req in (r for group in groups for r in group):
             self.engine.add(req)
-        return self._run(requests, use_tqdm)
+        return self._run(groups, use_tqdm)
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True):
@@ -75,24 +76,42 @@ class LLM:
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
-        order = {r.request_id: i for i, r in enumerate(requests)}
-        results: list[RequestOutput | None] = [None] * len(requests)
-        bar = _ProgressBar(len(requests), use_tqdm)
+    def _run(self, groups: list[list[Request]], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request finished; one output per prompt, its samples' completions
+        in index order."""
+        where = {r.request_id: (g, r.index) for g, group in enumerate(groups) for r in group}
+        done: list[dict[int, RequestOutput]] = [{} for _ in groups]
+        results: list[RequestOutput | None] = [None] * len(groups)
+        bar = _ProgressBar(len(groups), use_tqdm)
         try:
             while any(r is None for r in results):
                 for out in self.engine.step():
-                    if out.finished and out.request_id in order:
-                        results[order[out.request_id]] = out
-                        bar.finished(out)
+                    if not out.finished or out.request_id not in where:
+                        continue
+                    g, index = where[out.request_id]
+                    done[g][index] = out
+                    if len(done[g]) == len(groups[g]):
+                        results[g] = _merge(groups[g], done[g])
+                        bar.finished(results[g])
         except BaseException:
-            for r in requests:      # leave the engine clean for the next call
-                if r.request_id in self.engine.requests:
-                    self.engine.abort_request(r.request_id)
+            for r in where:      # leave the engine clean for the next call
+                if r in self.engine.requests:
+                    self.engine.abort_request(r)
             raise
         finally:
             bar.close()
         return results
+
+
+def _merge(group: list[Request], outs: dict[int, RequestOutput]) -> RequestOutput:
+    """A prompt's samples as one output, as vLLM returns them (n completions)."""
+    if len(group) == 1:
+        return outs[0]
+    first = outs[0]
+    return RequestOutput(group[0].request_id.rpartition("-")[0], first.prompt,
+                         first.prompt_token_ids,
+                         [outs[i].outputs[0] for i in range(len(group))], True,
+                         first.num_cached_tokens, first.metrics)
 
 
 class _ProgressBar:

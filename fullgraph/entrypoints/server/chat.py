@@ -84,28 +84,32 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
                         tuple(sorted((body.chat_template_kwargs or {}).items())))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await submit(state, [GenerationItem(rid, prompt, params)], "messages")
-    tracker = state.metrics.tracker(1)
+    tracker = state.metrics.tracker(body.n)
     if body.stream:
         return event_stream(_stream(state, body, rid, stream, tracker, top_n), stream)
     outputs = await run_to_end(request, stream, tracker)
     if outputs is None:
         return Response(status_code=499)    # the client is gone; nobody reads this
-    out = outputs[0]
-    c = out.outputs[0]
-    choice = ChatChoice(index=0, message=ChatResponseMessage(content=c.text),
-                        logprobs=_logprobs(c, 0, top_n) if body.logprobs else None,
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                        token_ids=c.token_ids if body.return_token_ids else None)
+    choices = []
+    for i, out in enumerate(outputs):        # one choice per sample (`n`)
+        c = out.outputs[0]
+        choices.append(ChatChoice(
+            index=i, message=ChatResponseMessage(content=c.text),
+            logprobs=_logprobs(c, 0, top_n) if body.logprobs else None,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            token_ids=c.token_ids if body.return_token_ids else None))
     resp = ChatCompletionResponse(
-        id=rid, created=now(), model=state.model_name, choices=[choice], usage=usage(outputs),
-        prompt_token_ids=out.prompt_token_ids if body.return_token_ids else None)
+        id=rid, created=now(), model=state.model_name, choices=choices,
+        usage=usage(outputs, stream),
+        prompt_token_ids=outputs[0].prompt_token_ids if body.return_token_ids else None)
     return JSONResponse(resp.model_dump())
 
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, rid: str,
                   stream: GenerationStream, tracker: RequestTracker,
                   top_n: int) -> AsyncIterator[str]:
-    created, text, num_tokens = now(), "", 0
+    created = now()
+    text, num_tokens = [""] * body.n, [0] * body.n      # sent so far, per choice
 
     def chunk(choice: ChatStreamChoice | None, usage_info: UsageInfo | None = None) -> str:
         c = ChatCompletionChunk(id=rid, created=created, model=state.model_name,
@@ -113,23 +117,25 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, rid: str,
         return f"data: {c.model_dump_json()}\n\n"
 
     try:
-        yield chunk(ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content="")))
-        async for _, out in stream:
-            tracker.observe(0, out)
+        for i in range(body.n):
+            yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                     content="")))
+        async for i, out in stream:
+            tracker.observe(i, out)
             c = out.outputs[0]
-            delta, new_ids = c.text[len(text):], c.token_ids[num_tokens:]
-            lp = _logprobs(c, num_tokens, top_n) if body.logprobs and new_ids else None
-            text, num_tokens = c.text, len(c.token_ids)
+            delta, new_ids = c.text[len(text[i]):], c.token_ids[num_tokens[i]:]
+            lp = _logprobs(c, num_tokens[i], top_n) if body.logprobs and new_ids else None
+            text[i], num_tokens[i] = c.text, len(c.token_ids)
             if not (delta or out.finished or (new_ids and (lp or body.return_token_ids))):
                 continue    # a token whose text is held back (partial UTF-8, maybe a stop)
             yield chunk(ChatStreamChoice(
-                index=0, delta=DeltaMessage(content=delta), logprobs=lp,
+                index=i, delta=DeltaMessage(content=delta), logprobs=lp,
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                 token_ids=new_ids if body.return_token_ids else None))
         if body.stream_options and body.stream_options.include_usage:
-            prompt_tokens = len(stream.prompt_token_ids[0])
-            yield chunk(None, UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=num_tokens,
-                                        total_tokens=prompt_tokens + num_tokens))
+            prompt_tokens, done = len(stream.prompt_token_ids[0]), sum(num_tokens)
+            yield chunk(None, UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                        total_tokens=prompt_tokens + done))
     except EngineError as e:
         yield sse_error(e)
     finally:

@@ -1,4 +1,5 @@
-"""POST /v1/completions: one choice per prompt (index i for prompt i), streamed or not."""
+"""POST /v1/completions: `n` choices per prompt (prompt i's sample j is choice i * n + j),
+streamed or not."""
 from __future__ import annotations
 
 import uuid
@@ -74,8 +75,9 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     rid = f"cmpl-{uuid.uuid4().hex}"
     items = [GenerationItem(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
     stream = await submit(state, items, "prompt")
-    echo = [_prompt_text(state, p) if body.echo else "" for p in prompts]
-    tracker = state.metrics.tracker(len(items))
+    # one choice per sample: prompt i's sample j is choice i * n + j (OpenAI's order)
+    echo = [_prompt_text(state, p) if body.echo else "" for p in prompts for _ in range(body.n)]
+    tracker = state.metrics.tracker(len(stream.request_ids))
     if body.stream:
         return event_stream(_stream(state, body, rid, stream, tracker, echo), stream)
     outputs = await run_to_end(request, stream, tracker)
@@ -90,7 +92,7 @@ async def create_completion(state: ServerState, body: CompletionRequest,
             stop_reason=c.stop_reason, token_ids=c.token_ids if body.return_token_ids else None,
             prompt_token_ids=out.prompt_token_ids if body.return_token_ids else None))
     resp = CompletionResponse(id=rid, created=now(), model=state.model_name, choices=choices,
-                              usage=usage(outputs))
+                              usage=usage(outputs, stream))
     return JSONResponse(resp.model_dump())
 
 

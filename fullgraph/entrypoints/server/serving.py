@@ -168,8 +168,9 @@ async def run_to_end(request: Request, stream: GenerationStream,
         raise APIError(500, str(e)) from None
 
 
-def usage(outputs: list[RequestOutput]) -> UsageInfo:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+def usage(outputs: list[RequestOutput], stream: GenerationStream) -> UsageInfo:
+    """Each prompt counted once, however many samples it has (as OpenAI counts)."""
+    prompt = sum(len(p) for p in stream.prompt_token_ids)
     completion = sum(len(o.outputs[0].token_ids) for o in outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion)
