@@ -139,11 +139,12 @@ def test_step_error_fails_requests_and_loop_survives(aengine, monkeypatch):
     with pytest.raises(EngineError, match="boom"):
         run(_generate(aengine, [GenerationItem("t-err", "hello", sp)]))
     assert calls and aengine.is_alive
-    assert aengine.snapshot.step_errors >= 1
+    # the error reaches the caller before the engine thread publishes its snapshot
+    assert _wait_until(lambda: aengine.snapshot.step_errors >= 1)
     monkeypatch.setattr(aengine.engine, "step", real_step)
     out = run(_generate(aengine, [GenerationItem("t-after-err", "hello", sp)]))[0]
     assert len(out.outputs[0].token_ids) == 8
-    assert aengine.snapshot.kv_usage == 0.0
+    assert _wait_until(lambda: aengine.snapshot.kv_usage == 0.0)
 
 
 def test_idle_loop_sleeps(aengine, monkeypatch):
