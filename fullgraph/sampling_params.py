@@ -45,7 +45,21 @@ class SamplingParams:
     logprobs: int | None = None      # number of top logprobs besides the sampled token's
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's penalties: presence / frequency subtract from the logits of tokens generated so
+    # far (once / per occurrence); repetition divides positive (multiplies negative) logits of
+    # tokens in the prompt or generated so far
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0               # keep tokens with p >= min_p * p(most likely token)
+    min_tokens: int = 0              # eos and stop_token_ids are not sampled before this many
+    logit_bias: dict[int, float] | None = None      # token id -> added to its logit
+    bad_words: list[str] | None = None              # never generate these words
+    allowed_token_ids: list[int] | None = None      # generate only these tokens
+    prompt_logprobs: int | None = None  # logprobs of each prompt token (+ top-N), vLLM's shape
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
+    # `bad_words` as token sequences (set by the engine, which owns the tokenizer)
+    bad_words_token_ids: list[list[int]] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.n = _integer("n", self.n)
@@ -55,6 +69,10 @@ class SamplingParams:
         self.seed = _integer("seed", self.seed, optional=True)
         self.max_tokens = _integer("max_tokens", self.max_tokens, optional=True)
         self.logprobs = _integer("logprobs", self.logprobs, optional=True)
+        self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs, optional=True)
+        self.min_tokens = _integer("min_tokens", self.min_tokens)
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            setattr(self, name, _number(name, getattr(self, name)))
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _flag(name, getattr(self, name))
         if self.n < 1:
@@ -67,8 +85,21 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_tokens < 0 or (self.max_tokens is not None
+                                   and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
+                             f"{self.min_tokens}")
+        self._check_token_lists()
         if self.seed is not None and not -2**63 <= self.seed < 2**63:
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
         if isinstance(self.stop, str):
@@ -88,6 +119,32 @@ class SamplingParams:
                              f"got {ids!r}")
         if ids is not None:
             self.stop_token_ids = [int(t) for t in ids]
+
+    def _check_token_lists(self) -> None:
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}")
+            # JSON keys are strings: "42" is token 42, as in OpenAI's API
+            items = [(_integer("logit_bias token id", int(k) if isinstance(k, str)
+                               and k.lstrip("-").isdigit() else k),
+                      _number("logit_bias value", v)) for k, v in bias.items()]
+            if any(t < 0 for t, _ in items):
+                raise ValueError(f"logit_bias token ids must be >= 0, got {bias!r}")
+            # vLLM and OpenAI clamp biases to [-100, 100]
+            self.logit_bias = {t: max(-100.0, min(100.0, v)) for t, v in items}
+        words = self.bad_words
+        if words is not None and (not isinstance(words, (list, tuple))
+                                  or any(not isinstance(w, str) or not w for w in words)):
+            raise ValueError(f"bad_words must be a list of non-empty strings, got {words!r}")
+        ids = self.allowed_token_ids
+        if ids is not None and (not isinstance(ids, (list, tuple)) or not ids or any(
+                isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
+                for t in ids)):
+            raise ValueError(f"allowed_token_ids must be a non-empty list of non-negative "
+                             f"integers, got {ids!r}")
+        if ids is not None:
+            self.allowed_token_ids = [int(t) for t in ids]
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -130,11 +130,33 @@ class LLMEngine:
                              f"prompt tokens and {max_tokens} max_tokens, but the cache has "
                              f"{self.kv.num_usable_blocks}; lower max_tokens or give the cache "
                              f"more memory")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} exceeds max_logprobs="
-                             f"{self.config.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > self.config.max_logprobs:
+                raise ValueError(f"{name}={asked} exceeds max_logprobs="
+                                 f"{self.config.max_logprobs}")
+        for name, token_ids in (("logit_bias", params.logit_bias or {}),
+                                ("allowed_token_ids", params.allowed_token_ids or ())):
+            outside = [t for t in token_ids if t >= vocab]
+            if outside:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): "
+                                 f"{outside[:5]}")
+        if params.bad_words and not params.bad_words_token_ids:
+            params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Request(request_id, ids, params, seed=seed, max_tokens=max_tokens, prompt=text)
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as token ids, also with a leading space where that tokenizes
+        differently but as long (vLLM's rule), so the word is banned mid-sentence too."""
+        out: list[list[int]] = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            out.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return out
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     stream: bool = False) -> Request:
