@@ -1,25 +1,27 @@
-"""Sampler: support restriction, reproducibility, independence from the batch."""
+"""Sampler: support restriction, reproducibility, independence from the batch (the engine
+end to end; tests/test_sampling_*.py test the sampler's parts against references)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from fullgraph import LLM, SamplingParams
-from fullgraph.worker.sampler import SamplingTensors, apply_top_k_top_p, sample, uniform_noise
+from fullgraph.worker.sampler import (GUMBEL_MAX, SamplingTensors, filter_thresholds, gumbel_noise,
+                                      sample, uniform_noise)
 
 
 def tensors(r, temperature=1.0, top_k=None, top_p=1.0, seeds=None, positions=None, vocab=50,
-            logprobs=-1):
+            logprobs=-1, min_p=None):
     top_k = vocab if top_k is None else top_k
     return SamplingTensors(
         temperature=torch.full((r,), temperature), top_k=torch.full((r,), top_k, dtype=torch.int32),
         top_p=torch.full((r,), top_p),
         seeds=torch.tensor(seeds if seeds is not None else list(range(r)), dtype=torch.int64),
         positions=torch.tensor(positions if positions is not None else [0] * r, dtype=torch.int64),
-        all_greedy=temperature == 0, any_top_k_top_p=top_k < vocab or top_p < 1.0,
-        num_logprobs=logprobs)
+        all_greedy=temperature == 0,
+        any_top_k_top_p=top_k < vocab or top_p < 1.0 or bool(min_p),
+        num_logprobs=logprobs, min_p=None if min_p is None else torch.full((r,), min_p))
 
 
 def test_noise_is_uniform_and_depends_on_seed_and_position():
@@ -29,6 +31,15 @@ def test_noise_is_uniform_and_depends_on_seed_and_position():
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
     again = uniform_noise(torch.tensor([2, 1]), torch.tensor([5, 5]), 20000)
     assert torch.equal(again[1], u[0]) and torch.equal(again[0], u[2])
+
+
+def test_noise_never_reaches_one_and_gumbel_is_bounded():
+    # 2**24 draws per row of a 152k vocabulary would reach the top value about once a row if
+    # the mapping could produce it: the largest draw is (2**23 - 1 + 0.5) / 2**23 < 1
+    top = torch.tensor([(2 ** 23 - 1) + 0.5]) * (1.0 / 2 ** 23)
+    assert top.item() < 1.0
+    g = gumbel_noise(torch.tensor([3, -7]), torch.tensor([0, 2 ** 31 + 5]), 151_936)
+    assert torch.isfinite(g).all() and g.max() <= GUMBEL_MAX
 
 
 def test_top_k_restricts_support():
@@ -67,8 +78,10 @@ def test_temperature_zero_is_argmax_and_rows_are_independent():
 
 def test_top_k_top_p_keeps_most_likely():
     logits = torch.tensor([[1.0, 5.0, 2.0]])
-    out = apply_top_k_top_p(logits, torch.tensor([1]), torch.tensor([0.01]))
-    assert out[0, 1] == 5.0 and math.isinf(out[0, 0]) and math.isinf(out[0, 2])
+    thr = filter_thresholds(logits, torch.tensor([1]), torch.tensor([0.01]), None)
+    assert thr.item() == 5.0
+    out = sample(logits.repeat(50, 1), tensors(50, top_k=1, top_p=0.01, vocab=3)).token_ids
+    assert set(out.tolist()) == {1}
 
 
 def test_logprobs_and_ranks():
