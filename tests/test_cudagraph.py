@@ -161,9 +161,9 @@ def engines():
 def test_graph_replay_matches_eager_on_random_batches(engines):
     graphs, eager = engines
     runner = graphs.engine.runner
-    # a model graph per descriptor (decode 1, 2, 4, 8; mixed 1..16) + a sampler graph per
-    # request count (1, 2, 4, 8)
-    assert runner.capture_report.num_graphs == 9 + 4 and runner.compiles_during_capture == 0
+    # a model graph per descriptor (decode 1, 2, 4, 8; mixed 1..16) + the sampler variants
+    # (temperature; + top-k/top-p/min_p; everything) per request count (1, 2, 4, 8)
+    assert runner.capture_report.num_graphs == 9 + 3 * 4 and runner.compiles_during_capture == 0
     rng = random.Random(0)
     for trial in range(3):
         prompts = [{"prompt_token_ids": [rng.randrange(1, 700) for _ in range(rng.randrange(1, 40))]}

@@ -43,7 +43,8 @@ class LLMEngine:
             config, cache=dataclasses.replace(config.cache, num_blocks=self.runner.num_blocks))
         cache = self.config.cache
         self.kv = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching,
-                                 self.runner.num_state_slots)
+                                 self.runner.num_state_slots,
+                                 self.runner.sampling_state.num_slots)
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}

@@ -72,13 +72,14 @@ class BlockPool:
             self.block_hash[block] = self.block_key[block] = None
 
 
-class StateSlotPool:
-    """Slots 1..n of the linear-attention state pools (slot 0 is the null slot). A running
-    request holds one; there are as many as `max_num_seqs`, so admission never waits for one."""
+class SlotPool:
+    """Slots `first` .. `first + num_slots - 1` of per-request state pools. A running request
+    holds at most one of each pool; there are as many as `max_num_seqs`, so admission never
+    waits for one."""
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, first: int) -> None:
         self.num_slots = num_slots
-        self._free = list(range(num_slots, 0, -1))
+        self._free = list(range(first + num_slots - 1, first - 1, -1))
 
     @property
     def num_free(self) -> int:
@@ -99,9 +100,13 @@ class KVCacheManager:
     holds."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
-                 num_state_slots: int = 0) -> None:
+                 num_state_slots: int = 0, num_sampling_slots: int = 0) -> None:
         self.pool = BlockPool(num_blocks)
-        self.state_slots = StateSlotPool(num_state_slots) if num_state_slots else None
+        # linear-attention state: slot 0 is the null slot padding lanes use
+        self.state_slots = SlotPool(num_state_slots, first=1) if num_state_slots else None
+        # the sampler's state (penalties ...), for requests that use it (-1: none)
+        self.sampling_slots = (SlotPool(num_sampling_slots, first=0) if num_sampling_slots
+                               else None)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_queries = 0          # prompt tokens looked up
@@ -157,6 +162,8 @@ class KVCacheManager:
             return False
         if self.state_slots is not None and req.state_slot == 0:
             req.state_slot = self.state_slots.take()   # a new (or recomputed) request
+        if req.needs_sampling_state and req.sampling_slot < 0:
+            req.sampling_slot = self.sampling_slots.take()
         self.pool.touch(list(computed_blocks))
         req.block_ids.extend(computed_blocks)
         if needed > 0:
@@ -184,3 +191,6 @@ class KVCacheManager:
         if req.state_slot:
             self.state_slots.give_back(req.state_slot)
             req.state_slot = 0
+        if req.sampling_slot >= 0:
+            self.sampling_slots.give_back(req.sampling_slot)
+            req.sampling_slot = -1

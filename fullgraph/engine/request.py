@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fullgraph.outputs import Logprob
 from fullgraph.sampling_params import SamplingParams
+from fullgraph.worker.sampler import needs_state
 
 
 class RequestStatus(enum.Enum):
@@ -38,6 +39,7 @@ class Request:
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)
     state_slot: int = 0                     # linear-attention state slot while running (0: none)
+    sampling_slot: int = -1                 # the sampler's state slot while running (-1: none)
     block_hashes: list[int] = field(default_factory=list)   # of full blocks, in order
     num_registered_blocks: int = 0          # leading blocks already in the prefix cache
     logprobs: list[dict[int, Logprob]] | None = None
@@ -45,9 +47,11 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     first_token_time: float | None = None
+    needs_sampling_state: bool = field(init=False, default=False)   # penalties, bias ...
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        self.needs_sampling_state = needs_state(self.sampling_params)
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
 

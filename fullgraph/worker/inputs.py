@@ -25,15 +25,19 @@ from fullgraph.buffers import CpuGpuBuffer, IndexedWrite, StagingArena
 from fullgraph.config import CUDAGraphMode
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
-from fullgraph.worker.sampler import SamplingTensors
+from fullgraph.worker.sampler import GREEDY, SamplerFeatures, SamplingTensors
 
 
 class RequestState(Protocol):
     """What the runner reads of a request (the engine's `Request` satisfies it)."""
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    num_preemptions: int
     all_token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int]
     state_slot: int                  # linear-attention state slot (0: the null slot)
+    sampling_slot: int               # the sampler's state slot (penalties ...; -1: none)
     sampling_params: SamplingParams
     seed: int
 
@@ -41,6 +45,7 @@ class RequestState(Protocol):
 class ScheduledChunk(Protocol):
     request: RequestState
     num_new_tokens: int
+    samples: bool                    # the chunk reaches the last known token: a token is drawn
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +74,7 @@ class StepInputs:
     logits_indices: torch.Tensor
     attention: StepAttentionInputs
     sampling: SamplingTensors
-    logprob_requests: list[int]      # rows whose request asked for logprobs
+    features: SamplerFeatures        # what this step's sampler must do (host-known)
     # Tokens sampled by the step still in flight (async scheduling): input_ids[pending_index]
     # = sampled[pending_row] on the device; unused rows point at the scratch slot.
     pending_index: torch.Tensor      # [num_reqs_padded]
@@ -122,7 +127,8 @@ class InputBuffers:
             "temperature": (r, torch.float32, req), "top_k": (r, torch.int32, req),
             "top_p": (r, torch.float32, req), "seeds": (r, torch.int64, req),
             "pending_index": (r, torch.int64, req), "pending_row": (r, torch.int64, req),
-            "state_slots": (r, torch.int64, req)},
+            "state_slots": (r, torch.int64, req), "min_p": (r, torch.float32, req),
+            "sampling_slots": (r, torch.int32, req), "row_logprobs": (r, torch.int32, req)},
             device, pin, merge=IndexedWrite("input_ids", "pending_index", "pending_row",
                                             self.sampled))
         self.block_table = buf((r + 1, max_blocks_per_seq), torch.int32)  # + a zero row
@@ -137,7 +143,7 @@ class InputBuffers:
         self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
         self._view_cache: dict[tuple[int, int], _StepViews] = {}
         self._sampling_reqs: list[RequestState] | None = None
-        self._sampling_flags: tuple[bool, bool, int, list[int]] = (True, False, -1, [])
+        self._sampling_flags: tuple[bool, bool, int, SamplerFeatures] = (True, False, -1, GREEDY)
         self._last_decode: _SteadyDecode | None = None
 
     @property
@@ -157,7 +163,9 @@ class InputBuffers:
             top_p=dev["top_p"][:num_reqs], seeds=dev["seeds"][:num_reqs],
             positions=dev["seq_lens"][:num_reqs],    # the sampled token's position
             all_greedy=all_greedy,
-            any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
+            any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs,
+            min_p=dev["min_p"][:num_reqs], state_slots=dev["sampling_slots"][:num_reqs],
+            row_logprobs=dev["row_logprobs"][:num_reqs])
 
     def _write_block_rows(self, reqs: list[RequestState], r_pad: int) -> None:
         bt, row_len = self.block_table.np, self._row_len
@@ -198,22 +206,28 @@ class InputBuffers:
                 self._view_cache[key] = views
         return views
 
-    def _write_sampling_rows(self, reqs: list[RequestState]) -> None:
-        """Sampling parameters of every row, and the batch's flags; skipped when the rows hold
-        the same requests as last step (steady decoding)."""
+    def _write_sampling_rows(self, chunks: Sequence[ScheduledChunk],
+                             reqs: list[RequestState]) -> None:
+        """Sampling parameters of every row, and the batch's sampler features; skipped when
+        the rows hold the same requests as last step (steady decoding). A row's sampler state
+        slot is -1 when its chunk draws no token (a prefill chunk short of the prompt's end:
+        no penalties, no count update)."""
+        a, n = self.arena.np, len(reqs)
+        a["sampling_slots"][:n] = [c.request.sampling_slot if c.samples else -1
+                                   for c in chunks]
         if reqs == self._sampling_reqs:
             return
-        a, n = self.arena.np, len(reqs)
         sps = [r.sampling_params for r in reqs]
         a["temperature"][:n] = [sp.temperature for sp in sps]
         a["top_k"][:n] = [sp.top_k if sp.top_k > 0 else self.vocab_size for sp in sps]
         a["top_p"][:n] = [sp.top_p for sp in sps]
+        a["min_p"][:n] = [sp.min_p for sp in sps]
         a["seeds"][:n] = [r.seed for r in reqs]
-        rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
-        self._sampling_flags = (
-            not bool((a["temperature"][:n] > 0).any()),
-            bool(((a["top_k"][:n] < self.vocab_size) | (a["top_p"][:n] < 1.0)).any()),
-            max((sps[i].logprobs for i in rows), default=-1), rows)
+        a["row_logprobs"][:n] = [-1 if sp.logprobs is None else sp.logprobs for sp in sps]
+        features = SamplerFeatures.of_batch(sps)
+        self._sampling_flags = (not features.sample, features.filter,
+                                max((sp.logprobs for sp in sps if sp.logprobs is not None),
+                                    default=-1), features)
         self._sampling_reqs = list(reqs)
 
     def copy_inputs(self, desc: BatchExecutionDescriptor) -> None:
@@ -288,7 +302,7 @@ class InputBuffers:
                 raise RuntimeError("a scheduled token is unknown and was not sampled by the "
                                    "previous step")
             pend_idx[i], pend_row[i] = index, row
-        self._write_sampling_rows(reqs)
+        self._write_sampling_rows(chunks, reqs)
         a["state_slots"][:n_req] = [r.state_slot for r in reqs]
         # padding lanes
         ids[n_tok:t_pad] = 0
@@ -303,6 +317,9 @@ class InputBuffers:
         a["temperature"][n_req:r_pad] = 0.0
         a["top_k"][n_req:r_pad] = self.vocab_size
         a["top_p"][n_req:r_pad] = 1.0
+        a["min_p"][n_req:r_pad] = 0.0
+        a["sampling_slots"][n_req:r_pad] = -1
+        a["row_logprobs"][n_req:r_pad] = -1
         a["seeds"][n_req:r_pad] = 0
         a["logits_indices"][n_req:r_pad] = 0
         # two transfers: the arena, and the block-table rows in use
@@ -317,13 +334,13 @@ class InputBuffers:
             slot_mapping=v.slot_mapping, seq_lens=v.seq_lens, query_start_loc=v.query_start_loc,
             block_table=v.block_table, state_slots=v.state_slots, positions_cpu=pos,
             seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt)
-        all_greedy, any_top_k_top_p, num_logprobs, logprob_rows = self._sampling_flags
+        all_greedy, any_top_k_top_p, num_logprobs, features = self._sampling_flags
         sampling = dataclasses.replace(v.sampling, all_greedy=all_greedy,
                                        any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
         step = StepInputs(desc, n_req, n_tok, v.input_ids, v.positions, v.logits_indices,
-                          attention, sampling, logprob_rows, v.pending_index, v.pending_row)
+                          attention, sampling, features, v.pending_index, v.pending_row)
         self._last_decode = None
-        if decode:
+        if decode and all(c.samples for c in chunks):      # the next step may advance it
             n = len(reqs)
             self._last_decode = _SteadyDecode(
                 reqs, desc, step, [d + 1 for d in done_list],

@@ -29,7 +29,8 @@ from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Disp
 from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
                                                 GraphRuntime)
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
-from fullgraph.worker.sampler import SamplerOutput, SamplingTensors, sample
+from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
+                                      SamplingState, SamplingTensors, sample)
 from fullgraph.worker.step_output import PendingStep, to_host
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class _DummyRequest:
     num_computed_tokens: int
     block_ids: list[int]
     state_slot: int
+    sampling_slot: int
     sampling_params: SamplingParams
     seed: int
 
@@ -54,6 +56,7 @@ class _DummyRequest:
 class _DummyChunk:
     request: _DummyRequest
     num_new_tokens: int
+    samples: bool = True
 
 
 @dataclass(slots=True)
@@ -67,10 +70,19 @@ class StepMetadata:
 
 @dataclass(frozen=True, slots=True)
 class SamplerGraphKey:
-    """The general sampler's graph for `num_reqs` rows of the persistent logits. Model graphs
-    end with greedy argmax; a step that samples replays this graph after its model graph, so
-    the model is captured once per descriptor, not once per sampler kind."""
+    """The sampler's graph for `num_reqs` rows of the persistent logits, doing `features`.
+    Model graphs end with greedy argmax; a step that samples replays the smallest sampler
+    variant that covers its features after its model graph, so the model is captured once
+    per descriptor, not once per sampler kind."""
     num_reqs: int
+    features: SamplerFeatures
+
+
+# The sampler variants captured for every request count, cheapest first: temperature only
+# (nano-vllm's benchmark and most RL rollouts), with top-k / top-p / min_p, and everything
+# (penalties, logit_bias, allowed tokens, min_tokens, logprobs).
+SAMPLER_VARIANTS = (SamplerFeatures(sample=True), SamplerFeatures(sample=True, filter=True),
+                    ALL_FEATURES)
 
 
 class ModelRunner:
@@ -128,6 +140,14 @@ class ModelRunner:
         self.state_backend = (GDNMetadataBuilder(self.max_num_seqs, self.max_num_tokens,
                                                  self.device)
                               if self.cache_specs.state is not None else None)
+        # The sampler's per-request state (penalties, logit_bias, allowed tokens, min_tokens),
+        # one slot per running request that uses any (engine/kv_cache.py hands them out); a
+        # slot is reset when a request first uses it, and again after a preemption.
+        self.sampling_state = SamplingState.allocate(self.max_num_seqs,
+                                                     config.model.vocab_size, self.device)
+        # (request, its preemption count) whose state each slot holds; the request object
+        # itself, not its id(), which a later request may reuse
+        self._sampling_slot_owner: list[tuple[Any, int] | None] = [None] * self.max_num_seqs
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
@@ -216,7 +236,8 @@ class ModelRunner:
         step = self.buffers.prepare(self._dummy_chunks(desc), desc)
         self._prepare_metadata(step)
         self._forward_eager(step)
-        sample(self.logits, self._general_sampling(self.max_num_seqs))
+        sample(self.logits, self._sampling_variant(self.max_num_seqs, ALL_FEATURES),
+               ALL_FEATURES, self.sampling_state)
 
     def _dummy_chunks(self, desc: BatchExecutionDescriptor) -> list[_DummyChunk]:
         """Requests that fill `desc` (at most max_model_len tokens each), all in block 0."""
@@ -228,7 +249,8 @@ class ModelRunner:
             lens = [min(per_req, n - i) for i in range(0, n, per_req)][:desc.num_reqs]
         blocks = [0] * self.config.max_blocks_per_seq
         params = SamplingParams(temperature=0.0)
-        return [_DummyChunk(_DummyRequest([0] * m, 0, blocks, 0, params, 0), m) for m in lens]
+        return [_DummyChunk(_DummyRequest([0] * m, 0, blocks, 0, -1, params, 0), m)
+                for m in lens]
 
     # ---------------------------------------------------------------- graphs
     def capture_graphs(self, runtime: GraphRuntime | None = None) -> CaptureReport | None:
@@ -252,7 +274,7 @@ class ModelRunner:
             ahead = partial(triton_compile_ahead, workers) if workers is not None else None
         self.graphs = CUDAGraphManager(runtime, ahead)
         rows = sorted({d.num_reqs for d in descs}, reverse=True)
-        keys = descs + [SamplerGraphKey(r) for r in rows]
+        keys = descs + [SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
         compiles0 = compile_count()
         # Decode descriptors warm up first: they need most of the kernel variants (row bucket,
         # split count), which compile-ahead's workers then compile while a mixed descriptor
@@ -272,8 +294,8 @@ class ModelRunner:
 
     def _create_forward_fn(self, key, warmup: bool):
         if isinstance(key, SamplerGraphKey):
-            sampling = self._general_sampling(key.num_reqs)
-            return (lambda: self._sample(sampling)), None
+            sampling = self._sampling_variant(key.num_reqs, key.features)
+            return (lambda: self._sample(sampling, key.features)), None
         compiles0 = compile_count()
         copies = self._graph_copies_inputs(key)
         step = self.buffers.prepare(self._dummy_chunks(key), key, copy=not copies)
@@ -317,12 +339,33 @@ class ModelRunner:
             with torch.cuda.stream(self._event_stream):
                 self._inputs_copied.record()
 
-    def _general_sampling(self, num_reqs: int) -> SamplingTensors:
-        """What a sampler graph is captured with (a graph cannot branch): every feature on.
-        Requests that use none of them draw the same tokens as without (top-k = vocab and
-        top-p = 1 mask nothing)."""
-        return self.buffers.sampling_tensors(num_reqs, all_greedy=False, any_top_k_top_p=True,
-                                             num_logprobs=self.config.max_logprobs)
+    def _sampling_variant(self, num_reqs: int, features: SamplerFeatures) -> SamplingTensors:
+        """The sampling inputs a sampler graph of `features` is captured with (a graph cannot
+        branch): every feature of the variant on. A row that uses none of them draws the same
+        token as without (worker/sampler.py)."""
+        return self.buffers.sampling_tensors(
+            num_reqs, all_greedy=not features.sample, any_top_k_top_p=features.filter,
+            num_logprobs=self.config.max_logprobs if features.logprobs else -1)
+
+    def _captured_sampler(self, features: SamplerFeatures) -> SamplerFeatures:
+        """The cheapest captured sampler variant that covers a step's features."""
+        return next(f for f in SAMPLER_VARIANTS if f.covers(features))
+
+    def _reset_sampling_slots(self, chunks: Sequence[ScheduledChunk]) -> None:
+        """Load a request's sampler state into its slot when it first uses it, and again
+        after a preemption (with the tokens it generated so far); eager, on the step's
+        stream, before the step."""
+        for c in chunks:
+            req = c.request
+            slot = req.sampling_slot
+            if slot < 0:
+                continue
+            owner = self._sampling_slot_owner[slot]
+            if owner is None or owner[0] is not req or owner[1] != req.num_preemptions:
+                self.sampling_state.reset_slot_from_params(
+                    slot, req.sampling_params, req.prompt_token_ids, req.output_token_ids,
+                    self.config.model.eos_token_ids)
+                self._sampling_slot_owner[slot] = (req, req.num_preemptions)
 
     # ---------------------------------------------------------------- step
     def _prepare_metadata(self, step: StepInputs) -> None:
@@ -359,9 +402,9 @@ class ModelRunner:
         self.model.compute_logits(rows, out=logits)
         return argmax_rows(logits, out=self.sampled[:r])
 
-    def _sample(self, sampling: SamplingTensors) -> SamplerOutput:
+    def _sample(self, sampling: SamplingTensors, features: SamplerFeatures) -> SamplerOutput:
         r = sampling.temperature.shape[0]
-        out = sample(self.logits[:r], sampling)
+        out = sample(self.logits[:r], sampling, features, self.sampling_state)
         self.sampled[:r].copy_(out.token_ids)
         return out
 
@@ -387,21 +430,25 @@ class ModelRunner:
         desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
         copied_in_graph = self._graph_copies_inputs(desc)
         step = self.buffers.prepare(chunks, desc, self._last_rows, copy=not copied_in_graph)
-        # A steady decode step (the last step's StepInputs again) keeps every request's row.
-        if self.async_scheduling and step is not self._last_step:
-            self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
+        # A steady decode step (the last step's StepInputs again) keeps every request's row
+        # and sampler state.
+        if step is not self._last_step:
+            if self.async_scheduling:
+                self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
+            self._reset_sampling_slots(chunks)
         self._last_step = step
         self._prepare_metadata(step)
         self.prepare_seconds += time.perf_counter() - t0
         if self._inputs_copied is not None and not copied_in_graph:
             self._inputs_copied.record()
-        greedy = step.sampling.greedy_only
+        features = step.features
         if desc.mode == CUDAGraphMode.FULL:
             self.graphs.replay(desc)
-            out = None if greedy else self.graphs.replay(SamplerGraphKey(desc.num_reqs))
+            out = None if features.greedy_only else self.graphs.replay(
+                SamplerGraphKey(desc.num_reqs, self._captured_sampler(features)))
         else:
             self._forward_eager(step)
-            out = None if greedy else self._sample(step.sampling)
+            out = None if features.greedy_only else self._sample(step.sampling, features)
         self.num_steps += 1
         n = step.num_reqs
         tensors = [self.sampled[:n], None, None, None]
