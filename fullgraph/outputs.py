@@ -34,3 +34,5 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # with SamplingParams.prompt_logprobs: None, then per prompt token {token id: Logprob}
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -138,3 +138,30 @@ def test_mixed_batch_equals_each_request_alone(hf_dir, graphs):
     if graphs:
         assert llm.engine.runner.dispatcher.num_graph_steps > 0
     assert llm.engine.kv.sampling_slots.num_free == KW["max_num_seqs"]
+
+
+@pytest.mark.parametrize("engine_kw", [
+    pytest.param(dict(max_num_batched_tokens=16), id="chunked-prefill"),
+    pytest.param(dict(cudagraph_runtime="fake", max_num_batched_tokens=64,
+                      cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64]), id="fake-graphs"),
+    pytest.param(dict(block_size=8, num_gpu_blocks_override=9, max_num_seqs=4),
+                 id="preemption"),
+])
+def test_prompt_logprobs_match_transformers(hf_dir, hf_model, engine_kw):
+    llm = LLM(hf_dir, **(KW | engine_kw))
+    rng = random.Random(9)
+    prompts = [[rng.randrange(700) for _ in range(n)] for n in (40, 1, 23, 30)]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert len(out.prompt_logprobs) == len(p) and out.prompt_logprobs[0] is None
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([p])).logits[0].float().log_softmax(-1)
+        for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
+            actual = entry[p[pos]]
+            assert abs(actual.logprob - ref[pos - 1, p[pos]].item()) < 1e-4
+            assert actual.rank == int((ref[pos - 1] > ref[pos - 1, p[pos]]).sum()) + 1
+            top = [t for t, lp in entry.items() if lp.rank <= 3]
+            assert set(ref[pos - 1].topk(3).indices.tolist()) <= set(top) | {p[pos]}
+    if "num_gpu_blocks_override" in engine_kw:
+        assert llm.engine.scheduler.num_preemptions > 0

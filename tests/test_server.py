@@ -375,7 +375,11 @@ BAD_COMPLETIONS = [
     ({"n": 33}, 400, "n", "exceeds max_num_seqs"),
     ({"logprobs": 50}, 400, "logprobs", "max_logprobs"),
     ({"temperature": "hot"}, 400, "temperature", "temperature"),
-    ({"presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ({"presence_penalty": 2.5}, 400, "presence_penalty", "[-2, 2]"),
+    ({"logit_bias": {"100000": 5}}, 400, "logit_bias", "outside the vocabulary"),
+    ({"extra_body": {"repetition_penalty": 0}}, 400, "repetition_penalty", "> 0"),
+    ({"extra_body": {"min_tokens": 10}}, 400, "min_tokens", "max_tokens"),
+    ({"extra_body": {"prompt_logprobs": 99}}, 400, "prompt_logprobs", "max_logprobs"),
     ({"extra_body": {"top_k": -5}}, 400, "top_k", "top_k"),
     ({"model": "gpt-4"}, 404, "model", "gpt-4"),
     ({"prompt": ""}, 400, "prompt", "empty"),
@@ -386,7 +390,6 @@ BAD_COMPLETIONS = [
     ({"seed": 2**64}, 400, "seed", "seed"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"suffix": "tail"}, 400, "suffix", "not supported"),
-    ({"echo": True, "logprobs": 1}, 400, "echo", "not supported"),
 ]
 
 
@@ -814,3 +817,42 @@ def test_n_samples_per_prompt(client, offline):
         for c in chunk.choices:
             streamed[c.index] += c.delta.content or ""
     assert [streamed[i] for i in range(3)] == [c.message.content for c in whole.choices]
+
+
+def test_penalties_bias_and_min_p_match_offline(client, offline):
+    fields = dict(presence_penalty=0.8, frequency_penalty=0.5, logit_bias={"42": 4.0})
+    extra = dict(repetition_penalty=1.3, min_p=0.05, ignore_eos=True)
+    sp = SamplingParams(temperature=0.9, seed=3, max_tokens=8,
+                        logit_bias={42: 4.0}, presence_penalty=0.8, frequency_penalty=0.5,
+                        repetition_penalty=1.3, min_p=0.05, ignore_eos=True)
+    want = offline.generate(["The quick brown fox"], sp, use_tqdm=False)[0].outputs[0]
+    resp = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=8,
+                                     temperature=0.9, seed=3, extra_body=extra, **fields)
+    assert resp.choices[0].text == want.text
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, offline):
+    """echo + logprobs: the prompt's tokens with their logprobs (None first), then the
+    completion's, as OpenAI and vLLM return them."""
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2,
+                        prompt_logprobs=2)
+    want = offline.generate(["Once upon a time"], sp, use_tqdm=False)[0]
+    resp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4,
+                                     temperature=0, echo=True, logprobs=2,
+                                     extra_body={"ignore_eos": True})
+    lp = resp.choices[0].logprobs
+    n_prompt = len(want.prompt_token_ids)
+    assert len(lp.tokens) == n_prompt + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = [e[t].logprob for t, e in zip(want.prompt_token_ids[1:],
+                                             want.prompt_logprobs[1:])]
+    assert lp.token_logprobs[1:n_prompt] == pytest.approx(expected, abs=1e-5)
+    assert "".join(lp.tokens) == resp.choices[0].text
+    assert lp.text_offset == sorted(lp.text_offset)
+    # the vLLM field: prompt_logprobs on the choice
+    raw = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=1,
+                                    extra_body={"prompt_logprobs": 2})
+    plp = raw.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == n_prompt
+    assert plp[1][str(want.prompt_token_ids[1])]["logprob"] == pytest.approx(expected[0],
+                                                                              abs=1e-5)

@@ -225,6 +225,8 @@ class LLMEngine:
             req = entry.request
             if req.is_finished or req.num_preemptions != entry.num_preemptions:
                 continue      # finished, aborted or preempted since launch: drop its sample
+            if result.prompt_logprobs and i in result.prompt_logprobs:
+                self._append_prompt_logprobs(req, *result.prompt_logprobs[i])
             if entry.samples:
                 req.num_pending -= 1
                 self._append(req, int(result.token_ids[i]), result, i)
@@ -269,6 +271,15 @@ class LLMEngine:
         req.logprobs.append(entry)
         req.cumulative_logprob += float(lps[0])
 
+    def _append_prompt_logprobs(self, req: Request, logprobs, token_ids, ranks) -> None:
+        decode = self.tokenizer.decode
+        n = req.sampling_params.prompt_logprobs
+        for lps, ids, rank in zip(logprobs, token_ids, ranks):
+            entry = {int(ids[0]): Logprob(float(lps[0]), int(rank), decode([int(ids[0])]))}
+            for r, (tid, lp) in enumerate(zip(ids[1:n + 1], lps[1:n + 1]), start=1):
+                entry.setdefault(int(tid), Logprob(float(lp), r, decode([int(tid)])))
+            req.prompt_logprobs.append(entry)
+
     def _finish(self, req: Request) -> RequestOutput:
         self.scheduler.finish(req)
         out = self._output(req)
@@ -289,7 +300,9 @@ class LLMEngine:
         if req.first_token_time is not None:
             metrics["first_token_time"] = req.first_token_time
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
-                             finished, req.num_cached_tokens, metrics)
+                             finished, req.num_cached_tokens, metrics,
+                             list(req.prompt_logprobs) if req.prompt_logprobs is not None
+                             else None)
 
 
 def sample_request_ids(request_id: str, n: int) -> list[str]:

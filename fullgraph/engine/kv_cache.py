@@ -134,8 +134,8 @@ class KVCacheManager:
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Cached blocks that hold a prefix of the request's tokens (at least one token is
         always left to compute, so the step produces logits)."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
+            return []     # (prompt logprobs need every prompt position computed, as in vLLM)
         self._hash_full_blocks(req, req.num_tokens)
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits = []

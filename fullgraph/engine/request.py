@@ -43,6 +43,8 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)   # of full blocks, in order
     num_registered_blocks: int = 0          # leading blocks already in the prefix cache
     logprobs: list[dict[int, Logprob]] | None = None
+    # vLLM's shape: None for the first prompt token, then one dict per prompt token
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -54,6 +56,8 @@ class Request:
         self.needs_sampling_state = needs_state(self.sampling_params)
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:

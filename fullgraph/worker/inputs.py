@@ -33,6 +33,7 @@ class RequestState(Protocol):
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     num_preemptions: int
+    prompt_logprobs: list | None     # entries so far ([None] first), if asked for
     all_token_ids: list[int]
     num_computed_tokens: int
     block_ids: list[int]

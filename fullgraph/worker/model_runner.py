@@ -28,6 +28,7 @@ from fullgraph.worker.compilers import (configure_compilers, start_compile_worke
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
 from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
                                                 GraphRuntime)
+from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, sample)
@@ -50,6 +51,7 @@ class _DummyRequest:
     sampling_slot: int
     sampling_params: SamplingParams
     seed: int
+    prompt_logprobs: None = None
 
 
 @dataclass(slots=True)
@@ -160,6 +162,7 @@ class ModelRunner:
         self.compiles_during_capture = 0
         self._warmup_compiles = 0
         self.prepare_seconds = 0.0     # host time writing step inputs (graph steps: all of it)
+        self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
         self.num_steps = 0
 
     # ---------------------------------------------------------------- memory
@@ -395,7 +398,7 @@ class ModelRunner:
                                               self.sampled[step.pending_row])
         ctx = ForwardContext(self.backend, metadata.attention, self.kv_caches,
                              step.attention.slot_mapping, self.state_caches, metadata.state)
-        hidden = self.model(step.input_ids, step.positions, ctx)
+        hidden = self._hidden = self.model(step.input_ids, step.positions, ctx)
         logits = self.logits[:r]
         # one token per request: the rows are the requests' already (no gather kernel)
         rows = hidden[:r] if step.desc.uniform_query_len == 1 else hidden[step.logits_indices]
@@ -427,7 +430,11 @@ class ModelRunner:
             # event reports complete.)
             self._inputs_copied.synchronize()
         t0 = time.perf_counter()
-        desc = self.dispatcher.dispatch(n_tok, len(chunks), uniform)
+        # prompt logprobs still owed: the step runs eagerly, to keep every token's hidden state
+        owed = (prompt_logprobs.plan(chunks)
+                if any(c.request.prompt_logprobs is not None for c in chunks) else None)
+        desc = (self.dispatcher.dispatch(n_tok, len(chunks), uniform) if not owed
+                else self.dispatcher.eager(n_tok, len(chunks), uniform))
         copied_in_graph = self._graph_copies_inputs(desc)
         step = self.buffers.prepare(chunks, desc, self._last_rows, copy=not copied_in_graph)
         # A steady decode step (the last step's StepInputs again) keeps every request's row
@@ -449,6 +456,7 @@ class ModelRunner:
         else:
             self._forward_eager(step)
             out = None if features.greedy_only else self._sample(step.sampling, features)
+        prompt_lps = prompt_logprobs.compute(self.model, self._hidden, owed) if owed else None
         self.num_steps += 1
         n = step.num_reqs
         tensors = [self.sampled[:n], None, None, None]
@@ -460,7 +468,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return PendingStep(host, event)
+        return PendingStep(host, event, prompt_lps)
 
 
 def compile_count() -> int:

@@ -15,19 +15,24 @@ class StepResult:
     logprobs: np.ndarray | None = None       # [num_reqs, 1 + N]
     logprob_token_ids: np.ndarray | None = None
     ranks: np.ndarray | None = None
+    # row -> (logprobs [P, 1+N], token ids [P, 1+N], ranks [P]) of the prompt positions the
+    # step computed (worker/prompt_logprobs.py)
+    prompt_logprobs: dict[int, tuple[np.ndarray, ...]] | None = None
 
 
 @dataclass(slots=True)
 class PendingStep:
     """A launched step: its outputs are on their way to host memory."""
-    tensors: tuple[torch.Tensor | None, ...]      # StepResult's fields, host tensors
+    tensors: tuple[torch.Tensor | None, ...]      # StepResult's sample fields, host tensors
     event: torch.cuda.Event | None
+    prompt_logprobs: dict[int, tuple[np.ndarray, ...]] | None = None     # already on host
 
     def wait(self) -> StepResult:
         """The results, copied out of the host tensors (which a later step may reuse)."""
         if self.event is not None:
             self.event.synchronize()
-        return StepResult(*(t.numpy().copy() if t is not None else None for t in self.tensors))
+        return StepResult(*(t.numpy().copy() if t is not None else None for t in self.tensors),
+                          prompt_logprobs=self.prompt_logprobs)
 
 
 def to_host(t: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -17,7 +17,8 @@ from fullgraph.entrypoints.server.protocol import (ChatChoice, ChatCompletionChu
                                                    ChatStreamChoice, ChatTokenLogprob,
                                                    DeltaMessage, TopLogprob, UsageInfo)
 from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
-                                                  check_unsupported, clamp_logprob, now, run_to_end,
+                                                  check_unsupported, clamp_logprob, now,
+                                                  prompt_logprobs_body, run_to_end,
                                                   sampling_params, sse_error, submit, usage,
                                                   warn_unknown_fields)
 from fullgraph.outputs import CompletionOutput
@@ -101,7 +102,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     resp = ChatCompletionResponse(
         id=rid, created=now(), model=state.model_name, choices=choices,
         usage=usage(outputs, stream),
-        prompt_token_ids=outputs[0].prompt_token_ids if body.return_token_ids else None)
+        prompt_token_ids=outputs[0].prompt_token_ids if body.return_token_ids else None,
+        prompt_logprobs=prompt_logprobs_body(outputs[0]))
     return JSONResponse(resp.model_dump())
 
 

@@ -2,6 +2,7 @@
 streamed or not."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from fullgraph.entrypoints.server.protocol import (CompletionChoice, CompletionL
                                                    CompletionRequest, CompletionResponse,
                                                    UsageInfo)
 from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
-                                                  check_unsupported, clamp_logprob, now, run_to_end,
+                                                  check_unsupported, clamp_logprob, now,
+                                                  prompt_logprobs_body, run_to_end,
                                                   sampling_params, sse_error, submit, usage,
                                                   warn_unknown_fields)
 from fullgraph.outputs import CompletionOutput
@@ -69,9 +71,10 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     warn_unknown_fields(body, "completions")
     prompts = normalize_prompts(body.prompt)
     check_unsupported(body, {"suffix": bool(body.suffix), "best_of": (body.best_of or 1) > 1})
-    if body.echo and body.logprobs is not None:
-        raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
     params = sampling_params(state, body, body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
+        # echo's logprobs cover the prompt too: its tokens' logprobs, computed for this
+        params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     items = [GenerationItem(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
     stream = await submit(state, items, "prompt")
@@ -86,14 +89,43 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     choices = []
     for i, out in enumerate(outputs):
         c = out.outputs[0]
-        lp = _logprobs(c, 0, len(echo[i]))[0] if body.logprobs is not None else None
+        lp = None
+        if body.logprobs is not None:
+            lp = _echo_logprobs(state, out, body.logprobs) if body.echo else CompletionLogprobs()
+            lp = _extend(lp, _logprobs(c, 0, len(echo[i]))[0])
         choices.append(CompletionChoice(
             index=i, text=echo[i] + c.text, logprobs=lp, finish_reason=c.finish_reason,
             stop_reason=c.stop_reason, token_ids=c.token_ids if body.return_token_ids else None,
-            prompt_token_ids=out.prompt_token_ids if body.return_token_ids else None))
+            prompt_token_ids=out.prompt_token_ids if body.return_token_ids else None,
+            prompt_logprobs=prompt_logprobs_body(out) if body.prompt_logprobs is not None
+            else None))
     resp = CompletionResponse(id=rid, created=now(), model=state.model_name, choices=choices,
                               usage=usage(outputs, stream))
     return JSONResponse(resp.model_dump())
+
+
+def _echo_logprobs(state: ServerState, out, top_n: int) -> CompletionLogprobs:
+    """The prompt's part of echo's logprobs, in the completions format: every prompt token,
+    its logprob (None for the first, as OpenAI and vLLM give it) and the top `top_n`."""
+    lp, offset = CompletionLogprobs(), 0
+    decode = state.tokenizer.decode
+    for tid, entry in zip(out.prompt_token_ids, out.prompt_logprobs):
+        token = decode([tid])
+        lp.tokens.append(token)
+        lp.token_logprobs.append(None if entry is None else clamp_logprob(entry[tid].logprob))
+        lp.top_logprobs.append(None if entry is None else {
+            (e.decoded_token or ""): clamp_logprob(e.logprob)
+            for e in sorted(entry.values(), key=lambda e: e.rank) if e.rank <= top_n})
+        lp.text_offset.append(offset)
+        offset += len(token)
+    return lp
+
+
+def _extend(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens,
+                              token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs,
+                              text_offset=a.text_offset + b.text_offset)
 
 
 def _prompt_text(state: ServerState, prompt: str | list[int]) -> str:
@@ -117,6 +149,9 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str,
                 lp, s.offset = _logprobs(c, s.num_tokens, s.offset)
             if not s.started:
                 delta, s.started = echo[i] + delta, True
+                if body.echo and body.logprobs is not None:
+                    lp = _extend(_echo_logprobs(state, out, body.logprobs),
+                                 lp or CompletionLogprobs())
             s.text, s.num_tokens = c.text, len(c.token_ids)
             completion_tokens[i] = len(c.token_ids)
             if not (delta or out.finished or (new_ids and (lp or body.return_token_ids))):

@@ -45,7 +45,9 @@ def error_response(status: int, message: str, param: str | None = None,
 
 # The SamplingParams / make_request messages start with the field they are about.
 _FIELDS = ("n", "temperature", "top_p", "top_k", "seed", "max_tokens", "stop_token_ids", "stop",
-           "logprobs", "top_logprobs")
+           "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "min_p", "min_tokens", "logit_bias", "bad_words",
+           "allowed_token_ids", "prompt_logprobs")
 _FIRST_WORD = re.compile(r"^(\w+)")
 
 

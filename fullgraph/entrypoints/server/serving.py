@@ -77,14 +77,8 @@ def warn_unknown_fields(body: BaseModel, endpoint: str) -> None:
         logger.warning("%s: ignoring unknown fields %s", endpoint, sorted(body.model_extra))
 
 
-def check_unsupported(body: SamplingFields, extra: dict[str, object]) -> None:
-    """400 for features we do not implement, unless sent at their neutral value."""
-    asked = {"presence_penalty": body.presence_penalty not in (None, 0),
-             "frequency_penalty": body.frequency_penalty not in (None, 0),
-             "logit_bias": bool(body.logit_bias),
-             "min_p": body.min_p not in (None, 0),
-             "repetition_penalty": body.repetition_penalty not in (None, 1)}
-    asked.update(extra)
+def check_unsupported(body: SamplingFields, asked: dict[str, object]) -> None:
+    """400 for features we do not implement (`asked`: name -> sent at a non-neutral value)."""
     for name, on in asked.items():
         if on:
             raise bad_request(f"{name} is not supported by this server", name)
@@ -100,7 +94,13 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
                  seed=body.seed, max_tokens=max_tokens, stop=body.stop,
                  stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
                  logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
-                 include_stop_str_in_output=body.include_stop_str_in_output)
+                 include_stop_str_in_output=body.include_stop_str_in_output,
+                 presence_penalty=body.presence_penalty,
+                 frequency_penalty=body.frequency_penalty,
+                 repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+                 min_tokens=body.min_tokens, logit_bias=body.logit_bias,
+                 bad_words=body.bad_words, allowed_token_ids=body.allowed_token_ids,
+                 prompt_logprobs=body.prompt_logprobs)
     recommended = dict(state.engine.config.model.sampling_defaults)
     # max_tokens None is meaningful (chat: the rest of the context), not "left out"
     merged = ({"temperature": 1.0, "max_tokens": None} | recommended
@@ -166,6 +166,16 @@ async def run_to_end(request: Request, stream: GenerationStream,
         return consumer.result()
     except EngineError as e:
         raise APIError(500, str(e)) from None
+
+
+def prompt_logprobs_body(out: RequestOutput) -> list | None:
+    """vLLM's `prompt_logprobs` of a response: None, then {token id: entry} per prompt token."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if e is None else
+            {t: {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
+                 "decoded_token": lp.decoded_token} for t, lp in e.items()}
+            for e in out.prompt_logprobs]
 
 
 def usage(outputs: list[RequestOutput], stream: GenerationStream) -> UsageInfo:

@@ -88,6 +88,12 @@ class Dispatcher:
                                "runs eagerly (further fallbacks are only counted)",
                                num_tokens, num_reqs)
             self.num_eager_fallbacks += 1
+        return self.eager(num_tokens, num_reqs, uniform_query_len)
+
+    def eager(self, num_tokens: int, num_reqs: int,
+              uniform_query_len: int | None) -> BatchExecutionDescriptor:
+        """The descriptor of an eager step of this size (padded to a bucket on CUDA)."""
+        decode = uniform_query_len == self.q and num_tokens == num_reqs * self.q
         if not self.pad_eager:
             return BatchExecutionDescriptor(CUDAGraphMode.NONE, num_tokens, num_reqs,
                                             uniform_query_len)
