@@ -91,3 +91,14 @@ def test_bench_latency_on_a_cpu_says_it_ran_eagerly(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no CUDA graphs" in r.stdout and "None" not in r.stdout
     assert "[graph] batch" not in r.stdout
+
+
+def test_bench_throughput_reports_greedy_and_sampled(tmp_path):
+    import json
+    r = run("bench", "throughput", "--model", "tiny-qwen3", "--num-prompts", "4", "--min-len",
+            "8", "--max-len", "16", "--top-p", "0.9", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "bench_throughput.json").read_text())
+    assert [run["sampling"]["temperature"] for run in data["runs"]] == [0.0, 0.6]
+    assert data["runs"][1]["sampling"]["top_p"] == 0.9
+    assert 0 < data["sampled_over_greedy"] and "sampled / greedy" in r.stdout
