@@ -30,9 +30,10 @@ def vllm_process(logits, prompt, output, sp, eos):
         mask = torch.ones(v, dtype=torch.bool)
         mask[sp.allowed_token_ids] = False
         z[mask] = float("-inf")
-    for word in sp.bad_words_token_ids:
-        if len(word) == 1:
-            z[word[0]] = float("-inf")
+    for word in sp.bad_words_token_ids:      # vLLM: the last token, after the rest of the word
+        k = len(word) - 1
+        if k == 0 or (len(output) >= k and output[-k:] == word[:-1]):
+            z[word[-1]] = float("-inf")
     for t, b in (sp.logit_bias or {}).items():
         z[t] += b
     if len(output) < sp.min_tokens:
@@ -95,6 +96,28 @@ def test_bad_words_are_never_generated(llm, hf_model):
     banned = {ids[0] for ids in sp.bad_words_token_ids if len(ids) == 1}
     assert banned & set(plain) and not banned & set(out.token_ids)
     assert out.token_ids == reference_greedy(hf_model, PROMPTS[1], sp,
+                                             llm.engine.config.model.eos_token_ids)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_multi_token_bad_words(hf_dir, hf_model, async_scheduling):
+    llm = LLM(hf_dir, async_scheduling=async_scheduling, **KW)
+    tok = llm.get_tokenizer()
+    plain = llm.generate({"prompt_token_ids": PROMPTS[2]},
+                         SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    # a two-token word greedy decoding produces
+    word = next(w for w in (tok.decode(plain[i:i + 2]) for i in range(len(plain) - 1))
+                if len(tok.encode(w.lstrip(), add_special_tokens=False)) == 2
+                and any(tok.encode(v, add_special_tokens=False) == plain[i:i + 2]
+                        for v in (w, w.lstrip()) for i in range(len(plain) - 1)))
+    sp = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True, bad_words=[word])
+    out = llm.generate({"prompt_token_ids": PROMPTS[2]}, sp, use_tqdm=False)[0].outputs[0]
+    words = [w for w in sp.bad_words_token_ids if len(w) == 2]
+    pairs = {tuple(out.token_ids[i:i + 2]) for i in range(len(out.token_ids) - 1)}
+    assert words and not pairs & {tuple(w) for w in words}
+    assert out.token_ids != plain
+    assert out.token_ids == reference_greedy(hf_model, PROMPTS[2], sp,
                                              llm.engine.config.model.eos_token_ids)
 
 

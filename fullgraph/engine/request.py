@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from fullgraph.outputs import Logprob
 from fullgraph.sampling_params import SamplingParams
-from fullgraph.worker.sampler import needs_state
+from fullgraph.worker.sampler import multi_token_bad_words, needs_state
 
 
 class RequestStatus(enum.Enum):
@@ -50,10 +50,14 @@ class Request:
     stop_reason: int | str | None = None
     first_token_time: float | None = None
     needs_sampling_state: bool = field(init=False, default=False)   # penalties, bias ...
+    # its next token's bans depend on its last one (multi-token bad words): never scheduled
+    # while a sampled token is still on its way to the host
+    waits_for_output: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
         self.needs_sampling_state = needs_state(self.sampling_params)
+        self.waits_for_output = bool(multi_token_bad_words(self.sampling_params))
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
         if self.sampling_params.prompt_logprobs is not None:

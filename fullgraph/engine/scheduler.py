@@ -78,9 +78,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_output_tokens + req.num_pending >= req.max_tokens:
-                i += 1          # its last token is in flight; it finishes when that lands
-                continue
+            if (req.num_output_tokens + req.num_pending >= req.max_tokens
+                    or (req.num_pending and req.waits_for_output)):
+                i += 1          # its last token is in flight (it finishes when that lands),
+                continue        # or its next step needs that token on the host
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()

@@ -31,7 +31,8 @@ from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager,
 from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
-                                      SamplingState, SamplingTensors, sample)
+                                      SamplingState, SamplingTensors, multi_token_bad_words,
+                                      sample, step_bans)
 from fullgraph.worker.step_output import PendingStep, to_host
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,10 @@ class ModelRunner:
         # (request, its preemption count) whose state each slot holds; the request object
         # itself, not its id(), which a later request may reuse
         self._sampling_slot_owner: list[tuple[Any, int] | None] = [None] * self.max_num_seqs
+        # requests in the batch whose banned tokens change per step (multi-token bad words),
+        # and the bans their slots hold now
+        self._step_ban_requests: list = []
+        self._slot_bans: dict[int, set[int]] = {}
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
@@ -358,6 +363,7 @@ class ModelRunner:
         """Load a request's sampler state into its slot when it first uses it, and again
         after a preemption (with the tokens it generated so far); eager, on the step's
         stream, before the step."""
+        self._step_ban_requests = []
         for c in chunks:
             req = c.request
             slot = req.sampling_slot
@@ -369,6 +375,19 @@ class ModelRunner:
                     slot, req.sampling_params, req.prompt_token_ids, req.output_token_ids,
                     self.config.model.eos_token_ids)
                 self._sampling_slot_owner[slot] = (req, req.num_preemptions)
+                self._slot_bans.pop(slot, None)
+            if multi_token_bad_words(req.sampling_params):
+                self._step_ban_requests.append(req)
+
+    def _update_step_bans(self) -> None:
+        """Ban the last token of each multi-token bad word whose other tokens end a request's
+        output (vLLM's rule; the scheduler runs such requests only with their output known)."""
+        for req in self._step_ban_requests:
+            bans = step_bans(req.sampling_params, req.output_token_ids,
+                             self.config.model.vocab_size)
+            if self._slot_bans.get(req.sampling_slot) != bans:
+                self.sampling_state.set_banned(req.sampling_slot, bans)
+                self._slot_bans[req.sampling_slot] = bans
 
     # ---------------------------------------------------------------- step
     def _prepare_metadata(self, step: StepInputs) -> None:
@@ -443,6 +462,7 @@ class ModelRunner:
             if self.async_scheduling:
                 self._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
             self._reset_sampling_slots(chunks)
+        self._update_step_bans()
         self._last_step = step
         self._prepare_metadata(step)
         self.prepare_seconds += time.perf_counter() - t0

@@ -161,7 +161,28 @@ def needs_state(params) -> bool:
                 or getattr(params, "logit_bias", None)
                 or getattr(params, "allowed_token_ids", None)
                 or getattr(params, "min_tokens", 0)
-                or _single_token_bad_words(params))
+                or getattr(params, "bad_words_token_ids", None))
+
+
+def multi_token_bad_words(params) -> list[list[int]]:
+    """Bad words longer than one token: their last token is banned only right after the
+    rest of the word was generated (vLLM's rule), which the runner checks each step."""
+    return [w for w in getattr(params, "bad_words_token_ids", None) or [] if len(w) > 1]
+
+
+def step_bans(params, output_token_ids: Sequence[int], vocab_size: int) -> set[int]:
+    """The tokens a request may not generate next: its single-token bad words and
+    disallowed tokens, and the last token of each multi-token bad word whose other tokens
+    end the output so far."""
+    bans = set(_single_token_bad_words(params))
+    allowed = getattr(params, "allowed_token_ids", None)
+    if allowed:
+        bans |= set(range(vocab_size)) - set(allowed)
+    for word in multi_token_bad_words(params):
+        k = len(word) - 1
+        if len(output_token_ids) >= k and list(output_token_ids[-k:]) == word[:-1]:
+            bans.add(word[-1])
+    return bans
 
 
 def _single_token_bad_words(params) -> list[int]:
@@ -272,11 +293,12 @@ class SamplingState:
                    logit_bias: dict[int, float] | None = None,
                    allowed_token_ids: Sequence[int] | None = None,
                    bad_token_ids: Sequence[int] = (), min_tokens: int = 0,
-                   stop_token_ids: Sequence[int] = ()) -> None:
+                   stop_token_ids: Sequence[int] = (), step_bans: bool = False) -> None:
         """Eager (not in a graph), on the current stream, at admission: the request's
         parameters, its prompt's presence bits and the counts of the tokens it already
         generated (non-empty after a preemption). `stop_token_ids`: eos (unless ignored) and
-        the request's stop tokens, banned until `min_tokens` tokens were generated."""
+        the request's stop tokens, banned until `min_tokens` tokens were generated.
+        `step_bans`: the banned tokens change from step to step (`set_banned`)."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"state slot {slot} out of range [0, {self.num_slots})")
         v = self.vocab_size
@@ -315,7 +337,7 @@ class SamplingState:
         self.presence_penalty[slot] = presence_penalty
         flags = ((FLAG_PENALTY if (repetition_penalty != 1.0 or frequency_penalty != 0.0
                                    or presence_penalty != 0.0) else 0)
-                 | (FLAG_BANNED if banned else 0) | (FLAG_BIAS if bias else 0)
+                 | (FLAG_BANNED if banned or step_bans else 0) | (FLAG_BIAS if bias else 0)
                  | (FLAG_MIN_TOKENS if stops else 0))
         self.flags[slot] = flags
 
@@ -334,7 +356,13 @@ class SamplingState:
             logit_bias=getattr(params, "logit_bias", None),
             allowed_token_ids=getattr(params, "allowed_token_ids", None),
             bad_token_ids=_single_token_bad_words(params),
-            min_tokens=getattr(params, "min_tokens", 0) or 0, stop_token_ids=stops)
+            min_tokens=getattr(params, "min_tokens", 0) or 0, stop_token_ids=stops,
+            step_bans=bool(multi_token_bad_words(params)))
+
+    def set_banned(self, slot: int, token_ids: Iterable[int]) -> None:
+        """Replace a slot's banned tokens (eager, before a step), for a request whose bans
+        depend on the tokens it generated (multi-token bad words)."""
+        _upload(self.banned_mask[slot], _pack_bits(token_ids, self.vocab_size))
 
 
 FLAG_PENALTY, FLAG_BANNED, FLAG_BIAS, FLAG_MIN_TOKENS = 1, 2, 4, 8
