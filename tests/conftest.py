@@ -114,3 +114,20 @@ def graph_input_tensors(runner) -> list[torch.Tensor]:
     return [b.arena.gpu, b.arena.dev["input_ids"], b.block_table.gpu, backend.block_logical,
             backend.mixed_kv_indices.gpu, backend.doc_ids.gpu, runner.logits, backend.q_pad,
             *(t for layer in runner.kv_caches for t in layer)]
+
+
+def logprob_errors(outputs, prompts, ref32, ref16) -> tuple[list[float], list[float]]:
+    """|our bf16 logprob - transformers' float32| and |transformers' bf16 - float32| for every
+    logprob our `outputs` (completions with logprobs of `prompts`) report."""
+    ours, theirs = [], []
+    for p, o in zip(prompts, outputs):
+        ids = torch.tensor([p + o.token_ids], device="cuda")
+        with torch.no_grad():
+            lp32 = ref32(ids).logits[0].float().log_softmax(-1)
+            lp16 = ref16(ids).logits[0].float().log_softmax(-1)
+        for step, entry in enumerate(o.logprobs):
+            row = len(p) - 1 + step
+            for tid, logprob in entry.items():
+                ours.append(abs(logprob.logprob - lp32[row, tid].item()))
+                theirs.append(abs(lp16[row, tid].item() - lp32[row, tid].item()))
+    return ours, theirs

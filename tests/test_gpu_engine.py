@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import hf_greedy
+from conftest import hf_greedy, logprob_errors
 from fullgraph import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -47,17 +47,7 @@ def test_bfloat16_logprobs_close_to_transformers(hf_dir, compile_layers):
     outs = llm.generate([{"prompt_token_ids": p} for p in ps],
                         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5),
                         use_tqdm=False)
-    ours, theirs = [], []
-    for p, o in zip(ps, outs):
-        ids = torch.tensor([p + o.outputs[0].token_ids], device="cuda")
-        with torch.no_grad():
-            lp32 = ref32(ids).logits[0].float().log_softmax(-1)
-            lp16 = ref16(ids).logits[0].float().log_softmax(-1)
-        for step, entry in enumerate(o.outputs[0].logprobs):
-            row = len(p) - 1 + step
-            for tid, logprob in entry.items():
-                ours.append(abs(logprob.logprob - lp32[row, tid].item()))
-                theirs.append(abs(lp16[row, tid].item() - lp32[row, tid].item()))
+    ours, theirs = logprob_errors([o.outputs[0] for o in outs], ps, ref32, ref16)
     ours_mean, theirs_mean = sum(ours) / len(ours), sum(theirs) / len(theirs)
     assert ours_mean <= 2 * theirs_mean + 1e-3, (ours_mean, theirs_mean)
     assert max(ours) <= 2 * max(theirs) + 1e-2, (max(ours), max(theirs))

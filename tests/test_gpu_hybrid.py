@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import hf_greedy, make_hybrid_checkpoint
+from conftest import hf_greedy, logprob_errors, make_hybrid_checkpoint
 from fullgraph import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -49,17 +49,7 @@ def test_bfloat16_logprobs_close_to_transformers(hybrid_dir):
     ref16 = Qwen3_5ForCausalLM.from_pretrained(hybrid_dir, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(hybrid_dir, dtype="bfloat16", **ENGINE)
     ps = prompts([5, 30, 64, 100], seed=12)
-    ours, theirs = [], []
-    for p, o in zip(ps, greedy(llm, ps, 8, logprobs=5)):
-        ids = torch.tensor([p + o.token_ids], device="cuda")
-        with torch.no_grad():
-            lp32 = ref32(ids).logits[0].float().log_softmax(-1)
-            lp16 = ref16(ids).logits[0].float().log_softmax(-1)
-        for step, entry in enumerate(o.logprobs):
-            row = len(p) - 1 + step
-            for tid, logprob in entry.items():
-                ours.append(abs(logprob.logprob - lp32[row, tid].item()))
-                theirs.append(abs(lp16[row, tid].item() - lp32[row, tid].item()))
+    ours, theirs = logprob_errors(greedy(llm, ps, 8, logprobs=5), ps, ref32, ref16)
     ours_mean, theirs_mean = sum(ours) / len(ours), sum(theirs) / len(theirs)
     assert ours_mean <= 2 * theirs_mean + 1e-3, (ours_mean, theirs_mean)
 

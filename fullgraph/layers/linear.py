@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fullgraph.layers.gemv import matmul
+from fullgraph.layers.gemv import gemv, gemv_supported, matmul
 
 
 # An opaque op for torch.compile: the row count is only known at run time (compiled layers
@@ -68,3 +68,12 @@ class MergedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def logits_into(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+    """The LM head into `out` (the runner's persistent [rows, vocab] buffer): our skinny
+    GEMV for the few rows of a decode step, cuBLAS otherwise."""
+    if gemv_supported(hidden, lm_head_weight):
+        return gemv(hidden, lm_head_weight, out)
+    return torch.matmul(hidden, lm_head_weight.t(), out=out)

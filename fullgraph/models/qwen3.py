@@ -13,8 +13,7 @@ from torch import nn
 from fullgraph.attention.backend import ForwardContext, KVCache, QKNormRope
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
-from fullgraph.layers.gemv import gemv, gemv_supported
-from fullgraph.layers.linear import Linear, MergedLinear
+from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.pdl import inductor_options
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
@@ -179,9 +178,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
-        if gemv_supported(hidden, self.lm_head.weight):
-            return gemv(hidden, self.lm_head.weight, out)
-        return torch.matmul(hidden, self.lm_head.weight.t(), out=out)
+        return logits_into(hidden, self.lm_head.weight, out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights_by_name(self, weights, self.stacked_params,

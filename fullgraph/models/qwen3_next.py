@@ -33,8 +33,7 @@ from fullgraph.layers.embedding import Embedding
 from fullgraph.layers.fused_linear import silu_mul_linear
 from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, chunk_gated_delta_rule,
                                   decode_gated_delta_rule, gdn_gating, rms_norm_gated)
-from fullgraph.layers.gemv import gemv, gemv_supported
-from fullgraph.layers.linear import Linear, MergedLinear
+from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
 from fullgraph.models.interface import (CacheSpecs, ModelCapabilities, PagedAttentionSpec,
                                         StateSpec, StateTensorSpec)
@@ -293,9 +292,7 @@ class HybridForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if gemv_supported(hidden, self.lm_head.weight):
-            return gemv(hidden, self.lm_head.weight, out)
-        return torch.matmul(hidden, self.lm_head.weight.t(), out=out)
+        return logits_into(hidden, self.lm_head.weight, out)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def skip(name: str) -> bool:
