@@ -87,6 +87,24 @@ def make_hybrid_checkpoint(path: str, architecture: str = "Qwen3_5ForCausalLM", 
     return path
 
 
+@pytest.fixture
+def hf_gdn_torch_paths(monkeypatch):
+    """transformers' pure-torch Gated DeltaNet functions, undecorated, for the reference:
+    with fla (the GPU machine carries it) some versions (5.17) hand even CPU tensors to fla,
+    and on CUDA its float32 kernels use tf32. Patched where the models look them up."""
+    import inspect
+    import importlib
+    for module in ("qwen3_5", "qwen3_next", "qwen3_5_moe"):
+        try:
+            mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+        except ImportError:
+            continue
+        for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
+                     "causal_conv1d_fn", "causal_conv1d_update"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, inspect.unwrap(getattr(mod, name)))
+
+
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory) -> str:
     return make_hf_checkpoint(str(tmp_path_factory.mktemp("hf-qwen3")))

@@ -10,7 +10,7 @@ import torch
 from conftest import hf_greedy, logprob_errors, make_hybrid_checkpoint
 from fullgraph import LLM, SamplingParams
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hf_gdn_torch_paths")]
 ENGINE = dict(device="cuda", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128,
               num_gpu_blocks_override=256, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128])
 
