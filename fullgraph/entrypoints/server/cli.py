@@ -30,13 +30,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help="serve an OpenAI-compatible API")
-    add_serve_args(p)
-    p.set_defaults(func=main)
-    return p
-
-
 def resolve_model(ns: argparse.Namespace) -> None:
     """Set `ns.model` from the positional MODEL or --model (ValueError if they differ), else
     the engine's default model."""
@@ -68,14 +61,5 @@ def main(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":      # python -m fullgraph.entrypoints.server.cli MODEL ...
-    parser = argparse.ArgumentParser(prog="fullgraph serve")
-    parser.add_argument("--log-level", default="INFO")
-    add_serve_args(parser)
-    args = parser.parse_args()
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(main(args))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from fullgraph.entrypoints.cli import main as cli_main
+    sys.exit(cli_main(["serve", *sys.argv[1:]]))
