@@ -4,8 +4,9 @@ For each batch size, B requests of `--input-len` random tokens generate `--outpu
 tokens each (greedy, ignore_eos). Decode steps (every request decoding) are timed one by
 one; the step ends with the copy of sampled ids to the host, so wall time is device time
 plus host overhead. Achieved bandwidth counts the bytes a decode step must read: the weights
-(tied LM head once) and each request's KV cache; the floor is those bytes at the device's
-measured copy bandwidth.
+(tied LM head once), each request's KV cache and, for hybrid models, each request's
+linear-attention state (read and written); the floor is those bytes at the device's measured
+copy bandwidth.
 """
 from __future__ import annotations
 
@@ -107,13 +108,16 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
         print(f"[graph] {engine.config.device} has no CUDA graphs: this mode runs eagerly")
     w_bytes = weight_bytes(runner.model)
     kv_per_token = runner.kv_bytes_per_block // runner.block_size
+    # linear-attention layers read and write each request's state once a step
+    state = runner.cache_specs.state
+    state_per_req = 2 * state.bytes_per_slot(engine.config.model.dtype) if state else 0
     rng = np.random.default_rng(0)
     rows = []
     for b in ns.batch_sizes:
         bench_batch(engine, b, ns.input_len, 4, rng)           # warm up (compiles in eager mode)
         row = bench_batch(engine, b, ns.input_len, ns.output_len, rng)
         ctx = ns.input_len + ns.output_len / 2
-        step_bytes = w_bytes + b * ctx * kv_per_token
+        step_bytes = w_bytes + b * (ctx * kv_per_token + state_per_req)
         row["bytes_per_step"] = step_bytes
         row["floor_ms"] = step_bytes / bandwidth * 1e3
         row["achieved_GBps"] = step_bytes / (row["decode_ms_median"] / 1e3) / 1e9
