@@ -167,6 +167,7 @@ class ModelRunner:
         self.compiles_during_capture = 0
         self._warmup_compiles = 0
         self.prepare_seconds = 0.0     # host time writing step inputs (graph steps: all of it)
+        self.state_prepare_seconds = 0.0   # of which the linear-attention metadata
         self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
         self.num_steps = 0
 
@@ -394,7 +395,9 @@ class ModelRunner:
         """Host work of every cache kind's metadata (never inside a graph)."""
         self.backend.prepare(step.attention)
         if self.state_backend is not None:
+            t0 = time.perf_counter()
             self.state_backend.prepare(step.attention)
+            self.state_prepare_seconds += time.perf_counter() - t0
 
     def _build_metadata(self, step: StepInputs) -> StepMetadata:
         state = (self.state_backend.build(step.attention) if self.state_backend is not None

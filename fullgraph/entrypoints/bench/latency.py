@@ -16,6 +16,7 @@ import gc
 import os
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -59,6 +60,23 @@ def count_kernels(engine, batch: int) -> int | None:
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
 
 
+def count_syncs(engine) -> int | None:
+    """GPU->CPU synchronizations torch reports during one engine step (its sampled tokens'
+    wait is an event, which is not one of them): 0 is the design."""
+    if not torch.cuda.is_available():
+        engine.step()
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) and "prototype" not in str(w.message)
+               for w in caught)
+
+
 def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     vocab = engine.config.model.vocab_size
@@ -68,25 +86,39 @@ def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dic
     t0 = time.perf_counter()
     ttft, decode_ms, kernels, prep, counted = None, [], None, None, False
     runner = engine.runner
+    prefill_syncs = count_syncs(engine)          # the first step: the prompts' prefill
+    decode_syncs = None
+    if all(r.output_token_ids for r in engine.requests.values()):
+        ttft = time.perf_counter() - t0
     while engine.has_unfinished_requests():
         sched_decode = all(r.num_tokens + r.num_pending - r.num_computed_tokens == 1
                            for r in engine.scheduler.running) and not engine.scheduler.waiting
         if sched_decode and not counted and ttft is not None:
             kernels, counted = count_kernels(engine, batch), True
+            decode_syncs = count_syncs(engine)
             continue
         p0, n0 = runner.prepare_seconds, runner.num_steps
+        s0 = runner.state_prepare_seconds
         t = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t
         if sched_decode and ttft is not None:
             decode_ms.append(dt * 1e3)
-            prep = (prep or []) + [(runner.prepare_seconds - p0) / max(runner.num_steps - n0, 1)]
+            steps = max(runner.num_steps - n0, 1)
+            prep = (prep or []) + [((runner.prepare_seconds - p0) / steps,
+                                    (runner.state_prepare_seconds - s0) / steps)]
         elif ttft is None and all(r.output_token_ids for r in engine.requests.values()):
             ttft = time.perf_counter() - t0
+    if not decode_ms:                            # a warm-up too short to time a decode step
+        decode_ms = [float("nan")]
     return {"batch": batch, "ttft_ms": (ttft or 0) * 1e3,
             "decode_ms_median": statistics.median(decode_ms), "decode_ms_mean": statistics.fmean(decode_ms),
             "decode_steps": len(decode_ms), "kernels_per_decode_step": kernels,
-            "prepare_us_per_step": 1e6 * statistics.median(prep) if prep else None}
+            "syncs_prefill_step": prefill_syncs, "syncs_decode_step": decode_syncs,
+            "prepare_us_per_step": 1e6 * statistics.median(p for p, _ in prep) if prep else None,
+            # of which the linear-attention layers' metadata (chunk maps; hybrids only)
+            "state_prepare_us_per_step":
+                1e6 * statistics.median(q for _, q in prep) if prep else None}
 
 
 def run_mode(ns, mode: str, bandwidth: float) -> dict:
