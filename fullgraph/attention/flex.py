@@ -24,7 +24,7 @@ exact on its own: a listed block may be another request's of the same query bloc
 
 Uncompiled (the CPU), FlexAttention is not called at all: eager FlexAttention ignores the
 block sparsity and scores every query against the whole cache, so a CPU step cost what the
-cache did, ~90x the SDPA reference for 3 prompts (issue 21). Both layouts go instead through
+cache did. Both layouts go instead through
 attention/gathered.py, which gathers only the blocks the step's rows see (the block table's
 rows; the per-query-block lists `prepare` builds) and applies the same mask with SDPA, over
 the step's own extent, or inside a recorded graph the bound its padded shape allows.

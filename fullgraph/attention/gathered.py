@@ -2,10 +2,9 @@
 
 Eager (uncompiled) FlexAttention ignores the BlockMask's sparsity: it scores every query
 against the whole paged cache, `num_blocks * block_size` positions, and evaluates the
-mask_mod on all of them; it also runs through `torch.compile(backend="eager")` on every call
-(~7 ms for a 3-row decode of tiny-qwen3 on a 2-core CPU). A CPU step therefore cost what the
-cache cost, not what the batch did: 90x slower than the SDPA reference for 3 prompts, ~300 ms
-between tokens at 8 server streams (issue 21).
+mask_mod on all of them; it also runs through `torch.compile(backend="eager")` on every call.
+A CPU step therefore cost what the cache cost, not what the batch did (figures:
+docs/benchmarks.md, fourteenth session).
 
 This path computes the same attention over a dense gather of the blocks the step may see:
 
@@ -29,8 +28,7 @@ capture) replay those ops later for other steps of the same padded shape, so `B`
 bound that shape allows: a request's `max_blocks_per_seq`, and for a query block that times
 the requests it can hold (at most 16, at most the padded request count), never more than the
 cache. Either way the cost follows the step's tokens and their context, not the cache size
-(tiny-qwen3, 3 and 8 greedy streams: ~1.2-1.4 ms a step with 256 or 4096 cache blocks,
-against 26-34 and 500-1400 ms before). Rows are padded to the widest one, though: a packed
+Rows are padded to the widest one, though: a packed
 step of many decoding requests and a prefill gives every query block the list of the one
 holding the decodes.
 """

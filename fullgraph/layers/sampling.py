@@ -45,7 +45,7 @@ GUMBEL_MAX = 16.7              # worker/sampler.py: the largest noise value, plu
 GREEDY_EPS = 1e-5
 NOISE_SHIFT = 9                # 32 - NOISE_BITS
 DRAW_BLOCK = 1024
-TARGET_PROGRAMS = 528          # ~4 per SM of an H100: slices per row for few rows
+TARGET_PROGRAMS = 528          # programs to spread few rows over, enough to fill every SM
 FILTER_CHUNK = 8192            # fixed per-row slices of the filter passes (batch-invariant sums)
 FILTER_BLOCK = 512
 NUM_PIVOTS = 16                # d_j = (j + 1)^2 / 8: 0.125 ... 32 below the row maximum

@@ -166,9 +166,8 @@ if triton is not None:
         tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Up to this many (token, slot) pairs one program sorts them (`_align_kernel`); above, torch.
-# H100, 512 experts (probes/moe_bench.py): 10 pairs 2.2 µs against torch's 13.9, 320 pairs
-# 3.9 against 32.9, 1020 pairs 9.2 against 35.0; 4090 pairs 68 against 42.
+# Up to this many (token, slot) pairs one program sorts them (`_align_kernel`); above, torch's
+# sort is faster (measured: docs/benchmarks.md, fourteenth session).
 ALIGN_MAX_PAIRS = 1024
 
 
@@ -183,9 +182,8 @@ def tile_config(num_pairs: int, num_experts: int, n: int, k: int,
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from shapes alone (a graph's
     kernels must not depend on the routing). The row tile follows the mean rows per
     active expert. gate_up's BLOCK_N counts gate columns: each program computes BLOCK_N gate
-    and BLOCK_N up columns, two accumulators. Rules, not tuned per shape: at Qwen3-Next's
-    shapes on an H100 (probes/moe_bench.py --sweep) no candidate beat these by more than
-    1.5% at 1 and 32 tokens, and 8-256 tokens stream ~2.9 TB/s of expert weights."""
+    and BLOCK_N up columns, two accumulators. Rules, not tuned per shape: a sweep found no
+    candidate much better (docs/benchmarks.md, fourteenth session)."""
     rows = num_pairs / max(1, min(num_experts, num_pairs))
     block_k = max(16, min(128 if rows <= 16 else 64, triton.next_power_of_2(k)))
     if rows <= 16:       # decode: weight-bandwidth bound, narrow tiles for many programs
