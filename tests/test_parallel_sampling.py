@@ -59,3 +59,10 @@ def test_n_with_prompts_in_one_call(llm):
     outs = llm.generate([PROMPT, {"prompt_token_ids": [9, 8, 7]}], sampled(2), use_tqdm=False)
     assert [len(o.outputs) for o in outs] == [2, 2]
     assert outs[1].prompt_token_ids == [9, 8, 7]
+
+
+def test_n_keeps_the_prompts_other_outputs(llm):
+    sp = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=2, prompt_logprobs=1)
+    out = llm.generate({"prompt_token_ids": [9, 8, 7, 6]}, sp, use_tqdm=False)[0]
+    assert len(out.outputs) == 2 and out.request_id.startswith("offline-")
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == 4

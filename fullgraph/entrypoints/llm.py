@@ -1,6 +1,7 @@
 """The offline API: `LLM(model=...).generate(prompts, sampling_params)`, shaped like vLLM's."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -58,14 +59,15 @@ class LLM:
                   else [sampling_params] * len(prompts))
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        groups = []        # per prompt, one request per sample
+        groups = []        # per prompt: its request id, and one engine request per sample
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            request_id = f"offline-{next(self._ids)}"
             try:
-                groups.append(self.engine.make_requests(f"offline-{next(self._ids)}",
-                                                        _prompt_input(prompt), sp))
+                groups.append((request_id, self.engine.make_requests(
+                    request_id, _prompt_input(prompt), sp)))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        for req in (r for group in groups for r in group):
+        for req in (r for _, group in groups for r in group):
             self.engine.add(req)
         return self._run(groups, use_tqdm)
 
@@ -76,10 +78,12 @@ class LLM:
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, groups: list[list[Request]], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, groups: list[tuple[str, list[Request]]],
+             use_tqdm: bool) -> list[RequestOutput]:
         """Step until every request finished; one output per prompt, its samples' completions
-        in index order."""
-        where = {r.request_id: (g, r.index) for g, group in enumerate(groups) for r in group}
+        in index order (vLLM's n completions)."""
+        where = {r.request_id: (g, r.index) for g, (_, group) in enumerate(groups)
+                 for r in group}
         done: list[dict[int, RequestOutput]] = [{} for _ in groups]
         results: list[RequestOutput | None] = [None] * len(groups)
         bar = _ProgressBar(len(groups), use_tqdm)
@@ -90,8 +94,11 @@ class LLM:
                         continue
                     g, index = where[out.request_id]
                     done[g][index] = out
-                    if len(done[g]) == len(groups[g]):
-                        results[g] = _merge(groups[g], done[g])
+                    request_id, group = groups[g]
+                    if len(done[g]) == len(group):
+                        results[g] = dataclasses.replace(
+                            done[g][0], request_id=request_id,
+                            outputs=[done[g][i].outputs[0] for i in range(len(group))])
                         bar.finished(results[g])
         except BaseException:
             for r in where:      # leave the engine clean for the next call
@@ -101,17 +108,6 @@ class LLM:
         finally:
             bar.close()
         return results
-
-
-def _merge(group: list[Request], outs: dict[int, RequestOutput]) -> RequestOutput:
-    """A prompt's samples as one output, as vLLM returns them (n completions)."""
-    if len(group) == 1:
-        return outs[0]
-    first = outs[0]
-    return RequestOutput(group[0].request_id.rpartition("-")[0], first.prompt,
-                         first.prompt_token_ids,
-                         [outs[i].outputs[0] for i in range(len(group))], True,
-                         first.num_cached_tokens, first.metrics)
 
 
 class _ProgressBar:
