@@ -144,7 +144,8 @@ class InputBuffers:
         self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
         self._view_cache: dict[tuple[int, int], _StepViews] = {}
         self._sampling_reqs: list[RequestState] | None = None
-        self._sampling_flags: tuple[bool, bool, int, SamplerFeatures] = (True, False, -1, GREEDY)
+        # the rows' sampler features, and their widest logprobs ask (-1: none)
+        self._sampling_flags: tuple[SamplerFeatures, int] = (GREEDY, -1)
         self._last_decode: _SteadyDecode | None = None
 
     @property
@@ -225,10 +226,9 @@ class InputBuffers:
         a["min_p"][:n] = [sp.min_p for sp in sps]
         a["seeds"][:n] = [r.seed for r in reqs]
         a["row_logprobs"][:n] = [-1 if sp.logprobs is None else sp.logprobs for sp in sps]
-        features = SamplerFeatures.of_batch(sps)
-        self._sampling_flags = (not features.sample, features.filter,
+        self._sampling_flags = (SamplerFeatures.of_batch(sps),
                                 max((sp.logprobs for sp in sps if sp.logprobs is not None),
-                                    default=-1), features)
+                                    default=-1))
         self._sampling_reqs = list(reqs)
 
     def copy_inputs(self, desc: BatchExecutionDescriptor) -> None:
@@ -335,9 +335,9 @@ class InputBuffers:
             slot_mapping=v.slot_mapping, seq_lens=v.seq_lens, query_start_loc=v.query_start_loc,
             block_table=v.block_table, state_slots=v.state_slots, positions_cpu=pos,
             seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt)
-        all_greedy, any_top_k_top_p, num_logprobs, features = self._sampling_flags
-        sampling = dataclasses.replace(v.sampling, all_greedy=all_greedy,
-                                       any_top_k_top_p=any_top_k_top_p, num_logprobs=num_logprobs)
+        features, num_logprobs = self._sampling_flags
+        sampling = dataclasses.replace(v.sampling, all_greedy=not features.sample,
+                                       any_top_k_top_p=features.filter, num_logprobs=num_logprobs)
         step = StepInputs(desc, n_req, n_tok, v.input_ids, v.positions, v.logits_indices,
                           attention, sampling, features, v.pending_index, v.pending_row)
         self._last_decode = None

@@ -32,7 +32,7 @@ from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, multi_token_bad_words,
-                                      sample, step_bans)
+                                      sample, word_bans)
 from fullgraph.worker.step_output import PendingStep, to_host
 
 logger = logging.getLogger(__name__)
@@ -152,9 +152,9 @@ class ModelRunner:
         # itself, not its id(), which a later request may reuse
         self._sampling_slot_owner: list[tuple[Any, int] | None] = [None] * self.max_num_seqs
         # requests in the batch whose banned tokens change per step (multi-token bad words),
-        # and the bans their slots hold now
+        # and the word bans their slots hold now
         self._step_ban_requests: list = []
-        self._slot_bans: dict[int, set[int]] = {}
+        self._slot_bans: dict[int, frozenset[int]] = {}
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
@@ -384,10 +384,9 @@ class ModelRunner:
         """Ban the last token of each multi-token bad word whose other tokens end a request's
         output (vLLM's rule; the scheduler runs such requests only with their output known)."""
         for req in self._step_ban_requests:
-            bans = step_bans(req.sampling_params, req.output_token_ids,
-                             self.config.model.vocab_size)
-            if self._slot_bans.get(req.sampling_slot) != bans:
-                self.sampling_state.set_banned(req.sampling_slot, bans)
+            bans = word_bans(req.sampling_params, req.output_token_ids)
+            if self._slot_bans.get(req.sampling_slot, frozenset()) != bans:
+                self.sampling_state.set_step_bans(req.sampling_slot, bans)
                 self._slot_bans[req.sampling_slot] = bans
 
     # ---------------------------------------------------------------- step

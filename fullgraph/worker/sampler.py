@@ -43,7 +43,7 @@ vocab] workspace).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -170,19 +170,15 @@ def multi_token_bad_words(params) -> list[list[int]]:
     return [w for w in getattr(params, "bad_words_token_ids", None) or [] if len(w) > 1]
 
 
-def step_bans(params, output_token_ids: Sequence[int], vocab_size: int) -> set[int]:
-    """The tokens a request may not generate next: its single-token bad words and
-    disallowed tokens, and the last token of each multi-token bad word whose other tokens
-    end the output so far."""
-    bans = set(_single_token_bad_words(params))
-    allowed = getattr(params, "allowed_token_ids", None)
-    if allowed:
-        bans |= set(range(vocab_size)) - set(allowed)
+def word_bans(params, output_token_ids: Sequence[int]) -> frozenset[int]:
+    """The last token of each multi-token bad word whose other tokens end the output so far:
+    what the request may not generate next, beyond its fixed bans."""
+    bans = set()
     for word in multi_token_bad_words(params):
         k = len(word) - 1
         if len(output_token_ids) >= k and list(output_token_ids[-k:]) == word[:-1]:
             bans.add(word[-1])
-    return bans
+    return frozenset(bans)
 
 
 def _single_token_bad_words(params) -> list[int]:
@@ -264,6 +260,8 @@ class SamplingState:
     # (prompt length + min_tokens)
     min_len: torch.Tensor          # [S + 1] int32
     stop_ids: torch.Tensor         # [S + 1, MAX_STOP_IDS] int32 eos + stop_token_ids, -1 = unused
+    # host copies of the fixed bans of slots whose bans also change per step (`set_step_bans`)
+    fixed_bans: dict[int, frozenset[int]] = field(default_factory=dict)
 
     @property
     def num_slots(self) -> int:
@@ -322,6 +320,10 @@ class SamplingState:
         if allowed_token_ids:
             banned |= set(range(v)) - set(int(t) for t in allowed_token_ids)
         _upload(self.banned_mask[slot], _pack_bits(banned, v))
+        if step_bans:
+            self.fixed_bans[slot] = frozenset(banned)
+        else:
+            self.fixed_bans.pop(slot, None)
         ids = torch.full((self.bias_ids.shape[1],), -1, dtype=torch.int32)
         vals = torch.zeros(self.bias_ids.shape[1], dtype=torch.float32)
         ids[:len(bias)] = torch.tensor([int(t) for t in bias], dtype=torch.int32)
@@ -359,10 +361,12 @@ class SamplingState:
             min_tokens=getattr(params, "min_tokens", 0) or 0, stop_token_ids=stops,
             step_bans=bool(multi_token_bad_words(params)))
 
-    def set_banned(self, slot: int, token_ids: Iterable[int]) -> None:
-        """Replace a slot's banned tokens (eager, before a step), for a request whose bans
-        depend on the tokens it generated (multi-token bad words)."""
-        _upload(self.banned_mask[slot], _pack_bits(token_ids, self.vocab_size))
+    def set_step_bans(self, slot: int, token_ids: Iterable[int]) -> None:
+        """A slot's banned tokens for the next step: its fixed ones and `token_ids` (eager,
+        before the step), for a request whose bans depend on the tokens it generated
+        (multi-token bad words; the slot was reset with `step_bans`)."""
+        _upload(self.banned_mask[slot],
+                _pack_bits(self.fixed_bans[slot] | set(token_ids), self.vocab_size))
 
 
 FLAG_PENALTY, FLAG_BANNED, FLAG_BIAS, FLAG_MIN_TOKENS = 1, 2, 4, 8
