@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fullgraph import SamplingParams
+from fullgraph.engine.engine import logprob_entry
 from fullgraph.worker import sampler as S
 from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
 
@@ -312,7 +313,8 @@ def test_prompt_logprobs_shape_like_vllm():
     prompt = [5, 1, 7, 2]
     logits = torch.randn(3, 10, generator=g)
     lp, ids, ranks = S.prompt_logprobs(logits, torch.tensor(prompt[1:]), 2)
-    entries = S.prompt_logprobs_entries(prompt, lp.tolist(), ids.tolist(), ranks.tolist(), 2)
+    entries = [None] + [logprob_entry(i, p, r, 2)
+                        for i, p, r in zip(ids.tolist(), lp.tolist(), ranks.tolist())]
     ref = torch.log_softmax(logits, -1)
     assert entries[0] is None and len(entries) == len(prompt)
     for i, entry in enumerate(entries[1:]):

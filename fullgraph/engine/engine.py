@@ -263,22 +263,15 @@ class LLMEngine:
             detok.finalize(req.output_token_ids, sp.skip_special_tokens)
 
     def _append_logprobs(self, req: Request, result: StepResult, row: int, n: int) -> None:
-        ids, lps = result.logprob_token_ids[row], result.logprobs[row]
-        decode = self.tokenizer.decode
-        entry = {int(ids[0]): Logprob(float(lps[0]), int(result.ranks[row]), decode([int(ids[0])]))}
-        for rank, (tid, lp) in enumerate(zip(ids[1:n + 1], lps[1:n + 1]), start=1):
-            entry.setdefault(int(tid), Logprob(float(lp), rank, decode([int(tid)])))
-        req.logprobs.append(entry)
+        lps = result.logprobs[row]
+        req.logprobs.append(logprob_entry(result.logprob_token_ids[row], lps,
+                                          result.ranks[row], n, self.tokenizer.decode))
         req.cumulative_logprob += float(lps[0])
 
     def _append_prompt_logprobs(self, req: Request, logprobs, token_ids, ranks) -> None:
-        decode = self.tokenizer.decode
         n = req.sampling_params.prompt_logprobs
-        for lps, ids, rank in zip(logprobs, token_ids, ranks):
-            entry = {int(ids[0]): Logprob(float(lps[0]), int(rank), decode([int(ids[0])]))}
-            for r, (tid, lp) in enumerate(zip(ids[1:n + 1], lps[1:n + 1]), start=1):
-                entry.setdefault(int(tid), Logprob(float(lp), r, decode([int(tid)])))
-            req.prompt_logprobs.append(entry)
+        req.prompt_logprobs.extend(logprob_entry(ids, lps, rank, n, self.tokenizer.decode)
+                                   for lps, ids, rank in zip(logprobs, token_ids, ranks))
 
     def _finish(self, req: Request) -> RequestOutput:
         self.scheduler.finish(req)
@@ -303,6 +296,18 @@ class LLMEngine:
                              finished, req.num_cached_tokens, metrics,
                              list(req.prompt_logprobs) if req.prompt_logprobs is not None
                              else None)
+
+
+def logprob_entry(token_ids, logprobs, rank, n: int, decode=None) -> dict[int, Logprob]:
+    """One position's logprobs as vLLM gives them: {token id: Logprob}, the chosen (or
+    actual prompt) token first with its rank, then the top `n` (host rows: `token_ids` and
+    `logprobs` [1 + N], the chosen token's entry first)."""
+    def item(tid, lp, r):
+        return Logprob(float(lp), int(r), decode([int(tid)]) if decode else None)
+    entry = {int(token_ids[0]): item(token_ids[0], logprobs[0], rank)}
+    for r, (tid, lp) in enumerate(zip(token_ids[1:n + 1], logprobs[1:n + 1]), start=1):
+        entry.setdefault(int(tid), item(tid, lp, r))
+    return entry
 
 
 def sample_request_ids(request_id: str, n: int) -> list[str]:

@@ -509,29 +509,12 @@ def prompt_logprobs(logits: torch.Tensor, next_token_ids: torch.Tensor, num_logp
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logprobs of a prompt: `logits` [P, V] at prompt positions 0..P-1, `next_token_ids` [P]
     the prompt tokens at positions 1..P. Same outputs as `compute_logprobs` (row i: the
-    logprob of prompt token i + 1); `prompt_logprobs_entries` shapes them as vLLM does."""
+    logprob of prompt token i + 1); the engine shapes them as vLLM does (`logprob_entry`)."""
     if logits.is_cuda:
         from fullgraph.layers import sampling as kernels
         if kernels.available():
             return kernels.logprobs(logits, next_token_ids, num_logprobs, None)
     return compute_logprobs(logits, next_token_ids, num_logprobs)
-
-
-def prompt_logprobs_entries(prompt_token_ids: Sequence[int], logprobs, token_ids, ranks,
-                            num_logprobs: int) -> list:
-    """vLLM's prompt_logprobs: None for the first prompt token, then per token a dict
-    {token id: Logprob} with the actual token and the top `num_logprobs` (host arrays from
-    `prompt_logprobs`)."""
-    from fullgraph.outputs import Logprob
-    out: list = [None]
-    for i in range(len(prompt_token_ids) - 1):
-        entry = {int(token_ids[i][0]): Logprob(float(logprobs[i][0]), int(ranks[i]))}
-        for j in range(1, 1 + num_logprobs):
-            tid = int(token_ids[i][j])
-            if tid not in entry:
-                entry[tid] = Logprob(float(logprobs[i][j]), j)
-        out.append(entry)
-    return out
 
 
 # ---------------------------------------------------------------------------------- entry
