@@ -58,7 +58,7 @@ def test_kernels_match_reference_half(e, k, h, i, t, routing, dtype):
 
 
 @pytest.mark.parametrize("e", [8, 60, 64, 512])
-@pytest.mark.parametrize("t, k", [(1, 1), (1, 8), (7, 4), (409, 8), (1024, 4)])
+@pytest.mark.parametrize("t, k", [(1, 1), (1, 8), (7, 4), (127, 8), (256, 4)])
 def test_one_program_sort_matches_torch_sort(t, k, e):
     from fullgraph.layers.moe.grouped_gemm import ALIGN_MAX_PAIRS, _align_kernel, triton
     assert t * k <= ALIGN_MAX_PAIRS

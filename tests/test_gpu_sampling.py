@@ -128,13 +128,18 @@ def _mixed_batch(rows=24, device="cuda"):
     return x, t, state
 
 
+def _cpu_copy(state):
+    return S.SamplingState(*[v.cpu() if torch.is_tensor(v) else dict(v) for v in
+                             (getattr(state, f) for f in S.SamplingState.__slots__)])
+
+
 def test_mixed_rows_and_batch_invariance(K):
     x, t, state = _mixed_batch()
     tc = _to(t, "cuda")
     counts0 = state.output_counts.clone()
     out = S.sample(x.cuda(), tc, S.ALL_FEATURES, state)
     # the CPU spec, on a CPU copy of the state as it was
-    cpu_state = S.SamplingState(*[getattr(state, f).cpu() for f in S.SamplingState.__slots__])
+    cpu_state = _cpu_copy(state)
     cpu_state.output_counts.copy_(counts0.cpu())
     want = S.sample(x, t, S.ALL_FEATURES, cpu_state)
     z = S.process_logits(x, cpu_state, t.state_slots, t.positions)
@@ -184,7 +189,7 @@ def test_variants_agree_with_the_general_one(K):
 
 def test_processing_and_counts_match_the_spec(K):
     x, t, state = _mixed_batch()
-    cpu_state = S.SamplingState(*[getattr(state, f).cpu() for f in S.SamplingState.__slots__])
+    cpu_state = _cpu_copy(state)
     got = K.process(x.cuda(), state, t.state_slots.cuda(), t.positions.cuda()).cpu()
     assert torch.equal(got, S.process_logits(x, cpu_state, t.state_slots, t.positions))
     tokens = torch.arange(x.shape[0])

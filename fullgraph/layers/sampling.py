@@ -16,10 +16,14 @@ of the batch. Rows that do not use a feature leave its kernel at their first loa
   `_row_max_kernel` (max of s), `_pivot_kernel` (count and mass of s >= max - d_j at 16
   fixed offsets d_j), `_bracket_kernel` (the two pivots between which the threshold lies),
   `_compact_kernel` (the values between them, at most `CANDIDATES`, into a small buffer)
-  and `_resolve_kernel` (sorts those values and applies the exact rule). A row whose
-  bracket holds more values than that falls back to an exact search over its whole row in
-  `_resolve_kernel` (k-ary bisection on the values' ordered bits: slow, for flat
-  distributions with a huge nucleus). The drawing kernel then masks s < threshold.
+  and `_resolve_kernel` (sorts those values and applies the exact rule). A bracket that
+  holds more values (a flat distribution with a large nucleus) is narrowed first, in
+  `REFINE_ROUNDS` rounds of `_refine_count_kernel` (count and mass at 16 even splits of the
+  bracket, over the row's slices in parallel) and `_refine_bracket_kernel`; a row still
+  over the limit falls back to an exact search over its whole row in `_resolve_kernel`
+  (k-ary bisection on the values' ordered bits, one program: slow). With both top-k and
+  top-p, the candidates are the whole top-k set (top-p may cut anywhere in it). The
+  drawing kernel then masks s < threshold.
 - Processing (`_process_kernel`, `_bias_kernel`): banned tokens, logit_bias and
   penalties into a float32 workspace, as vLLM orders them; `_update_counts_kernel` adds
   the sampled tokens to the state's output counts.
@@ -50,6 +54,7 @@ FILTER_CHUNK = 8192            # fixed per-row slices of the filter passes (batc
 FILTER_BLOCK = 512
 NUM_PIVOTS = 16                # d_j = (j + 1)^2 / 8: 0.125 ... 32 below the row maximum
 CANDIDATES = 4096              # values a row's bracket may hold for the fast resolution
+REFINE_ROUNDS = 3              # parallel narrowings of a bracket that holds more
 LOGPROB_BLOCK = 4096
 FLAG_PENALTY, FLAG_BANNED, FLAG_BIAS, FLAG_MIN_TOKENS = 1, 2, 4, 8
 
@@ -334,8 +339,11 @@ if triton is not None:
                 hi = tl.sum(tl.where(j == js - 1, piv, 0.0), 0)
                 n_hi = tl.sum(tl.where(j == js - 1, cnt, 0), 0)
                 m_hi = tl.sum(tl.where(j == js - 1, mass, 0.0), 0)
-                if js == 0:
+                if (js == 0) | (k_on & p_on):
+                    # with both, top-p may cut anywhere in the top-k set: keep all of it
                     hi = float("inf")
+                    n_hi = 0
+                    m_hi = 0.0
                 mode = tl.where(n_lo - n_hi <= _CAND, 1, 2)
                 tl.store(info_f_ptr + r * 6 + 0, m)
                 tl.store(info_f_ptr + r * 6 + 1, cutoff)
@@ -353,6 +361,111 @@ if triton is not None:
         else:
             tl.store(info_i_ptr + r * 4 + 0, 0)
             tl.store(thr_ptr + r, -float("inf"))
+
+    @triton.jit
+    def _refine_splits(m, lo, hi):
+        """_NP values splitting the bracket [lo, hi) evenly (lo = -inf: from m - 64; hi =
+        +inf: up to m)."""
+        lo = tl.where(lo > -float("inf"), lo, m - 64.0)
+        hi = tl.where(hi < float("inf"), hi, _from_okey(_okey(m) + 1))
+        j = tl.arange(0, _NP).to(tl.float32) + 1.0
+        return lo + (hi - lo) * (j / (_NP + 1))
+
+    @triton.jit
+    def _refine_count_kernel(x_ptr, stride_x, V, temp_ptr, info_f_ptr, info_i_ptr,
+                             rcount_ptr, rmass_ptr, rmin_ptr, rmax_ptr, CHUNK: tl.constexpr,
+                             BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        """Mode-2 rows, per slice: count and mass of survivors at or above each split of
+        the bracket, and the smallest and largest survivor inside it."""
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        SF = tl.num_programs(1)
+        if USE_PDL:
+            _pdl()
+        if tl.load(info_i_ptr + r * 4) == 2:
+            t = tl.load(temp_ptr + r)
+            m = tl.load(info_f_ptr + r * 6 + 0)
+            cutoff = tl.load(info_f_ptr + r * 6 + 1)
+            lo = tl.load(info_f_ptr + r * 6 + 2)
+            hi = tl.load(info_f_ptr + r * 6 + 3)
+            split = _refine_splits(m, lo, hi)
+            row = x_ptr + r * stride_x
+            cnt = tl.zeros([_NP], tl.int32)
+            mass = tl.zeros([_NP], tl.float32)
+            c_min = tl.full([BLOCK], float("inf"), tl.float32)
+            c_max = tl.full([BLOCK], -float("inf"), tl.float32)
+            for off in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
+                offs = off + tl.arange(0, BLOCK)
+                s = _scaled(row, offs, offs < V, t)
+                valid = (s > -float("inf")) & (s >= cutoff) & (s >= lo)
+                if tl.max(valid.to(tl.int32), 0) > 0:
+                    e = tl.where(valid, tl.exp(s - m), 0.0)
+                    above = valid[None, :] & (s[None, :] >= split[:, None])
+                    cnt += tl.sum(above.to(tl.int32), 1)
+                    mass += tl.sum(tl.where(above, e[None, :], 0.0), 1)
+                    inside = valid & (s < hi)
+                    c_min = tl.minimum(c_min, tl.where(inside, s, float("inf")))
+                    c_max = tl.maximum(c_max, tl.where(inside, s, -float("inf")))
+            j = tl.arange(0, _NP)
+            tl.store(rcount_ptr + (r * SF + c) * _NP + j, cnt)
+            tl.store(rmass_ptr + (r * SF + c) * _NP + j, mass)
+            tl.store(rmin_ptr + r * SF + c, tl.min(c_min, 0))
+            tl.store(rmax_ptr + r * SF + c, tl.max(c_max, 0))
+
+    @triton.jit
+    def _refine_bracket_kernel(V, topk_ptr, topp_ptr, info_f_ptr, info_i_ptr, rcount_ptr,
+                               rmass_ptr, rmin_ptr, rmax_ptr, thr_ptr, SF,
+                               SF_P2: tl.constexpr, USE_PDL: tl.constexpr):
+        """Mode-2 rows: the splits around the threshold, clipped to the candidates' range,
+        become the new bracket (its lower end only, with both top-k and top-p); mode 1 once
+        the candidates fit, or the threshold itself (mode 0) once they are one value."""
+        r = tl.program_id(0).to(tl.int64)
+        if USE_PDL:
+            _pdl()
+        if tl.load(info_i_ptr + r * 4) == 2:
+            k = tl.load(topk_ptr + r)
+            p = tl.load(topp_ptr + r)
+            m = tl.load(info_f_ptr + r * 6 + 0)
+            lo = tl.load(info_f_ptr + r * 6 + 2)
+            hi = tl.load(info_f_ptr + r * 6 + 3)
+            m_hi = tl.load(info_f_ptr + r * 6 + 4)
+            z = tl.load(info_f_ptr + r * 6 + 5)
+            n_hi = tl.load(info_i_ptr + r * 4 + 1)
+            n_lo = n_hi + tl.load(info_i_ptr + r * 4 + 2)
+            n = tl.load(info_i_ptr + r * 4 + 3)
+            split = _refine_splits(m, lo, hi)
+            cs = tl.arange(0, SF_P2)
+            cm = cs < SF
+            j = tl.arange(0, _NP)
+            flat = (r * SF + cs[:, None]) * _NP + j[None, :]
+            cnt = tl.sum(tl.load(rcount_ptr + flat, mask=cm[:, None], other=0), 0)
+            mass = tl.sum(tl.load(rmass_ptr + flat, mask=cm[:, None], other=0.0), 0)
+            c_min = tl.min(tl.load(rmin_ptr + r * SF + cs, mask=cm, other=float("inf")), 0)
+            c_max = tl.max(tl.load(rmax_ptr + r * SF + cs, mask=cm, other=-float("inf")), 0)
+            k_on = (k > 0) & (k < n)
+            ok = tl.where(k_on, cnt >= k, mass >= p * z)     # true for the lower splits
+            j_lo = tl.max(tl.where(ok, j, -1), 0)            # the highest split surely below
+            if j_lo >= 0:
+                lo = tl.sum(tl.where(j == j_lo, split, 0.0), 0)
+                n_lo = tl.sum(tl.where(j == j_lo, cnt, 0), 0)
+            lo = tl.maximum(lo, c_min)                       # no candidate lies below c_min
+            if (k_on & (p < 1.0)) == 0:
+                j_hi = tl.min(tl.where(ok, _NP, j), 0)       # the lowest split above
+                if j_hi < _NP:
+                    hi = tl.sum(tl.where(j == j_hi, split, 0.0), 0)
+                    n_hi = tl.sum(tl.where(j == j_hi, cnt, 0), 0)
+                    m_hi = tl.sum(tl.where(j == j_hi, mass, 0.0), 0)
+                hi = tl.minimum(hi, _from_okey(_okey(c_max) + 1))
+            tl.store(info_f_ptr + r * 6 + 2, lo)
+            tl.store(info_f_ptr + r * 6 + 3, hi)
+            tl.store(info_f_ptr + r * 6 + 4, m_hi)
+            tl.store(info_i_ptr + r * 4 + 1, n_hi)
+            tl.store(info_i_ptr + r * 4 + 2, n_lo - n_hi)
+            if c_min == c_max:           # the threshold is a candidate, and they are one value
+                tl.store(info_i_ptr + r * 4, 0)
+                tl.store(thr_ptr + r, c_min)
+            elif n_lo - n_hi <= _CAND:
+                tl.store(info_i_ptr + r * 4, 1)
 
     @triton.jit
     def _compact_kernel(x_ptr, stride_x, V, temp_ptr, info_f_ptr, info_i_ptr, counter_ptr,
@@ -721,6 +834,15 @@ def filter_thresholds(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torc
     _launch(_bracket_kernel, (rows,), vocab, temperature, top_k, top_p, min_p, pmax, pcount,
             pmass, info_f, info_i, counter, thr, sf, pdl=pdl, SF_P2=sf_p2,
             HAS_MIN_P=has_min_p)
+    rcount = torch.empty(rows, sf, NUM_PIVOTS, dtype=torch.int32, device=dev)
+    rmass = torch.empty(rows, sf, NUM_PIVOTS, dtype=torch.float32, device=dev)
+    rmin = torch.empty(rows, sf, dtype=torch.float32, device=dev)
+    rmax = torch.empty_like(rmin)
+    for _ in range(REFINE_ROUNDS):
+        _launch(_refine_count_kernel, (rows, sf), *common, info_f, info_i, rcount, rmass,
+                rmin, rmax, pdl=pdl, CHUNK=FILTER_CHUNK, BLOCK=FILTER_BLOCK)
+        _launch(_refine_bracket_kernel, (rows,), vocab, top_k, top_p, info_f, info_i, rcount,
+                rmass, rmin, rmax, thr, sf, pdl=pdl, SF_P2=sf_p2)
     _launch(_compact_kernel, (rows, sf), *common, info_f, info_i, counter, cand, pdl=pdl,
             CHUNK=FILTER_CHUNK, BLOCK=2048)
     _launch(_resolve_kernel, (rows,), *common, top_k, top_p, info_f, info_i, cand, thr,

@@ -68,10 +68,13 @@ def main(ns: argparse.Namespace) -> int:
     out_lens = rng.integers(ns.min_len, ns.max_len + 1, ns.num_prompts)
     sampled = {"temperature": ns.temperature, "top_p": ns.top_p, "top_k": ns.top_k}
     settings = [{"temperature": 0.0}] + ([sampled] if ns.temperature > 0 else [])
-    # warm up the shapes the runs will hit (compiles happen here, not in a timed run)
-    warm_len = min(64, engine.config.model.max_model_len - 9)
+    # warm up the shapes the runs will hit, full token-budget prefill steps included
+    # (compiles happen here, not in the first timed run)
+    warm_len = min(ns.max_len, engine.config.model.max_model_len - 9)
+    warm_n = max(8, 2 * engine.config.scheduler.max_num_batched_tokens // warm_len)
     for params in settings:
-        llm.generate([{"prompt_token_ids": rng.integers(0, vocab, warm_len).tolist()}] * 8,
+        llm.generate([{"prompt_token_ids": rng.integers(0, vocab, warm_len).tolist()}
+                      for _ in range(warm_n)],
                      SamplingParams(max_tokens=8, **params), use_tqdm=False)
     runs = []
     for params in settings:     # the same workload (same prompts) for each
