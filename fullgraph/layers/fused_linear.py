@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fullgraph.layers.activation import silu_and_mul
-from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
+from fullgraph.layers.gemv import (RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, norm_f32,
+                                   triton)
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.pdl import pdl_enabled
 
@@ -26,7 +27,8 @@ if triton is not None:
     @triton.jit
     def _add_rms_norm_rows_kernel(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, K, stride_x, stride_r,
                                   stride_h, stride_y, eps, HAS_RES: tl.constexpr,
-                                  BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                                  NORM_F32: tl.constexpr, BLOCK: tl.constexpr,
+                                  USE_PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
@@ -40,8 +42,11 @@ if triton is not None:
         tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-        tl.store(y_ptr + row * stride_y + offs, (w * (xf * rstd).to(x.dtype)).to(x.dtype),
-                 mask=mask)
+        if NORM_F32:                # zero-centered: scaled in float32, then cast
+            y = (xf * rstd * w).to(x.dtype)
+        else:
+            y = (w * (xf * rstd).to(x.dtype)).to(x.dtype)
+        tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
     @triton.jit
     def _silu_mul_rows_kernel(x_ptr, y_ptr, K, stride_x, stride_y, BLOCK: tl.constexpr,
@@ -69,7 +74,7 @@ def _add_rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weig
         _add_rms_norm_rows_kernel[(x.shape[0],)](
             x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
             normed.stride(0), eps, HAS_RES=residual is not None,
-            BLOCK=triton.next_power_of_2(x.shape[1]), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+            NORM_F32=norm_f32(norm_weight, x), BLOCK=triton.next_power_of_2(x.shape[1]), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
 # Opaque ops for torch.compile, like fullgraph::linear: the row count (and so the kernel)
@@ -137,7 +142,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
                  norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual)."""
     if _fusable(x):
-        return _add_rms_norm(x, residual, norm.weight, norm.eps)
+        return _add_rms_norm(x, residual, norm.kernel_weight, norm.eps)
     return norm(x, residual)
 
 
@@ -147,7 +152,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     """proj(norm(x + residual)) and the new residual x + residual (x when there is none).
     `l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
     if _fusable(x):
-        y, residual = _rms_norm_linear(x, residual, norm.weight, norm.eps, proj.weight,
+        y, residual = _rms_norm_linear(x, residual, norm.kernel_weight, norm.eps, proj.weight,
                                        list(l2_prefetch_next))
     else:
         if residual is None:

@@ -52,7 +52,8 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, pa_ptr, pa_bytes, pb_ptr,
                      pb_bytes, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_hm,
-                     eps, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, M_BUCKET: tl.constexpr,
+                     eps, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
+                     M_BUCKET: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_L2: tl.constexpr,
                      L2_LINES: tl.constexpr, ONE_SLICE: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
@@ -109,7 +110,10 @@ if triton is not None:
                 tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :], x,
                          mask=mask & (pid == 0))
                 nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0)
-                x = (nw[None, :] * (x.to(tl.float32) * rstd).to(x.dtype)).to(x.dtype)
+                if NORM_F32:       # zero-centered (layers/norm.py): scaled in float32
+                    x = (x.to(tl.float32) * rstd * nw[None, :]).to(x.dtype)
+                else:
+                    x = (nw[None, :] * (x.to(tl.float32) * rstd).to(x.dtype)).to(x.dtype)
             if M_BUCKET == 1:
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
             else:
@@ -119,6 +123,12 @@ if triton is not None:
         else:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def norm_f32(norm_weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """A float32 norm weight for half-precision rows: RMSNorm's zero-centered convention
+    (layers/norm.py), scaled in float32 before the cast."""
+    return norm_weight.dtype == torch.float32 and x.dtype != torch.float32
 
 
 def row_bucket(m: int) -> int:
@@ -173,7 +183,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     Prologues (measured faster than a separate kernel at one row only; at 16 rows the
     tensor-core path with a SiLU prologue ran 4x slower: gemv_tiles.py --prologue):
     prologue SILU_MUL: x is [M, 2K] = [gate | up] and the product is silu(gate) * up @ w.T.
-    prologue RMS_NORM: the product is rms_norm(x + residual, norm_weight, eps) @ w.T, and
+    prologue RMS_NORM: the product is rms_norm(x + residual, norm_weight, eps) @ w.T (a
+    float32 norm_weight: the zero-centered convention, `norm_f32`), and
     x + residual (x alone without a residual) is written to `residual_out` [M, K].
     `l2_prefetch_next`: weights of later kernels (at most two), prefetched into L2 by this
     one's programs before it waits for its input (layers/l2_prefetch.py); one row only.
@@ -192,7 +203,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, out, r, h, norm_weight if norm_weight is not None else w, *l2_args, m, n, k,
         x.stride(0), w.stride(0), out.stride(0), r.stride(0), h.stride(0), eps,
-        PROLOGUE=prologue, HAS_RES=residual is not None, M_BUCKET=bucket, BLOCK_N=block_n,
+        PROLOGUE=prologue, HAS_RES=residual is not None,
+        NORM_F32=norm_weight is not None and norm_f32(norm_weight, x), M_BUCKET=bucket,
+        BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_L2=num_l2, L2_LINES=32 * warps, ONE_SLICE=block_k >= k,
         USE_PDL=pdl, num_warps=warps, launch_pdl=pdl)
     return out

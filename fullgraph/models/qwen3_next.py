@@ -17,9 +17,11 @@ Qwen3-Next checkpoints interleave q/k/v/z (and b/a) per key-head group in one pr
 `_split_qwen3_next_projections` reorders them into Qwen3.5's separate projections at load,
 so one layer serves both.
 
-These layers run as plain torch ops around our GDN ops (layers/gdn) and attention backend:
-correct everywhere and capturable in graphs; fusing their elementwise work into kernels as
-models/qwen3.py does is later work.
+Each RMSNorm, with the residual add before it, runs inside the projection it feeds (as in
+models/qwen3.py), and a decode step's GDN work between in_proj and out_proj is two kernels on
+the state pools (layers/gdn/fused_decode.py); the rest (prefill GDN, the gated attention's
+q/k norm, partial rotary and output gate) runs as plain torch ops around our GDN ops and
+attention backend.
 """
 from __future__ import annotations
 
@@ -30,10 +32,12 @@ from torch import nn
 
 from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.layers.embedding import Embedding
-from fullgraph.layers.fused_linear import silu_mul_linear
+from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
 from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, chunk_gated_delta_rule,
-                                  decode_gated_delta_rule, gdn_gating, rms_norm_gated)
+                                  decode_gated_delta_rule, fused_decode, gdn_gating,
+                                  rms_norm_gated)
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
+from fullgraph.layers.norm import RMSNorm, ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
 from fullgraph.models.interface import (CacheSpecs, ModelCapabilities, PagedAttentionSpec,
                                         StateSpec, StateTensorSpec)
@@ -91,20 +95,6 @@ def uses_experts(cfg, layer: int) -> bool:
     return layer not in (getattr(cfg, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
 
 
-class ZeroCenteredRMSNorm(nn.Module):
-    """RMSNorm scaled by (1 + weight), in float32 then cast (transformers' Qwen3NextRMSNorm)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
-
-
 class GatedRMSNorm(nn.Module):
     """The GDN output norm: RMSNorm scaled by w (not 1 + w), times silu(gate)."""
 
@@ -132,10 +122,12 @@ class GatedAttention(nn.Module):
         self.rotary = rotary
         self.rotary_dim = rotary_dim_of(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
-                kv_cache: KVCache) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm, ctx: ForwardContext, kv_cache: KVCache
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
-        qg, k, v = self.qkv_proj(x).split((2 * hq * d, hkv * d, hkv * d), dim=-1)
+        qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
+        qg, k, v = qkv.split((2 * hq * d, hkv * d, hkv * d), dim=-1)
         q, gate = qg.view(t, hq, 2 * d).chunk(2, dim=-1)
         q = self.q_norm(q)
         k = self.k_norm(k.view(t, hkv, d))
@@ -146,7 +138,7 @@ class GatedAttention(nn.Module):
         k = torch.cat((k_rot, k[..., rd:]), dim=-1)
         ctx.store_kv(k, v.view(t, hkv, d), kv_cache)
         o = ctx.attention(q, kv_cache).reshape(t, hq * d)
-        return self.o_proj(o * torch.sigmoid(gate.reshape(t, hq * d)))
+        return self.o_proj(o * torch.sigmoid(gate.reshape(t, hq * d))), residual
 
 
 class GatedDeltaNet(nn.Module):
@@ -168,13 +160,23 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext,
-                state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                ctx: ForwardContext, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         md, (conv_pool, recurrent_pool) = ctx.state_metadata, state
         t = x.shape[0]
-        qkv, z, b, a = self.in_proj(x).split(
+        proj, residual = norm_linear(x, residual, norm, self.in_proj)
+        qkv, z, b, a = proj.split(
             (self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads), dim=-1)
         weight = self.conv1d.weight.squeeze(1)                  # [conv_dim, kernel]
+        if md.decode and fused_decode.supported(x, self.head_k_dim, self.head_v_dim):
+            # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py)
+            qkv = fused_decode.conv_decode(qkv, weight, conv_pool, md.state_slots,
+                                           md.has_initial_state)
+            o = fused_decode.gated_delta_decode(
+                qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
+                recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads)
+            return self.out_proj(o), residual
         if md.decode:
             qkv = causal_conv1d_decode(qkv, weight, None, conv_pool, md.state_slots,
                                        md.has_initial_state)
@@ -194,7 +196,7 @@ class GatedDeltaNet(nn.Module):
                                        md.query_start_loc, md.has_initial_state,
                                        md.chunk_indices)
         o = self.norm(o, z.reshape(t, self.num_v_heads, self.head_v_dim))
-        return self.out_proj(o.reshape(t, self.value_dim))
+        return self.out_proj(o.reshape(t, self.value_dim)), residual
 
 
 class SwiGLU(nn.Module):
@@ -204,8 +206,10 @@ class SwiGLU(nn.Module):
                                                        "up_proj": intermediate_size})
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_mul_linear(self.gate_up_proj(x), self.down_proj)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up, residual = norm_linear(x, residual, norm, self.gate_up_proj)
+        return silu_mul_linear(gate_up, self.down_proj), residual
 
 
 class HybridDecoderLayer(nn.Module):
@@ -224,15 +228,19 @@ class HybridDecoderLayer(nn.Module):
         self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext,
-                cache) -> torch.Tensor:
-        h = self.input_layernorm(x)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it is added): each RMSNorm, with
+        the residual add before it, runs inside the projection it feeds (as in qwen3.py)."""
         if self.layer_type == "linear_attention":
-            h = self.linear_attn(h, ctx, cache)
+            x, residual = self.linear_attn(x, residual, self.input_layernorm, ctx, cache)
         else:
-            h = self.self_attn(positions, h, ctx, cache)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx,
+                                         cache)
+        if isinstance(self.mlp, SwiGLU):
+            return self.mlp(x, residual, self.post_attention_layernorm)
+        x, residual = add_rms_norm(x, residual, self.post_attention_layernorm)
+        return self.mlp(x), residual
 
 
 class HybridModel(nn.Module):
@@ -246,12 +254,12 @@ class HybridModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         kv_caches, states = iter(ctx.kv_caches), iter(ctx.state_caches)
         for layer in self.layers:
             cache = next(states) if layer.layer_type == "linear_attention" else next(kv_caches)
-            x = layer(positions, x, ctx, cache)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, ctx, cache)
+        return add_rms_norm(x, residual, self.norm)[0]
 
 
 class HybridForCausalLM(nn.Module):
@@ -302,6 +310,9 @@ class HybridForCausalLM(nn.Module):
         per_expert: set[str] = set()
         load_weights_by_name(self, self._route(weights, per_expert), self.stacked_params, skip,
                              loaded_elsewhere=per_expert)
+        for module in self.modules():
+            if isinstance(module, ZeroCenteredRMSNorm):
+                module.refresh()
 
     def _route(self, weights: Iterable[tuple[str, torch.Tensor]], per_expert: set[str]
                ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -10,8 +10,10 @@ saved states (state.py: the two pools' layouts, slot 0 the null slot).
 - conv.py: the depthwise causal conv + SiLU on the conv state pool (varlen, decode).
 - reference.py: the gated delta rule in torch (recurrent, chunked) on the recurrent pool.
 - kernels.py: the same through fla's kernels on CUDA (the reference elsewhere).
+- fused_decode.py: a decode step (conv, gating, rule, output norm) as two Triton kernels.
 - metadata.py: host-side chunk maps (fla's chunk_indices), exact and padded for graphs.
 """
+from fullgraph.layers.gdn import fused_decode
 from fullgraph.layers.gdn.conv import causal_conv1d, causal_conv1d_decode
 from fullgraph.layers.gdn.gating import gdn_gating, l2norm, rms_norm_gated
 from fullgraph.layers.gdn.kernels import chunk_gated_delta_rule, decode_gated_delta_rule
@@ -24,6 +26,6 @@ from fullgraph.layers.gdn.state import NULL_SLOT, gather_states
 __all__ = [
     "CHUNK_SIZE", "NULL_SLOT", "causal_conv1d", "causal_conv1d_decode", "chunk_capacity",
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref", "chunk_metadata",
-    "decode_gated_delta_rule", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
+    "decode_gated_delta_rule", "fused_decode", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
     "recurrent_gated_delta_rule_ref", "rms_norm_gated",
 ]

@@ -1,0 +1,178 @@
+"""A decode step of a Gated DeltaNet layer (one token per lane) as two Triton kernels that
+work in place on the state pools, between the layer's in_proj and out_proj:
+
+- `conv_decode`: the depthwise causal conv + SiLU of each lane's new input against its
+  saved inputs, and the conv state shifted by one (conv.py's `causal_conv1d_decode`);
+- `gated_delta_decode`: the gating (g, beta from a, b), the l2 norms of q and k, one step of
+  the delta rule on the lane's recurrent state and the gated output RMSNorm (gating.py's
+  `gdn_gating` and `rms_norm_gated`, reference.py's recurrent rule), one program per
+  (lane, value head).
+
+The torch ops they replace read and write whole states through gather / scatter copies and
+launch ~30 kernels a layer; here each state is read once and written once, where it lives
+(its slot), and the layer's elementwise work costs no launch of its own. The same math and
+roundings as the torch path: float32 inside, the activations' dtype where transformers rounds
+(the conv output, beta, the rule's output before the norm, the norm before the gate).
+A lane whose `has_initial_state` is False starts from zeros whatever its slot holds; padding
+lanes share the null slot, whose contents are garbage (state.py).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:            # CPU-only installs: the torch ops in conv.py / reference.py
+    triton = None
+
+from fullgraph.layers.pdl import pdl_enabled
+
+CONV_BLOCK = 512
+V_BLOCK = 32                   # value columns of the state per pass (registers: K x V_BLOCK)
+
+
+def supported(x: torch.Tensor, head_k_dim: int, head_v_dim: int) -> bool:
+    """On CUDA with Triton, for power-of-two head dims (a program holds a whole key head)."""
+    pow2 = all(d & (d - 1) == 0 for d in (head_k_dim, head_v_dim))
+    return triton is not None and x.is_cuda and pow2
+
+
+if triton is not None:
+    @triton.jit
+    def _conv_decode_kernel(x_ptr, stride_x, w_ptr, pool_ptr, stride_ps, stride_pw,
+                            slots_ptr, init_ptr, y_ptr, stride_y, D,
+                            W: tl.constexpr, W_P2: tl.constexpr, HAS_INIT: tl.constexpr,
+                            BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        rows = tl.arange(0, W_P2)
+        rmask = rows < W
+        # the weights (parameters) before the wait: [W_P2, BLOCK] taps of the saved inputs
+        w_s = tl.load(w_ptr + offs[None, :] * (W + 1) + rows[:, None],
+                      mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+        w_x = tl.load(w_ptr + offs * (W + 1) + W, mask=mask, other=0.0).to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+        base = pool_ptr + slot * stride_ps
+        s = tl.load(base + rows[:, None] * stride_pw + offs[None, :],
+                    mask=rmask[:, None] & mask[None, :], other=0.0)
+        if HAS_INIT:               # where, not a multiply: an unused slot may hold NaN
+            s = tl.where(tl.load(init_ptr + r) != 0, s, 0.0)
+        x = tl.load(x_ptr + r * stride_x + offs, mask=mask, other=0.0)
+        acc = tl.sum(s.to(tl.float32) * w_s, axis=0) + x.to(tl.float32) * w_x
+        y = acc / (1.0 + tl.exp(-acc))
+        tl.store(y_ptr + r * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        # the state shifted: saved input j + 1 to row j, the new input to row W - 1
+        tl.store(base + (rows[:, None] - 1) * stride_pw + offs[None, :], s,
+                 mask=(rows >= 1)[:, None] & rmask[:, None] & mask[None, :])
+        tl.store(base + (W - 1) * stride_pw + offs, x.to(pool_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _softplus(x):
+        """torch's softplus (beta 1, threshold 20)."""
+        return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+    @triton.jit
+    def _gated_delta_decode_kernel(qkv_ptr, stride_qkv, z_ptr, b_ptr, a_ptr, stride_in,
+                                   a_log_ptr, dt_bias_ptr, norm_w_ptr, pool_ptr, slots_ptr,
+                                   init_ptr, o_ptr, stride_o, key_dim, HV, heads_per_key,
+                                   scale, eps, DK: tl.constexpr, DV: tl.constexpr,
+                                   BV: tl.constexpr, HAS_INIT: tl.constexpr,
+                                   USE_PDL: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        hv = tl.program_id(1)
+        hk = hv // heads_per_key
+        offs_k = tl.arange(0, DK)
+        a_log = tl.load(a_log_ptr + hv).to(tl.float32)
+        dt_bias = tl.load(dt_bias_ptr + hv).to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = qkv_ptr + r * stride_qkv
+        q = tl.load(row + hk * DK + offs_k).to(tl.float32)
+        k = tl.load(row + key_dim + hk * DK + offs_k).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+        a = tl.load(a_ptr + r * stride_in + hv).to(tl.float32)
+        b = tl.load(b_ptr + r * stride_in + hv)
+        decay = tl.exp(-tl.exp(a_log) * _softplus(a + dt_bias))
+        beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+        state = pool_ptr + (slot * HV + hv) * DK * DV
+        v_row = row + 2 * key_dim + hv * DV
+        o_row = o_ptr + r * stride_o + hv * DV
+        dtype = o_ptr.dtype.element_ty
+        # pass 1, per block of value columns: the rule on the state, the raw output (rounded
+        # to the activations' dtype, as the unfused rule returns it) and its sum of squares
+        sumsq = 0.0
+        for v0 in tl.static_range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            ptrs = state + offs_k[:, None] * DV + offs_v[None, :]
+            h = tl.load(ptrs)
+            if HAS_INIT:           # where, not a multiply: an unused slot may hold NaN
+                h = tl.where(tl.load(init_ptr + r) != 0, h, 0.0)
+            h = h * decay
+            v = tl.load(v_row + offs_v).to(tl.float32)
+            v = (v - tl.sum(h * k[:, None], 0)) * beta
+            h = h + k[:, None] * v[None, :]
+            tl.store(ptrs, h)
+            o = tl.sum(h * q[:, None], 0).to(dtype)
+            tl.store(o_row + offs_v, o)
+            of = o.to(tl.float32)
+            sumsq += tl.sum(of * of, 0)
+        tl.debug_barrier()         # pass 2 reads what other threads of the program wrote
+        rstd = tl.rsqrt(sumsq / DV + eps)
+        for v0 in tl.static_range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            o = tl.load(o_row + offs_v).to(tl.float32)
+            n = (tl.load(norm_w_ptr + offs_v).to(tl.float32) * (o * rstd).to(dtype).to(tl.float32))
+            z = tl.load(z_ptr + r * stride_in + hv * DV + offs_v).to(tl.float32)
+            gated = n.to(dtype).to(tl.float32) * (z / (1.0 + tl.exp(-z)))
+            tl.store(o_row + offs_v, gated.to(dtype))
+
+
+def conv_decode(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Tensor,
+                state_slots: torch.Tensor, has_initial_state: torch.Tensor | None
+                ) -> torch.Tensor:
+    """conv.py's `causal_conv1d_decode` (SiLU, no bias): x `[R, conv_dim]` (rows may be
+    strided), weight `[conv_dim, kernel_size]` contiguous. Returns `[R, conv_dim]`."""
+    r, d = x.shape
+    w = weight.shape[1] - 1
+    y = torch.empty(r, d, dtype=x.dtype, device=x.device)
+    if r:
+        pdl = pdl_enabled(x)
+        init = has_initial_state if has_initial_state is not None else state_slots
+        _conv_decode_kernel[(r, triton.cdiv(d, CONV_BLOCK))](
+            x, x.stride(0), weight, conv_state_pool, conv_state_pool.stride(0),
+            conv_state_pool.stride(1), state_slots, init, y, y.stride(0), d, W=w,
+            W_P2=triton.next_power_of_2(w), HAS_INIT=has_initial_state is not None,
+            BLOCK=CONV_BLOCK, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return y
+
+
+def gated_delta_decode(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                       A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float, state_pool: torch.Tensor, state_slots: torch.Tensor,
+                       has_initial_state: torch.Tensor | None, num_k_heads: int
+                       ) -> torch.Tensor:
+    """The rest of a GDN layer's decode before out_proj: qkv `[R, 2 * key_dim + value_dim]`
+    (the conv's output), z `[R, value_dim]`, b, a `[R, num_v_heads]` (views of in_proj's
+    output sharing one row stride). Returns rms_norm_gated(o, z) `[R, value_dim]`, o the
+    rule's output; updates `state_pool` `[slots, num_v_heads, head_k_dim, head_v_dim]`."""
+    r = qkv.shape[0]
+    hv, dk, dv = state_pool.shape[1:]
+    assert z.stride(0) == b.stride(0) == a.stride(0), "z, b, a: views of one projection"
+    out = torch.empty(r, hv * dv, dtype=qkv.dtype, device=qkv.device)
+    if r:
+        pdl = pdl_enabled(qkv)
+        init = has_initial_state if has_initial_state is not None else state_slots
+        _gated_delta_decode_kernel[(r, hv)](
+            qkv, qkv.stride(0), z, b, a, z.stride(0), A_log, dt_bias, norm_weight, state_pool,
+            state_slots, init, out, out.stride(0), num_k_heads * dk, hv, hv // num_k_heads,
+            dk ** -0.5, eps, DK=dk, DV=dv, BV=min(V_BLOCK, dv),
+            HAS_INIT=has_initial_state is not None, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return out
