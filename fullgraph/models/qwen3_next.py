@@ -19,9 +19,10 @@ so one layer serves both.
 
 Each RMSNorm, with the residual add before it, runs inside the projection it feeds (as in
 models/qwen3.py), and a decode step's GDN work between in_proj and out_proj is two kernels on
-the state pools (layers/gdn/fused_decode.py); the rest (prefill GDN, the gated attention's
-q/k norm, partial rotary and output gate) runs as plain torch ops around our GDN ops and
-attention backend.
+the state pools (layers/gdn/fused_decode.py), and the gated attention's q/k norm, partial
+rotary, K/V store and output gate are two kernels around attention
+(layers/gated_attention.py), on CUDA. The torch ops below stay the reference and the path
+everywhere else (CPU; prefill GDN through fla).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.layers.embedding import Embedding
+from fullgraph.layers import gated_attention
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
 from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, chunk_gated_delta_rule,
                                   decode_gated_delta_rule, fused_decode, gdn_gating,
@@ -127,6 +129,14 @@ class GatedAttention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
         qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
+        if gated_attention.supported(qkv, kv_cache[0], d):
+            # the same ops as below, in two kernels (layers/gated_attention.py)
+            q = gated_attention.qk_norm_rope_store_kv(
+                qkv, positions, self.rotary.cos, self.rotary.sin, self.q_norm.kernel_weight,
+                self.k_norm.kernel_weight, self.q_norm.eps, hq, hkv, self.rotary_dim,
+                kv_cache[0], kv_cache[1], ctx.slot_mapping)
+            o = ctx.attention(q, kv_cache)
+            return self.o_proj(gated_attention.sigmoid_gate(o, qkv, hq)), residual
         qg, k, v = qkv.split((2 * hq * d, hkv * d, hkv * d), dim=-1)
         q, gate = qg.view(t, hq, 2 * d).chunk(2, dim=-1)
         q = self.q_norm(q)

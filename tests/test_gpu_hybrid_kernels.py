@@ -1,15 +1,18 @@
-"""The fused GDN decode kernels (layers/gdn/fused_decode.py) and the zero-centered RMSNorm in
-the fused projection kernels, against the torch ops they replace (GPU only)."""
+"""The hybrid models' kernels against the torch ops they replace (GPU only): the fused GDN
+decode (layers/gdn/fused_decode.py), the gated attention's prologue and output gate
+(layers/gated_attention.py), and the zero-centered RMSNorm in the fused projections."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fullgraph.layers import gated_attention
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear
 from fullgraph.layers.gdn import (causal_conv1d_decode, fused_decode, gdn_gating,
                                   recurrent_gated_delta_rule_ref, rms_norm_gated)
 from fullgraph.layers.linear import Linear
 from fullgraph.layers.norm import ZeroCenteredRMSNorm
+from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary
 
 pytestmark = pytest.mark.gpu
 
@@ -133,3 +136,65 @@ def test_zero_centered_norm_in_the_fused_projections(rows):
     unfused = torch.nn.functional.linear(want, proj.weight)
     err_unfused = (unfused.float() - exact).abs().max()
     assert (y.float() - exact).abs().max() <= 2 * err_unfused + 1e-3
+
+
+def gated_attention_case(dtype, device, seed=0):
+    """Qwen3.5-0.8B's attention shapes (8 q heads of 256, 2 kv heads, rotary on 64 dims),
+    tokens at scattered positions and slots (one on the null slot 0)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hq, hkv, d, rd, t = 8, 2, 256, 64, 5
+    qkv = torch.randn(t, (2 * hq + 2 * hkv) * d, device=device, generator=gen).to(dtype)
+    positions = torch.tensor([0, 7, 300, 4095, 12], device=device)
+    slots = torch.tensor([3, 17, 0, 40, 9], device=device)
+    rotary = RotaryEmbedding(rd, 4096, 1e7).to(device)
+    norms = [ZeroCenteredRMSNorm(d, 1e-6).to(device) for _ in range(2)]
+    for n in norms:
+        n.weight.data = (torch.randn(d, device=device, generator=gen) * 0.3).to(dtype)
+        n.refresh()
+    return qkv, positions, slots, rotary, norms, (hq, hkv, d, rd)
+
+
+def gated_attention_reference(qkv, positions, rotary, norms, shape):
+    """models/qwen3_next.py's torch ops: (q, k, v, the gate)."""
+    hq, hkv, d, rd = shape
+    t = qkv.shape[0]
+    qg, k, v = qkv.split((2 * hq * d, hkv * d, hkv * d), dim=-1)
+    q, gate = qg.view(t, hq, 2 * d).chunk(2, dim=-1)
+    q, k = norms[0](q), norms[1](k.view(t, hkv, d))
+    q_rot, k_rot = apply_rotary(positions, rotary.cos, rotary.sin, q[..., :rd], k[..., :rd])
+    return (torch.cat((q_rot, q[..., rd:]), dim=-1), torch.cat((k_rot, k[..., rd:]), dim=-1),
+            v.view(t, hkv, d), gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_attention_kernels_match_the_torch_ops(dtype):
+    qkv, positions, slots, rotary, norms, shape = gated_attention_case(dtype, "cuda")
+    hq, hkv, d, rd = shape
+    k_cache = torch.full((64, hkv, d), float("nan"), device="cuda", dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    q = gated_attention.qk_norm_rope_store_kv(
+        qkv, positions, rotary.cos, rotary.sin, norms[0].kernel_weight, norms[1].kernel_weight,
+        1e-6, hq, hkv, rd, k_cache, v_cache, slots)
+    want_q, want_k, want_v, gate = gated_attention_reference(qkv, positions, rotary, norms,
+                                                            shape)
+    o = torch.randn(qkv.shape[0], hq, d, device="cuda").to(dtype)
+    got_gate = gated_attention.sigmoid_gate(o, qkv, hq)
+    want_gate = o.reshape(-1, hq * d) * torch.sigmoid(gate.reshape(-1, hq * d))
+    assert torch.equal(v_cache[slots], want_v)
+    others = torch.ones(64, dtype=torch.bool)
+    others[slots.cpu()] = False
+    assert k_cache[others].isnan().all() and v_cache[others].isnan().all()
+    pairs = ((q, want_q), (k_cache[slots], want_k), (got_gate, want_gate))
+    if dtype == torch.float32:
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return
+    # bf16: the kernels round the rotation once (float32) where the torch ops round each
+    # product; both against the float32 ops on the same inputs, the kernels no further off
+    # than the torch ops beyond a rounding step
+    f32 = gated_attention_reference(qkv.float(), positions, rotary, norms, shape)
+    exact = (f32[0], f32[1], o.float().reshape(-1, hq * d) * torch.sigmoid(f32[3].reshape(
+        -1, hq * d)))
+    for (got, want), e in zip(pairs, exact):
+        err, err_ref = ((x.float() - e).abs().max() for x in (got, want))
+        assert err <= 2 * err_ref + 1e-2, (err, err_ref)
