@@ -89,17 +89,20 @@ class ForwardContext:
     """
 
     __slots__ = ("backend", "metadata", "kv_caches", "slot_mapping", "state_caches",
-                 "state_metadata", "_forward_qkv")
+                 "state_metadata", "multimodal", "_forward_qkv")
 
     def __init__(self, backend: AttentionBackend, metadata: Any, kv_caches: list[KVCache],
                  slot_mapping: torch.Tensor, state_caches: list[tuple[torch.Tensor, ...]] = (),
-                 state_metadata: Any = None):
+                 state_metadata: Any = None, multimodal: Any = None):
         self.backend = backend
         self.metadata = metadata
         self.kv_caches = kv_caches        # per full-attention layer
         self.slot_mapping = slot_mapping  # [num_tokens_padded]
         self.state_caches = state_caches  # per linear-attention layer: its state pools
         self.state_metadata = state_metadata   # attention/gdn.py's GDNMetadata, or None
+        # multimodal models: multimodal/inputs.py's MultiModalStepInputs (rotary positions,
+        # the step's image rows), else None
+        self.multimodal = multimodal
         self._forward_qkv = getattr(backend, "forward_qkv", None)
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache) -> None:

@@ -14,6 +14,7 @@ from fullgraph.engine.kv_cache import KVCacheManager
 from fullgraph.engine.request import Request
 from fullgraph.engine.scheduler import Scheduler, SchedulerOutput
 from fullgraph.engine.stats import EngineStats
+from fullgraph.multimodal.processor import MultiModalProcessor, load_multimodal_processor
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.model_runner import ModelRunner
@@ -33,6 +34,8 @@ class _Launched:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
+        # images -> placeholder tokens and pixels (multimodal models), before any step
+        self.mm_processor: MultiModalProcessor | None = load_multimodal_processor(config.model)
         self.runner = ModelRunner(config)
         if config.compilation.graph_runtime == "fake":
             from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
@@ -81,13 +84,13 @@ class LLMEngine:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def make_requests(self, request_id: str, prompt: str | list[int],
-                      params: SamplingParams) -> list[Request]:
+                      params: SamplingParams, images=None) -> list[Request]:
         """One request per sample (`params.n`), validated: `request_id` itself for n == 1,
         else "{request_id}-{i}". Sample i draws with `sample_seed(seed, i)`, so each sample is
         reproducible from the seed and its index; with prefix caching, samples 1.. wait until
         sample 0 has prefilled the prompt and share its KV blocks."""
         ids = sample_request_ids(request_id, params.n)
-        first = self.make_request(ids[0], prompt, params)
+        first = self.make_request(ids[0], prompt, params, images)
         if params.n == 1:
             return [first]
         if params.n > self.config.scheduler.max_num_seqs:
@@ -96,15 +99,18 @@ class LLMEngine:
         leader = first if self.kv.enable_prefix_caching else None
         rest = [Request(ids[i], list(first.prompt_token_ids), params,
                         seed=sample_seed(first.seed, i), max_tokens=first.max_tokens,
-                        prompt=first.prompt, index=i, leader=leader)
+                        prompt=first.prompt, index=i, leader=leader,
+                        mm_inputs=first.mm_inputs)
                 for i in range(1, params.n)]
         if any(r.request_id in self.requests for r in rest):
             raise ValueError(f"request id {request_id!r} is already in use")
         return [first, *rest]
 
     def make_request(self, request_id: str, prompt: str | list[int],
-                     params: SamplingParams) -> Request:
-        """Validate one request; raises ValueError naming the problem, changes nothing."""
+                     params: SamplingParams, images=None) -> Request:
+        """Validate one request; raises ValueError naming the problem, changes nothing.
+        `images`: one image or a list (multimodal/image_processor.py's inputs) for the
+        prompt's image placeholders, in order."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -114,6 +120,11 @@ class LLMEngine:
         model = self.config.model
         if not ids:
             raise ValueError("the prompt is empty")
+        mm_inputs = None
+        if images is not None:
+            if self.mm_processor is None:
+                raise ValueError(f"{model.architecture} takes no images")
+            ids, mm_inputs = self.mm_processor.process(ids, images)
         vocab = model.vocab_size
         for i, t in enumerate(ids):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
@@ -145,7 +156,8 @@ class LLMEngine:
         if params.bad_words and not params.bad_words_token_ids:
             params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        return Request(request_id, ids, params, seed=seed, max_tokens=max_tokens, prompt=text)
+        return Request(request_id, ids, params, seed=seed, max_tokens=max_tokens, prompt=text,
+                       mm_inputs=mm_inputs)
 
     def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """Each bad word as token ids, also with a leading space where that tokenizes
@@ -160,8 +172,8 @@ class LLMEngine:
         return out
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = False) -> Request:
-        return self.add(self.make_request(request_id, prompt, params), stream)
+                    stream: bool = False, images=None) -> Request:
+        return self.add(self.make_request(request_id, prompt, params, images), stream)
 
     def add(self, req: Request, stream: bool = False) -> Request:
         """Admit a request made by `make_request`. With stream=True, `step` reports it every

@@ -124,8 +124,13 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _block_key(self, req: Request, i: int) -> tuple:
+        """(parent hash, token ids), and the content hashes of the images whose placeholder
+        tokens the block holds: identical ids, different pictures, different KV."""
         parent = req.block_hashes[i - 1] if i else None
-        return parent, tuple(req.all_token_ids[i * self.block_size:(i + 1) * self.block_size])
+        start, end = i * self.block_size, (i + 1) * self.block_size
+        key = parent, tuple(req.all_token_ids[start:end])
+        mm = req.mm_inputs
+        return key + (mm.hashes_between(start, end),) if mm is not None else key
 
     def _hash_full_blocks(self, req: Request, num_tokens: int) -> None:
         for i in range(len(req.block_hashes), num_tokens // self.block_size):

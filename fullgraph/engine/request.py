@@ -5,6 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from fullgraph.multimodal.inputs import MultiModalInputs
 from fullgraph.outputs import Logprob
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.sampler import multi_token_bad_words, needs_state
@@ -28,6 +29,7 @@ class Request:
     # the first sample of the same prompt: this one waits until the leader's prompt is in the
     # prefix cache, so the prompt is prefilled once (None: no wait)
     leader: "Request | None" = None
+    mm_inputs: MultiModalInputs | None = None   # its images (multimodal models)
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -64,7 +64,7 @@ class LLM:
             request_id = f"offline-{next(self._ids)}"
             try:
                 groups.append((request_id, self.engine.make_requests(
-                    request_id, _prompt_input(prompt), sp)))
+                    request_id, _prompt_input(prompt), sp, _images(prompt))))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         for req in (r for _, group in groups for r in group):
@@ -157,3 +157,13 @@ def _prompt_input(prompt: PromptType) -> str | list[int]:
             return prompt["prompt"]
     raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, "
                      f"got {type(prompt).__name__}")
+
+
+def _images(prompt: PromptType):
+    """vLLM's `{"multi_modal_data": {"image": image or [images]}}`, or None."""
+    if not isinstance(prompt, dict) or prompt.get("multi_modal_data") is None:
+        return None
+    data = prompt["multi_modal_data"]
+    if not isinstance(data, dict) or set(data) - {"image"}:
+        raise ValueError("multi_modal_data takes {'image': an image or a list of images}")
+    return data.get("image")

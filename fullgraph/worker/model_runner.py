@@ -11,16 +11,19 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from fullgraph.attention.backend import ForwardContext, get_backend_class
 from fullgraph.attention.gdn import GDNMetadata, GDNMetadataBuilder
 from fullgraph.attention.metadata import AttentionSpec
+from fullgraph.buffers import CpuGpuBuffer
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.layers import pdl
 from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.interface import CacheSpecs
 from fullgraph.models.loader import load_model
+from fullgraph.multimodal.inputs import MultiModalStepInputs
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.compile_worker import CompileWorkers
 from fullgraph.worker.compilers import (configure_compilers, start_compile_workers,
@@ -170,6 +173,15 @@ class ModelRunner:
         self.state_prepare_seconds = 0.0   # of which the linear-attention metadata
         self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
         self.num_steps = 0
+        # Multimodal models: every step's rotary positions ([tokens, 3] rows: MRoPE), in a
+        # persistent buffer graphs read; the images' encoder outputs per request until all of
+        # its image tokens are computed; this step's image rows (eager steps only).
+        self.multimodal = bool(getattr(self.model, "multimodal", False))
+        self.rope_positions = (CpuGpuBuffer((self.max_num_tokens, 3), torch.int64, self.device,
+                                            self.device.type == "cuda")
+                               if self.multimodal else None)
+        self._encoder_cache: dict[int, tuple[Any, list]] = {}
+        self._step_images: tuple | None = None
 
     # ---------------------------------------------------------------- memory
     @property
@@ -417,8 +429,13 @@ class ModelRunner:
         if self.async_scheduling and not self.buffers.arena.merges:
             self.buffers.input_ids.index_put_((step.pending_index,),
                                               self.sampled[step.pending_row])
+        mm = None
+        if self.multimodal:
+            rope = self.rope_positions.gpu[:step.desc.num_tokens].t()
+            mm = MultiModalStepInputs(rope, *(self._step_images or ()))
         ctx = ForwardContext(self.backend, metadata.attention, self.kv_caches,
-                             step.attention.slot_mapping, self.state_caches, metadata.state)
+                             step.attention.slot_mapping, self.state_caches, metadata.state,
+                             mm)
         hidden = self._hidden = self.model(step.input_ids, step.positions, ctx)
         logits = self.logits[:r]
         # one token per request: the rows are the requests' already (no gather kernel)
@@ -454,10 +471,16 @@ class ModelRunner:
         # prompt logprobs still owed: the step runs eagerly, to keep every token's hidden state
         owed = (prompt_logprobs.plan(chunks)
                 if any(c.request.prompt_logprobs is not None for c in chunks) else None)
-        desc = (self.dispatcher.dispatch(n_tok, len(chunks), uniform) if not owed
+        # a step with image tokens runs eagerly: their embeddings replace the token ones
+        images = self._step_image_rows(chunks) if self.multimodal else None
+        desc = (self.dispatcher.dispatch(n_tok, len(chunks), uniform)
+                if not owed and images is None
                 else self.dispatcher.eager(n_tok, len(chunks), uniform))
         copied_in_graph = self._graph_copies_inputs(desc)
         step = self.buffers.prepare(chunks, desc, self._last_rows, copy=not copied_in_graph)
+        if self.multimodal:
+            self._write_rope_positions(chunks, desc.num_tokens)
+            self._step_images = images
         # A steady decode step (the last step's StepInputs again) keeps every request's row
         # and sampler state.
         if step is not self._last_step:
@@ -491,6 +514,78 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return PendingStep(host, event, prompt_lps)
+
+
+    # ---------------------------------------------------------------- multimodal
+    def _write_rope_positions(self, chunks: Sequence[ScheduledChunk], num_tokens: int) -> None:
+        """The step's rotary positions into the persistent buffer: a request's own (MRoPE)
+        over its prompt, position + rope_delta after it, the position itself for text-only
+        requests; padding rows 0."""
+        buf = self.rope_positions.np
+        starts = [c.request.num_computed_tokens for c in chunks]
+        mms = [getattr(c.request, "mm_inputs", None) for c in chunks]
+        for c, mm in zip(chunks, mms):
+            if mm is not None and mm.rope_positions is None:
+                mm.rope_positions, mm.rope_delta = self.model.rope_positions(
+                    c.request.prompt_token_ids, mm.grid_thw)
+        if all(c.num_new_tokens == 1 for c in chunks) and all(
+                mm is None or s >= mm.rope_positions.shape[1] for s, mm in zip(starts, mms)):
+            n = len(chunks)                  # decode: one position per row, no loop over rows
+            buf[:n] = (np.array(starts) + np.array([mm.rope_delta if mm is not None else 0
+                                                    for mm in mms]))[:, None]
+        else:
+            row = 0
+            for c, start, mm in zip(chunks, starts, mms):
+                p = np.arange(start, start + c.num_new_tokens)
+                rows = buf[row:row + c.num_new_tokens]
+                if mm is None:
+                    rows[:] = p[:, None]
+                else:
+                    prompt = p < mm.rope_positions.shape[1]
+                    rows[prompt] = mm.rope_positions[:, p[prompt]].T
+                    rows[~prompt] = (p[~prompt] + mm.rope_delta)[:, None]
+                row += c.num_new_tokens
+            n = row
+        buf[n:num_tokens] = 0
+        self.rope_positions.copy_to_gpu(num_tokens)
+
+    def _step_image_rows(self, chunks: Sequence[ScheduledChunk]) -> tuple | None:
+        """(rows, embeds, deepstack) of the step's image tokens, or None: each image's
+        encoder output rows for the tokens the step computes (the encoder runs once per
+        request, when its first image token is scheduled)."""
+        rows, embeds, deep = [], [], []
+        row = 0
+        for c in chunks:
+            req, mm = c.request, getattr(c.request, "mm_inputs", None)
+            start, end = req.num_computed_tokens, req.num_computed_tokens + c.num_new_tokens
+            if mm is not None and start < mm.end:
+                outputs = self._encoder_outputs(req, mm)
+                for (e, d), ph in zip(outputs, mm.placeholders):
+                    lo, hi = max(start, ph.offset), min(end, ph.offset + ph.length)
+                    if lo < hi:
+                        rows.append(torch.arange(row + lo - start, row + hi - start))
+                        embeds.append(e[lo - ph.offset:hi - ph.offset])
+                        if d is not None:
+                            deep.append(d[:, lo - ph.offset:hi - ph.offset])
+                if end >= mm.end:
+                    self._encoder_cache.pop(id(req), None)
+            row += c.num_new_tokens
+        if not rows:
+            return None
+        return (torch.cat(rows).to(self.device), torch.cat(embeds),
+                torch.cat(deep, dim=1) if deep else None)
+
+    def _encoder_outputs(self, req: Any, mm) -> list:
+        cached = self._encoder_cache.get(id(req))
+        if cached is not None and cached[0] is req:
+            return cached[1]
+        for key, (owner, _) in list(self._encoder_cache.items()):   # finished or aborted
+            if getattr(owner, "is_finished", False):
+                del self._encoder_cache[key]
+        pixels = mm.pixel_values.to(self.device, self.config.model.dtype)
+        outputs = self.model.encode_images(pixels, mm.grid_thw)
+        self._encoder_cache[id(req)] = (req, outputs)
+        return outputs
 
 
 def compile_count() -> int:
