@@ -184,7 +184,9 @@ def create_model_config(model: str, dtype: str, max_model_len: int | None,
         model_cls.check_config(hf_config, raw)   # fields it cannot run with, named now
 
     torch_dtype = _resolve_dtype(dtype, raw, device)
-    max_pos = getattr(hf_config, "max_position_embeddings", None) or 4096
+    # a multimodal model's text fields live in its text_config
+    text_config = hf_config.get_text_config()
+    max_pos = getattr(text_config, "max_position_embeddings", None) or 4096
     if max_model_len is None:
         max_model_len = max_pos
     elif max_model_len < 2 or max_model_len > max_pos:
@@ -192,7 +194,7 @@ def create_model_config(model: str, dtype: str, max_model_len: int | None,
                          f"max_position_embeddings), got {max_model_len}")
     return ModelConfig(path=path, name=served_name or model, hf_config=hf_config,
                        architecture=archs[0], dtype=torch_dtype, max_model_len=max_model_len,
-                       vocab_size=hf_config.vocab_size, eos_token_ids=_eos_ids(path, raw),
+                       vocab_size=text_config.vocab_size, eos_token_ids=_eos_ids(path, raw),
                        tokenizer=resolve_model_dir(tokenizer, "tokenizer") if tokenizer else path,
                        chat_template=_read_chat_template(chat_template),
                        sampling_defaults=_sampling_defaults(generation_config, path))
@@ -240,7 +242,9 @@ def _sampling_defaults(source: str, model_path: str) -> tuple[tuple[str, object]
 
 def _resolve_dtype(dtype: str, raw: dict, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        name = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
+        text = raw.get("text_config") or {}
+        name = str(raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype")
+                   or text.get("dtype") or "float32")
         resolved = _DTYPES.get(name.replace("torch.", ""), torch.float32)
         # Half precision matmuls are slow on most CPUs: auto means float32 there.
         return torch.float32 if device.type == "cpu" else resolved
@@ -252,7 +256,7 @@ def _resolve_dtype(dtype: str, raw: dict, device: torch.device) -> torch.dtype:
 def _eos_ids(path: str, raw: dict) -> tuple[int, ...]:
     ids: list[int] = []
     gen_file = os.path.join(path, "generation_config.json")
-    sources = [raw.get("eos_token_id")]
+    sources = [raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")]
     if os.path.exists(gen_file):
         try:
             with open(gen_file) as f:

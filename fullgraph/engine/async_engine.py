@@ -222,11 +222,12 @@ class AsyncLLMEngine:
                  result=[list(r.prompt_token_ids) for r in reqs if r.index == 0])
 
     def _make_requests(self, item: GenerationItem):
-        prompt = item.prompt
+        prompt, images = item.prompt, None
         if isinstance(prompt, ChatPrompt):
-            prompt = self.engine.apply_chat_template(
+            # images are decoded and preprocessed here, on the engine thread
+            prompt, images = self.engine.chat_prompt(
                 list(prompt.messages), prompt.add_generation_prompt, **dict(prompt.template_kwargs))
-        reqs = self.engine.make_requests(item.request_id, prompt, item.params)
+        reqs = self.engine.make_requests(item.request_id, prompt, item.params, images)
         max_len, asked = self.config.model.max_model_len, item.params.max_tokens
         n = reqs[0].num_prompt_tokens
         if self.strict_max_tokens and asked is not None and n + asked > max_len:

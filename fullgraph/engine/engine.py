@@ -14,6 +14,7 @@ from fullgraph.engine.kv_cache import KVCacheManager
 from fullgraph.engine.request import Request
 from fullgraph.engine.scheduler import Scheduler, SchedulerOutput
 from fullgraph.engine.stats import EngineStats
+from fullgraph.multimodal.chat import encode_with_images, split_images
 from fullgraph.multimodal.processor import MultiModalProcessor, load_multimodal_processor
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
@@ -66,10 +67,29 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **kwargs) -> tuple[list[int], list | None]:
+        """(token ids, the messages' images or None): images in content parts
+        (multimodal/chat.py) become the model's image placeholders."""
+        messages, images = split_images(messages)
+        if not images:
+            return self.apply_chat_template(messages, add_generation_prompt, **kwargs), None
+        if self.mm_processor is None:
+            raise ValueError(f"{self.config.model.architecture} takes no images")
+        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
+        return encode_with_images(
+            text, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
+            self.mm_processor.placeholder_ids), images
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> list[int]:
         """Render messages with the chat template (`chat_template`, else the tokenizer's);
         ValueError if it cannot."""
+        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                             **kwargs) -> str:
         template = self.config.model.chat_template or getattr(self.tokenizer, "chat_template",
                                                               None)
         if not template:
@@ -81,7 +101,7 @@ class LLMEngine:
                 tokenize=False, **kwargs)
         except Exception as e:  # jinja errors, malformed messages
             raise ValueError(f"cannot apply the chat template: {e}") from e
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return text
 
     def make_requests(self, request_id: str, prompt: str | list[int],
                       params: SamplingParams, images=None) -> list[Request]:

@@ -71,11 +71,14 @@ class LLM:
             self.engine.add(req)
         return self._run(groups, use_tqdm)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = True):
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [{"prompt_token_ids": self.engine.apply_chat_template(c)}
-                   for c in conversations]
+        prompts = []
+        for c in conversations:
+            ids, images = self.engine.chat_prompt(c)
+            prompts.append({"prompt_token_ids": ids} if images is None else
+                           {"prompt_token_ids": ids, "multi_modal_data": {"image": images}})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, groups: list[tuple[str, list[Request]]],

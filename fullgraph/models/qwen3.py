@@ -22,6 +22,7 @@ from fullgraph.models.loader import load_weights_by_name
 
 
 L2Targets = dict[str, tuple[torch.Tensor, ...]]   # projection -> weights to prefetch
+RopeTables = tuple[torch.Tensor, torch.Tensor]     # (cos, sin), [positions, head_dim] float32
 
 
 def head_dim_of(cfg) -> int:
@@ -29,7 +30,7 @@ def head_dim_of(cfg) -> int:
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg, rotary: RotaryEmbedding | None) -> None:
         super().__init__()
         self.head_dim = head_dim_of(cfg)
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -43,13 +44,17 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 norm: RMSNorm, ctx: ForwardContext, kv_cache: KVCache,
-                l2_next: L2Targets) -> tuple[torch.Tensor, torch.Tensor]:
+                l2_next: L2Targets, rope: RopeTables | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope`: this step's (cos, sin) tables, which `positions` index, instead of the
+        model's own (a model with MRoPE builds per-token tables each step, models/qwen3_vl.py;
+        then `rotary` may be None)."""
         qkv, residual = norm_linear(x, residual, norm, self.qkv_proj, l2_next.get("qkv_proj", ()))
         # q/k norm, rotary and the K/V store (reference: layers/qk_norm_rope.py), then
         # attention; decode steps on CUDA do all of it in the attention kernel
+        cos, sin = rope if rope is not None else (self.rotary.cos, self.rotary.sin)
         prologue = QKNormRope(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                              self.rotary.cos, self.rotary.sin, self.num_heads,
-                              self.num_kv_heads)
+                              cos, sin, self.num_heads, self.num_kv_heads)
         o = ctx.attention_qkv(qkv, positions, kv_cache, prologue)
         return self.o_proj(o.reshape(x.shape[0], -1), l2_next.get("o_proj", ())), residual
 
@@ -79,7 +84,7 @@ class Qwen3DecoderLayer(nn.Module):
     l2_prefetch_plan: dict[str, tuple[tuple[str, float], ...]] = {
         "o_proj": (("gate_up_proj", 2 / 3),)}
 
-    def __init__(self, cfg, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg, rotary: RotaryEmbedding | None) -> None:
         super().__init__()
         self.self_attn = Qwen3Attention(cfg, rotary)
         self.mlp = Qwen3MLP(cfg)
@@ -105,11 +110,12 @@ class Qwen3DecoderLayer(nn.Module):
         return {proj: tuple(w for w in (rows(*hint) for hint in hints) if w is not None)
                 for proj, hints in self.l2_prefetch_plan.items()}
 
-    def forward(self, positions, x, residual, ctx, kv_cache, l2_next: L2Targets):
+    def forward(self, positions, x, residual, ctx, kv_cache, l2_next: L2Targets,
+                rope: RopeTables | None = None):
         # Each RMSNorm (with the residual add before it) runs inside the projection it feeds:
         # input_layernorm in qkv_proj, post_attention_layernorm in gate_up_proj.
         x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx, kv_cache,
-                                     l2_next)
+                                     l2_next, rope)
         return self.mlp(x, residual, self.post_attention_layernorm, l2_next)
 
 

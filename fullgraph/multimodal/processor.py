@@ -35,9 +35,13 @@ def _runs(ids: Sequence[int], token: int) -> list[tuple[int, int]]:
 
 
 class MultiModalProcessor:
-    def __init__(self, image_processor: ImageProcessor, image_token_id: int) -> None:
+    def __init__(self, image_processor: ImageProcessor, image_token_id: int,
+                 vision_start_id: int | None = None, vision_end_id: int | None = None) -> None:
         self.image_processor = image_processor
         self.image_token_id = image_token_id
+        # what a chat message's image part becomes (multimodal/chat.py)
+        self.placeholder_ids = [t for t in (vision_start_id, image_token_id, vision_end_id)
+                                if t is not None]
 
     def process(self, token_ids: list[int], images: Sequence[ImageInput]
                 ) -> tuple[list[int], MultiModalInputs]:
@@ -89,4 +93,7 @@ def load_multimodal_processor(model_config) -> MultiModalProcessor | None:
     token = getattr(model_config.hf_config, "image_token_id", None)
     if token is None:
         raise ValueError("config.json lacks 'image_token_id', which images need")
-    return MultiModalProcessor(ImageProcessor(image_config), int(token))
+    cfg = model_config.hf_config
+    return MultiModalProcessor(ImageProcessor(image_config), int(token),
+                               getattr(cfg, "vision_start_token_id", None),
+                               getattr(cfg, "vision_end_token_id", None))

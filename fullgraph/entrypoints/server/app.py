@@ -32,12 +32,15 @@ def _api_key_check(key: str):
     return check
 
 
-def build_app(engine: AsyncLLMEngine, api_key: str | None = None) -> FastAPI:
-    """The caller owns `engine` (starts it, and shuts it down after the server stops)."""
+def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
+              allowed_media_path: str | None = None) -> FastAPI:
+    """The caller owns `engine` (starts it, and shuts it down after the server stops).
+    `allowed_media_path`: a directory whose image files chat requests may name."""
     name = engine.config.model.name
     state = ServerState(engine=engine, model_name=name,
                         metrics=ServerMetrics(lambda: engine.snapshot, name),
-                        api_key=api_key, created=int(time.time()))
+                        api_key=api_key, created=int(time.time()),
+                        allowed_media_path=allowed_media_path)
     app = FastAPI(title="fullgraph", description="OpenAI-compatible fullgraph server")
     app.state.server = state
     install_error_handlers(app)

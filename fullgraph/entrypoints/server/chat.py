@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -24,19 +25,47 @@ from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model
 from fullgraph.outputs import CompletionOutput
 
 
-def message_dict(i: int, m: ChatMessage) -> dict:
+def message_dict(i: int, m: ChatMessage, media_dir: str | None = None) -> dict:
     if m.content is None or isinstance(m.content, str):
         content = m.content or ""
     else:
-        bad = [p.type for p in m.content if p.type != "text"]
+        bad = [p.type for p in m.content if p.type not in ("text", "image_url")]
         if bad:
             raise bad_request(f"messages[{i}]: content parts of type {bad[0]!r} are not "
-                              f"supported (text only)", "messages")
-        content = "\n".join(p.text or "" for p in m.content)
+                              f"supported (text, image_url)", "messages")
+        if all(p.type == "text" for p in m.content):
+            content = "\n".join(p.text or "" for p in m.content)
+        else:
+            content = [{"type": "text", "text": p.text or ""} if p.type == "text" else
+                       {"type": "image_url", "image_url": {"url": _image_source(
+                           i, p.image_url.url if p.image_url else None, media_dir)}}
+                       for p in m.content]
     d = {"role": m.role, "content": content}
     if m.name is not None:
         d["name"] = m.name
     return d
+
+
+def _image_source(i: int, url: str | None, media_dir: str | None) -> str:
+    """A data URL as it is, or a local file under `--allowed-local-media-path`; the server
+    fetches nothing from the network."""
+    where = "messages"
+    if not url:
+        raise bad_request(f"messages[{i}]: an image_url part needs image_url.url", where)
+    if url.startswith("data:"):
+        return url
+    if url.startswith(("http://", "https://")):
+        raise bad_request(f"messages[{i}]: image URLs are not fetched (no network access); "
+                          f"send the image as a data: URL", where)
+    path = url.removeprefix("file://")
+    if media_dir is None:
+        raise bad_request(f"messages[{i}]: local image paths need the server started with "
+                          f"--allowed-local-media-path", where)
+    real, root = os.path.realpath(path), os.path.realpath(media_dir)
+    if os.path.commonpath([real, root]) != root:
+        raise bad_request(f"messages[{i}]: {path!r} is outside --allowed-local-media-path",
+                          where)
+    return real
 
 
 def _logprobs(c: CompletionOutput, start: int, top_n: int) -> ChatLogprobs:
@@ -77,7 +106,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     fmt = (body.response_format or {}).get("type", "text")
     check_unsupported(body, {"tools": bool(body.tools), "response_format": fmt != "text"})
     _check_top_logprobs(body, state.engine.config.max_logprobs)
-    messages = tuple(message_dict(i, m) for i, m in enumerate(body.messages))
+    messages = tuple(message_dict(i, m, state.allowed_media_path)
+                     for i, m in enumerate(body.messages))
     max_tokens = body.max_completion_tokens or body.max_tokens
     top_n = body.top_logprobs or 0
     params = sampling_params(state, body, max_tokens, top_n if body.logprobs else None)

@@ -26,6 +26,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help="if set, /v1/*, /tokenize and /detokenize need 'Authorization: "
                         "Bearer <key>'")
+    g.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="chat requests may name image files under DIR (file:// or a path); "
+                        "otherwise images come as data: URLs")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -51,7 +54,8 @@ def main(ns: argparse.Namespace) -> int:
 
     engine = AsyncLLMEngine(LLMEngine.from_engine_args(engine_args_from(ns)))
     try:
-        app = build_app(engine, api_key=ns.api_key)
+        app = build_app(engine, api_key=ns.api_key,
+                        allowed_media_path=ns.allowed_local_media_path)
         logger.info("serving %s on http://%s:%d", engine.config.model.name, ns.host, ns.port)
         uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
                     timeout_graceful_shutdown=5)

@@ -60,9 +60,15 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+class ImageURL(_Request):
+    url: str
+    detail: str | None = None
+
+
 class ContentPart(_Request):
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Request):

@@ -37,6 +37,7 @@ class ServerState:
     metrics: ServerMetrics
     api_key: str | None
     created: int
+    allowed_media_path: str | None = None   # local image files chat requests may name
 
     @property
     def tokenizer(self):

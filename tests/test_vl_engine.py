@@ -1,0 +1,249 @@
+"""Qwen3-VL end to end through `LLM.generate` with images: greedy tokens equal transformers'
+Qwen3VLForConditionalGeneration.generate on a tiny random checkpoint (float32, CPU), with
+transformers' own image processor preparing the reference's inputs."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fullgraph import LLM, SamplingParams
+
+IMAGE, START, END = 500, 501, 502          # image pad, vision start / end token ids
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+              temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
+              num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+PREPROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2,
+                    min_pixels=32 * 32, max_pixels=256 * 256,
+                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def make_vl_checkpoint(path: str, seed: int = 0) -> str:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from fullgraph.models.presets import train_tokenizer
+    tok = train_tokenizer(1024)
+    tok.save_pretrained(path)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=1024, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    cfg = Qwen3VLConfig(vision_config=VISION, text_config=text, image_token_id=IMAGE,
+                        vision_start_token_id=START, vision_end_token_id=END,
+                        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(cfg).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(PREPROCESSOR, image_processor_type="Qwen2VLImageProcessor"), f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    return make_vl_checkpoint(str(tmp_path_factory.mktemp("qwen3-vl")))
+
+
+@pytest.fixture(scope="module")
+def hf_vl(vl_dir):
+    from transformers import Qwen3VLForConditionalGeneration
+    model = Qwen3VLForConditionalGeneration.from_pretrained(vl_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None      # ignore_eos, as our requests do
+    return model
+
+
+def images(*sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def hf_generate(model, ids, imgs, max_new_tokens):
+    """transformers' greedy tokens, its processor expanding the placeholders. Image sizes
+    here are whole merge blocks (no resize), where its PIL and torchvision backends agree."""
+    if not imgs:
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens,
+                             do_sample=False, attention_mask=torch.ones(1, len(ids),
+                                                                        dtype=torch.long))
+        return out[0, len(ids):].tolist()
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import \
+            Qwen2VLImageProcessor as cls           # needs torchvision
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+            Qwen2VLImageProcessorPil as cls
+    proc = cls(**PREPROCESSOR)
+    inputs = proc(images=imgs, return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    expanded, k = [], 0
+    for t in ids:
+        if t == IMAGE:
+            expanded += [IMAGE] * int(grid[k].prod() // 4)
+            k += 1
+        else:
+            expanded.append(t)
+    out = model.generate(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(
+        1, len(expanded), dtype=torch.long), pixel_values=inputs["pixel_values"],
+        image_grid_thw=grid, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(expanded):].tolist()
+
+
+def prompt(*parts):
+    """Text ids and images: each image as vision_start, one placeholder, vision_end."""
+    ids = []
+    for p in parts:
+        ids += [START, IMAGE, END] if p is None else p
+    return ids
+
+
+@pytest.fixture(scope="module")
+def llm(vl_dir):
+    return LLM(vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128)
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def test_one_image_greedy_equals_transformers(llm, hf_vl):
+    ids = prompt([1, 2, 3], None, [4, 5, 6, 7])
+    imgs = images((64, 64))
+    out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": imgs[0]}},
+                       GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_generate(hf_vl, ids, imgs, 8)
+
+
+def test_two_images_batched_with_text_and_chunked(vl_dir, hf_vl):
+    llm = LLM(vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+              max_num_batched_tokens=8)         # prompts and images split across steps
+    a = prompt([9, 8], None, [7], None, [6, 5])
+    imgs = images((64, 96), (96, 64), seed=1)
+    text = [11, 12, 13, 14, 15]
+    outs = llm.generate([{"prompt_token_ids": a, "multi_modal_data": {"image": imgs}},
+                         {"prompt_token_ids": text}], GREEDY, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == hf_generate(hf_vl, a, imgs, 8)
+    assert outs[1].outputs[0].token_ids == hf_generate(hf_vl, text, [], 8)
+
+
+def test_image_errors_leave_the_engine_usable(llm):
+    ids = prompt([1], None, [2])
+    with pytest.raises(ValueError, match="placeholders"):
+        llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images(
+            (64, 64), (64, 64))}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="image"):
+        llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": "/no/file.png"}},
+                     GREEDY, use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images(
+        (64, 64))[0]}}, GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_text_only_model_refuses_images(tmp_path):
+    llm = LLM("tiny-qwen3")
+    with pytest.raises(ValueError, match="takes no images"):
+        llm.generate({"prompt_token_ids": [1, 2], "multi_modal_data": {"image": images(
+            (64, 64))[0]}}, GREEDY, use_tqdm=False)
+
+
+def test_chat_with_an_image_part(llm, hf_vl):
+    img = images((64, 64), seed=3)[0]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "describe "},
+                                             {"type": "image", "image": img},
+                                             {"type": "text", "text": " briefly"}]}]
+    out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    # the template renders the text around the image; its ids come from the tokenizer
+    text = llm.engine.render_chat_template(
+        [{"role": "user", "content": "describe \x00 briefly"}]).split("\x00")
+    tok = llm.get_tokenizer()
+    ids = (tok.encode(text[0], add_special_tokens=False) + [START, IMAGE, END]
+           + tok.encode(text[1], add_special_tokens=False))
+    assert out.prompt_token_ids == ids[:ids.index(IMAGE)] + [IMAGE] * 4 + ids[
+        ids.index(IMAGE) + 1:]
+    assert out.outputs[0].token_ids == hf_generate(hf_vl, ids, [img], 8)
+
+
+def test_prefix_cache_shares_an_image_only_with_itself(vl_dir, hf_vl):
+    llm = LLM(vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+              block_size=4, enable_prefix_caching=True)
+    ids = prompt([1, 2, 3], None, [4, 5, 6, 7, 8, 9, 10, 11])
+    a, b = images((64, 64), (64, 64), seed=4)
+    kv = llm.engine.kv
+
+    def run(img):
+        hits = kv.prefix_hits
+        out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": img}},
+                           GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        return out, kv.prefix_hits - hits
+    first, _ = run(a)
+    again, hits_same = run(a.copy())
+    other, hits_other = run(b)
+    assert first == again == hf_generate(hf_vl, ids, [a], 8)
+    assert other == hf_generate(hf_vl, ids, [b], 8)
+    # block 0 (1 2 3 <start>) holds no image token: shared; every later block holds some
+    assert hits_same >= 12 and hits_other == 4
+
+
+def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
+    """The official openai client sends an image as a data URL; a file under the allowed
+    media path works, http URLs and paths outside it are a 400."""
+    openai = pytest.importorskip("openai")
+    import base64
+    import io
+    import threading
+
+    import PIL.Image
+    import uvicorn
+
+    from fullgraph.engine.args import EngineArgs
+    from fullgraph.engine.async_engine import AsyncLLMEngine
+    from fullgraph.engine.engine import LLMEngine
+    from fullgraph.entrypoints.server.app import build_app
+    from test_server import _free_port, wait_for
+
+    img = images((64, 96), seed=5)[0]
+    buf = io.BytesIO()
+    PIL.Image.fromarray(img).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "cat.png").write_bytes(buf.getvalue())
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(
+        model=vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128)))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, allowed_media_path=str(media)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, timeout=30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        messages = [{"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": url}}]}]
+        want = llm.chat(messages, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        got = client.chat.completions.create(model=vl_dir, messages=messages, max_tokens=8,
+                                             temperature=0.0, logprobs=True,
+                                             extra_body={"ignore_eos": True})
+        assert len(got.choices[0].logprobs.content) == 8
+        text = llm.get_tokenizer().decode(want, skip_special_tokens=True)
+        assert got.choices[0].message.content == text
+        local = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"file://{media / 'cat.png'}"}}]}]
+        assert client.chat.completions.create(model=vl_dir, messages=local, max_tokens=2)
+        for bad in ("http://example.com/cat.png", str(tmp_path / "elsewhere.png")):
+            with pytest.raises(openai.BadRequestError):
+                client.chat.completions.create(model=vl_dir, max_tokens=2, messages=[
+                    {"role": "user", "content": [{"type": "image_url",
+                                                  "image_url": {"url": bad}}]}])
+        # the engine is still serving
+        assert client.chat.completions.create(model=vl_dir, messages=messages, max_tokens=2)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        engine.shutdown()
