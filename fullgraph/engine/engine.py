@@ -81,6 +81,13 @@ class LLMEngine:
             text, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
             self.mm_processor.placeholder_ids), images
 
+    def image_placeholders(self, num_images: int) -> list[int]:
+        """Prompt tokens standing for `num_images` images, one after another (ValueError
+        for a model that takes none)."""
+        if self.mm_processor is None:
+            raise ValueError(f"{self.config.model.architecture} takes no images")
+        return self.mm_processor.placeholder_ids * num_images
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> list[int]:
         """Render messages with the chat template (`chat_template`, else the tokenizer's);

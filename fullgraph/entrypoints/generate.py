@@ -14,6 +14,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", action="append",
                    help="a prompt (repeat for several; default: 'Once upon a time')")
     g.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    g.add_argument("--image", action="append", metavar="PATH",
+                   help="an image file for every prompt, before its text (repeat for several; "
+                        "vision-language models, e.g. tiny-qwen3-vl)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -33,10 +36,20 @@ def main(ns: argparse.Namespace) -> int:
                             seed=ns.sampling_seed, max_tokens=ns.max_tokens,
                             ignore_eos=ns.ignore_eos)
     texts = ns.prompt or ["Once upon a time"]
+    images = ns.image or []
+    parts = [{"type": "image_url", "image_url": {"url": path}} for path in images]
     prompts = texts
-    if ns.chat:
-        prompts = [{"prompt_token_ids": llm.engine.apply_chat_template(
-            [{"role": "user", "content": p}])} for p in texts]
+    if ns.chat or images:
+        prompts = []
+        for text in texts:
+            if ns.chat:
+                content = parts + [{"type": "text", "text": text}] if parts else text
+                ids, imgs = llm.engine.chat_prompt([{"role": "user", "content": content}])
+            else:   # the images' placeholders, then the prompt's own tokens
+                ids = llm.engine.image_placeholders(len(images)) + llm.engine.tokenize(text)
+                imgs = images
+            prompts.append({"prompt_token_ids": ids} if not imgs else
+                           {"prompt_token_ids": ids, "multi_modal_data": {"image": imgs}})
     t1 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t1

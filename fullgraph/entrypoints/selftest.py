@@ -18,8 +18,9 @@ from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 from fullgraph.sampling_params import SamplingParams
 
 
-# One model of each cache kind: paged KV only, and paged KV with linear-attention state.
-DEFAULT_MODELS = ("tiny-qwen3", "tiny-qwen3.5")
+# One model of each cache kind (paged KV only, and paged KV with linear-attention state), and
+# a vision-language model (images in some prompts: eager image steps, graph decode steps).
+DEFAULT_MODELS = ("tiny-qwen3", "tiny-qwen3.5", "tiny-qwen3-vl")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -29,10 +30,24 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selftest-seed", type=int, default=0)
 
 
-def random_batch(rng: random.Random, vocab: int, max_len: int, max_seqs: int):
+def random_batch(rng: random.Random, vocab: int, max_len: int, max_seqs: int,
+                 image_placeholders: list[int] | None = None):
+    """Random prompts (ids below `vocab`); with `image_placeholders` (a multimodal model's
+    tokens for one image), about half of them get one or two random images first."""
+    import numpy as np
     n = rng.randrange(1, max_seqs + 1)
-    prompts = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(rng.randrange(1, max_len))]}
-               for _ in range(n)]
+    prompts = []
+    for _ in range(n):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, max_len))]
+        if image_placeholders and rng.random() < 0.5:
+            k = rng.randrange(1, 3)
+            images = [np.random.default_rng(rng.randrange(1 << 30)).integers(
+                0, 256, (rng.randrange(32, 160), rng.randrange(32, 160), 3), dtype=np.uint8)
+                for _ in range(k)]
+            prompts.append({"prompt_token_ids": image_placeholders * k + ids,
+                            "multi_modal_data": {"image": images}})
+        else:
+            prompts.append({"prompt_token_ids": ids})
     params = [SamplingParams(temperature=rng.choice([0.0, 0.0, 0.8]), top_p=rng.choice([1.0, 0.9]),
                              seed=rng.randrange(1 << 30), max_tokens=rng.randrange(2, 24),
                              ignore_eos=True) for _ in range(n)]
@@ -65,10 +80,13 @@ def check_model(base, ns: argparse.Namespace) -> int:
           f"{graph.engine.config.device} "
           f"({graph.engine.runner.capture_report.num_graphs} graphs)")
     rng = random.Random(ns.selftest_seed)
-    vocab = min(graph.engine.config.model.vocab_size, 50000)
+    mm = graph.engine.mm_processor
+    placeholders = mm.placeholder_ids if mm is not None else None
+    # random ids stay below the image tokens (they would be placeholders without images)
+    vocab = min(graph.engine.config.model.vocab_size, 50000, *(placeholders or ()))
     mismatches = total = 0
     for trial in range(ns.trials):
-        prompts, params = random_batch(rng, vocab, 100, base.max_num_seqs)
+        prompts, params = random_batch(rng, vocab, 100, base.max_num_seqs, placeholders)
         a = graph.generate(prompts, params, use_tqdm=False)
         b = eager.generate(prompts, params, use_tqdm=False)
         bad = sum(x.outputs[0].token_ids != y.outputs[0].token_ids for x, y in zip(a, b))

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# vision-language presets: vision start, image placeholder, vision end (Qwen's spellings)
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -61,6 +63,9 @@ class Preset:
     # Hybrid (Gated DeltaNet) presets: transformers' Qwen3_5TextConfig fields beyond the
     # above; their random weights come from transformers' own initialization.
     hybrid: dict | None = None
+    # Vision-language presets (Qwen3-VL): the vision tower's config fields and the text
+    # model's MRoPE section; random weights from transformers' own initialization.
+    vision: dict | None = None
 
 
 def _qwen3_5_fields(key_heads: int, value_heads: int, head_dim: int) -> dict:
@@ -80,6 +85,22 @@ PRESETS = {
     # A hybrid for tests: 3 Gated DeltaNet layers, then a gated full-attention layer.
     "tiny-qwen3.5": Preset("tiny-qwen3.5", 64, 192, 4, 4, 2, 32, None, 4096, "float32",
                            hybrid=_qwen3_5_fields(2, 4, 16)),
+    # A vision-language model for tests and first runs: Qwen3-VL's layout, tiny.
+    "tiny-qwen3-vl": Preset("tiny-qwen3-vl", 64, 192, 2, 4, 2, 16, None, 4096, "float32",
+                            tie_word_embeddings=False, vision=dict(
+                                depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                                out_hidden_size=64, num_position_embeddings=64,
+                                deepstack_visual_indexes=[0, 1], mrope_section=[2, 3, 3])),
+    # Qwen/Qwen3-VL-2B-Instruct's shapes with random bf16 weights, for GPU benchmarks.
+    "qwen3-vl-2b-random": Preset("qwen3-vl-2b-random", 2048, 6144, 28, 16, 8, 128, 151936,
+                                 262144, "bfloat16", tie_word_embeddings=True, vision=dict(
+                                     depth=24, hidden_size=1024, intermediate_size=4096,
+                                     num_heads=16, patch_size=16, temporal_patch_size=2,
+                                     spatial_merge_size=2, out_hidden_size=2048,
+                                     num_position_embeddings=2304,
+                                     deepstack_visual_indexes=[5, 11, 17],
+                                     mrope_section=[24, 20, 20])),
     # The text model of Qwen/Qwen3.5-0.8B with random bf16 weights, for GPU benchmarks.
     "qwen3.5-0.8b-random": Preset("qwen3.5-0.8b-random", 1024, 3584, 24, 8, 2, 256, 248320,
                                   262144, "bfloat16", hybrid=_qwen3_5_fields(16, 16, 128)),
@@ -159,12 +180,16 @@ def build_preset(p: Preset, path: str) -> None:
     tmp = tempfile.mkdtemp(prefix=f".{p.name}-", dir=parent)
     try:
         tokenizer = train_tokenizer(p.tokenizer_vocab)
+        if p.vision is not None:
+            tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
         tokenizer.save_pretrained(tmp)
         vocab = p.vocab_size or len(tokenizer)
         eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": eos}, f, indent=2)
-        if p.hybrid is not None:
+        if p.vision is not None:
+            _save_vl(p, vocab, eos[1], tmp, tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+        elif p.hybrid is not None:
             _save_hybrid(p, vocab, eos[1], tmp)
         else:
             _save_qwen3(p, vocab, eos[1], tmp)
@@ -213,3 +238,38 @@ def _save_hybrid(p: Preset, vocab: int, eos: int, tmp: str) -> None:
     finally:
         torch.random.set_rng_state(state)
     model.save_pretrained(tmp)
+
+
+def _save_vl(p: Preset, vocab: int, eos: int, tmp: str, vision_ids: list[int]) -> None:
+    """A transformers Qwen3VLForConditionalGeneration with its own random initialization,
+    and the preprocessor_config.json of its image processor."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    vision = dict(p.vision)
+    section = vision.pop("mrope_section")
+    text = dict(vocab_size=vocab, hidden_size=p.hidden_size,
+                intermediate_size=p.intermediate_size, num_hidden_layers=p.num_hidden_layers,
+                num_attention_heads=p.num_attention_heads,
+                num_key_value_heads=p.num_key_value_heads, head_dim=p.head_dim,
+                max_position_embeddings=p.max_position_embeddings,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                 "mrope_section": section, "mrope_interleaved": True})
+    start, image, end = vision_ids
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=image,
+                        vision_start_token_id=start, vision_end_token_id=end,
+                        eos_token_id=eos, tie_word_embeddings=p.tie_word_embeddings)
+    cfg.architectures = ["Qwen3VLForConditionalGeneration"]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = Qwen3VLForConditionalGeneration(cfg).to(getattr(torch, p.dtype))
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(tmp)
+    factor = vision["patch_size"] * vision["spatial_merge_size"]
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_processor_type": "Qwen2VLImageProcessor",
+                   "patch_size": vision["patch_size"],
+                   "temporal_patch_size": vision["temporal_patch_size"],
+                   "merge_size": vision["spatial_merge_size"],
+                   "min_pixels": 4 * factor * factor, "max_pixels": 1024 * factor * factor,
+                   "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, f, indent=2)
