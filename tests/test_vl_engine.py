@@ -21,17 +21,21 @@ PREPROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2,
                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-def make_vl_checkpoint(path: str, seed: int = 0) -> str:
+def make_vl_checkpoint(path: str, seed: int = 0, head_dim: int = 16,
+                       mrope_section: tuple[int, int, int] = (2, 3, 3)) -> str:
+    """A tiny random Qwen3VLForConditionalGeneration saved by transformers, with a
+    preprocessor_config.json (mrope_section sums to head_dim / 2)."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     from fullgraph.models.presets import train_tokenizer
     tok = train_tokenizer(1024)
     tok.save_pretrained(path)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=1024, tie_word_embeddings=False,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=head_dim, max_position_embeddings=1024, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+                                 "mrope_section": list(mrope_section),
+                                 "mrope_interleaved": True})
     cfg = Qwen3VLConfig(vision_config=VISION, text_config=text, image_token_id=IMAGE,
                         vision_start_token_id=START, vision_end_token_id=END,
                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
@@ -89,9 +93,13 @@ def hf_generate(model, ids, imgs, max_new_tokens):
             k += 1
         else:
             expanded.append(t)
-    out = model.generate(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(
-        1, len(expanded), dtype=torch.long), pixel_values=inputs["pixel_values"],
-        image_grid_thw=grid, max_new_tokens=max_new_tokens, do_sample=False)
+    ids_t = torch.tensor([expanded])
+    # which tokens are image tokens: transformers' MRoPE needs it (without it, generate
+    # falls back to text positions), as its processor returns it
+    out = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
+                         mm_token_type_ids=(ids_t == IMAGE).int(),
+                         pixel_values=inputs["pixel_values"], image_grid_thw=grid,
+                         max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, len(expanded):].tolist()
 
 
