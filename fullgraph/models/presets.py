@@ -231,13 +231,7 @@ def _save_hybrid(p: Preset, vocab: int, eos: int, tmp: str) -> None:
         tie_word_embeddings=p.tie_word_embeddings, eos_token_id=eos, bos_token_id=None,
         **p.hybrid)
     cfg.architectures = ["Qwen3_5ForCausalLM"]
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = Qwen3_5ForCausalLM(cfg).to(getattr(torch, p.dtype))
-    finally:
-        torch.random.set_rng_state(state)
-    model.save_pretrained(tmp)
+    _seeded_init(Qwen3_5ForCausalLM, cfg, p.dtype).save_pretrained(tmp)
 
 
 def _save_vl(p: Preset, vocab: int, eos: int, tmp: str, vision_ids: list[int]) -> None:
@@ -258,13 +252,7 @@ def _save_vl(p: Preset, vocab: int, eos: int, tmp: str, vision_ids: list[int]) -
                         vision_start_token_id=start, vision_end_token_id=end,
                         eos_token_id=eos, tie_word_embeddings=p.tie_word_embeddings)
     cfg.architectures = ["Qwen3VLForConditionalGeneration"]
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = Qwen3VLForConditionalGeneration(cfg).to(getattr(torch, p.dtype))
-    finally:
-        torch.random.set_rng_state(state)
-    model.save_pretrained(tmp)
+    _seeded_init(Qwen3VLForConditionalGeneration, cfg, p.dtype).save_pretrained(tmp)
     factor = vision["patch_size"] * vision["spatial_merge_size"]
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
         json.dump({"image_processor_type": "Qwen2VLImageProcessor",
@@ -273,3 +261,14 @@ def _save_vl(p: Preset, vocab: int, eos: int, tmp: str, vision_ids: list[int]) -
                    "merge_size": vision["spatial_merge_size"],
                    "min_pixels": 4 * factor * factor, "max_pixels": 1024 * factor * factor,
                    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}, f, indent=2)
+
+
+def _seeded_init(model_cls, cfg, dtype: str):
+    """transformers' own random initialization of `model_cls(cfg)`, the same on every
+    machine (seed 0), leaving the caller's random state as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        return model_cls(cfg).to(getattr(torch, dtype))
+    finally:
+        torch.random.set_rng_state(state)
