@@ -1,0 +1,89 @@
+"""A hybrid layer's decode kernels alone (layers/gdn/fused_decode.py, layers/gated_attention.py),
+at Qwen3.5-0.8B's shapes, per batch size and kernel setting: µs per call from CUDA-graph
+replays, against the bytes each call must move (state read + written, inputs, outputs).
+
+    python benchmarks/probes/gdn_decode.py [--rows 1 8 32 128] [--iters 200]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import torch  # noqa: E402
+
+from fullgraph.layers import gated_attention  # noqa: E402
+from fullgraph.layers.gdn import fused_decode  # noqa: E402
+
+H, HV, DK, DV, KSIZE = 16, 16, 128, 128, 4          # Qwen3.5-0.8B's GDN layers
+KEY_DIM, VALUE_DIM = H * DK, HV * DV
+CONV_DIM = 2 * KEY_DIM + VALUE_DIM
+HQ, HKV, D, ROT = 8, 2, 256, 64                     # its gated attention layers
+
+
+def time_graph(fn, iters: int) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args()
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    print(f"{torch.cuda.get_device_name()}  µs per call (graph replay); GB/s of the bytes moved")
+    for r in args.rows:
+        slots = torch.arange(1, r + 1, device=dev)
+        init = torch.ones(r, dtype=torch.bool, device=dev)
+        proj = torch.randn(r, CONV_DIM + VALUE_DIM + 2 * HV, device=dev, dtype=bf16)
+        weight = torch.randn(CONV_DIM, KSIZE, device=dev, dtype=bf16)
+        conv_pool = torch.randn(r + 1, KSIZE - 1, CONV_DIM, device=dev, dtype=bf16)
+        rec_pool = torch.randn(r + 1, HV, DK, DV, device=dev) * 0.1
+        qkv, z, b, a = proj.split((CONV_DIM, VALUE_DIM, HV, HV), dim=-1)
+        a_log, dt_bias = torch.rand(HV, device=dev, dtype=bf16), torch.randn(HV, device=dev,
+                                                                             dtype=bf16)
+        norm_w = torch.ones(DV, device=dev, dtype=bf16)
+        conv_out = fused_decode.conv_decode(qkv, weight, conv_pool, slots, init)
+        t_conv = time_graph(lambda: fused_decode.conv_decode(qkv, weight, conv_pool, slots,
+                                                             init), args.iters)
+        t_rule = time_graph(lambda: fused_decode.gated_delta_decode(
+            conv_out, z, b, a, a_log, dt_bias, norm_w, 1e-6, rec_pool, slots, init, H),
+            args.iters)
+        state_bytes = 2 * r * HV * DK * DV * 4
+        attn_qkv = torch.randn(r, (2 * HQ + 2 * HKV) * D, device=dev, dtype=bf16)
+        cos = torch.randn(4096, ROT, device=dev)
+        k_cache = torch.zeros(4096, HKV, D, device=dev, dtype=bf16)
+        v_cache = torch.zeros_like(k_cache)
+        pos = torch.arange(r, device=dev) * 7
+        qn, kn = torch.ones(D, device=dev), torch.ones(D, device=dev)
+        t_qk = time_graph(lambda: gated_attention.qk_norm_rope_store_kv(
+            attn_qkv, pos, cos, cos, qn, kn, 1e-6, HQ, HKV, ROT, k_cache, v_cache, pos),
+            args.iters)
+        o = torch.randn(r, HQ, D, device=dev, dtype=bf16)
+        t_gate = time_graph(lambda: gated_attention.sigmoid_gate(o, attn_qkv, HQ), args.iters)
+        print(f"rows {r:4d}: conv {t_conv:7.2f}  rule+norm {t_rule:7.2f} "
+              f"({state_bytes / t_rule / 1e3:6.0f} GB/s of state)  attn prologue {t_qk:6.2f}  "
+              f"gate {t_gate:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
