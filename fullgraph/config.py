@@ -65,6 +65,10 @@ class CompilationConfig:
     # Compile the Triton kernels capture needs side by side before the warmups (CUDA; see
     # worker/compilers.py's triton_compile_ahead), instead of one by one inside them.
     compile_ahead: bool = True
+    # The vision encoder of multimodal models, in graphs per budget of patch rows
+    # (worker/encoder_graphs.py): () derives them from the largest image; images per graph.
+    encoder_cudagraph_token_budgets: tuple[int, ...] = ()
+    encoder_cudagraph_max_images_per_batch: int = 8
 
 
 @dataclass(frozen=True, slots=True)

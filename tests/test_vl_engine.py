@@ -221,8 +221,9 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
     media = tmp_path / "media"
     media.mkdir()
     (media / "cat.png").write_bytes(buf.getvalue())
-    engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(
-        model=vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128)))
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(   # graphs: the CPU emulator
+        model=vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+        cudagraph_runtime="fake")))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(engine, allowed_media_path=str(media)),
                                            host="127.0.0.1", port=port, log_level="warning"))
@@ -249,8 +250,13 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
                 client.chat.completions.create(model=vl_dir, max_tokens=2, messages=[
                     {"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": bad}}]}])
-        # the engine is still serving
+        # the engine is still serving; its encoder ran in graphs, as /metrics counts
         assert client.chat.completions.create(model=vl_dir, messages=messages, max_tokens=2)
+        import httpx
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        replays = [line for line in metrics.splitlines()
+                   if line.startswith("fullgraph:encoder_cudagraph_replays_total")]
+        assert replays and float(replays[0].split()[-1]) >= 2, replays
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -53,6 +53,10 @@ class EngineArgs:
     compile_layers: bool = False
     # Compile the Triton kernels capture needs in parallel before the warmups (CUDA).
     compile_ahead: bool = True
+    # Vision encoder graphs (multimodal models): budgets in patch rows (None: derived from
+    # the largest image the preprocessor lets through), and the most images one graph packs.
+    encoder_cudagraph_token_budgets: list[int] | None = None
+    encoder_cudagraph_max_images_per_batch: int = 8
     # Overlap host work with the device (one step in flight); None = on for CUDA devices,
     # where it pays (H200: batch 1 decode 2.28 -> 1.64 ms/step), off on a CPU.
     async_scheduling: bool | None = None
@@ -82,6 +86,11 @@ class EngineArgs:
                              f"{self.gpu_memory_utilization}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 2:
             raise ValueError("num_gpu_blocks_override must be >= 2 (block 0 is reserved)")
+        budgets = self.encoder_cudagraph_token_budgets or []
+        if any(b < 1 for b in budgets) or self.encoder_cudagraph_max_images_per_batch < 1:
+            raise ValueError(f"encoder_cudagraph_token_budgets and "
+                             f"encoder_cudagraph_max_images_per_batch must be positive, got "
+                             f"{budgets} and {self.encoder_cudagraph_max_images_per_batch}")
         try:
             mode = CUDAGraphMode(self.cudagraph_mode.lower())
         except ValueError:
@@ -102,7 +111,9 @@ class EngineArgs:
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
                                                         self.max_cudagraph_capture_size, scheduler)),
             graph_runtime=runtime, compile_layers=self.compile_layers and device.type == "cuda",
-            compile_attention=device.type == "cuda", compile_ahead=self.compile_ahead)
+            compile_attention=device.type == "cuda", compile_ahead=self.compile_ahead,
+            encoder_cudagraph_token_budgets=tuple(self.encoder_cudagraph_token_budgets or ()),
+            encoder_cudagraph_max_images_per_batch=self.encoder_cudagraph_max_images_per_batch)
         # num_blocks is decided by the worker once it knows the memory left (0 = not yet).
         cache = CacheConfig(block_size=self.block_size,
                             num_blocks=self.num_gpu_blocks_override or 0,

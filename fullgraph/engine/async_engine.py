@@ -286,7 +286,7 @@ class AsyncLLMEngine:
 
     def _publish(self) -> None:
         e = self.engine
-        stats, kv, disp = e.stats, e.kv, e.runner.dispatcher
+        stats, kv, disp, enc = e.stats, e.kv, e.runner.dispatcher, e.runner.encoder_graphs
         self.snapshot = EngineSnapshot(
             num_running=len(e.scheduler.running), num_waiting=len(e.scheduler.waiting),
             kv_usage=kv.usage, num_free_blocks=kv.pool.num_free, num_blocks=kv.num_usable_blocks,
@@ -295,6 +295,8 @@ class AsyncLLMEngine:
             steps=stats.steps, finished_requests=stats.finished_requests,
             aborted_requests=stats.aborted_requests, num_graph_steps=disp.num_graph_steps,
             num_eager_fallbacks=disp.num_eager_fallbacks,
+            num_encoder_graph_replays=enc.num_graph_replays if enc is not None else 0,
+            num_encoder_eager_images=enc.num_eager_fallbacks if enc is not None else 0,
             num_preemptions=e.scheduler.num_preemptions, prefix_queries=kv.prefix_queries,
             prefix_hits=kv.prefix_hits, step_errors=self._step_errors)
 

@@ -40,6 +40,9 @@ class EngineSnapshot:
     aborted_requests: int = 0
     num_graph_steps: int = 0
     num_eager_fallbacks: int = 0
+    # vision encoder (multimodal models): graph replays, and images run eagerly (too large)
+    num_encoder_graph_replays: int = 0
+    num_encoder_eager_images: int = 0
     num_preemptions: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0

@@ -57,6 +57,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=d.compile_ahead,
                    help="compile the Triton kernels graph capture needs in parallel before "
                         "its warmups (CUDA)")
+    g.add_argument("--encoder-cudagraph-token-budgets", type=_int_list, nargs="+",
+                   default=None, help="vision encoder graph sizes in patch rows, e.g. 1024 "
+                   "4096 (default: derived from the largest image the model takes)")
+    g.add_argument("--encoder-cudagraph-max-images-per-batch", type=int,
+                   default=d.encoder_cudagraph_max_images_per_batch,
+                   help="the most images one encoder graph replay packs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs this one (default: on "
                         "for CUDA)")
@@ -69,7 +75,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     values = {k: v for k, v in vars(ns).items() if k in EngineArgs.field_names()}
-    if values.get("cudagraph_capture_sizes"):      # nargs="+" of lists -> one flat list
-        values["cudagraph_capture_sizes"] = [s for part in values["cudagraph_capture_sizes"]
-                                             for s in part]
+    for name in ("cudagraph_capture_sizes", "encoder_cudagraph_token_budgets"):
+        if values.get(name):                       # nargs="+" of lists -> one flat list
+            values[name] = [s for part in values[name] for s in part]
     return EngineArgs(**values)

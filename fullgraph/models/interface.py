@@ -18,8 +18,9 @@ when the engine reads the config). Adding one is that module plus a line in regi
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -77,3 +78,42 @@ class Model(Protocol):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor: ...
 
     def load_weights(self, weights) -> None: ...
+
+
+@runtime_checkable
+class GraphEncoder(Protocol):
+    """An encoder (a vision tower) that worker/encoder_graphs.py can run in CUDA graphs
+    captured per row budget, knowing nothing else about it.
+
+    An *item* is whatever the model describes one input by (an image's (t, h, w) grid); its
+    input is `encoder_input_rows(item)` consecutive rows of width `encoder_input_width`.
+    Items are packed one after another into a budget's persistent input, the rest of it
+    padding. The per-item outputs must be what the model's `encode_images` gives per image,
+    since the runner uses them in its place. A multimodal model exposes this on itself or on
+    exactly one submodule (`encoder_graphs.graph_encoder_of`)."""
+
+    @property
+    def encoder_input_width(self) -> int: ...
+
+    @property
+    def encoder_row_alignment(self) -> int:
+        """Every item's rows, and so every budget and its padding, are multiples of this."""
+
+    def encoder_input_rows(self, item: Any) -> int: ...
+
+    def allocate_encoder_layout(self, budget: int, device: torch.device) -> Any:
+        """Persistent layout buffers for `budget` rows, holding a valid all-padding layout."""
+
+    def write_encoder_layout(self, layout: Any, items: Sequence[Any]) -> None:
+        """Host work: the layout of `items` packed from row 0 into `layout`, the rest padding
+        that must not affect the items' outputs. Copies to the device, never reads it."""
+
+    def forward_packed(self, inputs: torch.Tensor, layout: Any) -> Any:
+        """What a graph captures: ops fixed by the budget, values read from `inputs` and
+        `layout` only."""
+
+    def split_encoder_output(self, output: Any, items: Sequence[Any]) -> list[Any]:
+        """`forward_packed`'s output -> per item, in packing order (views are fine)."""
+
+    def encode_eager(self, inputs: torch.Tensor, items: Sequence[Any]) -> list[Any]:
+        """The items without a graph or padding (those larger than every budget)."""

@@ -44,6 +44,7 @@ from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
 from fullgraph.models.interface import (CacheSpecs, ModelCapabilities, PagedAttentionSpec,
                                         StateSpec, StateTensorSpec)
 from fullgraph.models.loader import load_weights_by_name
+from fullgraph.models.qwen3 import RopeTables
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 # Shapes that must come from config.json itself: transformers would fill in its own defaults
@@ -110,7 +111,7 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, cfg, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg, rotary: RotaryEmbedding | None) -> None:
         super().__init__()
         self.head_dim = d = head_dim_of(cfg)
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -125,14 +126,18 @@ class GatedAttention(nn.Module):
         self.rotary_dim = rotary_dim_of(cfg)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                norm: RMSNorm, ctx: ForwardContext, kv_cache: KVCache
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                norm: RMSNorm, ctx: ForwardContext, kv_cache: KVCache,
+                rope: RopeTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rope`: this step's (cos, sin) tables, `rotary_dim` wide, which `positions`
+        index, instead of the model's own (a model with MRoPE builds per-token tables each
+        step, models/qwen3_5_vl.py; then `rotary` may be None)."""
         t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
+        cos, sin = rope if rope is not None else (self.rotary.cos, self.rotary.sin)
         qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
         if gated_attention.supported(qkv, kv_cache[0], d):
             # the same ops as below, in two kernels (layers/gated_attention.py)
             q = gated_attention.qk_norm_rope_store_kv(
-                qkv, positions, self.rotary.cos, self.rotary.sin, self.q_norm.kernel_weight,
+                qkv, positions, cos, sin, self.q_norm.kernel_weight,
                 self.k_norm.kernel_weight, self.q_norm.eps, hq, hkv, self.rotary_dim,
                 kv_cache[0], kv_cache[1], ctx.slot_mapping)
             o = ctx.attention(q, kv_cache)
@@ -142,8 +147,7 @@ class GatedAttention(nn.Module):
         q = self.q_norm(q)
         k = self.k_norm(k.view(t, hkv, d))
         rd = self.rotary_dim
-        q_rot, k_rot = apply_rotary(positions, self.rotary.cos, self.rotary.sin,
-                                    q[..., :rd], k[..., :rd])
+        q_rot, k_rot = apply_rotary(positions, cos, sin, q[..., :rd], k[..., :rd])
         q = torch.cat((q_rot, q[..., rd:]), dim=-1)
         k = torch.cat((k_rot, k[..., rd:]), dim=-1)
         ctx.store_kv(k, v.view(t, hkv, d), kv_cache)
@@ -223,7 +227,7 @@ class SwiGLU(nn.Module):
 
 
 class HybridDecoderLayer(nn.Module):
-    def __init__(self, cfg, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg, layer: int, rotary: RotaryEmbedding | None) -> None:
         super().__init__()
         self.layer_type = cfg.layer_types[layer]
         if self.layer_type == "linear_attention":
@@ -239,14 +243,16 @@ class HybridDecoderLayer(nn.Module):
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                ctx: ForwardContext, cache) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: ForwardContext, cache, rope: RopeTables | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it is added): each RMSNorm, with
-        the residual add before it, runs inside the projection it feeds (as in qwen3.py)."""
+        the residual add before it, runs inside the projection it feeds (as in qwen3.py).
+        `positions` and `rope` only reach the attention layers' rotary (GatedAttention)."""
         if self.layer_type == "linear_attention":
             x, residual = self.linear_attn(x, residual, self.input_layernorm, ctx, cache)
         else:
             x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx,
-                                         cache)
+                                         cache, rope)
         if isinstance(self.mlp, SwiGLU):
             return self.mlp(x, residual, self.post_attention_layernorm)
         x, residual = add_rms_norm(x, residual, self.post_attention_layernorm)

@@ -20,6 +20,14 @@ Qwen3.5's tower has no deepstack (the config has no such field) and returns an e
 Everything the tower needs to know about the images' layout comes from grid_thw alone and is
 computed on the host (`vision_positions`): segment bounds, rotary positions, interpolation taps.
 No device value is read back, so one forward launches without a host sync.
+
+Two forwards share every layer. `forward(pixel_values, grid_thw)` attends per frame in a
+Python loop over host-known bounds: fine eagerly, but a CUDA graph would replay the loop of
+the images it was captured with. `forward_packed(pixel_values, layout)` is the graph form
+(worker/encoder_graphs.py captures it per patch budget): its ops depend only on the budget
+and on the *contents* of a `PackedLayout`, persistent buffers the host rewrites before each
+replay; attention is one call over all rows with a block-diagonal mask built from segment
+ids, and padding rows form a segment of their own, so they never reach a real row.
 """
 from __future__ import annotations
 
@@ -38,6 +46,9 @@ from fullgraph.models.loader import load_weights_by_name
 VISUAL_PREFIXES = ("model.visual.", "visual.")
 
 GridTHW = Sequence[Sequence[int]] | torch.Tensor
+# What attention keeps apart: host segment bounds (one SDPA call per frame, eager only), or a
+# boolean [N, N] mask on the device (one call, the graph form).
+Segments = tuple[int, ...] | torch.Tensor
 
 
 def visual_weight_name(name: str) -> str | None:
@@ -60,6 +71,53 @@ class VisionPositions:
         return VisionPositions(self.cu_seqlens, self.rotary_ids.to(device, non_blocking=True),
                                self.interp_index.to(device, non_blocking=True),
                                self.interp_weight.to(device, non_blocking=True))
+
+
+# Padding rows' segment: no frame has this id (frames count up from 0), so padding attends
+# only to padding and every real row's softmax ignores it.
+PADDING_SEGMENT = -1
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """`VisionPositions` as persistent device buffers of a fixed number of rows (a graph's
+    patch budget): the tensors never change, only their contents (`write_packed_layout`).
+    Rows past the packed images are padding: segment `PADDING_SEGMENT`, position 0, zero
+    interpolation weights."""
+    segment_ids: torch.Tensor       # [B] int64: the frame a row belongs to
+    rotary_ids: torch.Tensor        # [B, 2] int64
+    interp_index: torch.Tensor      # [B, 4] int64
+    interp_weight: torch.Tensor     # [B, 4] float32
+
+    @staticmethod
+    def allocate(rows: int, device: torch.device) -> PackedLayout:
+        """All rows padding, so a warmup or capture on a fresh layout is a valid forward."""
+        return PackedLayout(
+            torch.full((rows,), PADDING_SEGMENT, dtype=torch.int64, device=device),
+            torch.zeros(rows, 2, dtype=torch.int64, device=device),
+            torch.zeros(rows, 4, dtype=torch.int64, device=device),
+            torch.zeros(rows, 4, dtype=torch.float32, device=device))
+
+    @property
+    def rows(self) -> int:
+        return self.segment_ids.shape[0]
+
+
+def write_packed_layout(layout: PackedLayout, pos: VisionPositions) -> None:
+    """Host layout -> the persistent buffers (host->device copies, no device reads); the rows
+    after the images become padding."""
+    n = pos.cu_seqlens[-1]
+    if n > layout.rows:
+        raise ValueError(f"{n} patches do not fit a packed layout of {layout.rows} rows")
+    bounds = torch.tensor(pos.cu_seqlens)
+    segments = torch.full((layout.rows,), PADDING_SEGMENT, dtype=torch.int64)
+    segments[:n] = torch.repeat_interleave(torch.arange(len(bounds) - 1), bounds.diff())
+    layout.segment_ids.copy_(segments)
+    for buf, src in ((layout.rotary_ids, pos.rotary_ids), (layout.interp_index, pos.interp_index),
+                     (layout.interp_weight, pos.interp_weight)):
+        padded = torch.zeros(buf.shape, dtype=buf.dtype)
+        padded[:n] = src
+        buf.copy_(padded)
 
 
 def host_grids(grid_thw: GridTHW, merge_size: int) -> list[tuple[int, int, int]]:
@@ -98,7 +156,10 @@ def vision_positions(grids: list[tuple[int, int, int]], merge_size: int,
                      num_grid_per_side: int) -> VisionPositions:
     """Host work from the grids alone; frames of one clip share positions."""
     side, m = num_grid_per_side, merge_size
-    rotary, index, weight, bounds = [], [], [], [0]
+    # empty first entries: no grids (a layout of padding only) concatenates too
+    rotary = [torch.zeros(0, 2, dtype=torch.int64)]
+    index = [torch.zeros(0, 4, dtype=torch.int64)]
+    weight, bounds = [torch.zeros(0, 4)], [0]
     for t, h, w in grids:
         rows = _merge_block_order(torch.arange(h)[:, None].expand(h, w), m)
         cols = _merge_block_order(torch.arange(w)[None, :].expand(h, w), m)
@@ -140,20 +201,23 @@ class VisionAttention(nn.Module):
         self.proj = Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: tuple[int, ...]) -> torch.Tensor:
-        """One SDPA call per frame, over its own patches: the loop's bounds are host ints.
-        Inside a CUDA graph the launches are fixed, so a captured encoder would instead pad
-        the packed patches to a token budget and make one call with the segments in a device
-        buffer the host rewrites before replay (flash-attn varlen over cu_seqlens, or a
-        FlexAttention mask on segment ids as attention/flex.py does with doc ids)."""
+                segments: Segments) -> torch.Tensor:
+        """Attention within each frame. Host bounds: one SDPA call per frame, a loop a graph
+        would freeze. A device mask [N, N] (True where both rows are in the same segment):
+        one call over every row, whose launches depend on N alone; the 4D layout lets CUDA
+        pick a fused kernel that takes a mask (3D inputs go to the math kernel)."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         q, k, v = (a.transpose(0, 1) for a in (q, k, v))           # [heads, N, head_dim]
         scale = self.head_dim ** -0.5
-        out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e],
-                                                        scale=scale)
-                         for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])], dim=1)
+        if isinstance(segments, torch.Tensor):
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None],
+                                                 attn_mask=segments[None, None], scale=scale)[0]
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e],
+                                                            scale=scale)
+                             for s, e in zip(segments[:-1], segments[1:])], dim=1)
         return self.proj(out.transpose(0, 1).reshape(n, -1))
 
 
@@ -177,8 +241,8 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: tuple[int, ...]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+                segments: Segments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -274,21 +338,88 @@ class Qwen3VLVisionTower(nn.Module):
 
     def encode(self, pixel_values: torch.Tensor, pos: VisionPositions
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, cos, sin = self._embed(pixel_values, pos.rotary_ids, pos.interp_index,
+                                  pos.interp_weight)
+        return self._blocks(x, cos, sin, pos.cu_seqlens)
+
+    def forward_packed(self, pixel_values: torch.Tensor, layout: PackedLayout
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The graph form: pixel_values [B, C*T*P*P] and a `PackedLayout` of B rows ->
+        (embeds [B / merge_size**2, out_hidden_size], deepstack [num_deepstack, same] or
+        None). Shapes depend on B alone, values on the buffers' contents alone; the rows of
+        the packed images equal `forward`'s, the padding rows' outputs are garbage."""
+        x, cos, sin = self._embed(pixel_values, layout.rotary_ids, layout.interp_index,
+                                  layout.interp_weight)
+        seg = layout.segment_ids
+        embeds, deepstack = self._blocks(x, cos, sin, seg[:, None] == seg[None, :])
+        return embeds, (torch.stack(deepstack) if deepstack else None)
+
+    def _embed(self, pixel_values: torch.Tensor, rotary_ids: torch.Tensor,
+               interp_index: torch.Tensor, interp_weight: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patch embeddings plus the resampled position table, and the rotary cos/sin."""
         x = self.patch_embed(pixel_values)
-        table = self.pos_embed(pos.interp_index) * pos.interp_weight[:, :, None]
+        table = self.pos_embed(interp_index) * interp_weight[:, :, None]
         x = x + table.sum(1).to(x.dtype)
         # angles [N, head_dim]: row frequencies, column frequencies, and the same again
         # for the rotate-half pairs
-        freqs = (pos.rotary_ids[:, :, None].float() * self.inv_freq).flatten(1)
+        freqs = (rotary_ids[:, :, None].float() * self.inv_freq).flatten(1)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = angles.cos(), angles.sin()
+        return x, angles.cos(), angles.sin()
+
+    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                segments: Segments) -> tuple[torch.Tensor, list[torch.Tensor]]:
         deepstack = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, pos.cu_seqlens)
+            x = block(x, cos, sin, segments)
             if i in self.deepstack_layers:
                 merger = self.deepstack_merger_list[self.deepstack_layers.index(i)]
                 deepstack.append(merger(x))
         return self.merger(x), deepstack
+
+    # ------------------------------------------- encoder graphs (models/interface.GraphEncoder)
+    # An item is an image's (t, h, w) grid; its rows are its t*h*w patches.
+    @property
+    def encoder_input_width(self) -> int:
+        return self.patch_embed.patch_dim
+
+    @property
+    def encoder_row_alignment(self) -> int:
+        """Images are whole merge blocks, and so must padding be: the merger folds every
+        merge_size**2 consecutive rows into one token."""
+        return self.merge_size ** 2
+
+    def encoder_input_rows(self, item: Sequence[int]) -> int:
+        t, h, w = item
+        return t * h * w
+
+    def allocate_encoder_layout(self, budget: int, device: torch.device) -> PackedLayout:
+        return PackedLayout.allocate(budget, device)
+
+    def write_encoder_layout(self, layout: PackedLayout, items: Sequence[Sequence[int]]
+                             ) -> None:
+        write_packed_layout(layout, self.positions(items))
+
+    def split_encoder_output(self, output: tuple[torch.Tensor, torch.Tensor | None],
+                             items: Sequence[Sequence[int]]
+                             ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per image (embeds [n_i, hidden], deepstack [num_deepstack, n_i, hidden] or None),
+        views of the packed output (the manager copies them out of graph memory)."""
+        embeds, deepstack = output
+        sizes = [self.encoder_input_rows(g) // self.merge_size ** 2 for g in items]
+        rest = embeds.shape[0] - sum(sizes)          # the padding tokens
+        per_image = embeds.split(sizes + [rest])[:len(items)]
+        if deepstack is None:
+            return [(e, None) for e in per_image]
+        return list(zip(per_image, deepstack.split(sizes + [rest], dim=1)[:len(items)]))
+
+    def encode_eager(self, pixel_values: torch.Tensor, items: Sequence[Sequence[int]]
+                     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per-frame attention over exactly these images, no padding: for images larger than
+        every captured budget."""
+        embeds, deepstack = self(pixel_values, items)
+        return self.split_encoder_output(
+            (embeds, torch.stack(deepstack) if deepstack else None), items)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Takes the whole checkpoint's tensors; only the tower's are read."""

@@ -32,6 +32,8 @@ from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Disp
 from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
                                                 GraphRuntime)
 from fullgraph.worker import prompt_logprobs
+from fullgraph.worker.encoder_graphs import (EncoderGraphManager, default_budgets,
+                                             graph_encoder_of, max_image_rows)
 from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, multi_token_bad_words,
@@ -182,6 +184,7 @@ class ModelRunner:
                                if self.multimodal else None)
         self._encoder_cache: dict[int, tuple[Any, list]] = {}
         self._step_images: tuple | None = None
+        self.encoder_graphs: EncoderGraphManager | None = None     # made by capture_graphs
 
     # ---------------------------------------------------------------- memory
     @property
@@ -311,7 +314,27 @@ class ModelRunner:
         self.compiles_during_capture = compile_count() - compiles0 - self._warmup_compiles
         self.dispatcher.captured = set(descs)
         self.capture_report = report
+        if self.multimodal:
+            self.encoder_graphs = self._capture_encoder_graphs(runtime)
         return report
+
+    def _capture_encoder_graphs(self, runtime: GraphRuntime) -> EncoderGraphManager | None:
+        """The model's encoder per patch budget, in the text graphs' runtime (and memory
+        pool); None if the model exposes no GraphEncoder or no budget is known."""
+        encoder = graph_encoder_of(self.model)
+        comp = self.config.compilation
+        budgets = comp.encoder_cudagraph_token_budgets or None
+        max_images = comp.encoder_cudagraph_max_images_per_batch
+        if encoder is not None and budgets is None:
+            largest = max_image_rows(self.config.model.path)
+            budgets = (default_budgets(largest, encoder.encoder_row_alignment)
+                       if largest else None)
+        if encoder is None or not budgets:
+            return None
+        manager = EncoderGraphManager(encoder, budgets, max_images, runtime, self.device,
+                                      self.config.model.dtype)
+        manager.capture()
+        return manager
 
     def _create_forward_fn(self, key, warmup: bool):
         if isinstance(key, SamplerGraphKey):
@@ -582,8 +605,11 @@ class ModelRunner:
         for key, (owner, _) in list(self._encoder_cache.items()):   # finished or aborted
             if getattr(owner, "is_finished", False):
                 del self._encoder_cache[key]
-        pixels = mm.pixel_values.to(self.device, self.config.model.dtype)
-        outputs = self.model.encode_images(pixels, mm.grid_thw)
+        if self.encoder_graphs is not None:     # packed into captured patch budgets
+            outputs = self.encoder_graphs.encode(mm.pixel_values, mm.grid_thw)
+        else:
+            pixels = mm.pixel_values.to(self.device, self.config.model.dtype)
+            outputs = self.model.encode_images(pixels, mm.grid_thw)
         self._encoder_cache[id(req)] = (req, outputs)
         return outputs
 

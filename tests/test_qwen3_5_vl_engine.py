@@ -1,0 +1,172 @@
+"""Qwen3.5 with images end to end through `LLM.generate`: greedy tokens equal transformers'
+Qwen3_5ForConditionalGeneration.generate on a tiny random checkpoint (float32, CPU), with
+transformers' own image processor preparing the reference's inputs.
+
+The sampled tokens' logprobs are compared too: on so small a model the greedy tokens hardly
+depend on the rotary positions (a wrong MRoPE section or rope_delta leaves them unchanged),
+the logprobs do. The reference is given `mm_token_type_ids` (which tokens are image tokens),
+as its processor returns them: without them transformers falls back to plain positions."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fullgraph import LLM, SamplingParams
+
+IMAGE, START, END = 500, 501, 502          # image pad, vision start / end token ids
+MERGE = 2
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+              temporal_patch_size=2, spatial_merge_size=MERGE, out_hidden_size=64,
+              num_position_embeddings=16)
+PREPROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=MERGE,
+                    min_pixels=32 * 32, max_pixels=256 * 256,
+                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def make_checkpoint(path: str, seed: int = 0) -> str:
+    """Gated DeltaNet and gated attention layers alternating; a partial rotary dimension of
+    half the head, 8 frequencies. A small rope_theta turns even the last frequencies by a
+    visible angle over these short prompts, and the section differs from transformers'
+    default within those 8 frequencies, so the logprobs tell a wrong section, interleaving
+    or rope_delta apart."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from fullgraph.models.presets import train_tokenizer
+    tok = train_tokenizer(1024)
+    tok.save_pretrained(path)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_num_key_heads=2, linear_num_value_heads=4,
+                max_position_embeddings=1024, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 100.0,
+                                 "partial_rotary_factor": 0.5, "mrope_section": [5, 1, 2],
+                                 "mrope_interleaved": True})
+    cfg = Qwen3_5Config(vision_config=VISION, text_config=text, image_token_id=IMAGE,
+                        vision_start_token_id=START, vision_end_token_id=END,
+                        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    cfg.architectures = ["Qwen3_5ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration(cfg).float()
+    with torch.no_grad():
+        for p in model.parameters():          # the (1 + w) norms too: w = 0 hides an offset
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(PREPROCESSOR, image_processor_type="Qwen2VLImageProcessor"), f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_checkpoint(str(tmp_path_factory.mktemp("qwen3_5-vl")))
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir):
+    from transformers import Qwen3_5ForConditionalGeneration
+    model = Qwen3_5ForConditionalGeneration.from_pretrained(model_dir,
+                                                            dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None      # ignore_eos, as our requests do
+    return model
+
+
+def images(*sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def hf_generate(model, ids, imgs, max_new_tokens):
+    """transformers' greedy tokens and their logprobs, its processor expanding the
+    placeholders. Image sizes here are whole merge blocks (no resize), where its PIL and
+    torchvision backends agree."""
+    input_ids, kwargs = torch.tensor([ids]), {}
+    if imgs:
+        input_ids, kwargs = hf_image_inputs(ids, imgs)
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                         max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **kwargs)
+    tokens = out.sequences[0, input_ids.shape[1]:]
+    logits = torch.cat(out.logits)                                  # [new tokens, vocab]
+    logprobs = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    return tokens.tolist(), logprobs.tolist()
+
+
+def hf_image_inputs(ids, imgs):
+    """The prompt with each placeholder expanded to its image's token count, and
+    generate's image arguments."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import \
+            Qwen2VLImageProcessor as cls           # needs torchvision
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+            Qwen2VLImageProcessorPil as cls
+    inputs = cls(**PREPROCESSOR)(images=imgs, return_tensors="pt")
+    grid = inputs["image_grid_thw"]
+    expanded, k = [], 0
+    for t in ids:
+        if t == IMAGE:
+            expanded += [IMAGE] * int(grid[k].prod() // MERGE ** 2)
+            k += 1
+        else:
+            expanded.append(t)
+    input_ids = torch.tensor([expanded])
+    return input_ids, dict(pixel_values=inputs["pixel_values"], image_grid_thw=grid,
+                           mm_token_type_ids=(input_ids == IMAGE).int())
+
+
+def assert_matches(output, reference):
+    """Our completion's tokens equal the reference's, their logprobs within float32 noise."""
+    tokens, logprobs = reference
+    completion = output.outputs[0]
+    assert completion.token_ids == tokens
+    ours = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
+    assert ours == pytest.approx(logprobs, abs=1e-4)
+
+
+def prompt(*parts):
+    """Text ids and images: each image as vision_start, one placeholder, vision_end."""
+    ids = []
+    for p in parts:
+        ids += [START, IMAGE, END] if p is None else p
+    return ids
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+
+
+def test_one_image_greedy_equals_transformers(model_dir, hf_model, hf_gdn_torch_paths):
+    llm = LLM(model_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128)
+    assert not llm.engine.config.cache.enable_prefix_caching     # a hybrid: state per request
+    ids = prompt([1, 2, 3], None, [4, 5, 6, 7])
+    imgs = images((64, 96))
+    out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": imgs[0]}},
+                       GREEDY, use_tqdm=False)[0]
+    assert_matches(out, hf_generate(hf_model, ids, imgs, 8))
+
+
+@pytest.mark.parametrize("graphs", [
+    pytest.param({}, id="eager"),
+    pytest.param(dict(cudagraph_runtime="fake", cudagraph_capture_sizes=[1, 2, 4, 8]),
+                 id="fake-graphs"),      # steps without image rows replay captured graphs
+])
+def test_two_images_batched_with_text_and_chunked(model_dir, hf_model, hf_gdn_torch_paths,
+                                                  graphs):
+    llm = LLM(model_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+              max_num_batched_tokens=8, **graphs)   # prompts and images split across steps
+    a = prompt([9, 8], None, [7], None, [6, 5])
+    imgs = images((64, 96), (96, 64), seed=1)
+    text = [11, 12, 13, 14, 15]
+    outs = llm.generate([{"prompt_token_ids": a, "multi_modal_data": {"image": imgs}},
+                         {"prompt_token_ids": text}], GREEDY, use_tqdm=False)
+    assert_matches(outs[0], hf_generate(hf_model, a, imgs, 8))
+    assert_matches(outs[1], hf_generate(hf_model, text, [], 8))
+    if graphs:
+        assert llm.engine.runner.dispatcher.num_graph_steps > 0
+    # every request gave its recurrent-state slot back
+    assert llm.engine.kv.state_slots.num_free == llm.engine.config.scheduler.max_num_seqs
