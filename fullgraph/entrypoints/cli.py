@@ -39,6 +39,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                               "offline output tokens/s on a mixed-length workload"),
         "serve": Command("fullgraph.entrypoints.bench.serve",
                          "load generator for a running OpenAI-compatible server"),
+        "encoder": Command("fullgraph.entrypoints.bench.encoder",
+                           "vision encoder latency over mixed image sizes, eager vs graphs"),
     },
     "selftest": Command("fullgraph.entrypoints.selftest",
                         "check that CUDA-graph replay matches eager execution"),
