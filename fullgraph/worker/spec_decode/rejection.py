@@ -1,0 +1,125 @@
+"""Verifying draft tokens: which of a request's k drafts the target accepts, and the token
+after them, so that the output follows the target's distribution exactly.
+
+Per request the target scored k + 1 positions: the k drafts (slot j's logits predict the
+token at slot j) and one more. Rows are independent and every shape is fixed by (requests,
+k, vocabulary), with no host synchronization, so a CUDA graph can hold this.
+
+* Greedy rows (temperature < GREEDY_EPS): draft j is accepted while it equals the target's
+  argmax at slot j; the first mismatch is replaced by that argmax, and when all k match the
+  argmax at slot k follows (the bonus token). Exactly what k + 1 greedy steps would give.
+* Sampled rows (standard speculative sampling, Leviathan et al. / Chen et al.): with p_j the
+  target's distribution at slot j (the sampler's: temperature, min_p, top-k, top-p of the
+  already processed logits) and q_j the distribution draft j was drawn from, draft x_j is
+  accepted with probability min(1, p_j(x_j) / q_j(x_j)); the first rejected slot draws from
+  max(p_j - q_j, 0), renormalized; after k acceptances the bonus token draws from p_k. Each
+  emitted token then has the target's distribution given the tokens before it. A drafter
+  that picks its token deterministically (argmax) passes `draft_probs=None`: q_j is then
+  one-hot.
+
+Random numbers are worker/sampler.py's counter-based hash of (seed, position, id), so a
+request's outcome depends only on its own seed, positions and logits. Three streams keep the
+draws independent, as the rule needs: the residual and bonus draws use the sampler's own
+Gumbel noise at the token's position; the accept test and the drafter's draws use seeds
+with a stream id XORed into their high 32 bits (`stream_seeds`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fullgraph.worker.sampler import (GREEDY_EPS, SamplingTensors, filter_thresholds,
+                                      gumbel_noise, scale, uniform_noise)
+
+ACCEPT_STREAM = 0x2545F491      # the accept test's uniforms
+DRAFT_STREAM = 0x61C88647       # the drafter's Gumbel noise
+
+
+@dataclass(slots=True)
+class RejectionOutput:
+    token_ids: torch.Tensor        # [R, k + 1] int64: accepted drafts, then one more; -1 after
+    num_accepted: torch.Tensor     # [R] int64 drafts accepted (the row emits this + 1 tokens)
+
+
+def stream_seeds(seeds: torch.Tensor, stream: int) -> torch.Tensor:
+    """Seeds of an independent stream of the same hash (`stream` < 2**31)."""
+    return seeds.to(torch.int64) ^ (stream << 32)
+
+
+def draft_gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int
+                       ) -> torch.Tensor:
+    """[R, V] the noise a drafter draws its token at `positions` with (Gumbel-max over its
+    scaled logits): independent of the target's residual draw at the same position."""
+    return gumbel_noise(stream_seeds(seeds, DRAFT_STREAM), positions, vocab_size)
+
+
+def accept_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[R] float32 in (0, 1): the accept test's draw for the draft at `positions`."""
+    return uniform_noise(stream_seeds(seeds, ACCEPT_STREAM), positions, 1)[:, 0]
+
+
+def target_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """[N, V] float32: the distribution the sampler draws from for rows of processed logits
+    (temperature, then min_p / top-k / top-p when the step filters)."""
+    s = scale(logits.float(), t.temperature)
+    if t.any_top_k_top_p:
+        thr = filter_thresholds(s, t.top_k, t.top_p, t.min_p)
+        s = torch.where(s >= thr[:, None], s, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """max(p - q, 0), unnormalized (a Gumbel-max draw does not need the sum). Where rounding
+    leaves nothing (p == q: then no draft is ever rejected) it is p."""
+    r = (p - q).clamp(min=0.0)
+    return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
+
+
+def _per_slot(t: SamplingTensors, slots: int) -> SamplingTensors:
+    """The requests' parameters repeated for each of their `slots` positions (rows r * slots
+    + j), positions advanced by j."""
+    rep = {f: None if getattr(t, f) is None else getattr(t, f).repeat_interleave(slots)
+           for f in ("temperature", "top_k", "top_p", "seeds", "min_p")}
+    offsets = torch.arange(slots, device=t.positions.device)
+    rep["positions"] = (t.positions.long()[:, None] + offsets).reshape(-1)
+    return SamplingTensors(**rep, all_greedy=t.all_greedy, any_top_k_top_p=t.any_top_k_top_p,
+                           num_logprobs=-1)
+
+
+def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
+                     t: SamplingTensors, draft_probs: torch.Tensor | None = None
+                     ) -> RejectionOutput:
+    """draft_token_ids [R, k]; target_logits [R, k + 1, V] (processed: penalties, bans and
+    biases already applied, as the sampler's step 2 would); `t` per request, its positions
+    the position of the token slot 0 predicts; draft_probs [R, k, V] the distributions the
+    drafts were drawn from (None: a deterministic drafter)."""
+    r, k = draft_token_ids.shape
+    v = target_logits.shape[-1]
+    drafts = draft_token_ids.long()
+    z = target_logits.float()
+    argmax = z.argmax(-1)                                          # [R, k + 1]
+    accept = drafts == argmax[:, :k]
+    next_ids = argmax
+    if not t.all_greedy:
+        rows = _per_slot(t, k + 1)
+        p = target_probs(z.reshape(-1, v), rows).view(r, k + 1, v)
+        if draft_probs is None:
+            q = torch.nn.functional.one_hot(drafts, v).float()
+        else:
+            q = draft_probs.float()
+        q = torch.cat([q, q.new_zeros(r, 1, v)], dim=1)           # the bonus slot: no draft
+        p_x = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+        q_x = q[:, :k].gather(-1, drafts[..., None])[..., 0]
+        u = accept_uniforms(rows.seeds, rows.positions).view(r, k + 1)[:, :k]
+        noise = gumbel_noise(rows.seeds, rows.positions, v).view(r, k + 1, v)
+        drawn = (residual_distribution(p, q).log() + noise).argmax(-1)
+        sampled = (t.temperature >= GREEDY_EPS)[:, None]
+        accept = torch.where(sampled, u * q_x < p_x, accept)
+        next_ids = torch.where(sampled, drawn, argmax)
+    num_accepted = accept.long().cumprod(-1).sum(-1)               # leading accepts
+    slot = torch.arange(k + 1, device=drafts.device)[None, :]
+    n = num_accepted[:, None]
+    padded = torch.cat([drafts, drafts.new_zeros(r, 1)], dim=1)
+    tokens = torch.where(slot < n, padded, torch.where(slot == n, next_ids, -1))
+    return RejectionOutput(tokens, num_accepted)
