@@ -72,3 +72,39 @@ def test_selftest_covers_the_vlm():
                         "--model", "tiny-qwen3-vl", "--trials", "2"], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_encoder_graphs_equal_eager_encoder(vl_dir, dtype):
+    """The encoder's graph replays (packed images, padding) against the eager tower, for
+    random mixes of image sizes; an image above every budget goes eager and is counted. In
+    bf16 both are compared with a float32 copy of the tower: the graphs' error may not
+    exceed twice the eager bf16 path's, plus a rounding step."""
+    import copy
+    llm = LLM(vl_dir, dtype=dtype, encoder_cudagraph_token_budgets=[16, 64, 128],
+              encoder_cudagraph_max_images_per_batch=4, **ENGINE)
+    runner = llm.engine.runner
+    graphs, model = runner.encoder_graphs, runner.model
+    exact = copy.deepcopy(model).float()
+    proc = llm.engine.mm_processor.image_processor
+    rng = np.random.default_rng(0)
+    for trial in range(4):
+        sizes = [(32 * int(rng.integers(1, 9)), 32 * int(rng.integers(1, 9)))
+                 for _ in range(int(rng.integers(1, 6)))]
+        if trial == 0:
+            sizes.append((256, 256))                 # 256 patches: above every budget
+        p = proc([rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes])
+        grids = [tuple(int(v) for v in g) for g in p.image_grid_thw.tolist()]
+        with torch.inference_mode():
+            got = graphs.encode(p.pixel_values, grids)
+            want = model.encode_images(p.pixel_values.to("cuda", runner.config.model.dtype),
+                                       grids)
+            ref = exact.encode_images(p.pixel_values.to("cuda", torch.float32), grids)
+        for (ge, gd), (we, wd), (re, rd) in zip(got, want, ref, strict=True):
+            for g, w, r in ((ge, we, re), (gd, wd, rd)):
+                if dtype == "float32":
+                    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+                else:
+                    err, err_eager = ((x.float() - r).abs().max() for x in (g, w))
+                    assert err <= 2 * err_eager + 1e-2, (err, err_eager)
+    assert graphs.num_graph_replays > 0 and graphs.num_eager_fallbacks >= 1

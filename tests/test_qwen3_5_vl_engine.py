@@ -27,13 +27,13 @@ PREPROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=MERGE,
                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-def make_checkpoint(path: str, seed: int = 0) -> str:
+def make_checkpoint(path: str, seed: int = 0, moe: bool = False) -> str:
     """Gated DeltaNet and gated attention layers alternating; a partial rotary dimension of
     half the head, 8 frequencies. A small rope_theta turns even the last frequencies by a
     visible angle over these short prompts, and the section differs from transformers'
     default within those 8 frequencies, so the logprobs tell a wrong section, interleaving
     or rope_delta apart."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    import transformers
 
     from fullgraph.models.presets import train_tokenizer
     tok = train_tokenizer(1024)
@@ -47,12 +47,17 @@ def make_checkpoint(path: str, seed: int = 0) -> str:
                 rope_parameters={"rope_type": "default", "rope_theta": 100.0,
                                  "partial_rotary_factor": 0.5, "mrope_section": [5, 1, 2],
                                  "mrope_interleaved": True})
-    cfg = Qwen3_5Config(vision_config=VISION, text_config=text, image_token_id=IMAGE,
-                        vision_start_token_id=START, vision_end_token_id=END,
-                        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-    cfg.architectures = ["Qwen3_5ForConditionalGeneration"]
+    kind = "Qwen3_5Moe" if moe else "Qwen3_5"
+    if moe:        # a sparse mixture of experts with a shared expert in every layer
+        text |= dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=48)
+    cfg = getattr(transformers, f"{kind}Config")(
+        vision_config=VISION, text_config=text, image_token_id=IMAGE,
+        vision_start_token_id=START, vision_end_token_id=END,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    cfg.architectures = [f"{kind}ForConditionalGeneration"]
     torch.manual_seed(seed)
-    model = Qwen3_5ForConditionalGeneration(cfg).float()
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(cfg).float()
     with torch.no_grad():
         for p in model.parameters():          # the (1 + w) norms too: w = 0 hides an offset
             p.normal_(0.0, 0.2)
@@ -170,3 +175,17 @@ def test_two_images_batched_with_text_and_chunked(model_dir, hf_model, hf_gdn_to
         assert llm.engine.runner.dispatcher.num_graph_steps > 0
     # every request gave its recurrent-state slot back
     assert llm.engine.kv.state_slots.num_free == llm.engine.config.scheduler.max_num_seqs
+
+
+def test_moe_variant_with_an_image(tmp_path, hf_gdn_torch_paths):
+    """Qwen3_5MoeForConditionalGeneration: the same model class, experts from text_config."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+    path = make_checkpoint(str(tmp_path), moe=True)
+    hf = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    llm = LLM(path, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128)
+    ids = prompt([1, 2], None, [3, 4, 5])
+    imgs = images((96, 64), seed=2)
+    out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": imgs[0]}},
+                       GREEDY, use_tqdm=False)[0]
+    assert_matches(out, hf_generate(hf, ids, imgs, 8))

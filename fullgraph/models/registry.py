@@ -11,6 +11,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3_5ForCausalLM": ("fullgraph.models.qwen3_next", "HybridForCausalLM"),
     "Qwen3_5ForConditionalGeneration": ("fullgraph.models.qwen3_5_vl",
                                         "Qwen3_5ForConditionalGeneration"),
+    "Qwen3_5MoeForConditionalGeneration": ("fullgraph.models.qwen3_5_vl",
+                                           "Qwen3_5ForConditionalGeneration"),
     "Qwen3_5MoeForCausalLM": ("fullgraph.models.qwen3_next", "HybridForCausalLM"),
     "Qwen3NextForCausalLM": ("fullgraph.models.qwen3_next", "HybridForCausalLM"),
     "Qwen3VLForConditionalGeneration": ("fullgraph.models.qwen3_vl",
