@@ -74,5 +74,14 @@ def test_prefix_cache_keys_include_the_images():
     assert same.prompt_token_ids == different.prompt_token_ids
     assert len(kv.get_computed_blocks(same)) == 1         # all blocks but the last token's
     assert kv.get_computed_blocks(different) == []        # its first block has image tokens
-    text = Request("d", [5, 6, 7, 1, 2], SamplingParams(), seed=0, max_tokens=4)
+    # a text-only block is keyed as a text request's: a shared system prompt hits
+    text = Request("d", [5, 6, 7, IMG - 1, 2], SamplingParams(), seed=0, max_tokens=4)
     assert kv.get_computed_blocks(text) == []
+    ids, mm = processor().process([5, 6, 7, 8, 9, 10, 11, 12, IMG], [image(0)])
+    with_image = Request("e", ids, SamplingParams(), seed=0, max_tokens=4, mm_inputs=mm)
+    assert kv.allocate_slots(with_image, with_image.num_tokens)
+    with_image.num_computed_tokens = with_image.num_tokens
+    kv.cache_full_blocks(with_image)
+    plain = Request("f", [5, 6, 7, 8, 9, 10, 11, 12, 1], SamplingParams(), seed=0,
+                    max_tokens=4)
+    assert len(kv.get_computed_blocks(plain)) == 2

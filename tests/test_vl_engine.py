@@ -261,3 +261,22 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
         server.should_exit = True
         thread.join(timeout=15)
         engine.shutdown()
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3", "vl"])
+def test_the_memory_profile_step_runs_in_the_constructor(model, vl_dir, monkeypatch):
+    """CUDA sizes the KV cache with a max-size forward (`_profile_run`) from inside the
+    runner's constructor, before the cache exists; a CPU skips it. Run it there, as CUDA
+    does, for a text and a multimodal model."""
+    from fullgraph.worker.model_runner import ModelRunner
+    cpu_default = ModelRunner._default_num_blocks
+
+    def profiled(self):              # _profile_num_blocks' steps, without the CUDA memory calls
+        self._allocate_kv_cache(-(-self.max_num_tokens // self.block_size) + 1)
+        self._profile_run()
+        del self.kv_caches, self.backend
+        return cpu_default(self)
+    monkeypatch.setattr(ModelRunner, "_default_num_blocks", profiled)
+    llm = LLM(vl_dir if model == "vl" else model, max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=64)
+    assert llm.engine.runner.num_blocks > 1

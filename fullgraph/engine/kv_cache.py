@@ -1,9 +1,9 @@
 """The KV block pool and per-request block tables, with prefix caching.
 
 Block 0 is the null block: never allocated, padding lanes write into it. A full block is
-identified by a chained hash of (parent block's hash, its token ids); a cache hit is
-verified against the stored parent hash and token ids, so a hash collision is a miss, never
-wrong output. Free blocks sit in one LRU queue; a cached block stays reusable until it is
+identified by a chained hash of (parent block's hash, its token ids, and the content hashes
+of the images whose placeholder tokens it holds, if any); a cache hit is verified against
+that stored key, so a hash collision is a miss, never wrong output. Free blocks sit in one LRU queue; a cached block stays reusable until it is
 evicted by an allocation.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_cnt = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
-        self.block_key: list[tuple | None] = [None] * num_blocks   # (parent hash, token ids)
+        self.block_key: list[tuple | None] = [None] * num_blocks   # (parent hash, ids[, images])
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self.cached: dict[int, int] = {}                            # hash -> block id
 
@@ -129,8 +129,8 @@ class KVCacheManager:
         parent = req.block_hashes[i - 1] if i else None
         start, end = i * self.block_size, (i + 1) * self.block_size
         key = parent, tuple(req.all_token_ids[start:end])
-        mm = req.mm_inputs
-        return key + (mm.hashes_between(start, end),) if mm is not None else key
+        images = req.mm_inputs.hashes_between(start, end) if req.mm_inputs is not None else ()
+        return key + (images,) if images else key     # text blocks: as a text request's
 
     def _hash_full_blocks(self, req: Request, num_tokens: int) -> None:
         for i in range(len(req.block_hashes), num_tokens // self.block_size):

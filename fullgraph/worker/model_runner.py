@@ -160,6 +160,17 @@ class ModelRunner:
         # and the word bans their slots hold now
         self._step_ban_requests: list = []
         self._slot_bans: dict[int, frozenset[int]] = {}
+        # Multimodal models: every step's rotary positions ([tokens, 3] rows: MRoPE), in a
+        # persistent buffer graphs read; the images' encoder outputs per request until all of
+        # its image tokens are computed; this step's image rows (eager steps only). Set
+        # before the memory profile, whose forward reads them.
+        self.multimodal = bool(getattr(self.model, "multimodal", False))
+        self.rope_positions = (CpuGpuBuffer((self.max_num_tokens, 3), torch.int64, self.device,
+                                            self.device.type == "cuda")
+                               if self.multimodal else None)
+        self._encoder_cache: dict[int, tuple[Any, list]] = {}
+        self._step_images: tuple | None = None
+        self.encoder_graphs: EncoderGraphManager | None = None     # made by capture_graphs
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
@@ -175,16 +186,6 @@ class ModelRunner:
         self.state_prepare_seconds = 0.0   # of which the linear-attention metadata
         self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
         self.num_steps = 0
-        # Multimodal models: every step's rotary positions ([tokens, 3] rows: MRoPE), in a
-        # persistent buffer graphs read; the images' encoder outputs per request until all of
-        # its image tokens are computed; this step's image rows (eager steps only).
-        self.multimodal = bool(getattr(self.model, "multimodal", False))
-        self.rope_positions = (CpuGpuBuffer((self.max_num_tokens, 3), torch.int64, self.device,
-                                            self.device.type == "cuda")
-                               if self.multimodal else None)
-        self._encoder_cache: dict[int, tuple[Any, list]] = {}
-        self._step_images: tuple | None = None
-        self.encoder_graphs: EncoderGraphManager | None = None     # made by capture_graphs
 
     # ---------------------------------------------------------------- memory
     @property
@@ -581,7 +582,8 @@ class ModelRunner:
         for c in chunks:
             req, mm = c.request, getattr(c.request, "mm_inputs", None)
             start, end = req.num_computed_tokens, req.num_computed_tokens + c.num_new_tokens
-            if mm is not None and start < mm.end:
+            if mm is not None and any(start < p.offset + p.length and p.offset < end
+                                      for p in mm.placeholders):
                 outputs = self._encoder_outputs(req, mm)
                 for (e, d), ph in zip(outputs, mm.placeholders):
                     lo, hi = max(start, ph.offset), min(end, ph.offset + ph.length)
@@ -590,7 +592,7 @@ class ModelRunner:
                         embeds.append(e[lo - ph.offset:hi - ph.offset])
                         if d is not None:
                             deep.append(d[:, lo - ph.offset:hi - ph.offset])
-                if end >= mm.end:
+                if end >= mm.end:           # its last image token: the outputs are done
                     self._encoder_cache.pop(id(req), None)
             row += c.num_new_tokens
         if not rows:
