@@ -280,3 +280,8 @@ def test_the_memory_profile_step_runs_in_the_constructor(model, vl_dir, monkeypa
     llm = LLM(vl_dir if model == "vl" else model, max_model_len=256, max_num_seqs=4,
               max_num_batched_tokens=64)
     assert llm.engine.runner.num_blocks > 1
+
+
+def test_image_tokens_without_images_are_refused(llm):
+    with pytest.raises(ValueError, match="image tokens"):
+        llm.generate({"prompt_token_ids": prompt([1], None, [2])}, GREEDY, use_tqdm=False)

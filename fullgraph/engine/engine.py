@@ -152,6 +152,9 @@ class LLMEngine:
             if self.mm_processor is None:
                 raise ValueError(f"{model.architecture} takes no images")
             ids, mm_inputs = self.mm_processor.process(ids, images)
+        elif self.mm_processor is not None and self.mm_processor.image_token_id in ids:
+            raise ValueError(f"the prompt has image tokens (id "
+                             f"{self.mm_processor.image_token_id}) but no images")
         vocab = model.vocab_size
         for i, t in enumerate(ids):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:

@@ -55,6 +55,13 @@ class ZeroCenteredRMSNorm(RMSNorm):
     def refresh(self) -> None:
         self.scale = 1.0 + self.weight.detach().float()
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.cuda()` and the like move or cast the weight: recompute the scale
+        from it (float32 whatever the module's dtype)."""
+        out = super()._apply(fn, recurse)
+        self.refresh()
+        return out
+
     @property
     def kernel_weight(self) -> torch.Tensor:
         return self.scale

@@ -554,10 +554,6 @@ if triton is not None:
                 p_ok = ((above < p * z).to(tl.int32) + p_off.to(tl.int32)) > 0
                 q = (i < n_c) & k_ok & p_ok
                 thr = tl.min(tl.where(q, s, float("inf")), 0)
-                # every value >= hi must be kept for the candidates to decide: with both
-                # top-k and top-p, top-p may cut above hi
-                if k_on & p_on & (m_hi >= p * z):
-                    mode = 2
             if mode == 2:
                 thr = _search(x_ptr + r * stride_x, V, tl.load(temp_ptr + r), k, p, k_on, p_on,
                               m, cutoff, z_all, BLOCK)

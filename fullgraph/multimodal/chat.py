@@ -24,11 +24,11 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[Any]]:
         if not isinstance(content, list):
             out.append(m)
             continue
-        texts = []
+        texts, prev_text = [], False
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                texts.append(part.get("text") or "")
+            if kind == "text":          # consecutive text parts: joined by a newline
+                texts.append(("\n" if prev_text else "") + (part.get("text") or ""))
             elif kind == "image_url":
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
@@ -42,6 +42,7 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[Any]]:
             else:
                 raise ValueError(f"messages[{i}].content[{j}]: unsupported content part "
                                  f"type {kind!r} (text, image_url, image)")
+            prev_text = kind == "text"
         out.append(dict(m, content="".join(texts)))
     return out, images
 

@@ -66,7 +66,9 @@ if triton is not None:
         acc = tl.sum(s.to(tl.float32) * w_s, axis=0) + x.to(tl.float32) * w_x
         y = acc / (1.0 + tl.exp(-acc))
         tl.store(y_ptr + r * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-        # the state shifted: saved input j + 1 to row j, the new input to row W - 1
+        # the state shifted: saved input j + 1 to row j, the new input to row W - 1 (after
+        # every thread's loads of the rows it overwrites)
+        tl.debug_barrier()
         tl.store(base + (rows[:, None] - 1) * stride_pw + offs[None, :], s,
                  mask=(rows >= 1)[:, None] & rmask[:, None] & mask[None, :])
         tl.store(base + (W - 1) * stride_pw + offs, x.to(pool_ptr.dtype.element_ty), mask=mask)

@@ -1,6 +1,7 @@
 """Speculative decoding: verifying a drafter's tokens against the target (rejection.py).
 
-docs/speculative.md describes the drafters (models/eagle.py) and how the engine runs them.
+docs/speculative.md describes the drafters (models/eagle.py) and how the engine is to run
+them; nothing in the engine calls this package yet.
 """
 from fullgraph.worker.spec_decode.rejection import (ACCEPT_STREAM, DRAFT_STREAM,
                                                     RejectionOutput, accept_uniforms,
