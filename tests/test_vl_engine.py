@@ -205,6 +205,8 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
     import io
     import threading
 
+    import httpx
+
     import PIL.Image
     import uvicorn
 
@@ -250,9 +252,12 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
                 client.chat.completions.create(model=vl_dir, max_tokens=2, messages=[
                     {"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": bad}}]}])
+        # /tokenize gives the ids generation runs, placeholders expanded
+        tok = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"messages": messages})
+        ran = llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+        assert tok.status_code == 200 and tok.json()["tokens"] == ran.prompt_token_ids
         # the engine is still serving; its encoder ran in graphs, as /metrics counts
         assert client.chat.completions.create(model=vl_dir, messages=messages, max_tokens=2)
-        import httpx
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         replays = [line for line in metrics.splitlines()
                    if line.startswith("fullgraph:encoder_cudagraph_replays_total")]

@@ -15,7 +15,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from fullgraph.multimodal.image_processor import ImageInput, ImageProcessor, ImageProcessorConfig
+from fullgraph.multimodal.image_processor import (ImageInput, ImageProcessor,
+                                                  ImageProcessorConfig, load_image)
 from fullgraph.multimodal.inputs import ImagePlaceholder, MultiModalInputs
 
 
@@ -52,20 +53,7 @@ class MultiModalProcessor:
         if not images:
             raise ValueError("multi_modal_data has an empty image list")
         processed = self.image_processor(images)
-        counts = processed.num_tokens
-        runs = _runs(token_ids, self.image_token_id)
-        if [n for _, n in runs] == counts:
-            ids = list(token_ids)                     # already expanded
-        elif len(runs) == len(counts) and all(n == 1 for _, n in runs):
-            ids, prev = [], 0
-            for (start, _), n in zip(runs, counts):
-                ids += token_ids[prev:start] + [self.image_token_id] * n
-                prev = start + 1
-            ids += token_ids[prev:]
-        else:
-            raise ValueError(f"the prompt has {len(runs)} image placeholders for "
-                             f"{len(counts)} images (each image needs one image token, "
-                             f"id {self.image_token_id}, where it goes)")
+        ids = self._expand(token_ids, processed.num_tokens)
         placeholders = [ImagePlaceholder(start, n)
                         for (start, n) in _runs(ids, self.image_token_id)]
         grids = [tuple(int(v) for v in g) for g in processed.image_grid_thw.tolist()]
@@ -77,6 +65,28 @@ class MultiModalProcessor:
             hashes.append(int.from_bytes(h.digest(), "little"))
             row += patches
         return ids, MultiModalInputs(processed.pixel_values, grids, placeholders, hashes)
+
+    def expanded_ids(self, token_ids: list[int], images: Sequence[ImageInput]) -> list[int]:
+        """The prompt `process` would run, from the images' sizes alone (no pixels)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        sizes = [load_image(image).shape[:2] for image in images]
+        return self._expand(token_ids, [self.image_processor.num_tokens(h, w)
+                                        for h, w in sizes])
+
+    def _expand(self, token_ids: list[int], counts: list[int]) -> list[int]:
+        runs = _runs(token_ids, self.image_token_id)
+        if [n for _, n in runs] == counts:
+            return list(token_ids)                    # already expanded
+        if len(runs) != len(counts) or any(n != 1 for _, n in runs):
+            raise ValueError(f"the prompt has {len(runs)} image placeholders for "
+                             f"{len(counts)} images (each image needs one image token, "
+                             f"id {self.image_token_id}, where it goes)")
+        ids, prev = [], 0
+        for (start, _), n in zip(runs, counts):
+            ids += token_ids[prev:start] + [self.image_token_id] * n
+            prev = start + 1
+        return ids + token_ids[prev:]
 
 
 def load_multimodal_processor(model_config) -> MultiModalProcessor | None:

@@ -60,11 +60,13 @@ class ServerState:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool,
                     **template_kwargs) -> list[int]:
-        """Chat-template ids exactly as the engine thread makes them for a chat request.
-        `LLMEngine.apply_chat_template` reads only the tokenizer (see `tokenizer`) and the
-        frozen config, so the event loop may call it; ValueError if the template fails."""
-        return self.engine.engine.apply_chat_template(messages, add_generation_prompt,
-                                                      **template_kwargs)
+        """Chat-template ids exactly as the engine thread makes them for a chat request,
+        image placeholders expanded. `LLMEngine.chat_prompt` reads only the tokenizer (see
+        `tokenizer`), the frozen config and the image processor's config, so the event loop
+        may call it; ValueError if the template fails or an image cannot be read."""
+        engine = self.engine.engine
+        ids, images = engine.chat_prompt(messages, add_generation_prompt, **template_kwargs)
+        return ids if images is None else engine.mm_processor.expanded_ids(ids, images)
 
 
 def check_model(state: ServerState, model: str | None) -> None:

@@ -60,7 +60,8 @@ def _chat_ids(state: ServerState, req: TokenizeChatRequest) -> list[int]:
     if req.continue_final_message and req.add_generation_prompt:
         raise bad_request("continue_final_message=true needs add_generation_prompt=false",
                           "continue_final_message")
-    messages = [message_dict(i, m) for i, m in enumerate(req.messages)]
+    messages = [message_dict(i, m, state.allowed_media_path)
+                for i, m in enumerate(req.messages)]
     kwargs = dict(req.chat_template_kwargs or {})
     if req.continue_final_message:
         kwargs["continue_final_message"] = True
