@@ -290,3 +290,22 @@ def test_the_memory_profile_step_runs_in_the_constructor(model, vl_dir, monkeypa
 def test_image_tokens_without_images_are_refused(llm):
     with pytest.raises(ValueError, match="image tokens"):
         llm.generate({"prompt_token_ids": prompt([1], None, [2])}, GREEDY, use_tqdm=False)
+
+
+def test_samples_of_one_prompt_share_the_encoder(vl_dir, hf_vl):
+    """n > 1 without prefix caching (every sample computes the whole prompt in the same
+    steps): the images are encoded once, and every sample sees them."""
+    llm = LLM(vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+              enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    calls = []
+    encode = model.encode_images
+    model.encode_images = lambda *a: calls.append(1) or encode(*a)
+    ids = prompt([1, 2], None, [3])
+    img = images((64, 64), seed=7)
+    out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": img[0]}},
+                       SamplingParams(n=3, temperature=0.0, max_tokens=6, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(calls) == 1
+    want = hf_generate(hf_vl, ids, img, 6)
+    assert [c.token_ids for c in out.outputs] == [want] * 3

@@ -576,8 +576,8 @@ class ModelRunner:
     def _step_image_rows(self, chunks: Sequence[ScheduledChunk]) -> tuple | None:
         """(rows, embeds, deepstack) of the step's image tokens, or None: each image's
         encoder output rows for the tokens the step computes (the encoder runs once per
-        request, when its first image token is scheduled)."""
-        rows, embeds, deep = [], [], []
+        request, when its first image token is scheduled; samples of one prompt share it)."""
+        rows, embeds, deep, done = [], [], [], []
         row = 0
         for c in chunks:
             req, mm = c.request, getattr(c.request, "mm_inputs", None)
@@ -593,8 +593,10 @@ class ModelRunner:
                         if d is not None:
                             deep.append(d[:, lo - ph.offset:hi - ph.offset])
                 if end >= mm.end:           # its last image token: the outputs are done
-                    self._encoder_cache.pop(id(req), None)
+                    done.append(id(req))
             row += c.num_new_tokens
+        for key in done:                    # after the loop: a sample later in it may share
+            self._encoder_cache.pop(key, None)
         if not rows:
             return None
         return (torch.cat(rows).to(self.device), torch.cat(embeds),
@@ -604,9 +606,12 @@ class ModelRunner:
         cached = self._encoder_cache.get(id(req))
         if cached is not None and cached[0] is req:
             return cached[1]
-        for key, (owner, _) in list(self._encoder_cache.items()):   # finished or aborted
-            if getattr(owner, "is_finished", False):
+        for key, (owner, outputs) in list(self._encoder_cache.items()):
+            if getattr(owner, "is_finished", False):      # finished or aborted: drop
                 del self._encoder_cache[key]
+            elif getattr(owner, "mm_inputs", None) is mm:  # another sample of the prompt
+                self._encoder_cache[id(req)] = (req, outputs)
+                return outputs
         if self.encoder_graphs is not None:     # packed into captured patch budgets
             outputs = self.encoder_graphs.encode(mm.pixel_values, mm.grid_thw)
         else:
