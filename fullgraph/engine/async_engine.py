@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from fullgraph.engine.engine import LLMEngine, sample_request_ids
 from fullgraph.engine.stats import EngineSnapshot, StatLogger
+from fullgraph.multimodal.inputs import MultiModalInputs
 from fullgraph.outputs import RequestOutput
 from fullgraph.sampling_params import SamplingParams
 
@@ -45,6 +46,9 @@ class GenerationItem:
     request_id: str
     prompt: PromptInput
     params: SamplingParams
+    # the prompt's images, preprocessed off the engine thread (the prompt is then its
+    # expanded token ids)
+    mm_inputs: MultiModalInputs | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -223,11 +227,17 @@ class AsyncLLMEngine:
 
     def _make_requests(self, item: GenerationItem):
         prompt, images = item.prompt, None
+        if item.mm_inputs is not None:
+            return self._checked(item, self.engine.make_requests(
+                item.request_id, prompt, item.params, mm_inputs=item.mm_inputs))
         if isinstance(prompt, ChatPrompt):
             # images are decoded and preprocessed here, on the engine thread
             prompt, images = self.engine.chat_prompt(
                 list(prompt.messages), prompt.add_generation_prompt, **dict(prompt.template_kwargs))
-        reqs = self.engine.make_requests(item.request_id, prompt, item.params, images)
+        return self._checked(item, self.engine.make_requests(item.request_id, prompt,
+                                                             item.params, images))
+
+    def _checked(self, item: GenerationItem, reqs: list):
         max_len, asked = self.config.model.max_model_len, item.params.max_tokens
         n = reqs[0].num_prompt_tokens
         if self.strict_max_tokens and asked is not None and n + asked > max_len:

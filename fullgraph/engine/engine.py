@@ -15,6 +15,7 @@ from fullgraph.engine.request import Request
 from fullgraph.engine.scheduler import Scheduler, SchedulerOutput
 from fullgraph.engine.stats import EngineStats
 from fullgraph.multimodal.chat import encode_with_images, split_images
+from fullgraph.multimodal.inputs import MultiModalInputs
 from fullgraph.multimodal.processor import MultiModalProcessor, load_multimodal_processor
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
@@ -111,13 +112,14 @@ class LLMEngine:
         return text
 
     def make_requests(self, request_id: str, prompt: str | list[int],
-                      params: SamplingParams, images=None) -> list[Request]:
+                      params: SamplingParams, images=None,
+                      mm_inputs: MultiModalInputs | None = None) -> list[Request]:
         """One request per sample (`params.n`), validated: `request_id` itself for n == 1,
         else "{request_id}-{i}". Sample i draws with `sample_seed(seed, i)`, so each sample is
         reproducible from the seed and its index; with prefix caching, samples 1.. wait until
         sample 0 has prefilled the prompt and share its KV blocks."""
         ids = sample_request_ids(request_id, params.n)
-        first = self.make_request(ids[0], prompt, params, images)
+        first = self.make_request(ids[0], prompt, params, images, mm_inputs)
         if params.n == 1:
             return [first]
         if params.n > self.config.scheduler.max_num_seqs:
@@ -134,10 +136,12 @@ class LLMEngine:
         return [first, *rest]
 
     def make_request(self, request_id: str, prompt: str | list[int],
-                     params: SamplingParams, images=None) -> Request:
+                     params: SamplingParams, images=None,
+                     mm_inputs: MultiModalInputs | None = None) -> Request:
         """Validate one request; raises ValueError naming the problem, changes nothing.
         `images`: one image or a list (multimodal/image_processor.py's inputs) for the
-        prompt's image placeholders, in order."""
+        prompt's image placeholders, in order; or `mm_inputs`, the images as
+        `mm_processor.process` prepared them elsewhere (with the prompt's ids it returned)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not isinstance(params, SamplingParams):
@@ -147,11 +151,12 @@ class LLMEngine:
         model = self.config.model
         if not ids:
             raise ValueError("the prompt is empty")
-        mm_inputs = None
+        if (images is not None or mm_inputs is not None) and self.mm_processor is None:
+            raise ValueError(f"{model.architecture} takes no images")
         if images is not None:
-            if self.mm_processor is None:
-                raise ValueError(f"{model.architecture} takes no images")
             ids, mm_inputs = self.mm_processor.process(ids, images)
+        elif mm_inputs is not None:
+            pass                                     # prepared off this thread
         elif self.mm_processor is not None and self.mm_processor.image_token_id in ids:
             raise ValueError(f"the prompt has image tokens (id "
                              f"{self.mm_processor.image_token_id}) but no images")

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -111,10 +112,21 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     max_tokens = body.max_completion_tokens or body.max_tokens
     top_n = body.top_logprobs or 0
     params = sampling_params(state, body, max_tokens, top_n if body.logprobs else None)
-    prompt = ChatPrompt(messages, body.add_generation_prompt,
-                        tuple(sorted((body.chat_template_kwargs or {}).items())))
+    kwargs = tuple(sorted((body.chat_template_kwargs or {}).items()))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await submit(state, [GenerationItem(rid, prompt, params)], "messages")
+    if any(isinstance(m["content"], list) for m in messages):     # images
+        try:       # decoded and preprocessed here, in a worker thread: no loop waits on it
+            ids, mm = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: state.prepare_chat_images(list(messages),
+                                                        body.add_generation_prompt,
+                                                        **dict(kwargs)))
+        except ValueError as e:
+            raise bad_request(str(e), "messages") from None
+        item = GenerationItem(rid, ids, params, mm)
+    else:
+        item = GenerationItem(rid, ChatPrompt(messages, body.add_generation_prompt, kwargs),
+                              params)
+    stream = await submit(state, [item], "messages")
     tracker = state.metrics.tracker(body.n)
     if body.stream:
         return event_stream(_stream(state, body, rid, stream, tracker, top_n), stream)

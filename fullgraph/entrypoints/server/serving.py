@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -67,6 +68,16 @@ class ServerState:
         engine = self.engine.engine
         ids, images = engine.chat_prompt(messages, add_generation_prompt, **template_kwargs)
         return ids if images is None else engine.mm_processor.expanded_ids(ids, images)
+
+    def prepare_chat_images(self, messages: list[dict], add_generation_prompt: bool,
+                            **template_kwargs) -> tuple[list[int], Any]:
+        """(expanded prompt ids, MultiModalInputs) of a chat request with images: the
+        template, image decoding and preprocessing, run in a worker thread so neither the
+        event loop nor the engine's step loop waits for them (the same thread-safety
+        argument as `render_chat`; the image processor holds only its config)."""
+        engine = self.engine.engine
+        ids, images = engine.chat_prompt(messages, add_generation_prompt, **template_kwargs)
+        return engine.mm_processor.process(ids, images)
 
 
 def check_model(state: ServerState, model: str | None) -> None:
