@@ -39,7 +39,7 @@ from fullgraph.layers.rotary import rope_theta_of
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities
 from fullgraph.models.qwen3_next import HybridDecoderLayer, HybridForCausalLM, rotary_dim_of
 from fullgraph.models.qwen3_next import check_config as check_hybrid_config
-from fullgraph.models.qwen3_vl import Qwen3VLForConditionalGeneration
+from fullgraph.models.qwen3_vl import Qwen3VLForConditionalGeneration, step_inputs
 from fullgraph.models.qwen3_vl_vision import Qwen3VLVisionTower, check_vision_config
 
 # transformers' Qwen3_5TextRotaryEmbedding default, for configs that name no mrope_section
@@ -75,18 +75,8 @@ class Qwen3_5VLTextModel(nn.Module):
                                        mrope_section_of(cfg, DEFAULT_MROPE_SECTION))
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        mm = ctx.multimodal
-        t = input_ids.shape[0]
-        if mm is None or mm.rope_positions.shape != (3, t):
-            raise ValueError(f"Qwen3.5 needs ctx.multimodal.rope_positions of shape (3, {t})")
-        # The step's rotary rows and their indices before the embedding: the gated attention
-        # kernel reads both before waiting on the kernel just before it (layers/pdl.py),
-        # which is safe for what was written two or more kernels back.
-        rope = self.rotary(mm.rope_positions)
-        rows = torch.arange(t, device=input_ids.device)
-        x, residual = self.embed_tokens(input_ids), None
-        if mm.embeds is not None:                 # host-known: image steps run eagerly
-            x = x.index_copy(0, mm.embed_rows, mm.embeds.to(x.dtype))
+        x, rope, rows = step_inputs(self, input_ids, ctx)
+        residual = None
         kv_caches, states = iter(ctx.kv_caches), iter(ctx.state_caches)
         for layer in self.layers:
             cache = next(states) if layer.layer_type == "linear_attention" else next(kv_caches)
@@ -103,44 +93,20 @@ class Qwen3_5VLModel(nn.Module):
         self.language_model = Qwen3_5VLTextModel(cfg.text_config)
 
 
-class Qwen3_5ForConditionalGeneration(nn.Module):
+class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL's class with the hybrid language model: the prompt layout, the tower (no
+    deepstack: each image's features are (embeds, None)), the forward and the logits are
+    Qwen3-VL's (Qwen3.5's get_rope_index is the same); the caches and the checkpoint's
+    language model are the hybrid's."""
     capabilities = ModelCapabilities(prefix_caching=False)   # recurrent state, as the hybrid
-    multimodal = True                      # the runner passes ctx.multimodal every step
     stacked_params = HybridForCausalLM.stacked_params
     check_config = staticmethod(check_config)
-
-    # Borrowed as they are, not rewritten: the prompt layout, the tower and the logits are
-    # Qwen3-VL's (Qwen3.5's get_rope_index is the same as Qwen3-VL's; the tower returns no
-    # deepstack, so each image's features are (embeds, None)), and the language model's
-    # checkpoint is the hybrid's, which `HybridForCausalLM.load_weights` reads with `_route`.
-    rope_positions = Qwen3VLForConditionalGeneration.rope_positions
-    encode_images = Qwen3VLForConditionalGeneration.encode_images
-    compute_logits = Qwen3VLForConditionalGeneration.compute_logits
-    _checkpoint_names = staticmethod(Qwen3VLForConditionalGeneration._checkpoint_names)
-    _route = HybridForCausalLM._route
-
-    def __init__(self, cfg, max_position: int) -> None:
-        super().__init__()
-        self.config = cfg
-        text = cfg.text_config
-        self.image_token_id = int(cfg.image_token_id)
-        self.merge_size = int(cfg.vision_config.spatial_merge_size)
-        self.model = Qwen3_5VLModel(cfg)
-        # transformers ties by the top-level flag (`_tied_weights_keys`)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+    model_cls = Qwen3_5VLModel
+    _route = HybridForCausalLM._route     # what HybridForCausalLM.load_weights calls
 
     @staticmethod
     def cache_specs(cfg) -> CacheSpecs:
         return HybridForCausalLM.cache_specs(cfg.text_config)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
-        """`positions` (the KV positions) reach attention through the step's metadata;
-        rotary uses ctx.multimodal.rope_positions."""
-        return self.model.language_model(input_ids, ctx)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Checkpoint names are ours (`model.language_model.*`, `model.visual.*`,

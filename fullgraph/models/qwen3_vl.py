@@ -60,6 +60,26 @@ def check_config(cfg, raw: dict) -> None:
                          f" differs from text_config's hidden_size {text.hidden_size}")
 
 
+def step_inputs(text_model: nn.Module, input_ids: torch.Tensor, ctx: ForwardContext):
+    """What every layer of a multimodal text model takes from the step: (token embeddings
+    with the step's image rows in place, the rotary (cos, sin) rows of its MRoPE positions,
+    `arange(T)` as the positions that index them). The rotary rows and their indices are
+    made before the embedding: the layers' q/k kernels read both before waiting on the
+    kernel just before them (layers/pdl.py), which is safe for what was written two or more
+    kernels back."""
+    mm = ctx.multimodal
+    t = input_ids.shape[0]
+    if mm is None or mm.rope_positions.shape != (3, t):
+        raise ValueError(f"{type(text_model).__name__} needs ctx.multimodal.rope_positions "
+                         f"of shape (3, {t})")
+    rope = text_model.rotary(mm.rope_positions)
+    rows = torch.arange(t, device=input_ids.device)
+    x = text_model.embed_tokens(input_ids)
+    if mm.embeds is not None:                 # host-known: image steps run eagerly
+        x = x.index_copy(0, mm.embed_rows, mm.embeds.to(x.dtype))
+    return x, rope, rows
+
+
 class Qwen3VLTextModel(nn.Module):
     """Qwen3Model's embedding, layers and final norm, with MRoPE and image rows."""
 
@@ -78,17 +98,8 @@ class Qwen3VLTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         mm = ctx.multimodal
-        t = input_ids.shape[0]
-        if mm is None or mm.rope_positions.shape != (3, t):
-            raise ValueError(f"Qwen3-VL needs ctx.multimodal.rope_positions of shape (3, {t})")
-        # The step's rotary rows and their indices before the embedding: the layers' q/k
-        # kernels read both before waiting on the kernel just before them (layers/pdl.py),
-        # which is safe for what was written two or more kernels back.
-        rope = self.rotary(mm.rope_positions)
-        rows = torch.arange(t, device=input_ids.device)
-        x, residual = self.embed_tokens(input_ids), None
-        if mm.embeds is not None:                 # host-known: image steps run eagerly
-            x = x.index_copy(0, mm.embed_rows, mm.embeds.to(x.dtype))
+        x, rope, rows = step_inputs(self, input_ids, ctx)
+        residual = None
         deepstack = mm.deepstack if mm.embeds is not None else None
         for i, (layer, kv_cache, l2_next) in enumerate(zip(self.layers, ctx.kv_caches,
                                                            self._l2_next, strict=True)):
@@ -115,6 +126,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     multimodal = True                      # the runner passes ctx.multimodal every step
     stacked_params = Qwen3ForCausalLM.stacked_params
     check_config = staticmethod(check_config)
+    model_cls: type[nn.Module] = Qwen3VLModel      # the checkpoint's `model.`
 
     def __init__(self, cfg, max_position: int) -> None:
         super().__init__()
@@ -122,7 +134,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         text = cfg.text_config
         self.image_token_id = int(cfg.image_token_id)
         self.merge_size = int(cfg.vision_config.spatial_merge_size)
-        self.model = Qwen3VLModel(cfg)
+        self.model = self.model_cls(cfg)
         # transformers ties by the top-level flag (`_tied_weights_keys`)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
