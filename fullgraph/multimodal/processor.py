@@ -61,7 +61,7 @@ class MultiModalProcessor:
         for grid in grids:
             patches = grid[0] * grid[1] * grid[2]
             h = hashlib.blake2b(repr(grid).encode(), digest_size=8)
-            h.update(processed.pixel_values[row:row + patches].numpy().tobytes())
+            h.update(processed.pixel_values[row:row + patches].numpy().data)   # no copy
             hashes.append(int.from_bytes(h.digest(), "little"))
             row += patches
         return ids, MultiModalInputs(processed.pixel_values, grids, placeholders, hashes)
