@@ -309,3 +309,27 @@ def test_samples_of_one_prompt_share_the_encoder(vl_dir, hf_vl):
     assert len(calls) == 1
     want = hf_generate(hf_vl, ids, img, 6)
     assert [c.token_ids for c in out.outputs] == [want] * 3
+
+
+def test_async_scheduling_graphs_and_chunking_give_the_same_tokens(vl_dir):
+    """Images with greedy, seeded and filtered sampling: the same tokens synchronously,
+    with async scheduling, with async scheduling and (fake) graphs for the text steps and
+    the encoder, and with prompts and images cut into 8-token steps."""
+    ps = [{"prompt_token_ids": prompt([1, 2], None, [3, 4]),
+           "multi_modal_data": {"image": images((64, 96), seed=1)[0]}},
+          {"prompt_token_ids": [5, 6, 7, 8]},
+          {"prompt_token_ids": prompt([9], None, [10], None, [11]),
+           "multi_modal_data": {"image": images((64, 64), (96, 32), seed=2)}}]
+    sp = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+          SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True),
+          SamplingParams(temperature=0.7, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True)]
+    runs = []
+    for kw in ({}, dict(async_scheduling=True),
+               dict(async_scheduling=True, cudagraph_runtime="fake",
+                    cudagraph_capture_sizes=[1, 2, 4, 8]),
+               dict(max_num_batched_tokens=8)):
+        llm = LLM(vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128, **kw)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(ps, sp, use_tqdm=False)])
+        if "cudagraph_runtime" in kw:
+            assert llm.engine.runner.encoder_graphs.num_graph_replays > 0
+    assert all(r == runs[0] for r in runs[1:])
