@@ -333,3 +333,13 @@ def test_async_scheduling_graphs_and_chunking_give_the_same_tokens(vl_dir):
         if "cudagraph_runtime" in kw:
             assert llm.engine.runner.encoder_graphs.num_graph_replays > 0
     assert all(r == runs[0] for r in runs[1:])
+
+
+def test_an_image_too_large_for_max_model_len_is_named(vl_dir):
+    llm = LLM(vl_dir, max_model_len=64, max_num_seqs=2, num_gpu_blocks_override=16)
+    with pytest.raises(ValueError, match=r"\(64 of them for 1 images\)"):
+        llm.generate({"prompt_token_ids": prompt([1], None, [2]),          # 256x256: 64 tokens
+                      "multi_modal_data": {"image": images((256, 256))[0]}}, GREEDY,
+                     use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8

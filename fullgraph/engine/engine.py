@@ -166,7 +166,10 @@ class LLMEngine:
                 raise ValueError(f"prompt token {t!r} at index {i} is outside the vocabulary "
                                  f"[0, {vocab})")
         if len(ids) >= model.max_model_len:
-            raise ValueError(f"the prompt is {len(ids)} tokens but max_model_len is "
+            images = ("" if mm_inputs is None else
+                      f" ({sum(p.length for p in mm_inputs.placeholders)} of them for "
+                      f"{len(mm_inputs.placeholders)} images)")
+            raise ValueError(f"the prompt is {len(ids)} tokens{images} but max_model_len is "
                              f"{model.max_model_len}: at most {model.max_model_len - 1} prompt "
                              f"tokens leave room for one generated token")
         room = model.max_model_len - len(ids)
