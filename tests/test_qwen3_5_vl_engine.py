@@ -11,20 +11,15 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from fullgraph import LLM, SamplingParams
+from test_vl_engine import END, IMAGE, PREPROCESSOR, START, hf_image_inputs, images, prompt
 
-IMAGE, START, END = 500, 501, 502          # image pad, vision start / end token ids
-MERGE = 2
 VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-              temporal_patch_size=2, spatial_merge_size=MERGE, out_hidden_size=64,
-              num_position_embeddings=16)
-PREPROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=MERGE,
-                    min_pixels=32 * 32, max_pixels=256 * 256,
-                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+              temporal_patch_size=2, spatial_merge_size=PREPROCESSOR["merge_size"],
+              out_hidden_size=64, num_position_embeddings=16)
 
 
 def make_checkpoint(path: str, seed: int = 0, moe: bool = False) -> str:
@@ -81,11 +76,6 @@ def hf_model(model_dir):
     return model
 
 
-def images(*sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
-
-
 def hf_generate(model, ids, imgs, max_new_tokens):
     """transformers' greedy tokens and their logprobs, its processor expanding the
     placeholders. Image sizes here are whole merge blocks (no resize), where its PIL and
@@ -102,29 +92,6 @@ def hf_generate(model, ids, imgs, max_new_tokens):
     return tokens.tolist(), logprobs.tolist()
 
 
-def hf_image_inputs(ids, imgs):
-    """The prompt with each placeholder expanded to its image's token count, and
-    generate's image arguments."""
-    try:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import \
-            Qwen2VLImageProcessor as cls           # needs torchvision
-    except ImportError:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
-            Qwen2VLImageProcessorPil as cls
-    inputs = cls(**PREPROCESSOR)(images=imgs, return_tensors="pt")
-    grid = inputs["image_grid_thw"]
-    expanded, k = [], 0
-    for t in ids:
-        if t == IMAGE:
-            expanded += [IMAGE] * int(grid[k].prod() // MERGE ** 2)
-            k += 1
-        else:
-            expanded.append(t)
-    input_ids = torch.tensor([expanded])
-    return input_ids, dict(pixel_values=inputs["pixel_values"], image_grid_thw=grid,
-                           mm_token_type_ids=(input_ids == IMAGE).int())
-
-
 def assert_matches(output, reference):
     """Our completion's tokens equal the reference's, their logprobs within float32 noise."""
     tokens, logprobs = reference
@@ -132,14 +99,6 @@ def assert_matches(output, reference):
     assert completion.token_ids == tokens
     ours = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)]
     assert ours == pytest.approx(logprobs, abs=1e-4)
-
-
-def prompt(*parts):
-    """Text ids and images: each image as vision_start, one placeholder, vision_end."""
-    ids = []
-    for p in parts:
-        ids += [START, IMAGE, END] if p is None else p
-    return ids
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)

@@ -77,30 +77,36 @@ def hf_generate(model, ids, imgs, max_new_tokens):
                              do_sample=False, attention_mask=torch.ones(1, len(ids),
                                                                         dtype=torch.long))
         return out[0, len(ids):].tolist()
+    ids_t, kwargs = hf_image_inputs(ids, imgs)
+    out = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), **kwargs,
+                         max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids_t.shape[1]:].tolist()
+
+
+def hf_image_inputs(ids, imgs):
+    """The prompt with each placeholder expanded to its image's token count (transformers'
+    processor preparing the images), and generate's image arguments: with
+    `mm_token_type_ids`, which tokens are image tokens, as its processor returns them
+    (without them transformers' MRoPE falls back to text positions)."""
     try:
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import \
             Qwen2VLImageProcessor as cls           # needs torchvision
     except ImportError:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
             Qwen2VLImageProcessorPil as cls
-    proc = cls(**PREPROCESSOR)
-    inputs = proc(images=imgs, return_tensors="pt")
+    inputs = cls(**PREPROCESSOR)(images=imgs, return_tensors="pt")
     grid = inputs["image_grid_thw"]
+    merge = PREPROCESSOR["merge_size"]
     expanded, k = [], 0
     for t in ids:
         if t == IMAGE:
-            expanded += [IMAGE] * int(grid[k].prod() // 4)
+            expanded += [IMAGE] * int(grid[k].prod() // merge ** 2)
             k += 1
         else:
             expanded.append(t)
-    ids_t = torch.tensor([expanded])
-    # which tokens are image tokens: transformers' MRoPE needs it (without it, generate
-    # falls back to text positions), as its processor returns it
-    out = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
-                         mm_token_type_ids=(ids_t == IMAGE).int(),
-                         pixel_values=inputs["pixel_values"], image_grid_thw=grid,
-                         max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(expanded):].tolist()
+    input_ids = torch.tensor([expanded])
+    return input_ids, dict(pixel_values=inputs["pixel_values"], image_grid_thw=grid,
+                           mm_token_type_ids=(input_ids == IMAGE).int())
 
 
 def prompt(*parts):

@@ -14,6 +14,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch  # noqa: E402
 
+from graph_timing import replay_ms  # noqa: E402  (this folder, sys.path[0] when run)
+
 from fullgraph.layers import gated_attention  # noqa: E402
 from fullgraph.layers.gdn import fused_decode  # noqa: E402
 
@@ -24,24 +26,8 @@ HQ, HKV, D, ROT = 8, 2, 256, 64                     # its gated attention layers
 
 
 def time_graph(fn, iters: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters * 1e3
+    """µs per replay."""
+    return replay_ms(fn, iters) * 1e3
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch  # noqa: E402
 
+from graph_timing import replay_ms  # noqa: E402  (this folder, sys.path[0] when run)
+
 from fullgraph.layers.argmax import argmax_rows  # noqa: E402
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplingState,  # noqa: E402
                                       SamplingTensors, sample)
@@ -110,27 +112,6 @@ def make_inputs(rows, case, device, gen):
     return logits, t, feats, state
 
 
-def time_graph(fn, iters):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32, 256])
@@ -150,13 +131,13 @@ def main():
         for rows in args.rows:
             logits, t, feats, state = make_inputs(rows, case, dev, gen)
             with torch.inference_mode():
-                new = time_graph(lambda: sample(logits, t, feats, state), args.iters)
+                new = replay_ms(lambda: sample(logits, t, feats, state), args.iters)
                 if args.no_old:
                     old = float("nan")
                 elif case == "greedy":
-                    old = time_graph(lambda: argmax_rows(logits), args.iters)
+                    old = replay_ms(lambda: argmax_rows(logits), args.iters)
                 else:
-                    old = time_graph(lambda: old_sample(logits, t), args.iters)
+                    old = replay_ms(lambda: old_sample(logits, t), args.iters)
             line += f"{old:>11.3f}{new:>11.3f}"
         print(line, flush=True)
 

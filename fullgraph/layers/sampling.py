@@ -142,6 +142,15 @@ if triton is not None:
     def _filter_on(t, k, p, mp, V):
         return (t >= _EPS) & (((k > 0) & (k < V)) | (p < 1.0) | (mp > 0.0))
 
+    @triton.jit
+    def _row_filtered(temp_ptr, topk_ptr, topp_ptr, minp_ptr, r, V, HAS_MIN_P: tl.constexpr):
+        """(row r's temperature, whether it filters at all)."""
+        t = tl.load(temp_ptr + r)
+        mp = 0.0
+        if HAS_MIN_P:
+            mp = tl.load(minp_ptr + r)
+        return t, _filter_on(t, tl.load(topk_ptr + r), tl.load(topp_ptr + r), mp, V)
+
     # ------------------------------------------------------------------ draw
     @triton.jit
     def _draw_kernel(x_ptr, stride_x, V, temp_ptr, seed_ptr, pos_ptr, thr_ptr,
@@ -226,11 +235,8 @@ if triton is not None:
         c = tl.program_id(1)
         if USE_PDL:
             _pdl()
-        t = tl.load(temp_ptr + r)
-        mp = 0.0
-        if HAS_MIN_P:
-            mp = tl.load(minp_ptr + r)
-        if _filter_on(t, tl.load(topk_ptr + r), tl.load(topp_ptr + r), mp, V):
+        t, filtered = _row_filtered(temp_ptr, topk_ptr, topp_ptr, minp_ptr, r, V, HAS_MIN_P)
+        if filtered:
             row = x_ptr + r * stride_x
             acc = tl.full([BLOCK], -float("inf"), tl.float32)
             for off in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
@@ -266,11 +272,8 @@ if triton is not None:
         c = tl.program_id(1)
         if USE_PDL:
             _pdl()
-        t = tl.load(temp_ptr + r)
-        mp = 0.0
-        if HAS_MIN_P:
-            mp = tl.load(minp_ptr + r)
-        if _filter_on(t, tl.load(topk_ptr + r), tl.load(topp_ptr + r), mp, V):
+        t, filtered = _row_filtered(temp_ptr, topk_ptr, topp_ptr, minp_ptr, r, V, HAS_MIN_P)
+        if filtered:
             m, cutoff = _row_stats(pmax_ptr, r, minp_ptr, SF, SF_P2, HAS_MIN_P)
             piv = _pivots(m)
             row = x_ptr + r * stride_x

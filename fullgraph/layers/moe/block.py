@@ -118,11 +118,7 @@ class SparseMoeBlock(nn.Module):
             dst = self._expert_target(m[1])
         else:
             return False
-        if tuple(tensor.shape) != tuple(dst.shape):
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(dst.shape)}")
-        with torch.no_grad():
-            dst.copy_(tensor)
+        _copy_checked(name, dst, tensor)
         return True
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> bool:
@@ -133,9 +129,13 @@ class SparseMoeBlock(nn.Module):
         param = dict(self.named_parameters()).get(name)
         if param is None:
             return False
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
+        _copy_checked(name, param, tensor)
         return True
+
+
+def _copy_checked(name: str, dst: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(dst.shape):
+        raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                         f"expected {tuple(dst.shape)}")
+    with torch.no_grad():
+        dst.copy_(tensor)
