@@ -91,18 +91,25 @@ def _stop(pool: ThreadPoolExecutor, procs: list[subprocess.Popen]) -> None:
             proc.kill()
 
 
+def _active_driver():
+    """Triton's GPU driver, or None where Triton is missing or sees no GPU (a CPU host
+    with Triton installed); each request then reports its own error."""
+    try:
+        import triton
+        return triton.runtime.driver.active
+    except (ImportError, RuntimeError):
+        return None
+
+
 def main() -> None:
     # Replies go to the original stdout; anything a library prints goes to stderr.
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     # Before the first request, not in it: importing torch and Triton and setting up
     # Triton's driver took ~4 s of a worker's first compile (H100 host).
-    try:
-        import triton
-    except ImportError:      # each request then reports it
-        triton = None
-    else:
-        triton.runtime.driver.active.get_current_target()
+    driver = _active_driver()
+    if driver is not None:
+        driver.get_current_target()
     for line in sys.stdin:
         try:
             request = json.loads(line)
@@ -110,7 +117,7 @@ def main() -> None:
             compiled = kernel.preload(request["specialization"])
             # Its launcher too: a C module built per signature (~50 ms), cached like the
             # kernel; the client otherwise builds it at its first launch.
-            launcher = triton and getattr(triton.runtime.driver.active, "launcher_cls", None)
+            launcher = getattr(driver, "launcher_cls", None)
             if launcher is not None:
                 launcher(compiled.src, compiled.metadata)
             reply = {"ok": True}
