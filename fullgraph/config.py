@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fullgraph.layers.policy import KernelPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
@@ -45,6 +47,8 @@ class SchedulerConfig:
     # Schedule and launch step N+1 before step N's samples reach the host, so host work
     # (scheduling, input preparation, detokenizing) overlaps the device's.
     async_scheduling: bool = False
+    # drafts a decoding request is scheduled with a step (speculative decoding; 0: none)
+    num_speculative_tokens: int = 0
 
 
 class CUDAGraphMode(enum.Enum):
@@ -72,6 +76,16 @@ class CompilationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """`speculative_config` (vLLM's keys): an EAGLE drafter proposing
+    `num_speculative_tokens` tokens a step for the target to verify (docs/speculative.md)."""
+    method: str                       # "eagle3" | "eagle"
+    model: str                        # the drafter's directory
+    num_speculative_tokens: int
+    hf_config: Any = field(repr=False, compare=False, default=None)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -79,6 +93,9 @@ class EngineConfig:
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     device: str = "cpu"
     attention_backend: str = "flex"
+    # which kernels may be chosen; batch_invariant pins them (layers/policy.py)
+    kernel_policy: KernelPolicy = field(default_factory=KernelPolicy)
+    speculative: SpeculativeConfig | None = None
     seed: int = 0
     max_logprobs: int = 20
     log_stats: bool = True       # the server's periodic stats line

@@ -102,3 +102,14 @@ def test_bench_throughput_reports_greedy_and_sampled(tmp_path):
     assert [run["sampling"]["temperature"] for run in data["runs"]] == [0.0, 0.6]
     assert data["runs"][1]["sampling"]["top_p"] == 0.9
     assert 0 < data["sampled_over_greedy"] and "sampled / greedy" in r.stdout
+
+
+def test_batch_invariant_flag_runs_and_names_what_cannot_keep_it():
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--max-tokens", "3",
+            "--max-model-len", "128", "--batch-invariant")
+    assert r.returncode == 0, r.stderr
+    assert "batch-invariant mode" in r.stderr and r.stdout.count("3 generated") == 1
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--batch-invariant",
+            "--attention-backend", "sdpa")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "attention backend 'sdpa' does not support batch-invariant mode" in r.stderr

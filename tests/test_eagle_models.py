@@ -3,7 +3,9 @@ published layouts (config.json as SpecForge writes it for Qwen3, tensor names as
 SGLang load them), float32 on the CPU: loading and its errors, shapes, the forward of a
 prefill and of a decode step (eager, and captured in a fake graph) against a plain-torch
 reference of the EAGLE math written here from the checkpoint tensors, the draft-to-target
-vocabulary map, and the checks against a target's config."""
+vocabulary map, and the checks against a target's config. Then the targets' side: the
+residual stream entering chosen layers (`enable_aux_hidden_states`, which EAGLE-3 reads)
+against transformers' `hidden_states`, through the engine."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fullgraph import SamplingParams
 from fullgraph.attention.backend import ForwardContext
 from fullgraph.attention.flex import FlexAttentionBackend
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
@@ -105,21 +108,21 @@ def rms(x, w, eps=1e-6):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def rope(x, positions):
-    inv = 1.0 / THETA ** (torch.arange(0, D, 2).float() / D)
+def rope(x, positions, theta=THETA):
+    inv = 1.0 / theta ** (torch.arange(0, D, 2).float() / D)
     ang = positions[:, None].float() * inv[None, :]
     cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]
     half = torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1)
     return x * cos + half * sin
 
 
-def ref_layer(t, p, attn_in, residual):
+def ref_layer(t, p, attn_in, residual, theta=THETA):
     """A Llama layer over one sequence at positions 0..T-1: causal GQA attention from
     `attn_in`, the residual added, then the SwiGLU MLP with its norm."""
     n = attn_in.shape[0]
     pos = torch.arange(n)
-    q = rope((attn_in @ t[p + "self_attn.q_proj.weight"].T).view(n, HEADS, D), pos)
-    k = rope((attn_in @ t[p + "self_attn.k_proj.weight"].T).view(n, KV_HEADS, D), pos)
+    q = rope((attn_in @ t[p + "self_attn.q_proj.weight"].T).view(n, HEADS, D), pos, theta)
+    k = rope((attn_in @ t[p + "self_attn.k_proj.weight"].T).view(n, KV_HEADS, D), pos, theta)
     v = (attn_in @ t[p + "self_attn.v_proj.weight"].T).view(n, KV_HEADS, D)
     k, v = k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1)
     scores = torch.einsum("qhd,khd->hqk", q, k) / D ** 0.5
@@ -131,14 +134,15 @@ def ref_layer(t, p, attn_in, residual):
     return h + (torch.nn.functional.silu(gate) * up) @ t[p + "mlp.down_proj.weight"].T
 
 
-def ref_eagle3(t, ids, aux):
+def ref_eagle3(t, ids, aux, theta=THETA):
     """(pre-norm output, target-vocabulary logits) of EAGLE-3 over one sequence."""
     h = aux @ t["fc.weight"].T
     x = torch.cat([rms(t["embed_tokens.weight"][ids], t["midlayer.input_layernorm.weight"]),
                    rms(h, t["midlayer.hidden_norm.weight"])], -1)
-    out = ref_layer(t, "midlayer.", x, h)
-    logits = torch.full((len(ids), V), float("-inf"))
-    logits[:, torch.arange(VD) + t["d2t"]] = rms(out, t["norm.weight"]) @ t["lm_head.weight"].T
+    out = ref_layer(t, "midlayer.", x, h, theta)
+    logits = torch.full((len(ids), t["embed_tokens.weight"].shape[0]), float("-inf"))
+    draft_ids = torch.arange(t["d2t"].shape[0])
+    logits[:, draft_ids + t["d2t"]] = rms(out, t["norm.weight"]) @ t["lm_head.weight"].T
     return out, logits
 
 
@@ -191,7 +195,7 @@ class Steps:
         self.backend.prepare(inputs)
         meta = self.backend.build(inputs)
         ctx = ForwardContext(self.backend, meta, self.kv, self.slots[:n])
-        logits = torch.empty(n, V)
+        logits = torch.empty(n, model.config.vocab_size)
 
         def forward():
             self.backend.update(meta, inputs)
@@ -357,3 +361,102 @@ def test_eagle1_needs_the_targets_lm_head(tmp_path):
         model.check_target(target_config(hidden=32))
     with pytest.raises(ValueError, match="unknown speculative method 'medusa'"):
         drafter_class("medusa")
+
+
+# ------------------------------------------------------- targets: aux hidden-state capture
+MAX_TOKENS = 128       # the engine's max_num_batched_tokens below: every step's padded rows
+# float32, the same ops in another order (fused norms, packed attention, the chunked delta
+# rule): at most 2e-5 (Qwen3) and 7e-5 (the hybrid) seen on states up to 33 in size; a
+# neighbouring layer's input differs by 10 or more
+TOL = dict(atol=2e-4, rtol=2e-5)
+ENGINES = {
+    "eager": dict(attention_backend="flex"),
+    # the capture is recorded into the graphs (enabled at load, before capture) and replayed
+    "fake-graphs": dict(cudagraph_runtime="fake",
+                        cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 64, 128]),
+}
+
+
+def engine_with_aux(monkeypatch, path: str, layers: tuple[int, ...], **kw):
+    """(LLM whose model writes the inputs of `layers`, that buffer): enabled right after
+    loading, before the memory profile and graph capture, as the engine will."""
+    from fullgraph import LLM
+    from fullgraph.worker import model_runner
+    load, buffers = model_runner.load_model, []
+
+    def load_with_aux(*args, **kwargs):
+        model = load(*args, **kwargs)
+        buffers.append(model.enable_aux_hidden_states(layers, MAX_TOKENS))
+        return model
+    monkeypatch.setattr(model_runner, "load_model", load_with_aux)
+    llm = LLM(path, max_model_len=256, num_gpu_blocks_override=64, max_num_seqs=4,
+              max_num_batched_tokens=MAX_TOKENS, **kw)
+    return llm, buffers[0]
+
+
+def hf_aux(hf, ids: list[int], layers: tuple[int, ...]) -> torch.Tensor:
+    """transformers' inputs of `layers` over `ids`, side by side: [len(ids), len(layers) H]
+    (its hidden_states[i] is the input of layer i, [0] the embedding)."""
+    with torch.no_grad():
+        states = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return torch.cat([states[i][0] for i in layers], dim=-1)
+
+
+@pytest.fixture(scope="module")
+def qwen3_target(tmp_path_factory):
+    from conftest import make_hf_checkpoint
+    from transformers import Qwen3ForCausalLM
+    path = make_hf_checkpoint(str(tmp_path_factory.mktemp("qwen3-4-layers")), num_layers=4,
+                              seed=3)
+    return path, Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_target(tmp_path_factory):
+    from conftest import make_hybrid_checkpoint
+    from transformers import Qwen3_5ForCausalLM
+    path = make_hybrid_checkpoint(str(tmp_path_factory.mktemp("qwen3_5")), seed=3)
+    return path, Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# Layers out of order and repeated; the hybrid's are Gated DeltaNet layers 0-2 and the
+# full-attention layer 3.
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("target, layers", [("qwen3_target", (3, 0, 2, 2)),
+                                            ("qwen3_5_target", (2, 0, 3, 3))])
+def test_aux_hidden_states_match_transformers(request, monkeypatch, hf_gdn_torch_paths,
+                                              target, layers, engine):
+    path, hf = request.getfixturevalue(target)
+    llm, aux = engine_with_aux(monkeypatch, path, layers, **ENGINES[engine])
+    h = hf.config.hidden_size
+    assert aux.shape == (MAX_TOKENS, len(layers) * h) and aux.dtype == torch.float32
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 700, (n,), generator=g).tolist() for n in (7, 13, 1)]
+
+    # one prefill step of all three prompts: their rows packed in order
+    steps = llm.engine.stats.steps
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.stats.steps == steps + 1
+    expected = torch.cat([hf_aux(hf, p, layers) for p in prompts])
+    torch.testing.assert_close(aux[:len(expected)], expected, **TOL)
+
+    # decode steps of one request: the last one's row is its last input token
+    out = llm.generate([{"prompt_token_ids": prompts[1]}],
+                       SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    torch.testing.assert_close(aux[:1], hf_aux(hf, prompts[1] + out[:2], layers)[-1:], **TOL)
+    if engine == "fake-graphs":
+        assert llm.engine.runner.dispatcher.num_graph_steps >= 2
+
+
+def test_aux_hidden_state_layers_are_checked(qwen3_target):
+    from fullgraph.models.qwen3 import Qwen3ForCausalLM
+    from transformers import AutoConfig
+    model = Qwen3ForCausalLM(AutoConfig.from_pretrained(qwen3_target[0]), max_position=64)
+    assert model.model.aux_hidden_states is None          # off unless enabled
+    for layers in ((), (0, 4), (-1,)):
+        with pytest.raises(ValueError, match="layers 0..3"):
+            model.enable_aux_hidden_states(layers, 8)
+    buffer = model.enable_aux_hidden_states([1, 1], 8)
+    assert buffer.shape == (8, 2 * 64) and model.model.aux_hidden_states.layers == (1, 1)

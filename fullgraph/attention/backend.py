@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]   # one layer's (K, V), each [slots, Hkv, D]
@@ -42,9 +43,12 @@ class QKNormRope:
 class AttentionBackend(Protocol):
     name: ClassVar[str]
     supports_cudagraph: ClassVar[bool]
+    # whether its every token's result is independent of the rest of the step
+    # (layers/policy.py); the engine refuses the batch-invariant mode with one that is not
+    supports_batch_invariant: ClassVar[bool]
 
     def __init__(self, spec: AttentionSpec, device: torch.device, buffers: PersistentInputs,
-                 compile: bool) -> None: ...
+                 compile: bool, policy: KernelPolicy) -> None: ...
 
     def prepare(self, inputs: StepAttentionInputs) -> None:
         """Host-side work for this step: fill staging buffers from the CPU arrays and copy
@@ -69,12 +73,21 @@ class AttentionBackend(Protocol):
     # (then ForwardContext runs the two steps).
 
 
-def get_backend_class(name: str) -> type[AttentionBackend]:
+def get_backend_class(name: str, policy: KernelPolicy = DEFAULT_POLICY
+                      ) -> type[AttentionBackend]:
+    """The backend `--attention-backend` names, under the engine's kernel policy. In the
+    batch-invariant mode the flex backend resolves to its invariant path
+    (attention/invariant.py: one arithmetic for prefill, mixed and decode rows); a backend
+    without one is a ValueError."""
     if name == "flex":
+        if policy.batch_invariant:
+            from fullgraph.attention.invariant import InvariantAttentionBackend
+            return InvariantAttentionBackend
         from fullgraph.attention.flex import FlexAttentionBackend
         return FlexAttentionBackend
     if name == "sdpa":
         from fullgraph.attention.sdpa import SDPABackend
+        policy.require("attention backend 'sdpa'", SDPABackend.supports_batch_invariant)
         return SDPABackend
     raise ValueError(f"unknown attention backend {name!r}: choose 'flex' or 'sdpa'")
 

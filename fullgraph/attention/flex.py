@@ -52,6 +52,7 @@ from fullgraph.attention.gathered import GatheredAttention, GatheredMetadata
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
 from fullgraph.layers.pdl import inductor_options
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 MIXED_Q_BLOCK = 16     # query block of the packed layout; small so few requests share one
 # Compiled packed layout: steps run with at least this many query rows (the rest padding).
@@ -123,9 +124,12 @@ def fuse_qk_norm_rope(num_reqs: int, num_splits: int) -> bool:
 class FlexAttentionBackend:
     name = "flex"
     supports_cudagraph = True
+    # in the mode, get_backend_class resolves "flex" to attention/invariant.py instead
+    supports_batch_invariant = False
 
     def __init__(self, spec: AttentionSpec, device: torch.device, buffers: PersistentInputs,
-                 compile: bool = False) -> None:
+                 compile: bool = False, policy: KernelPolicy = DEFAULT_POLICY) -> None:
+        policy.require("the flex backend's normal path", self.supports_batch_invariant)
         self.spec = spec
         bs, nb = spec.block_size, spec.num_blocks
         rows = spec.max_num_seqs + 1

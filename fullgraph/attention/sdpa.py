@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from fullgraph.attention.backend import KVCache
 from fullgraph.attention.metadata import AttentionSpec, StepAttentionInputs
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 
 @dataclass(slots=True)
@@ -26,9 +27,12 @@ class SDPAMetadata:
 class SDPABackend:
     name = "sdpa"
     supports_cudagraph = False
+    # a query row alone in SDPA's query block (decode) takes another path than in a prefill
+    supports_batch_invariant = False
 
     def __init__(self, spec: AttentionSpec, device: torch.device, buffers=None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, policy: KernelPolicy = DEFAULT_POLICY) -> None:
+        policy.require("attention backend 'sdpa'", self.supports_batch_invariant)
         self.spec = spec
         self.device = device
 

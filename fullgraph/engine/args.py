@@ -8,8 +8,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from fullgraph.attention.backend import get_backend_class
 from fullgraph.config import (CacheConfig, CompilationConfig, CUDAGraphMode, EngineConfig,
-                              ModelConfig, SchedulerConfig)
+                              ModelConfig, SchedulerConfig, SpeculativeConfig)
+from fullgraph.layers.policy import KernelPolicy
 from fullgraph.models.hub import resolve_model_dir
 from fullgraph.models.registry import get_model_class
 from fullgraph.sampling_params import SamplingParams
@@ -60,6 +62,12 @@ class EngineArgs:
     # Overlap host work with the device (one step in flight); None = on for CUDA devices,
     # where it pays (H200: batch 1 decode 2.28 -> 1.64 ms/step), off on a CPU.
     async_scheduling: bool | None = None
+    # Batch-invariant mode: a request's tokens and logprobs are the same bits whatever else
+    # is in the step (docs/batch_invariance.md). None: FULLGRAPH_BATCH_INVARIANT, else off.
+    batch_invariant: bool | None = None
+    # Speculative decoding (vLLM's spelling): {"method": "eagle3" | "eagle", "model": DIR,
+    # "num_speculative_tokens": k}, or that as a JSON string (--speculative-config).
+    speculative_config: dict | str | None = None
     seed: int = 0
     max_logprobs: int = 20
     disable_log_stats: bool = False   # the server's periodic throughput / KV usage log line
@@ -101,11 +109,23 @@ class EngineArgs:
             raise ValueError(f"cudagraph_runtime must be auto, cuda or fake, got {runtime!r}")
         if self.enforce_eager or (device.type != "cuda" and runtime == "cuda"):
             mode = CUDAGraphMode.NONE
+        speculative = speculative_config(self.speculative_config, model)
+        if speculative is not None:
+            if self.async_scheduling:
+                raise ValueError("speculative decoding runs with synchronous scheduling so far: "
+                                 "drop async_scheduling (--no-async-scheduling)")
+            if mode != CUDAGraphMode.NONE:
+                logger.info("speculative decoding: steps run eagerly (its graphs are not built "
+                            "yet)")
+            mode = CUDAGraphMode.NONE
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=model.max_model_len,
                                     async_scheduling=(device.type == "cuda"
+                                                      and speculative is None
                                                       if self.async_scheduling is None
-                                                      else self.async_scheduling))
+                                                      else self.async_scheduling),
+                                    num_speculative_tokens=(speculative.num_speculative_tokens
+                                                            if speculative else 0))
         compilation = CompilationConfig(
             cudagraph_mode=mode,
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
@@ -120,10 +140,72 @@ class EngineArgs:
                             enable_prefix_caching=prefix_caching(self.enable_prefix_caching,
                                                                  model.architecture),
                             gpu_memory_utilization=self.gpu_memory_utilization)
+        policy = KernelPolicy.from_args(self.batch_invariant)
+        check_kernel_policy(policy, device, model, self.attention_backend)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, compilation=compilation,
                             device=str(device), attention_backend=self.attention_backend,
-                            seed=self.seed, max_logprobs=self.max_logprobs,
+                            kernel_policy=policy, speculative=speculative, seed=self.seed, max_logprobs=self.max_logprobs,
                             log_stats=not self.disable_log_stats)
+
+
+SPECULATIVE_KEYS = {"method", "model", "num_speculative_tokens"}
+
+
+def speculative_config(value: dict | str | None, target: ModelConfig) -> SpeculativeConfig | None:
+    """`speculative_config` checked against the target: every problem a ValueError naming
+    it, at start (an unknown key or method, k < 1, a drafter that does not fit the target's
+    hidden size, vocabulary or layers, a target kind speculation does not run on yet)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+    unknown = set(value) - SPECULATIVE_KEYS
+    missing = SPECULATIVE_KEYS - set(value)
+    if unknown or missing:
+        raise ValueError(f"speculative_config takes exactly the keys "
+                         f"{sorted(SPECULATIVE_KEYS)}: "
+                         + (f"unknown {sorted(unknown)}" if unknown else f"missing {sorted(missing)}"))
+    k = value["num_speculative_tokens"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
+    from fullgraph.models.eagle import drafter_class
+    cls = drafter_class(str(value["method"]))         # unknown method: ValueError
+    model_cls = get_model_class(target.architecture)
+    if target.hf_config is not target.hf_config.get_text_config() or \
+            model_cls.cache_specs(target.hf_config).state is not None:
+        raise ValueError(f"speculative decoding runs on dense text models so far, not on "
+                         f"{target.architecture}")
+    path = resolve_model_dir(str(value["model"]), "speculative model")
+    from transformers import AutoConfig
+    try:
+        hf = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises several types for bad configs
+        raise ValueError(f"cannot read the drafter's config.json in {path}: {e}") from e
+    cls.check_config(hf)
+    with torch.device("meta"):                 # shapes only: check it against the target
+        cls(hf, max_position=target.max_model_len).check_target(target.hf_config)
+    return SpeculativeConfig(str(value["method"]), path, k, hf)
+
+
+def check_kernel_policy(policy: KernelPolicy, device: torch.device, model: ModelConfig,
+                        attention_backend: str) -> None:
+    """The batch-invariant mode's ValueErrors, at configuration time: every part that
+    cannot keep the mode is named before anything loads (docs/batch_invariance.md,
+    section 8)."""
+    if not policy.batch_invariant:
+        return
+    if device.type != "cpu":
+        raise ValueError(f"batch-invariant mode runs on the CPU only so far (device "
+                         f"{device}): its GPU kernels are not built yet "
+                         f"(docs/batch_invariance.md, section 10)")
+    policy.require(f"model architecture {model.architecture}",
+                   get_model_class(model.architecture).capabilities.batch_invariant)
+    get_backend_class(attention_backend, policy)      # a backend without it: ValueError
 
 
 def prefix_caching(asked: bool | None, architecture: str) -> bool:

@@ -37,6 +37,7 @@ class Request:
     num_computed_tokens: int = 0            # tokens whose KV is in the cache (or being written
                                             # by a launched step)
     num_pending: int = 0                    # tokens launched steps sample, not yet known here
+    spec_token_ids: list[int] = field(default_factory=list)   # drafts for its next step
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)

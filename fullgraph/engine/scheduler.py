@@ -12,6 +12,12 @@ that cheap).
 With async scheduling a step is scheduled while the previous one still runs: a request's
 `num_pending` tokens (sampled by the launched step) count as known, so a decoding request
 is scheduled for its next position at once, and its input token comes from the device.
+
+With speculative decoding a decoding request is scheduled for its last token plus the
+drafts the drafter proposed for it (`Request.spec_token_ids`, as many as the budget and its
+max_tokens leave room for), and every chunk that draws a token gets KV slots for
+`num_speculative_tokens` positions more: the drafter writes its own K/V there while it
+proposes the next step's drafts (worker/spec_decode/proposer.py).
 """
 from __future__ import annotations
 
@@ -33,13 +39,15 @@ PREEMPTION_WARNING_INTERVAL_S = 10.0   # at most one preemption warning this oft
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int                  # drafts included
+    spec_token_ids: list[int] = field(default_factory=list)   # the chunk's last tokens
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, so a token is sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens + r.num_pending
+        known = self.num_new_tokens - len(self.spec_token_ids)
+        return r.num_computed_tokens + known == r.num_tokens + r.num_pending
 
 
 @dataclass(slots=True)
@@ -83,15 +91,16 @@ class Scheduler:
                 i += 1          # its last token is in flight (it finishes when that lands),
                 continue        # or its next step needs that token on the host
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, n):
+            spec = self._drafts(req, n, budget)
+            while not self.kv.allocate_slots(req, n + len(spec) + self._lookahead(req, n + len(spec))):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n))
-                budget -= n
+                out.scheduled.append(ScheduledRequest(req, n + len(spec), spec))
+                budget -= n + len(spec)
                 i += 1
                 continue
             break                       # `req` itself was preempted: nothing after it is left
@@ -107,7 +116,9 @@ class Scheduler:
             hits = self.kv.get_computed_blocks(req)
             num_cached = len(hits) * self.kv.block_size
             n = min(req.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(req, n, hits):
+            ahead = (self._lookahead(req, num_cached - req.num_computed_tokens + n)
+                     if num_cached + n == req.num_tokens else 0)
+            if not self.kv.allocate_slots(req, n + ahead, hits):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_cached
@@ -119,10 +130,27 @@ class Scheduler:
             budget -= n
         return out
 
+    def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
+        """The drafts a decoding request runs with this step: those proposed for it, as
+        many as fit the budget and leave its last token within max_tokens."""
+        if not req.spec_token_ids or n != 1 or req.num_pending:
+            return []
+        room = min(budget - 1, req.max_tokens - req.num_output_tokens - 1)
+        return req.spec_token_ids[:max(room, 0)]
+
+    def _lookahead(self, req: Request, n: int) -> int:
+        """KV slots past a sampling chunk of `n` tokens for the drafter's decode steps, up to
+        max_model_len."""
+        k = self.config.num_speculative_tokens
+        if not k or req.num_computed_tokens + n < req.num_tokens + req.num_pending:
+            return 0
+        return max(0, min(k, self.config.max_model_len - req.num_computed_tokens - n))
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.num_pending = 0            # an in-flight sample is dropped; recompute redraws it
+        req.spec_token_ids = []
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)

@@ -66,6 +66,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs this one (default: on "
                         "for CUDA)")
+    g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="a request's tokens and logprobs are bitwise the same whatever else "
+                        "is in the batch (default: FULLGRAPH_BATCH_INVARIANT, else off; CPU "
+                        "only so far)")
+    g.add_argument("--speculative-config", default=None,
+                   help='speculative decoding, as JSON: {"method": "eagle3" or "eagle", '
+                        '"model": DIR, "num_speculative_tokens": K}')
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
                    help="the most top logprobs a request may ask for")

@@ -7,7 +7,9 @@ of their own: 3 of a batch-1 step's ~11 kernels per layer. Every program of that
 repeats the op over the whole row, which only pays off for one row
 (`benchmarks/probes/gemv_tiles.py --prologue`): for more, one Triton kernel per row does the
 elementwise part and the plain GEMV or cuBLAS the product, the kernel count inductor's fusion
-gave. On CPU (eager, the reference path) these are the plain modules.
+gave. On CPU (eager, the reference path) these are the plain modules. The batch-invariant
+mode (the projection's `kernel_policy`, layers/policy.py) exists on the CPU only so far: its
+product is `linear.invariant_matmul` and its SiLU the scalar path (layers/activation.py).
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fullgraph.layers.activation import silu_and_mul
+from fullgraph.layers.linear import linear
 from fullgraph.layers.gemv import (RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, norm_f32,
                                    triton)
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.pdl import pdl_enabled
+from fullgraph.layers.policy import KernelPolicy, policy_of
 
 if triton is not None:
     import triton.language as tl
@@ -146,12 +150,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
     return norm(x, residual)
 
 
+def _product(x: torch.Tensor, proj: nn.Module, policy: KernelPolicy) -> torch.Tensor:
+    """The unfused path's matmul (no bias)."""
+    if policy.batch_invariant:
+        return linear(x, proj.weight, policy=policy)
+    return F.linear(x, proj.weight)
+
+
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: nn.Module,
                 l2_prefetch_next: tuple[torch.Tensor, ...] = ()
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """proj(norm(x + residual)) and the new residual x + residual (x when there is none).
     `l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
-    if _fusable(x):
+    policy = policy_of(proj)
+    if _fusable(x) and not policy.batch_invariant:
         y, residual = _rms_norm_linear(x, residual, norm.kernel_weight, norm.eps, proj.weight,
                                        list(l2_prefetch_next))
     else:
@@ -159,15 +171,16 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
             residual, normed = x, norm(x)
         else:
             normed, residual = norm(x, residual)
-        y = F.linear(normed, proj.weight)
+        y = _product(normed, proj, policy)
     return (y if proj.bias is None else y + proj.bias), residual
 
 
 def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
                     l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """proj(silu(gate) * up) for gate_up = [gate | up]; `l2_prefetch_next` as in norm_linear."""
-    if _fusable(gate_up):
+    policy = policy_of(proj)
+    if _fusable(gate_up) and not policy.batch_invariant:
         y = _silu_mul_linear(gate_up, proj.weight, list(l2_prefetch_next))
     else:
-        y = F.linear(silu_and_mul(gate_up), proj.weight)
+        y = _product(silu_and_mul(gate_up, policy.batch_invariant), proj, policy)
     return y if proj.bias is None else y + proj.bias

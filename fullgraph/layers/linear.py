@@ -1,5 +1,6 @@
 """Linear layers: skinny inputs (decode) go to our Triton kernel, the rest to cuBLAS; merged
-layers hold several checkpoint tensors (q/k/v, gate/up) in one weight."""
+layers hold several checkpoint tensors (q/k/v, gate/up) in one weight. In the
+batch-invariant mode (layers/policy.py) every row goes through one fixed-shape call."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fullgraph.layers.gemv import gemv, gemv_supported, matmul
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, policy_of
 
 
 # An opaque op for torch.compile: the row count is only known at run time (compiled layers
@@ -22,9 +24,32 @@ def _(x: torch.Tensor, weight: torch.Tensor, l2_prefetch_next: list[torch.Tensor
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, policy: KernelPolicy) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T with every row computed by an `F.linear` call of one shape,
+    [matmul_block_rows, K], the last block zero-padded.
+
+    On the CPU, MKL (float32) and oneDNN (bfloat16) pick their algorithm from the row count,
+    so a row's bits change with M (docs/batch_invariance.md, section 3). Through calls of one
+    shape they depend on the row and the weight only (measured: not on the row's place in the
+    block). Each block is a fresh allocation: a view into a larger tensor would vary its
+    alignment with the offset, which the library may also key on."""
+    m, k = x.shape
+    out = x.new_empty(m, weight.shape[0])
+    for start, n in policy.matmul_calls(m):
+        block = x.new_zeros(policy.matmul_block_rows, k)
+        block[:n] = x[start:start + n]
+        out[start:start + n] = F.linear(block, weight)[:n]
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+           l2_prefetch_next: tuple[torch.Tensor, ...] = (),
+           policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """`l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
+    if policy.batch_invariant:
+        y = invariant_matmul(x.reshape(-1, x.shape[-1]), weight, policy)
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
     if not x.is_cuda or x.dim() != 2:
         return F.linear(x, weight, bias)
     y = _linear(x, weight, list(l2_prefetch_next))
@@ -36,7 +61,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor,
                 l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, l2_prefetch_next)
+        return linear(x, self.weight, self.bias, l2_prefetch_next, policy_of(self))
 
 
 class MergedLinear(nn.Module):
@@ -67,13 +92,16 @@ class MergedLinear(nn.Module):
             dst[start:start + size].copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, policy=policy_of(self))
 
 
-def logits_into(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
+def logits_into(hidden: torch.Tensor, lm_head_weight: torch.Tensor, out: torch.Tensor,
+                policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """The LM head into `out` (the runner's persistent [rows, vocab] buffer): our skinny
-    GEMV for the few rows of a decode step, cuBLAS otherwise."""
+    GEMV for the few rows of a decode step, cuBLAS otherwise. In the batch-invariant mode
+    generation (a few rows) and prompt scoring (hundreds) produce the same row bits."""
+    if policy.batch_invariant:
+        return out.copy_(invariant_matmul(hidden, lm_head_weight, policy))
     if gemv_supported(hidden, lm_head_weight):
         return gemv(hidden, lm_head_weight, out)
     return torch.matmul(hidden, lm_head_weight.t(), out=out)

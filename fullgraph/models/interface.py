@@ -14,7 +14,11 @@ never ask which architecture they run. Two cache kinds exist:
 A model module exposes a class with `cache_specs(hf_config)`, the `capabilities` below,
 `forward(input_ids, positions, ctx)`, `compute_logits(hidden, out)` and `load_weights`, and
 optionally `check_config(hf_config, raw_config_dict)` (a ValueError naming a field it cannot run with, raised
-when the engine reads the config). Adding one is that module plus a line in registry.py.
+when the engine reads the config) and `enable_aux_hidden_states` (a target an EAGLE-3 drafter
+can read, below). Adding one is that module plus a line in registry.py.
+
+A speculative-decoding drafter (`DraftModel`, models/eagle.py) is not in the registry: the
+engine picks its class by method (`eagle.drafter_class`), as vLLM's `speculative_config` names it.
 """
 from __future__ import annotations
 
@@ -65,6 +69,9 @@ class ModelCapabilities:
     # A prefix-cache hit skips computing the prefix; a model with per-request recurrent state
     # would then start from an empty state, so such models turn prefix caching off.
     prefix_caching: bool = True
+    # Whether every op behind a token's logprobs has a batch-invariant path
+    # (layers/policy.py): the engine refuses the mode for a model that does not declare it.
+    batch_invariant: bool = False
 
 
 class Model(Protocol):
@@ -76,6 +83,50 @@ class Model(Protocol):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor: ...
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor: ...
+
+    def load_weights(self, weights) -> None: ...
+
+    # Optional (Qwen3ForCausalLM, HybridForCausalLM), for a target an EAGLE-3 drafter reads:
+    #
+    # def enable_aux_hidden_states(self, layers: tuple[int, ...], max_tokens: int
+    #                              ) -> torch.Tensor:
+    #     """Allocate and return a persistent [max_tokens, len(layers) * hidden] buffer (model
+    #     dtype and device) that every later forward writes in place: rows [:T], columns
+    #     [j H, (j + 1) H) the residual stream entering layer `layers[j]` (the token embedding
+    #     for layer 0; ids may repeat). No allocation or host sync per step, so graphs capture
+    #     it; call once, before capture. Without it, forward does no extra work."""
+
+
+class DraftModel(Protocol):
+    """A speculative-decoding drafter (models/eagle.py; docs/speculative.md): it reads the
+    target's hidden states next to the token embeddings and has its own paged KV, indexed by
+    the target's block table."""
+    capabilities: ClassVar[ModelCapabilities]
+
+    @staticmethod
+    def cache_specs(hf_config) -> CacheSpecs:
+        """The drafter's own KV layers (its config, not the target's)."""
+
+    def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor,
+                positions: torch.Tensor, ctx) -> torch.Tensor:
+        """hidden_states: the target's ([T, len(aux layers) * Ht], the aux buffer's rows; or
+        its final normed state when there are no aux layers) or a previous draft step's
+        output [T, H]. Returns [T, H], which `compute_logits` and the next step read."""
+
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Target-vocabulary logits into `out` [rows, target vocab]."""
+
+    def aux_hidden_state_layers(self, target_hf_config) -> tuple[int, ...]:
+        """The target layers whose input the drafter reads, in order (the `layers` of the
+        target's `enable_aux_hidden_states`); () for the target's final normed state."""
+
+    def check_target(self, target_hf_config) -> None:
+        """ValueError naming what does not fit the target (hidden size, vocabulary, layers)."""
+
+    def use_target_weights(self, embed_tokens: torch.Tensor,
+                           lm_head: torch.Tensor | None = None) -> None:
+        """Share the target's token embedding (where the checkpoint has none) and LM head
+        (where the drafter has none)."""
 
     def load_weights(self, weights) -> None: ...
 

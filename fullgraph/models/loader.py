@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from fullgraph.config import ModelConfig
 from fullgraph.layers.linear import MergedLinear
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, apply_kernel_policy
 from fullgraph.models.registry import get_model_class
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,14 +59,16 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(model_config: ModelConfig, device: torch.device) -> torch.nn.Module:
+def load_model(model_config: ModelConfig, device: torch.device,
+               policy: KernelPolicy = DEFAULT_POLICY) -> torch.nn.Module:
+    """The model with its weights, `policy` stamped on every module (layers/policy.py)."""
     cls = get_model_class(model_config.architecture)
     with _default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, max_position=model_config.max_model_len)
     with torch.device(device):
         model.load_weights((name, t.to(model_config.dtype) if t.is_floating_point() else t)
                            for name, t in iterate_weights(model_config.path))
-    return model.eval().requires_grad_(False)
+    return apply_kernel_policy(model, policy).eval().requires_grad_(False)
 
 
 def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],

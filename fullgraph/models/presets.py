@@ -2,7 +2,9 @@
 
 `--model tiny-qwen3` works on a fresh machine with no network: the first use writes a
 Hugging Face-format directory (config.json, model.safetensors, tokenizer files with a chat
-template) under the cache directory, later uses load it from there.
+template) under the cache directory, later uses load it from there. The `-eagle3` presets are
+EAGLE-3 drafter checkpoints for a target preset (docs/speculative.md): a drafter's directory,
+not a model to serve on its own.
 """
 from __future__ import annotations
 
@@ -68,6 +70,22 @@ class Preset:
     vision: dict | None = None
 
 
+@dataclass(frozen=True)
+class Eagle3Preset:
+    """An EAGLE-3 drafter for a target preset, laid out as SpecForge publishes Qwen3's
+    (docs/speculative.md): a one-layer Llama config.json with the target's hidden size,
+    vocabulary, tokenizer, context and dtype, and random weights under the published tensor
+    names, without the token embedding (the target's is shared)."""
+    name: str
+    target: str                     # the target preset's name
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    draft_vocab_size: int
+    aux_layer_ids: tuple[int, ...]  # the target layers whose inputs fc reads, in order
+
+
 def _qwen3_5_fields(key_heads: int, value_heads: int, head_dim: int) -> dict:
     return {"linear_num_key_heads": key_heads, "linear_num_value_heads": value_heads,
             "linear_key_head_dim": head_dim, "linear_value_head_dim": head_dim,
@@ -104,6 +122,17 @@ PRESETS = {
     # The text model of Qwen/Qwen3.5-0.8B with random bf16 weights, for GPU benchmarks.
     "qwen3.5-0.8b-random": Preset("qwen3.5-0.8b-random", 1024, 3584, 24, 8, 2, 256, 248320,
                                   262144, "bfloat16", hybrid=_qwen3_5_fields(16, 16, 128)),
+    # EAGLE-3 drafters for the presets above. A 2-layer target has no default aux layers
+    # (vLLM's (2, L // 2, L - 3)), so tiny-qwen3's names its own; the 0.6B one names the
+    # default, with SpecForge's published shapes scaled to the target (head_dim = hidden /
+    # heads, 8 KV heads, the target's intermediate size, a 32000-token draft vocabulary).
+    "tiny-qwen3-eagle3": Eagle3Preset(
+        "tiny-qwen3-eagle3", target="tiny-qwen3", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=192, draft_vocab_size=256, aux_layer_ids=(0, 1, 1)),
+    "qwen3-0.6b-random-eagle3": Eagle3Preset(
+        "qwen3-0.6b-random-eagle3", target="qwen3-0.6b-random", num_attention_heads=16,
+        num_key_value_heads=8, head_dim=64, intermediate_size=3072, draft_vocab_size=32000,
+        aux_layer_ids=(2, 14, 25)),
 }
 
 
@@ -174,25 +203,15 @@ def random_weights(p: Preset, vocab: int, seed: int = 0) -> dict[str, torch.Tens
     return w
 
 
-def build_preset(p: Preset, path: str) -> None:
+def build_preset(p: Preset | Eagle3Preset, path: str) -> None:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{p.name}-", dir=parent)
     try:
-        tokenizer = train_tokenizer(p.tokenizer_vocab)
-        if p.vision is not None:
-            tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-        tokenizer.save_pretrained(tmp)
-        vocab = p.vocab_size or len(tokenizer)
-        eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"eos_token_id": eos}, f, indent=2)
-        if p.vision is not None:
-            _save_vl(p, vocab, eos[1], tmp, tokenizer.convert_tokens_to_ids(VISION_TOKENS))
-        elif p.hybrid is not None:
-            _save_hybrid(p, vocab, eos[1], tmp)
+        if isinstance(p, Eagle3Preset):
+            _save_eagle3(p, PRESETS[p.target], tmp)
         else:
-            _save_qwen3(p, vocab, eos[1], tmp)
+            _save_model(p, tmp)
         try:
             os.rename(tmp, path)     # atomic: a concurrent builder's result wins, ours is dropped
         except OSError:
@@ -202,8 +221,35 @@ def build_preset(p: Preset, path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_qwen3(p: Preset, vocab: int, eos: int, tmp: str) -> None:
-    config = {
+def _save_tokenizer(p: Preset, tmp: str):
+    tokenizer = train_tokenizer(p.tokenizer_vocab)
+    if p.vision is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.save_pretrained(tmp)
+    return tokenizer
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+
+def _save_model(p: Preset, tmp: str) -> None:
+    tokenizer = _save_tokenizer(p, tmp)
+    vocab = p.vocab_size or len(tokenizer)
+    eos = _eos_ids(tokenizer)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos}, f, indent=2)
+    if p.vision is not None:
+        _save_vl(p, vocab, eos[1], tmp, tokenizer.convert_tokens_to_ids(VISION_TOKENS))
+    elif p.hybrid is not None:
+        _save_hybrid(p, vocab, eos[1], tmp)
+    else:
+        _save_qwen3(p, vocab, eos[1], tmp)
+
+
+def qwen3_config(p: Preset, vocab: int, eos: int) -> dict:
+    """The config.json of a dense (Qwen3ForCausalLM) preset."""
+    return {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
         "hidden_size": p.hidden_size, "intermediate_size": p.intermediate_size,
         "num_hidden_layers": p.num_hidden_layers, "num_attention_heads": p.num_attention_heads,
@@ -213,10 +259,82 @@ def _save_qwen3(p: Preset, vocab: int, eos: int, tmp: str) -> None:
         "attention_bias": False, "tie_word_embeddings": p.tie_word_embeddings,
         "torch_dtype": p.dtype, "bos_token_id": None, "eos_token_id": eos,
     }
+
+
+def _save_qwen3(p: Preset, vocab: int, eos: int, tmp: str) -> None:
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        json.dump(qwen3_config(p, vocab, eos), f, indent=2)
     save_file(random_weights(p, vocab), os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
+
+
+def _save_eagle3(p: Eagle3Preset, target: Preset, tmp: str) -> None:
+    """The target's tokenizer, a config.json as SpecForge writes one (its
+    configs/qwen3-4b-eagle3.json) and random weights."""
+    tokenizer = _save_tokenizer(target, tmp)
+    vocab, eos = target.vocab_size or len(tokenizer), _eos_ids(tokenizer)[1]
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(eagle3_config(p, target, vocab, eos), f, indent=2)
+    used = draft_vocabulary(tokenizer, vocab, p.draft_vocab_size)
+    save_file(eagle3_weights(p, target, used, vocab), os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def eagle3_config(p: Eagle3Preset, target: Preset, vocab: int, eos: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
+        "num_hidden_layers": 1, "hidden_size": target.hidden_size,
+        "intermediate_size": p.intermediate_size, "head_dim": p.head_dim,
+        "num_attention_heads": p.num_attention_heads,
+        "num_key_value_heads": p.num_key_value_heads, "hidden_act": "silu",
+        "attention_bias": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_scaling": None, "max_position_embeddings": target.max_position_embeddings,
+        "vocab_size": vocab, "draft_vocab_size": p.draft_vocab_size,
+        "eagle_aux_hidden_state_layer_ids": list(p.aux_layer_ids),
+        # the LM head is the drafter's own, over the draft vocabulary (SGLang would tie it)
+        "tie_word_embeddings": False, "torch_dtype": target.dtype, "bos_token_id": None,
+        "eos_token_id": eos,
+    }
+
+
+def eagle3_weights(p: Eagle3Preset, target: Preset, used: torch.Tensor, vocab: int,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights (norms near 1) under the published names; `used`: the draft
+    vocabulary's target ids, sorted, which d2t and t2d encode."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, target.dtype)
+
+    def normal(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+
+    def ones(n):
+        return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+
+    h, i, vd = target.hidden_size, p.intermediate_size, p.draft_vocab_size
+    q, kv = p.num_attention_heads * p.head_dim, p.num_key_value_heads * p.head_dim
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[used] = True
+    layer = {"input_layernorm.weight": ones(h), "hidden_norm.weight": ones(h),
+             "self_attn.q_proj.weight": normal(q, 2 * h),
+             "self_attn.k_proj.weight": normal(kv, 2 * h),
+             "self_attn.v_proj.weight": normal(kv, 2 * h),
+             "self_attn.o_proj.weight": normal(h, q),
+             "post_attention_layernorm.weight": ones(h),
+             "mlp.gate_proj.weight": normal(i, h), "mlp.up_proj.weight": normal(i, h),
+             "mlp.down_proj.weight": normal(h, i)}
+    return {"fc.weight": normal(h, 3 * h), "norm.weight": ones(h),
+            "lm_head.weight": normal(vd, h), "d2t": used - torch.arange(vd), "t2d": t2d,
+            **{"midlayer." + name: w for name, w in layer.items()}}
+
+
+def draft_vocabulary(tokenizer, vocab: int, size: int) -> torch.Tensor:
+    """The `size` target ids a drafter predicts, sorted, chosen as the EAGLE authors do
+    (the most frequent tokens of the training data): the special tokens (every chat turn
+    has them), then the training text's tokens by count, then the lowest unused ids."""
+    counts = torch.bincount(torch.tensor(tokenizer.encode(_CORPUS)), minlength=vocab)
+    counts[tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)] = counts.max() + 1
+    # stable sort: equal counts (the unused ids' zeros) keep ascending id order
+    return torch.sort(counts, descending=True, stable=True).indices[:size].sort().values
 
 
 def _save_hybrid(p: Preset, vocab: int, eos: int, tmp: str) -> None:

@@ -16,6 +16,7 @@ from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_li
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.pdl import inductor_options
+from fullgraph.layers.policy import policy_of
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities, PagedAttentionSpec
 from fullgraph.models.loader import load_weights_by_name
@@ -119,6 +120,41 @@ class Qwen3DecoderLayer(nn.Module):
         return self.mlp(x, residual, self.post_attention_layernorm, l2_next)
 
 
+class AuxHiddenStates:
+    """The residual stream entering some layers, copied each step into a persistent buffer
+    (an EAGLE-3 drafter reads it; docs/speculative.md). Slot j of the buffer, columns
+    [j H, (j + 1) H), takes the input of `layers[j]`: `x + residual` before that layer runs,
+    the token embedding for layer 0 (transformers' `hidden_states[i]`). A step writes rows
+    [:T] in place and allocates nothing, so graphs capture it; rows past T keep older steps'
+    values."""
+
+    def __init__(self, layers: tuple[int, ...], num_layers: int, max_tokens: int,
+                 hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        if not layers or not all(0 <= i < num_layers for i in layers):
+            raise ValueError(f"aux hidden states of layers {layers}: a model of {num_layers} "
+                             f"layers has inputs to layers 0..{num_layers - 1}")
+        if max_tokens < 1:
+            raise ValueError(f"aux hidden states for max_tokens={max_tokens}")
+        self.layers = tuple(layers)
+        self.buffer = torch.zeros(max_tokens, len(layers) * hidden_size, dtype=dtype,
+                                  device=device)
+        # per layer, the buffer's column slices its input goes to (a layer may be listed
+        # more than once: vLLM's (0, 1, 1) for a 2-layer target)
+        self._columns = [tuple(slice(j * hidden_size, (j + 1) * hidden_size)
+                               for j, layer in enumerate(layers) if layer == i)
+                         for i in range(num_layers)]
+
+    def store(self, layer: int, x: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Before `layer` runs on (x, residual); the sum is what its fused norm adds."""
+        t = x.shape[0]
+        for columns in self._columns[layer]:
+            out = self.buffer[:t, columns]
+            if residual is None:
+                out.copy_(x)
+            else:
+                torch.add(x, residual, out=out)
+
+
 class Qwen3Model(nn.Module):
     def __init__(self, cfg, max_position: int) -> None:
         super().__init__()
@@ -135,12 +171,16 @@ class Qwen3Model(nn.Module):
         layers = list(self.layers)
         self._l2_next = [layer.l2_targets(nxt)
                          for layer, nxt in zip(layers, layers[1:] + [None], strict=True)]
+        self.aux_hidden_states: AuxHiddenStates | None = None   # Qwen3ForCausalLM enables
 
     def forward(self, input_ids, positions, ctx):
         x, residual = self.embed_tokens(input_ids), None
+        aux = self.aux_hidden_states
         # Each layer gets its own KV tensors as arguments, so one compiled graph serves all.
-        for layer, kv_cache, l2_next in zip(self.layers, ctx.kv_caches, self._l2_next,
-                                            strict=True):
+        for i, (layer, kv_cache, l2_next) in enumerate(zip(self.layers, ctx.kv_caches,
+                                                           self._l2_next, strict=True)):
+            if aux is not None:
+                aux.store(i, x, residual)
             x, residual = layer(positions, x, residual, ctx, kv_cache, l2_next)
         x, _ = add_rms_norm(x, residual, self.norm)
         return x
@@ -160,7 +200,7 @@ class Qwen3ForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    capabilities = ModelCapabilities()
+    capabilities = ModelCapabilities(batch_invariant=True)
 
     @staticmethod
     def cache_specs(cfg) -> CacheSpecs:
@@ -170,6 +210,17 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
+
+    def enable_aux_hidden_states(self, layers: tuple[int, ...], max_tokens: int
+                                 ) -> torch.Tensor:
+        """From now on every forward also writes the residual stream entering `layers` into
+        rows [:T] of the returned persistent [max_tokens, len(layers) * hidden] buffer
+        (`AuxHiddenStates`); call it once, before graphs are captured."""
+        weight = self.lm_head.weight
+        self.model.aux_hidden_states = AuxHiddenStates(
+            layers, len(self.model.layers), max_tokens, self.config.hidden_size, weight.dtype,
+            weight.device)
+        return self.model.aux_hidden_states.buffer
 
     def compile_layers(self) -> None:
         """torch.compile each layer (`--compile-layers`, off by default): one compiled graph,
@@ -184,7 +235,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
-        return logits_into(hidden, self.lm_head.weight, out)
+        return logits_into(hidden, self.lm_head.weight, out, policy_of(self))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights_by_name(self, weights, self.stacked_params,

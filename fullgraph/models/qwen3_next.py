@@ -44,7 +44,7 @@ from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
 from fullgraph.models.interface import (CacheSpecs, ModelCapabilities, PagedAttentionSpec,
                                         StateSpec, StateTensorSpec)
 from fullgraph.models.loader import load_weights_by_name
-from fullgraph.models.qwen3 import RopeTables
+from fullgraph.models.qwen3 import AuxHiddenStates, Qwen3ForCausalLM, RopeTables
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 # Shapes that must come from config.json itself: transformers would fill in its own defaults
@@ -267,13 +267,17 @@ class HybridModel(nn.Module):
         self.layers = nn.ModuleList(HybridDecoderLayer(cfg, i, rotary)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.aux_hidden_states: AuxHiddenStates | None = None   # HybridForCausalLM enables
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        aux = self.aux_hidden_states
         kv_caches, states = iter(ctx.kv_caches), iter(ctx.state_caches)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             cache = next(states) if layer.layer_type == "linear_attention" else next(kv_caches)
+            if aux is not None:
+                aux.store(i, x, residual)
             x, residual = layer(positions, x, residual, ctx, cache)
         return add_rms_norm(x, residual, self.norm)[0]
 
@@ -314,6 +318,10 @@ class HybridForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
+
+    # Qwen3's: the residual stream entering the listed layers (Gated DeltaNet or attention
+    # alike) into a persistent buffer every forward, which HybridModel.forward writes
+    enable_aux_hidden_states = Qwen3ForCausalLM.enable_aux_hidden_states
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return logits_into(hidden, self.lm_head.weight, out)

@@ -1,6 +1,12 @@
 """Architecture name (config.json `architectures[0]`) -> model class, imported lazily.
 
 Adding an architecture is one new module plus one line here.
+
+Speculative-decoding drafters are not listed: a drafter is no model the engine can serve on
+its own (its forward reads a target's hidden states), and EAGLE-1 checkpoints name plain
+`LlamaForCausalLM`, so the architecture cannot tell them apart. The engine picks a drafter's
+class by `speculative_config["method"]` through `models.eagle.drafter_class` (EAGLE-3
+checkpoints, `LlamaForCausalLMEagle3`: "eagle3").
 """
 from __future__ import annotations
 

@@ -97,6 +97,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
+        if config.speculative is not None:
+            raise ValueError("speculative decoding is not wired into the runner yet")
         comp = config.compilation
         self._compile_workers = None
         if self.device.type == "cuda":
@@ -108,10 +110,11 @@ class ModelRunner:
                 # when the runner is collected).
                 self._compile_workers = start_compile_workers()
         t0 = time.perf_counter()
-        self.model = load_model(config.model, self.device)
+        self.model = load_model(config.model, self.device, config.kernel_policy)
         if comp.compile_layers and hasattr(self.model, "compile_layers"):
             self.model.compile_layers()
-        logger.info("loaded %s in %.1f s", config.model.path, time.perf_counter() - t0)
+        logger.info("loaded %s in %.1f s%s", config.model.path, time.perf_counter() - t0,
+                    ", batch-invariant mode" if config.kernel_policy.batch_invariant else "")
         self.cache_specs: CacheSpecs = self.model.cache_specs(config.model.hf_config)
         sched = config.scheduler
         self.max_num_tokens = sched.max_num_batched_tokens
@@ -141,7 +144,7 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         self._inputs_copied = torch.cuda.Event(external=True) if cuda else None
         self._event_stream = torch.cuda.Stream(self.device) if cuda else None
-        self.backend_cls = get_backend_class(config.attention_backend)
+        self.backend_cls = get_backend_class(config.attention_backend, config.kernel_policy)
         # Per-request state (linear-attention layers) is allocated first, at its fixed size:
         # the KV cache gets what memory is left.
         self.state_caches = self._allocate_state_caches()
@@ -251,7 +254,8 @@ class ModelRunner:
                                             device=self.device) for _ in range(2))
                           for _ in range(att.num_layers)]
         self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
-                                        compile=self.config.compilation.compile_attention)
+                                        compile=self.config.compilation.compile_attention,
+                                        policy=self.config.kernel_policy)
 
     @torch.inference_mode()
     def _profile_run(self) -> None:

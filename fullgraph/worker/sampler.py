@@ -491,17 +491,22 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Of raw logits [R, V]: ([R, 1 + N] logprobs, [R, 1 + N] ids, [R] ranks): the given
     token's logprob and rank (1 + how many tokens are strictly more likely), then the top
-    N (ties: lower id first)."""
+    N (ties: lower id first).
+
+    From ATen's per-row log_softmax: one thread reduces a row whatever the row count, where
+    `torch.logsumexp` sums a lone long row with two threads and a row among others with one
+    (docs/batch_invariance.md, section 3), so a row's logprobs do not depend on the batch:
+    the sampler and prompt scoring (`prompt_logprobs`) give the same bits for the same
+    logits."""
     x = logits.float()
-    lse = torch.logsumexp(x, -1, keepdim=True)
+    lp = torch.log_softmax(x, dim=-1)
     tok = token_ids.long()[:, None]
-    chosen = x.gather(1, tok)
-    ranks = (x > chosen).sum(-1) + 1
-    lps, ids = [chosen - lse], [tok]
+    ranks = (x > x.gather(1, tok)).sum(-1) + 1
+    lps, ids = [lp.gather(1, tok)], [tok]
     if num_logprobs > 0:
-        top, order = x.sort(dim=-1, descending=True, stable=True)
-        lps.append(top[:, :num_logprobs] - lse)
-        ids.append(order[:, :num_logprobs])
+        order = x.sort(dim=-1, descending=True, stable=True).indices[:, :num_logprobs]
+        lps.append(lp.gather(1, order))
+        ids.append(order)
     return torch.cat(lps, -1), torch.cat(ids, -1), ranks
 
 

@@ -1,31 +1,35 @@
-"""Prototype needle tests for the batch-invariant mode (issue 24, docs/batch_invariance.md).
+"""Batch-invariant mode (issue 24, docs/batch_invariance.md) on the CPU.
 
-The library does not wire the mode in yet: these tests swap the CPU reference kernels of
-fullgraph/layers/batch_invariant.py into a tiny Qwen3 engine with monkeypatch (the op
-functions and methods the model, runner and sampler call), then check what the issue asks:
-a prompt's tokens and logprobs are the same bits alone and at a random place among random
-prompts, under several `max_num_batched_tokens`, greedy and seeded; with a prefix-cache
-hit; with n > 1; generation == scoring. The inverse tests run the same comparisons with
-today's ops and find a difference, so the needle comparisons can fail.
+With `LLM(batch_invariant=True)` a prompt's tokens and logprobs must be the same bits alone
+and at a random place among random prompts, under several `max_num_batched_tokens`, greedy
+and seeded; with a prefix-cache hit; with n > 1; with fake graphs and async scheduling; and
+the logprob generation reports for a token must equal that token's prompt logprob when
+prompt + completion is scored again. The inverse tests run the same comparisons without the
+mode and find a difference, so the comparisons can fail. Op-level tests check the invariant
+attention against torch's SDPA and the aligned gated delta rule against itself cut anywhere.
 """
 from __future__ import annotations
 
-import functools
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fullgraph import LLM
-from fullgraph.layers import batch_invariant as bi
+from fullgraph.attention.invariant import attention_extent, paged_attention
+from fullgraph.engine.args import EngineArgs, check_kernel_policy
+from fullgraph.layers.gdn.aligned import aligned_gated_delta_rule, empty_lane
 from fullgraph.layers.gdn.reference import chunk_gated_delta_rule_ref
+from fullgraph.layers.linear import invariant_matmul
+from fullgraph.layers.policy import ENV_FLAG, KernelPolicy
 from fullgraph.sampling_params import SamplingParams
 
-# Small tiles and splits so that the short test prompts cross several of each.
-POLICY = bi.KernelPolicy(batch_invariant=True, matmul_block_rows=16, attention_tile=16,
-                         attention_split=64)
 VOCAB = 740              # tiny-qwen3's tokenizer has 749 tokens
 MAX_SEQS = 64
+# small tiles and splits for the op-level tests, so that short inputs cross several
+SMALL = KernelPolicy(batch_invariant=True, matmul_block_rows=16, attention_tile=16,
+                     attention_split=64)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,29 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def use_invariant_ops(monkeypatch, policy: bi.KernelPolicy = POLICY) -> None:
-    """Route tiny Qwen3's ops through the invariant kernels, as the design would: the loader
-    stamps the policy on the model's modules, whose forwards (and the fused-op functions
-    given the module) read it; the runner builds the mode's attention backend; the sampler's
-    logprobs come from the invariant log-softmax."""
-    from fullgraph.layers import linear as linear_mod
-    from fullgraph.models import qwen3
-    from fullgraph.worker import model_runner, sampler
-
-    load = model_runner.load_model
-    monkeypatch.setattr(model_runner, "load_model",
-                        lambda cfg, device: bi.apply_kernel_policy(load(cfg, device), policy))
-    monkeypatch.setattr(linear_mod.Linear, "forward", bi.linear_forward)
-    monkeypatch.setattr(linear_mod.MergedLinear, "forward", bi.linear_forward)
-    monkeypatch.setattr(qwen3, "norm_linear", bi.norm_linear)
-    monkeypatch.setattr(qwen3, "silu_mul_linear", bi.silu_mul_linear)
-    monkeypatch.setattr(qwen3.Qwen3ForCausalLM, "compute_logits", bi.compute_logits)
-    backend = type("Backend", (bi.InvariantAttentionBackend,), {"policy": policy})
-    monkeypatch.setattr(model_runner, "get_backend_class", lambda name: backend)
-    monkeypatch.setattr(sampler, "compute_logprobs",
-                        functools.partial(bi.compute_logprobs, policy=policy))
 
 
 def tokens(rng: random.Random, n: int) -> list[int]:
@@ -98,16 +79,16 @@ def result(out) -> list:
                            for step in c.logprobs]) for c in out.outputs]
 
 
-def engine(batched: int, dtype: str = "float32") -> LLM:
+def engine(batched: int, dtype: str = "float32", invariant: bool = True, **kwargs) -> LLM:
     return LLM("tiny-qwen3", max_num_batched_tokens=batched, max_num_seqs=MAX_SEQS,
-               dtype=dtype)
+               dtype=dtype, batch_invariant=invariant, **kwargs)
 
 
-def needle_runs(dtype: str, configs) -> tuple[list, list[list]]:
+def needle_runs(dtype: str, configs, invariant: bool = True) -> tuple[list, list[list]]:
     """(each needle alone, each config's needles among others)."""
-    alone = [result(completions(engine(2048, dtype), [(NEEDLE, sp)], 0, 0)[0])
+    alone = [result(completions(engine(2048, dtype, invariant), [(NEEDLE, sp)], 0, 0)[0])
              for sp in (GREEDY, SEEDED)]
-    mixed = [[result(o) for o in completions(engine(batched, dtype),
+    mixed = [[result(o) for o in completions(engine(batched, dtype, invariant),
                                              [(NEEDLE, GREEDY), (NEEDLE, SEEDED)], others, seed)]
              for batched, others, seed in configs]
     return alone, mixed
@@ -117,8 +98,7 @@ CONFIGS = [(64, 20, 1), (100, 40, 2), (2048, 60, 3)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_needle_alone_equals_needle_in_any_batch(monkeypatch, dtype):
-    use_invariant_ops(monkeypatch)
+def test_needle_alone_equals_needle_in_any_batch(dtype):
     alone, mixed = needle_runs(dtype, CONFIGS)
     for config, got in zip(CONFIGS, mixed):
         assert got == alone, f"max_num_batched_tokens, others, seed = {config}"
@@ -129,18 +109,15 @@ def test_inverse_without_the_invariant_ops_the_needle_changes(dtype):
     """The same comparison with today's ops (MKL's row-count-dependent float32 GEMMs, SDPA's
     query blocks, the packed layout's physical KV order) finds a difference: the needle test
     can fail."""
-    alone, mixed = needle_runs(dtype, CONFIGS)
+    alone, mixed = needle_runs(dtype, CONFIGS, invariant=False)
     assert any(got != alone for got in mixed)
 
 
-def test_graphs_and_async_scheduling_keep_the_bits(monkeypatch):
+def test_graphs_and_async_scheduling_keep_the_bits():
     """CPU fake graphs (padded shapes, the attention extent of the padded shape) and async
     scheduling, against eager synchronous steps."""
-    use_invariant_ops(monkeypatch)
-
     def llm(batched: int, **kwargs) -> LLM:
-        return LLM("tiny-qwen3", max_num_batched_tokens=batched, max_num_seqs=MAX_SEQS,
-                   max_model_len=256, **kwargs)
+        return engine(batched, max_model_len=256, **kwargs)
     alone = [result(completions(llm(2048), [(NEEDLE, sp)], 0, 0)[0]) for sp in (GREEDY, SEEDED)]
     sizes = [1, 2, 4, 8, 16, 32, 64, 100]
     for kwargs in (dict(async_scheduling=True),
@@ -152,8 +129,7 @@ def test_graphs_and_async_scheduling_keep_the_bits(monkeypatch):
         assert got == alone, kwargs
 
 
-def test_prefix_cache_hit_and_parallel_samples(monkeypatch):
-    use_invariant_ops(monkeypatch)
+def test_prefix_cache_hit_and_parallel_samples():
     params = SamplingParams(n=3, temperature=0.9, seed=77, max_tokens=6, logprobs=5,
                             ignore_eos=True)
     alone = result(completions(engine(2048), [(NEEDLE, params)], 0, 0)[0])
@@ -171,12 +147,14 @@ def scored(llm: LLM, prompt: list[int], others: int, seed: int):
     return completions(llm, [(prompt, params)], others, seed)[0].prompt_logprobs
 
 
-def generation_vs_scoring(sampling: SamplingParams) -> tuple[list, list]:
+def generation_vs_scoring(sampling: SamplingParams, invariant: bool = True
+                          ) -> tuple[list, list]:
     """(what generation reported for each sampled token, what scoring prompt + completion
     reports for it), each (logprob, rank) per token id of the step, in different batches
     and chunkings."""
-    gen = completions(engine(64), [(NEEDLE, sampling)], 25, 5)[0].outputs[0]
-    score = scored(engine(100), NEEDLE + gen.token_ids, 35, 6)
+    gen = completions(engine(64, invariant=invariant), [(NEEDLE, sampling)], 25, 5)[0]
+    gen = gen.outputs[0]
+    score = scored(engine(100, invariant=invariant), NEEDLE + gen.token_ids, 35, 6)
     p = len(NEEDLE)
     got = [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in gen.logprobs]
     want = [{t: (lp.logprob, lp.rank) for t, lp in score[p + i].items()}
@@ -185,14 +163,13 @@ def generation_vs_scoring(sampling: SamplingParams) -> tuple[list, list]:
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_generation_equals_scoring(monkeypatch, sampling):
-    use_invariant_ops(monkeypatch)
+def test_generation_equals_scoring(sampling):
     got, want = generation_vs_scoring(sampling)
     assert got == want
 
 
 def test_inverse_generation_differs_from_scoring_without_the_mode():
-    got, want = generation_vs_scoring(GREEDY)
+    got, want = generation_vs_scoring(GREEDY, invariant=False)
     assert got != want
 
 
@@ -201,12 +178,12 @@ def test_matmul_rows_do_not_depend_on_the_batch():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g)
     needle = torch.randn(1, 64, generator=g)
-    want = bi.invariant_matmul(needle, w, POLICY)
+    want = invariant_matmul(needle, w, SMALL)
     changed = 0
     for m in (2, 5, 16, 17, 40):
         x = torch.randn(m, 64, generator=g)
         x[m // 2] = needle[0]
-        assert torch.equal(bi.invariant_matmul(x, w, POLICY)[m // 2:m // 2 + 1], want)
+        assert torch.equal(invariant_matmul(x, w, SMALL)[m // 2:m // 2 + 1], want)
         changed += not torch.equal(torch.nn.functional.linear(x, w)[m // 2:m // 2 + 1],
                                    torch.nn.functional.linear(needle, w))
     assert changed            # F.linear's rows do depend on M here
@@ -223,9 +200,9 @@ def gdn_inputs(n: int):
 
 
 def gdn_steps(x, cuts: list[int]):
-    lane, outs = bi.empty_lane(**GDN_SHAPES), []
+    lane, outs = empty_lane(**GDN_SHAPES), []
     for lo, hi in zip([0] + cuts, cuts + [x[0].shape[0]]):
-        out, lane = bi.aligned_gated_delta_rule(*(t[lo:hi] for t in x), lane, POLICY)
+        out, lane = aligned_gated_delta_rule(*(t[lo:hi] for t in x), lane, SMALL)
         outs.append(out)
     return torch.cat(outs), lane.committed
 
@@ -253,19 +230,70 @@ def test_inverse_gdn_reference_depends_on_the_cut():
     assert not torch.equal(cut, whole)
 
 
-def test_policy_from_args_and_backend_support():
-    assert bi.KernelPolicy.from_args(None, {}).batch_invariant is False
-    assert bi.KernelPolicy.from_args(None, {bi.ENV_FLAG: "1"}).batch_invariant is True
-    assert bi.KernelPolicy.from_args(False, {bi.ENV_FLAG: "1"}).batch_invariant is False
-    with pytest.raises(ValueError, match=bi.ENV_FLAG):
-        bi.KernelPolicy.from_args(None, {bi.ENV_FLAG: "yes please"})
+def test_attention_matches_sdpa_over_several_splits_and_ignores_other_rows():
+    """`paged_attention` against torch's SDPA (causal, one request, GQA) over a context
+    that crosses several tiles and splits; then a query row's bits alone vs among other
+    rows and with a wider extent."""
+    g = torch.Generator().manual_seed(0)
+    n, hq, hkv, d = 150, 4, 2, 16
+    q, k, v = (torch.randn(n, h, d, generator=g) for h in (hq, hkv, hkv))
+    scale = d ** -0.5
+    perm = torch.randperm(n, generator=g)                  # KV slots in any physical order
+    k_cache, v_cache = torch.zeros(n, hkv, d), torch.zeros(n, hkv, d)
+    k_cache[perm], v_cache[perm] = k, v
+    extent = attention_extent([n], SMALL)
+    assert extent == 192                                  # three 64-token splits
+    slots = torch.cat([perm, torch.zeros(extent - n, dtype=torch.long)])[None].expand(n, -1)
+    pos = torch.arange(extent)
+    visible = (pos[None, :] <= torch.arange(n)[:, None]) & (pos[None, :] < n)
+    got = paged_attention(q, k_cache, v_cache, slots, visible, scale, SMALL)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                          v.transpose(0, 1), is_causal=True, scale=scale,
+                                          enable_gqa=True).transpose(0, 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    row = 97
+    alone = paged_attention(q[row:row + 1], k_cache, v_cache, slots[row:row + 1],
+                            visible[row:row + 1], scale, SMALL)
+    wider = torch.cat([slots[row:row + 1], torch.zeros(1, 128, dtype=torch.long)], 1)
+    wide = paged_attention(q[row:row + 1], k_cache, v_cache, wider,
+                           F.pad(visible[row:row + 1], (0, 128)), scale, SMALL)
+    assert torch.equal(alone[0], got[row]) and torch.equal(wide, alone)
+
+
+def test_policy_from_args_and_environment():
+    assert KernelPolicy.from_args(None, {}).batch_invariant is False
+    assert KernelPolicy.from_args(None, {ENV_FLAG: "1"}).batch_invariant is True
+    assert KernelPolicy.from_args(None, {ENV_FLAG: "true"}).batch_invariant is True
+    assert KernelPolicy.from_args(False, {ENV_FLAG: "1"}).batch_invariant is False
+    assert KernelPolicy.from_args(True, {}).batch_invariant is True
+    with pytest.raises(ValueError, match=ENV_FLAG):
+        KernelPolicy.from_args(None, {ENV_FLAG: "yes please"})
     with pytest.raises(ValueError, match="multiple of attention_tile"):
-        bi.KernelPolicy(attention_tile=32, attention_split=48)
-    with pytest.raises(ValueError, match="sdpa does not support batch-invariant mode"):
-        POLICY.require("sdpa", supported=False)
-    bi.KernelPolicy().require("sdpa", supported=False)          # normal mode: no check
-    assert POLICY.matmul_calls(40) == [(0, 16), (16, 16), (32, 8)]
-    assert bi.KernelPolicy().matmul_calls(40) == [(0, 40)]
-    assert bi.KernelPolicy().fuse_prologue(1, reduces=True)
-    assert not POLICY.fuse_prologue(1, reduces=True) and POLICY.fuse_prologue(1, reduces=False)
-    assert not POLICY.fuse_prologue(2, reduces=False)
+        KernelPolicy(attention_tile=32, attention_split=48)
+    assert SMALL.matmul_calls(40) == [(0, 16), (16, 16), (32, 8)]
+    assert KernelPolicy().matmul_calls(40) == [(0, 40)]
+
+
+def test_environment_variable_turns_the_mode_on(monkeypatch):
+    monkeypatch.setenv(ENV_FLAG, "1")
+    assert EngineArgs("tiny-qwen3").create_engine_config().kernel_policy.batch_invariant
+    assert not EngineArgs("tiny-qwen3", batch_invariant=False).create_engine_config() \
+        .kernel_policy.batch_invariant
+    monkeypatch.setenv(ENV_FLAG, "maybe")
+    with pytest.raises(ValueError, match=ENV_FLAG):
+        EngineArgs("tiny-qwen3").create_engine_config()
+
+
+def test_parts_without_the_mode_are_refused_by_name():
+    with pytest.raises(ValueError, match="attention backend 'sdpa' does not support "
+                                         "batch-invariant mode"):
+        EngineArgs("tiny-qwen3", attention_backend="sdpa",
+                   batch_invariant=True).create_engine_config()
+    with pytest.raises(ValueError, match="Qwen3_5ForCausalLM does not support batch-invariant"):
+        EngineArgs("tiny-qwen3.5", batch_invariant=True).create_engine_config()
+    config = EngineArgs("tiny-qwen3").create_engine_config()
+    with pytest.raises(ValueError, match="CPU only so far"):
+        check_kernel_policy(KernelPolicy(batch_invariant=True), torch.device("cuda"),
+                            config.model, "flex")
+    # normal mode: nothing is checked
+    check_kernel_policy(KernelPolicy(), torch.device("cuda"), config.model, "sdpa")

@@ -1,0 +1,170 @@
+"""The EAGLE drafter's side of a speculative step: after the target verified a step, the
+drafter runs over the positions the target kept and proposes the next step's drafts.
+
+A drafter row at position i holds token i + 1 with the target's hidden state at position i
+(models/eagle.py). After a step, a request's kept positions are the ones its chunk computed
+up to the last accepted one: its drafter rows carry the tokens after them (the next prompt
+tokens, then the accepted drafts and the target's new token), so the last row's output gives
+the first draft. Each further draft is one drafter decode step: one row per request, the
+previous draft as its token and the previous output as its hidden state, at the next
+position. The drafter keeps its own paged K/V under the target's block table; rows at
+positions the target later rejects are overwritten when those positions come again.
+
+The drafter's inputs go through its own `InputBuffers` (the runner's are untouched), from
+request views whose token list is shifted by one (`_DraftRequest`), so the general input
+path, and from the second decode step the steady-decode path, fill them.
+
+Drafts are the drafter's argmax (mapped into the target vocabulary), a deterministic drafter:
+the verification then treats each draft distribution as one-hot (worker/spec_decode/
+rejection.py), which keeps sampling exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from fullgraph.attention.backend import ForwardContext
+from fullgraph.attention.metadata import AttentionSpec
+from fullgraph.config import CUDAGraphMode, EngineConfig
+from fullgraph.sampling_params import SamplingParams
+from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
+from fullgraph.worker.inputs import InputBuffers
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(slots=True, eq=False)
+class _DraftRequest:
+    """A request as the drafter's input path reads it: `all_token_ids[i]` is the token a
+    row at position i carries (the request's token i + 1)."""
+    all_token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    state_slot: int = 0
+    sampling_slot: int = -1
+    sampling_params: SamplingParams = field(default_factory=lambda: _GREEDY)
+    seed: int = 0
+    prompt_logprobs: None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+
+
+@dataclass(slots=True)
+class _DraftChunk:
+    request: _DraftRequest
+    num_new_tokens: int
+    samples: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class KeptRows:
+    """One request's part of a verified step, for the drafter: the target rows (indices into
+    the step's hidden states) of the positions it kept, starting at `start` (a position), the
+    tokens those rows carry (each position's next token), and how many drafts to propose
+    next (0: the chunk only fills the drafter's K/V, e.g. a prefill chunk short of the
+    prompt's end)."""
+    block_ids: list[int]
+    start: int
+    target_rows: list[int]
+    next_tokens: list[int]
+    num_drafts: int
+
+
+class EagleProposer:
+    def __init__(self, drafter: torch.nn.Module, config: EngineConfig, backend_cls,
+                 device: torch.device) -> None:
+        self.model = drafter
+        self.config = config
+        self.device = device
+        self.backend_cls = backend_cls
+        sched = config.scheduler
+        self.buffers = InputBuffers(sched.max_num_seqs, sched.max_num_batched_tokens,
+                                    config.max_blocks_per_seq, config.cache.block_size,
+                                    config.model.vocab_size, device)
+        specs = drafter.cache_specs(drafter.config).attention
+        self.cache_spec = specs
+        self.kv_caches: list = []
+        self.backend = None
+        vd = getattr(drafter, "draft_vocab_size", config.model.vocab_size)
+        self.maps_vocab = hasattr(drafter, "compute_draft_logits")
+        self.logits = torch.zeros(sched.max_num_seqs, vd if self.maps_vocab
+                                  else config.model.vocab_size,
+                                  dtype=config.model.dtype, device=device)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        return self.cache_spec.bytes_per_block(block_size, self.config.model.dtype)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The drafter's K/V, block for block beside the target's (same block ids)."""
+        att, cfg = self.cache_spec, self.config
+        bs, sched = cfg.cache.block_size, cfg.scheduler
+        spec = AttentionSpec(att.num_layers, att.num_heads, att.num_kv_heads, att.head_dim,
+                             bs, num_blocks, sched.max_num_seqs, sched.max_num_batched_tokens,
+                             cfg.max_blocks_per_seq, cfg.model.dtype)
+        shape = (num_blocks * bs, att.num_kv_heads, att.head_dim)
+        self.kv_caches = [tuple(torch.zeros(shape, dtype=cfg.model.dtype, device=self.device)
+                                for _ in range(2)) for _ in range(att.num_layers)]
+        self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
+                                        compile=cfg.compilation.compile_attention,
+                                        policy=cfg.kernel_policy)
+
+    def _run(self, chunks: Sequence[_DraftChunk], hidden: torch.Tensor) -> torch.Tensor:
+        """One eager drafter step over `chunks` with `hidden` [tokens, width]: the output
+        rows of each chunk's last token, [len(chunks), H]."""
+        n_tok = sum(c.num_new_tokens for c in chunks)
+        q_lens = {c.num_new_tokens for c in chunks}
+        uniform = q_lens.pop() if len(q_lens) == 1 else None
+        desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, n_tok, len(chunks), uniform)
+        step = self.buffers.prepare(chunks, desc)
+        self.backend.prepare(step.attention)
+        metadata = self.backend.build(step.attention)
+        self.backend.update(metadata, step.attention)
+        ctx = ForwardContext(self.backend, metadata, self.kv_caches, step.attention.slot_mapping)
+        out = self.model(step.input_ids, hidden, step.positions, ctx)
+        return out[step.logits_indices[:len(chunks)]]
+
+    def _draft(self, rows: torch.Tensor) -> list[int]:
+        logits = self.logits[:rows.shape[0]]
+        if self.maps_vocab:
+            self.model.compute_draft_logits(rows, out=logits)
+            ids = self.model.draft_to_target[logits.argmax(-1)]
+        else:
+            self.model.compute_logits(rows, out=logits)
+            ids = logits.argmax(-1)
+        return ids.tolist()
+
+    @torch.inference_mode()
+    def propose(self, kept: Sequence[KeptRows], target_hidden: torch.Tensor) -> list[list[int]]:
+        """Drafts for each of `kept` ([] where none are asked). `target_hidden`: the verified
+        step's hidden states the drafter reads, one row per token of the step."""
+        drafts: list[list[int]] = [[] for _ in kept]
+        live = [i for i, k in enumerate(kept) if k.target_rows]
+        if not live:
+            return drafts
+        # The input path reads a row's token at its position: the list holds placeholders
+        # before the chunk's first position.
+        views = {i: _DraftRequest([0] * kept[i].start + list(kept[i].next_tokens),
+                                  kept[i].start, kept[i].block_ids) for i in live}
+        rows = torch.tensor([r for i in live for r in kept[i].target_rows], device=self.device)
+        out = self._run([_DraftChunk(views[i], len(kept[i].target_rows)) for i in live],
+                        target_hidden.index_select(0, rows))
+        cur = [i for i in live if kept[i].num_drafts > 0]   # the requests `out` rows hold
+        out = out[[live.index(i) for i in cur]]
+        step = 0
+        while cur:
+            for i, t in zip(cur, self._draft(out)):
+                drafts[i].append(t)
+            step += 1
+            nxt = [i for i in cur if kept[i].num_drafts > step]
+            if not nxt:
+                break
+            for i in nxt:          # one row: the last draft, at the position after the last
+                v = views[i]
+                v.all_token_ids.append(drafts[i][-1])
+                v.num_computed_tokens = len(v.all_token_ids) - 1
+            out = self._run([_DraftChunk(views[i], 1) for i in nxt],
+                            out[[cur.index(i) for i in nxt]])
+            cur = nxt
+        return drafts
