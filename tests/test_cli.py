@@ -113,3 +113,14 @@ def test_batch_invariant_flag_runs_and_names_what_cannot_keep_it():
             "--attention-backend", "sdpa")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "attention backend 'sdpa' does not support batch-invariant mode" in r.stderr
+
+
+def test_generate_with_speculative_config():
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--max-tokens", "6",
+            "--max-model-len", "128", "--ignore-eos", "--speculative-config",
+            '{"method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 2}')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("6 generated") == 1
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--speculative-config",
+            '{"method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 0}')
+    assert r.returncode == 2 and "num_speculative_tokens must be an integer >= 1" in r.stderr

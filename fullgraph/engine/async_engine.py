@@ -308,7 +308,10 @@ class AsyncLLMEngine:
             num_encoder_graph_replays=enc.num_graph_replays if enc is not None else 0,
             num_encoder_eager_images=enc.num_eager_fallbacks if enc is not None else 0,
             num_preemptions=e.scheduler.num_preemptions, prefix_queries=kv.prefix_queries,
-            prefix_hits=kv.prefix_hits, step_errors=self._step_errors)
+            prefix_hits=kv.prefix_hits, step_errors=self._step_errors,
+            spec_num_drafts=stats.spec_num_drafts,
+            spec_num_draft_tokens=stats.spec_num_draft_tokens,
+            spec_num_accepted_tokens=stats.spec_num_accepted_tokens)
 
 
 def _put_all(items: list) -> None:

@@ -20,6 +20,7 @@ from fullgraph.multimodal.processor import MultiModalProcessor, load_multimodal_
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.model_runner import ModelRunner
+from fullgraph.worker.sampler import needs_state
 from fullgraph.worker.step_output import PendingStep, StepResult
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class _Launched:
     request: Request
     samples: bool
     num_preemptions: int
+    num_drafts: int = 0              # drafts the chunk ended with (speculative decoding)
 
 
 class LLMEngine:
@@ -191,6 +193,9 @@ class LLMEngine:
             if outside:
                 raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): "
                                  f"{outside[:5]}")
+        if self.config.speculative is not None and needs_state(params):
+            raise ValueError("speculative decoding does not support penalties, logit_bias, "
+                             "allowed_token_ids, bad_words or min_tokens yet")
         if params.bad_words and not params.bad_words_token_ids:
             params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -258,8 +263,8 @@ class LLMEngine:
         return outputs
 
     def _launch(self, sched: SchedulerOutput) -> tuple[list[_Launched], PendingStep]:
-        launched = [_Launched(s.request, s.samples, s.request.num_preemptions)
-                    for s in sched.scheduled]
+        launched = [_Launched(s.request, s.samples, s.request.num_preemptions,
+                              len(s.spec_token_ids)) for s in sched.scheduled]
         pending = self.runner.launch(sched.scheduled)
         for s, entry in zip(sched.scheduled, launched):
             s.request.num_computed_tokens += s.num_new_tokens
@@ -277,16 +282,19 @@ class LLMEngine:
                 continue      # finished, aborted or preempted since launch: drop its sample
             if result.prompt_logprobs and i in result.prompt_logprobs:
                 self._append_prompt_logprobs(req, *result.prompt_logprobs[i])
+            num_new = 0
             if entry.samples:
                 req.num_pending -= 1
-                self._append(req, int(result.token_ids[i]), result, i)
+                num_new = (self._append_verified(req, entry, result, i)
+                           if result.num_emitted is not None
+                           else self._append(req, int(result.token_ids[i]), result, i))
             self.kv.cache_full_blocks(req)
             if not entry.samples:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.stats.prefilled_tokens += req.num_prompt_tokens
-            self.stats.generation_tokens += 1
+            self.stats.generation_tokens += num_new
             if req.finish_reason is not None:
                 self.stats.finished_requests += 1
                 outputs.append(self._finish(req))
@@ -294,7 +302,29 @@ class LLMEngine:
                 outputs.append(self._output(req))
         return outputs
 
-    def _append(self, req: Request, token: int, result: StepResult, row: int) -> None:
+    def _append_verified(self, req: Request, entry: _Launched, result: StepResult,
+                         i: int) -> int:
+        """A speculative step's tokens for row `i` (accepted drafts, then the target's own),
+        up to the first that finishes the request; the rejected drafts' positions are
+        given back (`num_computed_tokens`: their K/V is overwritten when they come again).
+        The next step's drafts are kept on the request. Returns the tokens appended."""
+        emitted = int(result.num_emitted[i])
+        req.num_computed_tokens -= entry.num_drafts - (emitted - 1)
+        self.stats.spec_num_drafts += entry.num_drafts > 0
+        self.stats.spec_num_draft_tokens += entry.num_drafts
+        self.stats.spec_num_accepted_tokens += emitted - 1
+        req.num_draft_tokens += entry.num_drafts
+        req.num_accepted_tokens += emitted - 1
+        appended = 0
+        for j in range(emitted):
+            appended += self._append(req, int(result.token_ids[i, j]), result, (i, j))
+            if req.finish_reason is not None:
+                break
+        req.spec_token_ids = result.draft_token_ids[i] if req.finish_reason is None else []
+        return appended
+
+    def _append(self, req: Request, token: int, result: StepResult, row) -> int:
+        """One sampled token for `req` (`row`: its row of the step's sample fields)."""
         req.append_token(token)
         sp = req.sampling_params
         if req.logprobs is not None and result.logprobs is not None:
@@ -311,8 +341,9 @@ class LLMEngine:
             req.finish_reason = "length"
         if req.finish_reason is not None and stop_str is None:
             detok.finalize(req.output_token_ids, sp.skip_special_tokens)
+        return 1
 
-    def _append_logprobs(self, req: Request, result: StepResult, row: int, n: int) -> None:
+    def _append_logprobs(self, req: Request, result: StepResult, row, n: int) -> None:
         lps = result.logprobs[row]
         req.logprobs.append(logprob_entry(result.logprob_token_ids[row], lps,
                                           result.ranks[row], n, self.tokenizer.decode))
@@ -342,6 +373,9 @@ class LLMEngine:
         metrics = {"arrival_time": req.arrival_time}
         if req.first_token_time is not None:
             metrics["first_token_time"] = req.first_token_time
+        if self.config.speculative is not None:
+            metrics["spec_num_draft_tokens"] = req.num_draft_tokens
+            metrics["spec_num_accepted_tokens"] = req.num_accepted_tokens
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
                              finished, req.num_cached_tokens, metrics,
                              list(req.prompt_logprobs) if req.prompt_logprobs is not None

@@ -38,6 +38,8 @@ class Request:
                                             # by a launched step)
     num_pending: int = 0                    # tokens launched steps sample, not yet known here
     spec_token_ids: list[int] = field(default_factory=list)   # drafts for its next step
+    num_draft_tokens: int = 0               # drafts verified so far, and of them accepted
+    num_accepted_tokens: int = 0
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)

@@ -139,12 +139,14 @@ class Scheduler:
         return req.spec_token_ids[:max(room, 0)]
 
     def _lookahead(self, req: Request, n: int) -> int:
-        """KV slots past a sampling chunk of `n` tokens for the drafter's decode steps, up to
-        max_model_len."""
+        """KV slots past a sampling chunk of `n` tokens (drafts included) for the drafter's
+        decode steps: one per draft after the first, as many drafts as the request's
+        max_tokens leaves room for after this step's token, within max_model_len."""
         k = self.config.num_speculative_tokens
         if not k or req.num_computed_tokens + n < req.num_tokens + req.num_pending:
             return 0
-        return max(0, min(k, self.config.max_model_len - req.num_computed_tokens - n))
+        return max(0, min(k - 1, req.max_tokens - req.num_output_tokens - 2,
+                          self.config.max_model_len - req.num_computed_tokens - n))
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -21,6 +21,12 @@ class EngineStats:
     steps: int = 0
     finished_requests: int = 0
     aborted_requests: int = 0
+    # speculative decoding (vLLM's counters): verified rows that had drafts, their draft
+    # tokens, and of them accepted; acceptance rate = accepted / draft tokens, mean
+    # accepted length = 1 + accepted / drafts
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,6 +53,9 @@ class EngineSnapshot:
     prefix_queries: int = 0
     prefix_hits: int = 0
     step_errors: int = 0
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
     @property
     def idle(self) -> bool:

@@ -31,7 +31,8 @@ from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities, PagedAttentionSpec
-from fullgraph.models.loader import load_weights_by_name
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, apply_kernel_policy
+from fullgraph.models.loader import iterate_weights, load_weights_by_name
 from fullgraph.models.qwen3 import Qwen3MLP, head_dim_of
 
 STACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -345,6 +346,24 @@ class EagleLlamaForCausalLM(_EagleDrafter):
             raise ValueError(f"an EAGLE-1 drafter needs the target's LM head weight {shape}, "
                              f"got {None if lm_head is None else tuple(lm_head.shape)}")
         self.lm_head_weight = lm_head
+
+
+def load_drafter(method: str, path: str, hf_config, dtype: torch.dtype, max_model_len: int,
+                 device: torch.device, policy: KernelPolicy = DEFAULT_POLICY) -> _EagleDrafter:
+    """The drafter of `method` with its checkpoint's weights, in the target's dtype, on
+    `device`, the kernel policy stamped (as the loader does for targets). The caller shares
+    the target's weights (`use_target_weights`) before it runs."""
+    cls = drafter_class(method)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            drafter = cls(hf_config, max_position=max_model_len)
+            drafter.load_weights((name, t.to(dtype) if t.is_floating_point() else t)
+                                 for name, t in iterate_weights(path))
+    finally:
+        torch.set_default_dtype(old)
+    return apply_kernel_policy(drafter, policy).eval().requires_grad_(False)
 
 
 DRAFTERS: dict[str, type[_EagleDrafter]] = {"eagle3": Eagle3LlamaForCausalLM,

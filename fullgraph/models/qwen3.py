@@ -233,6 +233,10 @@ class Qwen3ForCausalLM(nn.Module):
             layer.compile(dynamic=True, options=options)
         self.model.norm.compile(dynamic=True, options=options)
 
+    def drafter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embedding, LM head) weights, which a speculative drafter shares."""
+        return self.model.embed_tokens.weight, self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
         return logits_into(hidden, self.lm_head.weight, out, policy_of(self))

@@ -41,12 +41,17 @@ class RequestState(Protocol):
     sampling_slot: int               # the sampler's state slot (penalties ...; -1: none)
     sampling_params: SamplingParams
     seed: int
+    # read by speculative steps only (worker/spec_decode/verify.py)
+    max_tokens: int
+    num_output_tokens: int
 
 
 class ScheduledChunk(Protocol):
     request: RequestState
     num_new_tokens: int
     samples: bool                    # the chunk reaches the last known token: a token is drawn
+    # Optional: drafts (speculative decoding) the chunk ends with, after its known tokens.
+    # spec_token_ids: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +291,10 @@ class InputBuffers:
             qsl[1:n_req + 1] = np.cumsum(n_new)
             for i, (r, d, lo, hi) in enumerate(zip(reqs, done_list, qsl[:n_req].tolist(),
                                                    qsl[1:n_req + 1].tolist())):
+                spec = getattr(chunks[i], "spec_token_ids", None)
+                if spec:                     # known tokens, then the drafts
+                    hi -= len(spec)
+                    ids[hi:hi + len(spec)] = spec
                 known = r.all_token_ids[d:d + hi - lo]
                 ids[lo:lo + len(known)] = known
                 if len(known) < hi - lo:     # only ever the last one

@@ -5,6 +5,7 @@ backend. It knows requests only through the small `RequestState` protocol.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.layers import pdl
 from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.interface import CacheSpecs
+from fullgraph.models.eagle import load_drafter
 from fullgraph.models.loader import load_model
 from fullgraph.multimodal.inputs import MultiModalStepInputs
 from fullgraph.sampling_params import SamplingParams
@@ -38,7 +40,11 @@ from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, multi_token_bad_words,
                                       sample, word_bans)
-from fullgraph.worker.step_output import PendingStep, to_host
+from fullgraph.worker.sampler import prompt_logprobs as sampler_prompt_logprobs
+from fullgraph.worker.spec_decode.proposer import EagleProposer
+from fullgraph.worker.spec_decode.rejection import rejection_sample
+from fullgraph.worker.spec_decode.verify import kept_rows, verify_plan
+from fullgraph.worker.step_output import PendingStep, StepResult, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +103,6 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        if config.speculative is not None:
-            raise ValueError("speculative decoding is not wired into the runner yet")
         comp = config.compilation
         self._compile_workers = None
         if self.device.type == "cuda":
@@ -115,6 +119,13 @@ class ModelRunner:
             self.model.compile_layers()
         logger.info("loaded %s in %.1f s%s", config.model.path, time.perf_counter() - t0,
                     ", batch-invariant mode" if config.kernel_policy.batch_invariant else "")
+        # Speculative decoding: the drafter, and the target hidden states it reads (the
+        # inputs of some target layers, captured in a persistent buffer, or else the final
+        # hidden states of the step).
+        self.proposer: EagleProposer | None = None
+        self._draft_hidden: torch.Tensor | None = None
+        if config.speculative is not None:
+            self.proposer = self._load_proposer(config)
         self.cache_specs: CacheSpecs = self.model.cache_specs(config.model.hf_config)
         sched = config.scheduler
         self.max_num_tokens = sched.max_num_batched_tokens
@@ -127,6 +138,11 @@ class ModelRunner:
         # a sampler graph can read what any model graph wrote.
         self.logits = torch.zeros(sched.max_num_seqs, config.model.vocab_size,
                                   dtype=config.model.dtype, device=self.device)
+        # speculative steps: the logits of every request's k + 1 scored rows
+        k = config.speculative.num_speculative_tokens if config.speculative else 0
+        self.spec_logits = (torch.zeros(sched.max_num_seqs * (k + 1), config.model.vocab_size,
+                                        dtype=config.model.dtype, device=self.device)
+                            if k else None)
         self.sampled = self.buffers.sampled     # each step's samples, the next step's inputs
         # Where steps' samples land on the host, in turn: the engine waits for a step's
         # results (PendingStep.wait copies them out) before it launches the step after next,
@@ -190,11 +206,26 @@ class ModelRunner:
         self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
         self.num_steps = 0
 
+    def _load_proposer(self, config: EngineConfig) -> EagleProposer:
+        spec, target = config.speculative, config.model
+        drafter = load_drafter(spec.method, spec.model, spec.hf_config, target.dtype,
+                               target.max_model_len, self.device, config.kernel_policy)
+        drafter.use_target_weights(*self.model.drafter_weights())
+        drafter.check_target(target.hf_config)
+        layers = drafter.aux_hidden_state_layers(target.hf_config)
+        if layers:
+            self._draft_hidden = self.model.enable_aux_hidden_states(
+                layers, config.scheduler.max_num_batched_tokens)
+        return EagleProposer(drafter, config, get_backend_class(config.attention_backend,
+                                                               config.kernel_policy),
+                             self.device)
+
     # ---------------------------------------------------------------- memory
     @property
     def kv_bytes_per_block(self) -> int:
-        return self.cache_specs.attention.bytes_per_block(self.block_size,
-                                                         self.config.model.dtype)
+        """Of every model's KV: the target's, and the drafter's beside it."""
+        own = self.cache_specs.attention.bytes_per_block(self.block_size, self.config.model.dtype)
+        return own + (self.proposer.bytes_per_block(self.block_size) if self.proposer else 0)
 
     @property
     def num_state_slots(self) -> int:
@@ -256,6 +287,8 @@ class ModelRunner:
         self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
                                         compile=self.config.compilation.compile_attention,
                                         policy=self.config.kernel_policy)
+        if self.proposer is not None:
+            self.proposer.allocate_kv_cache(num_blocks)
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
@@ -453,6 +486,15 @@ class ModelRunner:
         """The model, its logits into `self.logits`, and the greedy token of every row into
         `self.sampled`."""
         r = step.desc.num_reqs
+        hidden = self._forward_hidden(step, metadata)
+        logits = self.logits[:r]
+        # one token per request: the rows are the requests' already (no gather kernel)
+        rows = hidden[:r] if step.desc.uniform_query_len == 1 else hidden[step.logits_indices]
+        self.model.compute_logits(rows, out=logits)
+        return argmax_rows(logits, out=self.sampled[:r])
+
+    def _forward_hidden(self, step: StepInputs, metadata: StepMetadata) -> torch.Tensor:
+        """The model's hidden states of the step's tokens (also kept as `_hidden`)."""
         # Synchronous steps never have pending tokens; the arena's copy kernel may fill them.
         if self.async_scheduling and not self.buffers.arena.merges:
             self.buffers.input_ids.index_put_((step.pending_index,),
@@ -465,11 +507,7 @@ class ModelRunner:
                              step.attention.slot_mapping, self.state_caches, metadata.state,
                              mm)
         hidden = self._hidden = self.model(step.input_ids, step.positions, ctx)
-        logits = self.logits[:r]
-        # one token per request: the rows are the requests' already (no gather kernel)
-        rows = hidden[:r] if step.desc.uniform_query_len == 1 else hidden[step.logits_indices]
-        self.model.compute_logits(rows, out=logits)
-        return argmax_rows(logits, out=self.sampled[:r])
+        return hidden
 
     def _sample(self, sampling: SamplingTensors, features: SamplerFeatures) -> SamplerOutput:
         r = sampling.temperature.shape[0]
@@ -487,6 +525,8 @@ class ModelRunner:
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         """Queue one step on the device and the copy of its samples to the host; returns
         without waiting. A chunk may end at a token the previous launched step sampled."""
+        if self.proposer is not None:
+            return self._launch_speculative(chunks)
         n_tok = sum(c.num_new_tokens for c in chunks)
         q_lens = {c.num_new_tokens for c in chunks}
         uniform = q_lens.pop() if len(q_lens) == 1 else None
@@ -543,6 +583,51 @@ class ModelRunner:
             event.record()
         return PendingStep(host, event, prompt_lps)
 
+
+    def _launch_speculative(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
+        """A speculative step, eager and synchronous: the target scores every request's last
+        token and drafts (k + 1 rows each, worker/spec_decode/verify.py), verification keeps
+        the target's distribution (rejection.py), and the drafter proposes the next step's
+        drafts from the positions kept (proposer.py). Reading the accepted counts is a host
+        sync; the drafter's graphs, which need none, are the next step (docs/speculative.md).
+        """
+        k = self.config.speculative.num_speculative_tokens
+        n_tok, r = sum(c.num_new_tokens for c in chunks), len(chunks)
+        t0 = time.perf_counter()
+        owed = (prompt_logprobs.plan(chunks)
+                if any(c.request.prompt_logprobs is not None for c in chunks) else None)
+        desc = self.dispatcher.eager(n_tok, r, None)
+        step = self.buffers.prepare(chunks, desc)
+        self._reset_sampling_slots(chunks)
+        self._last_step = None
+        self._prepare_metadata(step)
+        self.prepare_seconds += time.perf_counter() - t0
+        metadata = self._build_metadata(step)
+        self._update_metadata(metadata, step)
+        hidden = self._forward_hidden(step, metadata)
+        plan = verify_plan(chunks, k)
+        rows = torch.from_numpy(plan.rows).to(self.device).view(-1)
+        logits = self.model.compute_logits(hidden[rows], out=self.spec_logits[:r * (k + 1)])
+        sampling = step.sampling.rows(0, r)
+        sampling = dataclasses.replace(
+            sampling, positions=torch.from_numpy(plan.positions).to(self.device))
+        verified = rejection_sample(torch.from_numpy(plan.drafts).to(self.device),
+                                    logits.view(r, k + 1, -1), sampling)
+        result = StepResult(verified.token_ids.cpu().numpy())
+        if sampling.num_logprobs >= 0:
+            lps = sampler_prompt_logprobs(logits, verified.token_ids.clamp(min=0).view(-1),
+                                          sampling.num_logprobs)
+            result.logprobs, result.logprob_token_ids, result.ranks = (
+                t.view(r, k + 1, *t.shape[1:]).cpu().numpy() for t in lps)
+        kept, emitted = kept_rows(chunks, plan, result.token_ids,
+                                  verified.num_accepted.cpu().numpy(), k)
+        result.num_emitted = np.array(emitted, np.int64)
+        draft_source = self._draft_hidden if self._draft_hidden is not None else hidden
+        result.draft_token_ids = self.proposer.propose(kept, draft_source)
+        if owed:
+            result.prompt_logprobs = prompt_logprobs.compute(self.model, self._hidden, owed)
+        self.num_steps += 1
+        return PendingStep((), None, ready=result)
 
     # ---------------------------------------------------------------- multimodal
     def _write_rope_positions(self, chunks: Sequence[ScheduledChunk], num_tokens: int) -> None:

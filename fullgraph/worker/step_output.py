@@ -18,6 +18,11 @@ class StepResult:
     # row -> (logprobs [P, 1+N], token ids [P, 1+N], ranks [P]) of the prompt positions the
     # step computed (worker/prompt_logprobs.py)
     prompt_logprobs: dict[int, tuple[np.ndarray, ...]] | None = None
+    # Speculative steps: token_ids is [num_reqs, k + 1] (accepted drafts, then the target's
+    # token; the sample fields gain the same axis), num_emitted [num_reqs] how many of a
+    # row's are its tokens, and draft_token_ids each row's drafts for its next step.
+    num_emitted: np.ndarray | None = None
+    draft_token_ids: list[list[int]] | None = None
 
 
 @dataclass(slots=True)
@@ -26,9 +31,12 @@ class PendingStep:
     tensors: tuple[torch.Tensor | None, ...]      # StepResult's sample fields, host tensors
     event: torch.cuda.Event | None
     prompt_logprobs: dict[int, tuple[np.ndarray, ...]] | None = None     # already on host
+    ready: StepResult | None = None      # a step whose results are on the host already
 
     def wait(self) -> StepResult:
         """The results, copied out of the host tensors (which a later step may reuse)."""
+        if self.ready is not None:
+            return self.ready
         if self.event is not None:
             self.event.synchronize()
         return StepResult(*(t.numpy().copy() if t is not None else None for t in self.tensors),

@@ -50,6 +50,12 @@ _COUNTERS = [
     ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries"),
     ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", "prefix_hits"),
     ("engine_step_errors", "Engine steps that raised.", "step_errors"),
+    ("spec_decode_num_drafts", "Speculative decoding: verified requests that had drafts.",
+     "spec_num_drafts"),
+    ("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified.",
+     "spec_num_draft_tokens"),
+    ("spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
+     "spec_num_accepted_tokens"),
 ]
 
 

@@ -90,16 +90,18 @@ def _per_slot(t: SamplingTensors, slots: int) -> SamplingTensors:
 def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
                      t: SamplingTensors, draft_probs: torch.Tensor | None = None
                      ) -> RejectionOutput:
-    """draft_token_ids [R, k]; target_logits [R, k + 1, V] (processed: penalties, bans and
-    biases already applied, as the sampler's step 2 would); `t` per request, its positions
+    """draft_token_ids [R, k] (-1: no draft there; a row's drafts are leading, so such a
+    row emits its first -1 slot's draw); target_logits [R, k + 1, V] (processed: penalties,
+    bans and biases already applied, as the sampler's step 2 would); `t` per request, its positions
     the position of the token slot 0 predicts; draft_probs [R, k, V] the distributions the
     drafts were drawn from (None: a deterministic drafter)."""
     r, k = draft_token_ids.shape
     v = target_logits.shape[-1]
-    drafts = draft_token_ids.long()
+    valid = draft_token_ids >= 0                   # -1: no draft (a row that draws one token)
+    drafts = draft_token_ids.long().clamp(min=0)
     z = target_logits.float()
     argmax = z.argmax(-1)                                          # [R, k + 1]
-    accept = drafts == argmax[:, :k]
+    accept = (drafts == argmax[:, :k]) & valid
     next_ids = argmax
     if not t.all_greedy:
         rows = _per_slot(t, k + 1)
@@ -108,6 +110,7 @@ def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
             q = torch.nn.functional.one_hot(drafts, v).float()
         else:
             q = draft_probs.float()
+        q = q * valid[..., None]
         q = torch.cat([q, q.new_zeros(r, 1, v)], dim=1)           # the bonus slot: no draft
         p_x = p[:, :k].gather(-1, drafts[..., None])[..., 0]
         q_x = q[:, :k].gather(-1, drafts[..., None])[..., 0]
@@ -115,7 +118,7 @@ def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
         noise = gumbel_noise(rows.seeds, rows.positions, v).view(r, k + 1, v)
         drawn = (residual_distribution(p, q).log() + noise).argmax(-1)
         sampled = (t.temperature >= GREEDY_EPS)[:, None]
-        accept = torch.where(sampled, u * q_x < p_x, accept)
+        accept = torch.where(sampled, (u * q_x < p_x) & valid, accept)
         next_ids = torch.where(sampled, drawn, argmax)
     num_accepted = accept.long().cumprod(-1).sum(-1)               # leading accepts
     slot = torch.arange(k + 1, device=drafts.device)[None, :]

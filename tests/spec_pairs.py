@@ -1,0 +1,91 @@
+"""Target/drafter checkpoint pairs with a known agreement, for speculative-decoding tests.
+
+The target is tiny-qwen3 with its layers' output projections zeroed (`o_proj`, `down_proj`)
+and an untied random LM head: every layer adds nothing, so its next token depends on the
+current token alone, next(x) = argmax lm_head(norm(embed(x))), a random function of x (a
+bigram model; greedy text walks its functional graph).
+
+The EAGLE-3 drafter is built to compute the same function: fc and the hidden norm are zero
+(with `norm_before_residual` the residual is then zero too), q and k are a large constant
+bias, so after RoPE every row attends to its own position only, v and o copy the normed token
+embedding through, the MLP adds nothing, and the LM head is the target's. A row carrying
+token x then proposes next(x), the target's own choice. `disagree` of the draft vocabulary's
+ids are then mapped to other target ids (`d2t`): drafts of those tokens are wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fullgraph.models.presets import resolve_model_path
+
+
+def bigram_target(path: str, seed: int = 1234) -> str:
+    """tiny-qwen3 made a bigram model, written to `path` (`seed`: its LM head; not the
+    preset's own seed, whose first draws are the embedding)."""
+    src = resolve_model_path("tiny-qwen3")
+    shutil.copytree(src, path, dirs_exist_ok=True)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["tie_word_embeddings"] = False
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    w = load_file(os.path.join(path, "model.safetensors"))
+    for name in w:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            w[name] = torch.zeros_like(w[name])
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randn(cfg["vocab_size"], cfg["hidden_size"], generator=g)
+    # unit rows: no token's row outweighs the others', so next() spreads over the vocabulary
+    w["lm_head.weight"] = head / head.norm(dim=1, keepdim=True) * 4
+    save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 0) -> str:
+    """An EAGLE-3 drafter for `bigram_target(target)` that proposes the target's next token,
+    except for a `disagree` fraction of the vocabulary."""
+    with open(os.path.join(target, "config.json")) as f:
+        t = json.load(f)
+    h, v = t["hidden_size"], t["vocab_size"]
+    heads, d = 4, h // 4
+    os.makedirs(path, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
+              "num_hidden_layers": 1, "hidden_size": h, "intermediate_size": 2 * h,
+              "head_dim": d, "num_attention_heads": heads, "num_key_value_heads": heads,
+              "hidden_act": "silu", "attention_bias": True, "rms_norm_eps": 1e-6,
+              "rope_theta": t.get("rope_theta", 1e6), "max_position_embeddings":
+              t["max_position_embeddings"], "vocab_size": v, "draft_vocab_size": v,
+              "eagle_aux_hidden_state_layer_ids": [0, 1, 1], "norm_before_residual": True,
+              "tie_word_embeddings": False, "torch_dtype": "float32"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    tw = load_file(os.path.join(target, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    wrong = torch.randperm(v, generator=g)[:int(disagree * v)]
+    targets = torch.arange(v)
+    targets[wrong] = wrong.roll(1)              # a cycle among them: every one moves
+    eye = torch.eye(h)
+    w = {"d2t": targets - torch.arange(v), "t2d": torch.ones(v, dtype=torch.bool),
+         "fc.weight": torch.zeros(h, 3 * h),
+         "midlayer.hidden_norm.weight": torch.zeros(h),
+         "midlayer.input_layernorm.weight": tw["model.norm.weight"].clone(),
+         "midlayer.post_attention_layernorm.weight": torch.ones(h),
+         "midlayer.self_attn.q_proj.weight": torch.zeros(heads * d, 2 * h),
+         "midlayer.self_attn.k_proj.weight": torch.zeros(heads * d, 2 * h),
+         "midlayer.self_attn.v_proj.weight": torch.cat([eye, torch.zeros(h, h)], 1),
+         "midlayer.self_attn.q_proj.bias": torch.full((heads * d,), 20.0),
+         "midlayer.self_attn.k_proj.bias": torch.full((heads * d,), 20.0),
+         "midlayer.self_attn.v_proj.bias": torch.zeros(heads * d),
+         "midlayer.self_attn.o_proj.weight": eye.clone(),
+         "midlayer.self_attn.o_proj.bias": torch.zeros(h),
+         "midlayer.mlp.gate_proj.weight": torch.zeros(2 * h, h),
+         "midlayer.mlp.up_proj.weight": torch.zeros(2 * h, h),
+         "midlayer.mlp.down_proj.weight": torch.zeros(h, 2 * h),
+         "norm.weight": torch.ones(h), "lm_head.weight": tw["lm_head.weight"].clone()}
+    save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,271 @@
+"""Speculative decoding with EAGLE drafters through the engine (issue 26, docs/speculative.md).
+
+Greedy output with speculation must equal output without it, token for token, whatever the
+drafter proposes (a random drafter, one that agrees with the target, one that agrees on half
+the vocabulary), for k in {1, 3, 5}, with chunked prefill, preemption and prefix-cache hits;
+the engines run in batch-invariant mode so that scoring k + 1 positions at once gives the
+same logits as scoring them one step at a time. Sampled output must follow the target's
+distribution: a chi-square test against non-speculative sampling, with an inverse check that
+the test rejects a different distribution. Drafters that agree get their drafts accepted;
+random ones do not.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from fullgraph import LLM, SamplingParams
+from fullgraph.engine.args import EngineArgs
+from spec_pairs import agreeing_drafter, bigram_target
+
+VOCAB = 740
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small CPU ops: one thread keeps the module's time steady under a parallel test
+    run (as tests/test_batch_invariant.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(bigram target, agreeing drafter, drafter agreeing on half the vocabulary)."""
+    root = tmp_path_factory.mktemp("spec")
+    target = bigram_target(str(root / "target"))
+    return (target, agreeing_drafter(str(root / "agree"), target),
+            agreeing_drafter(str(root / "half"), target, disagree=0.5))
+
+
+def spec(model: str, k: int, method: str = "eagle3") -> dict:
+    return {"method": method, "model": model, "num_speculative_tokens": k}
+
+
+def prompts(seed: int, n: int, shared: int = 0) -> list[dict]:
+    """`n` random prompts; with `shared`, each starts with the same `shared` tokens (prefix
+    cache hits)."""
+    rng = random.Random(seed)
+    head = [rng.randrange(3, VOCAB) for _ in range(shared)]
+    return [{"prompt_token_ids": head + [rng.randrange(3, VOCAB)
+                                         for _ in range(rng.randrange(1, 90))]}
+            for _ in range(n)]
+
+
+def greedy_ids(llm: LLM, batch: list[dict], max_tokens: int = 24) -> list[list[int]]:
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(batch, sp, use_tqdm=False)]
+
+
+KW = dict(max_num_batched_tokens=64, max_num_seqs=16, block_size=16, batch_invariant=True)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_output_equals_non_speculative(pair, k):
+    target, agree, half = pair
+    batch = prompts(k, 20, shared=40)
+    want = greedy_ids(LLM(target, **KW), batch)
+    for drafter in (agree, half):
+        llm = LLM(target, speculative_config=spec(drafter, k), **KW)
+        assert greedy_ids(llm, batch) == want, drafter
+        stats = llm.engine.stats
+        assert stats.spec_num_draft_tokens > 0
+        assert llm.engine.kv.prefix_hits > 0              # the shared head was reused
+        if drafter == agree:                              # every draft accepted
+            assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
+        else:
+            assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+
+
+def test_random_drafter_is_rejected_and_lossless_under_preemption():
+    """The tiny-qwen3-eagle3 preset (random weights) on tiny-qwen3: drafts almost never
+    accepted, output unchanged, with a KV cache small enough to preempt."""
+    kw = dict(KW, num_gpu_blocks_override=24)
+    batch = prompts(7, 16)
+    want = greedy_ids(LLM("tiny-qwen3", **kw), batch)
+    llm = LLM("tiny-qwen3", speculative_config=spec("tiny-qwen3-eagle3", 3), **kw)
+    assert greedy_ids(llm, batch) == want
+    stats = llm.engine.stats
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert stats.spec_num_accepted_tokens < 0.1 * stats.spec_num_draft_tokens
+    assert llm.engine.kv.pool.num_free == llm.engine.kv.num_usable_blocks
+
+
+def test_logprobs_and_metrics_of_accepted_tokens(pair):
+    """Each emitted token's logprob is the target's at its position: with an agreeing
+    drafter (several tokens a step) they equal the non-speculative run's."""
+    target, agree, _ = pair
+    batch = prompts(3, 4)
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    base = LLM(target, **KW).generate(batch, sp, use_tqdm=False)
+    got = LLM(target, speculative_config=spec(agree, 4), **KW).generate(batch, sp,
+                                                                        use_tqdm=False)
+    for a, b in zip(base, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{t: (lp.logprob, lp.rank) for t, lp in s.items()} for s in a.outputs[0].logprobs] \
+            == [{t: (lp.logprob, lp.rank) for t, lp in s.items()} for s in b.outputs[0].logprobs]
+        assert b.metrics["spec_num_accepted_tokens"] == b.metrics["spec_num_draft_tokens"] > 0
+
+
+def chi_square_homogeneity(a: Counter, b: Counter) -> tuple[float, int]:
+    """Two-sample chi-square statistic over the categories with enough counts (the rest
+    pooled), and its degrees of freedom."""
+    keys = sorted(set(a) | set(b), key=lambda t: -(a[t] + b[t]))
+    na, nb = sum(a.values()), sum(b.values())
+    bins, rest = [], [0, 0]
+    for t in keys:
+        if a[t] + b[t] >= 20:
+            bins.append((a[t], b[t]))
+        else:
+            rest[0] += a[t]
+            rest[1] += b[t]
+    if sum(rest):
+        bins.append(tuple(rest))
+    stat = 0.0
+    for x, y in bins:
+        total = x + y
+        for obs, n in ((x, na), (y, nb)):
+            exp = total * n / (na + nb)
+            stat += (obs - exp) ** 2 / exp
+    return stat, len(bins) - 1
+
+
+def critical_value(df: int, z: float = 3.09) -> float:
+    """The chi-square quantile at p = 0.001 (z: the normal's), Wilson-Hilferty."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def sampled_tokens(llm: LLM, n: int, temperature: float, position: int = 3) -> Counter:
+    """The token at output `position` of `n` seeded samples of one prompt."""
+    prompt = {"prompt_token_ids": [11, 12, 13, 14]}
+    params = [SamplingParams(temperature=temperature, top_k=6, seed=s, max_tokens=position + 1,
+                             ignore_eos=True) for s in range(n)]
+    outs = llm.generate([prompt] * n, params, use_tqdm=False)
+    return Counter(o.outputs[0].token_ids[position] for o in outs)
+
+
+def test_sampling_follows_the_target_distribution(pair):
+    """The 4th sampled token (its path crosses accepted and rejected drafts) over 1,500
+    seeds, with a drafter agreeing on half the vocabulary, against plain sampling."""
+    target, _, half = pair
+    kw = dict(max_num_batched_tokens=256, max_num_seqs=64)
+    base = sampled_tokens(LLM(target, **kw), 1500, 1.0)
+    llm = LLM(target, speculative_config=spec(half, 3), **kw)
+    got = sampled_tokens(llm, 1500, 1.0)
+    stats = llm.engine.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    stat, df = chi_square_homogeneity(base, got)
+    assert df >= 5 and stat < critical_value(df), (stat, df)
+    # the inverse: the test tells another temperature's distribution apart
+    colder = sampled_tokens(llm, 1500, 0.6)
+    stat, df = chi_square_homogeneity(base, colder)
+    assert stat > critical_value(df), (stat, df)
+
+
+def test_no_block_leaks_after_many_requests_with_aborts(pair):
+    target, _, half = pair
+    llm = LLM(target, max_model_len=128, max_num_seqs=16, num_gpu_blocks_override=48,
+              block_size=16, speculative_config=spec(half, 3))
+    engine, rng = llm.engine, random.Random(3)
+    for i in range(1000):
+        params = SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=i,
+                                max_tokens=rng.randrange(1, 12), ignore_eos=True)
+        engine.add_request(f"r{i}", [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 40))],
+                           params)
+        if i % 3 == 0:
+            engine.step()
+        if i % 5 == 0 and engine.requests:
+            engine.abort_request(rng.choice(list(engine.requests)))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.pool.num_free == engine.kv.num_usable_blocks
+    assert engine.stats.aborted_requests > 100 and engine.stats.spec_num_accepted_tokens > 0
+
+
+def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
+    target, agree, _ = pair
+
+    def config(value, model=target, **kw):
+        return EngineArgs(model, speculative_config=value, **kw).create_engine_config()
+
+    for value, message in [
+            (spec(agree, 0), "num_speculative_tokens must be an integer >= 1"),
+            (spec(agree, 2, method="medusa"), "unknown speculative method 'medusa'"),
+            (dict(spec(agree, 2), draft_tp=1), "unknown \\['draft_tp'\\]"),
+            ("{not json", "not valid JSON"),
+            (spec(str(tmp_path / "missing"), 2), "is not a local directory")]:
+        with pytest.raises(ValueError, match=message):
+            config(value)
+    with pytest.raises(ValueError, match="dense text models so far, not on Qwen3_5"):
+        config(spec(agree, 2), model="tiny-qwen3.5")
+    with pytest.raises(ValueError, match="synchronous scheduling"):
+        config(spec(agree, 2), async_scheduling=True)
+    # a drafter built for another hidden size
+    import json
+    import shutil
+    other = tmp_path / "wide"
+    shutil.copytree(agree, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["target_hidden_size"] = 96
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="target hidden size 96"):
+        config(spec(str(other), 2))
+    assert config(json.dumps(spec(agree, 2))).speculative.num_speculative_tokens == 2
+
+
+def test_unsupported_sampling_is_refused_and_others_go_on(pair):
+    target, agree, _ = pair
+    llm = LLM(target, speculative_config=spec(agree, 2), **KW)
+    with pytest.raises(ValueError, match="speculative decoding does not support penalties"):
+        llm.engine.add_request("bad", [5, 6, 7], SamplingParams(repetition_penalty=1.2))
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                       SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_server_serves_speculatively_and_reports_acceptance(pair):
+    """The OpenAI server on a speculative engine, through the official client; /metrics
+    has vLLM's acceptance counters."""
+    import threading
+
+    import httpx
+    import openai
+    import uvicorn
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fullgraph.engine.async_engine import AsyncLLMEngine
+    from fullgraph.engine.engine import LLMEngine
+    from fullgraph.entrypoints.server.app import build_app
+    from test_server import _free_port, wait_for
+
+    target, agree, _ = pair
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(
+        EngineArgs(target, speculative_config=spec(agree, 3), max_num_seqs=8)))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, timeout=30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                               max_retries=0)
+        out = client.completions.create(model=target, prompt=[5, 6, 7], max_tokens=16,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 16
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        values = {s.name: s.value for fam in text_string_to_metric_families(text)
+                  for s in fam.samples}
+        drafts = values["fullgraph:spec_decode_num_draft_tokens_total"]
+        assert drafts > 0 and values["fullgraph:spec_decode_num_accepted_tokens_total"] == drafts
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        engine.shutdown()
