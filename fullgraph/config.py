@@ -55,6 +55,15 @@ class CUDAGraphMode(enum.Enum):
     NONE = "none"                    # always eager
     FULL = "full"                    # decode and mixed batches, mixed ones bucketed by tokens
     FULL_DECODE_ONLY = "full_decode_only"
+    # graphs around everything but attention, which runs eagerly between the pieces with
+    # metadata built each step (vLLM's name; the baseline FULL is measured against, and the
+    # mode for a backend that cannot be captured)
+    PIECEWISE = "piecewise"
+
+    @property
+    def graph_mode(self) -> CUDAGraphMode:
+        """The mode of the steps that replay graphs."""
+        return CUDAGraphMode.PIECEWISE if self == CUDAGraphMode.PIECEWISE else CUDAGraphMode.FULL
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,6 @@
-"""Target/drafter checkpoint pairs with a known agreement, for speculative-decoding tests.
+"""Target/drafter checkpoint pairs with a known agreement, for speculative-decoding tests and
+benchmarks (`python tests/spec_pairs.py --source qwen3-0.6b-random --disagree 0.3 --out DIR`
+writes DIR/target and DIR/drafter: drafts accepted ~70% of the time under greedy decoding).
 
 The target is tiny-qwen3 with its layers' output projections zeroed (`o_proj`, `down_proj`)
 and an untied random LM head: every layer adds nothing, so its next token depends on the
@@ -24,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from fullgraph.models.presets import resolve_model_path
 
 
-def bigram_target(path: str, seed: int = 1234) -> str:
-    """tiny-qwen3 made a bigram model, written to `path` (`seed`: its LM head; not the
-    preset's own seed, whose first draws are the embedding)."""
-    src = resolve_model_path("tiny-qwen3")
+def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3") -> str:
+    """A dense Qwen3 preset (`source`) made a bigram model, written to `path` (`seed`: its
+    LM head; not the preset's own seed, whose first draws are the embedding). Zeroed
+    projections cost what real ones do, so it times like the preset."""
+    src = resolve_model_path(source)
     shutil.copytree(src, path, dirs_exist_ok=True)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
@@ -46,13 +49,17 @@ def bigram_target(path: str, seed: int = 1234) -> str:
     return path
 
 
-def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 0) -> str:
+def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 0,
+                     focus: float = 20.0) -> str:
     """An EAGLE-3 drafter for `bigram_target(target)` that proposes the target's next token,
-    except for a `disagree` fraction of the vocabulary."""
+    except for a `disagree` fraction of the vocabulary. `focus` is the q and k bias: at 20 a
+    row attends to itself alone; small, it also reads its neighbours (drafts then depend on
+    the K/V at earlier positions, and so on where each row's K/V went)."""
     with open(os.path.join(target, "config.json")) as f:
         t = json.load(f)
     h, v = t["hidden_size"], t["vocab_size"]
-    heads, d = 4, h // 4
+    d = min(64, h // 4)
+    heads = h // d
     os.makedirs(path, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
               "num_hidden_layers": 1, "hidden_size": h, "intermediate_size": 2 * h,
@@ -78,8 +85,8 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
          "midlayer.self_attn.q_proj.weight": torch.zeros(heads * d, 2 * h),
          "midlayer.self_attn.k_proj.weight": torch.zeros(heads * d, 2 * h),
          "midlayer.self_attn.v_proj.weight": torch.cat([eye, torch.zeros(h, h)], 1),
-         "midlayer.self_attn.q_proj.bias": torch.full((heads * d,), 20.0),
-         "midlayer.self_attn.k_proj.bias": torch.full((heads * d,), 20.0),
+         "midlayer.self_attn.q_proj.bias": torch.full((heads * d,), focus),
+         "midlayer.self_attn.k_proj.bias": torch.full((heads * d,), focus),
          "midlayer.self_attn.v_proj.bias": torch.zeros(heads * d),
          "midlayer.self_attn.o_proj.weight": eye.clone(),
          "midlayer.self_attn.o_proj.bias": torch.zeros(h),
@@ -89,3 +96,48 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
          "norm.weight": torch.ones(h), "lm_head.weight": tw["lm_head.weight"].clone()}
     save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def agreeing_eagle1_drafter(path: str, target: str) -> str:
+    """An EAGLE-1 drafter (vLLM's layout) for `bigram_target(target)` that proposes the
+    target's next token: fc scales the token embedding by the target's final norm weight
+    (a positive multiple of what the target's LM head reads, so the same argmax), the
+    layer's attention and MLP outputs are zero, and the target's LM head makes the logits."""
+    with open(os.path.join(target, "config.json")) as f:
+        t = json.load(f)
+    h = t["hidden_size"]
+    os.makedirs(path, exist_ok=True)
+    config = {k: t[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                "head_dim", "vocab_size", "max_position_embeddings",
+                                "rms_norm_eps", "rope_theta")}
+    config.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "num_hidden_layers": 1, "intermediate_size": 2 * h, "hidden_act": "silu",
+                   "torch_dtype": "float32"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    tw = load_file(os.path.join(target, "model.safetensors"))
+    q = t["num_attention_heads"] * t["head_dim"]
+    kv = t["num_key_value_heads"] * t["head_dim"]
+    g = torch.Generator().manual_seed(5)
+    w = {"fc.weight": torch.cat([torch.diag(tw["model.norm.weight"]), torch.zeros(h, h)], 1),
+         "layers.0.self_attn.q_proj.weight": torch.randn(q, h, generator=g),
+         "layers.0.self_attn.k_proj.weight": torch.randn(kv, h, generator=g),
+         "layers.0.self_attn.v_proj.weight": torch.randn(kv, h, generator=g),
+         "layers.0.self_attn.o_proj.weight": torch.zeros(h, q),
+         "layers.0.post_attention_layernorm.weight": torch.ones(h),
+         "layers.0.mlp.gate_proj.weight": torch.randn(2 * h, h, generator=g),
+         "layers.0.mlp.up_proj.weight": torch.randn(2 * h, h, generator=g),
+         "layers.0.mlp.down_proj.weight": torch.zeros(h, 2 * h)}
+    save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default="qwen3-0.6b-random", help="a dense Qwen3 preset")
+    ap.add_argument("--disagree", type=float, default=0.3)
+    ap.add_argument("--out", required=True)
+    ns = ap.parse_args()
+    tgt = bigram_target(os.path.join(ns.out, "target"), source=ns.source)
+    print(tgt, agreeing_drafter(os.path.join(ns.out, "drafter"), tgt, ns.disagree))

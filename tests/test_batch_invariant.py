@@ -289,8 +289,9 @@ def test_parts_without_the_mode_are_refused_by_name():
                                          "batch-invariant mode"):
         EngineArgs("tiny-qwen3", attention_backend="sdpa",
                    batch_invariant=True).create_engine_config()
-    with pytest.raises(ValueError, match="Qwen3_5ForCausalLM does not support batch-invariant"):
-        EngineArgs("tiny-qwen3.5", batch_invariant=True).create_engine_config()
+    with pytest.raises(ValueError, match="Qwen3VLForConditionalGeneration does not support "
+                                         "batch-invariant"):
+        EngineArgs("tiny-qwen3-vl", batch_invariant=True).create_engine_config()
     config = EngineArgs("tiny-qwen3").create_engine_config()
     with pytest.raises(ValueError, match="CPU only so far"):
         check_kernel_policy(KernelPolicy(batch_invariant=True), torch.device("cuda"),

@@ -13,6 +13,7 @@ from fullgraph.config import CUDAGraphMode, SchedulerConfig
 from fullgraph.engine.args import capture_sizes
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
 from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
+from fullgraph.worker.cudagraph.manager import PiecewiseGraph
 from fullgraph.worker.cudagraph.manager import CUDAGraphManager
 
 FULL = CUDAGraphMode.FULL
@@ -198,3 +199,50 @@ def test_graph_inputs_are_never_reallocated(engines):
     # greedy steps replay the model graph alone
     steps = runner.dispatcher.num_graph_steps - steps0
     assert steps > 0 and runner.graphs.num_replays - replays0 == steps
+
+
+def random_generation(llms, seed: int, trials: int = 3):
+    """Each engine's token ids and logprobs over the same random batches."""
+    rng = random.Random(seed)
+    outs = [[] for _ in llms]
+    for _ in range(trials):
+        prompts = [{"prompt_token_ids": [rng.randrange(1, 700)
+                                         for _ in range(rng.randrange(1, 40))]}
+                   for _ in range(rng.randrange(1, 8))]
+        params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(100),
+                                 max_tokens=rng.randrange(2, 12), ignore_eos=True, logprobs=2)
+                  for _ in prompts]
+        for out, llm in zip(outs, llms):
+            out.extend((o.outputs[0].token_ids,
+                        [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+                       for o in llm.generate(prompts, params, use_tqdm=False))
+    return outs
+
+
+@pytest.mark.parametrize("model, kw", [
+    ("tiny-qwen3", dict(batch_invariant=True)),      # bit for bit: the invariant kernels
+    ("tiny-qwen3", dict(attention_backend="sdpa")),   # cannot be captured in FULL graphs
+    ("tiny-qwen3.5", {}),                             # hybrid: GDN layers inside the pieces
+])
+def test_piecewise_graphs_equal_full_graphs_and_eager(model, kw):
+    """--cudagraph-mode piecewise: graphs around everything but attention, which runs
+    eagerly between the pieces with each step's metadata. Same tokens as FULL graphs and
+    as eager steps (bit for bit in batch-invariant mode, logprobs included)."""
+    common = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=32,
+                  num_gpu_blocks_override=128, cudagraph_runtime="fake",
+                  cudagraph_capture_sizes=[1, 2, 4, 8, 16], **kw)
+    modes = ["piecewise", "none"] + (["full"] if kw.get("attention_backend") != "sdpa" else [])
+    llms = [LLM(model, cudagraph_mode=m, **common) for m in modes]
+    runner = llms[0].engine.runner
+    graph = next(g for g, _ in runner.graphs.graphs.values() if isinstance(g, PiecewiseGraph))
+    layers = runner.cache_specs.attention.num_layers
+    assert len(graph.pieces) == 2 * layers + 1        # a piece, attention, ..., a piece
+    outs = random_generation(llms, seed=3)
+    exact = kw.get("batch_invariant")
+    for other in outs[1:]:
+        for (ids, lps), (ids2, lps2) in zip(outs[0], other):
+            assert ids == ids2
+            for a, b in zip(lps, lps2):
+                assert a.keys() == b.keys()
+                assert all((a[t] == b[t]) if exact else abs(a[t] - b[t]) < 1e-4 for t in a)
+    assert runner.dispatcher.num_graph_steps > 0

@@ -20,7 +20,7 @@ import torch
 
 from fullgraph import LLM, SamplingParams
 from fullgraph.engine.args import EngineArgs
-from spec_pairs import agreeing_drafter, bigram_target
+from spec_pairs import agreeing_drafter, agreeing_eagle1_drafter, bigram_target
 
 VOCAB = 740
 
@@ -81,6 +81,17 @@ def test_greedy_output_equals_non_speculative(pair, k):
             assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens
         else:
             assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+
+
+def test_eagle1_drafter_reads_the_final_hidden_state_and_agrees(pair, tmp_path):
+    target = pair[0]
+    drafter = agreeing_eagle1_drafter(str(tmp_path / "eagle1"), target)
+    batch = prompts(11, 12)
+    want = greedy_ids(LLM(target, **KW), batch)
+    llm = LLM(target, speculative_config=spec(drafter, 3, method="eagle"), **KW)
+    assert greedy_ids(llm, batch) == want
+    stats = llm.engine.stats
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
 
 
 def test_random_drafter_is_rejected_and_lossless_under_preemption():
@@ -269,3 +280,62 @@ def test_server_serves_speculatively_and_reports_acceptance(pair):
         server.should_exit = True
         thread.join(timeout=15)
         engine.shutdown()
+
+
+@pytest.mark.parametrize("method", ["eagle3", "eagle"])
+def test_verify_and_draft_graphs_equal_eager_steps(pair, tmp_path, method):
+    """Uniform verify steps replay captured graphs (CPU fake runtime): the model's, then the
+    verification and the drafter's steps built on the device from it; greedy and seeded
+    sampled outputs equal the eager speculative engine's, bit for bit (batch-invariant
+    mode: the graphs also compute the rows eager steps skip)."""
+    target, _, half = pair
+    drafter = half if method == "eagle3" else agreeing_eagle1_drafter(str(tmp_path / "e1"),
+                                                                      target)
+    batch = prompts(5, 6)
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=16, ignore_eos=True,
+                             logprobs=2) for i, t in enumerate([0.0, 0.9] * 3)]
+    kw = dict(KW, max_num_batched_tokens=256, max_num_seqs=8,
+              speculative_config=spec(drafter, 3, method))
+
+    def run(llm):
+        return [(o.outputs[0].token_ids,
+                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+                for o in llm.generate(batch, params, use_tqdm=False)]
+    eager = run(LLM(target, **kw))
+    llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8], **kw)
+    assert run(llm) == eager
+    assert llm.engine.runner.dispatcher.num_graph_steps >= 3
+
+
+def test_graphed_drafts_equal_eager_drafts(pair, tmp_path):
+    """The drafts themselves, step by step, from the graphed drafter (built on the device
+    from the verification: positions, slots, rows) and the eager one, with a drafter whose
+    rows read their neighbours' K/V, so drafts depend on every one of those; as many as
+    the next step can use (the graphed drafter always drafts k, the eager one stops at the
+    request's max_tokens)."""
+    batch = prompts(9, 6)
+    sp = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    target = pair[0]
+    blurred = agreeing_drafter(str(tmp_path / "blurred"), target, focus=1.0)
+    kw = dict(KW, max_num_batched_tokens=256, max_num_seqs=8,
+              speculative_config=spec(blurred, 3))
+
+    def drafts(llm) -> dict:
+        seen: dict = {}
+        engine = llm.engine
+        append = engine._append_verified
+
+        def recording(req, entry, result, i):
+            n = append(req, entry, result, i)
+            usable = max(0, min(3, req.max_tokens - req.num_output_tokens - 1))
+            seen.setdefault(req.request_id, []).append(list(result.draft_token_ids[i])[:usable])
+            return n
+        engine._append_verified = recording
+        llm.generate(batch, sp, use_tqdm=False)
+        return seen
+    eager = drafts(LLM(target, **kw))
+    llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8], **kw)
+    assert drafts(llm) == eager
+    stats = llm.engine.stats
+    assert llm.engine.runner.dispatcher.num_graph_steps >= 3
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens

@@ -16,7 +16,7 @@ separate tensors (no shared base), so the in-place store really is in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -102,11 +102,12 @@ class ForwardContext:
     """
 
     __slots__ = ("backend", "metadata", "kv_caches", "slot_mapping", "state_caches",
-                 "state_metadata", "multimodal", "_forward_qkv")
+                 "state_metadata", "multimodal", "piecewise", "_forward_qkv")
 
     def __init__(self, backend: AttentionBackend, metadata: Any, kv_caches: list[KVCache],
                  slot_mapping: torch.Tensor, state_caches: list[tuple[torch.Tensor, ...]] = (),
-                 state_metadata: Any = None, multimodal: Any = None):
+                 state_metadata: Any = None, multimodal: Any = None,
+                 piecewise: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None):
         self.backend = backend
         self.metadata = metadata
         self.kv_caches = kv_caches        # per full-attention layer
@@ -116,6 +117,10 @@ class ForwardContext:
         # multimodal models: multimodal/inputs.py's MultiModalStepInputs (rotary positions,
         # the step's image rows), else None
         self.multimodal = multimodal
+        # PIECEWISE graphs: runs attention outside the graph pieces (the graph runtime's
+        # `between_pieces`), reading `metadata` when it runs: the runner sets this step's
+        # before each replay
+        self.piecewise = piecewise
         self._forward_qkv = getattr(backend, "forward_qkv", None)
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache) -> None:
@@ -128,6 +133,8 @@ class ForwardContext:
     # kernels are ours or compiled separately, per shape bucket, and graph capture covers all.
     @torch.compiler.disable
     def attention(self, q: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        if self.piecewise is not None:
+            return self.piecewise(lambda: self.backend.forward(q, kv_cache, self.metadata))
         return self.backend.forward(q, kv_cache, self.metadata)
 
     @torch.compiler.disable
@@ -135,6 +142,13 @@ class ForwardContext:
                       prologue: QKNormRope) -> torch.Tensor:
         """Attention from the qkv projection: the prologue and the K/V store, then attention
         (one kernel where the backend fuses them: decode steps of the flex backend on CUDA)."""
+        if self.piecewise is not None:
+            return self.piecewise(lambda: self._attention_qkv(qkv, positions, kv_cache,
+                                                              prologue))
+        return self._attention_qkv(qkv, positions, kv_cache, prologue)
+
+    def _attention_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                       prologue: QKNormRope) -> torch.Tensor:
         if self._forward_qkv is not None:
             out = self._forward_qkv(qkv, positions, kv_cache, self.slot_mapping, prologue,
                                     self.metadata)
@@ -144,4 +158,4 @@ class ForwardContext:
         q = qk_norm_rope_store_kv(qkv, positions, p.cos, p.sin, p.q_weight, p.k_weight, p.eps,
                                   p.num_heads, p.num_kv_heads, kv_cache[0], kv_cache[1],
                                   self.slot_mapping)
-        return self.attention(q, kv_cache)
+        return self.backend.forward(q, kv_cache, self.metadata)

@@ -11,6 +11,9 @@ makes the metadata object over persistent buffers, `update` refreshes it on the 
   the step's inputs, padded to a capacity fixed by the padded shape (layers/gdn/metadata.py).
   fla would otherwise derive it from `cu_seqlens` with a GPU->CPU sync, which no graph may
   hold; so a step syncs only to return its sampled tokens.
+In the batch-invariant mode (the layers' `kernel_policy`) the layers ignore `decode` and
+`chunk_indices`: every step goes through layers/gdn/aligned.py, which derives its chunk map
+on the device from the lanes' boundaries (`seq_lens` - query length).
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ class GDNMetadata:
     has_initial_state: torch.Tensor  # [R_pad] bool
     query_start_loc: torch.Tensor    # [R_pad + 1]
     chunk_indices: torch.Tensor | None   # [capacity, 2] int32; None for decode
+    # [R_pad] each lane's tokens after the step (a view, no work in the normal mode): the
+    # batch-invariant mode's layers find each lane's chunk boundary from it
+    # (layers/gdn/aligned.py)
+    seq_lens: torch.Tensor
 
 
 class GDNMetadataBuilder:
@@ -58,7 +65,7 @@ class GDNMetadataBuilder:
         chunks = (None if decode else
                   self.chunk_indices.gpu[:chunk_capacity(inputs.num_tokens_padded, r)])
         return GDNMetadata(decode, inputs.state_slots, self.has_initial_state[:r],
-                           inputs.query_start_loc, chunks)
+                           inputs.query_start_loc, chunks, inputs.seq_lens)
 
     def update(self, metadata: GDNMetadata, inputs: StepAttentionInputs) -> None:
         qsl = inputs.query_start_loc

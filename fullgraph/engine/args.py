@@ -114,10 +114,12 @@ class EngineArgs:
             if self.async_scheduling:
                 raise ValueError("speculative decoding runs with synchronous scheduling so far: "
                                  "drop async_scheduling (--no-async-scheduling)")
-            if mode != CUDAGraphMode.NONE:
-                logger.info("speculative decoding: steps run eagerly (its graphs are not built "
-                            "yet)")
-            mode = CUDAGraphMode.NONE
+            if mode == CUDAGraphMode.PIECEWISE:
+                raise ValueError("speculative decoding runs with cudagraph_mode full, "
+                                 "full_decode_only or none, not piecewise")
+            if mode == CUDAGraphMode.FULL:
+                # verify steps replay graphs; steps with prompt chunks run eagerly so far
+                mode = CUDAGraphMode.FULL_DECODE_ONLY
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=model.max_model_len,
                                     async_scheduling=(device.type == "cuda"

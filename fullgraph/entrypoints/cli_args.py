@@ -45,7 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default=d.attention_backend, choices=["flex", "sdpa"])
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     g.add_argument("--cudagraph-mode", default=d.cudagraph_mode,
-                   choices=["none", "full", "full_decode_only"])
+                   choices=["none", "full", "full_decode_only", "piecewise"],
+                   help="full: every step in one graph; piecewise: graphs around everything "
+                        "but attention")
     g.add_argument("--cudagraph-capture-sizes", type=_int_list, nargs="+", default=None,
                    help="graph sizes, e.g. 1 2 4 8 16 (or 1,2,4,8,16)")
     g.add_argument("--max-cudagraph-capture-size", type=int, default=None)

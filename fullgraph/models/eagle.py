@@ -108,7 +108,7 @@ class _EagleDrafter(nn.Module):
         self._needs_embedding = True
 
     @staticmethod
-    def cache_specs(cfg) -> CacheSpecs:
+    def cache_specs(cfg, policy: KernelPolicy = DEFAULT_POLICY) -> CacheSpecs:
         """The drafter's own paged KV: one attention layer per decoder layer."""
         return CacheSpecs(PagedAttentionSpec(cfg.num_hidden_layers, cfg.num_attention_heads,
                                              cfg.num_key_value_heads, head_dim_of(cfg)))

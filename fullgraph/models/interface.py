@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
+from fullgraph.layers.policy import KernelPolicy
+
 
 @dataclass(frozen=True, slots=True)
 class PagedAttentionSpec:
@@ -78,7 +80,8 @@ class Model(Protocol):
     capabilities: ClassVar[ModelCapabilities]
 
     @staticmethod
-    def cache_specs(hf_config) -> CacheSpecs: ...
+    def cache_specs(hf_config, policy: KernelPolicy) -> CacheSpecs:
+        """The caches its layers need under the engine's kernel policy (layers/policy.py)."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor: ...
 

@@ -16,7 +16,7 @@ from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_li
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.pdl import inductor_options
-from fullgraph.layers.policy import policy_of
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, policy_of
 from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities, PagedAttentionSpec
 from fullgraph.models.loader import load_weights_by_name
@@ -203,7 +203,7 @@ class Qwen3ForCausalLM(nn.Module):
     capabilities = ModelCapabilities(batch_invariant=True)
 
     @staticmethod
-    def cache_specs(cfg) -> CacheSpecs:
+    def cache_specs(cfg, policy: KernelPolicy = DEFAULT_POLICY) -> CacheSpecs:
         return CacheSpecs(PagedAttentionSpec(cfg.num_hidden_layers, cfg.num_attention_heads,
                                              cfg.num_key_value_heads, head_dim_of(cfg)))
 

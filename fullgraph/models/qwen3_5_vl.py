@@ -36,6 +36,7 @@ from fullgraph.layers.fused_linear import add_rms_norm
 from fullgraph.layers.mrope import MRotaryEmbedding, mrope_section_of
 from fullgraph.layers.norm import ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import rope_theta_of
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities
 from fullgraph.models.qwen3_next import HybridDecoderLayer, HybridForCausalLM, rotary_dim_of
 from fullgraph.models.qwen3_next import check_config as check_hybrid_config
@@ -105,8 +106,8 @@ class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
     _route = HybridForCausalLM._route     # what HybridForCausalLM.load_weights calls
 
     @staticmethod
-    def cache_specs(cfg) -> CacheSpecs:
-        return HybridForCausalLM.cache_specs(cfg.text_config)
+    def cache_specs(cfg, policy: KernelPolicy = DEFAULT_POLICY) -> CacheSpecs:
+        return HybridForCausalLM.cache_specs(cfg.text_config, policy)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Checkpoint names are ours (`model.language_model.*`, `model.visual.*`,

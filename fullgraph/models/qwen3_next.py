@@ -23,6 +23,14 @@ the state pools (layers/gdn/fused_decode.py), and the gated attention's q/k norm
 rotary, K/V store and output gate are two kernels around attention
 (layers/gated_attention.py), on CUDA. The torch ops below stay the reference and the path
 everywhere else (CPU; prefill GDN through fla).
+
+The batch-invariant mode (`kernel_policy`, layers/policy.py; CPU only so far) keeps every
+token's bits independent of the rest of the step (docs/batch_invariance.md, 6.7): the GDN
+layers run every step, decode included, through one conv formula and the gated delta rule
+with chunks at absolute positions (layers/gdn/aligned.py, whose per-slot tails of inputs are
+extra state tensors that only the mode's `cache_specs` asks for); elementwise
+transcendentals go through `activation.scalar_path`, projections and experts through
+`linear.invariant_matmul`, attention through the invariant backend.
 """
 from __future__ import annotations
 
@@ -32,15 +40,19 @@ import torch
 from torch import nn
 
 from fullgraph.attention.backend import ForwardContext, KVCache
+from fullgraph.attention.gdn import GDNMetadata
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers import gated_attention
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
-from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, chunk_gated_delta_rule,
+from fullgraph.layers.activation import scalar_path
+from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
+                                  causal_conv1d_decode, chunk_gated_delta_rule,
                                   decode_gated_delta_rule, fused_decode, gdn_gating,
                                   rms_norm_gated)
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm, ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, policy_of
 from fullgraph.models.interface import (CacheSpecs, ModelCapabilities, PagedAttentionSpec,
                                         StateSpec, StateTensorSpec)
 from fullgraph.models.loader import load_weights_by_name
@@ -107,7 +119,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return rms_norm_gated(x, gate, self.weight, self.eps)
+        return rms_norm_gated(x, gate, self.weight, self.eps,
+                              policy_of(self).batch_invariant)
 
 
 class GatedAttention(nn.Module):
@@ -152,7 +165,11 @@ class GatedAttention(nn.Module):
         k = torch.cat((k_rot, k[..., rd:]), dim=-1)
         ctx.store_kv(k, v.view(t, hkv, d), kv_cache)
         o = ctx.attention(q, kv_cache).reshape(t, hq * d)
-        return self.o_proj(o * torch.sigmoid(gate.reshape(t, hq * d))), residual
+        gate = gate.reshape(t, hq * d)
+        # the mode: which elements take sigmoid's vectorized formula depends on the row count
+        gate = (scalar_path(torch.sigmoid, gate) if policy_of(self).batch_invariant
+                else torch.sigmoid(gate))
+        return self.o_proj(o * gate), residual
 
 
 class GatedDeltaNet(nn.Module):
@@ -175,14 +192,18 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                ctx: ForwardContext, state: tuple[torch.Tensor, torch.Tensor]
+                ctx: ForwardContext, state: tuple[torch.Tensor, ...]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        md, (conv_pool, recurrent_pool) = ctx.state_metadata, state
+        """`state`: the layer's pools (conv, recurrent; in the batch-invariant mode then the
+        tails of TAIL_INPUTS), as `HybridForCausalLM.cache_specs` lists them."""
+        md, (conv_pool, recurrent_pool) = ctx.state_metadata, state[:2]
         t = x.shape[0]
         proj, residual = norm_linear(x, residual, norm, self.in_proj)
         qkv, z, b, a = proj.split(
             (self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads), dim=-1)
         weight = self.conv1d.weight.squeeze(1)                  # [conv_dim, kernel]
+        if policy_of(self).batch_invariant:
+            return self.out_proj(self._aligned(qkv, z, b, a, weight, md, state)), residual
         if md.decode and fused_decode.supported(x, self.head_k_dim, self.head_v_dim):
             # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py)
             qkv = fused_decode.conv_decode(qkv, weight, conv_pool, md.state_slots,
@@ -211,6 +232,30 @@ class GatedDeltaNet(nn.Module):
                                        md.chunk_indices)
         o = self.norm(o, z.reshape(t, self.num_v_heads, self.head_v_dim))
         return self.out_proj(o.reshape(t, self.value_dim)), residual
+
+    def _aligned(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                 weight: torch.Tensor, md: GDNMetadata, state: tuple[torch.Tensor, ...]
+                 ) -> torch.Tensor:
+        """The batch-invariant mode, from the projection to out_proj's input `[T,
+        value_dim]`: prefill, mixed and decode steps alike through the prefill conv (its taps
+        in order, float32) and the rule with chunks at absolute positions from each slot's
+        committed state and tail (layers/gdn/aligned.py). A lane that starts now (a new or
+        preempted request: has_initial_state False) reads neither its slot's state nor its
+        tail, as in the normal mode."""
+        conv_pool, recurrent_pool, *tails = state
+        t = qkv.shape[0]
+        qkv = causal_conv1d(qkv, weight, None, conv_pool, md.state_slots, md.query_start_loc,
+                            md.has_initial_state, batch_invariant=True)
+        q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
+        g, beta = gdn_gating(a, b, self.A_log, self.dt_bias, batch_invariant=True)
+        o = aligned_chunk_gated_delta_rule(
+            q.reshape(t, self.num_k_heads, self.head_k_dim),
+            k.reshape(t, self.num_k_heads, self.head_k_dim),
+            v.reshape(t, self.num_v_heads, self.head_v_dim), g, beta, recurrent_pool, tails,
+            md.state_slots, md.query_start_loc, md.seq_lens, md.has_initial_state,
+            policy_of(self), max_query_len=1 if md.decode else None)
+        o = self.norm(o, z.reshape(t, self.num_v_heads, self.head_v_dim))
+        return o.reshape(t, self.value_dim)
 
 
 class SwiGLU(nn.Module):
@@ -285,7 +330,9 @@ class HybridModel(nn.Module):
 class HybridForCausalLM(nn.Module):
     """`Qwen3NextForCausalLM`, `Qwen3_5ForCausalLM` and `Qwen3_5MoeForCausalLM`."""
 
-    capabilities = ModelCapabilities(prefix_caching=False)
+    # batch-invariant on the CPU (docs/batch_invariance.md, 6.7 / 6.8); the vision-language
+    # classes built on these layers (models/qwen3_5_vl.py) declare their own capabilities
+    capabilities = ModelCapabilities(prefix_caching=False, batch_invariant=True)
     # checkpoint name -> the merged projection that holds it
     stacked_params = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
@@ -304,14 +351,21 @@ class HybridForCausalLM(nn.Module):
     check_config = staticmethod(check_config)
 
     @staticmethod
-    def cache_specs(cfg) -> CacheSpecs:
+    def cache_specs(cfg, policy: KernelPolicy = DEFAULT_POLICY) -> CacheSpecs:
         num_full = sum(t == "full_attention" for t in cfg.layer_types)
-        conv_dim = (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
-                    + cfg.linear_num_value_heads * cfg.linear_value_head_dim)
-        state = StateSpec(len(cfg.layer_types) - num_full, (
-            StateTensorSpec("conv", (cfg.linear_conv_kernel_dim - 1, conv_dim)),
-            StateTensorSpec("recurrent", (cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                          cfg.linear_value_head_dim), torch.float32)))
+        hk, dk = cfg.linear_num_key_heads, cfg.linear_key_head_dim
+        hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+        tensors = (StateTensorSpec("conv", (cfg.linear_conv_kernel_dim - 1, 2 * hk * dk + hv * dv)),
+                   StateTensorSpec("recurrent", (hv, dk, dv), torch.float32))
+        if policy.batch_invariant:
+            # per slot, the rule's inputs since the last committed chunk boundary
+            # (layers/gdn/aligned.py): the mode only
+            width = policy.gdn_chunk - 1
+            shapes = {"q": ((hk, dk), None), "k": ((hk, dk), None), "v": ((hv, dv), None),
+                      "g": ((hv,), torch.float32), "beta": ((hv,), None)}
+            tensors += tuple(StateTensorSpec(f"tail_{name}", (width, *shapes[name][0]),
+                                             shapes[name][1]) for name in TAIL_INPUTS)
+        state = StateSpec(len(cfg.layer_types) - num_full, tensors)
         return CacheSpecs(PagedAttentionSpec(num_full, cfg.num_attention_heads,
                                              cfg.num_key_value_heads, head_dim_of(cfg)), state)
 
@@ -324,7 +378,7 @@ class HybridForCausalLM(nn.Module):
     enable_aux_hidden_states = Qwen3ForCausalLM.enable_aux_hidden_states
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return logits_into(hidden, self.lm_head.weight, out)
+        return logits_into(hidden, self.lm_head.weight, out, policy_of(self))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def skip(name: str) -> bool:

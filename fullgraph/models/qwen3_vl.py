@@ -32,6 +32,7 @@ from fullgraph.layers.linear import logits_into
 from fullgraph.layers.mrope import MRotaryEmbedding, mrope_positions, mrope_section_of
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.rotary import rope_theta_of
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities
 from fullgraph.models.loader import load_weights_by_name
 from fullgraph.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, head_dim_of
@@ -142,8 +143,8 @@ class Qwen3VLForConditionalGeneration(nn.Module):
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     @staticmethod
-    def cache_specs(cfg) -> CacheSpecs:
-        return Qwen3ForCausalLM.cache_specs(cfg.text_config)
+    def cache_specs(cfg, policy: KernelPolicy = DEFAULT_POLICY) -> CacheSpecs:
+        return Qwen3ForCausalLM.cache_specs(cfg.text_config, policy)
 
     def rope_positions(self, token_ids: Sequence[int],
                        grids: Sequence[tuple[int, int, int]]) -> tuple[np.ndarray, int]:

@@ -92,6 +92,14 @@ class SamplerGraphKey:
     features: SamplerFeatures
 
 
+@dataclass(frozen=True, slots=True)
+class SpecGraphKey:
+    """Speculative decoding: the verification and drafting graph replayed after a uniform
+    verify step's model graph, for `num_reqs` rows; greedy rows only, or any."""
+    num_reqs: int
+    greedy: bool
+
+
 # The sampler variants captured for every request count, cheapest first: temperature only
 # (nano-vllm's benchmark and most RL rollouts), with top-k / top-p / min_p, and everything
 # (penalties, logit_bias, allowed tokens, min_tokens, logprobs).
@@ -126,7 +134,8 @@ class ModelRunner:
         self._draft_hidden: torch.Tensor | None = None
         if config.speculative is not None:
             self.proposer = self._load_proposer(config)
-        self.cache_specs: CacheSpecs = self.model.cache_specs(config.model.hf_config)
+        self.cache_specs: CacheSpecs = self.model.cache_specs(config.model.hf_config,
+                                                               config.kernel_policy)
         sched = config.scheduler
         self.max_num_tokens = sched.max_num_batched_tokens
         self.max_num_seqs = sched.max_num_seqs
@@ -138,11 +147,21 @@ class ModelRunner:
         # a sampler graph can read what any model graph wrote.
         self.logits = torch.zeros(sched.max_num_seqs, config.model.vocab_size,
                                   dtype=config.model.dtype, device=self.device)
-        # speculative steps: the logits of every request's k + 1 scored rows
+        # Speculative steps: the logits of every request's k + 1 scored rows; for graphed
+        # verify steps also the slot-0 positions, the verification's tokens and accepted
+        # counts, and (EAGLE-1) the target's hidden states.
         k = config.speculative.num_speculative_tokens if config.speculative else 0
-        self.spec_logits = (torch.zeros(sched.max_num_seqs * (k + 1), config.model.vocab_size,
-                                        dtype=config.model.dtype, device=self.device)
-                            if k else None)
+        if k:
+            r, dev = sched.max_num_seqs, self.device
+            self.spec_logits = torch.zeros(r * (k + 1), config.model.vocab_size,
+                                           dtype=config.model.dtype, device=dev)
+            self._spec_positions = torch.zeros(r, dtype=torch.int64, device=dev)
+            self._spec_tokens = torch.zeros(r, k + 1, dtype=torch.int64, device=dev)
+            self._spec_accepted = torch.zeros(r, dtype=torch.int64, device=dev)
+            self._spec_hidden = (None if self._draft_hidden is not None else
+                                 torch.zeros(self.max_num_tokens,
+                                             config.model.hf_config.get_text_config().hidden_size,
+                                             dtype=config.model.dtype, device=dev))
         self.sampled = self.buffers.sampled     # each step's samples, the next step's inputs
         # Where steps' samples land on the host, in turn: the engine waits for a step's
         # results (PendingStep.wait copies them out) before it launches the step after next,
@@ -195,7 +214,8 @@ class ModelRunner:
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
                                      config.compilation.cudagraph_capture_sizes,
                                      self.max_num_seqs, self.max_num_tokens,
-                                     pad_eager=self.device.type == "cuda")
+                                     pad_eager=self.device.type == "cuda",
+                                     decode_query_len=k + 1)
         self.graphs: CUDAGraphManager | None = None
         self.attention_states: dict = {}
         self.capture_report: CaptureReport | None = None
@@ -204,6 +224,9 @@ class ModelRunner:
         self.prepare_seconds = 0.0     # host time writing step inputs (graph steps: all of it)
         self.state_prepare_seconds = 0.0   # of which the linear-attention metadata
         self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
+        self._last_context: ForwardContext | None = None
+        # PIECEWISE graphs: the forward context each captured its attention calls with
+        self._piecewise_contexts: dict[BatchExecutionDescriptor, ForwardContext] = {}
         self.num_steps = 0
 
     def _load_proposer(self, config: EngineConfig) -> EagleProposer:
@@ -288,7 +311,7 @@ class ModelRunner:
                                         compile=self.config.compilation.compile_attention,
                                         policy=self.config.kernel_policy)
         if self.proposer is not None:
-            self.proposer.allocate_kv_cache(num_blocks)
+            self.proposer.allocate_kv_cache(num_blocks, self.buffers.persistent())
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
@@ -328,15 +351,18 @@ class ModelRunner:
     def _capture_graphs(self, runtime: GraphRuntime | None,
                         workers: CompileWorkers | None) -> CaptureReport | None:
         descs = self.dispatcher.descriptors_to_capture()
-        if not descs or not self.backend_cls.supports_cudagraph:
-            return None
+        piecewise = self.dispatcher.graph_mode == CUDAGraphMode.PIECEWISE
+        if not descs or not (self.backend_cls.supports_cudagraph or piecewise):
+            return None           # (attention is outside PIECEWISE graphs: any backend)
         ahead = None
         if runtime is None:
             runtime = CUDAGraphRuntime(self.device)
             ahead = partial(triton_compile_ahead, workers) if workers is not None else None
         self.graphs = CUDAGraphManager(runtime, ahead)
         rows = sorted({d.num_reqs for d in descs}, reverse=True)
-        keys = descs + [SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
+        keys = descs + ([SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
+                        if self.proposer is None else
+                        [SpecGraphKey(r, greedy) for r in rows for greedy in (True, False)])
         compiles0 = compile_count()
         # Decode descriptors warm up first: they need most of the kernel variants (row bucket,
         # split count), which compile-ahead's workers then compile while a mixed descriptor
@@ -378,17 +404,31 @@ class ModelRunner:
         if isinstance(key, SamplerGraphKey):
             sampling = self._sampling_variant(key.num_reqs, key.features)
             return (lambda: self._sample(sampling, key.features)), None
+        if isinstance(key, SpecGraphKey):
+            return self._create_verify_fn(key)
         compiles0 = compile_count()
         copies = self._graph_copies_inputs(key)
         step = self.buffers.prepare(self._dummy_chunks(key), key, copy=not copies)
         self._prepare_metadata(step)
         metadata = self._build_metadata(step)
+        piecewise = None
+        if key.mode == CUDAGraphMode.PIECEWISE:
+            # attention runs between the pieces, with each step's own metadata (set on the
+            # context before a replay); this one is for the warmup or capture run itself
+            self.backend.update(metadata.attention, step.attention)
+            piecewise = self.graphs.runtime.between_pieces
 
         def forward():
             if copies:
                 self._copy_inputs(key)
-            self._update_metadata(metadata, step)
-            out = self._run_model(step, metadata)
+            if piecewise is None:
+                self._update_metadata(metadata, step)
+            elif metadata.state is not None:
+                self.state_backend.update(metadata.state, step.attention)
+            out = (self._run_model(step, metadata, piecewise) if self.proposer is None
+                   else self._score_drafts(step, metadata))
+            if piecewise is not None and not warmup:
+                self._piecewise_contexts[key] = self._last_context
             if copies and self._event_stream is not None:
                 torch.cuda.current_stream().wait_stream(self._event_stream)   # rejoin
             if warmup:
@@ -482,18 +522,20 @@ class ModelRunner:
         if metadata.state is not None:
             self.state_backend.update(metadata.state, step.attention)
 
-    def _run_model(self, step: StepInputs, metadata: StepMetadata) -> torch.Tensor:
+    def _run_model(self, step: StepInputs, metadata: StepMetadata,
+                   piecewise: Any = None) -> torch.Tensor:
         """The model, its logits into `self.logits`, and the greedy token of every row into
-        `self.sampled`."""
+        `self.sampled`. `piecewise`: the graph runtime's `between_pieces` (PIECEWISE)."""
         r = step.desc.num_reqs
-        hidden = self._forward_hidden(step, metadata)
+        hidden = self._forward_hidden(step, metadata, piecewise)
         logits = self.logits[:r]
         # one token per request: the rows are the requests' already (no gather kernel)
         rows = hidden[:r] if step.desc.uniform_query_len == 1 else hidden[step.logits_indices]
         self.model.compute_logits(rows, out=logits)
         return argmax_rows(logits, out=self.sampled[:r])
 
-    def _forward_hidden(self, step: StepInputs, metadata: StepMetadata) -> torch.Tensor:
+    def _forward_hidden(self, step: StepInputs, metadata: StepMetadata,
+                        piecewise: Any = None) -> torch.Tensor:
         """The model's hidden states of the step's tokens (also kept as `_hidden`)."""
         # Synchronous steps never have pending tokens; the arena's copy kernel may fill them.
         if self.async_scheduling and not self.buffers.arena.merges:
@@ -503,9 +545,9 @@ class ModelRunner:
         if self.multimodal:
             rope = self.rope_positions.gpu[:step.desc.num_tokens].t()
             mm = MultiModalStepInputs(rope, *(self._step_images or ()))
-        ctx = ForwardContext(self.backend, metadata.attention, self.kv_caches,
-                             step.attention.slot_mapping, self.state_caches, metadata.state,
-                             mm)
+        ctx = self._last_context = ForwardContext(
+            self.backend, metadata.attention, self.kv_caches, step.attention.slot_mapping,
+            self.state_caches, metadata.state, mm, piecewise)
         hidden = self._hidden = self.model(step.input_ids, step.positions, ctx)
         return hidden
 
@@ -562,7 +604,11 @@ class ModelRunner:
         if self._inputs_copied is not None and not copied_in_graph:
             self._inputs_copied.record()
         features = step.features
-        if desc.mode == CUDAGraphMode.FULL:
+        if desc.mode == CUDAGraphMode.PIECEWISE:
+            attention = self.backend.build(step.attention)     # this step's, for the
+            self.backend.update(attention, step.attention)     # attention between pieces
+            self._piecewise_contexts[desc].metadata = attention
+        if desc.mode != CUDAGraphMode.NONE:
             self.graphs.replay(desc)
             out = None if features.greedy_only else self.graphs.replay(
                 SamplerGraphKey(desc.num_reqs, self._captured_sampler(features)))
@@ -584,15 +630,82 @@ class ModelRunner:
         return PendingStep(host, event, prompt_lps)
 
 
+    # ---------------------------------------------------------------- speculative steps
+    def _score_drafts(self, step: StepInputs, metadata: StepMetadata) -> torch.Tensor:
+        """A uniform verify step's model part (a graph holds it): the target over every
+        request's last token and drafts, the logits of every row into `spec_logits`, and
+        the hidden states the drafter reads into a persistent buffer."""
+        hidden = self._forward_hidden(step, metadata)
+        n = step.desc.num_tokens
+        if self._draft_hidden is None:                      # EAGLE-1: the final states
+            self._spec_hidden[:n].copy_(hidden[:n])
+        return self.model.compute_logits(hidden[:n], out=self.spec_logits[:n])
+
+    def _create_verify_fn(self, key: SpecGraphKey):
+        """The verification and the drafter's steps after a uniform verify step of
+        `key.num_reqs` requests, device ops only: the graph replayed after the model's."""
+        q = self.dispatcher.q
+        desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, key.num_reqs * q, key.num_reqs, q)
+        step = self.buffers.prepare(self._dummy_chunks(desc), desc)
+        state = self.proposer.graph_state(step.attention)
+        r, k = key.num_reqs, q - 1
+        sampling = dataclasses.replace(
+            self.buffers.sampling_tensors(r, all_greedy=key.greedy,
+                                          any_top_k_top_p=not key.greedy, num_logprobs=-1),
+            positions=self._spec_positions[:r])
+        hidden = self._draft_hidden if self._draft_hidden is not None else self._spec_hidden
+
+        def forward():
+            torch.sub(step.attention.seq_lens[:r], k, out=self._spec_positions[:r])
+            verified = rejection_sample(step.input_ids[:r * q].view(r, q)[:, 1:],
+                                        self.spec_logits[:r * q].view(r, q, -1), sampling)
+            self._spec_tokens[:r].copy_(verified.token_ids)
+            self._spec_accepted[:r].copy_(verified.num_accepted)
+            return self.proposer.draft_graphed(state, step.attention, self._spec_tokens[:r],
+                                               self._spec_accepted[:r], hidden)
+
+        return forward, None
+
+    def _launch_verify_graphs(self, chunks: Sequence[ScheduledChunk],
+                              desc: BatchExecutionDescriptor) -> PendingStep:
+        """A uniform verify step (every request with k drafts) in its captured graphs: the
+        model's, then verification and drafting's; one read of the results at the end."""
+        t0 = time.perf_counter()
+        copied_in_graph = self._graph_copies_inputs(desc)
+        step = self.buffers.prepare(chunks, desc, copy=not copied_in_graph)
+        self._reset_sampling_slots(chunks)
+        self._last_step = None
+        self._prepare_metadata(step)
+        self.prepare_seconds += time.perf_counter() - t0
+        greedy = step.sampling.all_greedy
+        self.graphs.replay(desc)
+        drafts = self.graphs.replay(SpecGraphKey(desc.num_reqs, greedy))
+        r, q = len(chunks), self.dispatcher.q
+        result = StepResult(self._spec_tokens[:r].cpu().numpy())
+        if step.sampling.num_logprobs >= 0:
+            rows = self.spec_logits[:r * q]
+            lps = sampler_prompt_logprobs(rows, self._spec_tokens[:r].clamp(min=0).view(-1),
+                                          step.sampling.num_logprobs)
+            result.logprobs, result.logprob_token_ids, result.ranks = (
+                t.view(r, q, *t.shape[1:]).cpu().numpy() for t in lps)
+        result.num_emitted = self._spec_accepted[:r].cpu().numpy() + 1
+        result.draft_token_ids = drafts[:r].tolist()
+        self.num_steps += 1
+        return PendingStep((), None, ready=result)
+
     def _launch_speculative(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         """A speculative step, eager and synchronous: the target scores every request's last
         token and drafts (k + 1 rows each, worker/spec_decode/verify.py), verification keeps
         the target's distribution (rejection.py), and the drafter proposes the next step's
         drafts from the positions kept (proposer.py). Reading the accepted counts is a host
-        sync; the drafter's graphs, which need none, are the next step (docs/speculative.md).
-        """
+        sync; uniform verify steps replay graphs instead (`_launch_verify_graphs`)."""
         k = self.config.speculative.num_speculative_tokens
         n_tok, r = sum(c.num_new_tokens for c in chunks), len(chunks)
+        if self.graphs is not None and all(len(getattr(c, "spec_token_ids", ())) == k
+                                           for c in chunks):
+            desc = self.dispatcher.dispatch(n_tok, r, k + 1)
+            if desc.mode == CUDAGraphMode.FULL:
+                return self._launch_verify_graphs(chunks, desc)
         t0 = time.perf_counter()
         owed = (prompt_logprobs.plan(chunks)
                 if any(c.request.prompt_logprobs is not None for c in chunks) else None)

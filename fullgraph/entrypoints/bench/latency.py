@@ -7,6 +7,11 @@ plus host overhead. Achieved bandwidth counts the bytes a decode step must read:
 (tied LM head once), each request's KV cache and, for hybrid models, each request's
 linear-attention state (read and written); the floor is those bytes at the device's measured
 copy bandwidth.
+
+With `--speculative-config`, a decode step emits up to k + 1 tokens a request: each row also
+reports output tokens/s over the decode steps and the mean accepted length (tokens a
+request gains per verify step), and the same batches run once more without speculation in
+the same process, for the speedup.
 """
 from __future__ import annotations
 
@@ -85,6 +90,9 @@ def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dic
         engine.add_request(f"lat-{batch}-{i}-{time.monotonic_ns()}", ids, params)
     t0 = time.perf_counter()
     ttft, decode_ms, kernels, prep, counted = None, [], None, None, False
+    decode_tokens = 0
+    stats = engine.stats
+    drafts0, accepted0 = stats.spec_num_drafts, stats.spec_num_accepted_tokens
     runner = engine.runner
     prefill_syncs = count_syncs(engine)          # the first step: the prompts' prefill
     decode_syncs = None
@@ -99,11 +107,13 @@ def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dic
             continue
         p0, n0 = runner.prepare_seconds, runner.num_steps
         s0 = runner.state_prepare_seconds
+        g0 = stats.generation_tokens
         t = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t
         if sched_decode and ttft is not None:
             decode_ms.append(dt * 1e3)
+            decode_tokens += stats.generation_tokens - g0
             steps = max(runner.num_steps - n0, 1)
             prep = (prep or []) + [((runner.prepare_seconds - p0) / steps,
                                     (runner.state_prepare_seconds - s0) / steps)]
@@ -111,7 +121,11 @@ def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dic
             ttft = time.perf_counter() - t0
     if not decode_ms:                            # a warm-up too short to time a decode step
         decode_ms = [float("nan")]
+    drafts = stats.spec_num_drafts - drafts0
     return {"batch": batch, "ttft_ms": (ttft or 0) * 1e3,
+            "output_tok_per_s": decode_tokens / (sum(decode_ms) / 1e3) if decode_tokens else None,
+            "mean_accepted_len": (1 + (stats.spec_num_accepted_tokens - accepted0) / drafts
+                                  if drafts else None),
             "decode_ms_median": statistics.median(decode_ms), "decode_ms_mean": statistics.fmean(decode_ms),
             "decode_steps": len(decode_ms), "kernels_per_decode_step": kernels,
             "syncs_prefill_step": prefill_syncs, "syncs_decode_step": decode_syncs,
@@ -156,10 +170,13 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
         row["ratio_to_floor"] = row["decode_ms_median"] / row["floor_ms"]
         rows.append(row)
         kernels = row["kernels_per_decode_step"]
+        accepted = row["mean_accepted_len"]
         print(f"[{mode}] batch {b:4d}: {row['decode_ms_median']:.3f} ms/step "
               f"({row['ratio_to_floor']:.2f}x floor, {row['achieved_GBps']:.0f} GB/s), "
               f"TTFT {row['ttft_ms']:.1f} ms"
-              + (f", {kernels} kernels" if kernels is not None else ""), flush=True)
+              + (f", {kernels} kernels" if kernels is not None else "")
+              + (f", {row['output_tok_per_s']:.0f} tok/s" if row["output_tok_per_s"] else "")
+              + (f", mean accepted length {accepted:.2f}" if accepted else ""), flush=True)
     report = runner.capture_report
     result = {"mode": mode, "startup_s": startup, "weight_bytes": w_bytes, "rows": rows,
               "capture_seconds": report.seconds if report else None,
@@ -177,9 +194,21 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
 def main(ns: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = copy_bandwidth(device)
+    modes = [run_mode(ns, m, bandwidth) for m in ns.modes]
+    if ns.speculative_config:                 # the same batches without speculation
+        plain = argparse.Namespace(**{**vars(ns), "speculative_config": None})
+        for m in list(modes):
+            base = run_mode(plain, "graph" if m["mode"].startswith("graph") else "eager",
+                            bandwidth)
+            base["mode"] += " (no speculation)"
+            for row, ref in zip(m["rows"], base["rows"]):
+                row["speedup_tok_per_s"] = row["output_tok_per_s"] / ref["output_tok_per_s"]
+                print(f"[{m['mode']}] batch {row['batch']:4d}: "
+                      f"{row['speedup_tok_per_s']:.2f}x the tokens/s without speculation")
+            modes.append(base)
     data = header(device) | {"copy_bandwidth_GBps": bandwidth / 1e9, "model": ns.model,
                              "input_len": ns.input_len, "output_len": ns.output_len,
-                             "modes": [run_mode(ns, m, bandwidth) for m in ns.modes]}
+                             "speculative_config": ns.speculative_config, "modes": modes}
     path = write_json(ns.out, "bench_latency.json", data)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -12,8 +12,11 @@ saved states (state.py: the two pools' layouts, slot 0 the null slot).
 - kernels.py: the same through fla's kernels on CUDA (the reference elsewhere).
 - fused_decode.py: a decode step (conv, gating, rule, output norm) as two Triton kernels.
 - metadata.py: host-side chunk maps (fla's chunk_indices), exact and padded for graphs.
+- aligned.py: the batch-invariant mode's rule, chunks at absolute positions, each slot's
+  tail of inputs since its last committed boundary in pools of its own.
 """
 from fullgraph.layers.gdn import fused_decode
+from fullgraph.layers.gdn.aligned import TAIL_INPUTS, aligned_chunk_gated_delta_rule
 from fullgraph.layers.gdn.conv import causal_conv1d, causal_conv1d_decode
 from fullgraph.layers.gdn.gating import gdn_gating, l2norm, rms_norm_gated
 from fullgraph.layers.gdn.kernels import chunk_gated_delta_rule, decode_gated_delta_rule
@@ -24,7 +27,8 @@ from fullgraph.layers.gdn.reference import (chunk_gated_delta_rule_ref,
 from fullgraph.layers.gdn.state import NULL_SLOT, gather_states
 
 __all__ = [
-    "CHUNK_SIZE", "NULL_SLOT", "causal_conv1d", "causal_conv1d_decode", "chunk_capacity",
+    "CHUNK_SIZE", "NULL_SLOT", "TAIL_INPUTS", "aligned_chunk_gated_delta_rule",
+    "causal_conv1d", "causal_conv1d_decode", "chunk_capacity",
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref", "chunk_metadata",
     "decode_gated_delta_rule", "fused_decode", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
     "recurrent_gated_delta_rule_ref", "rms_norm_gated",

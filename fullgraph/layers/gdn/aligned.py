@@ -2,19 +2,130 @@
 
 The chunked rule's result for a token depends on where its chunk starts (the step's cut), and
 decode's recurrent form differs from both (docs/batch_invariance.md, section 3). Here a
-lane's state is committed only at multiples of `KernelPolicy.gdn_chunk`; the tokens since the
-last boundary are run again with the new ones, so prefill in one call, prefill cut anywhere
-and token-by-token decode give the same bits. Op level so far: the hybrid models do not call
-it yet (the plan's step 2: a tail state tensor per slot, docs/batch_invariance.md, 6.7).
+lane's state is committed only at multiples of `KernelPolicy.gdn_chunk`; the rule's inputs
+of the tokens since the last boundary (the tail, fewer than a chunk) are kept per state slot
+and run again with the new ones, so prefill in one call, prefill cut anywhere and
+token-by-token decode give the same bits (section 6.7).
+
+- `aligned_chunk_gated_delta_rule`: all lanes of a step at once, on the state pools (the
+  committed state in the recurrent pool, the tail in one pool per input): what
+  models/qwen3_next.py's Gated DeltaNet layers run in the mode, prefill, mixed and decode
+  steps alike.
+- `aligned_gated_delta_rule`: one lane held in a `GDNLaneState`, through the same code.
+
+Like reference.py it reads no device value on the host and its op sequence depends on the
+shapes only, so it runs inside the CPU fake graphs.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from fullgraph.layers.gdn.reference import chunk_gated_delta_rule_ref
+from fullgraph.layers.activation import scalar_path
+from fullgraph.layers.gdn.reference import chunk_scan, chunk_terms, normalize_inputs
+from fullgraph.layers.gdn.state import gather_states
 from fullgraph.layers.policy import KernelPolicy
+
+# The rule's inputs a tail keeps, in this order (one pool each; g float32 like gating.py's).
+TAIL_INPUTS = ("q", "k", "v", "g", "beta")
+
+# exp's vectorized and scalar CPU formulas may differ in the last bit, and which elements take
+# which depends on the tensor's size and thread split (layers/activation.py)
+_exp = partial(scalar_path, torch.exp)
+
+
+def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   g: torch.Tensor, beta: torch.Tensor,
+                                   state_pool: torch.Tensor,
+                                   tail_pools: Sequence[torch.Tensor],
+                                   state_slots: torch.Tensor, query_start_loc: torch.Tensor,
+                                   seq_lens: torch.Tensor, has_initial_state: torch.Tensor,
+                                   policy: KernelPolicy,
+                                   max_query_len: int | None = None) -> torch.Tensor:
+    """The gated delta rule for packed lanes with chunks at absolute multiples of
+    `policy.gdn_chunk` (C); updates the pools in place.
+
+    Inputs as reference.py's (q, k `[T, HK, DK]`, v `[T, HV, DV]`, g, beta `[T, HV]`; lane r
+    owns rows query_start_loc[r] .. query_start_loc[r + 1]); seq_lens `[R]` the lane's tokens
+    after this step, so seq_len - query_len is where the step starts. `state_pool`
+    `[slots, HV, DK, DV]` float32 holds each slot's state at its last boundary, `tail_pools`
+    (q, k, v, g, beta: `[slots, C - 1, ...]`) the inputs of the tokens after it.
+
+    Per lane: its tail (start % C tokens, none for a lane that starts now, whatever its slot
+    holds) and its new tokens form chunks that begin at absolute boundaries, run from the
+    committed state; complete chunks commit their state, the last partial chunk only gives
+    outputs and becomes the new tail. A row of a chunk depends on the rows before it only
+    (absent later rows are no-op tokens that enter its sums as exact zeros), and every chunk
+    goes through the same ops of fixed shape: a token's bits depend neither on the step's
+    cut nor on the other lanes. `max_query_len`: a bound on any lane's new tokens, where the
+    step's shape gives one (1 for a decode step), which bounds the work. Returns
+    `[T, HV, DV]` in q's dtype (rows of no lane zero).
+    """
+    chunk = policy.gdn_chunk
+    width = chunk - 1                               # tail rows per slot
+    t, r, dev = q.shape[0], state_slots.shape[0], q.device
+    slots = state_slots.long()
+    qsl = query_start_loc.long()
+    lens = qsl[1:] - qsl[:-1]
+    start = (seq_lens.long() - lens).clamp(min=0)   # padding lanes may have seq_len 0
+    n_tail = torch.where(has_initial_state & (lens > 0), start % chunk, 0)
+    total = n_tail + lens                           # the lane's rows from its boundary
+    # Per input one table: the step's rows, every lane's tail rows, then a zero row (the
+    # no-op token: decay exp(0) = 1, no update).
+    tables = [torch.cat([x, pool.index_select(0, slots).reshape(r * width, *x.shape[1:])
+                         .to(x.dtype), x.new_zeros(1, *x.shape[1:])])
+              for x, pool in zip((q, k, v, g, beta), tail_pools)]
+    noop = t + r * width
+
+    def source(lane: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The table row of lane-relative position p (counted from the boundary)."""
+        n = n_tail[lane]
+        row = torch.where(p < n, t + lane * width + p, qsl[lane] + p - n)
+        return torch.where(p < total[lane], row, noop)
+
+    # The chunk map: every lane's chunks in order, to a capacity fixed by the shapes;
+    # chunks past the last are empty.
+    counts = (total + chunk - 1) // chunk
+    ends = counts.cumsum(0)
+    capacity = chunk_capacity(t, r, chunk, max_query_len)
+    index = torch.arange(capacity, device=dev)
+    lane = torch.searchsorted(ends, index, right=True)
+    real = lane < r
+    lane = lane.clamp(max=r - 1)
+    within = index - (ends[lane] - counts[lane])
+    pos = within[:, None] * chunk + torch.arange(chunk, device=dev)
+    tok = torch.where(real[:, None], source(lane[:, None], pos), noop)
+    complete = real & ((within + 1) * chunk <= total[lane])
+
+    terms = chunk_terms(*normalize_inputs(*tables, chunked=True), tok, chunk, exp=_exp)
+    states = gather_states(state_pool, slots, has_initial_state).float()
+    out = chunk_scan(terms, lane, states, commit=complete)
+    state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
+
+    # the new tails: each lane's rows after its last complete chunk
+    lanes = torch.arange(r, device=dev)[:, None]
+    rows = source(lanes, total[:, None] // chunk * chunk + torch.arange(width, device=dev))
+    for table, pool in zip(tables, tail_pools):
+        pool.index_copy_(0, slots, table[rows].to(pool.dtype))
+
+    o = out.new_zeros(noop + 1, out.shape[1], out.shape[3])             # [rows, HV, DV]
+    o.index_copy_(0, tok.reshape(-1), out.transpose(1, 2).reshape(-1, *o.shape[1:]))
+    return o[:t].to(q.dtype)
+
+
+def chunk_capacity(num_tokens: int, num_lanes: int, chunk: int,
+                   max_query_len: int | None = None) -> int:
+    """The most chunks a step can have from its shape: a lane of n >= 1 new tokens after a
+    tail of at most C - 1 has at most 1 + (n + C - 2) // C chunks, and at most min(R, T)
+    lanes have tokens."""
+    active = min(num_lanes, num_tokens)
+    bound = active + (num_tokens + active * (chunk - 2)) // chunk
+    if max_query_len is not None:
+        bound = min(bound, active * (1 + (max_query_len + chunk - 2) // chunk))
+    return max(1, bound)
 
 
 @dataclass(slots=True)
@@ -29,40 +140,23 @@ class GDNLaneState:
 def aligned_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              g: torch.Tensor, beta: torch.Tensor, lane: GDNLaneState,
                              policy: KernelPolicy) -> tuple[torch.Tensor, GDNLaneState]:
-    """The gated delta rule for one lane's new tokens, with the same bits however the
-    sequence was cut into steps (prefill chunks of any size, decode tokens).
-
-    The chunked form's result for a token depends on where its chunk starts, and decode's
-    recurrent form differs from both (measured). Here chunks start at absolute multiples of
-    `gdn_chunk`: the tail tokens since the last boundary are run again with the new ones,
-    from the committed state; complete chunks commit a new state, a partial last chunk only
-    gives its tokens' outputs (a row of a chunk depends on the rows before it only, and the
-    absent later rows enter its sums as exact zeros). Inputs as
-    layers/gdn/reference.py's for one lane; returns (outputs of the new tokens, new lane
-    state)."""
-    chunk = policy.gdn_chunk
-    seq = [torch.cat([old, new]) for old, new in zip(lane.tail, (q, k, v, g, beta))]
-    n_tail, total = lane.tail[0].shape[0], seq[0].shape[0]
-    full = total // chunk * chunk
+    """`aligned_chunk_gated_delta_rule` for one lane's new tokens, its state held in `lane`
+    rather than in pools. Inputs as layers/gdn/reference.py's for one lane; returns (outputs
+    of the new tokens, new lane state)."""
+    chunk, n, new = policy.gdn_chunk, lane.tail[0].shape[0], q.shape[0]
+    state_pool = torch.stack([torch.zeros_like(lane.committed), lane.committed])
+    tail_pools = []
+    for held in lane.tail:
+        pool = held.new_zeros(2, chunk - 1, *held.shape[1:])
+        pool[1, :n] = held
+        tail_pools.append(pool)
     one = torch.ones(1, dtype=torch.bool, device=q.device)
-    slot = torch.ones(1, dtype=torch.long, device=q.device)
-
-    def run(lo: int, hi: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pool = torch.stack([torch.zeros_like(state), state])
-        qsl = torch.tensor([0, hi - lo], device=q.device)
-        out = chunk_gated_delta_rule_ref(*(x[lo:hi] for x in seq), pool, slot, qsl, one,
-                                         chunk_size=chunk)
-        return out, pool[1]
-
-    outs, committed = [], lane.committed
-    if full:
-        out, committed = run(0, full, committed)
-        outs.append(out)
-    if total > full:
-        out, _ = run(full, total, committed)            # a partial chunk commits nothing
-        outs.append(out)
-    return (torch.cat(outs)[n_tail:],
-            GDNLaneState(committed, tuple(x[full:] for x in seq)))
+    out = aligned_chunk_gated_delta_rule(
+        q, k, v, g, beta, state_pool, tail_pools, torch.ones(1, dtype=torch.long, device=q.device),
+        torch.tensor([0, new], device=q.device), torch.tensor([n + new], device=q.device), one,
+        policy)
+    kept = (n + new) % chunk
+    return out, GDNLaneState(state_pool[1], tuple(pool[1, :kept] for pool in tail_pools))
 
 
 def empty_lane(num_v_heads: int, head_k_dim: int, head_v_dim: int, num_k_heads: int,

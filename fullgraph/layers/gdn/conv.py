@@ -15,12 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fullgraph.layers.activation import scalar_path
 from fullgraph.layers.gdn.state import gather_states
 
 
-def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+def _activate(y: torch.Tensor, activation: str | None,
+              batch_invariant: bool = False) -> torch.Tensor:
     if activation in ("silu", "swish"):
-        return F.silu(y)
+        # the scalar formula for every element in the mode (layers/activation.py)
+        return scalar_path(F.silu, y) if batch_invariant and not y.is_cuda else F.silu(y)
     if activation is None:
         return y
     raise ValueError(f"unsupported conv activation {activation!r}")
@@ -29,7 +32,8 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   conv_state_pool: torch.Tensor, state_slots: torch.Tensor,
                   query_start_loc: torch.Tensor, has_initial_state: torch.Tensor,
-                  activation: str | None = "silu") -> torch.Tensor:
+                  activation: str | None = "silu", batch_invariant: bool = False
+                  ) -> torch.Tensor:
     """Causal conv of packed lanes; updates `conv_state_pool` in place.
 
     x `[T, conv_dim]`: every lane's new inputs, lane r owning rows query_start_loc[r] ..
@@ -37,7 +41,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     no lane and come out as zeros. weight `[conv_dim, kernel_size]` (nn.Conv1d's weight
     squeezed), bias `[conv_dim]` or None. conv_state_pool `[num_slots, kernel_size - 1,
     conv_dim]`, state_slots `[R]`, has_initial_state `[R]` bool: see state.py.
-    Returns `[T, conv_dim]` in x's dtype.
+    Returns `[T, conv_dim]` in x's dtype. `batch_invariant` (the mode, CPU): the activation
+    through its scalar formula, so a token's bits depend on its inputs alone; the mode runs
+    decode steps through this function too, for one formula (taps in order, float32).
     """
     T, D = x.shape
     W = weight.shape[-1] - 1
@@ -64,7 +70,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y = y + table.index_select(0, src).float() * w[:, j]
     if bias is not None:
         y = y + bias.float()
-    y = torch.where(owned[:, None], _activate(y, activation), 0).to(x.dtype)
+    y = torch.where(owned[:, None], _activate(y, activation, batch_invariant), 0).to(x.dtype)
 
     # The new state: the last W inputs of (saved inputs ++ new inputs), oldest first. A lane
     # with fewer than W new tokens keeps the newest of its saved inputs before them.

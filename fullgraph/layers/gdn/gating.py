@@ -6,19 +6,33 @@ would otherwise overflow to inf), so float32 runs match them bit for bit.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from fullgraph.layers.activation import scalar_path
+
+
+def _elementwise(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 batch_invariant: bool) -> torch.Tensor:
+    """op(x); in the batch-invariant mode on the CPU through the scalar formula for every
+    element (layers/activation.py: a and b are strided views of the projection for several
+    rows and contiguous for one, and the vectorized formula's tail depends on the size)."""
+    return scalar_path(op, x) if batch_invariant and not x.is_cuda else op(x)
+
 
 def gdn_gating(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor,
-               dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               dt_bias: torch.Tensor, batch_invariant: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, beta) from the `in_proj_a` / `in_proj_b` outputs a, b `[T, num_v_heads]`.
 
     g = -exp(A_log) * softplus(a + dt_bias): the log of the state's decay per token, float32
     (<= 0); beta = sigmoid(b): the delta rule's step size, in b's dtype.
     """
-    beta = b.sigmoid()
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias)
+    beta = _elementwise(torch.sigmoid, b, batch_invariant)
+    g = (-_elementwise(torch.exp, A_log.float(), batch_invariant)
+         * _elementwise(F.softplus, a.float() + dt_bias, batch_invariant))
     return g, beta
 
 
@@ -29,15 +43,17 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
-                   eps: float) -> torch.Tensor:
+                   eps: float, batch_invariant: bool = False) -> torch.Tensor:
     """The layer's output norm: RMSNorm of x `[..., head_v_dim]` (per head), times silu(gate).
 
     transformers' Qwen3_5RMSNormGated / Qwen3NextRMSNormGated: float32 statistics, the weight
-    applied in x's dtype, the gate in float32, the result cast back to x's dtype.
+    applied in x's dtype, the gate in float32, the result cast back to x's dtype. The
+    statistics are per row (one head of one token) in every mode; `batch_invariant` sends
+    the SiLU through its scalar formula (the gate is a strided view for several rows).
     """
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     h = weight * h.to(dtype)
-    h = h * F.silu(gate.float())
+    h = h * _elementwise(F.silu, gate.float(), batch_invariant)
     return h.to(dtype)

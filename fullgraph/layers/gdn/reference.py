@@ -21,6 +21,8 @@ slot of `state_pool` (in place).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -29,9 +31,9 @@ from fullgraph.layers.gdn.metadata import CHUNK_SIZE, chunk_metadata
 from fullgraph.layers.gdn.state import gather_states
 
 
-def _prepare(q, k, v, g, beta, chunked: bool):
-    """float32 inputs with heads expanded, q/k normalized, q scaled, and one zero row appended
-    (row T): the no-op token that padding positions gather (decay exp(0) = 1, no update)."""
+def normalize_inputs(q, k, v, g, beta, chunked: bool) -> tuple[torch.Tensor, ...]:
+    """float32 inputs with heads expanded, q/k normalized, q scaled: row by row (every op
+    is elementwise or a reduction over one head's row)."""
     num_v_heads = v.shape[1]
     if q.shape[1] != num_v_heads:
         q = q.repeat_interleave(num_v_heads // q.shape[1], dim=1)
@@ -40,7 +42,14 @@ def _prepare(q, k, v, g, beta, chunked: bool):
     q, k = l2norm(q), l2norm(k)
     # The two fallbacks scale differently (a multiply, a divide): rounding-level, but kept.
     q = q * q.shape[-1] ** -0.5 if chunked else q / (q.shape[-1] ** 0.5)
-    return tuple(torch.cat([x, x.new_zeros((1,) + x.shape[1:])]) for x in (q, k, v, g, beta))
+    return q, k, v, g, beta
+
+
+def _prepare(q, k, v, g, beta, chunked: bool):
+    """`normalize_inputs`, with one zero row appended (row T): the no-op token that padding
+    positions gather (decay exp(0) = 1, no update)."""
+    return tuple(torch.cat([x, x.new_zeros((1,) + x.shape[1:])])
+                 for x in normalize_inputs(q, k, v, g, beta, chunked))
 
 
 def recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
@@ -91,6 +100,26 @@ def chunk_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
     tok = (qsl[seq] + within * chunk_size)[:, None] + torch.arange(chunk_size, device=dev)
     tok = torch.where(tok < qsl[seq + 1][:, None], tok, T)    # past the lane's end: no-op row
 
+    terms = chunk_terms(q, k, v, g, beta, tok, chunk_size)
+    slots = state_slots.long()
+    states = gather_states(state_pool, slots, has_initial_state).float()
+    out = chunk_scan(terms, seq, states)
+    state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
+    o = torch.zeros_like(v)                                      # [T + 1, HV, V]
+    o.index_copy_(0, tok.reshape(-1), out.transpose(1, 2).reshape(-1, *o.shape[1:]))
+    return o[:T].to(dtype)
+
+
+ChunkTerms = tuple[torch.Tensor, ...]
+
+
+def chunk_terms(q, k, v, g, beta, tok: torch.Tensor, chunk_size: int,
+                exp: Callable[[torch.Tensor], torch.Tensor] = torch.exp) -> ChunkTerms:
+    """Every chunk's intra-chunk work, batched over chunks and heads. q .. beta: prepared
+    rows (`_prepare`), tok `[C, chunk_size]` the row of each chunk position (the no-op row
+    past a lane's end). Returns (query, intra, new_values, k_cumdecay, key, chunk_decay) for
+    the scan, each `[C, HV, ...]`. `exp`: the exponential (the batch-invariant mode passes
+    activation.scalar_path's)."""
     def by_chunk(x):    # [T + 1, HV, ...] -> [C, HV, chunk_size, ...]
         return x[tok].transpose(1, 2)
 
@@ -98,33 +127,39 @@ def chunk_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
     # From here on transformers' torch_chunk_gated_delta_rule, batch dims (chunk, head).
     v_beta = value * beta.unsqueeze(-1)
     k_beta = key * beta.unsqueeze(-1)
-    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=dev).triu(1)
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
     cum_decay = decay.cumsum(dim=-1)
     pairwise = (cum_decay.unsqueeze(-1) - cum_decay.unsqueeze(-2)).masked_fill(upper, float("-inf"))
-    pairwise = pairwise.exp()
+    pairwise = exp(pairwise)
     ut_system = (k_beta @ key.transpose(-1, -2)) * pairwise
     intra = (query @ key.transpose(-1, -2)) * pairwise
-    decayed_k_beta = k_beta * cum_decay.exp().unsqueeze(-1)
+    decayed_k_beta = k_beta * exp(cum_decay).unsqueeze(-1)
     new_values = torch.linalg.solve_triangular(ut_system, v_beta, upper=False, unitriangular=True)
     k_cumdecay = torch.linalg.solve_triangular(ut_system, decayed_k_beta, upper=False,
                                                unitriangular=True)
-    query = query * cum_decay.exp().unsqueeze(-1)
-    key = key * (cum_decay[..., -1:] - cum_decay).exp().unsqueeze(-1)
-    chunk_decay = cum_decay[..., -1].exp()[..., None, None]
+    query = query * exp(cum_decay).unsqueeze(-1)
+    key = key * exp(cum_decay[..., -1:] - cum_decay).unsqueeze(-1)
+    chunk_decay = exp(cum_decay[..., -1])[..., None, None]
+    return query, intra, new_values, k_cumdecay, key, chunk_decay
 
-    # The scan: chunks in order, each reading and replacing its lane's state. A lane's chunks
-    # are consecutive, and the padding chunks (all no-op tokens) leave the state as it is.
-    slots = state_slots.long()
-    states = gather_states(state_pool, slots, has_initial_state).float()
-    out = torch.empty_like(new_values)                           # [C, HV, chunk_size, V]
-    for i in range(chunk_indices.shape[0]):
-        lane = seq[i:i + 1]
+
+def chunk_scan(terms: ChunkTerms, lanes: torch.Tensor, states: torch.Tensor,
+               commit: torch.Tensor | None = None) -> torch.Tensor:
+    """The scan over `chunk_terms`: chunks in order, each reading its lane's state (`lanes`
+    `[C]`, rows of `states` `[R, HV, K, V]` float32, updated in place) and replacing it. A
+    lane's chunks are consecutive, and padding chunks (all no-op tokens) leave the state as
+    it is. `commit` `[C]` bool: replace the state only after the chunks it marks (the
+    batch-invariant mode's complete chunks); None: after every chunk. Returns the chunks'
+    outputs `[C, HV, chunk_size, V]`."""
+    query, intra, new_values, k_cumdecay, key, chunk_decay = terms
+    out = torch.empty_like(new_values)
+    for i in range(lanes.shape[0]):
+        lane = lanes[i:i + 1]
         state = states.index_select(0, lane)[0]
         v_new = new_values[i] - k_cumdecay[i] @ state
         out[i] = query[i] @ state + intra[i] @ v_new
-        state = state * chunk_decay[i] + key[i].transpose(-1, -2) @ v_new
-        states.index_copy_(0, lane, state[None])
-    state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
-    o = torch.zeros_like(v)                                      # [T + 1, HV, V]
-    o.index_copy_(0, tok.reshape(-1), out.transpose(1, 2).reshape(-1, *o.shape[1:]))
-    return o[:T].to(dtype)
+        new_state = state * chunk_decay[i] + key[i].transpose(-1, -2) @ v_new
+        if commit is not None:
+            new_state = torch.where(commit[i], new_state, state)
+        states.index_copy_(0, lane, new_state[None])
+    return out

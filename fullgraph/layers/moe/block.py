@@ -22,6 +22,7 @@ from fullgraph.layers.fused_linear import silu_mul_linear
 from fullgraph.layers.linear import Linear
 from fullgraph.layers.moe.experts import moe_experts
 from fullgraph.layers.moe.routing import route
+from fullgraph.layers.policy import policy_of
 
 _PER_EXPERT = re.compile(r"experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 # fused: all experts in one 3-D tensor (gate/up also seen as separate 3-D tensors)
@@ -91,7 +92,7 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             shared, shared_gate = self.shared_expert(x), self.shared_expert_gate(x)
         out = moe_experts(x, topk_weights, topk_ids, self.experts.gate_up_proj,
-                          self.experts.down_proj, shared, shared_gate)
+                          self.experts.down_proj, shared, shared_gate, policy_of(self))
         return out.reshape(shape)
 
     def _expert_target(self, proj: str) -> torch.Tensor:

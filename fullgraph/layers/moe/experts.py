@@ -11,25 +11,34 @@ import torch
 
 from fullgraph.layers.moe.grouped_gemm import experts_triton, triton
 from fullgraph.layers.moe.reference import experts_reference
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 
+# `invariant_block_rows`: 0 in the normal mode; in the batch-invariant mode the policy's
+# `matmul_block_rows` (an op takes plain values, not the policy object; the policy is
+# rebuilt from it). The mode exists on the CPU only: CUDA engines refuse it at config.
 @torch.library.custom_op("fullgraph::moe_experts", mutates_args=())
 def _moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  gate_up: torch.Tensor, down: torch.Tensor, shared: torch.Tensor | None,
-                 shared_gate: torch.Tensor | None) -> torch.Tensor:
+                 shared_gate: torch.Tensor | None, invariant_block_rows: int = 0) -> torch.Tensor:
+    if invariant_block_rows:
+        policy = KernelPolicy(batch_invariant=True, matmul_block_rows=invariant_block_rows)
+        return experts_reference(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate,
+                                 policy)
     if x.is_cuda and triton is not None:
         return experts_triton(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate)
     return experts_reference(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate)
 
 
 @_moe_experts.register_fake
-def _(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate):
+def _(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate, invariant_block_rows=0):
     return torch.empty_like(x)
 
 
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 gate_up: torch.Tensor, down: torch.Tensor, shared: torch.Tensor | None = None,
-                shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+                shared_gate: torch.Tensor | None = None,
+                policy: KernelPolicy = DEFAULT_POLICY) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * expert_{ids[t, j]}(x[t]) (+ sigmoid(shared_gate[t]) *
     shared[t]), each expert a SwiGLU MLP.
 
@@ -37,8 +46,11 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     0 .. E-1); gate_up `[E, 2I, H]` (gate rows, then up rows), down `[E, H, I]`; shared
     `[T, H]` the shared expert's output and shared_gate `[T, 1]` its gate logit, or both
     None. Returns `[T, H]` in x's dtype. On CUDA: no host syncs, shapes from T alone
-    (grouped_gemm.py); elsewhere the torch reference (reference.py).
+    (grouped_gemm.py); elsewhere the torch reference (reference.py), which is also the
+    batch-invariant mode's path (`policy`, layers/policy.py).
     """
     if (shared is None) != (shared_gate is None):
         raise ValueError("shared and shared_gate come together")
-    return _moe_experts(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate)
+    block_rows = policy.matmul_block_rows if policy.batch_invariant else 0
+    return _moe_experts(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate,
+                        block_rows)

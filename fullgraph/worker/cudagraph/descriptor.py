@@ -28,6 +28,7 @@ class Dispatcher:
     def __init__(self, mode: CUDAGraphMode, capture_sizes: tuple[int, ...], max_num_seqs: int,
                  max_num_tokens: int, pad_eager: bool, decode_query_len: int = 1) -> None:
         self.mode = mode
+        self.graph_mode = mode.graph_mode     # FULL, or PIECEWISE: the replayed steps' mode
         self.max_num_seqs = max_num_seqs
         self.max_num_tokens = max_num_tokens
         self.pad_eager = pad_eager
@@ -56,9 +57,9 @@ class Dispatcher:
         descs = []
         for size in self.capture_sizes:
             if size * self.q <= self.max_num_tokens and size <= self.max_num_seqs:
-                descs.append(BatchExecutionDescriptor(CUDAGraphMode.FULL, size * self.q, size, self.q))
-            if self.mode == CUDAGraphMode.FULL and size <= self.max_num_tokens:
-                descs.append(BatchExecutionDescriptor(CUDAGraphMode.FULL, size,
+                descs.append(BatchExecutionDescriptor(self.graph_mode, size * self.q, size, self.q))
+            if self.mode != CUDAGraphMode.FULL_DECODE_ONLY and size <= self.max_num_tokens:
+                descs.append(BatchExecutionDescriptor(self.graph_mode, size,
                                                       min(size, self.max_num_seqs), None))
         return sorted(set(descs), key=lambda d: (-d.num_tokens, d.uniform_query_len is None))
 
@@ -70,9 +71,9 @@ class Dispatcher:
             return self._decode_graphs[num_reqs]
         for size in self.capture_sizes:
             if decode and size >= num_reqs:
-                desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, size * self.q, size, self.q)
+                desc = BatchExecutionDescriptor(self.graph_mode, size * self.q, size, self.q)
             elif not decode and size >= num_tokens:
-                desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, size,
+                desc = BatchExecutionDescriptor(self.graph_mode, size,
                                                 min(size, self.max_num_seqs), None)
             else:
                 continue

@@ -15,6 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fullgraph.worker.cudagraph.manager import EagerPiece, PiecewiseGraph, replay_pieces
+
 _HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero"}
 
 
@@ -53,23 +55,45 @@ class FakeGraph:
 class FakeGraphRuntime:
     def __init__(self) -> None:
         self.num_captures = 0
+        self._pieces: list | None = None      # of the capture in progress
+        self._recorder: _Recorder | None = None
 
-    def capture(self, fn) -> tuple[FakeGraph, Any]:
+    def capture(self, fn) -> tuple[FakeGraph | PiecewiseGraph, Any]:
         import torch.nn.attention.flex_attention as flex
         # Eager FlexAttention wraps its op in torch.compile, which cannot run under a
         # dispatch mode; this torch switch calls the op directly, so it is recorded as one.
         saved = flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
         flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+        self._pieces = []
         try:
-            with _Recorder() as rec:
+            self._recorder = _Recorder().__enter__()
+            try:
                 out = fn()
+            finally:
+                self._recorder.__exit__(None, None, None)
+            pieces = self._pieces + [FakeGraph(self._recorder.ops)]
         finally:
             flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = saved
+            self._pieces = None
         self.num_captures += 1
-        return FakeGraph(rec.ops), out      # tensors the replays refresh in place
+        # tensors the replays refresh in place
+        return (pieces[0] if len(pieces) == 1 else PiecewiseGraph(pieces)), out
 
-    def replay(self, graph: FakeGraph) -> None:
-        graph.replay()
+    def between_pieces(self, fn) -> torch.Tensor:
+        if self._pieces is None:
+            return fn()
+        self._recorder.__exit__(None, None, None)
+        self._pieces.append(FakeGraph(self._recorder.ops))
+        out = fn()
+        self._pieces.append(EagerPiece(fn, out))
+        self._recorder = _Recorder().__enter__()
+        return out
+
+    def replay(self, graph: FakeGraph | PiecewiseGraph) -> None:
+        if isinstance(graph, PiecewiseGraph):
+            replay_pieces(graph, FakeGraph.replay)
+        else:
+            graph.replay()
 
     def memory_in_use(self) -> int:
         return 0

@@ -45,11 +45,38 @@ class GraphRuntime(Protocol):
     """How graphs are made: real CUDA graphs, or `FakeGraphRuntime` for CPU tests."""
 
     def capture(self, fn: ForwardFn) -> tuple[Any, Any]:
-        """Record `fn`; return (graph, fn's outputs, which every replay refreshes)."""
+        """Record `fn`; return (graph, fn's outputs, which every replay refreshes). Where
+        `fn` calls `between_pieces`, the graph is a `PiecewiseGraph`."""
+
+    def between_pieces(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run `fn` outside the graph being captured (PIECEWISE mode: attention): what was
+        captured so far becomes one piece, `fn` runs eagerly now and again at every replay
+        (its result copied into the tensor it returned now), and capture goes on in a next
+        piece. Outside a capture it just runs `fn`."""
 
     def replay(self, graph: Any) -> None: ...
 
     def memory_in_use(self) -> int: ...
+
+
+@dataclass(slots=True)
+class EagerPiece:
+    fn: Callable[[], torch.Tensor]
+    out: torch.Tensor
+
+
+@dataclass(slots=True)
+class PiecewiseGraph:
+    """Graph pieces and the eager calls between them, in order (PIECEWISE mode)."""
+    pieces: list[Any]
+
+
+def replay_pieces(graph: PiecewiseGraph, replay_piece: Callable[[Any], None]) -> None:
+    for piece in graph.pieces:
+        if isinstance(piece, EagerPiece):
+            piece.out.copy_(piece.fn())
+        else:
+            replay_piece(piece)
 
 
 class CUDAGraphRuntime:
@@ -57,17 +84,41 @@ class CUDAGraphRuntime:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
+        self._pieces: list[Any] | None = None      # of the capture in progress
+        self._graph: torch.cuda.CUDAGraph | None = None
 
     def capture(self, fn: ForwardFn) -> tuple[Any, Any]:
-        graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            out = fn()
+        self._pieces = []
+        try:
+            with torch.cuda.stream(self.stream):
+                self._begin()
+                out = fn()
+                self._graph.capture_end()
+        finally:
+            pieces, self._pieces = self._pieces + [self._graph], None
         torch.cuda.synchronize(self.device)
-        return graph, out
+        return (pieces[0] if len(pieces) == 1 else PiecewiseGraph(pieces)), out
+
+    def _begin(self) -> None:
+        self._graph = torch.cuda.CUDAGraph()
+        self._graph.capture_begin(pool=self.pool)
+
+    def between_pieces(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._pieces is None:
+            return fn()
+        self._graph.capture_end()
+        self._pieces.append(self._graph)
+        out = fn()
+        self._pieces.append(EagerPiece(fn, out))
+        self._begin()
+        return out
 
     def replay(self, graph: Any) -> None:
-        graph.replay()
+        if isinstance(graph, PiecewiseGraph):
+            replay_pieces(graph, lambda g: g.replay())
+        else:
+            graph.replay()
 
     def memory_in_use(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)

@@ -21,12 +21,13 @@ rejection.py), which keeps sampling exact.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from fullgraph.attention.backend import ForwardContext
-from fullgraph.attention.metadata import AttentionSpec
+from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
@@ -86,7 +87,8 @@ class EagleProposer:
         specs = drafter.cache_specs(drafter.config).attention
         self.cache_spec = specs
         self.kv_caches: list = []
-        self.backend = None
+        self.backend = self.graph_backend = None
+        self._graph: _GraphBuffers | None = None
         vd = getattr(drafter, "draft_vocab_size", config.model.vocab_size)
         self.maps_vocab = hasattr(drafter, "compute_draft_logits")
         self.logits = torch.zeros(sched.max_num_seqs, vd if self.maps_vocab
@@ -96,19 +98,23 @@ class EagleProposer:
     def bytes_per_block(self, block_size: int) -> int:
         return self.cache_spec.bytes_per_block(block_size, self.config.model.dtype)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """The drafter's K/V, block for block beside the target's (same block ids)."""
+    def allocate_kv_cache(self, num_blocks: int, target_inputs: PersistentInputs) -> None:
+        """The drafter's K/V, block for block beside the target's (same block ids), and its
+        two backend instances: one over its own input buffers (eager steps), one over the
+        target's (graphed steps read the target step's inputs)."""
         att, cfg = self.cache_spec, self.config
         bs, sched = cfg.cache.block_size, cfg.scheduler
         spec = AttentionSpec(att.num_layers, att.num_heads, att.num_kv_heads, att.head_dim,
                              bs, num_blocks, sched.max_num_seqs, sched.max_num_batched_tokens,
                              cfg.max_blocks_per_seq, cfg.model.dtype)
         shape = (num_blocks * bs, att.num_kv_heads, att.head_dim)
+        self.kv_caches = []                  # the memory profile's probe cache goes first
         self.kv_caches = [tuple(torch.zeros(shape, dtype=cfg.model.dtype, device=self.device)
                                 for _ in range(2)) for _ in range(att.num_layers)]
-        self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
-                                        compile=cfg.compilation.compile_attention,
-                                        policy=cfg.kernel_policy)
+        self.backend, self.graph_backend = (
+            self.backend_cls(spec, self.device, inputs,
+                             compile=cfg.compilation.compile_attention, policy=cfg.kernel_policy)
+            for inputs in (self.buffers.persistent(), target_inputs))
 
     def _run(self, chunks: Sequence[_DraftChunk], hidden: torch.Tensor) -> torch.Tensor:
         """One eager drafter step over `chunks` with `hidden` [tokens, width]: the output
@@ -126,14 +132,7 @@ class EagleProposer:
         return out[step.logits_indices[:len(chunks)]]
 
     def _draft(self, rows: torch.Tensor) -> list[int]:
-        logits = self.logits[:rows.shape[0]]
-        if self.maps_vocab:
-            self.model.compute_draft_logits(rows, out=logits)
-            ids = self.model.draft_to_target[logits.argmax(-1)]
-        else:
-            self.model.compute_logits(rows, out=logits)
-            ids = logits.argmax(-1)
-        return ids.tolist()
+        return self._draft_ids(rows).tolist()
 
     @torch.inference_mode()
     def propose(self, kept: Sequence[KeptRows], target_hidden: torch.Tensor) -> list[list[int]]:
@@ -168,3 +167,106 @@ class EagleProposer:
                             out[[cur.index(i) for i in nxt]])
             cur = nxt
         return drafts
+
+    # ------------------------------------------------------------ graphed steps
+    def graph_state(self, step: StepAttentionInputs) -> DraftGraphState:
+        """Host work for a graphed verify step's drafting, made once per captured shape
+        (warmup and capture each make their own): the metadata of the drafter's pass over
+        the step's rows (the target step's inputs), and of its one-row decode steps, whose
+        inputs the graph computes from the verification."""
+        r = step.num_reqs_padded
+        b = self.graph_backend
+        b.prepare(step)
+        prefill = b.build(step)
+        g = self._graph_buffers
+        decode = StepAttentionInputs(
+            num_reqs=r, num_tokens=r, num_reqs_padded=r, num_tokens_padded=r,
+            uniform_query_len=1, positions=g.positions[:r], slot_mapping=g.slots[:r],
+            seq_lens=g.seq_lens[:r], query_start_loc=g.query_start_loc[:r + 1],
+            block_table=step.block_table, positions_cpu=step.positions_cpu,
+            seq_lens_cpu=step.seq_lens_cpu, query_start_loc_cpu=np.arange(r + 1),
+            block_table_cpu=step.block_table_cpu)
+        b.prepare(decode)
+        return DraftGraphState(prefill, decode, b.build(decode))
+
+    @property
+    def _graph_buffers(self) -> _GraphBuffers:
+        if self._graph is None:
+            r = self.config.scheduler.max_num_seqs
+            k = self.config.speculative.num_speculative_tokens
+            self._graph = _GraphBuffers(
+                torch.zeros(r, k, dtype=torch.int64, device=self.device),
+                torch.zeros(r, dtype=torch.int64, device=self.device),
+                torch.zeros(r, dtype=torch.int64, device=self.device),
+                torch.zeros(r, dtype=torch.int32, device=self.device),
+                torch.arange(r + 1, dtype=torch.int32, device=self.device))
+        return self._graph
+
+    def draft_graphed(self, state: DraftGraphState, step: StepAttentionInputs,
+                      tokens: torch.Tensor, num_accepted: torch.Tensor,
+                      target_hidden: torch.Tensor) -> torch.Tensor:
+        """Device ops only (a graph holds them): the drafts [R, k] of a uniform verify step
+        from its verification (`tokens` [R, q], `num_accepted` [R]) and the target hidden
+        rows the drafter reads ([R q, width]).
+
+        The drafter runs over every row of the step: row j of request r carries the token
+        after it, tokens[r, j] (an accepted draft, then the target's token; rows past it
+        carry garbage whose K/V is overwritten when those positions come again). Draft 1 is
+        the output at row num_accepted; each next draft a one-row step one position on. A
+        position past the request's blocks (max_tokens near) writes its K/V into the null
+        block: those drafts are never used (the scheduler caps them)."""
+        r, q = tokens.shape
+        k = q - 1
+        g, b = self._graph_buffers, self.graph_backend
+        b.update(state.prefill, step)
+        ctx = ForwardContext(b, state.prefill, self.kv_caches, step.slot_mapping)
+        out = self.model(tokens.clamp(min=0).view(-1), target_hidden[:r * q],
+                         step.positions[:r * q], ctx).view(r, q, -1)
+        last = out[g.query_start_loc[:r].long(), num_accepted]              # [R, H]
+        drafts = g.drafts[:r]
+        drafts[:, 0] = self._draft_ids(last)
+        if k > 1:
+            bs = self.config.cache.block_size
+            top = self.config.model.max_model_len - 1
+            base = (step.seq_lens[:r].long() - q).clamp(min=0) + num_accepted
+            rows = g.query_start_loc[:r].long()
+            for s in range(1, k):
+                pos = base + s
+                inside = pos <= top
+                pos = pos.clamp(max=top)
+                block = step.block_table[rows, pos // bs].long()
+                torch.mul(block * bs + pos % bs, inside, out=g.slots[:r])
+                g.positions[:r].copy_(pos)
+                g.seq_lens[:r].copy_(pos + 1)
+                b.update(state.decode_meta, state.decode)
+                ctx = ForwardContext(b, state.decode_meta, self.kv_caches, g.slots[:r])
+                last = self.model(drafts[:, s - 1], last, g.positions[:r], ctx)
+                drafts[:, s] = self._draft_ids(last)
+        return drafts
+
+    def _draft_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """The drafter's argmax of each row, as target ids (device)."""
+        logits = self.logits[:rows.shape[0]]
+        if self.maps_vocab:
+            self.model.compute_draft_logits(rows, out=logits)
+            return self.model.draft_to_target[logits.argmax(-1)]
+        self.model.compute_logits(rows, out=logits)
+        return logits.argmax(-1)
+
+
+@dataclass(slots=True)
+class _GraphBuffers:
+    """Persistent inputs of the graphed drafter's decode steps."""
+    drafts: torch.Tensor            # [max_num_seqs, k]
+    positions: torch.Tensor         # [max_num_seqs]
+    slots: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor   # 0..max_num_seqs: one row per request
+
+
+@dataclass(slots=True)
+class DraftGraphState:
+    """One captured shape's drafter metadata (see `EagleProposer.graph_state`)."""
+    prefill: Any
+    decode: StepAttentionInputs
+    decode_meta: Any

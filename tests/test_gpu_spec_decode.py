@@ -1,0 +1,64 @@
+"""Speculative decoding on a CUDA GPU: verify steps and the drafter in CUDA graphs, bf16.
+
+The pairs of tests/spec_pairs.py: a bigram target (its next token depends on the current
+token alone, so scoring k + 1 rows at once gives the argmax single steps give, up to bf16
+near-ties the random head makes rare) and drafters of known agreement.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fullgraph import LLM, SamplingParams
+from spec_pairs import agreeing_drafter, agreeing_eagle1_drafter, bigram_target
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 740
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec_gpu")
+    target = bigram_target(str(root / "target"))
+    return (target, agreeing_drafter(str(root / "agree"), target),
+            agreeing_drafter(str(root / "half"), target, disagree=0.5),
+            agreeing_eagle1_drafter(str(root / "eagle1"), target))
+
+
+def batch(seed: int, n: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 90))]}
+            for _ in range(n)]
+
+
+def greedy(llm: LLM, prompts: list[dict]) -> list[list[int]]:
+    sp = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+KW = dict(device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=16,
+          max_num_batched_tokens=512, num_gpu_blocks_override=512)
+
+
+@pytest.mark.parametrize("which, method", [(1, "eagle3"), (2, "eagle3"), (3, "eagle")])
+def test_graphed_speculation_matches_plain_decoding_in_bf16(pair, which, method):
+    target, drafter = pair[0], pair[which]
+    prompts = batch(which, 12)
+    want = greedy(LLM(target, **KW), prompts)
+    llm = LLM(target, speculative_config={"method": method, "model": drafter,
+                                          "num_speculative_tokens": 3}, **KW)
+    assert greedy(llm, prompts) == want
+    stats = llm.engine.stats
+    assert llm.engine.runner.dispatcher.num_graph_steps > 0
+    if which != 2:                                   # the agreeing drafters
+        assert stats.spec_num_accepted_tokens >= 0.95 * stats.spec_num_draft_tokens
+
+
+def test_graphs_equal_eager_speculative_steps_on_gpu(pair):
+    target, _, half, _ = pair
+    spec = {"method": "eagle3", "model": half, "num_speculative_tokens": 3}
+    prompts = batch(9, 8)
+    eager = greedy(LLM(target, speculative_config=spec, enforce_eager=True, **KW), prompts)
+    assert greedy(LLM(target, speculative_config=spec, **KW), prompts) == eager
