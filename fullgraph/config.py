@@ -70,6 +70,9 @@ class CUDAGraphMode(enum.Enum):
 class CompilationConfig:
     cudagraph_mode: CUDAGraphMode = CUDAGraphMode.FULL
     cudagraph_capture_sizes: tuple[int, ...] = ()
+    # mixed-step token sizes above the captured ones, up to max_num_batched_tokens, each
+    # captured the first time a step needs it (that step runs eagerly, counted)
+    lazy_capture_sizes: tuple[int, ...] = ()
     graph_runtime: str = "cuda"      # "cuda", or "fake": CPU graphs with replay semantics (tests)
     compile_layers: bool = False     # torch.compile the decoder layers (see EngineArgs)
     # torch.compile FlexAttention: on for CUDA always (eager FlexAttention materializes the

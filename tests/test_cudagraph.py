@@ -10,11 +10,10 @@ import torch
 from conftest import graph_input_tensors
 from fullgraph import LLM, SamplingParams
 from fullgraph.config import CUDAGraphMode, SchedulerConfig
-from fullgraph.engine.args import capture_sizes
+from fullgraph.engine.args import capture_sizes, lazy_capture_sizes
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
 from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
-from fullgraph.worker.cudagraph.manager import PiecewiseGraph
-from fullgraph.worker.cudagraph.manager import CUDAGraphManager
+from fullgraph.worker.cudagraph.manager import CUDAGraphManager, PiecewiseGraph
 
 FULL = CUDAGraphMode.FULL
 
@@ -246,3 +245,41 @@ def test_piecewise_graphs_equal_full_graphs_and_eager(model, kw):
                 assert a.keys() == b.keys()
                 assert all((a[t] == b[t]) if exact else abs(a[t] - b[t]) < 1e-4 for t in a)
     assert runner.dispatcher.num_graph_steps > 0
+
+
+def test_lazy_sizes_are_captured_on_first_use():
+    sched = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192)
+    lazy = lazy_capture_sizes(None, None, sched)
+    assert lazy[0] == 768 and 4096 in lazy and 4608 in lazy and lazy[-1] == 8192
+    assert all(b - a <= 512 for a, b in zip(lazy, lazy[1:]))
+    assert lazy_capture_sizes([1, 2], None, sched) == []       # explicit sizes: no lazy ones
+    d = Dispatcher(FULL, (1, 2, 4, 8, 16), 8, 100, pad_eager=False, lazy_sizes=(32, 64, 100))
+    d.captured = set(d.descriptors_to_capture())
+    first = d.dispatch(40, 3, None)
+    assert first.mode == CUDAGraphMode.NONE and d.num_eager_fallbacks == 1
+    assert d.pending == {BatchExecutionDescriptor(FULL, 64, 8, None)}
+    d.captured = d.captured | d.pending
+    d.pending.clear()
+    assert d.dispatch(50, 2, None) == BatchExecutionDescriptor(FULL, 64, 8, None)
+    assert d.dispatch(70, 2, None).mode == CUDAGraphMode.NONE   # 100: not captured yet
+    assert d.num_eager_fallbacks == 2 and d.num_graph_steps == 1
+
+
+def test_steps_above_the_captured_sizes_replay_lazily_captured_graphs():
+    """Default sizes (captured up to 512 tokens) and a 1,024-token budget: a longer prompt
+    step runs eagerly once, its size is captured before the next step, and later steps of
+    that size replay it; the tokens are the eager engine's."""
+    common = dict(max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=1024,
+                  num_gpu_blocks_override=512)
+    graphs, eager = LLM("tiny-qwen3", cudagraph_runtime="fake", **common), LLM("tiny-qwen3",
+                                                                                **common)
+    d = graphs.engine.runner.dispatcher
+    assert graphs.engine.config.compilation.lazy_capture_sizes == (768, 1024)
+    rng = random.Random(1)
+    sp = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    for n in (900, 950):
+        prompt = [{"prompt_token_ids": [rng.randrange(1, 700) for _ in range(n)]}]
+        assert (graphs.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids
+                == eager.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids)
+    assert BatchExecutionDescriptor(FULL, 1024, 4, None) in d.captured
+    assert d.num_eager_fallbacks == 1            # the first 1,024-token step only

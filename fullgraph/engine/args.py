@@ -132,6 +132,8 @@ class EngineArgs:
             cudagraph_mode=mode,
             cudagraph_capture_sizes=tuple(capture_sizes(self.cudagraph_capture_sizes,
                                                         self.max_cudagraph_capture_size, scheduler)),
+            lazy_capture_sizes=tuple(lazy_capture_sizes(self.cudagraph_capture_sizes,
+                                                        self.max_cudagraph_capture_size, scheduler)),
             graph_runtime=runtime, compile_layers=self.compile_layers and device.type == "cuda",
             compile_attention=device.type == "cuda", compile_ahead=self.compile_ahead,
             encoder_cudagraph_token_budgets=tuple(self.encoder_cudagraph_token_budgets or ()),
@@ -249,6 +251,18 @@ def capture_sizes(user: list[int] | None, max_size: int | None,
         return sorted({s for s in user if s <= scheduler.max_num_batched_tokens})
     sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, limit + 1, 16))
     return sorted({s for s in sizes if s <= limit})
+
+
+def lazy_capture_sizes(user: list[int] | None, max_size: int | None,
+                       scheduler: SchedulerConfig) -> list[int]:
+    """Mixed-step graph sizes above the default captured ones (512 tokens) up to the token
+    budget, captured on first use: by 256 to 4096, by 512 above, and the budget itself
+    (padding under 12.5% of a step). None when the capture sizes were set explicitly."""
+    budget = scheduler.max_num_batched_tokens
+    if user or max_size is not None or budget <= 512:
+        return []
+    sizes = list(range(768, min(budget, 4096) + 1, 256)) + list(range(4608, budget + 1, 512))
+    return sorted({s for s in sizes if s <= budget} | {budget})
 
 
 def create_model_config(model: str, dtype: str, max_model_len: int | None,

@@ -215,7 +215,8 @@ class ModelRunner:
                                      config.compilation.cudagraph_capture_sizes,
                                      self.max_num_seqs, self.max_num_tokens,
                                      pad_eager=self.device.type == "cuda",
-                                     decode_query_len=k + 1)
+                                     decode_query_len=k + 1,
+                                     lazy_sizes=config.compilation.lazy_capture_sizes)
         self.graphs: CUDAGraphManager | None = None
         self.attention_states: dict = {}
         self.capture_report: CaptureReport | None = None
@@ -381,6 +382,27 @@ class ModelRunner:
         if self.multimodal:
             self.encoder_graphs = self._capture_encoder_graphs(runtime)
         return report
+
+    def _capture_pending(self) -> None:
+        """Capture the lazy graph sizes steps asked for since the last step (a step of such a
+        size ran eagerly), into the same pool; and a sampler graph per feature set for a
+        request count no graph had. The warmups and captures write the persistent buffers
+        with dummy steps: the one input a launched step still owes the next (its samples,
+        read on the device under async scheduling) is kept aside meanwhile."""
+        descs = sorted(self.dispatcher.pending, key=lambda d: -d.num_tokens)
+        self.dispatcher.pending.clear()
+        have = {k.num_reqs for k in self.graphs.graphs if isinstance(k, SamplerGraphKey)}
+        rows = sorted({d.num_reqs for d in descs} - have, reverse=True)
+        keys = descs + [SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
+        if self.device.type == "cuda":     # a launched step may still read the staging
+            torch.cuda.synchronize(self.device)
+        sampled = self.sampled.clone()
+        with torch.inference_mode():
+            pairs, _ = self.graphs.capture(keys, self._create_forward_fn, progress=False)
+        self.sampled.copy_(sampled)
+        self._last_step = None
+        self.attention_states.update((k, v) for k, v in pairs.items() if k in descs)
+        self.dispatcher.captured = self.dispatcher.captured | set(descs)
 
     def _capture_encoder_graphs(self, runtime: GraphRuntime) -> EncoderGraphManager | None:
         """The model's encoder per patch budget, in the text graphs' runtime (and memory
@@ -567,6 +589,8 @@ class ModelRunner:
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         """Queue one step on the device and the copy of its samples to the host; returns
         without waiting. A chunk may end at a token the previous launched step sampled."""
+        if self.dispatcher.pending and self.graphs is not None:
+            self._capture_pending()
         if self.proposer is not None:
             return self._launch_speculative(chunks)
         n_tok = sum(c.num_new_tokens for c in chunks)

@@ -2,7 +2,10 @@
 
 A descriptor names a padded step shape. The dispatcher picks the smallest captured
 descriptor that fits a step; a step larger than every captured one runs eagerly (mode NONE),
-padded to a coarse bucket so compiled kernels see few distinct shapes, and is counted.
+padded to a coarse bucket so compiled kernels see few distinct shapes, and is counted. A
+mixed step that fits one of the lazy sizes (above the captured ones, up to the token budget)
+runs eagerly the first time and leaves that size in `pending`, which the runner captures
+before its next step; later steps of the size replay it.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ class BatchExecutionDescriptor:
 
 class Dispatcher:
     def __init__(self, mode: CUDAGraphMode, capture_sizes: tuple[int, ...], max_num_seqs: int,
-                 max_num_tokens: int, pad_eager: bool, decode_query_len: int = 1) -> None:
+                 max_num_tokens: int, pad_eager: bool, decode_query_len: int = 1,
+                 lazy_sizes: tuple[int, ...] = ()) -> None:
         self.mode = mode
         self.graph_mode = mode.graph_mode     # FULL, or PIECEWISE: the replayed steps' mode
         self.max_num_seqs = max_num_seqs
@@ -34,6 +38,10 @@ class Dispatcher:
         self.pad_eager = pad_eager
         self.q = decode_query_len
         self.capture_sizes = tuple(sorted(capture_sizes))
+        top = max(self.capture_sizes, default=0)
+        self.lazy_sizes = (tuple(sorted(s for s in lazy_sizes if top < s <= max_num_tokens))
+                           if mode in (CUDAGraphMode.FULL, CUDAGraphMode.PIECEWISE) else ())
+        self.pending: set[BatchExecutionDescriptor] = set()     # lazy sizes to capture
         self.num_eager_fallbacks = 0
         self.num_graph_steps = 0
         self._captured: frozenset[BatchExecutionDescriptor] = frozenset()
@@ -83,6 +91,18 @@ class Dispatcher:
                     self._decode_graphs[num_reqs] = desc
                 return desc
             break
+        else:
+            desc = self._lazy(num_tokens) if not decode and self.captured else None
+            if desc is not None and desc in self.captured:
+                self.num_graph_steps += 1
+                return desc
+            if desc is not None:
+                if not self.pending and not self.num_eager_fallbacks:
+                    logger.info("a step of %d tokens runs eagerly; a graph of %d tokens is "
+                                "captured for the next such step", num_tokens, desc.num_tokens)
+                self.pending.add(desc)
+                self.num_eager_fallbacks += 1
+                return self.eager(num_tokens, num_reqs, uniform_query_len)
         if self.captured:
             if not self.num_eager_fallbacks:
                 logger.warning("a step of %d tokens / %d requests fits no captured CUDA graph and "
@@ -90,6 +110,11 @@ class Dispatcher:
                                num_tokens, num_reqs)
             self.num_eager_fallbacks += 1
         return self.eager(num_tokens, num_reqs, uniform_query_len)
+
+    def _lazy(self, num_tokens: int) -> BatchExecutionDescriptor | None:
+        size = next((s for s in self.lazy_sizes if s >= num_tokens), None)
+        return None if size is None else BatchExecutionDescriptor(
+            self.graph_mode, size, min(size, self.max_num_seqs), None)
 
     def eager(self, num_tokens: int, num_reqs: int,
               uniform_query_len: int | None) -> BatchExecutionDescriptor:
