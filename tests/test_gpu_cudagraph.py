@@ -176,3 +176,43 @@ def test_cold_start_compiles_ahead_in_workers_and_decodes_as_without(monkeypatch
     assert any("paged_decode" in k for k in submitted)
     assert any("gemv" in k for k in submitted)
     assert outputs[True] == outputs[False]
+
+
+def _random_outputs(llm, seed: int):
+    rng = random.Random(seed)
+    prompts = [{"prompt_token_ids": [rng.randrange(1, 600) for _ in range(rng.randrange(1, 90))]}
+               for _ in range(10)]
+    params = [SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=i, max_tokens=16,
+                             ignore_eos=True) for i in range(10)]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_piecewise_graphs_match_eager_on_gpu(hf_dir, backend):
+    """PIECEWISE: the CUDA graph pieces around eager attention (sdpa too, which FULL graphs
+    cannot hold) give the eager engine's tokens (float32)."""
+    common = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=16,
+                  max_num_batched_tokens=128, num_gpu_blocks_override=512,
+                  attention_backend=backend, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32])
+    piecewise = LLM(hf_dir, cudagraph_mode="piecewise", **common)
+    assert piecewise.engine.runner.capture_report.num_graphs > 0
+    got = _random_outputs(piecewise, 5)
+    assert piecewise.engine.runner.dispatcher.num_graph_steps > 0
+    assert got == _random_outputs(LLM(hf_dir, enforce_eager=True, **common), 5)
+
+
+def test_lazily_captured_prefill_graphs_on_gpu(hf_dir):
+    """A step above the start-up sizes runs eagerly once; its size is captured before the
+    next step (async scheduling: a step is in flight) and replayed after; tokens as eager."""
+    common = dict(device="cuda", dtype="float32", max_model_len=1024, max_num_seqs=4,
+                  max_num_batched_tokens=1024, num_gpu_blocks_override=512)
+    graphs = LLM(hf_dir, async_scheduling=True, **common)
+    eager = LLM(hf_dir, enforce_eager=True, **common)
+    rng = random.Random(2)
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for n in (900, 950, 1000):
+        prompt = [{"prompt_token_ids": [rng.randrange(1, 600) for _ in range(n)]}]
+        assert (graphs.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids
+                == eager.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids)
+    d = graphs.engine.runner.dispatcher
+    assert d.num_eager_fallbacks == 1 and any(x.num_tokens == 1024 for x in d.captured)
