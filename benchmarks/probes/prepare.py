@@ -13,7 +13,7 @@ class R:
     all_token_ids: list; num_computed_tokens: int; block_ids: list; sampling_params: SamplingParams; seed: int
 @dataclass
 class C:
-    request: R; num_new_tokens: int
+    request: R; num_new_tokens: int; samples: bool = True; spec_token_ids: tuple = ()
 B = int(sys.argv[1])
 buf = InputBuffers(256, 8192, 64, 16, 151936, torch.device(sys.argv[2] if len(sys.argv) > 2 else "cpu"))
 rng = np.random.default_rng(0)

@@ -24,6 +24,9 @@ from fullgraph.layers.activation import scalar_path
 from fullgraph.layers.policy import KernelPolicy
 
 
+TOKEN_BLOCK = 64     # tokens per `paged_attention` call of the backend
+
+
 def _exp(x: torch.Tensor) -> torch.Tensor:
     return scalar_path(torch.exp, x)
 
@@ -172,5 +175,11 @@ class InvariantAttentionBackend:
 
     def forward(self, q: torch.Tensor, kv_cache: KVCache,
                 meta: InvariantAttentionMetadata) -> torch.Tensor:
-        return paged_attention(q, kv_cache[0], kv_cache[1], meta.slots, meta.visible,
-                               self.spec.scale, self.policy)
+        # in blocks of tokens: each token gathers its own KV, so one call over a long
+        # prompt would hold [tokens, extent, heads, dim] at once; tokens are independent
+        # of each other, so the blocks change no bit
+        return torch.cat([
+            paged_attention(q[i:i + TOKEN_BLOCK], kv_cache[0], kv_cache[1],
+                            meta.slots[i:i + TOKEN_BLOCK], meta.visible[i:i + TOKEN_BLOCK],
+                            self.spec.scale, self.policy)
+            for i in range(0, q.shape[0], TOKEN_BLOCK)])

@@ -257,7 +257,7 @@ def lazy_capture_sizes(user: list[int] | None, max_size: int | None,
                        scheduler: SchedulerConfig) -> list[int]:
     """Mixed-step graph sizes above the default captured ones (512 tokens) up to the token
     budget, captured on first use: by 256 to 4096, by 512 above, and the budget itself
-    (padding under 12.5% of a step). None when the capture sizes were set explicitly."""
+    (padding under 12.5% of a step); none when the capture sizes were set explicitly."""
     budget = scheduler.max_num_batched_tokens
     if user or max_size is not None or budget <= 512:
         return []

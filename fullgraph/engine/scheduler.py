@@ -17,7 +17,9 @@ With speculative decoding a decoding request is scheduled for its last token plu
 drafts the drafter proposed for it (`Request.spec_token_ids`, as many as the budget and its
 max_tokens leave room for), and every chunk that draws a token gets KV slots for
 `num_speculative_tokens` positions more: the drafter writes its own K/V there while it
-proposes the next step's drafts (worker/spec_decode/proposer.py).
+proposes the next step's drafts (worker/spec_decode/proposer.py). Neither is worth a
+preemption: where the pool cannot hold them the request runs its plain chunk, and drafts
+only as far as its blocks reach.
 """
 from __future__ import annotations
 
@@ -92,7 +94,9 @@ class Scheduler:
                 continue        # or its next step needs that token on the host
             n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
             spec = self._drafts(req, n, budget)
-            while not self.kv.allocate_slots(req, n + len(spec) + self._lookahead(req, n + len(spec))):
+            if not self.kv.allocate_slots(req, n + len(spec) + self._lookahead(req, n + len(spec))):
+                spec = []         # drafts and lookahead are worth no preemption
+            while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -118,7 +122,8 @@ class Scheduler:
             n = min(req.num_tokens - num_cached, budget)
             ahead = (self._lookahead(req, num_cached - req.num_computed_tokens + n)
                      if num_cached + n == req.num_tokens else 0)
-            if not self.kv.allocate_slots(req, n + ahead, hits):
+            if not (self.kv.allocate_slots(req, n + ahead, hits)
+                    or ahead and self.kv.allocate_slots(req, n, hits)):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_cached

@@ -20,12 +20,17 @@ def scalar_path(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
     return op(strided[..., 0])
 
 
+def elementwise(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                batch_invariant: bool) -> torch.Tensor:
+    """op(x); in the batch-invariant mode on the CPU through `scalar_path` (CUDA kernels
+    apply one formula to every element already)."""
+    return scalar_path(op, x) if batch_invariant and not x.is_cuda else op(x)
+
+
 def silu_and_mul(gate_up: torch.Tensor, batch_invariant: bool = False) -> torch.Tensor:
     """SwiGLU on a fused [..., 2 * d] gate/up projection. The gate half is a strided view for
     several rows and a contiguous one for a single row, so on the CPU a decode row would go
     through another SiLU formula than the same row in a prefill; `batch_invariant` sends
     every row through the scalar one."""
     gate, up = gate_up.chunk(2, dim=-1)
-    if batch_invariant and not gate.is_cuda:
-        return scalar_path(F.silu, gate) * up
-    return F.silu(gate) * up
+    return elementwise(F.silu, gate, batch_invariant) * up

@@ -32,7 +32,7 @@ from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities, PagedAttentionSpec
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, apply_kernel_policy
-from fullgraph.models.loader import iterate_weights, load_weights_by_name
+from fullgraph.models.loader import default_dtype, iterate_weights, load_weights_by_name
 from fullgraph.models.qwen3 import Qwen3MLP, head_dim_of
 
 STACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -354,15 +354,10 @@ def load_drafter(method: str, path: str, hf_config, dtype: torch.dtype, max_mode
     `device`, the kernel policy stamped (as the loader does for targets). The caller shares
     the target's weights (`use_target_weights`) before it runs."""
     cls = drafter_class(method)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            drafter = cls(hf_config, max_position=max_model_len)
-            drafter.load_weights((name, t.to(dtype) if t.is_floating_point() else t)
-                                 for name, t in iterate_weights(path))
-    finally:
-        torch.set_default_dtype(old)
+    with default_dtype(dtype), torch.device(device):
+        drafter = cls(hf_config, max_position=max_model_len)
+        drafter.load_weights((name, t.to(dtype) if t.is_floating_point() else t)
+                             for name, t in iterate_weights(path))
     return apply_kernel_policy(drafter, policy).eval().requires_grad_(False)
 
 

@@ -98,6 +98,9 @@ class Model(Protocol):
     #     [j H, (j + 1) H) the residual stream entering layer `layers[j]` (the token embedding
     #     for layer 0; ids may repeat). No allocation or host sync per step, so graphs capture
     #     it; call once, before capture. Without it, forward does no extra work."""
+    #
+    # def drafter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    #     """(token embedding, LM head) weights, which a speculative drafter shares."""
 
 
 class DraftModel(Protocol):
@@ -107,7 +110,7 @@ class DraftModel(Protocol):
     capabilities: ClassVar[ModelCapabilities]
 
     @staticmethod
-    def cache_specs(hf_config) -> CacheSpecs:
+    def cache_specs(hf_config, policy: KernelPolicy) -> CacheSpecs:
         """The drafter's own KV layers (its config, not the target's)."""
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor,
@@ -118,6 +121,10 @@ class DraftModel(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Target-vocabulary logits into `out` [rows, target vocab]."""
+
+    # Optional (EAGLE-3): a draft vocabulary, cheaper to draft from:
+    # draft_vocab_size: int; draft_to_target: torch.Tensor ([draft vocab] target ids)
+    # def compute_draft_logits(self, hidden, out) -> torch.Tensor: ... [rows, draft vocab]
 
     def aux_hidden_state_layers(self, target_hf_config) -> tuple[int, ...]:
         """The target layers whose input the drafter reads, in order (the `layers` of the

@@ -50,7 +50,7 @@ def iterate_weights(path: str, progress: bool = True) -> Iterator[tuple[str, tor
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -63,7 +63,7 @@ def load_model(model_config: ModelConfig, device: torch.device,
                policy: KernelPolicy = DEFAULT_POLICY) -> torch.nn.Module:
     """The model with its weights, `policy` stamped on every module (layers/policy.py)."""
     cls = get_model_class(model_config.architecture)
-    with _default_dtype(model_config.dtype), torch.device(device):
+    with default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, max_position=model_config.max_model_len)
     with torch.device(device):
         model.load_weights((name, t.to(model_config.dtype) if t.is_floating_point() else t)

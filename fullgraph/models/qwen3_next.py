@@ -44,7 +44,7 @@ from fullgraph.attention.gdn import GDNMetadata
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers import gated_attention
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
-from fullgraph.layers.activation import scalar_path
+from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
                                   decode_gated_delta_rule, fused_decode, gdn_gating,
@@ -167,8 +167,7 @@ class GatedAttention(nn.Module):
         o = ctx.attention(q, kv_cache).reshape(t, hq * d)
         gate = gate.reshape(t, hq * d)
         # the mode: which elements take sigmoid's vectorized formula depends on the row count
-        gate = (scalar_path(torch.sigmoid, gate) if policy_of(self).batch_invariant
-                else torch.sigmoid(gate))
+        gate = elementwise(torch.sigmoid, gate, policy_of(self).batch_invariant)
         return self.o_proj(o * gate), residual
 
 

@@ -50,8 +50,7 @@ class ScheduledChunk(Protocol):
     request: RequestState
     num_new_tokens: int
     samples: bool                    # the chunk reaches the last known token: a token is drawn
-    # Optional: drafts (speculative decoding) the chunk ends with, after its known tokens.
-    # spec_token_ids: list[int]
+    spec_token_ids: Sequence[int]    # drafts the chunk ends with (speculative decoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +290,7 @@ class InputBuffers:
             qsl[1:n_req + 1] = np.cumsum(n_new)
             for i, (r, d, lo, hi) in enumerate(zip(reqs, done_list, qsl[:n_req].tolist(),
                                                    qsl[1:n_req + 1].tolist())):
-                spec = getattr(chunks[i], "spec_token_ids", None)
+                spec = chunks[i].spec_token_ids
                 if spec:                     # known tokens, then the drafts
                     hi -= len(spec)
                     ids[hi:hi + len(spec)] = spec

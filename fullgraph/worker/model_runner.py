@@ -5,7 +5,6 @@ backend. It knows requests only through the small `RequestState` protocol.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.layers import pdl
 from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.interface import CacheSpecs
-from fullgraph.models.eagle import load_drafter
 from fullgraph.models.loader import load_model
 from fullgraph.multimodal.inputs import MultiModalStepInputs
 from fullgraph.sampling_params import SamplingParams
@@ -40,11 +38,8 @@ from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, multi_token_bad_words,
                                       sample, word_bans)
-from fullgraph.worker.sampler import prompt_logprobs as sampler_prompt_logprobs
-from fullgraph.worker.spec_decode.proposer import EagleProposer
-from fullgraph.worker.spec_decode.rejection import rejection_sample
-from fullgraph.worker.spec_decode.verify import kept_rows, verify_plan
-from fullgraph.worker.step_output import PendingStep, StepResult, to_host
+from fullgraph.worker.spec_decode.steps import SpecGraphKey, SpeculativeSteps
+from fullgraph.worker.step_output import PendingStep, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +66,7 @@ class _DummyChunk:
     request: _DummyRequest
     num_new_tokens: int
     samples: bool = True
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -90,14 +86,6 @@ class SamplerGraphKey:
     per descriptor, not once per sampler kind."""
     num_reqs: int
     features: SamplerFeatures
-
-
-@dataclass(frozen=True, slots=True)
-class SpecGraphKey:
-    """Speculative decoding: the verification and drafting graph replayed after a uniform
-    verify step's model graph, for `num_reqs` rows; greedy rows only, or any."""
-    num_reqs: int
-    greedy: bool
 
 
 # The sampler variants captured for every request count, cheapest first: temperature only
@@ -127,13 +115,6 @@ class ModelRunner:
             self.model.compile_layers()
         logger.info("loaded %s in %.1f s%s", config.model.path, time.perf_counter() - t0,
                     ", batch-invariant mode" if config.kernel_policy.batch_invariant else "")
-        # Speculative decoding: the drafter, and the target hidden states it reads (the
-        # inputs of some target layers, captured in a persistent buffer, or else the final
-        # hidden states of the step).
-        self.proposer: EagleProposer | None = None
-        self._draft_hidden: torch.Tensor | None = None
-        if config.speculative is not None:
-            self.proposer = self._load_proposer(config)
         self.cache_specs: CacheSpecs = self.model.cache_specs(config.model.hf_config,
                                                                config.kernel_policy)
         sched = config.scheduler
@@ -147,21 +128,8 @@ class ModelRunner:
         # a sampler graph can read what any model graph wrote.
         self.logits = torch.zeros(sched.max_num_seqs, config.model.vocab_size,
                                   dtype=config.model.dtype, device=self.device)
-        # Speculative steps: the logits of every request's k + 1 scored rows; for graphed
-        # verify steps also the slot-0 positions, the verification's tokens and accepted
-        # counts, and (EAGLE-1) the target's hidden states.
-        k = config.speculative.num_speculative_tokens if config.speculative else 0
-        if k:
-            r, dev = sched.max_num_seqs, self.device
-            self.spec_logits = torch.zeros(r * (k + 1), config.model.vocab_size,
-                                           dtype=config.model.dtype, device=dev)
-            self._spec_positions = torch.zeros(r, dtype=torch.int64, device=dev)
-            self._spec_tokens = torch.zeros(r, k + 1, dtype=torch.int64, device=dev)
-            self._spec_accepted = torch.zeros(r, dtype=torch.int64, device=dev)
-            self._spec_hidden = (None if self._draft_hidden is not None else
-                                 torch.zeros(self.max_num_tokens,
-                                             config.model.hf_config.get_text_config().hidden_size,
-                                             dtype=config.model.dtype, device=dev))
+        # speculative decoding: the drafter and the verification (worker/spec_decode/steps.py)
+        self.spec = SpeculativeSteps(self, config) if config.speculative is not None else None
         self.sampled = self.buffers.sampled     # each step's samples, the next step's inputs
         # Where steps' samples land on the host, in turn: the engine waits for a step's
         # results (PendingStep.wait copies them out) before it launches the step after next,
@@ -215,7 +183,7 @@ class ModelRunner:
                                      config.compilation.cudagraph_capture_sizes,
                                      self.max_num_seqs, self.max_num_tokens,
                                      pad_eager=self.device.type == "cuda",
-                                     decode_query_len=k + 1,
+                                     decode_query_len=self.spec.k + 1 if self.spec else 1,
                                      lazy_sizes=config.compilation.lazy_capture_sizes)
         self.graphs: CUDAGraphManager | None = None
         self.attention_states: dict = {}
@@ -225,31 +193,16 @@ class ModelRunner:
         self.prepare_seconds = 0.0     # host time writing step inputs (graph steps: all of it)
         self.state_prepare_seconds = 0.0   # of which the linear-attention metadata
         self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
-        self._last_context: ForwardContext | None = None
         # PIECEWISE graphs: the forward context each captured its attention calls with
         self._piecewise_contexts: dict[BatchExecutionDescriptor, ForwardContext] = {}
         self.num_steps = 0
-
-    def _load_proposer(self, config: EngineConfig) -> EagleProposer:
-        spec, target = config.speculative, config.model
-        drafter = load_drafter(spec.method, spec.model, spec.hf_config, target.dtype,
-                               target.max_model_len, self.device, config.kernel_policy)
-        drafter.use_target_weights(*self.model.drafter_weights())
-        drafter.check_target(target.hf_config)
-        layers = drafter.aux_hidden_state_layers(target.hf_config)
-        if layers:
-            self._draft_hidden = self.model.enable_aux_hidden_states(
-                layers, config.scheduler.max_num_batched_tokens)
-        return EagleProposer(drafter, config, get_backend_class(config.attention_backend,
-                                                               config.kernel_policy),
-                             self.device)
 
     # ---------------------------------------------------------------- memory
     @property
     def kv_bytes_per_block(self) -> int:
         """Of every model's KV: the target's, and the drafter's beside it."""
         own = self.cache_specs.attention.bytes_per_block(self.block_size, self.config.model.dtype)
-        return own + (self.proposer.bytes_per_block(self.block_size) if self.proposer else 0)
+        return own + (self.spec.bytes_per_block(self.block_size) if self.spec else 0)
 
     @property
     def num_state_slots(self) -> int:
@@ -311,8 +264,8 @@ class ModelRunner:
         self.backend = self.backend_cls(spec, self.device, self.buffers.persistent(),
                                         compile=self.config.compilation.compile_attention,
                                         policy=self.config.kernel_policy)
-        if self.proposer is not None:
-            self.proposer.allocate_kv_cache(num_blocks, self.buffers.persistent())
+        if self.spec is not None:
+            self.spec.allocate_kv_cache(num_blocks)
 
     @torch.inference_mode()
     def _profile_run(self) -> None:
@@ -324,6 +277,8 @@ class ModelRunner:
         self._forward_eager(step)
         sample(self.logits, self._sampling_variant(self.max_num_seqs, ALL_FEATURES),
                ALL_FEATURES, self.sampling_state)
+        if self.spec is not None:
+            self.spec.profile()
 
     def _dummy_chunks(self, desc: BatchExecutionDescriptor) -> list[_DummyChunk]:
         """Requests that fill `desc` (at most max_model_len tokens each), all in block 0."""
@@ -348,6 +303,8 @@ class ModelRunner:
         finally:
             if workers is not None:
                 workers.close()
+            if self.graphs is not None:    # later (lazy) captures compile in the process
+                self.graphs.compile_ahead = None
 
     def _capture_graphs(self, runtime: GraphRuntime | None,
                         workers: CompileWorkers | None) -> CaptureReport | None:
@@ -362,8 +319,7 @@ class ModelRunner:
         self.graphs = CUDAGraphManager(runtime, ahead)
         rows = sorted({d.num_reqs for d in descs}, reverse=True)
         keys = descs + ([SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
-                        if self.proposer is None else
-                        [SpecGraphKey(r, greedy) for r in rows for greedy in (True, False)])
+                        if self.spec is None else self.spec.graph_keys(rows))
         compiles0 = compile_count()
         # Decode descriptors warm up first: they need most of the kernel variants (row bucket,
         # split count), which compile-ahead's workers then compile while a mixed descriptor
@@ -397,10 +353,18 @@ class ModelRunner:
         if self.device.type == "cuda":     # a launched step may still read the staging
             torch.cuda.synchronize(self.device)
         sampled = self.sampled.clone()
-        with torch.inference_mode():
-            pairs, _ = self.graphs.capture(keys, self._create_forward_fn, progress=False)
-        self.sampled.copy_(sampled)
-        self._last_step = None
+        try:
+            with torch.inference_mode():
+                pairs, _ = self.graphs.capture(keys, self._create_forward_fn, progress=False)
+        except Exception:      # out of memory, say: those sizes stay eager, serving goes on
+            logger.exception("capturing graphs of %s tokens failed; such steps stay eager",
+                             [d.num_tokens for d in descs])
+            self.dispatcher.lazy_sizes = tuple(
+                s for s in self.dispatcher.lazy_sizes if s not in {d.num_tokens for d in descs})
+            return
+        finally:
+            self.sampled.copy_(sampled)
+            self._last_step = None
         self.attention_states.update((k, v) for k, v in pairs.items() if k in descs)
         self.dispatcher.captured = self.dispatcher.captured | set(descs)
 
@@ -427,7 +391,7 @@ class ModelRunner:
             sampling = self._sampling_variant(key.num_reqs, key.features)
             return (lambda: self._sample(sampling, key.features)), None
         if isinstance(key, SpecGraphKey):
-            return self._create_verify_fn(key)
+            return self.spec.create_verify_fn(key)
         compiles0 = compile_count()
         copies = self._graph_copies_inputs(key)
         step = self.buffers.prepare(self._dummy_chunks(key), key, copy=not copies)
@@ -435,6 +399,7 @@ class ModelRunner:
         metadata = self._build_metadata(step)
         piecewise = None
         if key.mode == CUDAGraphMode.PIECEWISE:
+            assert self.spec is None, "speculative steps are not cut into pieces"
             # attention runs between the pieces, with each step's own metadata (set on the
             # context before a replay); this one is for the warmup or capture run itself
             self.backend.update(metadata.attention, step.attention)
@@ -447,10 +412,11 @@ class ModelRunner:
                 self._update_metadata(metadata, step)
             elif metadata.state is not None:
                 self.state_backend.update(metadata.state, step.attention)
-            out = (self._run_model(step, metadata, piecewise) if self.proposer is None
-                   else self._score_drafts(step, metadata))
+            ctx = self._context(step, metadata, piecewise)
+            out = (self._run_model(step, ctx) if self.spec is None
+                   else self.spec.score_drafts(step, ctx))
             if piecewise is not None and not warmup:
-                self._piecewise_contexts[key] = self._last_context
+                self._piecewise_contexts[key] = ctx
             if copies and self._event_stream is not None:
                 torch.cuda.current_stream().wait_stream(self._event_stream)   # rejoin
             if warmup:
@@ -544,32 +510,35 @@ class ModelRunner:
         if metadata.state is not None:
             self.state_backend.update(metadata.state, step.attention)
 
-    def _run_model(self, step: StepInputs, metadata: StepMetadata,
-                   piecewise: Any = None) -> torch.Tensor:
+    def _run_model(self, step: StepInputs, ctx: ForwardContext) -> torch.Tensor:
         """The model, its logits into `self.logits`, and the greedy token of every row into
-        `self.sampled`. `piecewise`: the graph runtime's `between_pieces` (PIECEWISE)."""
+        `self.sampled`."""
         r = step.desc.num_reqs
-        hidden = self._forward_hidden(step, metadata, piecewise)
+        hidden = self._forward_hidden(step, ctx)
         logits = self.logits[:r]
         # one token per request: the rows are the requests' already (no gather kernel)
         rows = hidden[:r] if step.desc.uniform_query_len == 1 else hidden[step.logits_indices]
         self.model.compute_logits(rows, out=logits)
         return argmax_rows(logits, out=self.sampled[:r])
 
-    def _forward_hidden(self, step: StepInputs, metadata: StepMetadata,
-                        piecewise: Any = None) -> torch.Tensor:
+    def _context(self, step: StepInputs, metadata: StepMetadata,
+                 piecewise: Any = None) -> ForwardContext:
+        """The forward context of a step (`piecewise`: the graph runtime's
+        `between_pieces`, for PIECEWISE graphs)."""
+        mm = None
+        if self.multimodal:
+            rope = self.rope_positions.gpu[:step.desc.num_tokens].t()
+            mm = MultiModalStepInputs(rope, *(self._step_images or ()))
+        return ForwardContext(self.backend, metadata.attention, self.kv_caches,
+                              step.attention.slot_mapping, self.state_caches, metadata.state,
+                              mm, piecewise)
+
+    def _forward_hidden(self, step: StepInputs, ctx: ForwardContext) -> torch.Tensor:
         """The model's hidden states of the step's tokens (also kept as `_hidden`)."""
         # Synchronous steps never have pending tokens; the arena's copy kernel may fill them.
         if self.async_scheduling and not self.buffers.arena.merges:
             self.buffers.input_ids.index_put_((step.pending_index,),
                                               self.sampled[step.pending_row])
-        mm = None
-        if self.multimodal:
-            rope = self.rope_positions.gpu[:step.desc.num_tokens].t()
-            mm = MultiModalStepInputs(rope, *(self._step_images or ()))
-        ctx = self._last_context = ForwardContext(
-            self.backend, metadata.attention, self.kv_caches, step.attention.slot_mapping,
-            self.state_caches, metadata.state, mm, piecewise)
         hidden = self._hidden = self.model(step.input_ids, step.positions, ctx)
         return hidden
 
@@ -583,7 +552,7 @@ class ModelRunner:
         """After `_prepare_metadata`."""
         metadata = self._build_metadata(step)
         self._update_metadata(metadata, step)
-        return self._run_model(step, metadata)
+        return self._run_model(step, self._context(step, metadata))
 
     @torch.inference_mode()
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
@@ -591,8 +560,8 @@ class ModelRunner:
         without waiting. A chunk may end at a token the previous launched step sampled."""
         if self.dispatcher.pending and self.graphs is not None:
             self._capture_pending()
-        if self.proposer is not None:
-            return self._launch_speculative(chunks)
+        if self.spec is not None:
+            return self.spec.launch(chunks)
         n_tok = sum(c.num_new_tokens for c in chunks)
         q_lens = {c.num_new_tokens for c in chunks}
         uniform = q_lens.pop() if len(q_lens) == 1 else None
@@ -653,118 +622,6 @@ class ModelRunner:
             event.record()
         return PendingStep(host, event, prompt_lps)
 
-
-    # ---------------------------------------------------------------- speculative steps
-    def _score_drafts(self, step: StepInputs, metadata: StepMetadata) -> torch.Tensor:
-        """A uniform verify step's model part (a graph holds it): the target over every
-        request's last token and drafts, the logits of every row into `spec_logits`, and
-        the hidden states the drafter reads into a persistent buffer."""
-        hidden = self._forward_hidden(step, metadata)
-        n = step.desc.num_tokens
-        if self._draft_hidden is None:                      # EAGLE-1: the final states
-            self._spec_hidden[:n].copy_(hidden[:n])
-        return self.model.compute_logits(hidden[:n], out=self.spec_logits[:n])
-
-    def _create_verify_fn(self, key: SpecGraphKey):
-        """The verification and the drafter's steps after a uniform verify step of
-        `key.num_reqs` requests, device ops only: the graph replayed after the model's."""
-        q = self.dispatcher.q
-        desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, key.num_reqs * q, key.num_reqs, q)
-        step = self.buffers.prepare(self._dummy_chunks(desc), desc)
-        state = self.proposer.graph_state(step.attention)
-        r, k = key.num_reqs, q - 1
-        sampling = dataclasses.replace(
-            self.buffers.sampling_tensors(r, all_greedy=key.greedy,
-                                          any_top_k_top_p=not key.greedy, num_logprobs=-1),
-            positions=self._spec_positions[:r])
-        hidden = self._draft_hidden if self._draft_hidden is not None else self._spec_hidden
-
-        def forward():
-            torch.sub(step.attention.seq_lens[:r], k, out=self._spec_positions[:r])
-            verified = rejection_sample(step.input_ids[:r * q].view(r, q)[:, 1:],
-                                        self.spec_logits[:r * q].view(r, q, -1), sampling)
-            self._spec_tokens[:r].copy_(verified.token_ids)
-            self._spec_accepted[:r].copy_(verified.num_accepted)
-            return self.proposer.draft_graphed(state, step.attention, self._spec_tokens[:r],
-                                               self._spec_accepted[:r], hidden)
-
-        return forward, None
-
-    def _launch_verify_graphs(self, chunks: Sequence[ScheduledChunk],
-                              desc: BatchExecutionDescriptor) -> PendingStep:
-        """A uniform verify step (every request with k drafts) in its captured graphs: the
-        model's, then verification and drafting's; one read of the results at the end."""
-        t0 = time.perf_counter()
-        copied_in_graph = self._graph_copies_inputs(desc)
-        step = self.buffers.prepare(chunks, desc, copy=not copied_in_graph)
-        self._reset_sampling_slots(chunks)
-        self._last_step = None
-        self._prepare_metadata(step)
-        self.prepare_seconds += time.perf_counter() - t0
-        greedy = step.sampling.all_greedy
-        self.graphs.replay(desc)
-        drafts = self.graphs.replay(SpecGraphKey(desc.num_reqs, greedy))
-        r, q = len(chunks), self.dispatcher.q
-        result = StepResult(self._spec_tokens[:r].cpu().numpy())
-        if step.sampling.num_logprobs >= 0:
-            rows = self.spec_logits[:r * q]
-            lps = sampler_prompt_logprobs(rows, self._spec_tokens[:r].clamp(min=0).view(-1),
-                                          step.sampling.num_logprobs)
-            result.logprobs, result.logprob_token_ids, result.ranks = (
-                t.view(r, q, *t.shape[1:]).cpu().numpy() for t in lps)
-        result.num_emitted = self._spec_accepted[:r].cpu().numpy() + 1
-        result.draft_token_ids = drafts[:r].tolist()
-        self.num_steps += 1
-        return PendingStep((), None, ready=result)
-
-    def _launch_speculative(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
-        """A speculative step, eager and synchronous: the target scores every request's last
-        token and drafts (k + 1 rows each, worker/spec_decode/verify.py), verification keeps
-        the target's distribution (rejection.py), and the drafter proposes the next step's
-        drafts from the positions kept (proposer.py). Reading the accepted counts is a host
-        sync; uniform verify steps replay graphs instead (`_launch_verify_graphs`)."""
-        k = self.config.speculative.num_speculative_tokens
-        n_tok, r = sum(c.num_new_tokens for c in chunks), len(chunks)
-        if self.graphs is not None and all(len(getattr(c, "spec_token_ids", ())) == k
-                                           for c in chunks):
-            desc = self.dispatcher.dispatch(n_tok, r, k + 1)
-            if desc.mode == CUDAGraphMode.FULL:
-                return self._launch_verify_graphs(chunks, desc)
-        t0 = time.perf_counter()
-        owed = (prompt_logprobs.plan(chunks)
-                if any(c.request.prompt_logprobs is not None for c in chunks) else None)
-        desc = self.dispatcher.eager(n_tok, r, None)
-        step = self.buffers.prepare(chunks, desc)
-        self._reset_sampling_slots(chunks)
-        self._last_step = None
-        self._prepare_metadata(step)
-        self.prepare_seconds += time.perf_counter() - t0
-        metadata = self._build_metadata(step)
-        self._update_metadata(metadata, step)
-        hidden = self._forward_hidden(step, metadata)
-        plan = verify_plan(chunks, k)
-        rows = torch.from_numpy(plan.rows).to(self.device).view(-1)
-        logits = self.model.compute_logits(hidden[rows], out=self.spec_logits[:r * (k + 1)])
-        sampling = step.sampling.rows(0, r)
-        sampling = dataclasses.replace(
-            sampling, positions=torch.from_numpy(plan.positions).to(self.device))
-        verified = rejection_sample(torch.from_numpy(plan.drafts).to(self.device),
-                                    logits.view(r, k + 1, -1), sampling)
-        result = StepResult(verified.token_ids.cpu().numpy())
-        if sampling.num_logprobs >= 0:
-            lps = sampler_prompt_logprobs(logits, verified.token_ids.clamp(min=0).view(-1),
-                                          sampling.num_logprobs)
-            result.logprobs, result.logprob_token_ids, result.ranks = (
-                t.view(r, k + 1, *t.shape[1:]).cpu().numpy() for t in lps)
-        kept, emitted = kept_rows(chunks, plan, result.token_ids,
-                                  verified.num_accepted.cpu().numpy(), k)
-        result.num_emitted = np.array(emitted, np.int64)
-        draft_source = self._draft_hidden if self._draft_hidden is not None else hidden
-        result.draft_token_ids = self.proposer.propose(kept, draft_source)
-        if owed:
-            result.prompt_logprobs = prompt_logprobs.compute(self.model, self._hidden, owed)
-        self.num_steps += 1
-        return PendingStep((), None, ready=result)
 
     # ---------------------------------------------------------------- multimodal
     def _write_rope_positions(self, chunks: Sequence[ScheduledChunk], num_tokens: int) -> None:

@@ -202,6 +202,8 @@ def main(ns: argparse.Namespace) -> int:
                             bandwidth)
             base["mode"] += " (no speculation)"
             for row, ref in zip(m["rows"], base["rows"]):
+                if not (row["output_tok_per_s"] and ref["output_tok_per_s"]):
+                    continue                         # no decode step was timed
                 row["speedup_tok_per_s"] = row["output_tok_per_s"] / ref["output_tok_per_s"]
                 print(f"[{m['mode']}] batch {row['batch']:4d}: "
                       f"{row['speedup_tok_per_s']:.2f}x the tokens/s without speculation")

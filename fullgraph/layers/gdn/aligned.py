@@ -90,7 +90,7 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     # chunks past the last are empty.
     counts = (total + chunk - 1) // chunk
     ends = counts.cumsum(0)
-    capacity = chunk_capacity(t, r, chunk, max_query_len)
+    capacity = aligned_chunk_capacity(t, r, chunk, max_query_len)
     index = torch.arange(capacity, device=dev)
     lane = torch.searchsorted(ends, index, right=True)
     real = lane < r
@@ -116,7 +116,7 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return o[:t].to(q.dtype)
 
 
-def chunk_capacity(num_tokens: int, num_lanes: int, chunk: int,
+def aligned_chunk_capacity(num_tokens: int, num_lanes: int, chunk: int,
                    max_query_len: int | None = None) -> int:
     """The most chunks a step can have from its shape: a lane of n >= 1 new tokens after a
     tail of at most C - 1 has at most 1 + (n + C - 2) // C chunks, and at most min(R, T)

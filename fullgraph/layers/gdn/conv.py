@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fullgraph.layers.activation import scalar_path
+from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn.state import gather_states
 
 
@@ -23,7 +23,7 @@ def _activate(y: torch.Tensor, activation: str | None,
               batch_invariant: bool = False) -> torch.Tensor:
     if activation in ("silu", "swish"):
         # the scalar formula for every element in the mode (layers/activation.py)
-        return scalar_path(F.silu, y) if batch_invariant and not y.is_cuda else F.silu(y)
+        return elementwise(F.silu, y, batch_invariant)
     if activation is None:
         return y
     raise ValueError(f"unsupported conv activation {activation!r}")

@@ -6,20 +6,10 @@ would otherwise overflow to inf), so float32 runs match them bit for bit.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from fullgraph.layers.activation import scalar_path
-
-
-def _elementwise(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                 batch_invariant: bool) -> torch.Tensor:
-    """op(x); in the batch-invariant mode on the CPU through the scalar formula for every
-    element (layers/activation.py: a and b are strided views of the projection for several
-    rows and contiguous for one, and the vectorized formula's tail depends on the size)."""
-    return scalar_path(op, x) if batch_invariant and not x.is_cuda else op(x)
+from fullgraph.layers.activation import elementwise
 
 
 def gdn_gating(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor,
@@ -30,9 +20,11 @@ def gdn_gating(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor,
     g = -exp(A_log) * softplus(a + dt_bias): the log of the state's decay per token, float32
     (<= 0); beta = sigmoid(b): the delta rule's step size, in b's dtype.
     """
-    beta = _elementwise(torch.sigmoid, b, batch_invariant)
-    g = (-_elementwise(torch.exp, A_log.float(), batch_invariant)
-         * _elementwise(F.softplus, a.float() + dt_bias, batch_invariant))
+    # in the mode, one formula for every element: a and b are strided views of the
+    # projection for several rows and contiguous for one (layers/activation.py)
+    beta = elementwise(torch.sigmoid, b, batch_invariant)
+    g = (-elementwise(torch.exp, A_log.float(), batch_invariant)
+         * elementwise(F.softplus, a.float() + dt_bias, batch_invariant))
     return g, beta
 
 
@@ -55,5 +47,5 @@ def rms_norm_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     h = weight * h.to(dtype)
-    h = h * _elementwise(F.silu, gate.float(), batch_invariant)
+    h = h * elementwise(F.silu, gate.float(), batch_invariant)
     return h.to(dtype)

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from fullgraph.layers.activation import scalar_path, silu_and_mul
+from fullgraph.layers.activation import elementwise, silu_and_mul
 from fullgraph.layers.linear import invariant_matmul
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 from fullgraph.layers.moe.routing import sort_by_expert
@@ -42,8 +42,7 @@ def combine(y: torch.Tensor, topk_weights: torch.Tensor, shared: torch.Tensor | 
     if shared is not None:
         gate = shared_gate.float()
         # [T, 1]: which rows take the vectorized formula depends on T
-        gate = (scalar_path(torch.sigmoid, gate) if batch_invariant and not gate.is_cuda
-                else torch.sigmoid(gate))
+        gate = elementwise(torch.sigmoid, gate, batch_invariant)
         acc = acc + gate * shared.float()
     return acc.to(dtype)
 

@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fullgraph.worker.cudagraph.manager import EagerPiece, PiecewiseGraph, replay_pieces
+from fullgraph.worker.cudagraph.manager import (EagerOutputs, EagerPiece, PiecewiseGraph,
+                                                replay_pieces)
 
 _HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero"}
 
@@ -57,6 +58,7 @@ class FakeGraphRuntime:
         self.num_captures = 0
         self._pieces: list | None = None      # of the capture in progress
         self._recorder: _Recorder | None = None
+        self._outputs = EagerOutputs()
 
     def capture(self, fn) -> tuple[FakeGraph | PiecewiseGraph, Any]:
         import torch.nn.attention.flex_attention as flex
@@ -64,7 +66,7 @@ class FakeGraphRuntime:
         # dispatch mode; this torch switch calls the op directly, so it is recorded as one.
         saved = flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
         flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
-        self._pieces = []
+        self._pieces, self._outputs.next = [], 0
         try:
             self._recorder = _Recorder().__enter__()
             try:
@@ -84,7 +86,7 @@ class FakeGraphRuntime:
             return fn()
         self._recorder.__exit__(None, None, None)
         self._pieces.append(FakeGraph(self._recorder.ops))
-        out = fn()
+        out = self._outputs.place(fn())
         self._pieces.append(EagerPiece(fn, out))
         self._recorder = _Recorder().__enter__()
         return out

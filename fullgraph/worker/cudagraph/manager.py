@@ -71,6 +71,32 @@ class PiecewiseGraph:
     pieces: list[Any]
 
 
+class EagerOutputs:
+    """Where a PIECEWISE graph's eager calls leave their results for the next piece: per
+    call site (the i-th eager call of a capture) one buffer that every graph shares, as large
+    as the largest graph's (they are captured largest first; a larger lazy capture gets a new
+    one). Only one graph replays at a time, so they never need the buffer at once; without
+    sharing, every graph kept its own outputs of every attention layer."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.next = 0                    # the call site of the capture in progress
+
+    def place(self, out: torch.Tensor) -> torch.Tensor:
+        i, self.next = self.next, self.next + 1
+        buf = self.buffers[i] if i < len(self.buffers) else None
+        if (buf is None or buf.dtype != out.dtype or buf.device != out.device
+                or buf.numel() < out.numel()):
+            flat = out.contiguous().view(-1)
+            if buf is None:
+                self.buffers.append(flat)
+            else:
+                self.buffers[i] = flat
+            return flat.view(out.shape)
+        view = buf[:out.numel()].view(out.shape)
+        return view.copy_(out)
+
+
 def replay_pieces(graph: PiecewiseGraph, replay_piece: Callable[[Any], None]) -> None:
     for piece in graph.pieces:
         if isinstance(piece, EagerPiece):
@@ -86,15 +112,19 @@ class CUDAGraphRuntime:
         self.stream = torch.cuda.Stream(device)
         self._pieces: list[Any] | None = None      # of the capture in progress
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._outputs = EagerOutputs()
 
     def capture(self, fn: ForwardFn) -> tuple[Any, Any]:
         torch.cuda.synchronize(self.device)
-        self._pieces = []
+        torch.cuda.empty_cache()          # what the allocator holds free, the pool may use
+        self._pieces, self._outputs.next = [], 0
         try:
             with torch.cuda.stream(self.stream):
                 self._begin()
-                out = fn()
-                self._graph.capture_end()
+                try:
+                    out = fn()
+                finally:                  # never leave the stream capturing
+                    self._graph.capture_end()
         finally:
             pieces, self._pieces = self._pieces + [self._graph], None
         torch.cuda.synchronize(self.device)
@@ -109,7 +139,7 @@ class CUDAGraphRuntime:
             return fn()
         self._graph.capture_end()
         self._pieces.append(self._graph)
-        out = fn()
+        out = self._outputs.place(fn())
         self._pieces.append(EagerPiece(fn, out))
         self._begin()
         return out

@@ -1,7 +1,6 @@
-"""Speculative decoding: verifying a drafter's tokens against the target (rejection.py).
-
-docs/speculative.md describes the drafters (models/eagle.py) and how the engine is to run
-them; nothing in the engine calls this package yet.
+"""Speculative decoding: verifying a drafter's tokens against the target (rejection.py), the
+EAGLE drafter's side of a step (proposer.py) and the host bookkeeping of a step (verify.py);
+the model runner drives them (docs/speculative.md).
 """
 from fullgraph.worker.spec_decode.rejection import (ACCEPT_STREAM, DRAFT_STREAM,
                                                     RejectionOutput, accept_uniforms,

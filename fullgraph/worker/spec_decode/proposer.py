@@ -57,6 +57,7 @@ class _DraftChunk:
     request: _DraftRequest
     num_new_tokens: int
     samples: bool = True
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,17 +106,22 @@ def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
     if not t.all_greedy:
         rows = _per_slot(t, k + 1)
         p = target_probs(z.reshape(-1, v), rows).view(r, k + 1, v)
-        if draft_probs is None:
-            q = torch.nn.functional.one_hot(drafts, v).float()
-        else:
-            q = draft_probs.float()
-        q = q * valid[..., None]
-        q = torch.cat([q, q.new_zeros(r, 1, v)], dim=1)           # the bonus slot: no draft
         p_x = p[:, :k].gather(-1, drafts[..., None])[..., 0]
-        q_x = q[:, :k].gather(-1, drafts[..., None])[..., 0]
+        if draft_probs is None:
+            # q one-hot at the draft: max(p - q, 0) is p without the draft's token, built in
+            # place of a [R, k + 1, V] one-hot (a verify graph holds every such buffer)
+            q_x = valid.float()
+            residual = p.clone()
+            residual[:, :k].scatter_(-1, drafts[..., None], torch.where(valid, 0.0, p_x)[..., None])
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+        else:
+            q = draft_probs.float() * valid[..., None]
+            q = torch.cat([q, q.new_zeros(r, 1, v)], dim=1)       # the bonus slot: no draft
+            q_x = q[:, :k].gather(-1, drafts[..., None])[..., 0]
+            residual = residual_distribution(p, q)
         u = accept_uniforms(rows.seeds, rows.positions).view(r, k + 1)[:, :k]
         noise = gumbel_noise(rows.seeds, rows.positions, v).view(r, k + 1, v)
-        drawn = (residual_distribution(p, q).log() + noise).argmax(-1)
+        drawn = (residual.log() + noise).argmax(-1)
         sampled = (t.temperature >= GREEDY_EPS)[:, None]
         accept = torch.where(sampled, (u * q_x < p_x) & valid, accept)
         next_ids = torch.where(sampled, drawn, argmax)

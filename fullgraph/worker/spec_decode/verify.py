@@ -34,7 +34,7 @@ def verify_plan(chunks: Sequence, k: int) -> VerifyPlan:
     positions = np.zeros(r, np.int64)
     starts, num_drafts, row = [], [], 0
     for i, c in enumerate(chunks):
-        spec = list(getattr(c, "spec_token_ids", ()) or ())
+        spec = list(c.spec_token_ids)
         d, n = len(spec), c.num_new_tokens
         last_known = row + n - 1 - d                 # the row whose next token is draft 1
         rows[i] = np.minimum(last_known + np.arange(k + 1), last_known + d)
@@ -47,9 +47,13 @@ def verify_plan(chunks: Sequence, k: int) -> VerifyPlan:
 
 
 def kept_rows(chunks: Sequence, plan: VerifyPlan, tokens: np.ndarray,
-              num_accepted: np.ndarray, k: int) -> tuple[list[KeptRows], list[int]]:
+              num_accepted: np.ndarray, k: int, block_size: int
+              ) -> tuple[list[KeptRows], list[int]]:
     """(what the drafter runs over for each chunk, how many tokens each chunk emits).
-    `tokens` [R, k + 1] and `num_accepted` [R] are the verification's, on the host."""
+    `tokens` [R, k + 1] and `num_accepted` [R] are the verification's, on the host. Drafts
+    are asked for as many as the request's max_tokens leaves room for next step, and as its
+    blocks hold the drafter's decode positions (the scheduler's lookahead, when the pool
+    had room for it)."""
     kept, emitted = [], []
     for i, c in enumerate(chunks):
         req, n, d = c.request, c.num_new_tokens, plan.num_drafts[i]
@@ -61,8 +65,9 @@ def kept_rows(chunks: Sequence, plan: VerifyPlan, tokens: np.ndarray,
             rows = list(range(plan.starts[i], plan.starts[i] + known + a))
             next_tokens = list(req.all_token_ids[start + 1:start + known]) + new
             left = req.max_tokens - req.num_output_tokens - len(new)
+            room = len(req.block_ids) * block_size - (start + len(rows) - 1)
             kept.append(KeptRows(req.block_ids, start, rows, next_tokens,
-                                 max(0, min(k, left - 1))))
+                                 max(0, min(k, left - 1, room))))
             emitted.append(len(new))
         else:                                        # a prompt chunk: its next tokens are known
             rows = list(range(plan.starts[i], plan.starts[i] + n))

@@ -1,0 +1,199 @@
+"""The model runner's speculative side: the drafter, the verification's buffers, and how a
+speculative step runs (docs/speculative.md).
+
+A step whose requests all run their last token and k drafts, and that fits a captured
+descriptor, replays two graphs: the target's (`score_drafts`: the model over every row, the
+logits of every row, the hidden states the drafter reads) and the verification plus the
+drafter's steps, whose inputs are computed on the device (`create_verify_fn`); one read of
+the results follows. Any other step runs eagerly: the target, verification, one host sync
+for the accepted counts, and the drafter over the positions each request kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from fullgraph.attention.backend import ForwardContext, get_backend_class
+from fullgraph.config import CUDAGraphMode, EngineConfig
+from fullgraph.models.eagle import load_drafter
+from fullgraph.worker import prompt_logprobs
+from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
+from fullgraph.worker.inputs import ScheduledChunk, StepInputs
+from fullgraph.worker.sampler import prompt_logprobs as logprobs_of
+from fullgraph.worker.spec_decode.proposer import EagleProposer
+from fullgraph.worker.spec_decode.rejection import rejection_sample
+from fullgraph.worker.spec_decode.verify import kept_rows, verify_plan
+from fullgraph.worker.step_output import PendingStep, StepResult
+
+if TYPE_CHECKING:
+    from fullgraph.worker.model_runner import ModelRunner
+
+
+@dataclass(frozen=True, slots=True)
+class SpecGraphKey:
+    """The verification and drafting graph replayed after a uniform verify step's model
+    graph, for `num_reqs` rows; greedy rows only, or any."""
+    num_reqs: int
+    greedy: bool
+
+
+class SpeculativeSteps:
+    def __init__(self, runner: ModelRunner, config: EngineConfig) -> None:
+        """After the target is loaded, before the KV cache is sized (the drafter's K/V
+        counts in every block)."""
+        self.runner = runner
+        spec, target = config.speculative, config.model
+        self.k = k = spec.num_speculative_tokens
+        drafter = load_drafter(spec.method, spec.model, spec.hf_config, target.dtype,
+                               target.max_model_len, runner.device, config.kernel_policy)
+        drafter.use_target_weights(*runner.model.drafter_weights())
+        drafter.check_target(target.hf_config)
+        # The target hidden states the drafter reads: the inputs of some target layers,
+        # captured in a persistent buffer (EAGLE-3), or the final states (EAGLE-1), which a
+        # graphed step copies into one.
+        layers = drafter.aux_hidden_state_layers(target.hf_config)
+        tokens, dev = config.scheduler.max_num_batched_tokens, runner.device
+        self.draft_hidden = (runner.model.enable_aux_hidden_states(layers, tokens) if layers
+                             else torch.zeros(tokens, target.hf_config.get_text_config()
+                                              .hidden_size, dtype=target.dtype, device=dev))
+        self.reads_final_states = not layers
+        self.proposer = EagleProposer(drafter, config,
+                                      get_backend_class(config.attention_backend,
+                                                        config.kernel_policy), dev)
+        # every request's k + 1 scored rows; for graphed steps also the slot-0 positions and
+        # the verification's tokens and accepted counts
+        r = config.scheduler.max_num_seqs
+        self.logits = torch.zeros(r * (k + 1), target.vocab_size, dtype=target.dtype,
+                                  device=dev)
+        self.positions = torch.zeros(r, dtype=torch.int64, device=dev)
+        self.tokens = torch.zeros(r, k + 1, dtype=torch.int64, device=dev)
+        self.accepted = torch.zeros(r, dtype=torch.int64, device=dev)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        return self.proposer.bytes_per_block(block_size)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.proposer.allocate_kv_cache(num_blocks, self.runner.buffers.persistent())
+
+    def profile(self) -> None:
+        """The memory profile's share: a sampled verification of every row."""
+        r, q = self.tokens.shape
+        rejection_sample(self.tokens[:, 1:], self.logits.view(r, q, -1),
+                         self.runner.buffers.sampling_tensors(
+                             r, all_greedy=False, any_top_k_top_p=True, num_logprobs=-1))
+
+    def graph_keys(self, rows: Sequence[int]) -> list[SpecGraphKey]:
+        return [SpecGraphKey(r, greedy) for r in rows for greedy in (True, False)]
+
+    # ------------------------------------------------------------ graphed steps
+    def score_drafts(self, step: StepInputs, ctx: ForwardContext) -> torch.Tensor:
+        """A uniform verify step's model part (a graph holds it): the target over every
+        request's last token and drafts, the logits of every row, and (EAGLE-1) the final
+        hidden states into the drafter's buffer."""
+        hidden = self.runner._forward_hidden(step, ctx)
+        n = step.desc.num_tokens
+        if self.reads_final_states:
+            self.draft_hidden[:n].copy_(hidden[:n])
+        return self.runner.model.compute_logits(hidden[:n], out=self.logits[:n])
+
+    def create_verify_fn(self, key: SpecGraphKey):
+        """The verification and the drafter's steps after a uniform verify step of
+        `key.num_reqs` requests, device ops only: the graph replayed after the model's."""
+        runner, q = self.runner, self.k + 1
+        desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, key.num_reqs * q, key.num_reqs, q)
+        step = runner.buffers.prepare(runner._dummy_chunks(desc), desc)
+        state = self.proposer.graph_state(step.attention)
+        r = key.num_reqs
+        sampling = dataclasses.replace(
+            runner.buffers.sampling_tensors(r, all_greedy=key.greedy,
+                                            any_top_k_top_p=not key.greedy, num_logprobs=-1),
+            positions=self.positions[:r])
+
+        def forward():
+            torch.sub(step.attention.seq_lens[:r], self.k, out=self.positions[:r])
+            verified = rejection_sample(step.input_ids[:r * q].view(r, q)[:, 1:],
+                                        self.logits[:r * q].view(r, q, -1), sampling)
+            self.tokens[:r].copy_(verified.token_ids)
+            self.accepted[:r].copy_(verified.num_accepted)
+            return self.proposer.draft_graphed(state, step.attention, self.tokens[:r],
+                                               self.accepted[:r], self.draft_hidden)
+
+        return forward, None
+
+    # ------------------------------------------------------------ launching
+    def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
+        runner, k = self.runner, self.k
+        n_tok, r = sum(c.num_new_tokens for c in chunks), len(chunks)
+        if runner.graphs is not None and all(len(c.spec_token_ids) == k for c in chunks):
+            desc = runner.dispatcher.dispatch(n_tok, r, k + 1)
+            if desc.mode == CUDAGraphMode.FULL:
+                return self._launch_graphs(chunks, desc)
+        return self._launch_eager(chunks)
+
+    def _prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
+                 copy: bool = True) -> StepInputs:
+        runner = self.runner
+        t0 = time.perf_counter()
+        step = runner.buffers.prepare(chunks, desc, copy=copy)
+        runner._reset_sampling_slots(chunks)
+        runner._last_step = None
+        runner._prepare_metadata(step)
+        runner.prepare_seconds += time.perf_counter() - t0
+        return step
+
+    def _logprobs(self, result: StepResult, logits: torch.Tensor, tokens: torch.Tensor,
+                  num_logprobs: int) -> None:
+        """The emitted tokens' logprobs, from the scored rows' raw logits."""
+        r, q = tokens.shape
+        lps = logprobs_of(logits, tokens.clamp(min=0).view(-1), num_logprobs)
+        result.logprobs, result.logprob_token_ids, result.ranks = (
+            t.view(r, q, *t.shape[1:]).cpu().numpy() for t in lps)
+
+    def _launch_graphs(self, chunks: Sequence[ScheduledChunk],
+                       desc: BatchExecutionDescriptor) -> PendingStep:
+        runner, r, q = self.runner, len(chunks), self.k + 1
+        step = self._prepare(chunks, desc, copy=not runner._graph_copies_inputs(desc))
+        runner.graphs.replay(desc)
+        drafts = runner.graphs.replay(SpecGraphKey(desc.num_reqs, step.sampling.all_greedy))
+        result = StepResult(self.tokens[:r].cpu().numpy())
+        if step.sampling.num_logprobs >= 0:
+            self._logprobs(result, self.logits[:r * q], self.tokens[:r],
+                           step.sampling.num_logprobs)
+        result.num_emitted = self.accepted[:r].cpu().numpy() + 1
+        result.draft_token_ids = drafts[:r].tolist()
+        runner.num_steps += 1
+        return PendingStep((), None, ready=result)
+
+    def _launch_eager(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
+        runner, k, r = self.runner, self.k, len(chunks)
+        owed = (prompt_logprobs.plan(chunks)
+                if any(c.request.prompt_logprobs is not None for c in chunks) else None)
+        step = self._prepare(chunks, runner.dispatcher.eager(
+            sum(c.num_new_tokens for c in chunks), r, None))
+        metadata = runner._build_metadata(step)
+        runner._update_metadata(metadata, step)
+        hidden = runner._forward_hidden(step, runner._context(step, metadata))
+        plan = verify_plan(chunks, k)
+        rows = torch.from_numpy(plan.rows).to(runner.device).view(-1)
+        logits = runner.model.compute_logits(hidden[rows], out=self.logits[:r * (k + 1)])
+        sampling = dataclasses.replace(
+            step.sampling.rows(0, r), positions=torch.from_numpy(plan.positions).to(runner.device))
+        verified = rejection_sample(torch.from_numpy(plan.drafts).to(runner.device),
+                                    logits.view(r, k + 1, -1), sampling)
+        result = StepResult(verified.token_ids.cpu().numpy())
+        if sampling.num_logprobs >= 0:
+            self._logprobs(result, logits, verified.token_ids, sampling.num_logprobs)
+        kept, emitted = kept_rows(chunks, plan, result.token_ids,
+                                  verified.num_accepted.cpu().numpy(), k, runner.block_size)
+        result.num_emitted = np.array(emitted, np.int64)
+        result.draft_token_ids = self.proposer.propose(
+            kept, hidden if self.reads_final_states else self.draft_hidden)
+        if owed:
+            result.prompt_logprobs = prompt_logprobs.compute(runner.model, runner._hidden, owed)
+        runner.num_steps += 1
+        return PendingStep((), None, ready=result)
