@@ -11,6 +11,7 @@ attention against torch's SDPA and the aligned gated delta rule against itself c
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from fullgraph import LLM
 from fullgraph.attention.invariant import attention_extent, paged_attention
 from fullgraph.engine.args import EngineArgs, check_kernel_policy
-from fullgraph.layers.gdn.aligned import aligned_gated_delta_rule, empty_lane
+from fullgraph.layers.gdn.aligned import aligned_chunk_gated_delta_rule
 from fullgraph.layers.gdn.reference import chunk_gated_delta_rule_ref
 from fullgraph.layers.linear import invariant_matmul
 from fullgraph.layers.policy import ENV_FLAG, KernelPolicy
@@ -187,6 +188,51 @@ def test_matmul_rows_do_not_depend_on_the_batch():
         changed += not torch.equal(torch.nn.functional.linear(x, w)[m // 2:m // 2 + 1],
                                    torch.nn.functional.linear(needle, w))
     assert changed            # F.linear's rows do depend on M here
+
+
+# One lane's state held in tensors of its own rather than in pools: the rule cut anywhere
+# (prefill chunks, decode tokens) against one call over the whole sequence.
+@dataclass(slots=True)
+class GDNLaneState:
+    """One lane's gated-delta-rule state in the mode: the recurrent state at its last
+    absolute chunk boundary (position a multiple of `gdn_chunk`), and the rule's inputs
+    (q, k, v, g, beta) of the tokens after it, fewer than a chunk."""
+    committed: torch.Tensor                   # [HV, DK, DV] float32
+    tail: tuple[torch.Tensor, ...]            # per input, [n < chunk, ...]
+
+
+def aligned_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             g: torch.Tensor, beta: torch.Tensor, lane: GDNLaneState,
+                             policy: KernelPolicy) -> tuple[torch.Tensor, GDNLaneState]:
+    """`aligned_chunk_gated_delta_rule` for one lane's new tokens, its state held in `lane`
+    rather than in pools. Inputs as layers/gdn/reference.py's for one lane; returns (outputs
+    of the new tokens, new lane state)."""
+    chunk, n, new = policy.gdn_chunk, lane.tail[0].shape[0], q.shape[0]
+    state_pool = torch.stack([torch.zeros_like(lane.committed), lane.committed])
+    tail_pools = []
+    for held in lane.tail:
+        pool = held.new_zeros(2, chunk - 1, *held.shape[1:])
+        pool[1, :n] = held
+        tail_pools.append(pool)
+    one = torch.ones(1, dtype=torch.bool, device=q.device)
+    out = aligned_chunk_gated_delta_rule(
+        q, k, v, g, beta, state_pool, tail_pools, torch.ones(1, dtype=torch.long, device=q.device),
+        torch.tensor([0, new], device=q.device), torch.tensor([n + new], device=q.device), one,
+        policy)
+    kept = (n + new) % chunk
+    return out, GDNLaneState(state_pool[1], tuple(pool[1, :kept] for pool in tail_pools))
+
+
+def empty_lane(num_v_heads: int, head_k_dim: int, head_v_dim: int, num_k_heads: int,
+               dtype: torch.dtype = torch.float32, device=None) -> GDNLaneState:
+    """A lane before its first token: a zero state and no tail (g and the state float32, as
+    layers/gdn/gating.py and state.py keep them)."""
+    def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dt, device=device)
+    return GDNLaneState(zeros(num_v_heads, head_k_dim, head_v_dim, dt=torch.float32),
+                        (zeros(0, num_k_heads, head_k_dim), zeros(0, num_k_heads, head_k_dim),
+                         zeros(0, num_v_heads, head_v_dim),
+                         zeros(0, num_v_heads, dt=torch.float32), zeros(0, num_v_heads)))
 
 
 GDN_SHAPES = dict(num_v_heads=4, head_k_dim=16, head_v_dim=16, num_k_heads=2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -51,6 +51,33 @@ class ScheduledChunk(Protocol):
     num_new_tokens: int
     samples: bool                    # the chunk reaches the last known token: a token is drawn
     spec_token_ids: Sequence[int]    # drafts the chunk ends with (speculative decoding)
+
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(slots=True, eq=False)
+class StandInRequest:
+    """A `RequestState` the runner makes itself: the dummy requests of warmup and capture,
+    and the drafter's views of a speculative step's requests (worker/spec_decode/)."""
+    all_token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    state_slot: int = 0
+    sampling_slot: int = -1
+    sampling_params: SamplingParams = field(default_factory=lambda: _GREEDY)
+    seed: int = 0
+    prompt_logprobs: None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+
+
+@dataclass(slots=True)
+class StandInChunk:
+    request: StandInRequest
+    num_new_tokens: int
+    samples: bool = True
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.interface import CacheSpecs
 from fullgraph.models.loader import load_model
 from fullgraph.multimodal.inputs import MultiModalStepInputs
-from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.compile_worker import CompileWorkers
 from fullgraph.worker.compilers import (configure_compilers, start_compile_workers,
                                         triton_compile_ahead)
@@ -34,7 +33,8 @@ from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager,
 from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.encoder_graphs import (EncoderGraphManager, default_budgets,
                                              graph_encoder_of, max_image_rows)
-from fullgraph.worker.inputs import InputBuffers, ScheduledChunk, StepInputs
+from fullgraph.worker.inputs import (InputBuffers, ScheduledChunk, StandInChunk,
+                                     StandInRequest, StepInputs)
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, multi_token_bad_words,
                                       sample, word_bans)
@@ -47,26 +47,6 @@ logger = logging.getLogger(__name__)
 # (a CPU step's attention reads the step's blocks, not the cache: attention/gathered.py).
 CPU_DEFAULT_MAX_BLOCKS = 2048
 GRAPH_RESERVE_BYTES = 1 << 30   # left free for CUDA graphs and the sampler's workspace
-
-
-@dataclass(slots=True)
-class _DummyRequest:
-    all_token_ids: list[int]
-    num_computed_tokens: int
-    block_ids: list[int]
-    state_slot: int
-    sampling_slot: int
-    sampling_params: SamplingParams
-    seed: int
-    prompt_logprobs: None = None
-
-
-@dataclass(slots=True)
-class _DummyChunk:
-    request: _DummyRequest
-    num_new_tokens: int
-    samples: bool = True
-    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -280,7 +260,7 @@ class ModelRunner:
         if self.spec is not None:
             self.spec.profile()
 
-    def _dummy_chunks(self, desc: BatchExecutionDescriptor) -> list[_DummyChunk]:
+    def _dummy_chunks(self, desc: BatchExecutionDescriptor) -> list[StandInChunk]:
         """Requests that fill `desc` (at most max_model_len tokens each), all in block 0."""
         if desc.uniform_query_len is not None:
             lens = [desc.uniform_query_len] * desc.num_reqs
@@ -289,9 +269,7 @@ class ModelRunner:
             n = desc.num_tokens
             lens = [min(per_req, n - i) for i in range(0, n, per_req)][:desc.num_reqs]
         blocks = [0] * self.config.max_blocks_per_seq
-        params = SamplingParams(temperature=0.0)
-        return [_DummyChunk(_DummyRequest([0] * m, 0, blocks, 0, -1, params, 0), m)
-                for m in lens]
+        return [StandInChunk(StandInRequest([0] * m, 0, blocks), m) for m in lens]
 
     # ---------------------------------------------------------------- graphs
     def capture_graphs(self, runtime: GraphRuntime | None = None) -> CaptureReport | None:

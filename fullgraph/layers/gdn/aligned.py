@@ -7,11 +7,10 @@ of the tokens since the last boundary (the tail, fewer than a chunk) are kept pe
 and run again with the new ones, so prefill in one call, prefill cut anywhere and
 token-by-token decode give the same bits (section 6.7).
 
-- `aligned_chunk_gated_delta_rule`: all lanes of a step at once, on the state pools (the
-  committed state in the recurrent pool, the tail in one pool per input): what
-  models/qwen3_next.py's Gated DeltaNet layers run in the mode, prefill, mixed and decode
-  steps alike.
-- `aligned_gated_delta_rule`: one lane held in a `GDNLaneState`, through the same code.
+`aligned_chunk_gated_delta_rule` runs all lanes of a step at once, on the state pools (the
+committed state in the recurrent pool, the tail in one pool per input): what
+models/qwen3_next.py's Gated DeltaNet layers run in the mode, prefill, mixed and decode steps
+alike (tests/test_batch_invariant.py drives one lane through it, cut anywhere).
 
 Like reference.py it reads no device value on the host and its op sequence depends on the
 shapes only, so it runs inside the CPU fake graphs.
@@ -19,7 +18,6 @@ shapes only, so it runs inside the CPU fake graphs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -126,46 +124,3 @@ def aligned_chunk_capacity(num_tokens: int, num_lanes: int, chunk: int,
     if max_query_len is not None:
         bound = min(bound, active * (1 + (max_query_len + chunk - 2) // chunk))
     return max(1, bound)
-
-
-@dataclass(slots=True)
-class GDNLaneState:
-    """One lane's gated-delta-rule state in the mode: the recurrent state at its last
-    absolute chunk boundary (position a multiple of `gdn_chunk`), and the rule's inputs
-    (q, k, v, g, beta) of the tokens after it, fewer than a chunk."""
-    committed: torch.Tensor                   # [HV, DK, DV] float32
-    tail: tuple[torch.Tensor, ...]            # per input, [n < chunk, ...]
-
-
-def aligned_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             g: torch.Tensor, beta: torch.Tensor, lane: GDNLaneState,
-                             policy: KernelPolicy) -> tuple[torch.Tensor, GDNLaneState]:
-    """`aligned_chunk_gated_delta_rule` for one lane's new tokens, its state held in `lane`
-    rather than in pools. Inputs as layers/gdn/reference.py's for one lane; returns (outputs
-    of the new tokens, new lane state)."""
-    chunk, n, new = policy.gdn_chunk, lane.tail[0].shape[0], q.shape[0]
-    state_pool = torch.stack([torch.zeros_like(lane.committed), lane.committed])
-    tail_pools = []
-    for held in lane.tail:
-        pool = held.new_zeros(2, chunk - 1, *held.shape[1:])
-        pool[1, :n] = held
-        tail_pools.append(pool)
-    one = torch.ones(1, dtype=torch.bool, device=q.device)
-    out = aligned_chunk_gated_delta_rule(
-        q, k, v, g, beta, state_pool, tail_pools, torch.ones(1, dtype=torch.long, device=q.device),
-        torch.tensor([0, new], device=q.device), torch.tensor([n + new], device=q.device), one,
-        policy)
-    kept = (n + new) % chunk
-    return out, GDNLaneState(state_pool[1], tuple(pool[1, :kept] for pool in tail_pools))
-
-
-def empty_lane(num_v_heads: int, head_k_dim: int, head_v_dim: int, num_k_heads: int,
-               dtype: torch.dtype = torch.float32, device=None) -> GDNLaneState:
-    """A lane before its first token: a zero state and no tail (g and the state float32, as
-    layers/gdn/gating.py and state.py keep them)."""
-    def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=dt, device=device)
-    return GDNLaneState(zeros(num_v_heads, head_k_dim, head_v_dim, dt=torch.float32),
-                        (zeros(0, num_k_heads, head_k_dim), zeros(0, num_k_heads, head_k_dim),
-                         zeros(0, num_v_heads, head_v_dim),
-                         zeros(0, num_v_heads, dt=torch.float32), zeros(0, num_v_heads)))

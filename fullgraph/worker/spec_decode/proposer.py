@@ -11,7 +11,7 @@ position. The drafter keeps its own paged K/V under the target's block table; ro
 positions the target later rejects are overwritten when those positions come again.
 
 The drafter's inputs go through its own `InputBuffers` (the runner's are untouched), from
-request views whose token list is shifted by one (`_DraftRequest`), so the general input
+request views whose token list is shifted by one (`StandInRequest`), so the general input
 path, and from the second decode step the steady-decode path, fill them.
 
 Drafts are the drafter's argmax (mapped into the target vocabulary), a deterministic drafter:
@@ -20,7 +20,7 @@ rejection.py), which keeps sampling exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,35 +29,8 @@ import torch
 from fullgraph.attention.backend import ForwardContext
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.config import CUDAGraphMode, EngineConfig
-from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
-from fullgraph.worker.inputs import InputBuffers
-
-_GREEDY = SamplingParams(temperature=0.0)
-
-
-@dataclass(slots=True, eq=False)
-class _DraftRequest:
-    """A request as the drafter's input path reads it: `all_token_ids[i]` is the token a
-    row at position i carries (the request's token i + 1)."""
-    all_token_ids: list[int]
-    num_computed_tokens: int
-    block_ids: list[int]
-    state_slot: int = 0
-    sampling_slot: int = -1
-    sampling_params: SamplingParams = field(default_factory=lambda: _GREEDY)
-    seed: int = 0
-    prompt_logprobs: None = None
-    output_token_ids: list[int] = field(default_factory=list)
-    num_preemptions: int = 0
-
-
-@dataclass(slots=True)
-class _DraftChunk:
-    request: _DraftRequest
-    num_new_tokens: int
-    samples: bool = True
-    spec_token_ids: tuple[int, ...] = ()
+from fullgraph.worker.inputs import InputBuffers, StandInChunk, StandInRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +90,7 @@ class EagleProposer:
                              compile=cfg.compilation.compile_attention, policy=cfg.kernel_policy)
             for inputs in (self.buffers.persistent(), target_inputs))
 
-    def _run(self, chunks: Sequence[_DraftChunk], hidden: torch.Tensor) -> torch.Tensor:
+    def _run(self, chunks: Sequence[StandInChunk], hidden: torch.Tensor) -> torch.Tensor:
         """One eager drafter step over `chunks` with `hidden` [tokens, width]: the output
         rows of each chunk's last token, [len(chunks), H]."""
         n_tok = sum(c.num_new_tokens for c in chunks)
@@ -145,10 +118,10 @@ class EagleProposer:
             return drafts
         # The input path reads a row's token at its position: the list holds placeholders
         # before the chunk's first position.
-        views = {i: _DraftRequest([0] * kept[i].start + list(kept[i].next_tokens),
+        views = {i: StandInRequest([0] * kept[i].start + list(kept[i].next_tokens),
                                   kept[i].start, kept[i].block_ids) for i in live}
         rows = torch.tensor([r for i in live for r in kept[i].target_rows], device=self.device)
-        out = self._run([_DraftChunk(views[i], len(kept[i].target_rows)) for i in live],
+        out = self._run([StandInChunk(views[i], len(kept[i].target_rows)) for i in live],
                         target_hidden.index_select(0, rows))
         cur = [i for i in live if kept[i].num_drafts > 0]   # the requests `out` rows hold
         out = out[[live.index(i) for i in cur]]
@@ -164,7 +137,7 @@ class EagleProposer:
                 v = views[i]
                 v.all_token_ids.append(drafts[i][-1])
                 v.num_computed_tokens = len(v.all_token_ids) - 1
-            out = self._run([_DraftChunk(views[i], 1) for i in nxt],
+            out = self._run([StandInChunk(views[i], 1) for i in nxt],
                             out[[cur.index(i) for i in nxt]])
             cur = nxt
         return drafts

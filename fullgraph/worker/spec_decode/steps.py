@@ -160,12 +160,13 @@ class SpeculativeSteps:
         step = self._prepare(chunks, desc, copy=not runner._graph_copies_inputs(desc))
         runner.graphs.replay(desc)
         drafts = runner.graphs.replay(SpecGraphKey(desc.num_reqs, step.sampling.all_greedy))
-        result = StepResult(self.tokens[:r].cpu().numpy())
+        # one copy to the host: the tokens, the accepted counts, the next drafts
+        host = torch.cat([self.tokens[:r], self.accepted[:r, None], drafts[:r]], 1).cpu()
+        result = StepResult(host[:, :q].numpy(), num_emitted=host[:, q].numpy() + 1,
+                            draft_token_ids=host[:, q + 1:].tolist())
         if step.sampling.num_logprobs >= 0:
             self._logprobs(result, self.logits[:r * q], self.tokens[:r],
                            step.sampling.num_logprobs)
-        result.num_emitted = self.accepted[:r].cpu().numpy() + 1
-        result.draft_token_ids = drafts[:r].tolist()
         runner.num_steps += 1
         return PendingStep((), None, ready=result)
 
