@@ -230,11 +230,39 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
     assert config(json.dumps(spec(agree, 2))).speculative.num_speculative_tokens == 2
 
 
+def test_processed_logits_follow_each_rows_position(pair):
+    """logit_bias, allowed_token_ids, one-token bad words and min_tokens apply to every
+    verified row at its own position: greedy output equals plain decoding's."""
+    target, _, half = pair
+    rng = random.Random(4)
+    allowed = rng.sample(range(3, VOCAB), 40)
+    eos = LLM(target, **KW).engine.config.model.eos_token_ids
+    params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                             logit_bias={t: 3.0 for t in allowed[:10]}),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                             allowed_token_ids=allowed),
+              SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                             bad_words=["the", "is"]),
+              SamplingParams(temperature=0.0, max_tokens=16, min_tokens=12,
+                             logit_bias={t: 30.0 for t in eos})]     # eos, banned until 12
+    batch = prompts(13, len(params))
+    want = LLM(target, **KW).generate(batch, params, use_tqdm=False)
+    llm = LLM(target, speculative_config=spec(half, 3), **KW)
+    got = llm.generate(batch, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert set(got[1].outputs[0].token_ids) <= set(allowed)
+    assert len(got[3].outputs[0].token_ids) == 13                  # eos right after 12
+    assert llm.engine.stats.spec_num_accepted_tokens > 0
+
+
 def test_unsupported_sampling_is_refused_and_others_go_on(pair):
     target, agree, _ = pair
     llm = LLM(target, speculative_config=spec(agree, 2), **KW)
-    with pytest.raises(ValueError, match="speculative decoding does not support penalties"):
+    with pytest.raises(ValueError, match="does not support repetition, frequency or presence"):
         llm.engine.add_request("bad", [5, 6, 7], SamplingParams(repetition_penalty=1.2))
+    with pytest.raises(ValueError, match="bad words of several tokens"):
+        llm.engine.add_request("bad2", [5, 6, 7],
+                               SamplingParams(bad_words=["quick brown fox jumps"]))
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
                        SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
                        use_tqdm=False)

@@ -155,13 +155,18 @@ ALL_FEATURES = SamplerFeatures(True, True, True, True)
 
 def needs_state(params) -> bool:
     """Whether a request needs a sampling state slot (what `SamplingState` holds)."""
-    return bool(getattr(params, "repetition_penalty", 1.0) != 1.0
-                or getattr(params, "frequency_penalty", 0.0) != 0.0
-                or getattr(params, "presence_penalty", 0.0) != 0.0
+    return bool(penalized(params)
                 or getattr(params, "logit_bias", None)
                 or getattr(params, "allowed_token_ids", None)
                 or getattr(params, "min_tokens", 0)
                 or getattr(params, "bad_words_token_ids", None))
+
+
+def penalized(params) -> bool:
+    """Whether a request has repetition, frequency or presence penalties."""
+    return bool(getattr(params, "repetition_penalty", 1.0) != 1.0
+                or getattr(params, "frequency_penalty", 0.0) != 0.0
+                or getattr(params, "presence_penalty", 0.0) != 0.0)
 
 
 def multi_token_bad_words(params) -> list[list[int]]:

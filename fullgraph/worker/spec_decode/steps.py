@@ -6,7 +6,10 @@ descriptor, replays two graphs: the target's (`score_drafts`: the model over eve
 logits of every row, the hidden states the drafter reads) and the verification plus the
 drafter's steps, whose inputs are computed on the device (`create_verify_fn`); one read of
 the results follows. Any other step runs eagerly: the target, verification, one host sync
-for the accepted counts, and the drafter over the positions each request kept.
+for the accepted counts, and the drafter over the positions each request kept; so do
+steps with requests whose logits are processed (bans, logit_bias, allowed tokens, min_tokens:
+each scored row at its own position; penalties, which depend on the drafts accepted before a
+row, are refused at admission).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from fullgraph.models.eagle import load_drafter
 from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.inputs import ScheduledChunk, StepInputs
+from fullgraph.worker.sampler import process_logits
 from fullgraph.worker.sampler import prompt_logprobs as logprobs_of
 from fullgraph.worker.spec_decode.proposer import EagleProposer
 from fullgraph.worker.spec_decode.rejection import rejection_sample
@@ -129,7 +133,8 @@ class SpeculativeSteps:
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         runner, k = self.runner, self.k
         n_tok, r = sum(c.num_new_tokens for c in chunks), len(chunks)
-        if runner.graphs is not None and all(len(c.spec_token_ids) == k for c in chunks):
+        if runner.graphs is not None and all(len(c.spec_token_ids) == k
+                                             and c.request.sampling_slot < 0 for c in chunks):
             desc = runner.dispatcher.dispatch(n_tok, r, k + 1)
             if desc.mode == CUDAGraphMode.FULL:
                 return self._launch_graphs(chunks, desc)
@@ -182,10 +187,18 @@ class SpeculativeSteps:
         plan = verify_plan(chunks, k)
         rows = torch.from_numpy(plan.rows).to(runner.device).view(-1)
         logits = runner.model.compute_logits(hidden[rows], out=self.logits[:r * (k + 1)])
-        sampling = dataclasses.replace(
-            step.sampling.rows(0, r), positions=torch.from_numpy(plan.positions).to(runner.device))
+        positions = torch.from_numpy(plan.positions).to(runner.device)
+        sampling = dataclasses.replace(step.sampling.rows(0, r), positions=positions)
+        scored = logits
+        if sampling.state_slots is not None and any(c.request.sampling_slot >= 0
+                                                    for c in chunks):
+            # bans, logit_bias, allowed tokens, min_tokens at each row's own position
+            slot_positions = positions[:, None] + torch.arange(k + 1, device=runner.device)
+            scored = process_logits(logits, runner.sampling_state,
+                                    sampling.state_slots.repeat_interleave(k + 1),
+                                    slot_positions.reshape(-1))
         verified = rejection_sample(torch.from_numpy(plan.drafts).to(runner.device),
-                                    logits.view(r, k + 1, -1), sampling)
+                                    scored.view(r, k + 1, -1), sampling)
         result = StepResult(verified.token_ids.cpu().numpy())
         if sampling.num_logprobs >= 0:
             self._logprobs(result, logits, verified.token_ids, sampling.num_logprobs)
