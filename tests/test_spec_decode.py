@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,6 +229,17 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
     with pytest.raises(ValueError, match="target hidden size 96"):
         config(spec(str(other), 2))
     assert config(json.dumps(spec(agree, 2))).speculative.num_speculative_tokens == 2
+    # a drafter shipping another tokenizer (the target's, two tokens' ids swapped)
+    odd = tmp_path / "odd"
+    shutil.copytree(agree, odd)
+    tok = json.loads((Path(target) / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = [w for w in vocab if w.isalpha()][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (odd / "tokenizer.json").write_text(json.dumps(tok))
+    shutil.copy(Path(target) / "tokenizer_config.json", odd / "tokenizer_config.json")
+    with pytest.raises(ValueError, match="tokenizer .* does not match the target's"):
+        config(spec(str(odd), 2))
 
 
 def test_processed_logits_follow_each_rows_position(pair):

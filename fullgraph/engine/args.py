@@ -193,7 +193,26 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
     cls.check_config(hf)
     with torch.device("meta"):                 # shapes only: check it against the target
         cls(hf, max_position=target.max_model_len).check_target(target.hf_config)
+    _check_drafter_tokenizer(path, target.tokenizer)
     return SpeculativeConfig(str(value["method"]), path, k, hf)
+
+
+def _check_drafter_tokenizer(drafter: str, target: str) -> None:
+    """A drafter that ships a tokenizer must share the target's vocabulary: its token ids are
+    the target's (most published drafters ship none and use the target's)."""
+    if not any(os.path.exists(os.path.join(drafter, f))
+               for f in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    from transformers import AutoTokenizer
+    try:
+        ours, theirs = (AutoTokenizer.from_pretrained(d, local_files_only=True).get_vocab()
+                        for d in (drafter, target))
+    except Exception as e:  # transformers raises several types for bad tokenizer files
+        raise ValueError(f"cannot read the drafter's tokenizer in {drafter}: {e}") from e
+    if ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+        raise ValueError(f"the drafter's tokenizer in {drafter} does not match the target's "
+                         f"({len(ours)} vs {len(theirs)} tokens; e.g. {differ})")
 
 
 def check_kernel_policy(policy: KernelPolicy, device: torch.device, model: ModelConfig,
