@@ -121,6 +121,7 @@ def test_generate_with_speculative_config():
             '{"method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 2}')
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("6 generated") == 1
+    assert re.search(r"speculative decoding: \d+ of \d+ draft tokens accepted", r.stdout)
     r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--speculative-config",
             '{"method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 0}')
     assert r.returncode == 2 and "num_speculative_tokens must be an integer >= 1" in r.stderr

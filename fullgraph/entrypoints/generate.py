@@ -63,4 +63,9 @@ def main(ns: argparse.Namespace) -> int:
               f"finish_reason={c.finish_reason}")
     print(f"load {t_load:.2f} s, generate {elapsed:.3f} s, {n_out / max(elapsed, 1e-9):.1f} "
           f"tokens/s on {llm.engine.config.device}")
+    stats = llm.engine.stats
+    if stats.spec_num_drafts:
+        print(f"speculative decoding: {stats.spec_num_accepted_tokens} of "
+              f"{stats.spec_num_draft_tokens} draft tokens accepted, mean accepted length "
+              f"{1 + stats.spec_num_accepted_tokens / stats.spec_num_drafts:.2f}")
     return 0
