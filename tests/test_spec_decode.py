@@ -243,8 +243,11 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
 
 
 def test_processed_logits_follow_each_rows_position(pair):
-    """logit_bias, allowed_token_ids, one-token bad words and min_tokens apply to every
-    verified row at its own position: greedy output equals plain decoding's."""
+    """logit_bias, allowed_token_ids, one-token bad words, min_tokens and penalties apply
+    to every verified row at its own position, the penalties counting the drafts before it:
+    greedy output equals plain decoding's (and a seeded sampled one too here: the half-
+    agreeing drafter's accept tests and the plain sampler draw with different noise, so
+    only its length and validity are compared)."""
     target, _, half = pair
     rng = random.Random(4)
     allowed = rng.sample(range(3, VOCAB), 40)
@@ -256,12 +259,20 @@ def test_processed_logits_follow_each_rows_position(pair):
               SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
                              bad_words=["the", "is"]),
               SamplingParams(temperature=0.0, max_tokens=16, min_tokens=12,
-                             logit_bias={t: 30.0 for t in eos})]     # eos, banned until 12
+                             logit_bias={t: 30.0 for t in eos}),     # eos, banned until 12
+              SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                             repetition_penalty=1.5),
+              SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                             frequency_penalty=0.6, presence_penalty=0.4),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=24, ignore_eos=True,
+                             presence_penalty=1.0, logit_bias={allowed[0]: 2.0})]
     batch = prompts(13, len(params))
     want = LLM(target, **KW).generate(batch, params, use_tqdm=False)
     llm = LLM(target, speculative_config=spec(half, 3), **KW)
     got = llm.generate(batch, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert ([o.outputs[0].token_ids for o in got[:-1]]
+            == [o.outputs[0].token_ids for o in want[:-1]])
+    assert len(got[-1].outputs[0].token_ids) == 24
     assert set(got[1].outputs[0].token_ids) <= set(allowed)
     assert len(got[3].outputs[0].token_ids) == 13                  # eos right after 12
     assert llm.engine.stats.spec_num_accepted_tokens > 0
@@ -270,8 +281,6 @@ def test_processed_logits_follow_each_rows_position(pair):
 def test_unsupported_sampling_is_refused_and_others_go_on(pair):
     target, agree, _ = pair
     llm = LLM(target, speculative_config=spec(agree, 2), **KW)
-    with pytest.raises(ValueError, match="does not support repetition, frequency or presence"):
-        llm.engine.add_request("bad", [5, 6, 7], SamplingParams(repetition_penalty=1.2))
     with pytest.raises(ValueError, match="bad words of several tokens"):
         llm.engine.add_request("bad2", [5, 6, 7],
                                SamplingParams(bad_words=["quick brown fox jumps"]))
@@ -379,3 +388,41 @@ def test_graphed_drafts_equal_eager_drafts(pair, tmp_path):
     stats = llm.engine.stats
     assert llm.engine.runner.dispatcher.num_graph_steps >= 3
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+
+
+def test_penalties_count_the_accepted_drafts_before_a_row(tmp_path):
+    """A bigram target where y is followed by t and t by itself, and an agreeing drafter,
+    which proposes t, t, t after y. With presence and frequency penalties plain decoding
+    emits t once, then something else; the verified rows must count the drafts before them
+    to do the same (row 1, after the accepted draft t, must see t as generated)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    target = bigram_target(str(tmp_path / "target"))
+    path = os.path.join(target, "model.safetensors")
+    w = load_file(path)
+    e, norm, head = w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"]
+    hidden = e / e.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm   # what head reads
+    x, t = 7, 100
+    y = int((head @ hidden[x]).argmax())              # x's next token: the prompt's sample
+    assert y not in (x, t)
+    others = torch.cat([head[:t], head[t + 1:]])
+    # t's row in the plane of y's and t's hidden states: ahead of every other token by a
+    # logit of 3 after y and of 1 after t (less than the penalties)
+    basis = torch.stack([hidden[y], hidden[t]])
+    want = torch.stack([(others @ hidden[y]).max() + 3.0, (others @ hidden[t]).max() + 1.0])
+    head[t] = torch.linalg.solve(basis @ basis.T, want) @ basis
+    save_file(w, path, metadata={"format": "pt"})
+    drafter = agreeing_drafter(str(tmp_path / "agree"), target)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                            presence_penalty=2.0, frequency_penalty=2.0)
+    prompt = [{"prompt_token_ids": [5, 6, x]}]
+    plain = LLM(target, **KW).generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    unpenalized = LLM(target, **KW).generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].token_ids
+    assert unpenalized == [y, t, t, t] and plain[:2] == [y, t] and plain[2] != t  # as built
+    llm = LLM(target, speculative_config=spec(drafter, 3), **KW)
+    assert llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == plain
+    assert llm.engine.stats.spec_num_accepted_tokens > 0

@@ -404,10 +404,12 @@ def unpack_bits(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- reference
 def process_logits(logits: torch.Tensor, state: SamplingState, slots: torch.Tensor,
-                   positions: torch.Tensor) -> torch.Tensor:
+                   positions: torch.Tensor, extra_counts: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """[R, V] float32: banned tokens, logit_bias, min_tokens' stop-token ban and penalties
     applied (vLLM's order and formulas) for rows with a slot; the others are the logits in
-    float32. `positions`: of the token being sampled."""
+    float32. `positions`: of the token being sampled. `extra_counts` [R, V]: output tokens a
+    row counts beyond its slot's (a verified row: the drafts before it)."""
     z = logits.float().clone()
     v = z.shape[1]
     slot = torch.where(slots >= 0, slots.long(), state.num_slots)
@@ -426,6 +428,8 @@ def process_logits(logits: torch.Tensor, state: SamplingState, slots: torch.Tens
         1, sids.clamp(min=0), ((sids >= 0) & early).to(torch.int32))
     z = z.masked_fill(stop > 0, float("-inf"))
     counts = state.output_counts[slot]
+    if extra_counts is not None:
+        counts = counts + extra_counts
     out_mask = counts > 0
     seen = (unpack_bits(state.prompt_mask[slot], v) | out_mask) & has
     rep = state.repetition_penalty[slot][:, None]

@@ -7,9 +7,8 @@ logits of every row, the hidden states the drafter reads) and the verification p
 drafter's steps, whose inputs are computed on the device (`create_verify_fn`); one read of
 the results follows. Any other step runs eagerly: the target, verification, one host sync
 for the accepted counts, and the drafter over the positions each request kept; so do
-steps with requests whose logits are processed (bans, logit_bias, allowed tokens, min_tokens:
-each scored row at its own position; penalties, which depend on the drafts accepted before a
-row, are refused at admission).
+steps with requests whose logits are processed (bans, logit_bias, allowed tokens, min_tokens,
+penalties: each scored row at its own position, its penalties counting the drafts before it).
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from fullgraph.models.eagle import load_drafter
 from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.inputs import ScheduledChunk, StepInputs
-from fullgraph.worker.sampler import process_logits
+from fullgraph.worker.sampler import penalized, process_logits, update_counts
 from fullgraph.worker.sampler import prompt_logprobs as logprobs_of
 from fullgraph.worker.spec_decode.proposer import EagleProposer
 from fullgraph.worker.spec_decode.rejection import rejection_sample
@@ -159,6 +158,32 @@ class SpeculativeSteps:
         result.logprobs, result.logprob_token_ids, result.ranks = (
             t.view(r, q, *t.shape[1:]).cpu().numpy() for t in lps)
 
+    def _process(self, logits: torch.Tensor, drafts: torch.Tensor, sampling,
+                 positions: torch.Tensor, penalties: bool) -> torch.Tensor:
+        """The scored rows' logits processed as the sampler would at each row's own position
+        (bans, logit_bias, allowed tokens, min_tokens), the penalties counting the drafts
+        before the row as generated: row j of a request is what plain decoding would see
+        after accepting drafts 1..j."""
+        r, k, dev = drafts.shape[0], self.k, self.runner.device
+        slot_positions = (positions[:, None] + torch.arange(k + 1, device=dev)).reshape(-1)
+        v, before = logits.shape[1], None
+        if penalties:            # [R, k + 1, V]: row j counts drafts 1..j (-1: none)
+            before = torch.zeros(r, k + 1, v, dtype=torch.int32, device=dev)
+            for j in range(1, k + 1):
+                d = drafts[:, :j]
+                before[:, j].scatter_add_(1, d.clamp(min=0), (d >= 0).to(torch.int32))
+            before = before.view(r * (k + 1), v)
+        return process_logits(logits, self.runner.sampling_state,
+                              sampling.state_slots.repeat_interleave(k + 1), slot_positions,
+                              before)
+
+    def _count(self, slots: torch.Tensor, tokens: torch.Tensor, emitted: list[int]) -> None:
+        """Add each request's emitted tokens to its slot's output counts."""
+        counted = torch.tensor(emitted, device=slots.device)
+        for j in range(tokens.shape[1]):
+            update_counts(self.runner.sampling_state,
+                          torch.where(counted > j, slots, -1), tokens[:, j].clamp(min=0))
+
     def _launch_graphs(self, chunks: Sequence[ScheduledChunk],
                        desc: BatchExecutionDescriptor) -> PendingStep:
         runner, r, q = self.runner, len(chunks), self.k + 1
@@ -189,21 +214,21 @@ class SpeculativeSteps:
         logits = runner.model.compute_logits(hidden[rows], out=self.logits[:r * (k + 1)])
         positions = torch.from_numpy(plan.positions).to(runner.device)
         sampling = dataclasses.replace(step.sampling.rows(0, r), positions=positions)
+        drafts = torch.from_numpy(plan.drafts).to(runner.device)
+        processed = sampling.state_slots is not None and any(c.request.sampling_slot >= 0
+                                                             for c in chunks)
         scored = logits
-        if sampling.state_slots is not None and any(c.request.sampling_slot >= 0
-                                                    for c in chunks):
-            # bans, logit_bias, allowed tokens, min_tokens at each row's own position
-            slot_positions = positions[:, None] + torch.arange(k + 1, device=runner.device)
-            scored = process_logits(logits, runner.sampling_state,
-                                    sampling.state_slots.repeat_interleave(k + 1),
-                                    slot_positions.reshape(-1))
-        verified = rejection_sample(torch.from_numpy(plan.drafts).to(runner.device),
-                                    scored.view(r, k + 1, -1), sampling)
+        if processed:
+            penalties = any(penalized(c.request.sampling_params) for c in chunks)
+            scored = self._process(logits, drafts, sampling, positions, penalties)
+        verified = rejection_sample(drafts, scored.view(r, k + 1, -1), sampling)
         result = StepResult(verified.token_ids.cpu().numpy())
         if sampling.num_logprobs >= 0:
             self._logprobs(result, logits, verified.token_ids, sampling.num_logprobs)
         kept, emitted = kept_rows(chunks, plan, result.token_ids,
                                   verified.num_accepted.cpu().numpy(), k, runner.block_size)
+        if processed:                     # the emitted tokens count for later penalties
+            self._count(sampling.state_slots, verified.token_ids, emitted)
         result.num_emitted = np.array(emitted, np.int64)
         result.draft_token_ids = self.proposer.propose(
             kept, hidden if self.reads_final_states else self.draft_hidden)
