@@ -33,6 +33,26 @@ from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.inputs import InputBuffers, StandInChunk, StandInRequest
 
 
+class TokensFrom:
+    """A token list that starts at position `start`: the input path reads a row's token at
+    its position (an index or a slice), and only positions from `start` on are read."""
+    __slots__ = ("start", "tokens")
+
+    def __init__(self, start: int, tokens: list[int]) -> None:
+        self.start, self.tokens = start, tokens
+
+    def __len__(self) -> int:
+        return self.start + len(self.tokens)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.tokens[i.start - self.start:i.stop - self.start]
+        return self.tokens[i - self.start]
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+
+
 @dataclass(frozen=True, slots=True)
 class KeptRows:
     """One request's part of a verified step, for the drafter: the target rows (indices into
@@ -116,10 +136,8 @@ class EagleProposer:
         live = [i for i, k in enumerate(kept) if k.target_rows]
         if not live:
             return drafts
-        # The input path reads a row's token at its position: the list holds placeholders
-        # before the chunk's first position.
-        views = {i: StandInRequest([0] * kept[i].start + list(kept[i].next_tokens),
-                                  kept[i].start, kept[i].block_ids) for i in live}
+        views = {i: StandInRequest(TokensFrom(kept[i].start, list(kept[i].next_tokens)),
+                                   kept[i].start, kept[i].block_ids) for i in live}
         rows = torch.tensor([r for i in live for r in kept[i].target_rows], device=self.device)
         out = self._run([StandInChunk(views[i], len(kept[i].target_rows)) for i in live],
                         target_hidden.index_select(0, rows))
