@@ -1,6 +1,7 @@
 """Shared fixtures: random-weight Hugging Face checkpoints and a reference greedy decoder."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -149,3 +150,46 @@ def logprob_errors(outputs, prompts, ref32, ref16) -> tuple[list[float], list[fl
                 ours.append(abs(logprob.logprob - lp32[row, tid].item()))
                 theirs.append(abs(lp16[row, tid].item() - lp32[row, tid].item()))
     return ours, theirs
+
+
+@contextlib.contextmanager
+def served(engine, **app_kwargs):
+    """The OpenAI server over `engine` (an AsyncLLMEngine), uvicorn in a thread of this
+    process: yields its base URL; stops the server and the engine after."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from fullgraph.entrypoints.server.app import build_app
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, **app_kwargs), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 30
+        while not server.started and time.monotonic() < end:
+            time.sleep(0.05)
+        assert server.started, "in-process server did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        engine.shutdown()
+
+
+def one_request_inputs(n: int, positions, slot_mapping, seq_lens, query_start_loc,
+                       block_table):
+    """StepAttentionInputs of one request's `n` tokens over the given (CPU) buffers: the
+    test harnesses that drive a model's forward by hand."""
+    from fullgraph.attention.metadata import StepAttentionInputs
+    return StepAttentionInputs(
+        num_reqs=1, num_tokens=n, num_reqs_padded=1, num_tokens_padded=n,
+        uniform_query_len=n, positions=positions[:n], slot_mapping=slot_mapping[:n],
+        seq_lens=seq_lens, query_start_loc=query_start_loc, block_table=block_table,
+        positions_cpu=positions.numpy(), seq_lens_cpu=seq_lens.numpy(),
+        query_start_loc_cpu=query_start_loc.numpy(), block_table_cpu=block_table.numpy())

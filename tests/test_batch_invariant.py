@@ -148,14 +148,12 @@ def scored(llm: LLM, prompt: list[int], others: int, seed: int):
     return completions(llm, [(prompt, params)], others, seed)[0].prompt_logprobs
 
 
-def generation_vs_scoring(sampling: SamplingParams, invariant: bool = True
-                          ) -> tuple[list, list]:
+def generation_vs_scoring(sampling: SamplingParams, make_engine) -> tuple[list, list]:
     """(what generation reported for each sampled token, what scoring prompt + completion
     reports for it), each (logprob, rank) per token id of the step, in different batches
-    and chunkings."""
-    gen = completions(engine(64, invariant=invariant), [(NEEDLE, sampling)], 25, 5)[0]
-    gen = gen.outputs[0]
-    score = scored(engine(100, invariant=invariant), NEEDLE + gen.token_ids, 35, 6)
+    and chunkings. `make_engine(max_num_batched_tokens)` builds each side's engine."""
+    gen = completions(make_engine(64), [(NEEDLE, sampling)], 25, 5)[0].outputs[0]
+    score = scored(make_engine(100), NEEDLE + gen.token_ids, 35, 6)
     p = len(NEEDLE)
     got = [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in gen.logprobs]
     want = [{t: (lp.logprob, lp.rank) for t, lp in score[p + i].items()}
@@ -165,12 +163,12 @@ def generation_vs_scoring(sampling: SamplingParams, invariant: bool = True
 
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_generation_equals_scoring(sampling):
-    got, want = generation_vs_scoring(sampling)
+    got, want = generation_vs_scoring(sampling, engine)
     assert got == want
 
 
 def test_inverse_generation_differs_from_scoring_without_the_mode():
-    got, want = generation_vs_scoring(GREEDY, invariant=False)
+    got, want = generation_vs_scoring(GREEDY, lambda b: engine(b, invariant=False))
     assert got != want
 
 

@@ -22,7 +22,7 @@ from fullgraph.models.registry import get_model_class
 from fullgraph.sampling_params import SamplingParams
 # one_thread: the module-scoped autouse fixture that runs torch on one thread (see there)
 from test_batch_invariant import (CONFIGS, GREEDY, NEEDLE, SEEDED, completions,  # noqa: F401
-                                  one_thread, result)
+                                  generation_vs_scoring, one_thread, result)
 
 MAX_SEQS = 64
 
@@ -115,32 +115,17 @@ def test_preemption_and_reused_state_slots_keep_the_bits(monkeypatch):
     assert llm.engine.kv.state_slots.num_free == 4
 
 
-def generation_vs_scoring(model: str, sampling: SamplingParams, invariant: bool = True
-                          ) -> tuple[list, list]:
-    """(what generation reported for each sampled token, what scoring prompt + completion
-    reports for it), each (logprob, rank) per token id of the step, in different batches
-    and chunkings: generation decodes through the tails, scoring runs the completion's
-    positions inside a prefill."""
-    gen = completions(engine(model, 64, invariant=invariant), [(NEEDLE, sampling)], 25, 5)[0]
-    gen = gen.outputs[0]
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
-    score = completions(engine(model, 100, invariant=invariant),
-                        [(NEEDLE + gen.token_ids, params)], 35, 6)[0].prompt_logprobs
-    p = len(NEEDLE)
-    got = [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in gen.logprobs]
-    want = [{t: (lp.logprob, lp.rank) for t, lp in score[p + i].items()}
-            for i in range(len(gen.token_ids))]
-    return got, want
-
-
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_generation_equals_scoring(model, sampling):
-    got, want = generation_vs_scoring(model, sampling)
+    # generation decodes through the tails, scoring runs the completion's positions inside
+    # a prefill
+    got, want = generation_vs_scoring(sampling, functools.partial(engine, model))
     assert got == want
 
 
 def test_inverse_generation_differs_from_scoring_without_the_mode(model):
-    got, want = generation_vs_scoring(model, GREEDY, invariant=False)
+    got, want = generation_vs_scoring(
+        GREEDY, lambda batched: engine(model, batched, invariant=False))
     assert got != want
 
 

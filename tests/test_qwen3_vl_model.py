@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import one_request_inputs
 from fullgraph.attention.backend import ForwardContext
 from fullgraph.attention.flex import FlexAttentionBackend
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
@@ -170,12 +171,7 @@ class Steps:
         self.slots[:n] = self.bt[0, p // self.BS].long() * self.BS + p % self.BS
         self.rope[:n] = torch.from_numpy(rope.T)
         self.seq[0], self.qsl[1] = start + n, n
-        return StepAttentionInputs(
-            num_reqs=1, num_tokens=n, num_reqs_padded=1, num_tokens_padded=n,
-            uniform_query_len=n, positions=self.pos[:n], slot_mapping=self.slots[:n],
-            seq_lens=self.seq, query_start_loc=self.qsl, block_table=self.bt,
-            positions_cpu=self.pos.numpy(), seq_lens_cpu=self.seq.numpy(),
-            query_start_loc_cpu=self.qsl.numpy(), block_table_cpu=self.bt.numpy())
+        return one_request_inputs(n, self.pos, self.slots, self.seq, self.qsl, self.bt)
 
     def forward_fn(self, model, inputs: StepAttentionInputs, images=()):
         """Host work and metadata now; returns the device part (what a graph captures)."""

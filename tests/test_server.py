@@ -678,29 +678,15 @@ def test_server_log_has_no_tracebacks(server_process):
 def inproc():
     """A second server, uvicorn in a thread of this process, with an API key and an engine
     the test can break."""
-    import threading
-
-    import uvicorn
-
+    from conftest import served
     from fullgraph.engine.args import EngineArgs
     from fullgraph.engine.async_engine import AsyncLLMEngine
     from fullgraph.engine.engine import LLMEngine
-    from fullgraph.entrypoints.server.app import build_app
 
     engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(model=MODEL, **ENGINE_KW)))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, api_key="sesame"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started, timeout=30), "in-process server did not start"
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=TIMEOUT) as http:
-            yield engine, http
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        engine.shutdown()
+    with served(engine, api_key="sesame") as url, \
+            httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        yield engine, http
 
 
 AUTH = {"Authorization": "Bearer sesame"}

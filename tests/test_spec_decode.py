@@ -293,42 +293,27 @@ def test_unsupported_sampling_is_refused_and_others_go_on(pair):
 def test_server_serves_speculatively_and_reports_acceptance(pair):
     """The OpenAI server on a speculative engine, through the official client; /metrics
     has vLLM's acceptance counters."""
-    import threading
-
     import httpx
     import openai
-    import uvicorn
     from prometheus_client.parser import text_string_to_metric_families
 
+    from conftest import served
     from fullgraph.engine.async_engine import AsyncLLMEngine
     from fullgraph.engine.engine import LLMEngine
-    from fullgraph.entrypoints.server.app import build_app
-    from test_server import _free_port, wait_for
 
     target, agree, _ = pair
     engine = AsyncLLMEngine(LLMEngine.from_engine_args(
         EngineArgs(target, speculative_config=spec(agree, 3), max_num_seqs=8)))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started, timeout=30)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                               max_retries=0)
+    with served(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         out = client.completions.create(model=target, prompt=[5, 6, 7], max_tokens=16,
                                         temperature=0, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 16
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = httpx.get(f"{url}/metrics", timeout=10).text
         values = {s.name: s.value for fam in text_string_to_metric_families(text)
                   for s in fam.samples}
         drafts = values["fullgraph:spec_decode_num_draft_tokens_total"]
         assert drafts > 0 and values["fullgraph:spec_decode_num_accepted_tokens_total"] == drafts
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        engine.shutdown()
 
 
 @pytest.mark.parametrize("method", ["eagle3", "eagle"])

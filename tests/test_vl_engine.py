@@ -209,18 +209,14 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
     openai = pytest.importorskip("openai")
     import base64
     import io
-    import threading
-
     import httpx
 
     import PIL.Image
-    import uvicorn
 
+    from conftest import served
     from fullgraph.engine.args import EngineArgs
     from fullgraph.engine.async_engine import AsyncLLMEngine
     from fullgraph.engine.engine import LLMEngine
-    from fullgraph.entrypoints.server.app import build_app
-    from test_server import _free_port, wait_for
 
     img = images((64, 96), seed=5)[0]
     buf = io.BytesIO()
@@ -232,14 +228,8 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
     engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(   # graphs: the CPU emulator
         model=vl_dir, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
         cudagraph_runtime="fake")))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, allowed_media_path=str(media)),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: server.started, timeout=30)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+    with served(engine, allowed_media_path=str(media)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x")
         messages = [{"role": "user", "content": [
             {"type": "text", "text": "what is this"},
             {"type": "image_url", "image_url": {"url": url}}]}]
@@ -259,19 +249,15 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
                     {"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": bad}}]}])
         # /tokenize gives the ids generation runs, placeholders expanded
-        tok = httpx.post(f"http://127.0.0.1:{port}/tokenize", json={"messages": messages})
+        tok = httpx.post(f"{base}/tokenize", json={"messages": messages})
         ran = llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False)[0]
         assert tok.status_code == 200 and tok.json()["tokens"] == ran.prompt_token_ids
         # the engine is still serving; its encoder ran in graphs, as /metrics counts
         assert client.chat.completions.create(model=vl_dir, messages=messages, max_tokens=2)
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        metrics = httpx.get(f"{base}/metrics").text
         replays = [line for line in metrics.splitlines()
                    if line.startswith("fullgraph:encoder_cudagraph_replays_total")]
         assert replays and float(replays[0].split()[-1]) >= 2, replays
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        engine.shutdown()
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen3", "vl"])
