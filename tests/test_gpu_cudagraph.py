@@ -10,7 +10,7 @@ from conftest import graph_input_tensors
 from fullgraph import LLM, SamplingParams
 from fullgraph.layers import pdl
 from fullgraph.worker.cudagraph.manager import CUDAGraphManager, CUDAGraphRuntime
-from fullgraph.worker.model_runner import compile_count
+from fullgraph.worker.model_runner import SAMPLER_VARIANTS, compile_count
 
 pytestmark = pytest.mark.gpu
 
@@ -35,8 +35,9 @@ def test_capture_report_and_no_compiles_during_capture(engines):
     graphs, _ = engines
     runner = graphs.engine.runner
     report = runner.capture_report
-    # model graphs: decode 1..16 + mixed 1..128; sampler graphs: request counts 1..16
-    assert report.num_graphs == (5 + 8) + 5
+    # model graphs: decode 1..16 + mixed 1..128; sampler graphs: request counts 1..16, each
+    # in every sampler variant
+    assert report.num_graphs == (5 + 8) + 5 * len(SAMPLER_VARIANTS)
     assert runner.compiles_during_capture == 0
     assert report.memory_bytes < 2**30
     # one eager PDL launch after capture, else replays run slower (layers/pdl.py)

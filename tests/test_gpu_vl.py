@@ -50,8 +50,11 @@ def test_float32_greedy_parity(vl_dir, enforce_eager):
 
 
 def test_graphs_equal_eager_with_images(vl_dir):
-    graph = LLM(vl_dir, dtype="bfloat16", **ENGINE)
-    eager = LLM(vl_dir, dtype="bfloat16", enforce_eager=True, **ENGINE)
+    # float32: the encoder graphs pack images into padded budgets, whose matmuls round
+    # differently from the eager tower's per-image ones (in bf16 a random tiny model's
+    # near-ties then flip; test_encoder_graphs_equal_eager_encoder bounds that error)
+    graph = LLM(vl_dir, dtype="float32", **ENGINE)
+    eager = LLM(vl_dir, dtype="float32", enforce_eager=True, **ENGINE)
     rng = random.Random(5)
     for _ in range(3):
         batch = []

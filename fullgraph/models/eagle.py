@@ -252,14 +252,14 @@ class Eagle3LlamaForCausalLM(_EagleDrafter):
             return
         if tuple(d2t.shape) != (vd,):
             raise ValueError(f"d2t has shape {tuple(d2t.shape)}, expected ({vd},)")
-        targets = torch.arange(vd) + d2t.long().cpu()
+        targets = torch.arange(vd, device="cpu") + d2t.long().cpu()  # (loads run on the device)
         if targets.min() < 0 or targets.max() >= v or targets.unique().numel() != vd:
             raise ValueError(f"d2t maps draft ids outside [0, {v}) or two onto one target id")
         if t2d is not None and (tuple(t2d.shape) != (v,) or int(t2d.bool().sum()) != vd
                                 or not bool(t2d.bool().cpu()[targets].all())):
             raise ValueError("t2d does not mark exactly the target ids that d2t maps to")
         self.draft_to_target.copy_(targets)
-        self.maps_vocab = vd != v or not torch.equal(targets, torch.arange(vd))
+        self.maps_vocab = vd != v or not torch.equal(targets, torch.arange(vd, device="cpu"))
 
     def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor,
                 positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -106,7 +106,7 @@ class Qwen3DecoderLayer(nn.Module):
             module = mine[name] if own == name else theirs.get(own)
             if module is None:
                 return None
-            w = module.weight
+            w = module.weight.detach()        # a leaf sharing the storage the loader fills
             return w[w.shape[0] - round(w.shape[0] * share):]   # a view: the last rows
         return {proj: tuple(w for w in (rows(*hint) for hint in hints) if w is not None)
                 for proj, hints in self.l2_prefetch_plan.items()}
