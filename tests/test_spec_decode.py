@@ -375,6 +375,34 @@ def test_graphed_drafts_equal_eager_drafts(pair, tmp_path):
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
 
 
+def test_requests_near_their_end_stay_in_graphs(pair):
+    """A request whose max_tokens leaves room for fewer than k drafts runs in the graphed
+    step padded to k drafts (never accepted): only steps with a prompt chunk run eagerly, and
+    the tokens and logprobs equal the eager speculative engine's."""
+    target, agree, half = pair
+    batch = prompts(11, 6)
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=5 + 3 * i, ignore_eos=True,
+                             logprobs=1) for i, t in enumerate([0.0, 0.8] * 3)]
+    kw = dict(KW, max_num_batched_tokens=256, max_num_seqs=8)
+
+    def run(llm):
+        return [(o.outputs[0].token_ids,
+                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+                for o in llm.generate(batch, params, use_tqdm=False)]
+    for drafter in (agree, half):
+        eager = run(LLM(target, speculative_config=spec(drafter, 3), **kw))
+        llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8],
+                  speculative_config=spec(drafter, 3), **kw)
+        steps, eager_steps = llm.engine.runner.spec, []
+        launch_eager = steps._launch_eager
+        steps._launch_eager = lambda chunks: (
+            eager_steps.append(all(c.samples and c.num_new_tokens == len(c.spec_token_ids) + 1
+                                   for c in chunks)), launch_eager(chunks))[1]
+        assert run(llm) == eager
+        assert eager_steps and not any(eager_steps)      # only steps with a prompt chunk
+        assert llm.engine.runner.dispatcher.num_graph_steps >= 5
+
+
 def test_penalties_count_the_accepted_drafts_before_a_row(tmp_path):
     """A bigram target where y is followed by t and t by itself, and an agreeing drafter,
     which proposes t, t, t after y. With presence and frequency penalties plain decoding

@@ -1,14 +1,18 @@
 """The model runner's speculative side: the drafter, the verification's buffers, and how a
 speculative step runs (docs/speculative.md).
 
-A step whose requests all run their last token and k drafts, and that fits a captured
-descriptor, replays two graphs: the target's (`score_drafts`: the model over every row, the
-logits of every row, the hidden states the drafter reads) and the verification plus the
-drafter's steps, whose inputs are computed on the device (`create_verify_fn`); one read of
-the results follows. Any other step runs eagerly: the target, verification, one host sync
-for the accepted counts, and the drafter over the positions each request kept; so do
-steps with requests whose logits are processed (bans, logit_bias, allowed tokens, min_tokens,
-penalties: each scored row at its own position, its penalties counting the drafts before it).
+A step whose requests all decode (their last token and up to k drafts), and that fits a
+captured descriptor, replays two graphs: the target's (`score_drafts`: the model over every
+row, the logits of every row, the hidden states the drafter reads) and the verification plus
+the drafter's steps, whose inputs are computed on the device (`create_verify_fn`); one read
+of the results follows. A request with fewer than k drafts (its max_tokens near, or its
+blocks short) is padded to k: the padding rows write their K/V past the request's tokens
+(or into the null block) and their drafts are -1 to the verification, never accepted, so
+the request emits what its real drafts give. Any other step runs eagerly: the target,
+verification, one host sync for the accepted counts, and the drafter over the positions each
+request kept; so do steps with requests whose logits are processed (bans, logit_bias,
+allowed tokens, min_tokens, penalties: each scored row at its own position, its penalties
+counting the drafts before it).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from fullgraph.attention.backend import ForwardContext, get_backend_class
+from fullgraph.buffers import CpuGpuBuffer
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.models.eagle import load_drafter
 from fullgraph.worker import prompt_logprobs
@@ -38,6 +43,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class _PaddedChunk:
+    """A decoding request's chunk as a graphed verify step runs it: k drafts, the last ones
+    padding (`SpeculativeSteps.num_drafts` says how many are real)."""
+    request: object
+    num_new_tokens: int
+    spec_token_ids: tuple[int, ...]
+    samples: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class SpecGraphKey:
     """The verification and drafting graph replayed after a uniform verify step's model
     graph, for `num_reqs` rows; greedy rows only, or any."""
@@ -52,6 +67,7 @@ class SpeculativeSteps:
         self.runner = runner
         spec, target = config.speculative, config.model
         self.k = k = spec.num_speculative_tokens
+        self.max_model_len = target.max_model_len
         drafter = load_drafter(spec.method, spec.model, spec.hf_config, target.dtype,
                                target.max_model_len, runner.device, config.kernel_policy)
         drafter.use_target_weights(*runner.model.drafter_weights())
@@ -76,6 +92,9 @@ class SpeculativeSteps:
         self.positions = torch.zeros(r, dtype=torch.int64, device=dev)
         self.tokens = torch.zeros(r, k + 1, dtype=torch.int64, device=dev)
         self.accepted = torch.zeros(r, dtype=torch.int64, device=dev)
+        # each request's real drafts in a graphed step (the rest are padding)
+        self.num_drafts = CpuGpuBuffer((r,), torch.int64, dev, pin=dev.type == "cuda")
+        self._draft_index = torch.arange(k, device=dev)
 
     def bytes_per_block(self, block_size: int) -> int:
         return self.proposer.bytes_per_block(block_size)
@@ -119,7 +138,9 @@ class SpeculativeSteps:
 
         def forward():
             torch.sub(step.attention.seq_lens[:r], self.k, out=self.positions[:r])
-            verified = rejection_sample(step.input_ids[:r * q].view(r, q)[:, 1:],
+            drafts = step.input_ids[:r * q].view(r, q)[:, 1:]
+            real = self._draft_index < self.num_drafts.gpu[:r, None]
+            verified = rejection_sample(torch.where(real, drafts, -1),
                                         self.logits[:r * q].view(r, q, -1), sampling)
             self.tokens[:r].copy_(verified.token_ids)
             self.accepted[:r].copy_(verified.num_accepted)
@@ -130,14 +151,19 @@ class SpeculativeSteps:
 
     # ------------------------------------------------------------ launching
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
-        runner, k = self.runner, self.k
-        n_tok, r = sum(c.num_new_tokens for c in chunks), len(chunks)
-        if runner.graphs is not None and all(len(c.spec_token_ids) == k
-                                             and c.request.sampling_slot < 0 for c in chunks):
-            desc = runner.dispatcher.dispatch(n_tok, r, k + 1)
+        runner, k, r = self.runner, self.k, len(chunks)
+        if runner.graphs is not None and all(self._graphable(c) for c in chunks):
+            desc = runner.dispatcher.dispatch(r * (k + 1), r, k + 1)
             if desc.mode == CUDAGraphMode.FULL:
                 return self._launch_graphs(chunks, desc)
         return self._launch_eager(chunks)
+
+    def _graphable(self, c: ScheduledChunk) -> bool:
+        """A decoding chunk (its last token and its drafts) whose logits are not processed,
+        with room for k drafts' positions within max_model_len."""
+        req, d = c.request, len(c.spec_token_ids)
+        return (c.samples and c.num_new_tokens == d + 1 and req.sampling_slot < 0
+                and req.num_computed_tokens + self.k < self.max_model_len)
 
     def _prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
                  copy: bool = True) -> StepInputs:
@@ -186,8 +212,14 @@ class SpeculativeSteps:
 
     def _launch_graphs(self, chunks: Sequence[ScheduledChunk],
                        desc: BatchExecutionDescriptor) -> PendingStep:
-        runner, r, q = self.runner, len(chunks), self.k + 1
-        step = self._prepare(chunks, desc, copy=not runner._graph_copies_inputs(desc))
+        runner, r, k = self.runner, len(chunks), self.k
+        q = k + 1
+        self.num_drafts.np[:r] = [len(c.spec_token_ids) for c in chunks]
+        self.num_drafts.copy_to_gpu(r)
+        padded = [c if len(c.spec_token_ids) == k else
+                  _PaddedChunk(c.request, q, tuple(c.spec_token_ids)
+                               + (0,) * (k - len(c.spec_token_ids))) for c in chunks]
+        step = self._prepare(padded, desc, copy=not runner._graph_copies_inputs(desc))
         runner.graphs.replay(desc)
         drafts = runner.graphs.replay(SpecGraphKey(desc.num_reqs, step.sampling.all_greedy))
         # one copy to the host: the tokens, the accepted counts, the next drafts
