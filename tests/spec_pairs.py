@@ -10,8 +10,9 @@ bigram model; greedy text walks its functional graph).
 The EAGLE-3 drafter is built to compute the same function: fc and the hidden norm are zero
 (with `norm_before_residual` the residual is then zero too), q and k are a large constant
 bias, so after RoPE every row attends to its own position only, v and o copy the normed token
-embedding through, the MLP adds nothing, and the LM head is the target's. A row carrying
-token x then proposes next(x), the target's own choice. `disagree` of the draft vocabulary's
+embedding through, the MLP adds nothing, and the LM head is the target's (its rows of the
+draft vocabulary, when the drafter has a smaller one). A row carrying token x then proposes
+next(x), the target's own choice. `disagree` of the draft vocabulary's
 ids are then mapped to other target ids (`d2t`): drafts of those tokens are wrong.
 """
 from __future__ import annotations
@@ -26,10 +27,13 @@ from safetensors.torch import load_file, save_file
 from fullgraph.models.presets import resolve_model_path
 
 
-def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3") -> str:
+def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3",
+                  draft_vocab: int | None = None) -> str:
     """A dense Qwen3 preset (`source`) made a bigram model, written to `path` (`seed`: its
     LM head; not the preset's own seed, whose first draws are the embedding). Zeroed
-    projections cost what real ones do, so it times like the preset."""
+    projections cost what real ones do, so it times like the preset. With `draft_vocab`,
+    only the first `draft_vocab` ids have LM head rows (the others score 0, below the best
+    of those): next() stays among them, where a drafter with that draft vocabulary looks."""
     src = resolve_model_path(source)
     shutil.copytree(src, path, dirs_exist_ok=True)
     with open(os.path.join(path, "config.json")) as f:
@@ -44,20 +48,26 @@ def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3") -> st
     g = torch.Generator().manual_seed(seed)
     head = torch.randn(cfg["vocab_size"], cfg["hidden_size"], generator=g)
     # unit rows: no token's row outweighs the others', so next() spreads over the vocabulary
-    w["lm_head.weight"] = head / head.norm(dim=1, keepdim=True) * 4
+    head = head / head.norm(dim=1, keepdim=True) * 4
+    if draft_vocab is not None:
+        head[draft_vocab:] = 0
+    w["lm_head.weight"] = head
     save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
 
 
 def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 0,
-                     focus: float = 20.0) -> str:
+                     focus: float = 20.0, draft_vocab: int | None = None) -> str:
     """An EAGLE-3 drafter for `bigram_target(target)` that proposes the target's next token,
     except for a `disagree` fraction of the vocabulary. `focus` is the q and k bias: at 20 a
     row attends to itself alone; small, it also reads its neighbours (drafts then depend on
-    the K/V at earlier positions, and so on where each row's K/V went)."""
+    the K/V at earlier positions, and so on where each row's K/V went). `draft_vocab`: the
+    drafter's vocabulary is the target's first ids (a target made with the same
+    `draft_vocab`), as published EAGLE-3 drafters have 32k of a large vocabulary."""
     with open(os.path.join(target, "config.json")) as f:
         t = json.load(f)
     h, v = t["hidden_size"], t["vocab_size"]
+    vd = v if draft_vocab is None else draft_vocab
     d = min(64, h // 4)
     heads = h // d
     os.makedirs(path, exist_ok=True)
@@ -66,18 +76,18 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
               "head_dim": d, "num_attention_heads": heads, "num_key_value_heads": heads,
               "hidden_act": "silu", "attention_bias": True, "rms_norm_eps": 1e-6,
               "rope_theta": t.get("rope_theta", 1e6), "max_position_embeddings":
-              t["max_position_embeddings"], "vocab_size": v, "draft_vocab_size": v,
+              t["max_position_embeddings"], "vocab_size": v, "draft_vocab_size": vd,
               "eagle_aux_hidden_state_layer_ids": [0, 1, 1], "norm_before_residual": True,
               "tie_word_embeddings": False, "torch_dtype": "float32"}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     tw = load_file(os.path.join(target, "model.safetensors"))
     g = torch.Generator().manual_seed(seed)
-    wrong = torch.randperm(v, generator=g)[:int(disagree * v)]
-    targets = torch.arange(v)
+    wrong = torch.randperm(vd, generator=g)[:int(disagree * vd)]
+    targets = torch.arange(vd)
     targets[wrong] = wrong.roll(1)              # a cycle among them: every one moves
     eye = torch.eye(h)
-    w = {"d2t": targets - torch.arange(v), "t2d": torch.ones(v, dtype=torch.bool),
+    w = {"d2t": targets - torch.arange(vd), "t2d": torch.arange(v) < vd,
          "fc.weight": torch.zeros(h, 3 * h),
          "midlayer.hidden_norm.weight": torch.zeros(h),
          "midlayer.input_layernorm.weight": tw["model.norm.weight"].clone(),
@@ -93,7 +103,7 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
          "midlayer.mlp.gate_proj.weight": torch.zeros(2 * h, h),
          "midlayer.mlp.up_proj.weight": torch.zeros(2 * h, h),
          "midlayer.mlp.down_proj.weight": torch.zeros(h, 2 * h),
-         "norm.weight": torch.ones(h), "lm_head.weight": tw["lm_head.weight"].clone()}
+         "norm.weight": torch.ones(h), "lm_head.weight": tw["lm_head.weight"][:vd].clone()}
     save_file(w, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path
 
@@ -137,7 +147,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="qwen3-0.6b-random", help="a dense Qwen3 preset")
     ap.add_argument("--disagree", type=float, default=0.3)
+    ap.add_argument("--draft-vocab", type=int, default=32000,
+                    help="the drafter's vocabulary (published Qwen3 EAGLE-3 drafters: 32000)")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args()
-    tgt = bigram_target(os.path.join(ns.out, "target"), source=ns.source)
-    print(tgt, agreeing_drafter(os.path.join(ns.out, "drafter"), tgt, ns.disagree))
+    tgt = bigram_target(os.path.join(ns.out, "target"), source=ns.source,
+                        draft_vocab=ns.draft_vocab)
+    print(tgt, agreeing_drafter(os.path.join(ns.out, "drafter"), tgt, ns.disagree,
+                                draft_vocab=ns.draft_vocab))

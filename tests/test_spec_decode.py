@@ -95,6 +95,25 @@ def test_eagle1_drafter_reads_the_final_hidden_state_and_agrees(pair, tmp_path):
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
 
 
+def test_drafter_over_a_smaller_draft_vocabulary_agrees(tmp_path):
+    """A drafter whose vocabulary is the target's first 300 ids (d2t / t2d, its own LM head
+    rows), on a target whose next tokens stay among them: every draft accepted, output
+    unchanged; the same drafter on the full-vocabulary target is still lossless."""
+    target = bigram_target(str(tmp_path / "target"), draft_vocab=300)
+    drafter = agreeing_drafter(str(tmp_path / "agree"), target, draft_vocab=300)
+    batch = prompts(13, 10)
+    want = greedy_ids(LLM(target, **KW), batch)
+    assert all(t < 300 for ids in want for t in ids)
+    llm = LLM(target, speculative_config=spec(drafter, 3), **KW)
+    assert greedy_ids(llm, batch) == want
+    stats = llm.engine.stats
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
+    wide = bigram_target(str(tmp_path / "wide"))
+    llm = LLM(wide, speculative_config=spec(drafter, 3), **KW)
+    assert greedy_ids(llm, batch) == greedy_ids(LLM(wide, **KW), batch)
+    assert llm.engine.stats.spec_num_accepted_tokens < llm.engine.stats.spec_num_draft_tokens
+
+
 def test_random_drafter_is_rejected_and_lossless_under_preemption():
     """The tiny-qwen3-eagle3 preset (random weights) on tiny-qwen3: drafts almost never
     accepted, output unchanged, with a KV cache small enough to preempt."""
