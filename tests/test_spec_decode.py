@@ -422,6 +422,37 @@ def test_requests_near_their_end_stay_in_graphs(pair):
         assert llm.engine.runner.dispatcher.num_graph_steps >= 5
 
 
+def test_prompt_and_processed_steps_replay_the_targets_graphs(pair):
+    """Steps the verification graph does not take replay the target's graph where one fits:
+    steps with prompt chunks a mixed graph, steps with processed logits (logit_bias,
+    penalties) the uniform verify step's graph, then verification and drafting eagerly. No
+    step runs the target eagerly, and the outputs equal the eager speculative engine's."""
+    target, _, half = pair
+    batch = prompts(17, 6)
+    extras = [{"logit_bias": {5: 2.0}}, {"presence_penalty": 0.5}, {}]
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=12, ignore_eos=True,
+                             logprobs=1, **extras[i % 3])
+              for i, t in enumerate([0.0, 0.8] * 3)]
+    kw = dict(KW, max_num_batched_tokens=256, max_num_seqs=8,
+              speculative_config=spec(half, 3))
+
+    def run(llm):
+        return [(o.outputs[0].token_ids,
+                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+                for o in llm.generate(batch, params, use_tqdm=False)]
+    eager = run(LLM(target, **kw))
+    llm = LLM(target, cudagraph_runtime="fake",
+              cudagraph_capture_sizes=[4, 8, 16, 32, 64, 128, 256], **kw)
+    steps, prepared, processed = llm.engine.runner.spec, [], []
+    prepare, process = steps._prepare, steps._process
+    steps._prepare = lambda chunks, desc, copy=True: (
+        prepared.append((desc.mode.name, desc.uniform_query_len)), prepare(chunks, desc, copy))[1]
+    steps._process = lambda *a: (processed.append(1), process(*a))[1]
+    assert run(llm) == eager
+    assert {m for m, _ in prepared} == {"FULL"} and processed
+    assert {q for _, q in prepared} == {None, 4}          # mixed and verify graphs
+
+
 def test_penalties_count_the_accepted_drafts_before_a_row(tmp_path):
     """A bigram target where y is followed by t and t by itself, and an agreeing drafter,
     which proposes t, t, t after y. With presence and frequency penalties plain decoding

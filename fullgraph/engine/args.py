@@ -117,9 +117,6 @@ class EngineArgs:
             if mode == CUDAGraphMode.PIECEWISE:
                 raise ValueError("speculative decoding runs with cudagraph_mode full, "
                                  "full_decode_only or none, not piecewise")
-            if mode == CUDAGraphMode.FULL:
-                # verify steps replay graphs; steps with prompt chunks run eagerly so far
-                mode = CUDAGraphMode.FULL_DECODE_ONLY
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=model.max_model_len,
                                     async_scheduling=(device.type == "cuda"

@@ -297,7 +297,7 @@ class ModelRunner:
         self.graphs = CUDAGraphManager(runtime, ahead)
         rows = sorted({d.num_reqs for d in descs}, reverse=True)
         keys = descs + ([SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
-                        if self.spec is None else self.spec.graph_keys(rows))
+                        if self.spec is None else self.spec.graph_keys(descs))
         compiles0 = compile_count()
         # Decode descriptors warm up first: they need most of the kernel variants (row bucket,
         # split count), which compile-ahead's workers then compile while a mixed descriptor
@@ -327,7 +327,8 @@ class ModelRunner:
         self.dispatcher.pending.clear()
         have = {k.num_reqs for k in self.graphs.graphs if isinstance(k, SamplerGraphKey)}
         rows = sorted({d.num_reqs for d in descs} - have, reverse=True)
-        keys = descs + [SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
+        keys = descs + ([SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
+                        if self.spec is None else [])   # (lazy sizes are mixed steps)
         if self.device.type == "cuda":     # a launched step may still read the staging
             torch.cuda.synchronize(self.device)
         sampled = self.sampled.clone()

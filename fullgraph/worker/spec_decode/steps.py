@@ -35,7 +35,7 @@ from fullgraph.worker.sampler import penalized, process_logits, update_counts
 from fullgraph.worker.sampler import prompt_logprobs as logprobs_of
 from fullgraph.worker.spec_decode.proposer import EagleProposer
 from fullgraph.worker.spec_decode.rejection import rejection_sample
-from fullgraph.worker.spec_decode.verify import kept_rows, verify_plan
+from fullgraph.worker.spec_decode.verify import VerifyPlan, kept_rows, verify_plan
 from fullgraph.worker.step_output import PendingStep, StepResult
 
 if TYPE_CHECKING:
@@ -109,19 +109,24 @@ class SpeculativeSteps:
                          self.runner.buffers.sampling_tensors(
                              r, all_greedy=False, any_top_k_top_p=True, num_logprobs=-1))
 
-    def graph_keys(self, rows: Sequence[int]) -> list[SpecGraphKey]:
+    def graph_keys(self, descs: Sequence[BatchExecutionDescriptor]) -> list[SpecGraphKey]:
+        """The verification graphs of the uniform verify descriptors' request counts."""
+        rows = sorted({d.num_reqs for d in descs if d.uniform_query_len == self.k + 1},
+                      reverse=True)
         return [SpecGraphKey(r, greedy) for r in rows for greedy in (True, False)]
 
     # ------------------------------------------------------------ graphed steps
     def score_drafts(self, step: StepInputs, ctx: ForwardContext) -> torch.Tensor:
-        """A uniform verify step's model part (a graph holds it): the target over every
-        request's last token and drafts, the logits of every row, and (EAGLE-1) the final
-        hidden states into the drafter's buffer."""
+        """A step's model part (a graph holds it): the target's hidden states of every row
+        (returned), (EAGLE-1) copied into the drafter's buffer, and for a uniform verify step
+        every row's logits."""
         hidden = self.runner._forward_hidden(step, ctx)
         n = step.desc.num_tokens
         if self.reads_final_states:
             self.draft_hidden[:n].copy_(hidden[:n])
-        return self.runner.model.compute_logits(hidden[:n], out=self.logits[:n])
+        if step.desc.uniform_query_len == self.k + 1:
+            self.runner.model.compute_logits(hidden[:n], out=self.logits[:n])
+        return hidden[:n]
 
     def create_verify_fn(self, key: SpecGraphKey):
         """The verification and the drafter's steps after a uniform verify step of
@@ -158,12 +163,21 @@ class SpeculativeSteps:
                 return self._launch_graphs(chunks, desc)
         return self._launch_eager(chunks)
 
-    def _graphable(self, c: ScheduledChunk) -> bool:
-        """A decoding chunk (its last token and its drafts) whose logits are not processed,
-        with room for k drafts' positions within max_model_len."""
+    def _graphable(self, c: ScheduledChunk, processed: bool = False) -> bool:
+        """A decoding chunk (its last token and its drafts) with room for k drafts' positions
+        within max_model_len, whose logits are not processed (unless `processed`)."""
         req, d = c.request, len(c.spec_token_ids)
-        return (c.samples and c.num_new_tokens == d + 1 and req.sampling_slot < 0
+        return (c.samples and c.num_new_tokens == d + 1
+                and (processed or req.sampling_slot < 0)
                 and req.num_computed_tokens + self.k < self.max_model_len)
+
+    def _padded(self, chunks: Sequence[ScheduledChunk]) -> list[ScheduledChunk]:
+        """Decoding chunks as a uniform verify step runs them: each with k drafts, after its
+        real ones zeros (`num_drafts` says how many are real)."""
+        q = self.k + 1
+        return [c if c.num_new_tokens == q else
+                _PaddedChunk(c.request, q, tuple(c.spec_token_ids)
+                             + (0,) * (q - c.num_new_tokens)) for c in chunks]
 
     def _prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
                  copy: bool = True) -> StepInputs:
@@ -216,10 +230,8 @@ class SpeculativeSteps:
         q = k + 1
         self.num_drafts.np[:r] = [len(c.spec_token_ids) for c in chunks]
         self.num_drafts.copy_to_gpu(r)
-        padded = [c if len(c.spec_token_ids) == k else
-                  _PaddedChunk(c.request, q, tuple(c.spec_token_ids)
-                               + (0,) * (k - len(c.spec_token_ids))) for c in chunks]
-        step = self._prepare(padded, desc, copy=not runner._graph_copies_inputs(desc))
+        step = self._prepare(self._padded(chunks), desc,
+                             copy=not runner._graph_copies_inputs(desc))
         runner.graphs.replay(desc)
         drafts = runner.graphs.replay(SpecGraphKey(desc.num_reqs, step.sampling.all_greedy))
         # one copy to the host: the tokens, the accepted counts, the next drafts
@@ -232,18 +244,46 @@ class SpeculativeSteps:
         runner.num_steps += 1
         return PendingStep((), None, ready=result)
 
+    def _target_hidden(self, chunks: Sequence[ScheduledChunk], owed
+                       ) -> tuple[StepInputs, torch.Tensor, VerifyPlan, torch.Tensor | None]:
+        """The target's part of a step the verification graph does not take: (its inputs,
+        its hidden states, the verify plan over their rows, every row's logits where a
+        graph computed them). A graph replays it where one fits: a step of decoding chunks
+        (logits processed) padded to k drafts as the verification graph's steps are, whose
+        graph computes the logits too, or a step with prompt chunks in a mixed graph. Steps
+        owing prompt logprobs run eagerly (those read every token's hidden state)."""
+        runner, k, r = self.runner, self.k, len(chunks)
+        plan = verify_plan(chunks, k)
+        n_tok = sum(c.num_new_tokens for c in chunks)
+        if runner.graphs is not None and not owed:
+            padded = None
+            if all(self._graphable(c, processed=True) for c in chunks):
+                padded = self._padded(chunks)
+                desc = runner.dispatcher.dispatch(r * (k + 1), r, k + 1)
+            else:
+                desc = runner.dispatcher.dispatch(n_tok, r, None)
+            if desc.mode == CUDAGraphMode.FULL:
+                step = self._prepare(padded or chunks, desc,
+                                     copy=not runner._graph_copies_inputs(desc))
+                hidden = runner.graphs.replay(desc)
+                if padded is None:
+                    return step, hidden, plan, None
+                padded_plan = dataclasses.replace(verify_plan(padded, k), drafts=plan.drafts,
+                                                  num_drafts=plan.num_drafts)
+                return step, hidden, padded_plan, self.logits[:r * (k + 1)]
+        step = self._prepare(chunks, runner.dispatcher.eager(n_tok, r, None))
+        metadata = runner._build_metadata(step)
+        runner._update_metadata(metadata, step)
+        return step, runner._forward_hidden(step, runner._context(step, metadata)), plan, None
+
     def _launch_eager(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         runner, k, r = self.runner, self.k, len(chunks)
         owed = (prompt_logprobs.plan(chunks)
                 if any(c.request.prompt_logprobs is not None for c in chunks) else None)
-        step = self._prepare(chunks, runner.dispatcher.eager(
-            sum(c.num_new_tokens for c in chunks), r, None))
-        metadata = runner._build_metadata(step)
-        runner._update_metadata(metadata, step)
-        hidden = runner._forward_hidden(step, runner._context(step, metadata))
-        plan = verify_plan(chunks, k)
-        rows = torch.from_numpy(plan.rows).to(runner.device).view(-1)
-        logits = runner.model.compute_logits(hidden[rows], out=self.logits[:r * (k + 1)])
+        step, hidden, plan, logits = self._target_hidden(chunks, owed)
+        if logits is None:
+            rows = torch.from_numpy(plan.rows).to(runner.device).view(-1)
+            logits = runner.model.compute_logits(hidden[rows], out=self.logits[:r * (k + 1)])
         positions = torch.from_numpy(plan.positions).to(runner.device)
         sampling = dataclasses.replace(step.sampling.rows(0, r), positions=positions)
         drafts = torch.from_numpy(plan.drafts).to(runner.device)
