@@ -59,14 +59,20 @@ def accept_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     return uniform_noise(stream_seeds(seeds, ACCEPT_STREAM), positions, 1)[:, 0]
 
 
-def target_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """[N, V] float32: the distribution the sampler draws from for rows of processed logits
-    (temperature, then min_p / top-k / top-p when the step filters)."""
+def target_log_weights(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """[N, V] float32: the unnormalized log-probabilities the sampler draws from for rows of
+    processed logits (temperature, then min_p / top-k / top-p when the step filters: -inf
+    outside the kept set)."""
     s = scale(logits.float(), t.temperature)
     if t.any_top_k_top_p:
         thr = filter_thresholds(s, t.top_k, t.top_p, t.min_p)
         s = torch.where(s >= thr[:, None], s, float("-inf"))
-    return torch.softmax(s, dim=-1)
+    return s
+
+
+def target_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """[N, V] float32: the distribution the sampler draws from (`target_log_weights`)."""
+    return torch.softmax(target_log_weights(logits, t), dim=-1)
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -94,40 +100,49 @@ def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
     row emits its first -1 slot's draw); target_logits [R, k + 1, V] (processed: penalties,
     bans and biases already applied, as the sampler's step 2 would); `t` per request, its positions
     the position of the token slot 0 predicts; draft_probs [R, k, V] the distributions the
-    drafts were drawn from (None: a deterministic drafter)."""
+    drafts were drawn from (None: a deterministic drafter).
+
+    Only the accept tests need every slot (p at the draft); the one draw a request makes, at
+    its first rejected slot or the bonus slot, reads that slot's row alone, so the [R, k + 1,
+    V] buffers are the scaled logits and their normalizer (a verify graph at the largest
+    request count holds every such buffer)."""
     r, k = draft_token_ids.shape
     v = target_logits.shape[-1]
     valid = draft_token_ids >= 0                   # -1: no draft (a row that draws one token)
     drafts = draft_token_ids.long().clamp(min=0)
-    z = target_logits.float()
-    argmax = z.argmax(-1)                                          # [R, k + 1]
+    argmax = target_logits.argmax(-1)                              # [R, k + 1]
     accept = (drafts == argmax[:, :k]) & valid
-    next_ids = argmax
     if not t.all_greedy:
-        rows = _per_slot(t, k + 1)
-        p = target_probs(z.reshape(-1, v), rows).view(r, k + 1, v)
-        p_x = p[:, :k].gather(-1, drafts[..., None])[..., 0]
-        if draft_probs is None:
-            # q one-hot at the draft: max(p - q, 0) is p without the draft's token, built in
-            # place of a [R, k + 1, V] one-hot (a verify graph holds every such buffer)
+        per_slot = _per_slot(t, k + 1)
+        s = target_log_weights(target_logits.reshape(-1, v), per_slot).view(r, k + 1, v)
+        if draft_probs is None:                    # q one-hot at the draft
+            lse = torch.logsumexp(s[:, :k], dim=-1)
+            p_x = (s[:, :k].gather(-1, drafts[..., None])[..., 0] - lse).exp()
             q_x = valid.float()
-            residual = p.clone()
-            residual[:, :k].scatter_(-1, drafts[..., None], torch.where(valid, 0.0, p_x)[..., None])
-            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
         else:
-            q = draft_probs.float() * valid[..., None]
-            q = torch.cat([q, q.new_zeros(r, 1, v)], dim=1)       # the bonus slot: no draft
-            q_x = q[:, :k].gather(-1, drafts[..., None])[..., 0]
-            residual = residual_distribution(p, q)
-        u = accept_uniforms(rows.seeds, rows.positions).view(r, k + 1)[:, :k]
-        noise = gumbel_noise(rows.seeds, rows.positions, v).view(r, k + 1, v)
-        drawn = (residual.log() + noise).argmax(-1)
-        sampled = (t.temperature >= GREEDY_EPS)[:, None]
-        accept = torch.where(sampled, (u * q_x < p_x) & valid, accept)
-        next_ids = torch.where(sampled, drawn, argmax)
+            p_x = torch.softmax(s[:, :k], -1).gather(-1, drafts[..., None])[..., 0]
+            q_x = draft_probs.float().gather(-1, drafts[..., None])[..., 0] * valid
+        u = accept_uniforms(per_slot.seeds, per_slot.positions).view(r, k + 1)[:, :k]
+        sampled = t.temperature >= GREEDY_EPS
+        accept = torch.where(sampled[:, None], (u * q_x < p_x) & valid, accept)
     num_accepted = accept.long().cumprod(-1).sum(-1)               # leading accepts
+    n = num_accepted
+    rows = torch.arange(r, device=drafts.device)
+    next_ids = argmax[rows, n]
+    if not t.all_greedy:
+        # the draw at slot n from max(p - q, 0): the rejected draft's slot (q its draft's
+        # distribution) or the bonus slot (q = 0)
+        at = n.clamp(max=k - 1)
+        has = (n < k) & valid[rows, at]
+        if draft_probs is None:
+            q_n = torch.zeros(r, v, device=s.device).scatter_(1, drafts[rows, at][:, None], 1.0)
+        else:
+            q_n = draft_probs[rows, at].float()
+        residual = residual_distribution(torch.softmax(s[rows, n], -1), q_n * has[:, None])
+        noise = gumbel_noise(t.seeds, t.positions.long() + n, v)
+        next_ids = torch.where(sampled, (residual.log() + noise).argmax(-1), next_ids)
     slot = torch.arange(k + 1, device=drafts.device)[None, :]
-    n = num_accepted[:, None]
     padded = torch.cat([drafts, drafts.new_zeros(r, 1)], dim=1)
-    tokens = torch.where(slot < n, padded, torch.where(slot == n, next_ids, -1))
+    tokens = torch.where(slot < n[:, None], padded,
+                         torch.where(slot == n[:, None], next_ids[:, None], -1))
     return RejectionOutput(tokens, num_accepted)
