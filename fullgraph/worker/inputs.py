@@ -178,6 +178,8 @@ class InputBuffers:
         # the rows' sampler features, and their widest logprobs ask (-1: none)
         self._sampling_flags: tuple[SamplerFeatures, int] = (GREEDY, -1)
         self._last_decode: _SteadyDecode | None = None
+        self._last_verify: StepInputs | None = None
+        self._last_verify_reqs: list[RequestState] = []
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -279,7 +281,10 @@ class InputBuffers:
         reqs = [c.request for c in chunks]
         decode = all(c.num_new_tokens == 1 for c in chunks)
         if decode:
-            step = self._advance_decode(reqs, desc, prev_rows)
+            self._last_verify = None
+        if decode or desc.uniform_query_len:
+            step = (self._advance_decode(reqs, desc, prev_rows) if decode
+                    else self._advance_verify(chunks, reqs, desc))
             if step is not None:
                 if copy:
                     self.copy_inputs(desc)
@@ -376,6 +381,11 @@ class InputBuffers:
         step = StepInputs(desc, n_req, n_tok, v.input_ids, v.positions, v.logits_indices,
                           attention, sampling, features, v.pending_index, v.pending_row)
         self._last_decode = None
+        q = desc.uniform_query_len
+        self._last_verify = (step if q and q > 1 and not pending and not prev_rows
+                             and all(c.samples and c.num_new_tokens == q for c in chunks)
+                             else None)
+        self._last_verify_reqs = reqs
         if decode and all(c.samples for c in chunks):      # the next step may advance it
             n = len(reqs)
             self._last_decode = _SteadyDecode(
@@ -452,3 +462,44 @@ class InputBuffers:
                 bt_rows.copy_(self.block_table.cpu[:bt_rows.shape[0]], non_blocking=True)
         slot_mapping[:n] = array("q", slots)
         return last.step
+
+    def _advance_verify(self, chunks: Sequence[ScheduledChunk], reqs: list[RequestState],
+                        desc: BatchExecutionDescriptor) -> StepInputs | None:
+        """Steady speculative decoding: the last step was a uniform step of the same requests
+        in the same rows, each running its last token and drafts (`desc.uniform_query_len`
+        rows; the host knows every token). Each request advances by what it emitted, so
+        positions, slots, lengths and tokens are rewritten, through memoryviews (see
+        `_advance_decode` for why), and block-table rows only where they grew; the rest
+        (query starts, logits rows, sampling rows, padding lanes) is the last step's. None
+        for any other step."""
+        last, q = self._last_verify, desc.uniform_query_len
+        if (last is None or last.desc != desc or reqs != self._last_verify_reqs
+                or not all(c.samples and c.num_new_tokens == q for c in chunks)):
+            return None
+        bs, width = self.block_size, self.block_table.np.shape[1]
+        input_ids, positions, slot_mapping, seq_lens = self._staged
+        ids, pos, slots, lens = [], [], [], []
+        for c, r in zip(chunks, reqs):
+            d = r.num_computed_tokens
+            if d >= len(r.all_token_ids) or (d + q - 1) // bs >= width:
+                return None
+            ids.append(r.all_token_ids[d])
+            ids.extend(c.spec_token_ids)
+            blocks = r.block_ids
+            for p in range(d, d + q):          # past the request's blocks: the null block's
+                b = p // bs
+                slots.append((blocks[b] if b < len(blocks) else 0) * bs + p % bs)
+            pos.extend(range(d, d + q))
+            lens.append(d + q)
+        n, t = len(reqs), len(pos)
+        input_ids[:t] = array("q", ids)
+        positions[:t] = array("q", pos)
+        slot_mapping[:t] = array("q", slots)
+        seq_lens[:n] = array("i", lens)
+        if any(len(r.block_ids) != self._row_len[i] for i, r in enumerate(reqs)):
+            self._write_block_rows(reqs, desc.num_reqs)
+            if self.block_table.gpu is not self.block_table.cpu:
+                bt_rows = last.attention.block_table
+                bt_rows.copy_(self.block_table.cpu[:bt_rows.shape[0]], non_blocking=True)
+        self._write_sampling_rows(chunks, reqs)
+        return last
