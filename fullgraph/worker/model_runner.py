@@ -11,19 +11,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from fullgraph.attention.backend import ForwardContext, get_backend_class
 from fullgraph.attention.gdn import GDNMetadata, GDNMetadataBuilder
 from fullgraph.attention.metadata import AttentionSpec
-from fullgraph.buffers import CpuGpuBuffer
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.layers import pdl
 from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.interface import CacheSpecs
 from fullgraph.models.loader import load_model
-from fullgraph.multimodal.inputs import MultiModalStepInputs
 from fullgraph.worker.compile_worker import CompileWorkers
 from fullgraph.worker.compilers import (configure_compilers, start_compile_workers,
                                         triton_compile_ahead)
@@ -31,10 +28,10 @@ from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Disp
 from fullgraph.worker.cudagraph.manager import (CaptureReport, CUDAGraphManager, CUDAGraphRuntime,
                                                 GraphRuntime)
 from fullgraph.worker import prompt_logprobs
-from fullgraph.worker.encoder_graphs import (EncoderGraphManager, default_budgets,
-                                             graph_encoder_of, max_image_rows)
+from fullgraph.worker.encoder_graphs import EncoderGraphManager
 from fullgraph.worker.inputs import (InputBuffers, ScheduledChunk, StandInChunk,
                                      StandInRequest, StepInputs)
+from fullgraph.worker.multimodal_steps import MultimodalSteps
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, multi_token_bad_words,
                                       sample, word_bans)
@@ -146,17 +143,10 @@ class ModelRunner:
         # and the word bans their slots hold now
         self._step_ban_requests: list = []
         self._slot_bans: dict[int, frozenset[int]] = {}
-        # Multimodal models: every step's rotary positions ([tokens, 3] rows: MRoPE), in a
-        # persistent buffer graphs read; the images' encoder outputs per request until all of
-        # its image tokens are computed; this step's image rows (eager steps only). Set
+        # Multimodal models: rotary positions, images' encoder outputs, encoder graphs. Set
         # before the memory profile, whose forward reads them.
-        self.multimodal = bool(getattr(self.model, "multimodal", False))
-        self.rope_positions = (CpuGpuBuffer((self.max_num_tokens, 3), torch.int64, self.device,
-                                            self.device.type == "cuda")
-                               if self.multimodal else None)
-        self._encoder_cache: dict[int, tuple[Any, list]] = {}
-        self._step_images: tuple | None = None
-        self.encoder_graphs: EncoderGraphManager | None = None     # made by capture_graphs
+        self.mm = (MultimodalSteps(self.model, config, self.device, self.max_num_tokens)
+                   if getattr(self.model, "multimodal", False) else None)
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
@@ -176,6 +166,11 @@ class ModelRunner:
         # PIECEWISE graphs: the forward context each captured its attention calls with
         self._piecewise_contexts: dict[BatchExecutionDescriptor, ForwardContext] = {}
         self.num_steps = 0
+
+    @property
+    def encoder_graphs(self) -> EncoderGraphManager | None:
+        """A multimodal model's encoder graphs (made by `capture_graphs`), else None."""
+        return self.mm.encoder_graphs if self.mm is not None else None
 
     # ---------------------------------------------------------------- memory
     @property
@@ -313,8 +308,8 @@ class ModelRunner:
         self.compiles_during_capture = compile_count() - compiles0 - self._warmup_compiles
         self.dispatcher.captured = set(descs)
         self.capture_report = report
-        if self.multimodal:
-            self.encoder_graphs = self._capture_encoder_graphs(runtime)
+        if self.mm is not None:
+            self.mm.capture_encoder_graphs(runtime)
         return report
 
     def _capture_pending(self) -> None:
@@ -346,24 +341,6 @@ class ModelRunner:
             self._last_step = None
         self.attention_states.update((k, v) for k, v in pairs.items() if k in descs)
         self.dispatcher.captured = self.dispatcher.captured | set(descs)
-
-    def _capture_encoder_graphs(self, runtime: GraphRuntime) -> EncoderGraphManager | None:
-        """The model's encoder per patch budget, in the text graphs' runtime (and memory
-        pool); None if the model exposes no GraphEncoder or no budget is known."""
-        encoder = graph_encoder_of(self.model)
-        comp = self.config.compilation
-        budgets = comp.encoder_cudagraph_token_budgets or None
-        max_images = comp.encoder_cudagraph_max_images_per_batch
-        if encoder is not None and budgets is None:
-            largest = max_image_rows(self.config.model.path)
-            budgets = (default_budgets(largest, encoder.encoder_row_alignment)
-                       if largest else None)
-        if encoder is None or not budgets:
-            return None
-        manager = EncoderGraphManager(encoder, budgets, max_images, runtime, self.device,
-                                      self.config.model.dtype)
-        manager.capture()
-        return manager
 
     def _create_forward_fn(self, key, warmup: bool):
         if isinstance(key, SamplerGraphKey):
@@ -504,10 +481,7 @@ class ModelRunner:
                  piecewise: Any = None) -> ForwardContext:
         """The forward context of a step (`piecewise`: the graph runtime's
         `between_pieces`, for PIECEWISE graphs)."""
-        mm = None
-        if self.multimodal:
-            rope = self.rope_positions.gpu[:step.desc.num_tokens].t()
-            mm = MultiModalStepInputs(rope, *(self._step_images or ()))
+        mm = self.mm.context_inputs(step.desc.num_tokens) if self.mm is not None else None
         return ForwardContext(self.backend, metadata.attention, self.kv_caches,
                               step.attention.slot_mapping, self.state_caches, metadata.state,
                               mm, piecewise)
@@ -554,15 +528,15 @@ class ModelRunner:
         owed = (prompt_logprobs.plan(chunks)
                 if any(c.request.prompt_logprobs is not None for c in chunks) else None)
         # a step with image tokens runs eagerly: their embeddings replace the token ones
-        images = self._step_image_rows(chunks) if self.multimodal else None
+        images = self.mm.step_image_rows(chunks) if self.mm is not None else None
         desc = (self.dispatcher.dispatch(n_tok, len(chunks), uniform)
                 if not owed and images is None
                 else self.dispatcher.eager(n_tok, len(chunks), uniform))
         copied_in_graph = self._graph_copies_inputs(desc)
         step = self.buffers.prepare(chunks, desc, self._last_rows, copy=not copied_in_graph)
-        if self.multimodal:
-            self._write_rope_positions(chunks, desc.num_tokens)
-            self._step_images = images
+        if self.mm is not None:
+            self.mm.write_rope_positions(chunks, desc.num_tokens)
+            self.mm.step_images = images
         # A steady decode step (the last step's StepInputs again) keeps every request's row
         # and sampler state.
         if step is not self._last_step:
@@ -600,87 +574,6 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return PendingStep(host, event, prompt_lps)
-
-
-    # ---------------------------------------------------------------- multimodal
-    def _write_rope_positions(self, chunks: Sequence[ScheduledChunk], num_tokens: int) -> None:
-        """The step's rotary positions into the persistent buffer: a request's own (MRoPE)
-        over its prompt, position + rope_delta after it, the position itself for text-only
-        requests; padding rows 0."""
-        buf = self.rope_positions.np
-        starts = [c.request.num_computed_tokens for c in chunks]
-        mms = [getattr(c.request, "mm_inputs", None) for c in chunks]
-        for c, mm in zip(chunks, mms):
-            if mm is not None and mm.rope_positions is None:
-                mm.rope_positions, mm.rope_delta = self.model.rope_positions(
-                    c.request.prompt_token_ids, mm.grid_thw)
-        if all(c.num_new_tokens == 1 for c in chunks) and all(
-                mm is None or s >= mm.rope_positions.shape[1] for s, mm in zip(starts, mms)):
-            n = len(chunks)                  # decode: one position per row, no loop over rows
-            buf[:n] = (np.array(starts) + np.array([mm.rope_delta if mm is not None else 0
-                                                    for mm in mms]))[:, None]
-        else:
-            row = 0
-            for c, start, mm in zip(chunks, starts, mms):
-                p = np.arange(start, start + c.num_new_tokens)
-                rows = buf[row:row + c.num_new_tokens]
-                if mm is None:
-                    rows[:] = p[:, None]
-                else:
-                    prompt = p < mm.rope_positions.shape[1]
-                    rows[prompt] = mm.rope_positions[:, p[prompt]].T
-                    rows[~prompt] = (p[~prompt] + mm.rope_delta)[:, None]
-                row += c.num_new_tokens
-            n = row
-        buf[n:num_tokens] = 0
-        self.rope_positions.copy_to_gpu(num_tokens)
-
-    def _step_image_rows(self, chunks: Sequence[ScheduledChunk]) -> tuple | None:
-        """(rows, embeds, deepstack) of the step's image tokens, or None: each image's
-        encoder output rows for the tokens the step computes (the encoder runs once per
-        request, when its first image token is scheduled; samples of one prompt share it)."""
-        rows, embeds, deep, done = [], [], [], []
-        row = 0
-        for c in chunks:
-            req, mm = c.request, getattr(c.request, "mm_inputs", None)
-            start, end = req.num_computed_tokens, req.num_computed_tokens + c.num_new_tokens
-            if mm is not None and any(start < p.offset + p.length and p.offset < end
-                                      for p in mm.placeholders):
-                outputs = self._encoder_outputs(req, mm)
-                for (e, d), ph in zip(outputs, mm.placeholders):
-                    lo, hi = max(start, ph.offset), min(end, ph.offset + ph.length)
-                    if lo < hi:
-                        rows.append(torch.arange(row + lo - start, row + hi - start))
-                        embeds.append(e[lo - ph.offset:hi - ph.offset])
-                        if d is not None:
-                            deep.append(d[:, lo - ph.offset:hi - ph.offset])
-                if end >= mm.end:           # its last image token: the outputs are done
-                    done.append(id(req))
-            row += c.num_new_tokens
-        for key in done:                    # after the loop: a sample later in it may share
-            self._encoder_cache.pop(key, None)
-        if not rows:
-            return None
-        return (torch.cat(rows).to(self.device), torch.cat(embeds),
-                torch.cat(deep, dim=1) if deep else None)
-
-    def _encoder_outputs(self, req: Any, mm) -> list:
-        cached = self._encoder_cache.get(id(req))
-        if cached is not None and cached[0] is req:
-            return cached[1]
-        for key, (owner, outputs) in list(self._encoder_cache.items()):
-            if getattr(owner, "is_finished", False):      # finished or aborted: drop
-                del self._encoder_cache[key]
-            elif getattr(owner, "mm_inputs", None) is mm:  # another sample of the prompt
-                self._encoder_cache[id(req)] = (req, outputs)
-                return outputs
-        if self.encoder_graphs is not None:     # packed into captured patch budgets
-            outputs = self.encoder_graphs.encode(mm.pixel_values, mm.grid_thw)
-        else:
-            pixels = mm.pixel_values.to(self.device, self.config.model.dtype)
-            outputs = self.model.encode_images(pixels, mm.grid_thw)
-        self._encoder_cache[id(req)] = (req, outputs)
-        return outputs
 
 
 def compile_count() -> int:
