@@ -144,6 +144,36 @@ def test_logprobs_and_metrics_of_accepted_tokens(pair):
         assert b.metrics["spec_num_accepted_tokens"] == b.metrics["spec_num_draft_tokens"] > 0
 
 
+def test_stops_n_and_max_model_len_end_requests_as_plain_decoding(pair):
+    """A step emits several tokens: a stop token, a stop string or max_model_len inside them
+    ends the request there (the rest dropped), as plain decoding ends it; with graphs, and
+    n > 1 samples sharing the prompt."""
+    target, agree, _ = pair
+    kw = dict(KW, max_model_len=128, max_num_batched_tokens=256, max_num_seqs=8)
+    batch = prompts(21, 4)
+    plain = LLM(target, **kw)
+    free = [o.outputs[0] for o in plain.generate(
+        batch, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True), use_tqdm=False)]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                             stop_token_ids=[free[0].token_ids[6]]),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                             stop=[free[1].text[len(free[1].text) // 2:][:3]]),
+              SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True),  # max_model_len
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, n=2)]
+
+    def run(llm):
+        return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs]
+                for o in llm.generate(batch, params, use_tqdm=False)]
+    want = run(plain)
+    assert want[0][0][2:] == ("stop", free[0].token_ids[6]) and want[1][0][2] == "stop"
+    assert len(batch[2]["prompt_token_ids"]) + len(want[2][0][0]) == 128
+    for graphs in ({}, {"cudagraph_runtime": "fake", "cudagraph_capture_sizes": [4, 8, 16]}):
+        llm = LLM(target, speculative_config=spec(agree, 3), **kw, **graphs)
+        assert run(llm) == want
+        assert llm.engine.stats.spec_num_accepted_tokens > 0
+        assert llm.engine.kv.pool.num_free == llm.engine.kv.num_usable_blocks
+
+
 def chi_square_homogeneity(a: Counter, b: Counter) -> tuple[float, int]:
     """Two-sample chi-square statistic over the categories with enough counts (the rest
     pooled), and its degrees of freedom."""
