@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from fullgraph.worker.sampler import (GREEDY_EPS, SamplingTensors, filter_thresholds,
-                                      gumbel_noise, scale, uniform_noise)
+                                      gumbel_noise, uniform_noise)
 
+CHUNK_ROWS = 64                 # rows of [rows, V] float32 workspace at a time
 ACCEPT_STREAM = 0x2545F491      # the accept test's uniforms
 DRAFT_STREAM = 0x61C88647       # the drafter's Gumbel noise
 
@@ -62,12 +63,25 @@ def accept_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
 def target_log_weights(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """[N, V] float32: the unnormalized log-probabilities the sampler draws from for rows of
     processed logits (temperature, then min_p / top-k / top-p when the step filters: -inf
-    outside the kept set)."""
-    s = scale(logits.float(), t.temperature)
+    outside the kept set). One [N, V] buffer, filtered in place by chunks of rows: the
+    filter's sort and its indices take [CHUNK_ROWS, V] at a time."""
+    s = logits.to(torch.float32, copy=True)
+    s.div_(torch.where(t.temperature >= GREEDY_EPS, t.temperature, 1.0)[:, None])  # `scale`
     if t.any_top_k_top_p:
-        thr = filter_thresholds(s, t.top_k, t.top_p, t.min_p)
-        s = torch.where(s >= thr[:, None], s, float("-inf"))
+        for lo in range(0, s.shape[0], CHUNK_ROWS):
+            rows = slice(lo, lo + CHUNK_ROWS)
+            part = s[rows]
+            thr = filter_thresholds(part, t.top_k[rows], t.top_p[rows],
+                                    None if t.min_p is None else t.min_p[rows])
+            part.masked_fill_(~(part >= thr[:, None]), float("-inf"))
     return s
+
+
+def _logsumexp(s: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of [R, k, V], by chunks of rows (bounded workspace)."""
+    per = max(1, CHUNK_ROWS // max(1, s.shape[1]))
+    return torch.cat([torch.logsumexp(s[lo:lo + per], dim=-1)
+                      for lo in range(0, s.shape[0], per)])
 
 
 def target_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -116,7 +130,7 @@ def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
         per_slot = _per_slot(t, k + 1)
         s = target_log_weights(target_logits.reshape(-1, v), per_slot).view(r, k + 1, v)
         if draft_probs is None:                    # q one-hot at the draft
-            lse = torch.logsumexp(s[:, :k], dim=-1)
+            lse = _logsumexp(s[:, :k])
             p_x = (s[:, :k].gather(-1, drafts[..., None])[..., 0] - lse).exp()
             q_x = valid.float()
         else:
