@@ -85,6 +85,8 @@ class EagleProposer:
         self._graph: _GraphBuffers | None = None
         vd = getattr(drafter, "draft_vocab_size", config.model.vocab_size)
         self.maps_vocab = hasattr(drafter, "compute_draft_logits")
+        self._steps = torch.arange(1, config.speculative.num_speculative_tokens,
+                                   device=device)    # the drafter's decode steps after the first
         self.logits = torch.zeros(sched.max_num_seqs, vd if self.maps_vocab
                                   else config.model.vocab_size,
                                   dtype=config.model.dtype, device=device)
@@ -220,16 +222,17 @@ class EagleProposer:
         if k > 1:
             bs = self.config.cache.block_size
             top = self.config.model.max_model_len - 1
+            # every decode step's positions and slots at once: [R, k - 1]
             base = (step.seq_lens[:r].long() - q).clamp(min=0) + num_accepted
-            rows = g.query_start_loc[:r].long()
+            pos = base[:, None] + self._steps
+            inside = pos <= top
+            pos = pos.clamp(max=top)
+            block = step.block_table[g.query_start_loc[:r].long()[:, None], pos // bs].long()
+            slots = (block * bs + pos % bs) * inside
             for s in range(1, k):
-                pos = base + s
-                inside = pos <= top
-                pos = pos.clamp(max=top)
-                block = step.block_table[rows, pos // bs].long()
-                torch.mul(block * bs + pos % bs, inside, out=g.slots[:r])
-                g.positions[:r].copy_(pos)
-                g.seq_lens[:r].copy_(pos + 1)
+                g.slots[:r].copy_(slots[:, s - 1])
+                g.positions[:r].copy_(pos[:, s - 1])
+                torch.add(pos[:, s - 1], 1, out=g.seq_lens[:r])
                 b.update(state.decode_meta, state.decode)
                 ctx = ForwardContext(b, state.decode_meta, self.kv_caches, g.slots[:r])
                 last = self.model(drafts[:, s - 1], last, g.positions[:r], ctx)
