@@ -5,7 +5,7 @@
 
 Per batch size: each step's wall time of a 128-token greedy run (E: the step ran the target
 eagerly, cN: it compiled N graphs), then the GPU timeline of a few steady steps, with and
-without speculation: per step its GPU span and the idle gap before it, and the kernels by
+without speculation: the GPU spans and the idle gaps between them, and the kernels by
 what each adds to the span (its end minus the previous kernel's end: with PDL kernels
 overlap, so durations sum to more than the step). `--trace DIR` also writes the traces.
 """
@@ -56,21 +56,23 @@ def timeline(engine, rng, batch: int, steps: int, trace: str | None) -> None:
         prof.export_chrome_trace(f"{trace}/spec_step_b{batch}_{time.monotonic_ns()}.json")
     kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
                      key=lambda e: e.time_range.start)
+    if not kernels:
+        print("  no CUDA kernels were profiled")
+        return
     groups = [[kernels[0]]]
     for e in kernels[1:]:          # a step: kernels with < 100 µs of idle GPU between them
         if e.time_range.start - groups[-1][-1].time_range.end > 100:
             groups.append([])
         groups[-1].append(e)
-    added = defaultdict(float)
-    for g in groups[1:]:
-        end = g[0].time_range.start
-        for e in g:
-            added[e.name[:60]] += max(0.0, e.time_range.end - end) / (len(groups) - 1)
-            end = max(end, e.time_range.end)
     spans = [g[-1].time_range.end - g[0].time_range.start for g in groups]
     gaps = [b[0].time_range.start - a[-1].time_range.end for a, b in zip(groups, groups[1:])]
-    print(f"  GPU span per step (µs): {' '.join(f'{s:.0f}' for s in spans)}; "
-          f"idle between: {' '.join(f'{g:.0f}' for g in gaps)}")
+    print(f"  GPU spans (µs; one per step where the GPU idles between steps): "
+          f"{' '.join(f'{s:.0f}' for s in spans)}; idle between: "
+          f"{' '.join(f'{g:.0f}' for g in gaps)}")
+    added, end = defaultdict(float), kernels[0].time_range.start
+    for e in kernels:              # what each kernel adds to the busy timeline, per step
+        added[e.name[:60]] += max(0.0, e.time_range.end - max(end, e.time_range.start)) / steps
+        end = max(end, e.time_range.end)
     for name, us in sorted(added.items(), key=lambda x: -x[1])[:12]:
         print(f"    {us:8.1f} µs/step  {name}")
     while engine.has_unfinished_requests():
