@@ -197,33 +197,31 @@ class EagleProposer:
         return self._graph
 
     def draft_graphed(self, state: DraftGraphState, step: StepAttentionInputs,
-                      tokens: torch.Tensor, num_accepted: torch.Tensor,
-                      target_hidden: torch.Tensor) -> torch.Tensor:
-        """Device ops only (a graph holds them): the drafts [R, k] of a uniform verify step
-        from its verification (`tokens` [R, q], `num_accepted` [R]) and the target hidden
-        rows the drafter reads ([R q, width]).
+                      next_ids: torch.Tensor, target_hidden: torch.Tensor,
+                      first_rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Device ops only (a graph holds them): the drafts [R, k] after a verified step.
 
-        The drafter runs over every row of the step: row j of request r carries the token
-        after it, tokens[r, j] (an accepted draft, then the target's token; rows past it
-        carry garbage whose K/V is overwritten when those positions come again). Draft 1 is
-        the output at row num_accepted; each next draft a one-row step one position on. A
-        position past the request's blocks (max_tokens near) writes its K/V into the null
-        block: those drafts are never used (the scheduler caps them)."""
-        r, q = tokens.shape
-        k = q - 1
+        The drafter runs over every row of the step (`next_ids` [T]: the token after each
+        row; `target_hidden` the rows it reads). For a request that drew tokens, the rows
+        from its last known token on carry the verification's tokens (accepted drafts, then
+        the target's; rows past them carry garbage whose K/V is overwritten when those
+        positions come again). Draft 1 is the output at `first_rows` [R] (the row at the
+        accepted count, at position `base` [R]); each next draft a one-row step one position
+        on. A position past the request's blocks (max_tokens near) writes its K/V into the
+        null block: those drafts are never used (the scheduler caps them)."""
+        t, r = next_ids.shape[0], first_rows.shape[0]
+        k = self._steps.shape[0] + 1
         g, b = self._graph_buffers, self.graph_backend
         b.update(state.prefill, step)
         ctx = ForwardContext(b, state.prefill, self.kv_caches, step.slot_mapping)
-        out = self.model(tokens.clamp(min=0).view(-1), target_hidden[:r * q],
-                         step.positions[:r * q], ctx).view(r, q, -1)
-        last = out[g.query_start_loc[:r].long(), num_accepted]              # [R, H]
+        out = self.model(next_ids, target_hidden[:t], step.positions[:t], ctx)
+        last = out[first_rows]                                             # [R, H]
         drafts = g.drafts[:r]
         drafts[:, 0] = self._draft_ids(last)
         if k > 1:
             bs = self.config.cache.block_size
             top = self.config.model.max_model_len - 1
             # every decode step's positions and slots at once: [R, k - 1]
-            base = (step.seq_lens[:r].long() - q).clamp(min=0) + num_accepted
             pos = base[:, None] + self._steps
             inside = pos <= top
             pos = pos.clamp(max=top)

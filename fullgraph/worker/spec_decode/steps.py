@@ -95,6 +95,7 @@ class SpeculativeSteps:
         # each request's real drafts in a graphed step (the rest are padding)
         self.num_drafts = CpuGpuBuffer((r,), torch.int64, dev, pin=dev.type == "cuda")
         self._draft_index = torch.arange(k, device=dev)
+        self._row_index = torch.arange(r, device=dev)
 
     def bytes_per_block(self, block_size: int) -> int:
         return self.proposer.bytes_per_block(block_size)
@@ -149,8 +150,12 @@ class SpeculativeSteps:
                                         self.logits[:r * q].view(r, q, -1), sampling)
             self.tokens[:r].copy_(verified.token_ids)
             self.accepted[:r].copy_(verified.num_accepted)
-            return self.proposer.draft_graphed(state, step.attention, self.tokens[:r],
-                                               self.accepted[:r], self.draft_hidden)
+            accepted = self.accepted[:r]
+            first = self._row_index[:r] * q + accepted        # row 0 of request i: i q
+            base = (step.attention.seq_lens[:r].long() - q).clamp(min=0) + accepted
+            return self.proposer.draft_graphed(state, step.attention,
+                                               self.tokens[:r].clamp(min=0).view(-1),
+                                               self.draft_hidden, first, base)
 
         return forward, None
 
