@@ -390,17 +390,19 @@ def test_verify_and_draft_graphs_equal_eager_steps(pair, tmp_path, method):
     assert llm.engine.runner.dispatcher.num_graph_steps >= 3
 
 
-def test_graphed_drafts_equal_eager_drafts(pair, tmp_path):
+@pytest.mark.parametrize("budget, sizes", [(256, [4, 8]), (64, [4, 8, 16, 32, 64])])
+def test_graphed_drafts_equal_eager_drafts(pair, tmp_path, budget, sizes):
     """The drafts themselves, step by step, from the graphed drafter (built on the device
     from the verification: positions, slots, rows) and the eager one, with a drafter whose
     rows read their neighbours' K/V, so drafts depend on every one of those; as many as
     the next step can use (the graphed drafter always drafts k, the eager one stops at the
-    request's max_tokens)."""
+    request's max_tokens). With a budget of 64 tokens prompt chunks run beside decoding
+    requests: those steps draft in the mixed steps' graphs."""
     batch = prompts(9, 6)
     sp = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     target = pair[0]
     blurred = agreeing_drafter(str(tmp_path / "blurred"), target, focus=1.0)
-    kw = dict(KW, max_num_batched_tokens=256, max_num_seqs=8,
+    kw = dict(KW, max_num_batched_tokens=budget, max_num_seqs=8,
               speculative_config=spec(blurred, 3))
 
     def drafts(llm) -> dict:
@@ -417,11 +419,15 @@ def test_graphed_drafts_equal_eager_drafts(pair, tmp_path):
         llm.generate(batch, sp, use_tqdm=False)
         return seen
     eager = drafts(LLM(target, **kw))
-    llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8], **kw)
+    llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=sizes, **kw)
+    steps, mixed = llm.engine.runner.spec, []
+    finish = steps._finish_mixed
+    steps._finish_mixed = lambda *a: (mixed.append(1), finish(*a))[1]
     assert drafts(llm) == eager
     stats = llm.engine.stats
     assert llm.engine.runner.dispatcher.num_graph_steps >= 3
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert (len(mixed) >= 2) == (budget == 64)
 
 
 def test_requests_near_their_end_stay_in_graphs(pair):
@@ -481,6 +487,46 @@ def test_prompt_and_processed_steps_replay_the_targets_graphs(pair):
     assert run(llm) == eager
     assert {m for m, _ in prepared} == {"FULL"} and processed
     assert {q for _, q in prepared} == {None, 4}          # mixed and verify graphs
+
+
+def test_steps_with_prompt_chunks_verify_and_draft_in_graphs(pair):
+    """A step with prompt chunks among decoding requests (a small token budget interleaves
+    them) replays its mixed model graph, then a verification and drafting graph captured on
+    the first such step of its shape: the drafter over every row of the step, each carrying
+    the token after it. Tokens and logprobs equal the eager speculative engine's; a failed
+    capture leaves such steps eager, with the same outputs."""
+    target, _, half = pair
+    batch = prompts(23, 8)
+    params = [SamplingParams(temperature=t, seed=i, max_tokens=16, ignore_eos=True,
+                             logprobs=1) for i, t in enumerate([0.0, 0.8] * 4)]
+    kw = dict(KW, max_num_batched_tokens=64, max_num_seqs=8,
+              speculative_config=spec(half, 3))
+
+    def run(llm):
+        return [(o.outputs[0].token_ids,
+                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+                for o in llm.generate(batch, params, use_tqdm=False)]
+    eager = run(LLM(target, **kw))
+    for fail in (False, True):
+        llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8, 16, 32, 64],
+                  **kw)
+        steps, graphed, eager_mixed = llm.engine.runner.spec, [], []
+        finish, launch_eager = steps._finish_mixed, steps._launch_eager
+        steps._finish_mixed = lambda *a: (graphed.append(1), finish(*a))[1]
+        steps._launch_eager = lambda chunks: (
+            eager_mixed.append(not all(c.samples and c.num_new_tokens == len(c.spec_token_ids)
+                                       + 1 for c in chunks)), launch_eager(chunks))[1]
+        if fail:
+            def broken(key):
+                raise RuntimeError("no graph")
+            steps.create_mixed_fn = broken
+        assert run(llm) == eager
+        if fail:
+            assert not graphed and steps._mixed_failed
+        else:
+            keys = {k for k in llm.engine.runner.graphs.graphs if type(k).__name__ == "MixedSpecKey"}
+            assert len(graphed) >= 3 and keys          # each shape's first step ran eagerly
+            assert sum(eager_mixed) - len(graphed) <= len(keys)
 
 
 def test_penalties_count_the_accepted_drafts_before_a_row(tmp_path):

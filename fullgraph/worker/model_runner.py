@@ -35,7 +35,7 @@ from fullgraph.worker.multimodal_steps import MultimodalSteps
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplerOutput,
                                       SamplingState, SamplingTensors, multi_token_bad_words,
                                       sample, word_bans)
-from fullgraph.worker.spec_decode.steps import SpecGraphKey, SpeculativeSteps
+from fullgraph.worker.spec_decode.steps import MixedSpecKey, SpecGraphKey, SpeculativeSteps
 from fullgraph.worker.step_output import PendingStep, to_host
 
 logger = logging.getLogger(__name__)
@@ -346,8 +346,8 @@ class ModelRunner:
         if isinstance(key, SamplerGraphKey):
             sampling = self._sampling_variant(key.num_reqs, key.features)
             return (lambda: self._sample(sampling, key.features)), None
-        if isinstance(key, SpecGraphKey):
-            return self.spec.create_verify_fn(key)
+        if isinstance(key, SpecGraphKey | MixedSpecKey):
+            return self.spec.create_fn(key)
         compiles0 = compile_count()
         copies = self._graph_copies_inputs(key)
         step = self.buffers.prepare(self._dummy_chunks(key), key, copy=not copies)

@@ -17,6 +17,7 @@ each request kept, eagerly (`_launch_eager`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -41,6 +42,8 @@ from fullgraph.worker.step_output import PendingStep, StepResult
 if TYPE_CHECKING:
     from fullgraph.worker.model_runner import ModelRunner
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class _PaddedChunk:
@@ -57,6 +60,14 @@ class SpecGraphKey:
     """The verification and drafting graph replayed after a uniform verify step's model
     graph, for `num_reqs` rows; greedy rows only, or any."""
     num_reqs: int
+    greedy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MixedSpecKey:
+    """The verification and drafting graph replayed after a mixed step's model graph (a step
+    with prompt chunks, captured on first use); greedy rows only, or any."""
+    desc: BatchExecutionDescriptor
     greedy: bool
 
 
@@ -96,6 +107,16 @@ class SpeculativeSteps:
         self.num_drafts = CpuGpuBuffer((r,), torch.int64, dev, pin=dev.type == "cuda")
         self._draft_index = torch.arange(k, device=dev)
         self._row_index = torch.arange(r, device=dev)
+        self._q_index = torch.arange(k + 1, device=dev)
+        # A mixed step's verify plan on the device (its model graph computes the logits of
+        # the plan's rows): per request its k + 1 scored rows, k drafts (-1: none), the
+        # position slot 0 predicts, its last known token's row, how many rows from there
+        # carry the verification's tokens (0: the chunk draws none), and for a chunk short
+        # of its prompt's end its last row and the token after it (-1: none).
+        self.plan = CpuGpuBuffer((r, 2 * k + 6), torch.int64, dev, pin=dev.type == "cuda")
+        self._next_ids = torch.zeros(tokens + 1, dtype=torch.int64, device=dev)  # + scratch
+        self._mixed_pending: set[MixedSpecKey] = set()
+        self._mixed_failed: set[MixedSpecKey] = set()
 
     def bytes_per_block(self, block_size: int) -> int:
         return self.proposer.bytes_per_block(block_size)
@@ -125,9 +146,47 @@ class SpeculativeSteps:
         n = step.desc.num_tokens
         if self.reads_final_states:
             self.draft_hidden[:n].copy_(hidden[:n])
-        if step.desc.uniform_query_len == self.k + 1:
+        q = self.k + 1
+        if step.desc.uniform_query_len == q:
             self.runner.model.compute_logits(hidden[:n], out=self.logits[:n])
+        else:                                   # the staged plan's rows (in range at capture)
+            r = step.desc.num_reqs
+            rows = self._plan_columns(r)[0].reshape(-1).clamp(0, n - 1)
+            self.runner.model.compute_logits(hidden.index_select(0, rows),
+                                             out=self.logits[:r * q])
         return hidden[:n]
+
+    def _plan_columns(self, r: int) -> tuple[torch.Tensor, ...]:
+        """The device plan's columns for `r` requests: rows [r, q], drafts [r, k], then
+        [r] each: slot-0 positions, last known rows, rows carrying tokens, tail rows, tail
+        tokens."""
+        p, q, k = self.plan.gpu[:r], self.k + 1, self.k
+        return (p[:, :q], p[:, q:q + k], *(p[:, q + k + i] for i in range(5)))
+
+    def _stage_plan(self, chunks: Sequence[ScheduledChunk], plan: VerifyPlan,
+                    num_reqs_padded: int) -> None:
+        """The verify plan of a mixed step into the device plan (one copy); padding
+        requests score row 0 and draw nothing."""
+        a, r, q, k = self.plan.np, len(chunks), self.k + 1, self.k
+        a[:r, :q] = plan.rows
+        a[:r, q:q + k] = plan.drafts
+        a[:r, q + k] = plan.positions
+        a[:r, q + k + 1] = plan.rows[:, 0]
+        tails = []
+        for c, d, start in zip(chunks, plan.num_drafts, plan.starts):
+            req = c.request
+            end = req.num_computed_tokens + c.num_new_tokens
+            tails.append((d + 1, 0, -1) if c.samples
+                          else (0, start + c.num_new_tokens - 1, req.all_token_ids[end]))
+        a[:r, q + k + 2:] = tails
+        a[r:num_reqs_padded] = 0
+        a[r:num_reqs_padded, q:q + k] = -1
+        a[r:num_reqs_padded, q + k + 4] = -1
+        self.plan.copy_to_gpu(num_reqs_padded)
+
+    def create_fn(self, key: SpecGraphKey | MixedSpecKey):
+        return (self.create_verify_fn(key) if isinstance(key, SpecGraphKey)
+                else self.create_mixed_fn(key))
 
     def create_verify_fn(self, key: SpecGraphKey):
         """The verification and the drafter's steps after a uniform verify step of
@@ -159,9 +218,63 @@ class SpeculativeSteps:
 
         return forward, None
 
+    def create_mixed_fn(self, key: MixedSpecKey):
+        """The verification and the drafter's steps after a mixed step of `key.desc`, from
+        the staged plan, device ops only: the graph replayed after the model's. The drafter
+        runs over every row, each carrying the token after it: the next input id, but from a
+        drawing chunk's last known row on the verification's tokens, and at a short chunk's
+        last row the host's next prompt token."""
+        runner, q = self.runner, self.k + 1
+        desc = key.desc
+        r, t = desc.num_reqs, desc.num_tokens
+        step = runner.buffers.prepare(runner._dummy_chunks(desc), desc)
+        state = self.proposer.graph_state(step.attention)
+        _, drafts, positions, last, carried, tail_row, tail_token = self._plan_columns(r)
+        sampling = dataclasses.replace(
+            runner.buffers.sampling_tensors(r, all_greedy=key.greedy,
+                                            any_top_k_top_p=not key.greedy, num_logprobs=-1),
+            positions=positions)
+        next_ids = self._next_ids
+
+        def forward():
+            verified = rejection_sample(drafts, self.logits[:r * q].view(r, q, -1), sampling)
+            self.tokens[:r].copy_(verified.token_ids)
+            self.accepted[:r].copy_(verified.num_accepted)
+            next_ids[:t - 1].copy_(step.input_ids[1:t])
+            at = torch.where(self._q_index < carried[:, None], last[:, None] + self._q_index, t)
+            next_ids.index_put_((at.reshape(-1),), self.tokens[:r].clamp(min=0).reshape(-1))
+            next_ids.index_put_((torch.where(tail_token >= 0, tail_row, t),),
+                                tail_token.clamp(min=0))
+            accepted = self.accepted[:r]
+            return self.proposer.draft_graphed(state, step.attention, next_ids[:t],
+                                               self.draft_hidden, last + accepted,
+                                               positions - 1 + accepted)
+
+        return forward, None
+
+    def _capture_mixed(self) -> None:
+        """Capture the mixed steps' verification graphs asked for since the last step (such
+        a step ran eagerly); a failed capture leaves its steps eager."""
+        keys = sorted(self._mixed_pending, key=lambda key: -key.desc.num_tokens)
+        self._mixed_pending.clear()
+        runner = self.runner
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        try:
+            with torch.inference_mode():
+                runner.graphs.capture(keys, runner._create_forward_fn, progress=False)
+        except Exception:      # out of memory, say: those steps stay eager, serving goes on
+            logger.exception("capturing speculative graphs of mixed steps %s failed; such "
+                             "steps stay eager", [key.desc.num_tokens for key in keys])
+            self._mixed_failed.update(keys)
+        finally:
+            runner._last_step = None
+
     # ------------------------------------------------------------ launching
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         runner, k, r = self.runner, self.k, len(chunks)
+        if self._mixed_pending:
+            self._capture_mixed()
         if runner.graphs is not None and all(self._graphable(c) for c in chunks):
             desc = runner.dispatcher.dispatch(r * (k + 1), r, k + 1)
             if desc.mode == CUDAGraphMode.FULL:
@@ -249,6 +362,23 @@ class SpeculativeSteps:
         runner.num_steps += 1
         return PendingStep((), None, ready=result)
 
+    def _finish_mixed(self, chunks: Sequence[ScheduledChunk], step: StepInputs,
+                      key: MixedSpecKey) -> PendingStep:
+        """After a mixed step's model graph: its verification and drafting graph, then one
+        read of the tokens, accepted counts and drafts (a chunk that draws none emits none)."""
+        runner, r, q = self.runner, len(chunks), self.k + 1
+        drafts = runner.graphs.replay(key)
+        host = torch.cat([self.tokens[:r], self.accepted[:r, None], drafts[:r]], 1).cpu()
+        draws = np.array([c.samples for c in chunks])
+        result = StepResult(host[:, :q].numpy(),
+                            num_emitted=np.where(draws, host[:, q].numpy() + 1, 0),
+                            draft_token_ids=host[:, q + 1:].tolist())
+        if step.sampling.num_logprobs >= 0:
+            self._logprobs(result, self.logits[:r * q], self.tokens[:r],
+                           step.sampling.num_logprobs)
+        runner.num_steps += 1
+        return PendingStep((), None, ready=result)
+
     def _target_hidden(self, chunks: Sequence[ScheduledChunk], owed
                        ) -> tuple[StepInputs, torch.Tensor, VerifyPlan, torch.Tensor | None]:
         """The target's part of a step the verification graph does not take: (its inputs,
@@ -268,11 +398,13 @@ class SpeculativeSteps:
             else:
                 desc = runner.dispatcher.dispatch(n_tok, r, None)
             if desc.mode == CUDAGraphMode.FULL:
+                if padded is None:
+                    self._stage_plan(chunks, plan, desc.num_reqs)
                 step = self._prepare(padded or chunks, desc,
                                      copy=not runner._graph_copies_inputs(desc))
                 hidden = runner.graphs.replay(desc)
-                if padded is None:
-                    return step, hidden, plan, None
+                if padded is None:            # the graph computed the plan's rows' logits
+                    return step, hidden, plan, self.logits[:r * (k + 1)]
                 padded_plan = dataclasses.replace(verify_plan(padded, k), drafts=plan.drafts,
                                                   num_drafts=plan.num_drafts)
                 return step, hidden, padded_plan, self.logits[:r * (k + 1)]
@@ -286,6 +418,14 @@ class SpeculativeSteps:
         owed = (prompt_logprobs.plan(chunks)
                 if any(c.request.prompt_logprobs is not None for c in chunks) else None)
         step, hidden, plan, logits = self._target_hidden(chunks, owed)
+        desc = step.desc
+        if (desc.mode == CUDAGraphMode.FULL and desc.uniform_query_len is None
+                and not any(c.request.sampling_slot >= 0 for c in chunks)):
+            key = MixedSpecKey(desc, step.sampling.all_greedy)
+            if runner.graphs.has(key):
+                return self._finish_mixed(chunks, step, key)
+            if key not in self._mixed_failed:
+                self._mixed_pending.add(key)
         if logits is None:
             rows = torch.from_numpy(plan.rows).to(runner.device).view(-1)
             logits = runner.model.compute_logits(hidden[rows], out=self.logits[:r * (k + 1)])
