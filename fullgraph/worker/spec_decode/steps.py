@@ -8,11 +8,14 @@ the drafter's steps, whose inputs are computed on the device (`create_verify_fn`
 of the results follows. A request with fewer than k drafts (its max_tokens near, or its
 blocks short) is padded to k: the padding rows write their K/V past the request's tokens
 (or into the null block) and their drafts are -1 to the verification, never accepted, so
-the request emits what its real drafts give. Any other step (prompt chunks, processed logits:
-bans, logit_bias, allowed tokens, min_tokens, penalties, each scored row at its own position,
-its penalties counting the drafts before it) replays the target's graph where one fits and
-runs verification, one host sync for the accepted counts, and the drafter over the positions
-each request kept, eagerly (`_launch_eager`).
+the request emits what its real drafts give. A step with prompt chunks replays its mixed
+model graph (which also computes the logits of the staged verify plan's rows) and then a
+verification and drafting graph for that shape (`create_mixed_fn`, captured on the shape's
+first step, which runs as below). Any other step (processed logits: bans, logit_bias,
+allowed tokens, min_tokens, penalties, each scored row at its own position, its penalties
+counting the drafts before it; prompt logprobs) replays the target's graph where one fits
+and runs verification, one host sync for the accepted counts, and the drafter over the
+positions each request kept, eagerly (`_launch_eager`).
 """
 from __future__ import annotations
 
