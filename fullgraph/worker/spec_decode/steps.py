@@ -347,30 +347,25 @@ class SpeculativeSteps:
 
     def _launch_graphs(self, chunks: Sequence[ScheduledChunk],
                        desc: BatchExecutionDescriptor) -> PendingStep:
-        runner, r, k = self.runner, len(chunks), self.k
-        q = k + 1
+        runner, r = self.runner, len(chunks)
         self.num_drafts.np[:r] = [len(c.spec_token_ids) for c in chunks]
         self.num_drafts.copy_to_gpu(r)
         step = self._prepare(self._padded(chunks), desc,
                              copy=not runner._graph_copies_inputs(desc))
         runner.graphs.replay(desc)
-        drafts = runner.graphs.replay(SpecGraphKey(desc.num_reqs, step.sampling.all_greedy))
-        # one copy to the host: the tokens, the accepted counts, the next drafts
-        host = torch.cat([self.tokens[:r], self.accepted[:r, None], drafts[:r]], 1).cpu()
-        result = StepResult(host[:, :q].numpy(), num_emitted=host[:, q].numpy() + 1,
-                            draft_token_ids=host[:, q + 1:].tolist())
-        if step.sampling.num_logprobs >= 0:
-            self._logprobs(result, self.logits[:r * q], self.tokens[:r],
-                           step.sampling.num_logprobs)
-        runner.num_steps += 1
-        return PendingStep((), None, ready=result)
+        return self._read(chunks, step, runner.graphs.replay(
+            SpecGraphKey(desc.num_reqs, step.sampling.all_greedy)))
 
     def _finish_mixed(self, chunks: Sequence[ScheduledChunk], step: StepInputs,
                       key: MixedSpecKey) -> PendingStep:
-        """After a mixed step's model graph: its verification and drafting graph, then one
-        read of the tokens, accepted counts and drafts (a chunk that draws none emits none)."""
-        runner, r, q = self.runner, len(chunks), self.k + 1
-        drafts = runner.graphs.replay(key)
+        """After a mixed step's model graph: its verification and drafting graph."""
+        return self._read(chunks, step, self.runner.graphs.replay(key))
+
+    def _read(self, chunks: Sequence[ScheduledChunk], step: StepInputs,
+              drafts: torch.Tensor) -> PendingStep:
+        """A graphed step's one copy to the host: the tokens, the accepted counts and the
+        next drafts (a chunk that draws none emits none); logprobs where asked."""
+        r, q = len(chunks), self.k + 1
         host = torch.cat([self.tokens[:r], self.accepted[:r, None], drafts[:r]], 1).cpu()
         draws = np.array([c.samples for c in chunks])
         result = StepResult(host[:, :q].numpy(),
@@ -379,7 +374,7 @@ class SpeculativeSteps:
         if step.sampling.num_logprobs >= 0:
             self._logprobs(result, self.logits[:r * q], self.tokens[:r],
                            step.sampling.num_logprobs)
-        runner.num_steps += 1
+        self.runner.num_steps += 1
         return PendingStep((), None, ready=result)
 
     def _target_hidden(self, chunks: Sequence[ScheduledChunk], owed
