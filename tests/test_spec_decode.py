@@ -64,6 +64,13 @@ def greedy_ids(llm: LLM, batch: list[dict], max_tokens: int = 24) -> list[list[i
     return [o.outputs[0].token_ids for o in llm.generate(batch, sp, use_tqdm=False)]
 
 
+def tokens_and_logprobs(llm: LLM, batch: list[dict], params) -> list:
+    """Each output's tokens and its logprobs ({token: logprob} per position)."""
+    return [(o.outputs[0].token_ids,
+             [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+            for o in llm.generate(batch, params, use_tqdm=False)]
+
+
 KW = dict(max_num_batched_tokens=64, max_num_seqs=16, block_size=16, batch_invariant=True)
 
 
@@ -381,9 +388,7 @@ def test_verify_and_draft_graphs_equal_eager_steps(pair, tmp_path, method):
               speculative_config=spec(drafter, 3, method))
 
     def run(llm):
-        return [(o.outputs[0].token_ids,
-                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
-                for o in llm.generate(batch, params, use_tqdm=False)]
+        return tokens_and_logprobs(llm, batch, params)
     eager = run(LLM(target, **kw))
     llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8], **kw)
     assert run(llm) == eager
@@ -441,9 +446,7 @@ def test_requests_near_their_end_stay_in_graphs(pair):
     kw = dict(KW, max_num_batched_tokens=256, max_num_seqs=8)
 
     def run(llm):
-        return [(o.outputs[0].token_ids,
-                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
-                for o in llm.generate(batch, params, use_tqdm=False)]
+        return tokens_and_logprobs(llm, batch, params)
     for drafter in (agree, half):
         eager = run(LLM(target, speculative_config=spec(drafter, 3), **kw))
         llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8],
@@ -473,9 +476,7 @@ def test_prompt_and_processed_steps_replay_the_targets_graphs(pair):
               speculative_config=spec(half, 3))
 
     def run(llm):
-        return [(o.outputs[0].token_ids,
-                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
-                for o in llm.generate(batch, params, use_tqdm=False)]
+        return tokens_and_logprobs(llm, batch, params)
     eager = run(LLM(target, **kw))
     llm = LLM(target, cudagraph_runtime="fake",
               cudagraph_capture_sizes=[4, 8, 16, 32, 64, 128, 256], **kw)
@@ -503,9 +504,7 @@ def test_steps_with_prompt_chunks_verify_and_draft_in_graphs(pair):
               speculative_config=spec(half, 3))
 
     def run(llm):
-        return [(o.outputs[0].token_ids,
-                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
-                for o in llm.generate(batch, params, use_tqdm=False)]
+        return tokens_and_logprobs(llm, batch, params)
     eager = run(LLM(target, **kw))
     for fail in (False, True):
         llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8, 16, 32, 64],
