@@ -193,3 +193,18 @@ def one_request_inputs(n: int, positions, slot_mapping, seq_lens, query_start_lo
         seq_lens=seq_lens, query_start_loc=query_start_loc, block_table=block_table,
         positions_cpu=positions.numpy(), seq_lens_cpu=seq_lens.numpy(),
         query_start_loc_cpu=query_start_loc.numpy(), block_table_cpu=block_table.numpy())
+
+
+def churn_with_aborts(engine, make_prompt, make_params, n: int, step_every: int, rng) -> None:
+    """Add `n` requests (`make_params(i)`, then `make_prompt()`), stepping every `step_every`
+    additions and aborting a random live request every fifth, then run the rest to the end:
+    what leak tests check the pools after."""
+    for i in range(n):
+        params = make_params(i)
+        engine.add_request(f"r{i}", make_prompt(), params)
+        if i % step_every == 0:
+            engine.step()
+        if i % 5 == 0 and engine.requests:
+            engine.abort_request(rng.choice(list(engine.requests)))
+    while engine.has_unfinished_requests():
+        engine.step()

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from conftest import hf_greedy, make_hybrid_checkpoint
+from conftest import churn_with_aborts, hf_greedy, make_hybrid_checkpoint
 from fullgraph import LLM, SamplingParams
 
 MAX_NEW = 10
@@ -114,15 +114,8 @@ def test_no_state_slot_or_block_leaks_after_many_requests_with_aborts(qwen35_dir
               block_size=16, attention_backend="sdpa")
     engine, rng = llm.engine, random.Random(3)
     params = SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True, seed=0)
-    for i in range(1000):
-        engine.add_request(f"r{i}", [rng.randrange(700) for _ in range(rng.randrange(1, 20))],
-                           params)
-        if i % 7 == 0:
-            engine.step()
-        if i % 5 == 0 and engine.requests:
-            engine.abort_request(rng.choice(list(engine.requests)))
-    while engine.has_unfinished_requests():
-        engine.step()
+    churn_with_aborts(engine, lambda: [rng.randrange(700) for _ in range(rng.randrange(1, 20))],
+                      lambda i: params, 1000, 7, rng)
     assert engine.kv.state_slots.num_free == 16
     assert engine.kv.pool.num_free == engine.kv.num_usable_blocks
     assert engine.stats.aborted_requests > 100

@@ -21,6 +21,7 @@ import torch
 
 from fullgraph import LLM, SamplingParams
 from fullgraph.engine.args import EngineArgs
+from conftest import churn_with_aborts
 from spec_pairs import agreeing_drafter, agreeing_eagle1_drafter, bigram_target
 
 VOCAB = 740
@@ -241,17 +242,11 @@ def test_no_block_leaks_after_many_requests_with_aborts(pair):
     llm = LLM(target, max_model_len=128, max_num_seqs=16, num_gpu_blocks_override=48,
               block_size=16, speculative_config=spec(half, 3))
     engine, rng = llm.engine, random.Random(3)
-    for i in range(1000):
-        params = SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=i,
-                                max_tokens=rng.randrange(1, 12), ignore_eos=True)
-        engine.add_request(f"r{i}", [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 40))],
-                           params)
-        if i % 3 == 0:
-            engine.step()
-        if i % 5 == 0 and engine.requests:
-            engine.abort_request(rng.choice(list(engine.requests)))
-    while engine.has_unfinished_requests():
-        engine.step()
+    churn_with_aborts(
+        engine, lambda: [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 40))],
+        lambda i: SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=i,
+                                 max_tokens=rng.randrange(1, 12), ignore_eos=True),
+        1000, 3, rng)
     assert engine.kv.pool.num_free == engine.kv.num_usable_blocks
     assert engine.stats.aborted_requests > 100 and engine.stats.spec_num_accepted_tokens > 0
 

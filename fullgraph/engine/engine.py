@@ -286,9 +286,11 @@ class LLMEngine:
             num_new = 0
             if entry.samples:
                 req.num_pending -= 1
-                num_new = (self._append_verified(req, entry, result, i)
-                           if result.num_emitted is not None
-                           else self._append(req, int(result.token_ids[i]), result, i))
+                if result.num_emitted is not None:
+                    num_new = self._append_verified(req, entry, result, i)
+                else:
+                    self._append(req, int(result.token_ids[i]), result, i)
+                    num_new = 1
             self.kv.cache_full_blocks(req)
             if not entry.samples:
                 continue
@@ -316,15 +318,14 @@ class LLMEngine:
         self.stats.spec_num_accepted_tokens += emitted - 1
         req.num_draft_tokens += entry.num_drafts
         req.num_accepted_tokens += emitted - 1
-        appended = 0
         for j in range(emitted):
-            appended += self._append(req, int(result.token_ids[i, j]), result, (i, j))
+            self._append(req, int(result.token_ids[i, j]), result, (i, j))
             if req.finish_reason is not None:
                 break
         req.spec_token_ids = result.draft_token_ids[i] if req.finish_reason is None else []
-        return appended
+        return j + 1
 
-    def _append(self, req: Request, token: int, result: StepResult, row) -> int:
+    def _append(self, req: Request, token: int, result: StepResult, row) -> None:
         """One sampled token for `req` (`row`: its row of the step's sample fields)."""
         req.append_token(token)
         sp = req.sampling_params
@@ -342,7 +343,6 @@ class LLMEngine:
             req.finish_reason = "length"
         if req.finish_reason is not None and stop_str is None:
             detok.finalize(req.output_token_ids, sp.skip_special_tokens)
-        return 1
 
     def _append_logprobs(self, req: Request, result: StepResult, row, n: int) -> None:
         lps = result.logprobs[row]

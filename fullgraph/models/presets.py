@@ -171,16 +171,21 @@ def train_tokenizer(vocab_size: int):
     return fast
 
 
-def random_weights(p: Preset, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def _random_init(seed: int, dtype: torch.dtype):
+    """(normal(*shape): N(0, 0.02) weights, ones(n): norm weights near 1), drawn in call
+    order from one seeded generator."""
     g = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, p.dtype)
 
     def normal(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
 
     def ones(n):
         return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+    return normal, ones
 
+
+def random_weights(p: Preset, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    normal, ones = _random_init(seed, getattr(torch, p.dtype))
     h, d = p.hidden_size, p.head_dim
     w = {"model.embed_tokens.weight": normal(vocab, h), "model.norm.weight": ones(h)}
     for i in range(p.num_hidden_layers):
@@ -301,15 +306,7 @@ def eagle3_weights(p: Eagle3Preset, target: Preset, used: torch.Tensor, vocab: i
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights (norms near 1) under the published names; `used`: the draft
     vocabulary's target ids, sorted, which d2t and t2d encode."""
-    g = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, target.dtype)
-
-    def normal(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
-
-    def ones(n):
-        return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
-
+    normal, ones = _random_init(seed, getattr(torch, target.dtype))
     h, i, vd = target.hidden_size, p.intermediate_size, p.draft_vocab_size
     q, kv = p.num_attention_heads * p.head_dim, p.num_key_value_heads * p.head_dim
     t2d = torch.zeros(vocab, dtype=torch.bool)
