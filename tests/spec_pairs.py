@@ -28,12 +28,18 @@ from fullgraph.models.presets import resolve_model_path
 
 
 def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3",
-                  draft_vocab: int | None = None) -> str:
-    """A dense Qwen3 preset (`source`) made a bigram model, written to `path` (`seed`: its
-    LM head; not the preset's own seed, whose first draws are the embedding). Zeroed
-    projections cost what real ones do, so it times like the preset. With `draft_vocab`,
-    only the first `draft_vocab` ids have LM head rows (the others score 0, below the best
-    of those): next() stays among them, where a drafter with that draft vocabulary looks."""
+                  draft_vocab: int | None = None, mix: float = 0.0) -> str:
+    """A Qwen3 preset or checkpoint directory (`source`) made a bigram model, written to
+    `path` (`seed`: its LM head; not the preset's own seed, whose first draws are the
+    embedding). Zeroed projections cost what real ones do, so it times like the source. With
+    `draft_vocab`, only the first `draft_vocab` ids have LM head rows (the others score 0,
+    below the best of those): next() stays among them, where a drafter with that draft
+    vocabulary looks.
+
+    A hybrid source (Qwen3.5) keeps its Gated DeltaNet layers' output projections, scaled
+    by `mix`: the next token is then the bigram's choice except where the layers' states tip
+    it, so it depends on the history through those states (an agreeing drafter is accepted
+    often, not always; a state that kept a rejected draft changes the output)."""
     src = resolve_model_path(source)
     shutil.copytree(src, path, dirs_exist_ok=True)
     with open(os.path.join(path, "config.json")) as f:
@@ -45,6 +51,8 @@ def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3",
     for name in w:
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             w[name] = torch.zeros_like(w[name])
+        elif name.endswith("linear_attn.out_proj.weight"):
+            w[name] = w[name] * mix
     g = torch.Generator().manual_seed(seed)
     head = torch.randn(cfg["vocab_size"], cfg["hidden_size"], generator=g)
     # unit rows: no token's row outweighs the others', so next() spreads over the vocabulary
@@ -68,6 +76,8 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
         t = json.load(f)
     h, v = t["hidden_size"], t["vocab_size"]
     vd = v if draft_vocab is None else draft_vocab
+    # the hybrids' RMSNorms scale by (1 + w)
+    norm_offset = 0.0 if t["architectures"] == ["Qwen3ForCausalLM"] else 1.0
     d = min(64, h // 4)
     heads = h // d
     os.makedirs(path, exist_ok=True)
@@ -90,7 +100,7 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
     w = {"d2t": targets - torch.arange(vd), "t2d": torch.arange(v) < vd,
          "fc.weight": torch.zeros(h, 3 * h),
          "midlayer.hidden_norm.weight": torch.zeros(h),
-         "midlayer.input_layernorm.weight": tw["model.norm.weight"].clone(),
+         "midlayer.input_layernorm.weight": tw["model.norm.weight"] + norm_offset,
          "midlayer.post_attention_layernorm.weight": torch.ones(h),
          "midlayer.self_attn.q_proj.weight": torch.zeros(heads * d, 2 * h),
          "midlayer.self_attn.k_proj.weight": torch.zeros(heads * d, 2 * h),

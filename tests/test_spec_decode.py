@@ -265,8 +265,8 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
             (spec(str(tmp_path / "missing"), 2), "is not a local directory")]:
         with pytest.raises(ValueError, match=message):
             config(value)
-    with pytest.raises(ValueError, match="dense text models so far, not on Qwen3_5"):
-        config(spec(agree, 2), model="tiny-qwen3.5")
+    with pytest.raises(ValueError, match="text models so far, not on Qwen3VL"):
+        config(spec(agree, 2), model="tiny-qwen3-vl")
     with pytest.raises(ValueError, match="synchronous scheduling"):
         config(spec(agree, 2), async_scheduling=True)
     # a drafter built for another hidden size

@@ -32,6 +32,7 @@ class _Launched:
     request: Request
     samples: bool
     num_preemptions: int
+    num_new_tokens: int = 0          # the chunk's rows, drafts included
     num_drafts: int = 0              # drafts the chunk ended with (speculative decoding)
 
 
@@ -51,7 +52,8 @@ class LLMEngine:
         cache = self.config.cache
         self.kv = KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching,
                                  self.runner.num_state_slots,
-                                 self.runner.sampling_state.num_slots)
+                                 self.runner.sampling_state.num_slots,
+                                 self.runner.state_slots_per_request)
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -265,7 +267,7 @@ class LLMEngine:
 
     def _launch(self, sched: SchedulerOutput) -> tuple[list[_Launched], PendingStep]:
         launched = [_Launched(s.request, s.samples, s.request.num_preemptions,
-                              len(s.spec_token_ids)) for s in sched.scheduled]
+                              s.num_new_tokens, len(s.spec_token_ids)) for s in sched.scheduled]
         pending = self.runner.launch(sched.scheduled)
         for s, entry in zip(sched.scheduled, launched):
             s.request.num_computed_tokens += s.num_new_tokens
@@ -283,14 +285,16 @@ class LLMEngine:
                 continue      # finished, aborted or preempted since launch: drop its sample
             if result.prompt_logprobs and i in result.prompt_logprobs:
                 self._append_prompt_logprobs(req, *result.prompt_logprobs[i])
-            num_new = 0
+            num_new, kept = 0, entry.num_new_tokens
             if entry.samples:
                 req.num_pending -= 1
                 if result.num_emitted is not None:
-                    num_new = self._append_verified(req, entry, result, i)
+                    num_new, rejected = self._append_verified(req, entry, result, i)
+                    kept -= rejected
                 else:
                     self._append(req, int(result.token_ids[i]), result, i)
                     num_new = 1
+            self.kv.keep_state(req, kept)
             self.kv.cache_full_blocks(req)
             if not entry.samples:
                 continue
@@ -310,9 +314,11 @@ class LLMEngine:
         """A speculative step's tokens for row `i` (accepted drafts, then the target's own),
         up to the first that finishes the request; the rejected drafts' positions are
         given back (`num_computed_tokens`: their K/V is overwritten when they come again).
-        The next step's drafts are kept on the request. Returns the tokens appended."""
+        The next step's drafts are kept on the request. Returns (the tokens appended, the
+        drafts rejected)."""
         emitted = int(result.num_emitted[i])
-        req.num_computed_tokens -= entry.num_drafts - (emitted - 1)
+        rejected = entry.num_drafts - (emitted - 1)
+        req.num_computed_tokens -= rejected
         self.stats.spec_num_drafts += entry.num_drafts > 0
         self.stats.spec_num_draft_tokens += entry.num_drafts
         self.stats.spec_num_accepted_tokens += emitted - 1
@@ -323,7 +329,7 @@ class LLMEngine:
             if req.finish_reason is not None:
                 break
         req.spec_token_ids = result.draft_token_ids[i] if req.finish_reason is None else []
-        return j + 1
+        return j + 1, rejected
 
     def _append(self, req: Request, token: int, result: StepResult, row) -> None:
         """One sampled token for `req` (`row`: its row of the step's sample fields)."""

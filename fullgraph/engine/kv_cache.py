@@ -73,13 +73,18 @@ class BlockPool:
 
 
 class SlotPool:
-    """Slots `first` .. `first + num_slots - 1` of per-request state pools. A running request
-    holds at most one of each pool; there are as many as `max_num_seqs`, so admission never
-    waits for one."""
+    """Slots `first` .. `first + num_slots - 1` of per-request state pools, handed out in
+    groups of `group` consecutive slots (the first of a group stands for it). A running
+    request holds at most one group of each pool; there are as many as `max_num_seqs`, so
+    admission never waits for one."""
 
-    def __init__(self, num_slots: int, first: int) -> None:
-        self.num_slots = num_slots
-        self._free = list(range(first + num_slots - 1, first - 1, -1))
+    def __init__(self, num_slots: int, first: int, group: int = 1) -> None:
+        self.num_slots, self.first, self.group = num_slots, first, group
+        self._free = list(range(first + num_slots - group, first - 1, -group))
+
+    def group_of(self, slot: int) -> int:
+        """The first slot of the group `slot` belongs to."""
+        return slot - (slot - self.first) % self.group
 
     @property
     def num_free(self) -> int:
@@ -91,7 +96,7 @@ class SlotPool:
         return self._free.pop()
 
     def give_back(self, slot: int) -> None:
-        self._free.append(slot)
+        self._free.append(self.group_of(slot))
 
 
 class KVCacheManager:
@@ -100,10 +105,13 @@ class KVCacheManager:
     holds."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool,
-                 num_state_slots: int = 0, num_sampling_slots: int = 0) -> None:
+                 num_state_slots: int = 0, num_sampling_slots: int = 0,
+                 state_slots_per_request: int = 1) -> None:
         self.pool = BlockPool(num_blocks)
-        # linear-attention state: slot 0 is the null slot padding lanes use
-        self.state_slots = SlotPool(num_state_slots, first=1) if num_state_slots else None
+        # linear-attention state: slot 0 is the null slot padding lanes use; under speculative
+        # decoding a request holds one slot per verified position (layers/gdn/state.py)
+        self.state_slots = (SlotPool(num_state_slots, first=1, group=state_slots_per_request)
+                            if num_state_slots else None)
         # the sampler's state (penalties ...), for requests that use it (-1: none)
         self.sampling_slots = (SlotPool(num_sampling_slots, first=0) if num_sampling_slots
                                else None)
@@ -174,6 +182,14 @@ class KVCacheManager:
         if needed > 0:
             req.block_ids.extend(self.pool.allocate(needed))
         return True
+
+    def keep_state(self, req: Request, kept: int) -> None:
+        """After a step ran `kept` of the request's rows for good (its last token and the
+        accepted drafts, or a whole prompt chunk): the slot of its group that holds the state
+        after them (layers/gdn/state.py) is the one the next step reads."""
+        if self.state_slots is not None and self.state_slots.group > 1 and req.state_slot:
+            m = self.state_slots.group
+            req.state_slot = self.state_slots.group_of(req.state_slot) + min(kept, m) - 1
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the request's blocks that are now full, computed and known (a token in

@@ -48,7 +48,7 @@ from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
                                   decode_gated_delta_rule, fused_decode, gdn_gating,
-                                  rms_norm_gated)
+                                  rms_norm_gated, speculative_gated_delta_rule)
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm, ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
@@ -203,7 +203,8 @@ class GatedDeltaNet(nn.Module):
         weight = self.conv1d.weight.squeeze(1)                  # [conv_dim, kernel]
         if policy_of(self).batch_invariant:
             return self.out_proj(self._aligned(qkv, z, b, a, weight, md, state)), residual
-        if md.decode and fused_decode.supported(x, self.head_k_dim, self.head_v_dim):
+        spec = md.write_slots is not None     # speculative decoding: a state per position
+        if md.decode and not spec and fused_decode.supported(x, self.head_k_dim, self.head_v_dim):
             # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py)
             qkv = fused_decode.conv_decode(qkv, weight, conv_pool, md.state_slots,
                                            md.has_initial_state)
@@ -211,18 +212,24 @@ class GatedDeltaNet(nn.Module):
                 qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
                 recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads)
             return self.out_proj(o), residual
-        if md.decode:
+        if md.decode and not spec:
             qkv = causal_conv1d_decode(qkv, weight, None, conv_pool, md.state_slots,
                                        md.has_initial_state)
         else:
             qkv = causal_conv1d(qkv, weight, None, conv_pool, md.state_slots,
-                                md.query_start_loc, md.has_initial_state)
+                                md.query_start_loc, md.has_initial_state,
+                                write_slots=md.write_slots)
         q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
         q = q.reshape(t, self.num_k_heads, self.head_k_dim)
         k = k.reshape(t, self.num_k_heads, self.head_k_dim)
         v = v.reshape(t, self.num_v_heads, self.head_v_dim)
         g, beta = gdn_gating(a, b, self.A_log, self.dt_bias)
-        if md.decode:
+        if spec:
+            o = speculative_gated_delta_rule(q, k, v, g, beta, recurrent_pool, md.state_slots,
+                                             md.write_slots, md.query_start_loc,
+                                             md.has_initial_state, md.chunk_indices,
+                                             md.short_query_len)
+        elif md.decode:
             o = decode_gated_delta_rule(q, k, v, g, beta, recurrent_pool, md.state_slots,
                                         md.has_initial_state)
         else:
@@ -373,8 +380,10 @@ class HybridForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     # Qwen3's: the residual stream entering the listed layers (Gated DeltaNet or attention
-    # alike) into a persistent buffer every forward, which HybridModel.forward writes
+    # alike) into a persistent buffer every forward, which HybridModel.forward writes; and
+    # the embedding and LM head a speculative drafter shares
     enable_aux_hidden_states = Qwen3ForCausalLM.enable_aux_hidden_states
+    drafter_weights = Qwen3ForCausalLM.drafter_weights
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return logits_into(hidden, self.lm_head.weight, out, policy_of(self))

@@ -133,7 +133,8 @@ class _SteadyDecode:
 
 class InputBuffers:
     def __init__(self, max_num_seqs: int, max_num_tokens: int, max_blocks_per_seq: int,
-                 block_size: int, vocab_size: int, device: torch.device) -> None:
+                 block_size: int, vocab_size: int, device: torch.device,
+                 moving_state_slots: bool = False) -> None:
         pin = device.type == "cuda"
         t, r = max_num_tokens, max_num_seqs
 
@@ -172,6 +173,11 @@ class InputBuffers:
         self._staged = tuple(_words(self.arena.np[name])
                              for name in ("input_ids", "positions", "slot_mapping", "seq_lens"))
         self._block_table_words = _words(self.block_table.np.reshape(-1))
+        # A request's state slot changes from step to step under speculative decoding (the
+        # slot of its group that holds the kept rows' states, layers/gdn/state.py): the
+        # steady paths rewrite them then.
+        self._moving_state_slots = (_words(self.arena.np["state_slots"])
+                                    if moving_state_slots else None)
         self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
         self._view_cache: dict[tuple[int, int], _StepViews] = {}
         self._sampling_reqs: list[RequestState] | None = None
@@ -461,7 +467,12 @@ class InputBuffers:
                 bt_rows = last.step.attention.block_table
                 bt_rows.copy_(self.block_table.cpu[:bt_rows.shape[0]], non_blocking=True)
         slot_mapping[:n] = array("q", slots)
+        self._write_moving_state_slots(reqs)
         return last.step
+
+    def _write_moving_state_slots(self, reqs: list[RequestState]) -> None:
+        if self._moving_state_slots is not None:
+            self._moving_state_slots[:len(reqs)] = array("q", [r.state_slot for r in reqs])
 
     def _advance_verify(self, chunks: Sequence[ScheduledChunk], reqs: list[RequestState],
                         desc: BatchExecutionDescriptor) -> StepInputs | None:
@@ -496,6 +507,7 @@ class InputBuffers:
         positions[:t] = array("q", pos)
         slot_mapping[:t] = array("q", slots)
         seq_lens[:n] = array("i", lens)
+        self._write_moving_state_slots(reqs)
         if any(len(r.block_ids) != self._row_len[i] for i, r in enumerate(reqs)):
             self._write_block_rows(reqs, desc.num_reqs)
             if self.block_table.gpu is not self.block_table.cpu:

@@ -100,7 +100,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.buffers = InputBuffers(sched.max_num_seqs, sched.max_num_batched_tokens,
                                     config.max_blocks_per_seq, self.block_size,
-                                    config.model.vocab_size, self.device)
+                                    config.model.vocab_size, self.device,
+                                    moving_state_slots=config.speculative is not None
+                                    and self.cache_specs.state is not None)
         # [rows, vocab] logits of the sampled positions, in the model's dtype: persistent, so
         # a sampler graph can read what any model graph wrote.
         self.logits = torch.zeros(sched.max_num_seqs, config.model.vocab_size,
@@ -129,7 +131,7 @@ class ModelRunner:
         # the KV cache gets what memory is left.
         self.state_caches = self._allocate_state_caches()
         self.state_backend = (GDNMetadataBuilder(self.max_num_seqs, self.max_num_tokens,
-                                                 self.device)
+                                                 self.device, self.state_slots_per_request)
                               if self.cache_specs.state is not None else None)
         # The sampler's per-request state (penalties, logit_bias, allowed tokens, min_tokens),
         # one slot per running request that uses any (engine/kv_cache.py hands them out); a
@@ -180,17 +182,24 @@ class ModelRunner:
         return own + (self.spec.bytes_per_block(self.block_size) if self.spec else 0)
 
     @property
+    def state_slots_per_request(self) -> int:
+        """One per verified position under speculative decoding (layers/gdn/state.py)."""
+        return self.spec.k + 1 if self.spec is not None else 1
+
+    @property
     def num_state_slots(self) -> int:
-        """Slots a request can take (slot 0, the null slot, not counted); 0 without state."""
-        return self.max_num_seqs if self.cache_specs.state is not None else 0
+        """Slots the requests can take (slot 0, the null slot, not counted); 0 without state."""
+        if self.cache_specs.state is None:
+            return 0
+        return self.max_num_seqs * self.state_slots_per_request
 
     def _allocate_state_caches(self) -> list[tuple[torch.Tensor, ...]]:
-        """Per linear-attention layer, its state tensors [max_num_seqs + 1, *shape]."""
+        """Per linear-attention layer, its state tensors [num_state_slots + 1, *shape]."""
         spec = self.cache_specs.state
         if spec is None:
             return []
         dtype = self.config.model.dtype
-        return [tuple(torch.zeros(self.max_num_seqs + 1, *t.shape, dtype=t.dtype or dtype,
+        return [tuple(torch.zeros(self.num_state_slots + 1, *t.shape, dtype=t.dtype or dtype,
                                   device=self.device) for t in spec.tensors)
                 for _ in range(spec.num_layers)]
 

@@ -9,7 +9,8 @@ saved states (state.py: the two pools' layouts, slot 0 the null slot).
 - gating.py: g and beta from the a/b projections, l2norm, the gated output RMSNorm.
 - conv.py: the depthwise causal conv + SiLU on the conv state pool (varlen, decode).
 - reference.py: the gated delta rule in torch (recurrent, chunked) on the recurrent pool.
-- kernels.py: the same through fla's kernels on CUDA (the reference elsewhere).
+- kernels.py: the same through fla's kernels on CUDA (the reference elsewhere), and the rule
+  with a state per position for speculative decoding.
 - fused_decode.py: a decode step (conv, gating, rule, output norm) as two Triton kernels.
 - metadata.py: host-side chunk maps (fla's chunk_indices), exact and padded for graphs.
 - aligned.py: the batch-invariant mode's rule, chunks at absolute positions, each slot's
@@ -19,17 +20,19 @@ from fullgraph.layers.gdn import fused_decode
 from fullgraph.layers.gdn.aligned import TAIL_INPUTS, aligned_chunk_gated_delta_rule
 from fullgraph.layers.gdn.conv import causal_conv1d, causal_conv1d_decode
 from fullgraph.layers.gdn.gating import gdn_gating, l2norm, rms_norm_gated
-from fullgraph.layers.gdn.kernels import chunk_gated_delta_rule, decode_gated_delta_rule
+from fullgraph.layers.gdn.kernels import (chunk_gated_delta_rule, decode_gated_delta_rule,
+                                          speculative_gated_delta_rule)
 from fullgraph.layers.gdn.metadata import (CHUNK_SIZE, chunk_capacity, chunk_metadata,
                                            padded_chunk_indices)
 from fullgraph.layers.gdn.reference import (chunk_gated_delta_rule_ref,
                                             recurrent_gated_delta_rule_ref)
-from fullgraph.layers.gdn.state import NULL_SLOT, gather_states
+from fullgraph.layers.gdn.state import NULL_SLOT, gather_states, slot_groups
 
 __all__ = [
     "CHUNK_SIZE", "NULL_SLOT", "TAIL_INPUTS", "aligned_chunk_gated_delta_rule",
     "causal_conv1d", "causal_conv1d_decode", "chunk_capacity",
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref", "chunk_metadata",
     "decode_gated_delta_rule", "fused_decode", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
-    "recurrent_gated_delta_rule_ref", "rms_norm_gated",
+    "recurrent_gated_delta_rule_ref", "rms_norm_gated", "slot_groups",
+    "speculative_gated_delta_rule",
 ]

@@ -32,8 +32,8 @@ def _activate(y: torch.Tensor, activation: str | None,
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   conv_state_pool: torch.Tensor, state_slots: torch.Tensor,
                   query_start_loc: torch.Tensor, has_initial_state: torch.Tensor,
-                  activation: str | None = "silu", batch_invariant: bool = False
-                  ) -> torch.Tensor:
+                  activation: str | None = "silu", batch_invariant: bool = False,
+                  write_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Causal conv of packed lanes; updates `conv_state_pool` in place.
 
     x `[T, conv_dim]`: every lane's new inputs, lane r owning rows query_start_loc[r] ..
@@ -44,6 +44,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns `[T, conv_dim]` in x's dtype. `batch_invariant` (the mode, CPU): the activation
     through its scalar formula, so a token's bits depend on its inputs alone; the mode runs
     decode steps through this function too, for one formula (taps in order, float32).
+    `write_slots` `[R, m]` (speculative decoding, state.py): column j < m - 1 gets the state
+    after the lane's row min(j, L - 1), column m - 1 after its last row, instead of the last
+    row's state to the lane's own slot.
     """
     T, D = x.shape
     W = weight.shape[-1] - 1
@@ -72,14 +75,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y = y + bias.float()
     y = torch.where(owned[:, None], _activate(y, activation, batch_invariant), 0).to(x.dtype)
 
-    # The new state: the last W inputs of (saved inputs ++ new inputs), oldest first. A lane
-    # with fewer than W new tokens keeps the newest of its saved inputs before them.
+    # The new state: the last W inputs of (saved inputs ++ new inputs) up to the lane's end
+    # (or each end `write_slots` asks for), oldest first. A lane with fewer than W new tokens
+    # keeps the newest of its saved inputs before them.
     lens = qsl[1:] - qsl[:-1]
-    p = lens[:, None] - W + torch.arange(W, device=x.device)          # [R, W], lane-relative
-    lanes = torch.arange(R, device=x.device)[:, None]
-    src = torch.where(p >= 0, qsl[:-1, None] + p, T + lanes * W + W + p)
-    new_states = table.index_select(0, src.reshape(-1)).view(R, W, D)
-    conv_state_pool.index_copy_(0, slots, new_states.to(conv_state_pool.dtype))
+    if write_slots is None:
+        ends, dest = lens[:, None], slots[:, None]                   # [R, 1]
+    else:
+        dest = write_slots.long()
+        m = dest.shape[1]
+        ends = torch.minimum(torch.arange(1, m + 1, device=x.device), lens[:, None])
+        ends[:, -1] = lens
+    p = ends[..., None] - W + torch.arange(W, device=x.device)      # [R, m, W], lane-relative
+    lanes = torch.arange(R, device=x.device)[:, None, None]
+    src = torch.where(p >= 0, qsl[:-1, None, None] + p, T + lanes * W + W + p)
+    new_states = table.index_select(0, src.reshape(-1)).view(-1, W, D)
+    conv_state_pool.index_copy_(0, dest.reshape(-1), new_states.to(conv_state_pool.dtype))
     return y
 
 

@@ -26,7 +26,8 @@ import torch
 
 from fullgraph.layers.gdn.metadata import CHUNK_SIZE
 from fullgraph.layers.gdn.reference import (chunk_gated_delta_rule_ref,
-                                            recurrent_gated_delta_rule_ref)
+                                            recurrent_gated_delta_rule_ref,
+                                            recurrent_step_ref)
 from fullgraph.layers.gdn.state import gather_states
 
 
@@ -45,23 +46,27 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state_pool: torch.Tensor,
                            state_slots: torch.Tensor, query_start_loc: torch.Tensor,
                            has_initial_state: torch.Tensor | None,
                            chunk_indices: torch.Tensor, chunk_size: int = CHUNK_SIZE,
-                           use_fla: bool = True) -> torch.Tensor:
+                           use_fla: bool = True, final_slots: torch.Tensor | None = None,
+                           initial_states: torch.Tensor | None = None) -> torch.Tensor:
     """Packed lanes of any lengths (chunked prefill, mixed steps). chunk_indices `[C, 2]` int
     on the device: metadata.chunk_metadata or, for a captured graph, padded_chunk_indices.
-    Returns `[T, num_v_heads, head_v_dim]` in q's dtype; writes the final states."""
+    Returns `[T, num_v_heads, head_v_dim]` in q's dtype; writes the final states (to
+    `final_slots` where given; `initial_states`: the lanes' states, already gathered)."""
     fla = fla_gated_delta_rule(q.device) if use_fla else None
     if fla is None:
         return chunk_gated_delta_rule_ref(q, k, v, g, beta, state_pool, state_slots,
                                           query_start_loc, has_initial_state, chunk_indices,
-                                          chunk_size)
+                                          chunk_size, final_slots, initial_states)
     slots = state_slots.long()
-    h0 = gather_states(state_pool, slots, has_initial_state)
+    h0 = (gather_states(state_pool, slots, has_initial_state) if initial_states is None
+          else initial_states)
     o, ht = fla.chunk_gated_delta_rule(
         q=q[None], k=k[None], v=v[None], g=g[None], beta=beta[None], initial_state=h0,
         output_final_state=True, use_qk_l2norm_in_kernel=True,
         cu_seqlens=query_start_loc[:],       # a new object per call: see the module docstring
         chunk_indices=chunk_indices, chunk_size=chunk_size)
-    state_pool.index_copy_(0, slots, ht.to(state_pool.dtype))
+    state_pool.index_copy_(0, slots if final_slots is None else final_slots.long(),
+                           ht.to(state_pool.dtype))
     owned = torch.arange(q.shape[0], device=q.device) < query_start_loc[-1]
     return torch.where(owned[:, None, None], o[0], 0).to(q.dtype)
 
@@ -84,3 +89,51 @@ def decode_gated_delta_rule(q, k, v, g, beta, state_pool: torch.Tensor,
         initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
     state_pool.index_copy_(0, slots, ht.to(state_pool.dtype))
     return o[:, 0].to(q.dtype)
+
+
+def speculative_gated_delta_rule(q, k, v, g, beta, state_pool: torch.Tensor,
+                                 state_slots: torch.Tensor, write_slots: torch.Tensor,
+                                 query_start_loc: torch.Tensor,
+                                 has_initial_state: torch.Tensor,
+                                 chunk_indices: torch.Tensor | None,
+                                 max_query_len: int | None, use_fla: bool = True
+                                 ) -> torch.Tensor:
+    """The rule with a state per position (speculative decoding, state.py): the lanes read
+    their states from `state_slots`; `write_slots` `[R, m]` column j < m - 1 gets the state
+    after the lane's row min(j, L - 1), column m - 1 after its last row.
+
+    `max_query_len`: a bound no larger than m on every lane's rows, where the step's shape
+    gives one (a verify step: m; a decode step: 1): every row then runs token by token, each
+    state written as it comes. None (steps with prompt chunks): the chunked rule gives the
+    outputs and the last rows' states, and the first m - 1 rows run again token by token for
+    theirs. The states are gathered once before anything is written: a lane's read slot is
+    one of its write slots. Returns `[T, num_v_heads, head_v_dim]` in q's dtype."""
+    fla = fla_gated_delta_rule(q.device) if use_fla else None
+    m = write_slots.shape[1]
+    steps = m - 1 if max_query_len is None else max_query_len
+    h0 = gather_states(state_pool, state_slots.long(), has_initial_state).float()
+    qsl = query_start_loc.long()
+    starts, ends = qsl[:-1], qsl[1:]
+    t_all = q.shape[0]
+    out = q.new_zeros(t_all + 1, v.shape[1], v.shape[2])        # row T: rows of no lane
+    inputs = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q, k, v, g, beta)]
+    h = h0
+    for j in range(steps):
+        t = starts + j
+        t = torch.where(t < ends, t, t_all)     # a lane past its last row: the no-op row
+        if fla is None:
+            o, h = recurrent_step_ref(*(x[t] for x in inputs), h)
+        else:
+            o, h = fla.fused_recurrent_gated_delta_rule(
+                *(x[t][:, None] for x in inputs[:3]), g=inputs[3][t][:, None],
+                beta=inputs[4][t][:, None], initial_state=h, output_final_state=True,
+                use_qk_l2norm_in_kernel=True)
+            o = o[:, 0]
+        if max_query_len is not None:
+            out.index_copy_(0, t, o.to(out.dtype))
+        state_pool.index_copy_(0, write_slots[:, j].long(), h.to(state_pool.dtype))
+    if max_query_len is not None:
+        return out[:t_all]
+    return chunk_gated_delta_rule(q, k, v, g, beta, state_pool, state_slots, query_start_loc,
+                                  has_initial_state, chunk_indices, use_fla=use_fla,
+                                  final_slots=write_slots[:, -1], initial_states=h0)

@@ -17,7 +17,8 @@ Inputs (T tokens, lane r owning rows query_start_loc[r] .. query_start_loc[r + 1
 q, k `[T, num_k_heads, head_k_dim]`, v `[T, num_v_heads, head_v_dim]`, g `[T, num_v_heads]`
 (log decay, float32), beta `[T, num_v_heads]` (gating.gdn_gating). Output `[T, num_v_heads,
 head_v_dim]` in q's dtype; rows of no lane are zeros. Each lane's final state is written to its
-slot of `state_pool` (in place).
+slot of `state_pool` (in place), or where `write_slots` / `final_slots` say (speculative
+decoding's state per position, state.py).
 """
 from __future__ import annotations
 
@@ -56,9 +57,13 @@ def recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
                                    state_slots: torch.Tensor,
                                    query_start_loc: torch.Tensor | None,
                                    has_initial_state: torch.Tensor | None,
-                                   max_query_len: int = 1) -> torch.Tensor:
+                                   max_query_len: int = 1,
+                                   write_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Token by token. query_start_loc None: one token per lane (decode, T == R). Otherwise
-    `[R + 1]` and no lane may own more than `max_query_len` tokens (a host int fixing the loop)."""
+    `[R + 1]` and no lane may own more than `max_query_len` tokens (a host int fixing the loop).
+    `write_slots` `[R, >= max_query_len]`: the state after each step j goes to column j (a
+    lane's state stays as it is after its last row), instead of the final state to the lane's
+    own slot."""
     T, dtype = q.shape[0], q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, chunked=False)
     slots = state_slots.long()
@@ -73,23 +78,46 @@ def recurrent_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
     for step in range(max_query_len):
         t = starts + step
         t = torch.where(t < ends, t, T)                          # finished lanes: the no-op row
-        q_t, k_t, v_t = q[t], k[t], v[t]
-        state = state * g[t].exp()[..., None, None]
-        kv_mem = (state * k_t.unsqueeze(-1)).sum(dim=-2)
-        delta = (v_t - kv_mem) * beta[t].unsqueeze(-1)
-        state = state + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
-        out.index_copy_(0, t, (state * q_t.unsqueeze(-1)).sum(dim=-2))
-    state_pool.index_copy_(0, slots, state.to(state_pool.dtype))
+        o_t, state = _token_update(q[t], k[t], v[t], g[t], beta[t], state)
+        out.index_copy_(0, t, o_t)
+        if write_slots is not None:
+            state_pool.index_copy_(0, write_slots[:, step].long(), state.to(state_pool.dtype))
+    if write_slots is None:
+        state_pool.index_copy_(0, slots, state.to(state_pool.dtype))
     return out[:T].to(dtype)
+
+
+def _token_update(q_t, k_t, v_t, g_t, beta_t, state: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per lane on prepared rows: (output, the new state)."""
+    state = state * g_t.exp()[..., None, None]
+    kv_mem = (state * k_t.unsqueeze(-1)).sum(dim=-2)
+    delta = (v_t - kv_mem) * beta_t.unsqueeze(-1)
+    state = state + k_t.unsqueeze(-1) * delta.unsqueeze(-2)
+    return (state * q_t.unsqueeze(-1)).sum(dim=-2), state
+
+
+def recurrent_step_ref(q, k, v, g, beta, state: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per lane (row r lane r's) from the lanes' states `[R, HV, K, V]` float32,
+    outside any pool: (output `[R, HV, V]` in q's dtype, the new states)."""
+    dtype = q.dtype
+    q, k, v, g, beta = normalize_inputs(q, k, v, g, beta, chunked=False)
+    o, state = _token_update(q, k, v, g, beta, state)
+    return o.to(dtype), state
 
 
 def chunk_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
                                state_slots: torch.Tensor, query_start_loc: torch.Tensor,
                                has_initial_state: torch.Tensor | None,
                                chunk_indices: torch.Tensor | None = None,
-                               chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+                               chunk_size: int = CHUNK_SIZE,
+                               final_slots: torch.Tensor | None = None,
+                               initial_states: torch.Tensor | None = None) -> torch.Tensor:
     """Chunked. chunk_indices `[C, 2]` (metadata.py: exact or padded) fixes the work; None
-    derives it from query_start_loc on the host (eager only: a device read)."""
+    derives it from query_start_loc on the host (eager only: a device read). `final_slots`
+    `[R]`: where the final states go (default: `state_slots`); `initial_states` `[R, HV, K,
+    V]` float32: the lanes' states as already gathered (`gather_states`; consumed)."""
     T, dtype, dev = q.shape[0], q.dtype, q.device
     if chunk_indices is None:
         qsl_host = np.asarray(query_start_loc.cpu())
@@ -102,9 +130,11 @@ def chunk_gated_delta_rule_ref(q, k, v, g, beta, state_pool: torch.Tensor,
 
     terms = chunk_terms(q, k, v, g, beta, tok, chunk_size)
     slots = state_slots.long()
-    states = gather_states(state_pool, slots, has_initial_state).float()
+    states = (gather_states(state_pool, slots, has_initial_state).float()
+              if initial_states is None else initial_states)
     out = chunk_scan(terms, seq, states)
-    state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
+    dest = slots if final_slots is None else final_slots.long()
+    state_pool.index_copy_(0, dest, states.to(state_pool.dtype))
     o = torch.zeros_like(v)                                      # [T + 1, HV, V]
     o.index_copy_(0, tok.reshape(-1), out.transpose(1, 2).reshape(-1, *o.shape[1:]))
     return o[:T].to(dtype)

@@ -19,6 +19,17 @@ says in `has_initial_state` [R] (bool) which lanes continue a saved state (a dec
 prefill continued from an earlier chunk); the others start from zeros, whatever their slot
 holds. Each real lane has its own slot; only the null slot may repeat (which
 padding lane's write lands there is then unspecified).
+
+Speculative decoding runs a request's last token and its drafts in one step, and the drafts
+the verification rejects must not stay in the states. There each request owns a group of
+m = k + 1 consecutive slots (1 + g m .. g m + m for group g; engine/kv_cache.py hands them
+out), and a step writes to the lane's whole group (`write_slots`, `slot_groups`): slot j < m - 1
+the states after the lane's row min(j, L - 1), slot m - 1 after its last row (a step whose
+lanes have at most n < m rows writes slots 0 .. n - 1 only: no later one can be kept). The host then
+reads slot min(kept, m) - 1 of the group next step, kept being the rows the step kept (the
+last token and the accepted drafts; a prompt chunk's every row): a rollback is a choice of
+slot, no copy and no recompute, for m states per request. vLLM keeps its Mamba-style states
+per speculative position the same way.
 """
 from __future__ import annotations
 
@@ -37,3 +48,12 @@ def gather_states(pool: torch.Tensor, state_slots: torch.Tensor,
     mask = has_initial_state.view(-1, *([1] * (states.dim() - 1)))
     # torch.where, not a multiply: a slot never written (or the null slot) may hold NaN.
     return torch.where(mask, states, 0)
+
+
+def slot_groups(state_slots: torch.Tensor, slots_per_request: int) -> torch.Tensor:
+    """`[R, m]`: the slot group of each lane's slot (padding lanes, slot 0: the null slot
+    throughout). On the device, from the step's `state_slots` alone."""
+    m = slots_per_request
+    first = (state_slots - 1).clamp(min=0) // m * m + 1
+    group = first[:, None] + torch.arange(m, device=state_slots.device)
+    return torch.where(state_slots[:, None] > 0, group, 0)
