@@ -18,7 +18,6 @@ import torch
 
 from conftest import churn_with_aborts, hf_greedy, make_hybrid_checkpoint
 from fullgraph import LLM, SamplingParams
-from fullgraph.engine.args import EngineArgs
 from fullgraph.engine.kv_cache import KVCacheManager
 from spec_pairs import agreeing_drafter, bigram_target
 
@@ -113,9 +112,30 @@ def test_no_state_slot_or_block_leaks_after_many_requests_with_aborts(pair):
     assert engine.stats.aborted_requests > 100 and engine.stats.spec_num_accepted_tokens > 0
 
 
-def test_batch_invariant_mode_is_refused_by_name(pair):
+@pytest.mark.parametrize("k,engine_kw", [
+    pytest.param(3, dict(max_num_batched_tokens=37, max_num_seqs=3), id="k3-chunked-37"),
+    pytest.param(5, dict(max_num_batched_tokens=256, max_num_seqs=8), id="k5"),
+])
+def test_batch_invariant_mode_keeps_every_bit(pair, k, engine_kw):
+    """In batch-invariant mode (the GDN rule with chunks at absolute positions, a committed
+    state and a tail of inputs per slot: one per verified position here) tokens and
+    logprobs with speculation are the bits of plain decoding, however the prompt is cut."""
     target, drafter = pair
-    with pytest.raises(ValueError, match="batch-invariant mode runs on models without "
-                                         "recurrent state so far, not on Qwen3_5ForCausalLM"):
-        EngineArgs(target, speculative_config=spec(drafter, 2),
-                   batch_invariant=True).create_engine_config()
+    rng = random.Random(k)
+    # generation crosses a 64-token chunk boundary at every place in a verify step
+    prompts = [[rng.randrange(3, 700) for _ in range(n)]
+               for n in (1, 40, 44, 50, 55, 58, 60, 61, 62, 63, 100, 110, 120)]
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=3)
+
+    def run(llm):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [(o.outputs[0].token_ids,
+                 [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+                for o in outs]
+    want = run(LLM(target, batch_invariant=True, max_num_batched_tokens=64, max_num_seqs=8,
+                   **KW))
+    llm = LLM(target, speculative_config=spec(drafter, k), batch_invariant=True,
+              **(KW | engine_kw))
+    assert run(llm) == want
+    stats = llm.engine.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens

@@ -143,12 +143,6 @@ class EngineArgs:
                             gpu_memory_utilization=self.gpu_memory_utilization)
         policy = KernelPolicy.from_args(self.batch_invariant)
         check_kernel_policy(policy, device, model, self.attention_backend)
-        if speculative is not None and policy.batch_invariant and \
-                get_model_class(model.architecture).cache_specs(model.hf_config).state:
-            # the mode's GDN layers keep a committed state and a tail of inputs per slot
-            # (layers/gdn/aligned.py), not yet one per verified position
-            raise ValueError(f"speculative decoding in batch-invariant mode runs on models "
-                             f"without recurrent state so far, not on {model.architecture}")
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, compilation=compilation,
                             device=str(device), attention_backend=self.attention_backend,
                             kernel_policy=policy, speculative=speculative, seed=self.seed, max_logprobs=self.max_logprobs,

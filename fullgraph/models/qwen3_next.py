@@ -251,7 +251,8 @@ class GatedDeltaNet(nn.Module):
         conv_pool, recurrent_pool, *tails = state
         t = qkv.shape[0]
         qkv = causal_conv1d(qkv, weight, None, conv_pool, md.state_slots, md.query_start_loc,
-                            md.has_initial_state, batch_invariant=True)
+                            md.has_initial_state, batch_invariant=True,
+                            write_slots=md.write_slots)
         q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
         g, beta = gdn_gating(a, b, self.A_log, self.dt_bias, batch_invariant=True)
         o = aligned_chunk_gated_delta_rule(
@@ -259,7 +260,8 @@ class GatedDeltaNet(nn.Module):
             k.reshape(t, self.num_k_heads, self.head_k_dim),
             v.reshape(t, self.num_v_heads, self.head_v_dim), g, beta, recurrent_pool, tails,
             md.state_slots, md.query_start_loc, md.seq_lens, md.has_initial_state,
-            policy_of(self), max_query_len=1 if md.decode else None)
+            policy_of(self), max_query_len=1 if md.decode else None,
+            write_slots=md.write_slots)
         o = self.norm(o, z.reshape(t, self.num_v_heads, self.head_v_dim))
         return o.reshape(t, self.value_dim)
 

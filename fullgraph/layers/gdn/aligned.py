@@ -42,7 +42,8 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    state_slots: torch.Tensor, query_start_loc: torch.Tensor,
                                    seq_lens: torch.Tensor, has_initial_state: torch.Tensor,
                                    policy: KernelPolicy,
-                                   max_query_len: int | None = None) -> torch.Tensor:
+                                   max_query_len: int | None = None,
+                                   write_slots: torch.Tensor | None = None) -> torch.Tensor:
     """The gated delta rule for packed lanes with chunks at absolute multiples of
     `policy.gdn_chunk` (C); updates the pools in place.
 
@@ -61,6 +62,12 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     cut nor on the other lanes. `max_query_len`: a bound on any lane's new tokens, where the
     step's shape gives one (1 for a decode step), which bounds the work. Returns
     `[T, HV, DV]` in q's dtype (rows of no lane zero).
+
+    `write_slots` `[R, m]` (speculative decoding, state.py): slot j < m - 1 of each lane's
+    group gets the committed state and tail after the lane's row min(j, L - 1), slot m - 1
+    after its last row, instead of the lane's own slot. The first m - 1 rows cross at most
+    one boundary (m - 1 <= C), so their committed state is the lane's initial one or the
+    state after its first chunk.
     """
     chunk = policy.gdn_chunk
     width = chunk - 1                               # tail rows per slot
@@ -100,14 +107,38 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     terms = chunk_terms(*normalize_inputs(*tables, chunked=True), tok, chunk, exp=_exp)
     states = gather_states(state_pool, slots, has_initial_state).float()
-    out = chunk_scan(terms, lane, states, commit=complete)
-    state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
+    initial = states.clone() if write_slots is not None else None
+    per_chunk = (states.new_empty(capacity, *states.shape[1:]) if write_slots is not None
+                 else None)
+    out = chunk_scan(terms, lane, states, commit=complete, chunk_states=per_chunk)
 
-    # the new tails: each lane's rows after its last complete chunk
+    # the new tails: each lane's rows after its last complete chunk (of the rows kept)
     lanes = torch.arange(r, device=dev)[:, None]
-    rows = source(lanes, total[:, None] // chunk * chunk + torch.arange(width, device=dev))
-    for table, pool in zip(tables, tail_pools):
-        pool.index_copy_(0, slots, table[rows].to(pool.dtype))
+
+    def commit_tails(kept_total: torch.Tensor, dest: torch.Tensor) -> None:
+        rows = source(lanes, kept_total[:, None] // chunk * chunk
+                      + torch.arange(width, device=dev))
+        for table, pool in zip(tables, tail_pools):
+            pool.index_copy_(0, dest, table[rows].to(pool.dtype))
+
+    if write_slots is None:
+        state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
+        commit_tails(total, slots)
+    else:
+        dest = write_slots.long()
+        m = dest.shape[1]
+        if m - 1 > chunk:
+            raise ValueError(f"{m} state slots a request need a chunk of at least {m - 1}")
+        after_first = per_chunk[(ends - counts).clamp(max=capacity - 1)]
+        for j in range(m):
+            if j == m - 1:
+                kept_total, committed = total, states
+            else:
+                kept_total = n_tail + lens.clamp(max=j + 1)
+                crossed = (kept_total >= chunk).view(-1, 1, 1, 1)
+                committed = torch.where(crossed, after_first, initial)
+            state_pool.index_copy_(0, dest[:, j], committed.to(state_pool.dtype))
+            commit_tails(kept_total, dest[:, j])
 
     o = out.new_zeros(noop + 1, out.shape[1], out.shape[3])             # [rows, HV, DV]
     o.index_copy_(0, tok.reshape(-1), out.transpose(1, 2).reshape(-1, *o.shape[1:]))

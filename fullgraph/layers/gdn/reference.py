@@ -174,13 +174,15 @@ def chunk_terms(q, k, v, g, beta, tok: torch.Tensor, chunk_size: int,
 
 
 def chunk_scan(terms: ChunkTerms, lanes: torch.Tensor, states: torch.Tensor,
-               commit: torch.Tensor | None = None) -> torch.Tensor:
+               commit: torch.Tensor | None = None,
+               chunk_states: torch.Tensor | None = None) -> torch.Tensor:
     """The scan over `chunk_terms`: chunks in order, each reading its lane's state (`lanes`
     `[C]`, rows of `states` `[R, HV, K, V]` float32, updated in place) and replacing it. A
     lane's chunks are consecutive, and padding chunks (all no-op tokens) leave the state as
     it is. `commit` `[C]` bool: replace the state only after the chunks it marks (the
-    batch-invariant mode's complete chunks); None: after every chunk. Returns the chunks'
-    outputs `[C, HV, chunk_size, V]`."""
+    batch-invariant mode's complete chunks); None: after every chunk. `chunk_states` `[C, HV,
+    K, V]`: also gets each chunk's new state (committed or not). Returns the chunks' outputs
+    `[C, HV, chunk_size, V]`."""
     query, intra, new_values, k_cumdecay, key, chunk_decay = terms
     out = torch.empty_like(new_values)
     for i in range(lanes.shape[0]):
@@ -189,6 +191,8 @@ def chunk_scan(terms: ChunkTerms, lanes: torch.Tensor, states: torch.Tensor,
         v_new = new_values[i] - k_cumdecay[i] @ state
         out[i] = query[i] @ state + intra[i] @ v_new
         new_state = state * chunk_decay[i] + key[i].transpose(-1, -2) @ v_new
+        if chunk_states is not None:
+            chunk_states[i] = new_state
         if commit is not None:
             new_state = torch.where(commit[i], new_state, state)
         states.index_copy_(0, lane, new_state[None])
