@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 32])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 8, 9, 16, 17, 32])
 @pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 2048), (1000, 3000), (37, 130)])
 def test_gemv_matches_float32_matmul(dtype, m, n, k):
     g = torch.Generator(device="cuda").manual_seed(m * n + k)
