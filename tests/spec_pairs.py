@@ -155,13 +155,16 @@ def agreeing_eagle1_drafter(path: str, target: str) -> str:
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", default="qwen3-0.6b-random", help="a dense Qwen3 preset")
+    ap.add_argument("--source", default="qwen3-0.6b-random",
+                    help="a Qwen3 or Qwen3.5 (hybrid) preset or checkpoint directory")
+    ap.add_argument("--mix", type=float, default=0.0,
+                    help="a hybrid source's Gated DeltaNet output scale (bigram_target)")
     ap.add_argument("--disagree", type=float, default=0.3)
     ap.add_argument("--draft-vocab", type=int, default=32000,
                     help="the drafter's vocabulary (published Qwen3 EAGLE-3 drafters: 32000)")
     ap.add_argument("--out", required=True)
     ns = ap.parse_args()
     tgt = bigram_target(os.path.join(ns.out, "target"), source=ns.source,
-                        draft_vocab=ns.draft_vocab)
+                        draft_vocab=ns.draft_vocab, mix=ns.mix)
     print(tgt, agreeing_drafter(os.path.join(ns.out, "drafter"), tgt, ns.disagree,
                                 draft_vocab=ns.draft_vocab))
