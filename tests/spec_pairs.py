@@ -118,6 +118,15 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
     return path
 
 
+def hybrid_pair(root: str, mix: float = 0.02) -> tuple[str, str]:
+    """(target, drafter): a random Qwen3.5 checkpoint made `bigram_target(mix=mix)` and its
+    agreeing drafter, under `root` (drafts accepted ~60-75% of the time at 0.02)."""
+    from conftest import make_hybrid_checkpoint
+    source = make_hybrid_checkpoint(os.path.join(root, "source"))
+    target = bigram_target(os.path.join(root, "target"), source=source, mix=mix)
+    return target, agreeing_drafter(os.path.join(root, "drafter"), target)
+
+
 def agreeing_eagle1_drafter(path: str, target: str) -> str:
     """An EAGLE-1 drafter (vLLM's layout) for `bigram_target(target)` that proposes the
     target's next token: fc scales the token embedding by the target's final norm weight

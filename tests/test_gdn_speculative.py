@@ -4,40 +4,21 @@ its last into the lane's slot group, read from the slot the previous step kept; 
 against transformers' torch fallbacks run on each prefix."""
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from fullgraph.engine.kv_cache import KVCacheManager
 from fullgraph.engine.request import Request
-from fullgraph.layers.gdn import (causal_conv1d, gdn_gating, slot_groups,
-                                  speculative_gated_delta_rule)
+from fullgraph.layers.gdn import causal_conv1d, slot_groups, speculative_gated_delta_rule
 from fullgraph.sampling_params import SamplingParams
+from test_gdn_ops import CONV_DIM, DK, DV, EXACT, HV, KSIZE, inputs as rule_inputs
 
-H, HV, DK, DV = 2, 4, 16, 8
-CONV_DIM, KSIZE = 24, 4
+pytestmark = pytest.mark.usefixtures("hf_gdn_torch_paths")
+
 M = 4                                   # k = 3 drafts: 4 slots a request
 GROUPS = 5
 SLOTS = 1 + GROUPS * M
-EXACT = dict(atol=2e-6, rtol=2e-6)
-
-
-@pytest.fixture(autouse=True)
-def _transformers_torch_paths(monkeypatch):
-    for name in ("torch_recurrent_gated_delta_rule", "causal_conv1d_fn"):
-        monkeypatch.setattr(hf, name, inspect.unwrap(getattr(hf, name)))
-
-
-def rule_inputs(t: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(t, H, DK, generator=gen) for _ in range(2))
-    v = torch.randn(t, HV, DV, generator=gen)
-    a, b = torch.randn(t, HV, generator=gen), torch.randn(t, HV, generator=gen)
-    A_log = torch.rand(HV, generator=gen).mul(16).clamp(min=0.01).log()
-    g, beta = gdn_gating(a, b, A_log, torch.randn(HV, generator=gen))
-    return q, k, v, g, beta
 
 
 def hf_recurrent(q, k, v, g, beta, h0):

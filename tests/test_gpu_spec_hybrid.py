@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from conftest import hf_greedy, make_hybrid_checkpoint
+from conftest import hf_greedy
 from fullgraph import LLM, SamplingParams
-from spec_pairs import agreeing_drafter, bigram_target
+from spec_pairs import hybrid_pair
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("hf_gdn_torch_paths")]
 ENGINE = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8,
@@ -20,10 +20,7 @@ ENGINE = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8,
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec_hybrid_gpu")
-    source = make_hybrid_checkpoint(str(root / "source"))
-    target = bigram_target(str(root / "target"), source=source, mix=0.02)
-    return target, agreeing_drafter(str(root / "drafter"), target)
+    return hybrid_pair(str(tmp_path_factory.mktemp("spec_hybrid_gpu")))
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False])

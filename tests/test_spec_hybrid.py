@@ -16,10 +16,10 @@ import random
 import pytest
 import torch
 
-from conftest import churn_with_aborts, hf_greedy, make_hybrid_checkpoint
+from conftest import churn_with_aborts, hf_greedy
 from fullgraph import LLM, SamplingParams
 from fullgraph.engine.kv_cache import KVCacheManager
-from spec_pairs import agreeing_drafter, bigram_target
+from spec_pairs import hybrid_pair
 
 MAX_NEW = 24
 KW = dict(max_model_len=256, num_gpu_blocks_override=64)
@@ -27,10 +27,7 @@ KW = dict(max_model_len=256, num_gpu_blocks_override=64)
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("spec_hybrid")
-    source = make_hybrid_checkpoint(str(root / "source"))
-    target = bigram_target(str(root / "target"), source=source, mix=0.02)
-    return target, agreeing_drafter(str(root / "drafter"), target)
+    return hybrid_pair(str(tmp_path_factory.mktemp("spec_hybrid")))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +88,8 @@ def test_keeping_the_state_after_every_draft_changes_the_output(pair, reference,
 
     def keep_last(self, req, kept):
         if req.state_slot:
-            req.state_slot = self.state_slots.group_of(req.state_slot) + self.state_slots.group - 1
+            slots = self.state_slots
+            req.state_slot = slots.group_of(req.state_slot) + slots.group - 1
     monkeypatch.setattr(KVCacheManager, "keep_state", keep_last)
     llm = LLM(target, speculative_config=spec(drafter, 3), **KW)
     assert generate(llm, prompts) != expected

@@ -204,7 +204,8 @@ class GatedDeltaNet(nn.Module):
         if policy_of(self).batch_invariant:
             return self.out_proj(self._aligned(qkv, z, b, a, weight, md, state)), residual
         spec = md.write_slots is not None     # speculative decoding: a state per position
-        if md.decode and not spec and fused_decode.supported(x, self.head_k_dim, self.head_v_dim):
+        if (md.decode and not spec
+                and fused_decode.supported(x, self.head_k_dim, self.head_v_dim)):
             # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py)
             qkv = fused_decode.conv_decode(qkv, weight, conv_pool, md.state_slots,
                                            md.has_initial_state)

@@ -23,13 +23,13 @@ padding lane's write lands there is then unspecified).
 Speculative decoding runs a request's last token and its drafts in one step, and the drafts
 the verification rejects must not stay in the states. There each request owns a group of
 m = k + 1 consecutive slots (1 + g m .. g m + m for group g; engine/kv_cache.py hands them
-out), and a step writes to the lane's whole group (`write_slots`, `slot_groups`): slot j < m - 1
+out), and a step writes to the lane's group (`write_slots`, `slot_groups`): slot j < m - 1
 the states after the lane's row min(j, L - 1), slot m - 1 after its last row (a step whose
-lanes have at most n < m rows writes slots 0 .. n - 1 only: no later one can be kept). The host then
-reads slot min(kept, m) - 1 of the group next step, kept being the rows the step kept (the
-last token and the accepted drafts; a prompt chunk's every row): a rollback is a choice of
-slot, no copy and no recompute, for m states per request. vLLM keeps its Mamba-style states
-per speculative position the same way.
+lanes have at most n < m rows writes slots 0 .. n - 1 only: no later one can be kept). The
+host then reads slot min(kept, m) - 1 of the group next step, kept being the rows the step
+kept (the last token and the accepted drafts; a prompt chunk's every row): a rollback is a
+choice of slot, no copy and no recompute, for m states per request. vLLM keeps its
+Mamba-style states per speculative position the same way.
 """
 from __future__ import annotations
 
