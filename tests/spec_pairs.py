@@ -29,17 +29,18 @@ from fullgraph.models.presets import resolve_model_path
 
 def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3",
                   draft_vocab: int | None = None, mix: float = 0.0) -> str:
-    """A Qwen3 preset or checkpoint directory (`source`) made a bigram model, written to
-    `path` (`seed`: its LM head; not the preset's own seed, whose first draws are the
-    embedding). Zeroed projections cost what real ones do, so it times like the source. With
-    `draft_vocab`, only the first `draft_vocab` ids have LM head rows (the others score 0,
-    below the best of those): next() stays among them, where a drafter with that draft
-    vocabulary looks.
+    """A Qwen3 preset or checkpoint directory (`source`: dense, hybrid Qwen3.5 or
+    vision-language) made a bigram model, written to `path` (`seed`: its LM head; not the
+    preset's own seed, whose first draws are the embedding). Zeroed projections cost what
+    real ones do, so it times like the source. With `draft_vocab`, only the first
+    `draft_vocab` ids have LM head rows (the others score 0, below the best of those): next()
+    stays among them, where a drafter with that draft vocabulary looks.
 
-    A hybrid source (Qwen3.5) keeps its Gated DeltaNet layers' output projections, scaled
-    by `mix`: the next token is then the bigram's choice except where the layers' states tip
-    it, so it depends on the history through those states (an agreeing drafter is accepted
-    often, not always; a state that kept a rejected draft changes the output)."""
+    `mix` scales the text layers' token-mixing outputs (attention's o_proj, Gated DeltaNet's
+    out_proj) instead of zeroing them: the next token is then the bigram's choice except
+    where the history tips it, through the attention's K/V at their rotary positions and the
+    GDN states (an agreeing drafter is accepted often, not always; a wrong position or a
+    state that kept a rejected draft changes the output)."""
     src = resolve_model_path(source)
     shutil.copytree(src, path, dirs_exist_ok=True)
     with open(os.path.join(path, "config.json")) as f:
@@ -47,14 +48,17 @@ def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3",
     cfg["tie_word_embeddings"] = False
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
+    text = cfg.get("text_config", cfg)
     w = load_file(os.path.join(path, "model.safetensors"))
     for name in w:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
+        if "visual." in name:
+            continue
+        if name.endswith("down_proj.weight"):
             w[name] = torch.zeros_like(w[name])
-        elif name.endswith("linear_attn.out_proj.weight"):
+        elif name.endswith(("self_attn.o_proj.weight", "linear_attn.out_proj.weight")):
             w[name] = w[name] * mix
     g = torch.Generator().manual_seed(seed)
-    head = torch.randn(cfg["vocab_size"], cfg["hidden_size"], generator=g)
+    head = torch.randn(text["vocab_size"], text["hidden_size"], generator=g)
     # unit rows: no token's row outweighs the others', so next() spreads over the vocabulary
     head = head / head.norm(dim=1, keepdim=True) * 4
     if draft_vocab is not None:
@@ -73,11 +77,12 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
     drafter's vocabulary is the target's first ids (a target made with the same
     `draft_vocab`), as published EAGLE-3 drafters have 32k of a large vocabulary."""
     with open(os.path.join(target, "config.json")) as f:
-        t = json.load(f)
+        config = json.load(f)
+    t = config.get("text_config", config)
     h, v = t["hidden_size"], t["vocab_size"]
     vd = v if draft_vocab is None else draft_vocab
     # the hybrids' RMSNorms scale by (1 + w)
-    norm_offset = 0.0 if t["architectures"] == ["Qwen3ForCausalLM"] else 1.0
+    norm_offset = 1.0 if config["architectures"][0].startswith(("Qwen3_5", "Qwen3Next")) else 0.0
     d = min(64, h // 4)
     heads = h // d
     os.makedirs(path, exist_ok=True)
@@ -92,6 +97,7 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     tw = load_file(os.path.join(target, "model.safetensors"))
+    final_norm = tw.get("model.norm.weight", tw.get("model.language_model.norm.weight"))
     g = torch.Generator().manual_seed(seed)
     wrong = torch.randperm(vd, generator=g)[:int(disagree * vd)]
     targets = torch.arange(vd)
@@ -100,7 +106,7 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
     w = {"d2t": targets - torch.arange(vd), "t2d": torch.arange(v) < vd,
          "fc.weight": torch.zeros(h, 3 * h),
          "midlayer.hidden_norm.weight": torch.zeros(h),
-         "midlayer.input_layernorm.weight": tw["model.norm.weight"] + norm_offset,
+         "midlayer.input_layernorm.weight": final_norm + norm_offset,
          "midlayer.post_attention_layernorm.weight": torch.ones(h),
          "midlayer.self_attn.q_proj.weight": torch.zeros(heads * d, 2 * h),
          "midlayer.self_attn.k_proj.weight": torch.zeros(heads * d, 2 * h),

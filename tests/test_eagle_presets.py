@@ -1,17 +1,19 @@
 """The EAGLE-3 drafter presets (models/presets.py: `tiny-qwen3-eagle3`,
 `qwen3-0.6b-random-eagle3`): they build the same every time, load through the drafter's
 loading path (tests/test_eagle_models.py `load`), fit their target preset and no other, and
-the tiny one drafts from the states its target captures, as the EAGLE math says."""
+the tiny one drafts from the states its target captures, as the EAGLE math says; the tiny
+hybrid's and vision-language target's drafters run beside their targets."""
 from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fullgraph import SamplingParams
+from fullgraph import LLM, SamplingParams
 from fullgraph.models.eagle import Eagle3LlamaForCausalLM, drafter_class
 from fullgraph.models.presets import PRESETS, build_preset, qwen3_config, resolve_model_path
 from test_eagle_models import Steps, engine_with_aux, load, ref_eagle3
@@ -130,3 +132,22 @@ def test_tiny_drafts_from_its_targets_states(monkeypatch):
                                      theta=model.config.rope_parameters["rope_theta"])
     torch.testing.assert_close(drafted, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target, kw", [("tiny-qwen3.5", dict(batch_invariant=True)),
+                                        ("tiny-qwen3-vl", {})])
+def test_hybrid_and_vision_language_presets_draft_for_their_targets(target, kw):
+    """`tiny-qwen3.5-eagle3` and `tiny-qwen3-vl-eagle3` (random drafters over their targets'
+    own vocabularies) load beside their targets; greedy output equals plain decoding's."""
+    rng = random.Random(3)
+    batch = [{"prompt_token_ids": [rng.randrange(3, 700) for _ in range(rng.randrange(1, 60))]}
+             for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def greedy(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+    want = greedy(LLM(target, max_model_len=256, **kw))
+    llm = LLM(target, max_model_len=256, **kw, speculative_config={
+        "method": "eagle3", "model": f"{target}-eagle3", "num_speculative_tokens": 3})
+    assert greedy(llm) == want
+    assert llm.engine.stats.spec_num_draft_tokens > 0

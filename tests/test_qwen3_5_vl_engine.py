@@ -148,3 +148,31 @@ def test_moe_variant_with_an_image(tmp_path, hf_gdn_torch_paths):
     out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": imgs[0]}},
                        GREEDY, use_tqdm=False)[0]
     assert_matches(out, hf_generate(hf, ids, imgs, 8))
+
+
+def test_speculative_decoding_on_the_hybrid_with_images(model_dir, tmp_path,
+                                                        hf_gdn_torch_paths):
+    """EAGLE-3 on the hybrid vision-language target: a state slot per verified position and
+    MRoPE rows for the drafts together; greedy tokens and logprobs equal transformers'."""
+    from transformers import Qwen3_5ForConditionalGeneration
+    from spec_pairs import agreeing_drafter, bigram_target
+    target = bigram_target(str(tmp_path / "target"), source=model_dir, mix=0.5)
+    drafter = agreeing_drafter(str(tmp_path / "drafter"), target)
+    hf = Qwen3_5ForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    llm = LLM(target, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+              max_num_batched_tokens=16, cudagraph_runtime="fake",
+              cudagraph_capture_sizes=[1, 2, 4, 8, 16],
+              speculative_config={"method": "eagle3", "model": drafter,
+                                  "num_speculative_tokens": 3})
+    a = prompt([9, 8], None, [7], None, [6, 5])
+    imgs = images((64, 96), (96, 64), seed=1)
+    text = [11, 12, 13, 14, 15]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": a, "multi_modal_data": {"image": imgs}},
+                         {"prompt_token_ids": text}], params, use_tqdm=False)
+    assert_matches(outs[0], hf_generate(hf, a, imgs, 24))
+    assert_matches(outs[1], hf_generate(hf, text, [], 24))
+    stats = llm.engine.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert llm.engine.kv.state_slots.num_free == llm.engine.config.scheduler.max_num_seqs

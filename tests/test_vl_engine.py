@@ -145,6 +145,48 @@ def test_two_images_batched_with_text_and_chunked(vl_dir, hf_vl):
     assert outs[1].outputs[0].token_ids == hf_generate(hf_vl, text, [], 8)
 
 
+@pytest.fixture(scope="module")
+def spec_pair(vl_dir, tmp_path_factory):
+    """The checkpoint made nearly a bigram model (tests/spec_pairs.py: MLPs zeroed,
+    attention's output halved, so the history still tips many tokens through attention at
+    its MRoPE positions) and a drafter proposing the bigram's choice."""
+    from spec_pairs import agreeing_drafter, bigram_target
+    root = tmp_path_factory.mktemp("vl_spec")
+    target = bigram_target(str(root / "target"), source=vl_dir, mix=0.5)
+    return target, agreeing_drafter(str(root / "drafter"), target)
+
+
+@pytest.mark.parametrize("engine_kw", [
+    pytest.param(dict(max_num_batched_tokens=16), id="chunked"),
+    pytest.param(dict(cudagraph_runtime="fake", cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32]),
+                 id="fake-graphs"),
+])
+def test_speculative_decoding_with_images_equals_transformers(spec_pair, engine_kw):
+    """EAGLE-3 on a vision-language target: verify rows and drafts at their MRoPE positions
+    (the text positions after the prompt's), steps with image tokens eager; greedy tokens
+    equal transformers'. (Leaving the speculative steps' rotary rows unwritten fails it.)"""
+    from transformers import Qwen3VLForConditionalGeneration
+    target, drafter = spec_pair
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    a = prompt([9, 8], None, [7], None, [6, 5])
+    imgs = images((64, 96), (96, 64), seed=1)
+    text = [11, 12, 13, 14, 15]
+    llm = LLM(target, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+              speculative_config={"method": "eagle3", "model": drafter,
+                                  "num_speculative_tokens": 3}, **engine_kw)
+    outs = llm.generate([{"prompt_token_ids": a, "multi_modal_data": {"image": imgs}},
+                         {"prompt_token_ids": text}],
+                        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_generate(hf, a, imgs, 24),
+                                                      hf_generate(hf, text, [], 24)]
+    stats = llm.engine.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    if "cudagraph_runtime" in engine_kw:
+        assert llm.engine.runner.dispatcher.num_graph_steps > 0
+
+
 def test_image_errors_leave_the_engine_usable(llm):
     ids = prompt([1], None, [2])
     with pytest.raises(ValueError, match="placeholders"):

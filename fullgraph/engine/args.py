@@ -176,9 +176,6 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
         raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
     from fullgraph.models.eagle import drafter_class
     cls = drafter_class(str(value["method"]))         # unknown method: ValueError
-    if target.hf_config is not target.hf_config.get_text_config():
-        raise ValueError(f"speculative decoding runs on text models so far, not on "
-                         f"{target.architecture}")
     path = resolve_model_dir(str(value["model"]), "speculative model")
     from transformers import AutoConfig
     try:

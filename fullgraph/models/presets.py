@@ -133,6 +133,15 @@ PRESETS = {
         "qwen3-0.6b-random-eagle3", target="qwen3-0.6b-random", num_attention_heads=16,
         num_key_value_heads=8, head_dim=64, intermediate_size=3072, draft_vocab_size=32000,
         aux_layer_ids=(2, 14, 25)),
+    # ... and for the tiny hybrid and vision-language presets (their own vocabularies)
+    "tiny-qwen3.5-eagle3": Eagle3Preset(
+        "tiny-qwen3.5-eagle3", target="tiny-qwen3.5", num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=192, draft_vocab_size=256,
+        aux_layer_ids=(0, 2, 3)),
+    "tiny-qwen3-vl-eagle3": Eagle3Preset(
+        "tiny-qwen3-vl-eagle3", target="tiny-qwen3-vl", num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=192, draft_vocab_size=256,
+        aux_layer_ids=(0, 1, 1)),
 }
 
 

@@ -211,16 +211,21 @@ class Qwen3ForCausalLM(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
+    @property
+    def text_model(self) -> nn.Module:
+        """The decoder stack (embedding, layers, final norm): a multimodal model's language
+        model. Its forward stores `aux_hidden_states` when they are enabled."""
+        return self.model
+
     def enable_aux_hidden_states(self, layers: tuple[int, ...], max_tokens: int
                                  ) -> torch.Tensor:
         """From now on every forward also writes the residual stream entering `layers` into
         rows [:T] of the returned persistent [max_tokens, len(layers) * hidden] buffer
         (`AuxHiddenStates`); call it once, before graphs are captured."""
-        weight = self.lm_head.weight
-        self.model.aux_hidden_states = AuxHiddenStates(
-            layers, len(self.model.layers), max_tokens, self.config.hidden_size, weight.dtype,
-            weight.device)
-        return self.model.aux_hidden_states.buffer
+        text, weight = self.text_model, self.lm_head.weight
+        text.aux_hidden_states = AuxHiddenStates(layers, len(text.layers), max_tokens,
+                                                 weight.shape[1], weight.dtype, weight.device)
+        return text.aux_hidden_states.buffer
 
     def compile_layers(self) -> None:
         """torch.compile each layer (`--compile-layers`, off by default): one compiled graph,
@@ -235,7 +240,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def drafter_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token embedding, LM head) weights, which a speculative drafter shares."""
-        return self.model.embed_tokens.weight, self.lm_head.weight
+        return self.text_model.embed_tokens.weight, self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""

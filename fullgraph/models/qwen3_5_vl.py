@@ -38,6 +38,7 @@ from fullgraph.layers.norm import ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import rope_theta_of
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities
+from fullgraph.models.qwen3 import AuxHiddenStates
 from fullgraph.models.qwen3_next import HybridDecoderLayer, HybridForCausalLM, rotary_dim_of
 from fullgraph.models.qwen3_next import check_config as check_hybrid_config
 from fullgraph.models.qwen3_vl import Qwen3VLForConditionalGeneration, step_inputs
@@ -74,13 +75,17 @@ class Qwen3_5VLTextModel(nn.Module):
         self.norm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(rotary_dim_of(cfg), rope_theta_of(cfg),
                                        mrope_section_of(cfg, DEFAULT_MROPE_SECTION))
+        self.aux_hidden_states: AuxHiddenStates | None = None   # a drafter's (qwen3.py)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x, rope, rows = step_inputs(self, input_ids, ctx)
         residual = None
+        aux = self.aux_hidden_states
         kv_caches, states = iter(ctx.kv_caches), iter(ctx.state_caches)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             cache = next(states) if layer.layer_type == "linear_attention" else next(kv_caches)
+            if aux is not None:
+                aux.store(i, x, residual)
             x, residual = layer(rows, x, residual, ctx, cache, rope)
         return add_rms_norm(x, residual, self.norm)[0]
 

@@ -385,6 +385,7 @@ class HybridForCausalLM(nn.Module):
     # Qwen3's: the residual stream entering the listed layers (Gated DeltaNet or attention
     # alike) into a persistent buffer every forward, which HybridModel.forward writes; and
     # the embedding and LM head a speculative drafter shares
+    text_model = Qwen3ForCausalLM.text_model
     enable_aux_hidden_states = Qwen3ForCausalLM.enable_aux_hidden_states
     drafter_weights = Qwen3ForCausalLM.drafter_weights
 

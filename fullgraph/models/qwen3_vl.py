@@ -35,7 +35,8 @@ from fullgraph.layers.rotary import rope_theta_of
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities
 from fullgraph.models.loader import load_weights_by_name
-from fullgraph.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, head_dim_of
+from fullgraph.models.qwen3 import (AuxHiddenStates, Qwen3DecoderLayer, Qwen3ForCausalLM,
+                                   head_dim_of)
 from fullgraph.models.qwen3_vl_vision import (Qwen3VLVisionTower, check_vision_config,
                                               visual_weight_name)
 
@@ -96,14 +97,18 @@ class Qwen3VLTextModel(nn.Module):
         layers = list(self.layers)          # L2 prefetch targets, as Qwen3Model resolves them
         self._l2_next = [layer.l2_targets(nxt)
                          for layer, nxt in zip(layers, layers[1:] + [None], strict=True)]
+        self.aux_hidden_states: AuxHiddenStates | None = None   # a drafter's (qwen3.py)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         mm = ctx.multimodal
         x, rope, rows = step_inputs(self, input_ids, ctx)
         residual = None
         deepstack = mm.deepstack if mm.embeds is not None else None
+        aux = self.aux_hidden_states
         for i, (layer, kv_cache, l2_next) in enumerate(zip(self.layers, ctx.kv_caches,
                                                            self._l2_next, strict=True)):
+            if aux is not None:             # what enters layer i, deepstack features included
+                aux.store(i, x, residual)
             x, residual = layer(rows, x, residual, ctx, kv_cache, l2_next, rope)
             if deepstack is not None and i < deepstack.shape[0]:
                 # transformers adds to the hidden state after layer i, residual + x; adding
@@ -169,6 +174,14 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         """`positions` (the KV positions) reach attention through the step's metadata;
         rotary uses ctx.multimodal.rope_positions."""
         return self.model.language_model(input_ids, ctx)
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.language_model
+
+    # a speculative drafter's target states and shared weights, as the text models'
+    enable_aux_hidden_states = Qwen3ForCausalLM.enable_aux_hidden_states
+    drafter_weights = Qwen3ForCausalLM.drafter_weights
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""

@@ -301,10 +301,14 @@ class SpeculativeSteps:
                              + (0,) * (q - c.num_new_tokens)) for c in chunks]
 
     def _prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
-                 copy: bool = True) -> StepInputs:
+                 copy: bool = True, images: tuple | None = None) -> StepInputs:
+        """`images`: the step's image rows (a multimodal target's, eager steps only)."""
         runner = self.runner
         t0 = time.perf_counter()
         step = runner.buffers.prepare(chunks, desc, copy=copy)
+        if runner.mm is not None:         # MRoPE rows: drafts continue the text positions
+            runner.mm.write_rope_positions(chunks, desc.num_tokens)
+            runner.mm.step_images = images
         runner._reset_sampling_slots(chunks)
         runner._last_step = None
         runner._prepare_metadata(step)
@@ -388,7 +392,9 @@ class SpeculativeSteps:
         runner, k, r = self.runner, self.k, len(chunks)
         plan = verify_plan(chunks, k)
         n_tok = sum(c.num_new_tokens for c in chunks)
-        if runner.graphs is not None and not owed:
+        # a step with image tokens runs eagerly: their embeddings replace the token ones
+        images = runner.mm.step_image_rows(chunks) if runner.mm is not None else None
+        if runner.graphs is not None and not owed and images is None:
             padded = None
             if all(self._graphable(c, processed=True) for c in chunks):
                 padded = self._padded(chunks)
@@ -406,7 +412,7 @@ class SpeculativeSteps:
                 padded_plan = dataclasses.replace(verify_plan(padded, k), drafts=plan.drafts,
                                                   num_drafts=plan.num_drafts)
                 return step, hidden, padded_plan, self.logits[:r * (k + 1)]
-        step = self._prepare(chunks, runner.dispatcher.eager(n_tok, r, None))
+        step = self._prepare(chunks, runner.dispatcher.eager(n_tok, r, None), images=images)
         metadata = runner._build_metadata(step)
         runner._update_metadata(metadata, step)
         return step, runner._forward_hidden(step, runner._context(step, metadata)), plan, None
