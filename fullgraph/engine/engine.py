@@ -20,7 +20,6 @@ from fullgraph.multimodal.processor import MultiModalProcessor, load_multimodal_
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 from fullgraph.sampling_params import SamplingParams
 from fullgraph.worker.model_runner import ModelRunner
-from fullgraph.worker.sampler import multi_token_bad_words
 from fullgraph.worker.step_output import PendingStep, StepResult
 
 logger = logging.getLogger(__name__)
@@ -197,10 +196,6 @@ class LLMEngine:
                                  f"{outside[:5]}")
         if params.bad_words and not params.bad_words_token_ids:
             params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
-        if self.config.speculative is not None and multi_token_bad_words(params):
-            # a word's ban at a verified position depends on the drafts before it
-            raise ValueError("speculative decoding does not support bad words of several "
-                             "tokens yet")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         return Request(request_id, ids, params, seed=seed, max_tokens=max_tokens, prompt=text,
                        mm_inputs=mm_inputs)

@@ -35,7 +35,8 @@ from fullgraph.models.eagle import load_drafter
 from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.inputs import ScheduledChunk, StepInputs
-from fullgraph.worker.sampler import penalized, process_logits, update_counts
+from fullgraph.worker.sampler import (multi_token_bad_words, penalized, process_logits,
+                                      update_counts, word_bans)
 from fullgraph.worker.sampler import prompt_logprobs as logprobs_of
 from fullgraph.worker.spec_decode.proposer import EagleProposer
 from fullgraph.worker.spec_decode.rejection import rejection_sample
@@ -342,6 +343,31 @@ class SpeculativeSteps:
                               sampling.state_slots.repeat_interleave(k + 1), slot_positions,
                               before)
 
+    def _ban_words(self, scored: torch.Tensor, chunks: Sequence[ScheduledChunk],
+                   plan: VerifyPlan) -> None:
+        """Bad words of several tokens (vLLM's rule: the last token is banned right after
+        the rest): row j of a request follows its output and drafts 1..j, so each row gets
+        the bans of its own history (host-known: such steps run eagerly)."""
+        q = self.k + 1
+        rows, tokens = [], []
+        for i, c in enumerate(chunks):
+            params = c.request.sampling_params
+            if not c.samples or not multi_token_bad_words(params):
+                continue
+            history = list(c.request.output_token_ids)
+            for j in range(q):
+                if j:
+                    if plan.drafts[i, j - 1] < 0:
+                        break
+                    history.append(int(plan.drafts[i, j - 1]))
+                banned = word_bans(params, history)
+                rows += [i * q + j] * len(banned)
+                tokens += banned
+        if rows:
+            dev = scored.device
+            scored[torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)] = \
+                float("-inf")
+
     def _count(self, slots: torch.Tensor, tokens: torch.Tensor, emitted: list[int]) -> None:
         """Add each request's emitted tokens to its slot's output counts."""
         counted = torch.tensor(emitted, device=slots.device)
@@ -442,6 +468,7 @@ class SpeculativeSteps:
         if processed:
             penalties = any(penalized(c.request.sampling_params) for c in chunks)
             scored = self._process(logits, drafts, sampling, positions, penalties)
+            self._ban_words(scored, chunks, plan)
         verified = rejection_sample(drafts, scored.view(r, k + 1, -1), sampling)
         result = StepResult(verified.token_ids.cpu().numpy())
         if sampling.num_logprobs >= 0:
