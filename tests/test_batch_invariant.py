@@ -328,11 +328,17 @@ def test_environment_variable_turns_the_mode_on(monkeypatch):
         EngineArgs("tiny-qwen3").create_engine_config()
 
 
-def test_parts_without_the_mode_are_refused_by_name():
+def test_parts_without_the_mode_are_refused_by_name(monkeypatch):
     with pytest.raises(ValueError, match="attention backend 'sdpa' does not support "
                                          "batch-invariant mode"):
         EngineArgs("tiny-qwen3", attention_backend="sdpa",
                    batch_invariant=True).create_engine_config()
+    # every model declares the mode now; one that did not would be named
+    assert EngineArgs("tiny-qwen3-vl", batch_invariant=True).create_engine_config() \
+        .kernel_policy.batch_invariant
+    from fullgraph.models.interface import ModelCapabilities
+    from fullgraph.models.qwen3_vl import Qwen3VLForConditionalGeneration
+    monkeypatch.setattr(Qwen3VLForConditionalGeneration, "capabilities", ModelCapabilities())
     with pytest.raises(ValueError, match="Qwen3VLForConditionalGeneration does not support "
                                          "batch-invariant"):
         EngineArgs("tiny-qwen3-vl", batch_invariant=True).create_engine_config()

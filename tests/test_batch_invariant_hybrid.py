@@ -129,10 +129,10 @@ def test_inverse_generation_differs_from_scoring_without_the_mode(model):
     assert got != want
 
 
-def test_tails_exist_in_the_mode_only_and_the_vision_models_stay_refused():
+def test_tails_exist_in_the_mode_only_and_every_hybrid_declares_it():
     """The mode's per-slot tails are extra state tensors of the mode alone (the normal
-    mode's state is unchanged); the text hybrids declare the mode, the vision-language ones
-    built on the same layers do not (the vision encoder is not covered)."""
+    mode's state is unchanged); the text hybrids declare the mode, and so do the
+    vision-language ones built on the same layers (tests/test_batch_invariant_vl.py)."""
     from transformers import Qwen3_5TextConfig
     cls = get_model_class("Qwen3_5ForCausalLM")
     cfg = Qwen3_5TextConfig(num_hidden_layers=4, linear_num_key_heads=2,
@@ -146,7 +146,6 @@ def test_tails_exist_in_the_mode_only_and_the_vision_models_stay_refused():
         "tail_q": ((63, 2, 16), None), "tail_k": ((63, 2, 16), None),
         "tail_v": ((63, 4, 8), None), "tail_g": ((63, 4), torch.float32),
         "tail_beta": ((63, 4), None)}
-    for arch in ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM"):
+    for arch in ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM",
+                 "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
         assert get_model_class(arch).capabilities.batch_invariant, arch
-    for arch in ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
-        assert not get_model_class(arch).capabilities.batch_invariant, arch

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fullgraph.layers.activation import elementwise
+
 
 def mrope_section_of(text_config, default: Sequence[int]) -> tuple[int, int, int]:
     """The config's (t, h, w) frequency counts, or the model's default as transformers has
@@ -98,11 +100,14 @@ class MRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("rows", frequency_rows(rotary_dim // 2, section), persistent=False)
 
-    def forward(self, rope_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rope_positions: torch.Tensor, batch_invariant: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """rope_positions [3, T] int64 (any strides) -> (cos, sin), each [T, rotary_dim]
         float32: row i rotates token i. Same float32 products as transformers (position as
-        float times inverse frequency), so the same angles."""
+        float times inverse frequency), so the same angles. `batch_invariant` (the mode, CPU):
+        cos and sin through their scalar formulas, so a row's bits do not depend on T."""
         positions = rope_positions.index_select(0, self.rows).t()     # [T, rotary_dim / 2]
         angles = positions.float() * self.inv_freq
         emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos(), emb.sin()
+        return elementwise(torch.cos, emb, batch_invariant), elementwise(torch.sin, emb,
+                                                                          batch_invariant)

@@ -104,7 +104,8 @@ class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
     deepstack: each image's features are (embeds, None)), the forward and the logits are
     Qwen3-VL's (Qwen3.5's get_rope_index is the same); the caches and the checkpoint's
     language model are the hybrid's."""
-    capabilities = ModelCapabilities(prefix_caching=False)   # recurrent state, as the hybrid
+    # recurrent state, as the hybrid (whose batch-invariant mode its layers keep)
+    capabilities = ModelCapabilities(prefix_caching=False, batch_invariant=True)
     stacked_params = HybridForCausalLM.stacked_params
     check_config = staticmethod(check_config)
     model_cls = Qwen3_5VLModel

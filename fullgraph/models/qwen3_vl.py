@@ -32,7 +32,7 @@ from fullgraph.layers.linear import logits_into
 from fullgraph.layers.mrope import MRotaryEmbedding, mrope_positions, mrope_section_of
 from fullgraph.layers.norm import RMSNorm
 from fullgraph.layers.rotary import rope_theta_of
-from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
+from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, policy_of
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities
 from fullgraph.models.loader import load_weights_by_name
 from fullgraph.models.qwen3 import (AuxHiddenStates, Qwen3DecoderLayer, Qwen3ForCausalLM,
@@ -74,7 +74,7 @@ def step_inputs(text_model: nn.Module, input_ids: torch.Tensor, ctx: ForwardCont
     if mm is None or mm.rope_positions.shape != (3, t):
         raise ValueError(f"{type(text_model).__name__} needs ctx.multimodal.rope_positions "
                          f"of shape (3, {t})")
-    rope = text_model.rotary(mm.rope_positions)
+    rope = text_model.rotary(mm.rope_positions, policy_of(text_model).batch_invariant)
     rows = torch.arange(t, device=input_ids.device)
     x = text_model.embed_tokens(input_ids)
     if mm.embeds is not None:                 # host-known: image steps run eagerly
@@ -128,7 +128,9 @@ class Qwen3VLModel(nn.Module):
 
 
 class Qwen3VLForConditionalGeneration(nn.Module):
-    capabilities = ModelCapabilities()     # prefix caching: the engine hashes the images
+    # prefix caching: the engine hashes the images; batch-invariant on the CPU (the tower
+    # encodes a request's own images, once; the text model is Qwen3's with scalar cos/sin)
+    capabilities = ModelCapabilities(batch_invariant=True)
     multimodal = True                      # the runner passes ctx.multimodal every step
     stacked_params = Qwen3ForCausalLM.stacked_params
     check_config = staticmethod(check_config)
@@ -185,7 +187,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
-        return logits_into(hidden, self.lm_head.weight, out)
+        return logits_into(hidden, self.lm_head.weight, out, policy_of(self))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Checkpoint names are ours (`model.language_model.*`, `model.visual.*`,

@@ -33,7 +33,12 @@ class MultimodalSteps:
 
     def capture_encoder_graphs(self, runtime: GraphRuntime) -> None:
         """The model's encoder per patch budget, in the text graphs' runtime (and memory
-        pool); none if the model exposes no GraphEncoder or no budget is known."""
+        pool); none if the model exposes no GraphEncoder or no budget is known, or in the
+        batch-invariant mode."""
+        if self.config.kernel_policy.batch_invariant:
+            # a request's images always through the eager tower, alone: their encoding then
+            # depends on them only, graphs or not (the packed budgets round otherwise)
+            return
         encoder = graph_encoder_of(self.model)
         comp = self.config.compilation
         budgets = comp.encoder_cudagraph_token_budgets or None
