@@ -89,7 +89,8 @@ class Model(Protocol):
 
     def load_weights(self, weights) -> None: ...
 
-    # Optional (Qwen3ForCausalLM, HybridForCausalLM), for a target an EAGLE-3 drafter reads:
+    # Optional (Qwen3ForCausalLM, HybridForCausalLM and the vision-language classes, through
+    # their decoder stack `text_model`), for a target a speculative drafter reads:
     #
     # def enable_aux_hidden_states(self, layers: tuple[int, ...], max_tokens: int
     #                              ) -> torch.Tensor:
