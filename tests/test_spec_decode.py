@@ -471,7 +471,7 @@ def test_requests_near_their_end_stay_in_graphs(pair):
         assert llm.engine.runner.dispatcher.num_graph_steps >= 5
 
 
-def test_prompt_and_processed_steps_replay_the_targets_graphs(pair):
+def test_prompt_and_processed_steps_replay_the_targets_graphs(pair, monkeypatch):
     """Steps the verification graph does not take replay the target's graph where one fits:
     steps with prompt chunks a mixed graph, steps with processed logits (logit_bias,
     penalties) the uniform verify step's graph, then verification and drafting eagerly. No
@@ -490,11 +490,13 @@ def test_prompt_and_processed_steps_replay_the_targets_graphs(pair):
     eager = run(LLM(target, **kw))
     llm = LLM(target, cudagraph_runtime="fake",
               cudagraph_capture_sizes=[4, 8, 16, 32, 64, 128, 256], **kw)
+    from fullgraph.worker.spec_decode import steps as steps_module
     steps, prepared, processed = llm.engine.runner.spec, [], []
-    prepare, process = steps._prepare, steps._process
-    steps._prepare = lambda chunks, desc, copy=True: (
-        prepared.append((desc.mode.name, desc.uniform_query_len)), prepare(chunks, desc, copy))[1]
-    steps._process = lambda *a: (processed.append(1), process(*a))[1]
+    prepare, process = steps._prepare, steps_module.process_rows
+    steps._prepare = lambda chunks, desc, **kw: (
+        prepared.append((desc.mode.name, desc.uniform_query_len)), prepare(chunks, desc, **kw))[1]
+    monkeypatch.setattr(steps_module, "process_rows",
+                        lambda *a: (processed.append(1), process(*a))[1])
     assert run(llm) == eager
     assert {m for m, _ in prepared} == {"FULL"} and processed
     assert {q for _, q in prepared} == {None, 4}          # mixed and verify graphs

@@ -35,9 +35,9 @@ from fullgraph.models.eagle import load_drafter
 from fullgraph.worker import prompt_logprobs
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.inputs import ScheduledChunk, StepInputs
-from fullgraph.worker.sampler import (multi_token_bad_words, penalized, process_logits,
-                                      update_counts, word_bans)
+from fullgraph.worker.sampler import penalized
 from fullgraph.worker.sampler import prompt_logprobs as logprobs_of
+from fullgraph.worker.spec_decode.processing import ban_words, count_emitted, process_rows
 from fullgraph.worker.spec_decode.proposer import EagleProposer
 from fullgraph.worker.spec_decode.rejection import rejection_sample
 from fullgraph.worker.spec_decode.verify import VerifyPlan, kept_rows, verify_plan
@@ -324,57 +324,6 @@ class SpeculativeSteps:
         result.logprobs, result.logprob_token_ids, result.ranks = (
             t.view(r, q, *t.shape[1:]).cpu().numpy() for t in lps)
 
-    def _process(self, logits: torch.Tensor, drafts: torch.Tensor, sampling,
-                 positions: torch.Tensor, penalties: bool) -> torch.Tensor:
-        """The scored rows' logits processed as the sampler would at each row's own position
-        (bans, logit_bias, allowed tokens, min_tokens), the penalties counting the drafts
-        before the row as generated: row j of a request is what plain decoding would see
-        after accepting drafts 1..j."""
-        r, k, dev = drafts.shape[0], self.k, self.runner.device
-        slot_positions = (positions[:, None] + torch.arange(k + 1, device=dev)).reshape(-1)
-        v, before = logits.shape[1], None
-        if penalties:            # [R, k + 1, V]: row j counts drafts 1..j (-1: none)
-            before = torch.zeros(r, k + 1, v, dtype=torch.int32, device=dev)
-            for j in range(1, k + 1):
-                d = drafts[:, :j]
-                before[:, j].scatter_add_(1, d.clamp(min=0), (d >= 0).to(torch.int32))
-            before = before.view(r * (k + 1), v)
-        return process_logits(logits, self.runner.sampling_state,
-                              sampling.state_slots.repeat_interleave(k + 1), slot_positions,
-                              before)
-
-    def _ban_words(self, scored: torch.Tensor, chunks: Sequence[ScheduledChunk],
-                   plan: VerifyPlan) -> None:
-        """Bad words of several tokens (vLLM's rule: the last token is banned right after
-        the rest): row j of a request follows its output and drafts 1..j, so each row gets
-        the bans of its own history (host-known: such steps run eagerly)."""
-        q = self.k + 1
-        rows, tokens = [], []
-        for i, c in enumerate(chunks):
-            params = c.request.sampling_params
-            if not c.samples or not multi_token_bad_words(params):
-                continue
-            history = list(c.request.output_token_ids)
-            for j in range(q):
-                if j:
-                    if plan.drafts[i, j - 1] < 0:
-                        break
-                    history.append(int(plan.drafts[i, j - 1]))
-                banned = word_bans(params, history)
-                rows += [i * q + j] * len(banned)
-                tokens += banned
-        if rows:
-            dev = scored.device
-            scored[torch.tensor(rows, device=dev), torch.tensor(tokens, device=dev)] = \
-                float("-inf")
-
-    def _count(self, slots: torch.Tensor, tokens: torch.Tensor, emitted: list[int]) -> None:
-        """Add each request's emitted tokens to its slot's output counts."""
-        counted = torch.tensor(emitted, device=slots.device)
-        for j in range(tokens.shape[1]):
-            update_counts(self.runner.sampling_state,
-                          torch.where(counted > j, slots, -1), tokens[:, j].clamp(min=0))
-
     def _launch_graphs(self, chunks: Sequence[ScheduledChunk],
                        desc: BatchExecutionDescriptor) -> PendingStep:
         runner, r = self.runner, len(chunks)
@@ -467,8 +416,9 @@ class SpeculativeSteps:
         scored = logits
         if processed:
             penalties = any(penalized(c.request.sampling_params) for c in chunks)
-            scored = self._process(logits, drafts, sampling, positions, penalties)
-            self._ban_words(scored, chunks, plan)
+            scored = process_rows(logits, drafts, runner.sampling_state,
+                                  sampling.state_slots, positions, penalties)
+            ban_words(scored, chunks, plan)
         verified = rejection_sample(drafts, scored.view(r, k + 1, -1), sampling)
         result = StepResult(verified.token_ids.cpu().numpy())
         if sampling.num_logprobs >= 0:
@@ -476,7 +426,8 @@ class SpeculativeSteps:
         kept, emitted = kept_rows(chunks, plan, result.token_ids,
                                   verified.num_accepted.cpu().numpy(), k, runner.block_size)
         if processed:                     # the emitted tokens count for later penalties
-            self._count(sampling.state_slots, verified.token_ids, emitted)
+            count_emitted(runner.sampling_state, sampling.state_slots, verified.token_ids,
+                          emitted)
         result.num_emitted = np.array(emitted, np.int64)
         result.draft_token_ids = self.proposer.propose(
             kept, hidden if self.reads_final_states else self.draft_hidden)
