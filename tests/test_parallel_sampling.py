@@ -1,5 +1,6 @@
-"""`n` > 1: a prompt's samples share its prefill, come back in index order, and each is
-reproducible from the request's seed and its index."""
+"""`n` > 1: a prompt's samples share its prefill (through the prefix cache, or on a model
+with recurrent state by forking after the first sample's prefill), come back in index order,
+and each is reproducible from the request's seed and its index."""
 from __future__ import annotations
 
 import pytest
@@ -66,3 +67,79 @@ def test_n_keeps_the_prompts_other_outputs(llm):
     out = llm.generate({"prompt_token_ids": [9, 8, 7, 6]}, sp, use_tqdm=False)[0]
     assert len(out.outputs) == 2 and out.request_id.startswith("offline-")
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == 4
+
+
+# ------------------------------------------------------------------- models with state
+def scheduled_tokens(llm) -> list[int]:
+    """Records each step's scheduled token count from now on."""
+    sched, counts = llm.engine.scheduler, []
+    schedule = sched.schedule
+
+    def spy():
+        out = schedule()
+        counts.append(out.num_tokens)
+        return out
+    sched.schedule = spy
+    return counts
+
+
+def hybrid(**kw) -> LLM:
+    """tiny-qwen3.5 in the batch-invariant mode: a token's bits do not depend on how its
+    prompt was cut, so forked samples can equal separate requests bit for bit."""
+    return LLM("tiny-qwen3.5", max_model_len=256, max_num_batched_tokens=64,
+               batch_invariant=True, **kw)
+
+
+def bits(completion) -> tuple:
+    return completion.token_ids, [{t: lp.logprob for t, lp in step.items()}
+                                  for step in completion.logprobs]
+
+
+@pytest.mark.parametrize("max_num_seqs, others", [(8, 0), (3, 1)])
+def test_a_hybrids_samples_fork_after_one_prefill(max_num_seqs, others):
+    """A model with recurrent state has no prefix cache: the first sample computes the prompt
+    but its last token, then the others take its blocks and state there (the partial block
+    and the state slot copied on the device) and each computes the last token with its own
+    seed. Each sample equals the n == 1 request seeded sample_seed(seed, i), bit for bit; the
+    prompt's tokens are computed once. Where another request holds a seat, the sample that
+    finds no room at the fork computes the prompt itself, with the same bits."""
+    llm = hybrid(max_num_seqs=max_num_seqs)
+    counts = scheduled_tokens(llm)
+    prompt = {"prompt_token_ids": list(range(5, 75))}           # 70 tokens, blocks of 32
+    params = SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=8, ignore_eos=True,
+                            logprobs=2)
+    other = ({"prompt_token_ids": list(range(300, 310))},
+             SamplingParams(max_tokens=40, ignore_eos=True))
+    batch = [other] * others + [(prompt, params)]
+    out = llm.generate([p for p, _ in batch], [sp for _, sp in batch], use_tqdm=False)[-1]
+    alone = [hybrid(max_num_seqs=max_num_seqs).generate(prompt, SamplingParams(
+        temperature=0.9, seed=sample_seed(11, i), max_tokens=8, ignore_eos=True, logprobs=2),
+        use_tqdm=False)[0].outputs[0] for i in range(3)]
+    assert [bits(c) for c in out.outputs] == [bits(c) for c in alone]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    own = 69 + 3 + 3 * 7     # the prompt but its last token once, each sample's last, decodes
+    if others:               # plus the other request's, and one sample's whole prompt
+        assert sum(counts) == own + 10 + 39 + 69
+    else:
+        assert sum(counts) == own
+    kv = llm.engine.kv
+    assert kv.state_slots.num_free == max_num_seqs
+    assert kv.pool.num_free == kv.num_usable_blocks
+
+
+def test_a_hybrids_forked_greedy_samples_equal_transformers(tmp_path):
+    """Normal mode, a transformers checkpoint: every greedy sample is transformers' greedy
+    continuation (the forked ones read the copied state and blocks)."""
+    import torch
+    from transformers import Qwen3_5ForCausalLM
+
+    from conftest import hf_greedy, make_hybrid_checkpoint
+    path = make_hybrid_checkpoint(str(tmp_path / "hybrid"))
+    hf = Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = list(range(3, 100))                                   # 97 tokens: a partial block
+    llm = LLM(path, max_model_len=256, block_size=16, max_num_batched_tokens=40, max_num_seqs=4)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(
+        n=3, temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    want = hf_greedy(hf, ids, 10)
+    assert [c.token_ids for c in out.outputs] == [want] * 3
+    assert llm.engine.kv.state_slots.num_free == 4

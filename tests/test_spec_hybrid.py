@@ -137,3 +137,21 @@ def test_batch_invariant_mode_keeps_every_bit(pair, k, engine_kw):
     assert run(llm) == want
     stats = llm.engine.stats
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+
+
+def test_parallel_samples_fork_with_speculation(pair):
+    """n > 1 on the hybrid target with a drafter: the samples fork after the first one's
+    prefill (the drafter's K/V of the partial block is copied with the target's, which only
+    acceptance would show), and every greedy sample is transformers' continuation."""
+    from transformers import Qwen3_5ForCausalLM
+    target, drafter = pair
+    hf = Qwen3_5ForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    ids = list(range(3, 90))
+    want = hf_greedy(hf, ids, 16)
+    llm = LLM(target, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
+              speculative_config=spec(drafter, 3))
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(
+        n=3, temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [want] * 3
+    assert llm.engine.stats.spec_num_accepted_tokens > 0
+    assert llm.engine.kv.state_slots.num_free == 4

@@ -128,7 +128,11 @@ class LLMEngine:
         if params.n > self.config.scheduler.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs="
                              f"{self.config.scheduler.max_num_seqs}")
-        leader = first if self.kv.enable_prefix_caching else None
+        # Without prefix caching (a model with recurrent state) the leader forks the samples
+        # before its last prompt token: they share its blocks and copy its state there.
+        fork = (not self.kv.enable_prefix_caching and first.num_prompt_tokens > 1
+                and params.prompt_logprobs is None)
+        leader = first if self.kv.enable_prefix_caching or fork else None
         rest = [Request(ids[i], list(first.prompt_token_ids), params,
                         seed=sample_seed(first.seed, i), max_tokens=first.max_tokens,
                         prompt=first.prompt, index=i, leader=leader,
@@ -136,6 +140,8 @@ class LLMEngine:
                 for i in range(1, params.n)]
         if any(r.request_id in self.requests for r in rest):
             raise ValueError(f"request id {request_id!r} is already in use")
+        if fork:
+            first.followers = list(rest)
         return [first, *rest]
 
     def make_request(self, request_id: str, prompt: str | list[int],
@@ -263,6 +269,9 @@ class LLMEngine:
     def _launch(self, sched: SchedulerOutput) -> tuple[list[_Launched], PendingStep]:
         launched = [_Launched(s.request, s.samples, s.request.num_preemptions,
                               s.num_new_tokens, len(s.spec_token_ids)) for s in sched.scheduled]
+        blocks, slots = self.kv.take_copies()
+        if blocks or slots:              # forked samples' partial blocks and states
+            self.runner.copy_caches(blocks, slots)
         pending = self.runner.launch(sched.scheduled)
         for s, entry in zip(sched.scheduled, launched):
             s.request.num_computed_tokens += s.num_new_tokens

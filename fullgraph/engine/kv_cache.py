@@ -117,6 +117,10 @@ class KVCacheManager:
                                else None)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # (source, destination) blocks and state slots whose contents the device copies
+        # before the next step (forks)
+        self._block_copies: list[tuple[int, int]] = []
+        self._slot_copies: list[tuple[int, int]] = []
         self.prefix_queries = 0          # prompt tokens looked up
         self.prefix_hits = 0             # of which served from the cache
 
@@ -182,6 +186,35 @@ class KVCacheManager:
         if needed > 0:
             req.block_ids.extend(self.pool.allocate(needed))
         return True
+
+    def fork(self, child: Request, parent: Request, num_tokens: int) -> bool:
+        """Give `child` the parent's first `num_tokens` computed tokens: their full blocks
+        shared, the partial one and the parent's state slot copied (on the device, before
+        the next step: `take_copies`). False if the pool has no block for the copy (nothing
+        changes then)."""
+        full, partial = divmod(num_tokens, self.block_size)
+        if partial and self.pool.num_free < 1:
+            return False
+        shared = parent.block_ids[:full]
+        self.pool.touch(shared)
+        child.block_ids = list(shared)
+        if partial:
+            block = self.pool.allocate(1)[0]
+            self._block_copies.append((parent.block_ids[full], block))
+            child.block_ids.append(block)
+        if self.state_slots is not None:
+            child.state_slot = self.state_slots.take()
+            self._slot_copies.append((parent.state_slot, child.state_slot))
+        if child.needs_sampling_state and child.sampling_slot < 0:
+            child.sampling_slot = self.sampling_slots.take()
+        child.num_computed_tokens = num_tokens
+        return True
+
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The block and state-slot copies forks asked for since the last call."""
+        out = self._block_copies, self._slot_copies
+        self._block_copies, self._slot_copies = [], []
+        return out
 
     def keep_state(self, req: Request, kept: int) -> None:
         """After a step ran `kept` of the request's rows for good (its last token and the

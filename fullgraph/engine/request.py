@@ -27,7 +27,8 @@ class Request:
     prompt: str | None = None
     index: int = 0                          # which of its prompt's `n` samples this is
     # the first sample of the same prompt: this one waits until the leader's prompt is in the
-    # prefix cache, so the prompt is prefilled once (None: no wait)
+    # prefix cache, or until the leader forks it (a model with recurrent state: below), so
+    # the prompt is prefilled once (None: no wait)
     leader: "Request | None" = None
     mm_inputs: MultiModalInputs | None = None   # its images (multimodal models)
     arrival_time: float = field(default_factory=time.monotonic)
@@ -38,6 +39,9 @@ class Request:
                                             # by a launched step)
     num_pending: int = 0                    # tokens launched steps sample, not yet known here
     spec_token_ids: list[int] = field(default_factory=list)   # drafts for its next step
+    # a leader's samples still to fork: the leader stops before its last prompt token until
+    # they take its blocks and state there (engine/scheduler.py)
+    followers: list["Request"] = field(default_factory=list)
     num_draft_tokens: int = 0               # drafts verified so far, and of them accepted
     num_accepted_tokens: int = 0
     num_cached_tokens: int = 0              # prompt tokens served from the prefix cache
@@ -83,8 +87,9 @@ class Request:
     @property
     def waits_for_leader(self) -> bool:
         lead = self.leader
-        return (lead is not None and not lead.is_finished
-                and lead.num_computed_tokens < lead.num_prompt_tokens)
+        if lead is None or lead.is_finished:
+            return False
+        return self in lead.followers or lead.num_computed_tokens < lead.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -92,7 +92,13 @@ class Scheduler:
                     or (req.num_pending and req.waits_for_output)):
                 i += 1          # its last token is in flight (it finishes when that lands),
                 continue        # or its next step needs that token on the host
-            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if req.followers and req.num_computed_tokens == req.num_prompt_tokens - 1:
+                self._fork(req)
+            n = self._capped(req, min(req.num_tokens + req.num_pending
+                                      - req.num_computed_tokens, budget))
+            if n == 0:
+                i += 1          # a leader at its fork point whose followers wait for room
+                continue
             spec = self._drafts(req, n, budget)
             if not self.kv.allocate_slots(req, n + len(spec) + self._lookahead(req, n + len(spec))):
                 spec = []         # drafts and lookahead are worth no preemption
@@ -111,7 +117,8 @@ class Scheduler:
 
         # Admit new work only when nothing had to be preempted this step, first come first
         # served: a sample of an n > 1 request whose first sample is still prefilling the
-        # shared prompt waits (and what came after it), then finds the prompt cached.
+        # shared prompt waits (and what came after it), then finds the prompt cached, or is
+        # forked by the first (`_fork`: a model with state, no prefix cache).
         while (not out.preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
@@ -119,7 +126,7 @@ class Scheduler:
                 break
             hits = self.kv.get_computed_blocks(req)
             num_cached = len(hits) * self.kv.block_size
-            n = min(req.num_tokens - num_cached, budget)
+            n = self._capped(req, min(req.num_tokens - num_cached, budget))
             ahead = (self._lookahead(req, num_cached - req.num_computed_tokens + n)
                      if num_cached + n == req.num_tokens else 0)
             if not (self.kv.allocate_slots(req, n + ahead, hits)
@@ -134,6 +141,28 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    @staticmethod
+    def _capped(req: Request, n: int) -> int:
+        """A leader with followers to fork stops before its last prompt token."""
+        if req.followers:
+            return min(n, req.num_prompt_tokens - 1 - req.num_computed_tokens)
+        return n
+
+    def _fork(self, leader: Request) -> None:
+        """The leader has computed all of its prompt but the last token: each follower still
+        waiting takes its blocks and state there (`KVCacheManager.fork`) and runs from the
+        last prompt token on, as a sample after a prefix-cache hit does; one that finds no
+        room is let go, to compute the prompt itself."""
+        for f in leader.followers:
+            f.leader = None
+            if (f.status == RequestStatus.WAITING and f in self.waiting
+                    and len(self.running) < self.config.max_num_seqs
+                    and self.kv.fork(f, leader, leader.num_computed_tokens)):
+                self.waiting.remove(f)
+                f.status = RequestStatus.RUNNING
+                self.running.append(f)
+        leader.followers = []
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The drafts a decoding request runs with this step: those proposed for it, as

@@ -252,6 +252,25 @@ class ModelRunner:
             self.spec.allocate_kv_cache(num_blocks)
 
     @torch.inference_mode()
+    def copy_caches(self, blocks: list[tuple[int, int]], slots: list[tuple[int, int]]) -> None:
+        """Copy KV blocks (every attention layer's, the drafter's too) and state slots (every
+        state tensor of every linear-attention layer), (source, destination) pairs, on the
+        device before the next step: a fork of a prompt's samples (engine/scheduler.py)."""
+        if blocks:
+            bs = self.block_size
+            src, dst = (torch.tensor([b * bs + j for b in side for j in range(bs)],
+                                     device=self.device) for side in zip(*blocks))
+            caches = self.kv_caches + (self.spec.proposer.kv_caches if self.spec else [])
+            for layer in caches:
+                for t in layer:
+                    t.index_copy_(0, dst, t.index_select(0, src))
+        if slots:
+            src, dst = (torch.tensor(side, device=self.device) for side in zip(*slots))
+            for layer in self.state_caches:
+                for t in layer:
+                    t.index_copy_(0, dst, t.index_select(0, src))
+
+    @torch.inference_mode()
     def _profile_run(self) -> None:
         """A max-size prefill, all of it writing into the null block, and the general sampler
         over every row."""
