@@ -95,15 +95,17 @@ def bits(completion) -> tuple:
                                   for step in completion.logprobs]
 
 
-@pytest.mark.parametrize("max_num_seqs, others", [(8, 0), (3, 1)])
-def test_a_hybrids_samples_fork_after_one_prefill(max_num_seqs, others):
+@pytest.mark.parametrize("max_num_seqs, others, async_scheduling",
+                         [(8, 0, False), (3, 1, False), (8, 0, True)])
+def test_a_hybrids_samples_fork_after_one_prefill(max_num_seqs, others, async_scheduling):
     """A model with recurrent state has no prefix cache: the first sample computes the prompt
     but its last token, then the others take its blocks and state there (the partial block
     and the state slot copied on the device) and each computes the last token with its own
     seed. Each sample equals the n == 1 request seeded sample_seed(seed, i), bit for bit; the
     prompt's tokens are computed once. Where another request holds a seat, the sample that
-    finds no room at the fork computes the prompt itself, with the same bits."""
-    llm = hybrid(max_num_seqs=max_num_seqs)
+    finds no room at the fork computes the prompt itself, with the same bits. With async
+    scheduling the fork's copies follow the leader's step in flight."""
+    llm = hybrid(max_num_seqs=max_num_seqs, async_scheduling=async_scheduling)
     counts = scheduled_tokens(llm)
     prompt = {"prompt_token_ids": list(range(5, 75))}           # 70 tokens, blocks of 32
     params = SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=8, ignore_eos=True,
