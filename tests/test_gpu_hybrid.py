@@ -98,3 +98,17 @@ def test_selftest_covers_a_hybrid():
                         "--model", "tiny-qwen3.5", "--trials", "2"], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+
+
+def test_parallel_samples_fork_after_one_prefill(hybrid_dir):
+    """n > 1 on CUDA (graphs, async scheduling): the followers fork at the leader's last
+    prompt token (blocks and state copied on the device before the next step, behind the
+    leader's step in flight); every float32 greedy sample is transformers' continuation."""
+    from transformers import Qwen3_5ForCausalLM
+    hf = Qwen3_5ForCausalLM.from_pretrained(hybrid_dir, dtype=torch.float32).eval()
+    llm = LLM(hybrid_dir, dtype="float32", **ENGINE)
+    ids = prompts([150], seed=5)[0]                  # chunked: 128 + 21, then the last token
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(
+        n=3, temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in out.outputs] == [hf_greedy(hf, ids, 12)] * 3
+    assert llm.engine.kv.state_slots.num_free == ENGINE["max_num_seqs"]
