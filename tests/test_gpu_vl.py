@@ -119,25 +119,12 @@ def test_speculative_decoding_with_images_equals_transformers(vl_dir, tmp_path,
     """EAGLE-3 on the VL target on CUDA (tests/test_vl_engine.py's CPU check): verify rows and
     drafts at their MRoPE positions, image steps eager, verify graphs otherwise; float32
     greedy tokens equal transformers'."""
-    from transformers import Qwen3VLForConditionalGeneration
     from spec_pairs import agreeing_drafter, bigram_target
-    from test_vl_engine import prompt
+    from test_vl_engine import speculation_with_images
     target = bigram_target(str(tmp_path / "target"), source=vl_dir, mix=0.5)
     drafter = agreeing_drafter(str(tmp_path / "drafter"), target)
-    hf = Qwen3VLForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    a = prompt([9, 8], None, [7], None, [6, 5])
-    imgs = images((64, 96), (96, 64), seed=1)
-    text = [11, 12, 13, 14, 15]
-    llm = LLM(target, dtype="float32", enforce_eager=enforce_eager, **ENGINE,
-              speculative_config={"method": "eagle3", "model": drafter,
-                                  "num_speculative_tokens": 3})
-    outs = llm.generate([{"prompt_token_ids": a, "multi_modal_data": {"image": imgs}},
-                         {"prompt_token_ids": text}],
-                        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
-                        use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [hf_generate(hf, a, imgs, 24),
-                                                      hf_generate(hf, text, [], 24)]
+    llm = speculation_with_images(target, drafter, dtype="float32",
+                                  enforce_eager=enforce_eager, **ENGINE)
     assert llm.engine.stats.spec_num_accepted_tokens > 0
     if not enforce_eager:
         assert llm.engine.runner.dispatcher.num_graph_steps > 0

@@ -165,26 +165,32 @@ def test_speculative_decoding_with_images_equals_transformers(spec_pair, engine_
     """EAGLE-3 on a vision-language target: verify rows and drafts at their MRoPE positions
     (the text positions after the prompt's), steps with image tokens eager; greedy tokens
     equal transformers'. (Leaving the speculative steps' rotary rows unwritten fails it.)"""
+    llm = speculation_with_images(*spec_pair, max_model_len=512, max_num_seqs=4,
+                                  num_gpu_blocks_override=128, **engine_kw)
+    stats = llm.engine.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    if "cudagraph_runtime" in engine_kw:
+        assert llm.engine.runner.dispatcher.num_graph_steps > 0
+
+
+def speculation_with_images(target: str, drafter: str, **engine_kw) -> LLM:
+    """An engine on `target` with the EAGLE-3 `drafter` (k = 3) over a prompt with two images
+    and a text one, asserting its greedy tokens equal transformers'; returns the engine."""
     from transformers import Qwen3VLForConditionalGeneration
-    target, drafter = spec_pair
     hf = Qwen3VLForConditionalGeneration.from_pretrained(target, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     a = prompt([9, 8], None, [7], None, [6, 5])
     imgs = images((64, 96), (96, 64), seed=1)
     text = [11, 12, 13, 14, 15]
-    llm = LLM(target, max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
-              speculative_config={"method": "eagle3", "model": drafter,
-                                  "num_speculative_tokens": 3}, **engine_kw)
+    llm = LLM(target, speculative_config={"method": "eagle3", "model": drafter,
+                                          "num_speculative_tokens": 3}, **engine_kw)
     outs = llm.generate([{"prompt_token_ids": a, "multi_modal_data": {"image": imgs}},
                          {"prompt_token_ids": text}],
                         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
                         use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [hf_generate(hf, a, imgs, 24),
                                                       hf_generate(hf, text, [], 24)]
-    stats = llm.engine.stats
-    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
-    if "cudagraph_runtime" in engine_kw:
-        assert llm.engine.runner.dispatcher.num_graph_steps > 0
+    return llm
 
 
 def test_image_errors_leave_the_engine_usable(llm):
