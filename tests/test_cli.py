@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "fullgraph.entrypoints.cli", *args],
@@ -115,13 +117,17 @@ def test_batch_invariant_flag_runs_and_names_what_cannot_keep_it():
     assert "attention backend 'sdpa' does not support batch-invariant mode" in r.stderr
 
 
-def test_generate_with_speculative_config():
-    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--max-tokens", "6",
+@pytest.mark.parametrize("target", ["tiny-qwen3", "tiny-qwen3.5"])
+def test_generate_with_speculative_config(target):
+    r = run("generate", "--model", target, "--prompt", "Hello", "--max-tokens", "6",
             "--max-model-len", "128", "--ignore-eos", "--speculative-config",
-            '{"method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 2}')
+            '{"method": "eagle3", "model": "%s-eagle3", "num_speculative_tokens": 2}' % target)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("6 generated") == 1
     assert re.search(r"speculative decoding: \d+ of \d+ draft tokens accepted", r.stdout)
+
+
+def test_generate_names_a_bad_speculative_config():
     r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--speculative-config",
             '{"method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 0}')
     assert r.returncode == 2 and "num_speculative_tokens must be an integer >= 1" in r.stderr
