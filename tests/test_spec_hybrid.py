@@ -155,3 +155,27 @@ def test_parallel_samples_fork_with_speculation(pair):
     assert [c.token_ids for c in out.outputs] == [want] * 3
     assert llm.engine.stats.spec_num_accepted_tokens > 0
     assert llm.engine.kv.state_slots.num_free == 4
+
+
+def test_server_serves_n_samples_speculatively(pair, reference):
+    """The OpenAI server on the hybrid target with its drafter, through the official client:
+    n = 2 greedy samples (forked after one prefill, drafted and verified) are transformers'
+    continuation each."""
+    import openai
+
+    from conftest import served
+    from fullgraph.engine.async_engine import AsyncLLMEngine
+    from fullgraph.engine.engine import LLMEngine
+    from fullgraph.engine.args import EngineArgs
+    target, drafter = pair
+    prompts, expected = reference
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(
+        target, speculative_config=spec(drafter, 3), max_num_seqs=8, **KW)))
+    with served(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model=target, prompt=prompts[4], max_tokens=MAX_NEW,
+                                        n=2, temperature=0, extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1]
+    tok = engine.engine.tokenizer
+    want = tok.decode(expected[4])
+    assert [c.text for c in out.choices] == [want, want]
