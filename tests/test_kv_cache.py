@@ -103,3 +103,26 @@ def test_usage():
     r = make_req(range(8))
     kv.allocate_slots(r, 8)
     assert kv.usage == 0.5
+
+
+def test_fork_shares_full_blocks_and_copies_the_partial_block_and_state():
+    kv = KVCacheManager(16, 4, False, num_state_slots=4)
+    parent, child, other = (make_req(range(11), rid) for rid in "pco")
+    assert kv.allocate_slots(parent, 10)                   # 10 of 11 tokens: 3 blocks
+    parent.num_computed_tokens = 10
+    assert kv.fork(child, parent, 10)
+    assert child.block_ids[:2] == parent.block_ids[:2]     # two full blocks shared
+    assert child.block_ids[2] not in parent.block_ids      # the partial one, a copy
+    assert child.num_computed_tokens == 10 and child.state_slot not in (0, parent.state_slot)
+    assert kv.pool.ref_cnt[parent.block_ids[0]] == 2
+    blocks, slots = kv.take_copies()
+    assert blocks == [(parent.block_ids[2], child.block_ids[2])]
+    assert slots == [(parent.state_slot, child.state_slot)]
+    assert kv.take_copies() == ([], [])
+    # a fork undone before its step ran (the child preempted) copies nothing
+    assert kv.fork(other, parent, 10)
+    kv.free(other)
+    assert kv.take_copies() == ([], [])
+    for req in (child, parent):
+        kv.free(req)
+    assert kv.pool.num_free == kv.num_usable_blocks and kv.state_slots.num_free == 4

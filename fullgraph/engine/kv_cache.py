@@ -239,6 +239,9 @@ class KVCacheManager:
         req.num_registered_blocks = max(req.num_registered_blocks, num_full)
 
     def free(self, req: Request) -> None:
+        if self._block_copies or self._slot_copies:   # a fork undone before its step ran
+            self._block_copies = [c for c in self._block_copies if c[1] not in req.block_ids]
+            self._slot_copies = [c for c in self._slot_copies if c[1] != req.state_slot]
         self.pool.release(req.block_ids)
         req.block_ids = []
         req.num_registered_blocks = 0
