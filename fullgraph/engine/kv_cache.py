@@ -193,20 +193,13 @@ class KVCacheManager:
         the next step: `take_copies`). False if the pool has no block for the copy (nothing
         changes then)."""
         full, partial = divmod(num_tokens, self.block_size)
-        if partial and self.pool.num_free < 1:
+        # the full blocks as a prefix hit's, a new block for the partial one, the slots
+        if not self.allocate_slots(child, partial, parent.block_ids[:full]):
             return False
-        shared = parent.block_ids[:full]
-        self.pool.touch(shared)
-        child.block_ids = list(shared)
         if partial:
-            block = self.pool.allocate(1)[0]
-            self._block_copies.append((parent.block_ids[full], block))
-            child.block_ids.append(block)
+            self._block_copies.append((parent.block_ids[full], child.block_ids[full]))
         if self.state_slots is not None:
-            child.state_slot = self.state_slots.take()
             self._slot_copies.append((parent.state_slot, child.state_slot))
-        if child.needs_sampling_state and child.sampling_slot < 0:
-            child.sampling_slot = self.sampling_slots.take()
         child.num_computed_tokens = num_tokens
         return True
 

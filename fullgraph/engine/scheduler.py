@@ -156,7 +156,7 @@ class Scheduler:
         room is let go, to compute the prompt itself."""
         for f in leader.followers:
             f.leader = None
-            if (f.status == RequestStatus.WAITING and f in self.waiting
+            if (f.status == RequestStatus.WAITING
                     and len(self.running) < self.config.max_num_seqs
                     and self.kv.fork(f, leader, leader.num_computed_tokens)):
                 self.waiting.remove(f)

@@ -102,11 +102,11 @@ def speculative_gated_delta_rule(q, k, v, g, beta, state_pool: torch.Tensor,
     their states from `state_slots`; `write_slots` `[R, m]` column j < m - 1 gets the state
     after the lane's row min(j, L - 1), column m - 1 after its last row.
 
-    `max_query_len`: a bound no larger than m on every lane's rows, where the step's shape
-    gives one (a verify step: m; a decode step: 1): every row then runs token by token, each
+    `max_query_len`: every lane's row count, where the step is uniform with at most m rows a
+    lane (a verify step: m; a decode step: 1): every row then runs token by token, each
     state written as it comes. None (steps with prompt chunks): the chunked rule gives the
     outputs and the last rows' states, and the first m - 1 rows run again token by token for
-    theirs. The states are gathered once before anything is written: a lane's read slot is
+    theirs (a lane shorter than that reads a no-op row past its end). The states are gathered once before anything is written: a lane's read slot is
     one of its write slots. Returns `[T, num_v_heads, head_v_dim]` in q's dtype."""
     fla = fla_gated_delta_rule(q.device) if use_fla else None
     m = write_slots.shape[1]
@@ -116,11 +116,14 @@ def speculative_gated_delta_rule(q, k, v, g, beta, state_pool: torch.Tensor,
     starts, ends = qsl[:-1], qsl[1:]
     t_all = q.shape[0]
     out = q.new_zeros(t_all + 1, v.shape[1], v.shape[2])        # row T: rows of no lane
-    inputs = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q, k, v, g, beta)]
+    inputs = [q, k, v, g, beta]
+    if max_query_len is None:                   # row T: the no-op token (no decay, no update)
+        inputs = [torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in inputs]
     h = h0
     for j in range(steps):
         t = starts + j
-        t = torch.where(t < ends, t, t_all)     # a lane past its last row: the no-op row
+        if max_query_len is None:
+            t = torch.where(t < ends, t, t_all)     # a lane past its last row: the no-op row
         if fla is None:
             o, h = recurrent_step_ref(*(x[t] for x in inputs), h)
         else:
