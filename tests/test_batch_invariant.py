@@ -339,12 +339,16 @@ def test_parts_without_the_mode_are_refused_by_name(monkeypatch):
     from fullgraph.models.interface import ModelCapabilities
     from fullgraph.models.qwen3_vl import Qwen3VLForConditionalGeneration
     monkeypatch.setattr(Qwen3VLForConditionalGeneration, "capabilities", ModelCapabilities())
-    with pytest.raises(ValueError, match="Qwen3VLForConditionalGeneration does not support "
+    with pytest.raises(ValueError, match="Qwen3VLForConditionalGeneration on cpu does not support "
                                          "batch-invariant"):
         EngineArgs("tiny-qwen3-vl", batch_invariant=True).create_engine_config()
-    config = EngineArgs("tiny-qwen3").create_engine_config()
-    with pytest.raises(ValueError, match="CPU only so far"):
-        check_kernel_policy(KernelPolicy(batch_invariant=True), torch.device("cuda"),
-                            config.model, "flex")
+    # on the GPU: the dense models' kernels keep the mode, the hybrids' not yet
+    on = KernelPolicy(batch_invariant=True)
+    check_kernel_policy(on, torch.device("cuda"),
+                        EngineArgs("tiny-qwen3").create_engine_config().model, "flex")
+    hybrid = EngineArgs("tiny-qwen3.5").create_engine_config().model
+    with pytest.raises(ValueError, match="Qwen3_5ForCausalLM on cuda does not support "
+                                         "batch-invariant"):
+        check_kernel_policy(on, torch.device("cuda"), hybrid, "flex")
     # normal mode: nothing is checked
-    check_kernel_policy(KernelPolicy(), torch.device("cuda"), config.model, "sdpa")
+    check_kernel_policy(KernelPolicy(), torch.device("cuda"), hybrid, "sdpa")

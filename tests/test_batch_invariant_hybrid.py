@@ -148,4 +148,4 @@ def test_tails_exist_in_the_mode_only_and_every_hybrid_declares_it():
         "tail_beta": ((63, 4), None)}
     for arch in ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3NextForCausalLM",
                  "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration"):
-        assert get_model_class(arch).capabilities.batch_invariant, arch
+        assert "cpu" in get_model_class(arch).capabilities.batch_invariant, arch

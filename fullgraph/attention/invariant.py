@@ -1,5 +1,6 @@
-"""The batch-invariant mode's attention on the CPU: every token over its own request's KV,
-in logical order, in fixed tiles and splits.
+"""The batch-invariant mode's attention: every token over its own request's KV, in logical
+order, in fixed tiles and splits. `paged_attention` is the CPU path and the reference; on the
+GPU the backend runs the same structure as one Triton kernel (attention/paged_invariant.py).
 
 attention/gathered.py (the flex backend's CPU path) is not invariant: a query row alone in
 SDPA's query block (a decode row, a chunk's last row) takes another path than the same row in
@@ -7,7 +8,7 @@ a fuller block, and the packed layout lists a query block's KV blocks by physica
 request's KV order follows the block allocator (docs/batch_invariance.md, section 3). Here a
 token's result depends on its own q and its request's K/V only, with one arithmetic for
 prefill, mixed and decode steps, which generation == scoring needs. It is the CPU reference
-of the GPU kernel the design plans (section 6.5); the flex backend resolves to it in the mode
+of the GPU kernel (section 6.5); the flex backend resolves to this backend in the mode
 (`attention.backend.get_backend_class`).
 """
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Iterable
 
 import torch
 
-from fullgraph.attention.backend import KVCache
+from fullgraph.attention import paged_invariant
+from fullgraph.attention.backend import KVCache, QKNormRope
 from fullgraph.attention.gathered import recording
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.layers.activation import scalar_path
 from fullgraph.layers.policy import KernelPolicy
+from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
 
 
 TOKEN_BLOCK = 64     # tokens per `paged_attention` call of the backend
@@ -117,16 +120,20 @@ class InvariantAttentionMetadata:
     inputs: StepAttentionInputs
     extent: int                           # KV positions an eager step walks (whole splits)
     bound: int                            # ... and a recorded one: any step of this shape
-    slots: torch.Tensor | None = None     # [T, E], made by `update`
+    slots: torch.Tensor | None = None     # [T, E], made by `update` (CPU)
     visible: torch.Tensor | None = None   # [T, E]
+    tiles: tuple[torch.Tensor, ...] = ()  # the kernel's query tiles (GPU, `tile_map`)
 
 
 class InvariantAttentionBackend:
-    """An attention backend (attention/backend.py's contract) whose every token's result is
-    `paged_attention`'s: the CPU path of the batch-invariant mode, where attention/
-    gathered.py's one SDPA call per layer is not invariant.
+    """An attention backend (attention/backend.py's contract) whose every token's result
+    depends on its own q and its request's K/V only: the batch-invariant mode's, where the
+    flex backend's paths (attention/gathered.py's one SDPA call per layer on the CPU;
+    FlexAttention and the decode kernels on the GPU) are not invariant.
 
-    `update` turns the step's persistent inputs into each token's request, position and
+    On the GPU, `update` lists the step's query tiles for the kernel
+    (`paged_invariant.tile_map`), and the q/k prologue runs in one layout for every token
+    count (`forward_qkv`). On the CPU, `update` turns the step's persistent inputs into each token's request, position and
     slots of its logical KV positions, with device ops only; the extent is a host int fixed
     before any op: the step's own (eager) or, in a step being recorded into a graph
     (attention/gathered.py's `recording`), the most any request may hold, so replays of any
@@ -138,8 +145,10 @@ class InvariantAttentionBackend:
     def __init__(self, spec: AttentionSpec, device: torch.device,
                  buffers: PersistentInputs | None = None, compile: bool = False,
                  policy: KernelPolicy = KernelPolicy(batch_invariant=True)) -> None:
-        if device.type != "cpu":
-            raise ValueError("the batch-invariant attention path runs on the CPU only so far")
+        d = spec.head_dim
+        if device.type == "cuda" and (paged_invariant.triton is None or d < 32 or d & (d - 1)):
+            raise ValueError(f"the batch-invariant attention kernel needs Triton and a head "
+                             f"dim that is a power of two >= 32 (got {d})")
         self.spec = spec
         self.device = device
         self.policy = policy
@@ -154,6 +163,13 @@ class InvariantAttentionBackend:
                                           attention_extent([most], self.policy))
 
     def update(self, meta: InvariantAttentionMetadata, inputs: StepAttentionInputs) -> None:
+        if self.device.type == "cuda":
+            group = self.spec.num_heads // self.spec.num_kv_heads
+            meta.tiles = paged_invariant.tile_map(inputs.query_start_loc,
+                                                  inputs.num_reqs_padded,
+                                                  inputs.num_tokens_padded,
+                                                  paged_invariant.query_tokens(group))
+            return
         bs = self.spec.block_size
         e = meta.bound if recording() else meta.extent
         # the padded shape only (a graph replays this for other steps): padding requests
@@ -173,8 +189,22 @@ class InvariantAttentionBackend:
         meta.visible = ((kv[None, :] <= pos[:, None]) & (kv[None, :] < seq_len[:, None])
                         & live[:, None])
 
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                    slot_mapping: torch.Tensor, p: QKNormRope,
+                    meta: InvariantAttentionMetadata) -> torch.Tensor:
+        q = qk_norm_rope_store_kv(qkv, positions, p.cos, p.sin, p.q_weight, p.k_weight, p.eps,
+                                  p.num_heads, p.num_kv_heads, kv_cache[0], kv_cache[1],
+                                  slot_mapping, batch_invariant=True)
+        return self.forward(q, kv_cache, meta)
+
     def forward(self, q: torch.Tensor, kv_cache: KVCache,
                 meta: InvariantAttentionMetadata) -> torch.Tensor:
+        if q.is_cuda:
+            inputs = meta.inputs
+            return paged_invariant.invariant_attention(
+                q, kv_cache[0], kv_cache[1], inputs.block_table, inputs.seq_lens,
+                inputs.positions, meta.tiles, self.spec.block_size, self.spec.scale,
+                self.policy)
         # in blocks of tokens: each token gathers its own KV, so one call over a long
         # prompt would hold [tokens, extent, heads, dim] at once; tokens are independent
         # of each other, so the blocks change no bit

@@ -214,12 +214,9 @@ def check_kernel_policy(policy: KernelPolicy, device: torch.device, model: Model
     section 8)."""
     if not policy.batch_invariant:
         return
-    if device.type != "cpu":
-        raise ValueError(f"batch-invariant mode runs on the CPU only so far (device "
-                         f"{device}): its GPU kernels are not built yet "
-                         f"(docs/batch_invariance.md, section 10)")
-    policy.require(f"model architecture {model.architecture}",
-                   get_model_class(model.architecture).capabilities.batch_invariant)
+    devices = get_model_class(model.architecture).capabilities.batch_invariant
+    policy.require(f"model architecture {model.architecture} on {device.type}",
+                   device.type in devices)
     get_backend_class(attention_backend, policy)      # a backend without it: ValueError
 
 

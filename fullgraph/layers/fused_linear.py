@@ -7,9 +7,10 @@ of their own: 3 of a batch-1 step's ~11 kernels per layer. Every program of that
 repeats the op over the whole row, which only pays off for one row
 (`benchmarks/probes/gemv_tiles.py --prologue`): for more, one Triton kernel per row does the
 elementwise part and the plain GEMV or cuBLAS the product, the kernel count inductor's fusion
-gave. On CPU (eager, the reference path) these are the plain modules. The batch-invariant
-mode (the projection's `kernel_policy`, layers/policy.py) exists on the CPU only so far: its
-product is `linear.invariant_matmul` and its SiLU the scalar path (layers/activation.py).
+gave. On CPU (eager, the reference path) these are the plain modules. In the batch-invariant
+mode (the projection's `kernel_policy`, layers/policy.py) nothing is folded into the product,
+which is `linear.invariant_matmul`: on the GPU the norm and SiLU-and-mul are the row kernels
+here, on the CPU the modules, with SiLU through the scalar path (layers/activation.py).
 """
 from __future__ import annotations
 
@@ -81,6 +82,18 @@ def _add_rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weig
             NORM_F32=norm_f32(norm_weight, x), BLOCK=triton.next_power_of_2(x.shape[1]), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
+def _silu_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up], elementwise, one rounding."""
+    m, k = gate_up.shape[0], gate_up.shape[1] // 2
+    act = gate_up.new_empty(m, k)
+    if m:
+        pdl = pdl_enabled(gate_up)
+        _silu_mul_rows_kernel[(m, triton.cdiv(k, SILU_BLOCK))](
+            gate_up, act, k, gate_up.stride(0), act.stride(0), BLOCK=SILU_BLOCK, USE_PDL=pdl,
+            num_warps=4, launch_pdl=pdl)
+    return act
+
+
 # Opaque ops for torch.compile, like fullgraph::linear: the row count (and so the kernel)
 # is only known at run time.
 @torch.library.custom_op("fullgraph::add_rms_norm", mutates_args=())
@@ -122,14 +135,7 @@ def _silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
                      l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
     if gate_up.shape[0] == 1 and gemv_supported(gate_up, weight):
         return gemv(gate_up, weight, prologue=SILU_MUL, l2_prefetch_next=l2_prefetch_next)
-    m, k = gate_up.shape[0], weight.shape[1]
-    act = gate_up.new_empty(m, k)
-    if m:
-        pdl = pdl_enabled(gate_up)
-        _silu_mul_rows_kernel[(m, triton.cdiv(k, SILU_BLOCK))](
-            gate_up, act, k, gate_up.stride(0), act.stride(0), BLOCK=SILU_BLOCK, USE_PDL=pdl,
-            num_warps=4, launch_pdl=pdl)
-    return matmul(act, weight, l2_prefetch_next)
+    return matmul(_silu_mul_rows(gate_up), weight, l2_prefetch_next)
 
 
 @_silu_mul_linear.register_fake
@@ -142,10 +148,17 @@ def _fusable(x: torch.Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16))
 
 
+def _invariant_rows(x: torch.Tensor, policy: KernelPolicy) -> bool:
+    """The mode on the GPU, in any dtype: the row kernels, whose per-row arithmetic does not
+    follow the row count as torch's reductions do."""
+    return (policy.batch_invariant and triton is not None and x.is_cuda and x.dim() == 2
+            and x.stride(-1) == 1)
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
                  norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual)."""
-    if _fusable(x):
+    if _fusable(x) or _invariant_rows(x, policy_of(norm)):
         return _add_rms_norm(x, residual, norm.kernel_weight, norm.eps)
     return norm(x, residual)
 
@@ -163,7 +176,13 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     """proj(norm(x + residual)) and the new residual x + residual (x when there is none).
     `l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
     policy = policy_of(proj)
-    if _fusable(x) and not policy.batch_invariant:
+    if _invariant_rows(x, policy):
+        # the mode: the norm by the row kernel (one program per row, whatever the row count),
+        # never folded into the product, whose per-row statistics take another order
+        h, normed = torch.empty_like(x), torch.empty_like(x)
+        _add_rms_norm_rows(x, residual, norm.kernel_weight, norm.eps, h, normed)
+        y, residual = _product(normed, proj, policy), h
+    elif _fusable(x):
         y, residual = _rms_norm_linear(x, residual, norm.kernel_weight, norm.eps, proj.weight,
                                        list(l2_prefetch_next))
     else:
@@ -179,7 +198,9 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
                     l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """proj(silu(gate) * up) for gate_up = [gate | up]; `l2_prefetch_next` as in norm_linear."""
     policy = policy_of(proj)
-    if _fusable(gate_up) and not policy.batch_invariant:
+    if _invariant_rows(gate_up, policy):
+        y = _product(_silu_mul_rows(gate_up), proj, policy)
+    elif _fusable(gate_up):
         y = _silu_mul_linear(gate_up, proj.weight, list(l2_prefetch_next))
     else:
         y = _product(silu_and_mul(gate_up, policy.batch_invariant), proj, policy)

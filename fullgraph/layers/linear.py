@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fullgraph.layers import invariant_gemm
 from fullgraph.layers.gemv import gemv, gemv_supported, matmul
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, policy_of
 
@@ -24,17 +25,24 @@ def _(x: torch.Tensor, weight: torch.Tensor, l2_prefetch_next: list[torch.Tensor
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, policy: KernelPolicy) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T with every row computed by an `F.linear` call of one shape,
-    [matmul_block_rows, K], the last block zero-padded.
+def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, policy: KernelPolicy,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T where a row's bits do not depend on M. On the GPU, a
+    Triton kernel that accumulates in K order with no split-K (layers/invariant_gemm.py). On
+    the CPU,
+    every row is computed by an `F.linear` call of one shape, [matmul_block_rows, K], the
+    last block zero-padded.
 
     On the CPU, MKL (float32) and oneDNN (bfloat16) pick their algorithm from the row count,
     so a row's bits change with M (docs/batch_invariance.md, section 3). Through calls of one
     shape they depend on the row and the weight only (measured: not on the row's place in the
     block). Each block is a fresh allocation: a view into a larger tensor would vary its
     alignment with the offset, which the library may also key on."""
+    if x.is_cuda:
+        return invariant_gemm.invariant_mm(x, weight, out)
     m, k = x.shape
-    out = x.new_empty(m, weight.shape[0])
+    if out is None:
+        out = x.new_empty(m, weight.shape[0])
     for start, n in policy.matmul_calls(m):
         block = x.new_zeros(policy.matmul_block_rows, k)
         block[:n] = x[start:start + n]
@@ -101,7 +109,7 @@ def logits_into(hidden: torch.Tensor, lm_head_weight: torch.Tensor, out: torch.T
     GEMV for the few rows of a decode step, cuBLAS otherwise. In the batch-invariant mode
     generation (a few rows) and prompt scoring (hundreds) produce the same row bits."""
     if policy.batch_invariant:
-        return out.copy_(invariant_matmul(hidden, lm_head_weight, policy))
+        return invariant_matmul(hidden, lm_head_weight, policy, out)
     if gemv_supported(hidden, lm_head_weight):
         return gemv(hidden, lm_head_weight, out)
     return torch.matmul(hidden, lm_head_weight.t(), out=out)

@@ -125,9 +125,13 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
                           sin: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                           eps: float, num_heads: int, num_kv_heads: int,
                           k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          slot_mapping: torch.Tensor) -> torch.Tensor:
+                          slot_mapping: torch.Tensor, batch_invariant: bool = False
+                          ) -> torch.Tensor:
     """qkv: [T, (Hq + 2 Hkv) * D] -> q [T, Hq, D] normalized and rotated; k (normalized,
-    rotated) and v stored at `slot_mapping` in the caches ([slots, Hkv, D] each)."""
+    rotated) and v stored at `slot_mapping` in the caches ([slots, Hkv, D] each).
+    `batch_invariant` (the mode, layers/policy.py): one head per program at every token
+    count, where the normal mode reduces a head's squares in another layout above
+    FEW_TOKENS."""
     t = qkv.shape[0]
     d = k_cache.shape[-1]
     if not triton_supported(qkv, k_cache, d):
@@ -140,7 +144,7 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         return q
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     heads = num_heads + num_kv_heads
-    per_program = 1 if t <= FEW_TOKENS else triton.next_power_of_2(heads)
+    per_program = 1 if t <= FEW_TOKENS or batch_invariant else triton.next_power_of_2(heads)
     if t:
         pdl = pdl_enabled(qkv)
         _qk_norm_rope_kv_kernel[(t, triton.cdiv(heads, per_program))](
@@ -155,5 +159,5 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
 
 @qk_norm_rope_store_kv.register_fake
 def _(qkv, positions, cos, sin, q_weight, k_weight, eps, num_heads, num_kv_heads,
-      k_cache, v_cache, slot_mapping):
+      k_cache, v_cache, slot_mapping, batch_invariant=False):
     return qkv.new_empty(qkv.shape[0], num_heads, k_cache.shape[-1])

@@ -71,9 +71,9 @@ class ModelCapabilities:
     # A prefix-cache hit skips computing the prefix; a model with per-request recurrent state
     # would then start from an empty state, so such models turn prefix caching off.
     prefix_caching: bool = True
-    # Whether every op behind a token's logprobs has a batch-invariant path
-    # (layers/policy.py): the engine refuses the mode for a model that does not declare it.
-    batch_invariant: bool = False
+    # The device types ("cpu", "cuda") on which every op behind a token's logprobs has a
+    # batch-invariant path (layers/policy.py): the engine refuses the mode elsewhere.
+    batch_invariant: tuple[str, ...] = ()
 
 
 class Model(Protocol):

@@ -200,7 +200,7 @@ class Qwen3ForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    capabilities = ModelCapabilities(batch_invariant=True)
+    capabilities = ModelCapabilities(batch_invariant=("cpu", "cuda"))
 
     @staticmethod
     def cache_specs(cfg, policy: KernelPolicy = DEFAULT_POLICY) -> CacheSpecs:

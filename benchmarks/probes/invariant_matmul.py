@@ -1,0 +1,86 @@
+"""Probe (docs/batch_invariance.md, section 9, probe 1): the batch-invariant matmul
+(layers/invariant_gemm.py) on Qwen3-0.6B's shapes.
+
+1. Bits: is a row's result the same under other tile shapes (BLOCK_M, BLOCK_N, BLOCK_K,
+   warps, stages) at 257 rows? If a knob leaves the bits alone, the mode may choose it by
+   row count (`invariant_gemm.tiles`).
+2. Time: the mode's kernel against today's GEMV (layers/gemv.py, <= 32 rows) and cuBLAS, at
+   1-8192 rows, graph-replayed over weight copies (>= 200 MB, so HBM is timed, not L2).
+
+    python benchmarks/probes/invariant_matmul.py --rows 1 8 32 128 512 2048 8192
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from fullgraph.layers.gemv import matmul
+from fullgraph.layers.invariant_gemm import invariant_mm, tiles
+
+SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024),
+          "down": (1024, 3072), "lm_head": (151936, 1024)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) against the mode's own
+VARIANTS = [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 32, 64, 4, 3),
+            (64, 128, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 128, 4, 3), (64, 64, 64, 8, 3),
+            (64, 64, 64, 4, 2), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (16, 32, 128, 4, 3),
+            (16, 64, 256, 4, 2), (128, 256, 64, 8, 3)]
+
+
+def timed(fn, weights, reps: int = 10) -> float:
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn(weights[0])
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for w in weights:
+            fn(w)
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / (len(weights) * reps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    report: dict = {"bits": {}, "us": {}}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 32
+        x = torch.randn(257, k, device="cuda", dtype=torch.bfloat16)
+        ref = invariant_mm(x, w, tile_shape=(64, 64, 64, 4, 3))
+        same = {}
+        for bm, bn, bk, warps, stages in VARIANTS:
+            got = invariant_mm(x, w, tile_shape=(bm, bn, bk, warps, stages))
+            same[f"{bm}x{bn}x{bk} w{warps} s{stages}"] = bool(torch.equal(got, ref))
+        same["cublas"] = bool(torch.equal(F.linear(x, w), ref))
+        report["bits"][name] = same
+        print(name, "bits equal:", same, flush=True)
+        copies = max(2, (200 << 20) // (2 * n * k))
+        ws = [w.clone() for _ in range(copies)]
+        for m in args.rows:
+            xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_inv = timed(lambda ww: invariant_mm(xm, ww), ws)
+            t_norm = timed(lambda ww: matmul(xm, ww), ws)
+            report["us"][f"{name} m={m}"] = {"invariant": t_inv, "normal": t_norm}
+            print(f"{name:8s} m={m:5d} {tiles(m)} invariant {t_inv:9.1f} µs  normal {t_norm:9.1f} µs "
+                  f"({t_inv / t_norm:.2f}x)", flush=True)
+        del ws
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
