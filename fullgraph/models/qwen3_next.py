@@ -19,12 +19,13 @@ so one layer serves both.
 
 Each RMSNorm, with the residual add before it, runs inside the projection it feeds (as in
 models/qwen3.py), and a decode step's GDN work between in_proj and out_proj is two kernels on
-the state pools (layers/gdn/fused_decode.py), and the gated attention's q/k norm, partial
+the state pools (layers/gdn/fused_decode.py; a speculative verify step's, fused_verify.py),
+and the gated attention's q/k norm, partial
 rotary, K/V store and output gate are two kernels around attention
 (layers/gated_attention.py), on CUDA. The torch ops below stay the reference and the path
 everywhere else (CPU; prefill GDN through fla).
 
-The batch-invariant mode (`kernel_policy`, layers/policy.py; CPU only so far) keeps every
+The batch-invariant mode (`kernel_policy`, layers/policy.py; CPU only so far for these models) keeps every
 token's bits independent of the rest of the step (docs/batch_invariance.md, 6.7): the GDN
 layers run every step, decode included, through one conv formula and the gated delta rule
 with chunks at absolute positions (layers/gdn/aligned.py, whose per-slot tails of inputs are
@@ -47,7 +48,8 @@ from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_li
 from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
-                                  decode_gated_delta_rule, fused_decode, gdn_gating,
+                                  decode_gated_delta_rule, fused_decode, fused_verify,
+                                  gdn_gating,
                                   rms_norm_gated, speculative_gated_delta_rule)
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm, ZeroCenteredRMSNorm
@@ -212,6 +214,18 @@ class GatedDeltaNet(nn.Module):
             o = fused_decode.gated_delta_decode(
                 qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
                 recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads)
+            return self.out_proj(o), residual
+        if (spec and fused_decode.supported(x, self.head_k_dim, self.head_v_dim)
+                and fused_verify.uniform_rows(qkv, md.state_slots, md.short_query_len)):
+            # a verify step: the same, a state per row to the lane's slot group
+            # (layers/gdn/fused_verify.py)
+            n = md.short_query_len
+            qkv = fused_verify.conv_verify(qkv, weight, conv_pool, md.state_slots,
+                                           md.has_initial_state, md.write_slots, n)
+            o = fused_verify.gated_delta_verify(
+                qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
+                recurrent_pool, md.state_slots, md.has_initial_state, md.write_slots, n,
+                self.num_k_heads)
             return self.out_proj(o), residual
         if md.decode and not spec:
             qkv = causal_conv1d_decode(qkv, weight, None, conv_pool, md.state_slots,
