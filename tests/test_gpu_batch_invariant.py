@@ -187,3 +187,54 @@ def test_a_thousand_completions_of_one_prompt_are_one_text(model_dir):
     outs = llm.generate([p for p, _ in batch], [sp for _, sp in batch], use_tqdm=False)
     texts = {tuple(o.outputs[0].token_ids) for o, (_, sp) in zip(outs, batch) if sp is same}
     assert len(texts) == 1
+
+
+def test_vision_language_needle_with_an_image_alone_equals_it_in_any_batch(tmp_path):
+    """Qwen3-VL (head_dim 64): a prompt with an image alone vs among random text and image
+    prompts under budgets of 16 / 40 / 512 tokens; the tower runs eagerly in the mode."""
+    import test_batch_invariant_vl as vl
+    from test_vl_engine import make_vl_checkpoint
+    path = make_vl_checkpoint(str(tmp_path / "vl"), head_dim=64, mrope_section=(8, 12, 12))
+
+    def llm(batched: int) -> LLM:
+        return LLM(path, device="cuda", dtype="bfloat16", max_model_len=512,
+                   max_num_batched_tokens=batched, max_num_seqs=vl.MAX_SEQS,
+                   num_gpu_blocks_override=256, batch_invariant=True)
+    alone = [result(vl.completions(llm(512), [(vl.NEEDLE, sp)], 0, 0)[0])
+             for sp in (GREEDY, SEEDED)]
+    for batched, others, seed in vl.CONFIGS:
+        got = [result(o) for o in vl.completions(llm(batched), [(vl.NEEDLE, GREEDY),
+                                                                (vl.NEEDLE, SEEDED)],
+                                                 others, seed)]
+        assert got == alone, (batched, others, seed)
+
+
+@pytest.fixture(scope="module")
+def spec_pair(model_dir, tmp_path_factory):
+    """The test model made a bigram target (its attention output kept at 0.05, so the
+    history matters) and an EAGLE-3 drafter that agrees on half the vocabulary."""
+    from spec_pairs import agreeing_drafter, bigram_target
+    root = tmp_path_factory.mktemp("spec-invariant")
+    target = bigram_target(str(root / "target"), source=model_dir, mix=0.05)
+    return target, agreeing_drafter(str(root / "drafter"), target, disagree=0.5)
+
+
+def test_speculative_decoding_keeps_every_bit(spec_pair):
+    """In the mode, greedy speculation gives the tokens and logprob bits of plain decoding,
+    and a seeded needle with speculation (drafter and rejection sampling included) is the
+    same bits alone and among others, under graphs."""
+    target, drafter = spec_pair
+    spec = {"method": "eagle3", "model": drafter, "num_speculative_tokens": 3}
+    rng = random.Random(8)
+    batch = [{"prompt_token_ids": tokens(rng, rng.randrange(2, 90))} for _ in range(16)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, logprobs=3, ignore_eos=True)
+    want = [result(o) for o in engine(target, 100).generate(batch, greedy, use_tqdm=False)]
+    llm = engine(target, 100, speculative_config=spec)
+    assert [result(o) for o in llm.generate(batch, greedy, use_tqdm=False)] == want
+    stats = llm.engine.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    alone = result(completions(engine(target, 2048, speculative_config=spec),
+                               [(NEEDLE, SEEDED)], 0, 0)[0])
+    got = result(completions(engine(target, 64, speculative_config=spec),
+                             [(NEEDLE, SEEDED)], 30, 12)[0])
+    assert got == alone

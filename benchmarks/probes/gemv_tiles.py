@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.probes.gemv import SHAPES, timed
-from fullgraph.layers.fused_linear import _add_rms_norm_rows_kernel, _silu_mul_rows_kernel
+from fullgraph.layers.fused_linear import _silu_mul_rows_kernel
+from fullgraph.layers.norm import _add_rms_norm_rows_kernel
 from fullgraph.layers.gemv import PLAIN, RMS_NORM, SILU_MUL, _config, _gemv_kernel, row_bucket
 
 

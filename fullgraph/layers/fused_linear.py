@@ -9,8 +9,9 @@ repeats the op over the whole row, which only pays off for one row
 elementwise part and the plain GEMV or cuBLAS the product, the kernel count inductor's fusion
 gave. On CPU (eager, the reference path) these are the plain modules. In the batch-invariant
 mode (the projection's `kernel_policy`, layers/policy.py) nothing is folded into the product,
-which is `linear.invariant_matmul`: on the GPU the norm and SiLU-and-mul are the row kernels
-here, on the CPU the modules, with SiLU through the scalar path (layers/activation.py).
+which is `linear.invariant_matmul`: the norm is the module's (on the GPU its row kernel,
+layers/norm.py), SiLU-and-mul the row kernel here on the GPU and the scalar path on the CPU
+(layers/activation.py).
 """
 from __future__ import annotations
 
@@ -20,38 +21,13 @@ from torch import nn
 
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.linear import linear
-from fullgraph.layers.gemv import (RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, norm_f32,
-                                   triton)
-from fullgraph.layers.norm import RMSNorm
+from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
+from fullgraph.layers.norm import RMSNorm, rms_norm_rows
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import KernelPolicy, policy_of
 
 if triton is not None:
     import triton.language as tl
-
-    @triton.jit
-    def _add_rms_norm_rows_kernel(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, K, stride_x, stride_r,
-                                  stride_h, stride_y, eps, HAS_RES: tl.constexpr,
-                                  NORM_F32: tl.constexpr, BLOCK: tl.constexpr,
-                                  USE_PDL: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < K
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0)    # a parameter: before the wait
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-        if HAS_RES:
-            x = x + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
-        tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
-        xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-        if NORM_F32:                # zero-centered: scaled in float32, then cast
-            y = (xf * rstd * w).to(x.dtype)
-        else:
-            y = (w * (xf * rstd).to(x.dtype)).to(x.dtype)
-        tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
     @triton.jit
     def _silu_mul_rows_kernel(x_ptr, y_ptr, K, stride_x, stride_y, BLOCK: tl.constexpr,
@@ -69,17 +45,6 @@ if triton is not None:
 
 
 SILU_BLOCK = 1024
-
-
-def _add_rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                       eps: float, h: torch.Tensor, normed: torch.Tensor) -> None:
-    if x.shape[0]:
-        pdl = pdl_enabled(x)
-        r = residual if residual is not None else x
-        _add_rms_norm_rows_kernel[(x.shape[0],)](
-            x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
-            normed.stride(0), eps, HAS_RES=residual is not None,
-            NORM_F32=norm_f32(norm_weight, x), BLOCK=triton.next_power_of_2(x.shape[1]), USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
 def _silu_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
@@ -101,7 +66,7 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
                   norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(h), h) with h = x + residual: the model's final norm, one kernel."""
     h, normed = torch.empty_like(x), torch.empty_like(x)
-    _add_rms_norm_rows(x, residual, norm_weight, eps, h, normed)
+    rms_norm_rows(x, residual, norm_weight, eps, h, normed)
     return normed, h
 
 
@@ -121,7 +86,7 @@ def _rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
                  eps=eps, residual_out=h, l2_prefetch_next=l2_prefetch_next)
         return y, h
     normed = torch.empty_like(x)
-    _add_rms_norm_rows(x, residual, norm_weight, eps, h, normed)
+    rms_norm_rows(x, residual, norm_weight, eps, h, normed)
     return matmul(normed, weight, l2_prefetch_next), h
 
 
@@ -149,8 +114,8 @@ def _fusable(x: torch.Tensor) -> bool:
 
 
 def _invariant_rows(x: torch.Tensor, policy: KernelPolicy) -> bool:
-    """The mode on the GPU, in any dtype: the row kernels, whose per-row arithmetic does not
-    follow the row count as torch's reductions do."""
+    """The mode on the GPU, in any dtype: SiLU-and-mul by the row kernel, never folded into
+    the product (the norms: RMSNorm's own row kernel in the mode, layers/norm.py)."""
     return (policy.batch_invariant and triton is not None and x.is_cuda and x.dim() == 2
             and x.stride(-1) == 1)
 
@@ -158,7 +123,7 @@ def _invariant_rows(x: torch.Tensor, policy: KernelPolicy) -> bool:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
                  norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual), x + residual)."""
-    if _fusable(x) or _invariant_rows(x, policy_of(norm)):
+    if _fusable(x) and not policy_of(norm).batch_invariant:
         return _add_rms_norm(x, residual, norm.kernel_weight, norm.eps)
     return norm(x, residual)
 
@@ -176,13 +141,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     """proj(norm(x + residual)) and the new residual x + residual (x when there is none).
     `l2_prefetch_next`: weights the next kernels read, a hint (layers/l2_prefetch.py)."""
     policy = policy_of(proj)
-    if _invariant_rows(x, policy):
-        # the mode: the norm by the row kernel (one program per row, whatever the row count),
-        # never folded into the product, whose per-row statistics take another order
-        h, normed = torch.empty_like(x), torch.empty_like(x)
-        _add_rms_norm_rows(x, residual, norm.kernel_weight, norm.eps, h, normed)
-        y, residual = _product(normed, proj, policy), h
-    elif _fusable(x):
+    if _fusable(x) and not policy.batch_invariant:
         y, residual = _rms_norm_linear(x, residual, norm.kernel_weight, norm.eps, proj.weight,
                                        list(l2_prefetch_next))
     else:

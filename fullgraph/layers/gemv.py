@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph.layers import l2_prefetch
+from fullgraph.layers.norm import norm_f32
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -123,12 +124,6 @@ if triton is not None:
         else:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def norm_f32(norm_weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """A float32 norm weight for half-precision rows: RMSNorm's zero-centered convention
-    (layers/norm.py), scaled in float32 before the cast."""
-    return norm_weight.dtype == torch.float32 and x.dtype != torch.float32
 
 
 def row_bucket(m: int) -> int:
