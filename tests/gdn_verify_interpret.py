@@ -1,54 +1,72 @@
-"""Run under Triton's CPU interpreter (TRITON_INTERPRET=1, by tests/test_gdn_verify_interpret.py):
-the fused GDN verify kernels (layers/gdn/fused_verify.py) against the torch ops they replace,
-float32, a uniform speculative step of 1, 3 and 4 rows a lane with groups of 4 slots. Lane 1
-starts fresh on a slot holding NaN; the last lane is padding on the null slot. Prints one
-line per case and "FAILURES n"."""
+"""The fused GDN decode and verify kernels (layers/gdn/fused_decode.py, fused_verify.py)
+against the torch ops they replace, float32. Run as a script under Triton's CPU interpreter
+(TRITON_INTERPRET=1, by tests/test_gdn_verify_interpret.py), it checks a decode step and
+uniform speculative steps of 1, 3 and 4 rows a lane (groups of 4 slots) at small head dims
+and prints "FAILURES n"; tests/test_gpu_hybrid_kernels.py runs `verify_case` on the GPU at
+the real ones. Lane 1 starts fresh on a slot holding NaN; the last lane is padding on the
+null slot."""
 from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.gdn import (causal_conv1d, fused_verify, gdn_gating, rms_norm_gated,
-                                  slot_groups, speculative_gated_delta_rule)
+from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, fused_decode,
+                                  fused_verify, gdn_gating, recurrent_gated_delta_rule_ref,
+                                  rms_norm_gated, slot_groups, speculative_gated_delta_rule)
 
-H, HV, DK, DV, KSIZE, M, R = 2, 4, 32, 32, 4, 4, 5
-KEY_DIM, VALUE_DIM = H * DK, HV * DV
-CONV_DIM = 2 * KEY_DIM + VALUE_DIM
+KSIZE, M, R = 4, 4, 5
+SMALL = (2, 4, 32, 32)            # key heads, value heads, key and value head dims
 
 
-def case(rows: int) -> list[str]:
-    gen = torch.Generator().manual_seed(rows)
+def _setup(rows: int, device: str, dims: tuple[int, ...], num_slots: int):
+    h, hv, dk, dv = dims
+    conv_dim, value_dim = 2 * h * dk + hv * dv, hv * dv
+    gen = torch.Generator(device=device).manual_seed(rows)
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=gen)
-    t, num_slots = R * rows, 1 + R * M
-    proj = rnd(t, CONV_DIM + VALUE_DIM + 2 * HV)
-    weight = rnd(CONV_DIM, KSIZE) * 0.5
-    conv_pool, rec_pool = rnd(num_slots, KSIZE - 1, CONV_DIM), rnd(num_slots, HV, DK, DV) * 0.3
-    slots = torch.tensor([1 + 2, 5 + 0, 9 + 3, 13 + 1, 0])
+        return torch.randn(*shape, device=device, generator=gen)
+    proj = rnd(R * rows, conv_dim + value_dim + 2 * hv)
+    weight = rnd(conv_dim, KSIZE) * 0.5
+    conv_pool, rec_pool = rnd(num_slots, KSIZE - 1, conv_dim), rnd(num_slots, hv, dk, dv) * 0.3
     for pool in (conv_pool, rec_pool):
         pool[5] = float("nan")                       # lane 1's slot, never written
-    init = torch.tensor([True, False, True, True, False])
-    groups = slot_groups(slots, M)
-    A_log, dt_bias, norm_w = torch.rand(HV, generator=gen) * 3 - 1, rnd(HV), 1 + 0.1 * rnd(DV)
-    qkv, z, b, a = proj.split((CONV_DIM, VALUE_DIM, HV, HV), dim=-1)
+    init = torch.tensor([True, False, True, True, False], device=device)
+    params = (torch.rand(hv, device=device, generator=gen) * 3 - 1, rnd(hv),
+              1 + 0.1 * rnd(dv))                     # A_log, dt_bias, the norm's weight
+    return proj.split((conv_dim, value_dim, hv, hv), dim=-1), weight, conv_pool, rec_pool, \
+        init, params
 
+
+def _report(name: str, checks: dict[str, bool]) -> list[str]:
+    for what, ok in checks.items():
+        print(f"{name}: {what} {'ok' if ok else 'FAILED'}")
+    return [f"{name}: {what}" for what, ok in checks.items() if not ok]
+
+
+def verify_case(rows: int, device: str = "cpu", dims: tuple[int, ...] = SMALL) -> list[str]:
+    """A uniform speculative step of `rows` rows a lane; the names of the failed checks."""
+    h, hv, dk, dv = dims
+    num_slots, t = 1 + R * M, R * rows
+    (qkv, z, b, a), weight, conv_pool, rec_pool, init, (A_log, dt_bias, norm_w) = _setup(
+        rows, device, dims, num_slots)
+    slots = torch.tensor([1 + 2, 5 + 0, 9 + 3, 13 + 1, 0], device=device)
+    groups = slot_groups(slots, M)
     want_pools = (conv_pool.clone(), rec_pool.clone())
-    qsl = torch.arange(0, t + 1, rows)
+    qsl = torch.arange(0, t + 1, rows, device=device)
     y = causal_conv1d(qkv, weight, None, want_pools[0], slots, qsl, init, write_slots=groups)
-    q, k, v = y.split((KEY_DIM, KEY_DIM, VALUE_DIM), dim=-1)
+    q, k, v = y.split((h * dk, h * dk, hv * dv), dim=-1)
     g, beta = gdn_gating(a, b, A_log, dt_bias)
-    o = speculative_gated_delta_rule(q.reshape(t, H, DK), k.reshape(t, H, DK),
-                                     v.reshape(t, HV, DV), g, beta, want_pools[1], slots,
+    o = speculative_gated_delta_rule(q.reshape(t, h, dk), k.reshape(t, h, dk),
+                                     v.reshape(t, hv, dv), g, beta, want_pools[1], slots,
                                      groups, qsl, init, None, rows, use_fla=False)
-    want = rms_norm_gated(o, z.reshape(t, HV, DV), norm_w, 1e-6).reshape(t, VALUE_DIM)
+    want = rms_norm_gated(o, z.reshape(t, hv, dv), norm_w, 1e-6).reshape(t, hv * dv)
 
     got_y = fused_verify.conv_verify(qkv, weight, conv_pool, slots, init, groups, rows)
     got = fused_verify.gated_delta_verify(got_y, z, b, a, A_log, dt_bias, norm_w, 1e-6,
-                                          rec_pool, slots, init, groups, rows, H)
+                                          rec_pool, slots, init, groups, rows, h)
     real = slice(0, (R - 1) * rows)
     written = groups[:R - 1, :rows].reshape(-1)
     kept = [s for s in range(1, num_slots) if s not in written.tolist()]
-    checks = {
+    return _report(f"verify, {rows} rows", {
         "conv output": torch.allclose(got_y[real], y[real], rtol=1e-5, atol=1e-5),
         "output": torch.allclose(got[real], want[real], rtol=1e-4, atol=1e-4),
         "conv states": torch.equal(conv_pool[written], want_pools[0][written]),
@@ -56,12 +74,36 @@ def case(rows: int) -> list[str]:
                                            rtol=1e-5, atol=1e-5),
         "other slots untouched": torch.equal(rec_pool[kept].nan_to_num(),
                                              want_pools[1][kept].nan_to_num()),
-    }
-    for name, ok in checks.items():
-        print(f"rows {rows}: {name} {'ok' if ok else 'FAILED'}")
-    return [name for name, ok in checks.items() if not ok]
+    })
+
+
+def decode_case(device: str = "cpu", dims: tuple[int, ...] = SMALL) -> list[str]:
+    """A decode step (one row a lane, in place on the lanes' slots)."""
+    h, hv, dk, dv = dims
+    (qkv, z, b, a), weight, conv_pool, rec_pool, init, (A_log, dt_bias, norm_w) = _setup(
+        1, device, dims, 16)
+    slots = torch.tensor([3, 5, 12, 1, 0], device=device)
+    want_pools = (conv_pool.clone(), rec_pool.clone())
+    y = causal_conv1d_decode(qkv, weight, None, want_pools[0], slots, init)
+    q, k, v = y.split((h * dk, h * dk, hv * dv), dim=-1)
+    g, beta = gdn_gating(a, b, A_log, dt_bias)
+    o = recurrent_gated_delta_rule_ref(q.reshape(R, h, dk), k.reshape(R, h, dk),
+                                       v.reshape(R, hv, dv), g, beta, want_pools[1], slots,
+                                       None, init)
+    want = rms_norm_gated(o, z.reshape(R, hv, dv), norm_w, 1e-6).reshape(R, hv * dv)
+    got_y = fused_decode.conv_decode(qkv, weight, conv_pool, slots, init)
+    got = fused_decode.gated_delta_decode(got_y, z, b, a, A_log, dt_bias, norm_w, 1e-6,
+                                          rec_pool, slots, init, h)
+    used = slots[:R - 1]
+    return _report("decode", {
+        "conv output": torch.allclose(got_y[:R - 1], y[:R - 1], rtol=1e-5, atol=1e-5),
+        "output": torch.allclose(got[:R - 1], want[:R - 1], rtol=1e-4, atol=1e-4),
+        "conv states": torch.equal(conv_pool[used], want_pools[0][used]),
+        "recurrent states": torch.allclose(rec_pool[used], want_pools[1][used],
+                                           rtol=1e-5, atol=1e-5),
+    })
 
 
 if __name__ == "__main__":
-    failures = [f for rows in (1, 3, 4) for f in case(rows)]
+    failures = decode_case() + [f for rows in (1, 3, 4) for f in verify_case(rows)]
     print("FAILURES", len(failures))

@@ -8,12 +8,12 @@ import torch
 
 from fullgraph.layers import gated_attention
 from fullgraph.layers.fused_linear import add_rms_norm, norm_linear
-from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, fused_decode,
-                                  fused_verify, gdn_gating, recurrent_gated_delta_rule_ref,
-                                  rms_norm_gated, slot_groups, speculative_gated_delta_rule)
+from fullgraph.layers.gdn import (causal_conv1d_decode, fused_decode, gdn_gating,
+                                  recurrent_gated_delta_rule_ref, rms_norm_gated)
 from fullgraph.layers.linear import Linear
 from fullgraph.layers.norm import ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary
+from gdn_verify_interpret import verify_case
 
 pytestmark = pytest.mark.gpu
 
@@ -114,50 +114,11 @@ def test_fused_decode_in_a_cuda_graph():
 
 @pytest.mark.parametrize("rows", [1, 3, 4])
 def test_fused_verify_matches_the_torch_ops(rows):
-    """A uniform speculative step of `rows` rows a lane, groups of m = 4 slots: outputs and
-    the state written after every row to its slot of the group, against the torch ops
-    (float32); lane 1 starts fresh on a slot holding NaN, the last lane is padding."""
-    m, r = 4, 5
-    gen = torch.Generator(device="cuda").manual_seed(3)
-
-    def rnd(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen)
-    proj = rnd(r * rows, CONV_DIM + VALUE_DIM + 2 * HV)
-    weight = rnd(CONV_DIM, KSIZE) * 0.5
-    slots_total = 1 + r * m
-    conv_pool = rnd(slots_total, KSIZE - 1, CONV_DIM)
-    rec_pool = rnd(slots_total, HV, DK, DV) * 0.3
-    slots = torch.tensor([1 + 2, 5 + 0, 9 + 3, 13 + 1, 0], device="cuda")
-    for pool in (conv_pool, rec_pool):
-        pool[5] = float("nan")
-    init = torch.tensor([True, False, True, True, False], device="cuda")
-    groups = slot_groups(slots, m)
-    A_log = torch.rand(HV, device="cuda", generator=gen) * 3 - 1
-    dt_bias, norm_w = rnd(HV), 1 + 0.1 * rnd(DV)
-    qsl = torch.arange(0, r * rows + 1, rows, device="cuda")
-
-    want_pools = (conv_pool.clone(), rec_pool.clone())
-    qkv, z, b, a = proj.split((CONV_DIM, VALUE_DIM, HV, HV), dim=-1)
-    y = causal_conv1d(qkv, weight, None, want_pools[0], slots, qsl, init, write_slots=groups)
-    q, k, v = y.split((KEY_DIM, KEY_DIM, VALUE_DIM), dim=-1)
-    g, beta = gdn_gating(a, b, A_log, dt_bias)
-    t = r * rows
-    o = speculative_gated_delta_rule(q.reshape(t, H, DK), k.reshape(t, H, DK),
-                                     v.reshape(t, HV, DV), g, beta, want_pools[1], slots,
-                                     groups, qsl, init, None, rows, use_fla=False)
-    want = rms_norm_gated(o, z.reshape(t, HV, DV), norm_w, 1e-6).reshape(t, VALUE_DIM)
-
-    got_y = fused_verify.conv_verify(qkv, weight, conv_pool, slots, init, groups, rows)
-    got = fused_verify.gated_delta_verify(got_y, z, b, a, A_log, dt_bias, norm_w, 1e-6,
-                                          rec_pool, slots, init, groups, rows, H)
-    real = torch.arange(t, device="cuda") < (r - 1) * rows
-    torch.testing.assert_close(got_y[real], y[real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
-    written = groups[:r - 1, :rows].reshape(-1)
-    torch.testing.assert_close(conv_pool[written], want_pools[0][written], rtol=0, atol=0)
-    torch.testing.assert_close(rec_pool[written], want_pools[1][written], rtol=1e-5, atol=1e-5)
-    rest = [s for s in range(1, slots_total) if s not in written.tolist()]
-    assert torch.equal(rec_pool[rest].nan_to_num(), want_pools[1][rest].nan_to_num())
+    """A uniform speculative step of `rows` rows a lane, groups of 4 slots, at the 0.8B
+    model's head dims: outputs and the state written after every row to its slot of the
+    group, against the torch ops (tests/gdn_verify_interpret.py, which the CPU suite runs
+    under Triton's interpreter at small dims)."""
+    assert verify_case(rows, "cuda", (H, HV, DK, DV)) == []
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

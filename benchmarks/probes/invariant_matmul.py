@@ -13,40 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from fullgraph.layers.gemv import matmul
-from fullgraph.layers.invariant_gemm import invariant_mm, tiles
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024),
-          "down": (1024, 3072), "lm_head": (151936, 1024)}
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) against the mode's own
+from gemv import SHAPES, timed  # noqa: E402  (this folder, sys.path[0] when run)
+
+from fullgraph.layers.gemv import matmul  # noqa: E402
+from fullgraph.layers.invariant_gemm import invariant_mm, tiles  # noqa: E402
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each against 64 x 64 x 64 with 4 warps, 3 stages
 VARIANTS = [(16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 32, 64, 4, 3),
             (64, 128, 64, 4, 3), (64, 64, 32, 4, 3), (64, 64, 128, 4, 3), (64, 64, 64, 8, 3),
             (64, 64, 64, 4, 2), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (16, 32, 128, 4, 3),
             (16, 64, 256, 4, 2), (128, 256, 64, 8, 3)]
-
-
-def timed(fn, weights, reps: int = 10) -> float:
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn(weights[0])
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for w in weights:
-            fn(w)
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e3 / (len(weights) * reps)
 
 
 def main() -> None:

@@ -79,6 +79,36 @@ if triton is not None:
         return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
 
     @triton.jit
+    def _token_terms(row, a_ptr, b_ptr, hk, a_log, dt_bias, key_dim, scale,
+                     DK: tl.constexpr):
+        """One token's terms for one value head: q (l2-normed, scaled) and k (l2-normed) of
+        its key head `hk` from its conv output `row`, the decay and beta from its a and b."""
+        offs_k = tl.arange(0, DK)
+        q = tl.load(row + hk * DK + offs_k).to(tl.float32)
+        k = tl.load(row + key_dim + hk * DK + offs_k).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+        a = tl.load(a_ptr).to(tl.float32)
+        b = tl.load(b_ptr)
+        decay = tl.exp(-tl.exp(a_log) * _softplus(a + dt_bias))
+        beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+        return q, k, decay, beta
+
+    @triton.jit
+    def _gated_norm(o_row, z_row, norm_w_ptr, rstd, DV: tl.constexpr, BV: tl.constexpr):
+        """The gated output RMSNorm of one token's value head, in place: `o_row` holds the
+        rule's output (the activations' dtype), `rstd` its statistics."""
+        dtype = o_row.dtype.element_ty
+        for v0 in tl.static_range(0, DV, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            o = tl.load(o_row + offs_v).to(tl.float32)
+            n = (tl.load(norm_w_ptr + offs_v).to(tl.float32)
+                 * (o * rstd).to(dtype).to(tl.float32))
+            z = tl.load(z_row + offs_v).to(tl.float32)
+            gated = n.to(dtype).to(tl.float32) * (z / (1.0 + tl.exp(-z)))
+            tl.store(o_row + offs_v, gated.to(dtype))
+
+    @triton.jit
     def _gated_delta_decode_kernel(qkv_ptr, stride_qkv, z_ptr, b_ptr, a_ptr, stride_in,
                                    a_log_ptr, dt_bias_ptr, norm_w_ptr, pool_ptr, slots_ptr,
                                    init_ptr, o_ptr, stride_o, key_dim, HV, heads_per_key,
@@ -95,14 +125,9 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row = qkv_ptr + r * stride_qkv
-        q = tl.load(row + hk * DK + offs_k).to(tl.float32)
-        k = tl.load(row + key_dim + hk * DK + offs_k).to(tl.float32)
-        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
-        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
-        a = tl.load(a_ptr + r * stride_in + hv).to(tl.float32)
-        b = tl.load(b_ptr + r * stride_in + hv)
-        decay = tl.exp(-tl.exp(a_log) * _softplus(a + dt_bias))
-        beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+        q, k, decay, beta = _token_terms(row, a_ptr + r * stride_in + hv,
+                                         b_ptr + r * stride_in + hv, hk, a_log, dt_bias,
+                                         key_dim, scale, DK)
         slot = tl.load(slots_ptr + r).to(tl.int64)
         state = pool_ptr + (slot * HV + hv) * DK * DV
         v_row = row + 2 * key_dim + hv * DV
@@ -127,14 +152,8 @@ if triton is not None:
             of = o.to(tl.float32)
             sumsq += tl.sum(of * of, 0)
         tl.debug_barrier()         # pass 2 reads what other threads of the program wrote
-        rstd = tl.rsqrt(sumsq / DV + eps)
-        for v0 in tl.static_range(0, DV, BV):
-            offs_v = v0 + tl.arange(0, BV)
-            o = tl.load(o_row + offs_v).to(tl.float32)
-            n = (tl.load(norm_w_ptr + offs_v).to(tl.float32) * (o * rstd).to(dtype).to(tl.float32))
-            z = tl.load(z_ptr + r * stride_in + hv * DV + offs_v).to(tl.float32)
-            gated = n.to(dtype).to(tl.float32) * (z / (1.0 + tl.exp(-z)))
-            tl.store(o_row + offs_v, gated.to(dtype))
+        _gated_norm(o_row, z_ptr + r * stride_in + hv * DV, norm_w_ptr,
+                    tl.rsqrt(sumsq / DV + eps), DV, BV)
 
 
 def conv_decode(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Tensor,

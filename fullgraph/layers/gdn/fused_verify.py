@@ -29,7 +29,7 @@ except ImportError:            # CPU-only installs: the torch ops run instead
     triton = None
 
 if triton is not None:
-    from fullgraph.layers.gdn.fused_decode import _softplus
+    from fullgraph.layers.gdn.fused_decode import _gated_norm, _token_terms
 
     CONV_BLOCK = 256
 
@@ -104,14 +104,9 @@ if triton is not None:
             for j in tl.static_range(ROWS):
                 t = r * ROWS + j
                 row = qkv_ptr + t * stride_qkv
-                q = tl.load(row + hk * DK + offs_k).to(tl.float32)
-                k = tl.load(row + key_dim + hk * DK + offs_k).to(tl.float32)
-                q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
-                k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
-                a = tl.load(a_ptr + t * stride_in + hv).to(tl.float32)
-                b = tl.load(b_ptr + t * stride_in + hv)
-                decay = tl.exp(-tl.exp(a_log) * _softplus(a + dt_bias))
-                beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+                q, k, decay, beta = _token_terms(row, a_ptr + t * stride_in + hv,
+                                                 b_ptr + t * stride_in + hv, hk, a_log,
+                                                 dt_bias, key_dim, scale, DK)
                 h = h * decay
                 v = tl.load(row + 2 * key_dim + hv * DV + offs_v).to(tl.float32)
                 v = (v - tl.sum(h * k[:, None], 0)) * beta
@@ -125,16 +120,9 @@ if triton is not None:
         tl.debug_barrier()         # pass 2 reads what other threads of the program wrote
         for j in tl.static_range(ROWS):
             t = r * ROWS + j
-            rstd = tl.rsqrt(tl.sum(tl.where(which == j, sumsq, 0.0), 0) / DV + eps)
-            o_row = o_ptr + t * stride_o + hv * DV
-            for v0 in tl.static_range(0, DV, BV):
-                offs_v = v0 + tl.arange(0, BV)
-                o = tl.load(o_row + offs_v).to(tl.float32)
-                n = (tl.load(norm_w_ptr + offs_v).to(tl.float32)
-                     * (o * rstd).to(dtype).to(tl.float32))
-                z = tl.load(z_ptr + t * stride_in + hv * DV + offs_v).to(tl.float32)
-                gated = n.to(dtype).to(tl.float32) * (z / (1.0 + tl.exp(-z)))
-                tl.store(o_row + offs_v, gated.to(dtype))
+            _gated_norm(o_ptr + t * stride_o + hv * DV, z_ptr + t * stride_in + hv * DV,
+                        norm_w_ptr, tl.rsqrt(tl.sum(tl.where(which == j, sumsq, 0.0), 0) / DV
+                                             + eps), DV, BV)
 
 
 def uniform_rows(x: torch.Tensor, state_slots: torch.Tensor, rows: int | None) -> bool:
