@@ -238,3 +238,37 @@ def test_speculative_decoding_keeps_every_bit(spec_pair):
     got = result(completions(engine(target, 64, speculative_config=spec),
                              [(NEEDLE, SEEDED)], 30, 12)[0])
     assert got == alone
+
+
+@pytest.mark.parametrize("architecture", ["Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"])
+def test_hybrid_needle_and_generation_equals_scoring(architecture, tmp_path, monkeypatch):
+    """The hybrids through the mode's GDN kernel (layers/gdn/fused_aligned.py, chunks at
+    absolute positions) and gated-norm row kernel, the MoE through its experts kernel: the
+    needle alone == among others under budgets of 64 / 100 / 2048 tokens, and generation ==
+    scoring. HybridForCausalLM declares CUDA once this has passed on the device; until then
+    the test declares it."""
+    from conftest import make_hybrid_checkpoint
+    from fullgraph.models.interface import ModelCapabilities
+    from fullgraph.models.qwen3_next import HybridForCausalLM
+    monkeypatch.setattr(HybridForCausalLM, "capabilities",
+                        ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda")))
+    path = make_hybrid_checkpoint(str(tmp_path / "hybrid"), architecture)
+    alone = [result(completions(engine(path, 2048), [(NEEDLE, sp)], 0, 0)[0])
+             for sp in (GREEDY, SEEDED)]
+    for batched, others, seed in CONFIGS:
+        got = [result(o) for o in completions(engine(path, batched),
+                                              [(NEEDLE, GREEDY), (NEEDLE, SEEDED)], others,
+                                              seed)]
+        assert got == alone, (batched, others, seed)
+    gen = completions(engine(path, 64), [(NEEDLE, SEEDED)], 20, 5)[0].outputs[0]
+    scored = completions(engine(path, 100),
+                         [(NEEDLE + list(gen.token_ids),
+                           SamplingParams(max_tokens=1, prompt_logprobs=0))], 30, 6)[0]
+    tail = scored.prompt_logprobs[len(NEEDLE):]
+    assert [entry[tok].logprob for tok, entry in zip(gen.token_ids, tail)] == \
+        [step[tok].logprob for tok, step in zip(gen.token_ids, gen.logprobs)]
+
+
+def test_gated_norm_rows_within_one_rounding_of_the_torch_formula():
+    from gdn_aligned_interpret import gated_norm
+    assert all(gated_norm("cuda", torch.bfloat16).values())

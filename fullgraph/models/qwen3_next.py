@@ -48,8 +48,8 @@ from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_li
 from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
-                                  decode_gated_delta_rule, fused_decode, fused_verify,
-                                  gdn_gating,
+                                  decode_gated_delta_rule, fused_aligned, fused_decode,
+                                  fused_verify, gdn_gating,
                                   rms_norm_gated, speculative_gated_delta_rule)
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm, ZeroCenteredRMSNorm
@@ -121,8 +121,11 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return rms_norm_gated(x, gate, self.weight, self.eps,
-                              policy_of(self).batch_invariant)
+        invariant = policy_of(self).batch_invariant
+        if invariant and x.is_cuda and fused_aligned.triton is not None:
+            # torch's reductions choose their launch shape from the row count: a row kernel
+            return fused_aligned.gated_norm_rows(x, gate, self.weight, self.eps)
+        return rms_norm_gated(x, gate, self.weight, self.eps, invariant)
 
 
 class GatedAttention(nn.Module):

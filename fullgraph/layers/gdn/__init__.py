@@ -15,9 +15,10 @@ saved states (state.py: the two pools' layouts, slot 0 the null slot).
 - fused_verify.py: the same for a uniform speculative step, a state per row to the slot group.
 - metadata.py: host-side chunk maps (fla's chunk_indices), exact and padded for graphs.
 - aligned.py: the batch-invariant mode's rule, chunks at absolute positions, each slot's
-  tail of inputs since its last committed boundary in pools of its own.
+  tail of inputs since its last committed boundary in pools of its own; fused_aligned.py its
+  GPU kernel and the mode's gated-norm row kernel.
 """
-from fullgraph.layers.gdn import fused_decode, fused_verify
+from fullgraph.layers.gdn import fused_aligned, fused_decode, fused_verify
 from fullgraph.layers.gdn.aligned import TAIL_INPUTS, aligned_chunk_gated_delta_rule
 from fullgraph.layers.gdn.conv import causal_conv1d, causal_conv1d_decode
 from fullgraph.layers.gdn.gating import gdn_gating, l2norm, rms_norm_gated
@@ -33,7 +34,7 @@ __all__ = [
     "CHUNK_SIZE", "NULL_SLOT", "TAIL_INPUTS", "aligned_chunk_gated_delta_rule",
     "causal_conv1d", "causal_conv1d_decode", "chunk_capacity",
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref", "chunk_metadata",
-    "decode_gated_delta_rule", "fused_decode", "fused_verify", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
+    "decode_gated_delta_rule", "fused_aligned", "fused_decode", "fused_verify", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
     "recurrent_gated_delta_rule_ref", "rms_norm_gated", "slot_groups",
     "speculative_gated_delta_rule",
 ]

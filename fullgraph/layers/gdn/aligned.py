@@ -13,7 +13,8 @@ models/qwen3_next.py's Gated DeltaNet layers run in the mode, prefill, mixed and
 alike (tests/test_batch_invariant.py drives one lane through it, cut anywhere).
 
 Like reference.py it reads no device value on the host and its op sequence depends on the
-shapes only, so it runs inside the CPU fake graphs.
+shapes only, so it runs inside the CPU fake graphs. On the GPU the chunks run in one Triton
+kernel (fused_aligned.py) over the same tables, with the same tails.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from functools import partial
 import torch
 
 from fullgraph.layers.activation import scalar_path
+from fullgraph.layers.gdn import fused_aligned
 from fullgraph.layers.gdn.reference import chunk_scan, chunk_terms, normalize_inputs
 from fullgraph.layers.gdn.state import gather_states
 from fullgraph.layers.policy import KernelPolicy
@@ -91,6 +93,31 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         row = torch.where(p < n, t + lane * width + p, qsl[lane] + p - n)
         return torch.where(p < total[lane], row, noop)
 
+    lanes = torch.arange(r, device=dev)[:, None]
+
+    def commit_tails(kept_total: torch.Tensor, dest: torch.Tensor) -> None:
+        """The new tails: each lane's rows after its last complete chunk (of the rows
+        kept)."""
+        rows = source(lanes, kept_total[:, None] // chunk * chunk
+                      + torch.arange(width, device=dev))
+        for table, pool in zip(tables, tail_pools):
+            pool.index_copy_(0, dest, table[rows].to(pool.dtype))
+
+    kernel = fused_aligned.supported(q, q.shape[-1], v.shape[-1])
+    if q.is_cuda and not kernel:
+        raise ValueError(f"the batch-invariant GDN kernel needs Triton and head dims that "
+                         f"are powers of two >= 16 (got {q.shape[-1]}, {v.shape[-1]})")
+    if kernel and write_slots is not None:
+        raise ValueError("speculative decoding on a hybrid model in batch-invariant mode "
+                         "runs on the CPU only so far")
+    if kernel:
+        # the GPU: the same chunks in one kernel (fused_aligned.py), around the same tails
+        out = q.new_zeros(t, *v.shape[1:])
+        fused_aligned.aligned_rule(tables, t, qsl[:-1], n_tail, total, slots,
+                                   has_initial_state, state_pool, chunk, out)
+        commit_tails(total, slots)
+        return out
+
     # The chunk map: every lane's chunks in order, to a capacity fixed by the shapes;
     # chunks past the last are empty.
     counts = (total + chunk - 1) // chunk
@@ -111,15 +138,6 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     per_chunk = (states.new_empty(capacity, *states.shape[1:]) if write_slots is not None
                  else None)
     out = chunk_scan(terms, lane, states, commit=complete, chunk_states=per_chunk)
-
-    # the new tails: each lane's rows after its last complete chunk (of the rows kept)
-    lanes = torch.arange(r, device=dev)[:, None]
-
-    def commit_tails(kept_total: torch.Tensor, dest: torch.Tensor) -> None:
-        rows = source(lanes, kept_total[:, None] // chunk * chunk
-                      + torch.arange(width, device=dev))
-        for table, pool in zip(tables, tail_pools):
-            pool.index_copy_(0, dest, table[rows].to(pool.dtype))
 
     if write_slots is None:
         state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
