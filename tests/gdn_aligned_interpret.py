@@ -1,13 +1,11 @@
 """The batch-invariant mode's GDN kernel (layers/gdn/fused_aligned.py) against aligned.py's
-torch path, run as a script under Triton's CPU interpreter (TRITON_INTERPRET=1, by
+torch path, run as a script under Triton's CPU interpreter (tests/triton_interpret.py, by
 tests/test_gdn_aligned_interpret.py): one lane prefilled whole, cut anywhere and decoded
 token by token (outputs and committed state close to the torch path's, and, the kernel's
 point, equal to its own whole-prompt bits), a step of three lanes with tails, a fresh lane
 on a slot holding NaN and a padding lane, and the gated output norm's row kernel against
 gating.py's formula. Prints "FAILURES n"."""
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -16,18 +14,6 @@ from fullgraph.layers.gdn import fused_aligned
 from fullgraph.layers.gdn.aligned import TAIL_INPUTS, aligned_chunk_gated_delta_rule
 from fullgraph.layers.gdn.gating import rms_norm_gated
 from fullgraph.layers.policy import KernelPolicy
-
-
-def numpy_shim() -> None:
-    """Triton 3.6's interpreter turns a loop bound into an int with int(array), which numpy
-    >= 2.3 refuses for a 1-element array that is not 0-d: index its element instead."""
-    import triton.runtime.interpreter as interpreter
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interpreter._patch_lang_tensor = patched
 
 
 def with_kernel(on: bool) -> None:
@@ -102,8 +88,6 @@ def gated_norm(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        numpy_shim()
     calls, rule = [], fused_aligned.aligned_rule
     fused_aligned.aligned_rule = lambda *args: (calls.append(1), rule(*args))[1]
     checks = {**one_lane(), **three_lanes(), **gated_norm()}
