@@ -58,8 +58,8 @@ def main() -> None:
             t_inv = timed(lambda ww: invariant_mm(xm, ww), ws)
             t_norm = timed(lambda ww: matmul(xm, ww), ws)
             report["us"][f"{name} m={m}"] = {"invariant": t_inv, "normal": t_norm}
-            print(f"{name:8s} m={m:5d} {tiles(m)} invariant {t_inv:9.1f} µs  normal {t_norm:9.1f} µs "
-                  f"({t_inv / t_norm:.2f}x)", flush=True)
+            print(f"{name:8s} m={m:5d} {tiles(m)} invariant {t_inv:9.1f} µs  "
+                  f"normal {t_norm:9.1f} µs ({t_inv / t_norm:.2f}x)", flush=True)
         del ws
     if args.out:
         with open(args.out, "w") as f:

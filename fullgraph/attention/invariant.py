@@ -133,8 +133,8 @@ class InvariantAttentionBackend:
 
     On the GPU, `update` lists the step's query tiles for the kernel
     (`paged_invariant.tile_map`), and the q/k prologue runs in one layout for every token
-    count (`forward_qkv`). On the CPU, `update` turns the step's persistent inputs into each token's request, position and
-    slots of its logical KV positions, with device ops only; the extent is a host int fixed
+    count (`forward_qkv`). On the CPU, `update` turns the step's persistent inputs into each
+    token's request, position and slots of its logical KV positions, with device ops only; the extent is a host int fixed
     before any op: the step's own (eager) or, in a step being recorded into a graph
     (attention/gathered.py's `recording`), the most any request may hold, so replays of any
     content fit. Extra splits are masked, so both give the same bits."""

@@ -3,7 +3,7 @@ decode steps, in which a token's result depends on its own q and its request's K
 
 It computes what attention/invariant.py's `paged_attention` (the CPU reference) describes:
 
-* a program takes one query tile (up to `QUERY_TOKENS` consecutive tokens of one request,
+* a program takes one query tile (up to `query_tokens` consecutive tokens of one request,
   times the GROUP query heads of one KV head, GQA packing: `BLOCK_M` rows) and walks its
   request's KV in logical order through the block table, this step's K/V included (stored
   before the kernel runs, never taken from registers);

@@ -29,9 +29,8 @@ def invariant_matmul(x: torch.Tensor, weight: torch.Tensor, policy: KernelPolicy
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T where a row's bits do not depend on M. On the GPU, a
     Triton kernel that accumulates in K order with no split-K (layers/invariant_gemm.py). On
-    the CPU,
-    every row is computed by an `F.linear` call of one shape, [matmul_block_rows, K], the
-    last block zero-padded.
+    the CPU, every row is computed by an `F.linear` call of one shape, [matmul_block_rows, K],
+    the last block zero-padded.
 
     On the CPU, MKL (float32) and oneDNN (bfloat16) pick their algorithm from the row count,
     so a row's bits change with M (docs/batch_invariance.md, section 3). Through calls of one

@@ -20,14 +20,14 @@ so one layer serves both.
 Each RMSNorm, with the residual add before it, runs inside the projection it feeds (as in
 models/qwen3.py), and a decode step's GDN work between in_proj and out_proj is two kernels on
 the state pools (layers/gdn/fused_decode.py; a speculative verify step's, fused_verify.py),
-and the gated attention's q/k norm, partial
-rotary, K/V store and output gate are two kernels around attention
-(layers/gated_attention.py), on CUDA. The torch ops below stay the reference and the path
+and the gated attention's q/k norm, partial rotary, K/V store and output gate are two kernels
+around attention (layers/gated_attention.py), on CUDA. The torch ops below stay the reference and the path
 everywhere else (CPU; prefill GDN through fla).
 
-The batch-invariant mode (`kernel_policy`, layers/policy.py; CPU only so far for these models) keeps every
-token's bits independent of the rest of the step (docs/batch_invariance.md, 6.7): the GDN
-layers run every step, decode included, through one conv formula and the gated delta rule
+The batch-invariant mode (`kernel_policy`, layers/policy.py; on the GPU through
+layers/gdn/fused_aligned.py's kernels, whose device test is owed) keeps every token's bits
+independent of the rest of the step (docs/batch_invariance.md, 6.7): the GDN layers run
+every step, decode included, through one conv formula and the gated delta rule
 with chunks at absolute positions (layers/gdn/aligned.py, whose per-slot tails of inputs are
 extra state tensors that only the mode's `cache_specs` asks for); elementwise
 transcendentals go through `activation.scalar_path`, projections and experts through
@@ -49,8 +49,8 @@ from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
                                   decode_gated_delta_rule, fused_aligned, fused_decode,
-                                  fused_verify, gdn_gating,
-                                  rms_norm_gated, speculative_gated_delta_rule)
+                                  fused_verify, gdn_gating, rms_norm_gated,
+                                  speculative_gated_delta_rule)
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm, ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of

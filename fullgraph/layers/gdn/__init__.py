@@ -34,7 +34,8 @@ __all__ = [
     "CHUNK_SIZE", "NULL_SLOT", "TAIL_INPUTS", "aligned_chunk_gated_delta_rule",
     "causal_conv1d", "causal_conv1d_decode", "chunk_capacity",
     "chunk_gated_delta_rule", "chunk_gated_delta_rule_ref", "chunk_metadata",
-    "decode_gated_delta_rule", "fused_aligned", "fused_decode", "fused_verify", "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
+    "decode_gated_delta_rule", "fused_aligned", "fused_decode", "fused_verify",
+    "gather_states", "gdn_gating", "l2norm", "padded_chunk_indices",
     "recurrent_gated_delta_rule_ref", "rms_norm_gated", "slot_groups",
     "speculative_gated_delta_rule",
 ]
