@@ -7,12 +7,15 @@ on a slot holding NaN and a padding lane, and the gated output norm's row kernel
 gating.py's formula. Prints "FAILURES n"."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 import test_batch_invariant as bi
 from fullgraph.layers.gdn import fused_aligned
 from fullgraph.layers.gdn.aligned import TAIL_INPUTS, aligned_chunk_gated_delta_rule
 from fullgraph.layers.gdn.gating import rms_norm_gated
+from fullgraph.layers.gdn.state import slot_groups
 from fullgraph.layers.policy import KernelPolicy
 
 
@@ -39,23 +42,28 @@ def one_lane() -> dict[str, bool]:
     return checks
 
 
-def three_lanes() -> dict[str, bool]:
+def three_lanes(speculative: bool = False) -> dict[str, bool]:
     """Lanes: 5 new rows after a 20-row tail, 70 new rows after 63 (two boundaries), a fresh
-    lane of 9 rows on a slot holding NaN; then a padding lane on the null slot."""
+    lane of 9 rows on a slot holding NaN; then a padding lane on the null slot. With
+    `speculative`, slot groups of 4 (state.py's `write_slots`): 3 rows after a 62-row tail
+    (its second row crosses the boundary) instead of the 70."""
     gen = torch.Generator().manual_seed(1)
-    lens, starts = [5, 70, 9, 0], [20 + 64, 63, 0, 0]
+    lens, starts = [5, 3 if speculative else 70, 9, 0], [20 + 64, 62 if speculative else 63, 0, 0]
     t, hk, hv, d = sum(lens) + 3, 2, 4, 16
     q, k = torch.randn(t, hk, d, generator=gen), torch.randn(t, hk, d, generator=gen)
     v = torch.randn(t, hv, d, generator=gen)
     g, beta = -torch.rand(t, hv, generator=gen) * 0.5, torch.rand(t, hv, generator=gen)
-    slots = torch.tensor([2, 3, 1, 0])
-    state = torch.randn(4, hv, d, d, generator=gen) * 0.1
-    state[1] = float("nan")
+    m = 4 if speculative else 1
+    slots = torch.tensor([1 + 2 * m, 1 + 3 * m, 1 + m, 0])
+    num_slots = 1 + 4 * m
+    state = torch.randn(num_slots, hv, d, d, generator=gen) * 0.1
+    state[1 + m] = float("nan")
     shapes = {"q": (hk, d), "k": (hk, d), "v": (hv, d), "g": (hv,), "beta": (hv,)}
-    tails = [torch.randn(4, 63, *shapes[name], generator=gen) for name in TAIL_INPUTS]
+    tails = [torch.randn(num_slots, 63, *shapes[name], generator=gen) for name in TAIL_INPUTS]
     tails[3] = -tails[3].abs() * 0.25                 # g: log-decays, <= 0
     tails[4] = tails[4].sigmoid()                     # beta: in (0, 1)
-    qsl = torch.tensor([0, 5, 75, 84, 84])
+    qsl = torch.tensor([0, *itertools.accumulate(lens)])
+    groups = slot_groups(slots, m) if speculative else None
     seq_lens = torch.tensor([s + n for s, n in zip(starts, lens)])
     init = torch.tensor([True, True, False, False])
     policy = KernelPolicy(batch_invariant=True)
@@ -64,13 +72,15 @@ def three_lanes() -> dict[str, bool]:
         with_kernel(on)
         pools = (state.clone(), [p.clone() for p in tails])
         out = aligned_chunk_gated_delta_rule(q, k, v, g, beta, pools[0], pools[1], slots, qsl,
-                                             seq_lens, init, policy)
+                                             seq_lens, init, policy, write_slots=groups)
         results.append((out, pools))
     (want, (ws, wt)), (got, (gs, gt)) = results
-    used = slots[:3]
-    return {"three lanes: outputs": close(got[:84], want[:84]) and not got[:84].isnan().any(),
-            "three lanes: states": close(gs[used], ws[used]),
-            "three lanes: tails": all(torch.equal(a[used], b[used]) for a, b in zip(gt, wt))}
+    rows = int(qsl[3])
+    used = (groups[:3] if speculative else slots[:3]).reshape(-1)
+    name = "speculative lanes" if speculative else "three lanes"
+    return {f"{name}: outputs": close(got[:rows], want[:rows]) and not got[:rows].isnan().any(),
+            f"{name}: states": close(gs[used], ws[used]),
+            f"{name}: tails": all(torch.equal(a[used], b[used]) for a, b in zip(gt, wt))}
 
 
 def gated_norm(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, bool]:
@@ -90,7 +100,7 @@ def gated_norm(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[
 if __name__ == "__main__":
     calls, rule = [], fused_aligned.aligned_rule
     fused_aligned.aligned_rule = lambda *args: (calls.append(1), rule(*args))[1]
-    checks = {**one_lane(), **three_lanes(), **gated_norm()}
+    checks = {**one_lane(), **three_lanes(), **three_lanes(speculative=True), **gated_norm()}
     checks["the kernel ran"] = len(calls) > 0
     for name, ok in checks.items():
         print(f"{name}: {'ok' if ok else 'FAILED'}")

@@ -272,3 +272,26 @@ def test_hybrid_needle_and_generation_equals_scoring(architecture, tmp_path, mon
 def test_gated_norm_rows_within_one_rounding_of_the_torch_formula():
     from gdn_aligned_interpret import gated_norm
     assert all(gated_norm("cuda", torch.bfloat16).values())
+
+
+def test_hybrid_speculation_keeps_every_bit(tmp_path, monkeypatch):
+    """A hybrid target with a drafter in the mode: the GDN kernel writes a committed state
+    and tail per verified position to the slot group; greedy tokens and logprobs equal plain
+    decoding's bit for bit, with generation crossing a 64-token boundary at every place in a
+    verify step. (The declaration, as in the test above.)"""
+    from fullgraph.models.interface import ModelCapabilities
+    from fullgraph.models.qwen3_next import HybridForCausalLM
+    from spec_pairs import hybrid_pair
+    monkeypatch.setattr(HybridForCausalLM, "capabilities",
+                        ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda")))
+    target, drafter = hybrid_pair(str(tmp_path))
+    spec = {"method": "eagle3", "model": drafter, "num_speculative_tokens": 3}
+    rng = random.Random(3)
+    batch = [{"prompt_token_ids": tokens(rng, n)}
+             for n in (1, 40, 44, 50, 55, 58, 60, 61, 62, 63, 100, 110, 120)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, logprobs=3, ignore_eos=True)
+    want = [result(o) for o in engine(target, 64).generate(batch, greedy, use_tqdm=False)]
+    llm = engine(target, 100, speculative_config=spec)
+    assert [result(o) for o in llm.generate(batch, greedy, use_tqdm=False)] == want
+    stats = llm.engine.stats
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens

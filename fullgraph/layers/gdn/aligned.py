@@ -103,19 +103,29 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         for table, pool in zip(tables, tail_pools):
             pool.index_copy_(0, dest, table[rows].to(pool.dtype))
 
+    dest = write_slots.long() if write_slots is not None else None
+    m = dest.shape[1] if dest is not None else 0
+    if m - 1 > chunk:
+        raise ValueError(f"{m} state slots a request need a chunk of at least {m - 1}")
+
+    def kept_total(j: int) -> torch.Tensor:
+        """Rows from the boundary that write slot j keeps: the lane's first min(j + 1, L)
+        new rows, all of them for the last slot."""
+        return total if j == m - 1 else n_tail + lens.clamp(max=j + 1)
+
     kernel = fused_aligned.supported(q, q.shape[-1], v.shape[-1])
     if q.is_cuda and not kernel:
         raise ValueError(f"the batch-invariant GDN kernel needs Triton and head dims that "
                          f"are powers of two >= 16 (got {q.shape[-1]}, {v.shape[-1]})")
-    if kernel and write_slots is not None:
-        raise ValueError("speculative decoding on a hybrid model in batch-invariant mode "
-                         "runs on the CPU only so far")
     if kernel:
         # the GPU: the same chunks in one kernel (fused_aligned.py), around the same tails
         out = q.new_zeros(t, *v.shape[1:])
         fused_aligned.aligned_rule(tables, t, qsl[:-1], n_tail, total, slots,
-                                   has_initial_state, state_pool, chunk, out)
-        commit_tails(total, slots)
+                                   has_initial_state, state_pool, chunk, out, dest)
+        for j in range(m):
+            commit_tails(kept_total(j), dest[:, j])
+        if dest is None:
+            commit_tails(total, slots)
         return out
 
     # The chunk map: every lane's chunks in order, to a capacity fixed by the shapes;
@@ -143,20 +153,13 @@ def aligned_chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         state_pool.index_copy_(0, slots, states.to(state_pool.dtype))
         commit_tails(total, slots)
     else:
-        dest = write_slots.long()
-        m = dest.shape[1]
-        if m - 1 > chunk:
-            raise ValueError(f"{m} state slots a request need a chunk of at least {m - 1}")
         after_first = per_chunk[(ends - counts).clamp(max=capacity - 1)]
         for j in range(m):
-            if j == m - 1:
-                kept_total, committed = total, states
-            else:
-                kept_total = n_tail + lens.clamp(max=j + 1)
-                crossed = (kept_total >= chunk).view(-1, 1, 1, 1)
-                committed = torch.where(crossed, after_first, initial)
+            kept = kept_total(j)
+            crossed = (kept >= chunk).view(-1, 1, 1, 1)
+            committed = states if j == m - 1 else torch.where(crossed, after_first, initial)
             state_pool.index_copy_(0, dest[:, j], committed.to(state_pool.dtype))
-            commit_tails(kept_total, dest[:, j])
+            commit_tails(kept, dest[:, j])
 
     o = out.new_zeros(noop + 1, out.shape[1], out.shape[3])             # [rows, HV, DV]
     o.index_copy_(0, tok.reshape(-1), out.transpose(1, 2).reshape(-1, *o.shape[1:]))

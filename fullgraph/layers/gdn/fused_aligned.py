@@ -45,9 +45,10 @@ if triton is not None:
     @triton.jit
     def _aligned_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, stride_q, stride_k, stride_v,
                              stride_g, stride_beta, first_ptr, n_tail_ptr, total_ptr, slots_ptr,
-                             init_ptr, pool_ptr, out_ptr, stride_out, num_rows, HV,
-                             heads_per_key, scale, C: tl.constexpr, TAIL: tl.constexpr,
-                             DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+                             init_ptr, write_ptr, stride_w, pool_ptr, out_ptr, stride_out,
+                             num_rows, HV, heads_per_key, scale, C: tl.constexpr,
+                             TAIL: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                             BV: tl.constexpr, M: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         hv = tl.program_id(1)
         offs_v = tl.program_id(2) * BV + tl.arange(0, BV)
@@ -58,9 +59,11 @@ if triton is not None:
         n_tail = tl.load(n_tail_ptr + r)
         total = tl.load(total_ptr + r)
         slot = tl.load(slots_ptr + r).to(tl.int64)
-        state = pool_ptr + (slot * HV + hv) * DK * DV + d[:, None] * DV + offs_v[None, :]
-        s = tl.load(state)
+        block = d[:, None] * DV + offs_v[None, :]
+        s = tl.load(pool_ptr + (slot * HV + hv) * DK * DV + block)
         s = tl.where(tl.load(init_ptr + r) != 0, s, 0.0)  # where: an unused slot may hold NaN
+        s_initial = s
+        s_first = s                                        # after the lane's first chunk
         eye = (p[:, None] == p[None, :]).to(tl.float32)
         lower = p[:, None] >= p[None, :]
         for c in range(0, tl.cdiv(total, C)):
@@ -101,11 +104,24 @@ if triton is not None:
             key = k * tl.exp(g_last - gc)[:, None]
             s_new = s * tl.exp(g_last) + tl.dot(tl.trans(key), v_new, input_precision="ieee")
             s = tl.where((c + 1) * C <= total, s_new, s)   # commit complete chunks only
+            s_first = tl.where(c == 0, s_new, s_first)
             mine = real & (pos >= n_tail)                  # this step's rows
             step_row = (first + pos - n_tail).to(tl.int64)
             tl.store(out_ptr + step_row[:, None] * stride_out + hv * DV + offs_v[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=mine[:, None])
-        tl.store(state, s)
+        if M == 0:
+            tl.store(pool_ptr + (slot * HV + hv) * DK * DV + block, s)
+        else:
+            # speculative decoding (state.py): slot j < M - 1 of the lane's group gets the
+            # state committed after its row min(j, L - 1), which crossed at most the first
+            # boundary; slot M - 1 the state after its last row
+            for j in tl.static_range(M):
+                dest = tl.load(write_ptr + r * stride_w + j).to(tl.int64)
+                kept = n_tail + tl.minimum(total - n_tail, j + 1)
+                committed = tl.where(kept >= C, s_first, s_initial)
+                if j == M - 1:
+                    committed = s
+                tl.store(pool_ptr + (dest * HV + hv) * DK * DV + block, committed)
 
     @triton.jit
     def _gated_norm_rows_kernel(x_ptr, stride_x, z_ptr, stride_z, w_ptr, out_ptr, stride_out,
@@ -124,11 +140,12 @@ if triton is not None:
 def aligned_rule(tables: list[torch.Tensor], num_rows: int, first: torch.Tensor,
                  n_tail: torch.Tensor, total: torch.Tensor, slots: torch.Tensor,
                  has_initial_state: torch.Tensor, state_pool: torch.Tensor, chunk: int,
-                 out: torch.Tensor) -> None:
+                 out: torch.Tensor, write_slots: torch.Tensor | None = None) -> None:
     """aligned.py's rule on its `tables` (q, k `[rows, HK, DK]`, v `[rows, HV, DV]`, g, beta
     `[rows, HV]`: the step's `num_rows` rows, every lane's `chunk - 1` tail rows, the zero
     row); per lane its first step row, tail length and row count from its boundary. Writes
-    the step's rows of `out` `[num_rows, HV, DV]` and the lanes' committed states."""
+    the step's rows of `out` `[num_rows, HV, DV]` and the lanes' committed states (to the
+    columns of `write_slots` `[R, m]` where given, as aligned.py does)."""
     q, k, v, g, beta = tables
     r = slots.shape[0]
     hv, dk, dv = state_pool.shape[1:]
@@ -136,9 +153,12 @@ def aligned_rule(tables: list[torch.Tensor], num_rows: int, first: torch.Tensor,
     if r:
         _aligned_rule_kernel[(r, hv, dv // bv)](
             q, k, v, g, beta, q.stride(0), k.stride(0), v.stride(0), g.stride(0),
-            beta.stride(0), first, n_tail, total, slots, has_initial_state, state_pool, out,
+            beta.stride(0), first, n_tail, total, slots, has_initial_state,
+            write_slots if write_slots is not None else slots,
+            write_slots.stride(0) if write_slots is not None else 0, state_pool, out,
             out.stride(0), num_rows, hv, hv // q.shape[1], dk ** -0.5, C=chunk,
-            TAIL=chunk - 1, DK=dk, DV=dv, BV=bv, num_warps=8)
+            TAIL=chunk - 1, DK=dk, DV=dv, BV=bv,
+            M=write_slots.shape[1] if write_slots is not None else 0, num_warps=8)
 
 
 def gated_norm_rows(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
