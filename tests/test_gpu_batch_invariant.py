@@ -8,22 +8,16 @@ the inverse without the mode, and 1,000 completions of one prompt among random l
 """
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fullgraph import LLM, SamplingParams
-from fullgraph.attention.paged_invariant import invariant_attention, query_tokens, tile_map
-from fullgraph.layers.invariant_gemm import invariant_mm
-from fullgraph.layers.policy import KernelPolicy
+from invariant_kernels_interpret import attention_case, matmul_case
 from test_batch_invariant import GREEDY, NEEDLE, SEEDED, completions, result, tokens
 
 pytestmark = pytest.mark.gpu
-
-POLICY = KernelPolicy(batch_invariant=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,74 +42,14 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def test_matmul_rows_do_not_depend_on_the_batch():
-    torch.manual_seed(0)
-    for n, k in ((1000, 1024), (4096, 1024), (1024, 3072), (151936 // 8, 1024)):
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 32
-        x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16)
-        full = invariant_mm(x, w)
-        ref = x.float() @ w.float().T
-        assert (full.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
-        for lo, m in ((0, 1), (5, 1), (17, 2), (40, 7), (9, 16), (1, 17), (2, 32), (64, 64),
-                      (3, 65), (100, 200), (0, 256), (20, 257)):
-            part = invariant_mm(x[lo:lo + m].clone(), w)
-            assert torch.equal(part, full[lo:lo + m]), (n, k, lo, m)
-
-
-def _paged(lengths, hkv, d, block_size, seed):
-    """Random K/V for requests of `lengths` tokens, in shuffled pages."""
-    g = torch.Generator().manual_seed(seed)
-    pages = [-(-n // block_size) for n in lengths]
-    order = torch.randperm(sum(pages), generator=g) + 1           # page 0: the null block
-    table = torch.zeros(len(lengths) + 1, max(pages), dtype=torch.int32)
-    at = 0
-    for i, p in enumerate(pages):
-        table[i, :p] = order[at:at + p]
-        at += p
-    slots = (sum(pages) + 1) * block_size
-    k = torch.randn(slots, hkv, d, generator=g).to(torch.bfloat16)
-    v = torch.randn(slots, hkv, d, generator=g).to(torch.bfloat16)
-    return k.cuda(), v.cuda(), table.cuda()
-
-
-def _attend(q, k, v, table, lengths, queries, block_size):
-    """The kernel over one step: request i's last `queries[i]` tokens (its seq_len is
-    lengths[i])."""
-    qsl = torch.tensor([0, *itertools.accumulate(queries)], dtype=torch.int32)
-    positions = torch.cat([torch.arange(n - m, n) for n, m in zip(lengths, queries)])
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    hq, hkv = q.shape[1], k.shape[1]
-    tiles = tile_map(qsl.cuda(), len(lengths), q.shape[0], query_tokens(hq // hkv))
-    return invariant_attention(q, k, v, table, seq_lens.cuda(), positions.cuda(), tiles,
-                               block_size, q.shape[-1] ** -0.5, POLICY)
+    """Rows across M = 1..300 and every tile bucket, bf16, Qwen3-0.6B's projection shapes
+    and an LM head slice (tests/invariant_kernels_interpret.py)."""
+    assert matmul_case("cuda", torch.bfloat16,
+                       ((1000, 1024), (4096, 1024), (1024, 3072), (151936 // 8, 1024))) == []
 
 
 def test_attention_matches_sdpa_and_a_row_ignores_the_step():
-    hq, hkv, d, bs = 16, 8, 128, 16
-    lengths = [700, 37, 300]
-    k, v, table = _paged(lengths, hkv, d, bs, seed=1)
-    g = torch.Generator().manual_seed(2)
-    q = [torch.randn(n, hq, d, generator=g).to(torch.bfloat16).cuda() for n in lengths]
-    whole = _attend(torch.cat(q), k, v, table, lengths, lengths, bs)
-    outs = whole.split(lengths)
-    for i, n in enumerate(lengths):          # against torch's SDPA, float32, causal
-        cols = torch.arange(n)
-        slots = (table[i, cols // bs].long().cpu() * bs + cols % bs).cuda()
-        kk = k[slots].float().transpose(0, 1).repeat_interleave(hq // hkv, 0)
-        vv = v[slots].float().transpose(0, 1).repeat_interleave(hq // hkv, 0)
-        ref = F.scaled_dot_product_attention(q[i].float().transpose(0, 1), kk, vv,
-                                             is_causal=True).transpose(0, 1)
-        assert (outs[i].float() - ref).abs().max() < 2e-2, i
-    # request 0 alone: decode its last token; a chunk of its last 400; then in a step where
-    # the others' rows come first
-    last = _attend(q[0][-1:], k, v, table[:1], [700], [1], bs)
-    assert torch.equal(last, outs[0][-1:])
-    chunk = _attend(q[0][-400:], k, v, table[:1], [700], [400], bs)
-    assert torch.equal(chunk, outs[0][-400:])
-    order = [2, 1, 0]
-    mixed = _attend(torch.cat([q[2][-5:], q[1][-1:], q[0][-9:]]), k, v, table[order + [3]],
-                    [lengths[j] for j in order], [5, 1, 9], bs)
-    assert torch.equal(mixed[-9:], outs[0][-9:])
-    assert torch.equal(mixed[:5], outs[2][-5:])
+    assert attention_case("cuda", torch.bfloat16) == []
 
 
 def engine(path: str, batched: int, invariant: bool = True, **kwargs) -> LLM:
