@@ -106,6 +106,26 @@ def test_bench_throughput_reports_greedy_and_sampled(tmp_path):
     assert 0 < data["sampled_over_greedy"] and "sampled / greedy" in r.stdout
 
 
+def test_bench_compares_the_batch_invariant_mode_in_one_run(tmp_path):
+    import json
+    r = run("bench", "latency", "--model", "tiny-qwen3", "--batch-sizes", "1", "--input-len",
+            "8", "--output-len", "6", "--modes", "eager", "--compare-batch-invariant",
+            "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    modes = json.loads((tmp_path / "bench_latency.json").read_text())["modes"]
+    assert [m["mode"] for m in modes] == ["eager", "eager (batch-invariant)"]
+    assert modes[1]["rows"][0]["over_normal_ms_per_step"] > 0
+    assert "the normal mode's ms/step" in r.stdout and "batch-invariant mode" in r.stderr
+    r = run("bench", "throughput", "--model", "tiny-qwen3", "--num-prompts", "3", "--min-len",
+            "8", "--max-len", "12", "--temperature", "0", "--compare-batch-invariant",
+            "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "bench_throughput.json").read_text())
+    assert len(data["runs"]) == len(data["batch_invariant_runs"]) == 1
+    assert data["batch_invariant_runs"][0]["over_normal_tokens_per_s"] > 0
+    assert r.stderr.count("batch-invariant mode") == 1          # the second engine only
+
+
 def test_batch_invariant_flag_runs_and_names_what_cannot_keep_it():
     r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--max-tokens", "3",
             "--max-model-len", "128", "--batch-invariant")

@@ -11,7 +11,9 @@ copy bandwidth.
 With `--speculative-config`, a decode step emits up to k + 1 tokens a request: each row also
 reports output tokens/s over the decode steps and the mean accepted length (tokens a
 request gains per verify step), and the same batches run once more without speculation in
-the same process, for the speedup.
+the same process, for the speedup. With `--compare-batch-invariant`, each mode runs in the
+normal mode and then in the batch-invariant mode (docs/batch_invariance.md), in the same
+process, and each row reports the invariant mode's ms/step and TTFT over the normal mode's.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--modes", nargs="+", default=["graph", "eager"], choices=["graph", "eager"])
+    p.add_argument("--compare-batch-invariant", action="store_true",
+                   help="run each mode in the normal and then the batch-invariant mode and "
+                        "report the ratio")
     p.add_argument("--out", default="bench_out")
 
 
@@ -194,6 +199,11 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
 def main(ns: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth = copy_bandwidth(device)
+    if ns.compare_batch_invariant and ns.speculative_config:
+        raise ValueError("--compare-batch-invariant and --speculative-config: choose one "
+                         "comparison a run")
+    if ns.compare_batch_invariant:
+        return compare_batch_invariant(ns, device, bandwidth)
     modes = [run_mode(ns, m, bandwidth) for m in ns.modes]
     if ns.speculative_config:                 # the same batches without speculation
         plain = argparse.Namespace(**{**vars(ns), "speculative_config": None})
@@ -208,6 +218,29 @@ def main(ns: argparse.Namespace) -> int:
                 print(f"[{m['mode']}] batch {row['batch']:4d}: "
                       f"{row['speedup_tok_per_s']:.2f}x the tokens/s without speculation")
             modes.append(base)
+    return report(ns, device, bandwidth, modes)
+
+
+def compare_batch_invariant(ns: argparse.Namespace, device: torch.device,
+                            bandwidth: float) -> int:
+    """Each mode in the normal mode, then in the batch-invariant mode: the mode's cost."""
+    modes = []
+    for m in ns.modes:
+        normal, invariant = (run_mode(argparse.Namespace(**{**vars(ns), "batch_invariant": on}),
+                                      m, bandwidth) for on in (False, True))
+        invariant["mode"] += " (batch-invariant)"
+        for row, ref in zip(invariant["rows"], normal["rows"]):
+            row["over_normal_ms_per_step"] = row["decode_ms_median"] / ref["decode_ms_median"]
+            row["over_normal_ttft"] = row["ttft_ms"] / ref["ttft_ms"]
+            print(f"[{invariant['mode']}] batch {row['batch']:4d}: "
+                  f"{row['over_normal_ms_per_step']:.2f}x the normal mode's ms/step, "
+                  f"{row['over_normal_ttft']:.2f}x its TTFT", flush=True)
+        modes += [normal, invariant]
+    return report(ns, device, bandwidth, modes)
+
+
+def report(ns: argparse.Namespace, device: torch.device, bandwidth: float,
+           modes: list[dict]) -> int:
     data = header(device) | {"copy_bandwidth_GBps": bandwidth / 1e9, "model": ns.model,
                              "input_len": ns.input_len, "output_len": ns.output_len,
                              "speculative_config": ns.speculative_config, "modes": modes}

@@ -3,12 +3,15 @@
 Default workload: 256 requests with prompt and output lengths drawn uniformly from
 100..1024, ignore_eos (every request produces its full output). It runs twice on the same
 engine, greedy and sampled (nano-vllm's benchmark samples at temperature 0.6, as real and RL
-users do), and reports both side by side: `--temperature 0` runs greedy alone.
+users do), and reports both side by side: `--temperature 0` runs greedy alone. With
+`--compare-batch-invariant` the workload runs again in the batch-invariant mode
+(docs/batch_invariance.md), in the same process, and each setting reports the ratio.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import time
 
@@ -31,6 +34,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--workload-seed", type=int, default=0)
+    p.add_argument("--compare-batch-invariant", action="store_true",
+                   help="run the workload in the normal and then the batch-invariant mode "
+                        "and report the ratio")
     p.add_argument("--out", default="bench_out")
 
 
@@ -57,6 +63,36 @@ def run(engine, in_lens, out_lens, rng, vocab: int, params: dict) -> dict:
 
 
 def main(ns: argparse.Namespace) -> int:
+    if not ns.compare_batch_invariant:
+        data = measure(ns)
+    else:                     # the same workload in both modes, one engine after the other
+        data, invariant = (measure(argparse.Namespace(**{**vars(ns), "batch_invariant": on}))
+                           for on in (False, True))
+        data["batch_invariant_runs"] = invariant["runs"]
+        for normal, inv in zip(data["runs"], invariant["runs"]):
+            inv["over_normal_tokens_per_s"] = (inv["output_tokens_per_s"]
+                                               / normal["output_tokens_per_s"])
+            print(f"batch-invariant {inv['sampling']}: {inv['over_normal_tokens_per_s']:.2f}x "
+                  f"the normal mode's output tokens/s")
+    path = write_json(ns.out, "bench_throughput.json", data)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, runs in (("", data["runs"]),
+                        ("batch-invariant ", data.get("batch_invariant_runs", []))):
+        for r in runs:
+            ts = [t for t, _, _ in r["timeline"]]
+            ax.plot(ts, [g / 1e3 for _, g, _ in r["timeline"]],
+                    label=f"{label}{r['sampling']}: {r['output_tokens_per_s']:.0f} tok/s")
+    ax.set(xlabel="seconds", ylabel="output tokens (thousands)",
+           title=f"{ns.model} on {data['device']}")
+    ax.legend(fontsize=7)
+    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+    return 0
+
+
+def measure(ns: argparse.Namespace) -> dict:
+    """The workload through one engine, greedy then sampled: the report's data."""
     from fullgraph.entrypoints.llm import LLM
     args = engine_args_from(ns)
     args = dataclasses.replace(args, max_model_len=args.max_model_len or 2 * ns.max_len + 16)
@@ -95,16 +131,8 @@ def main(ns: argparse.Namespace) -> int:
         data["sampled_over_greedy"] = (runs[1]["output_tokens_per_s"]
                                        / runs[0]["output_tokens_per_s"])
         print(f"sampled / greedy: {data['sampled_over_greedy']:.1%}")
-    path = write_json(ns.out, "bench_throughput.json", data)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in runs:
-        ts = [t for t, _, _ in r["timeline"]]
-        ax.plot(ts, [g / 1e3 for _, g, _ in r["timeline"]],
-                label=f"{r['sampling']}: {r['output_tokens_per_s']:.0f} tok/s")
-    ax.set(xlabel="seconds", ylabel="output tokens (thousands)",
-           title=f"{ns.model} on {data['device']}")
-    ax.legend(fontsize=7)
-    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=120, bbox_inches="tight")
-    print(f"wrote {path}")
-    return 0
+    del llm, engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return data
