@@ -350,5 +350,9 @@ def test_parts_without_the_mode_are_refused_by_name(monkeypatch):
     with pytest.raises(ValueError, match="Qwen3_5ForCausalLM on cuda does not support "
                                          "batch-invariant"):
         check_kernel_policy(on, torch.device("cuda"), hybrid, "flex")
+    with pytest.raises(ValueError, match="--compile-layers does not support batch-invariant"):
+        check_kernel_policy(on, torch.device("cuda"),
+                            EngineArgs("tiny-qwen3").create_engine_config().model, "flex",
+                            compile_layers=True)
     # normal mode: nothing is checked
-    check_kernel_policy(KernelPolicy(), torch.device("cuda"), hybrid, "sdpa")
+    check_kernel_policy(KernelPolicy(), torch.device("cuda"), hybrid, "sdpa", compile_layers=True)

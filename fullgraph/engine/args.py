@@ -142,7 +142,8 @@ class EngineArgs:
                                                                  model.architecture),
                             gpu_memory_utilization=self.gpu_memory_utilization)
         policy = KernelPolicy.from_args(self.batch_invariant)
-        check_kernel_policy(policy, device, model, self.attention_backend)
+        check_kernel_policy(policy, device, model, self.attention_backend,
+                            compilation.compile_layers)
         return EngineConfig(model=model, cache=cache, scheduler=scheduler, compilation=compilation,
                             device=str(device), attention_backend=self.attention_backend,
                             kernel_policy=policy, speculative=speculative, seed=self.seed, max_logprobs=self.max_logprobs,
@@ -208,7 +209,7 @@ def _check_drafter_tokenizer(drafter: str, target: str) -> None:
 
 
 def check_kernel_policy(policy: KernelPolicy, device: torch.device, model: ModelConfig,
-                        attention_backend: str) -> None:
+                        attention_backend: str, compile_layers: bool = False) -> None:
     """The batch-invariant mode's ValueErrors, at configuration time: every part that
     cannot keep the mode is named before anything loads (docs/batch_invariance.md,
     section 8)."""
@@ -218,6 +219,8 @@ def check_kernel_policy(policy: KernelPolicy, device: torch.device, model: Model
     policy.require(f"model architecture {model.architecture} on {device.type}",
                    device.type in devices)
     get_backend_class(attention_backend, policy)      # a backend without it: ValueError
+    # inductor would generate its own kernels (and reductions) for the layers' torch ops
+    policy.require("--compile-layers", not compile_layers)
 
 
 def prefix_caching(asked: bool | None, architecture: str) -> bool:
