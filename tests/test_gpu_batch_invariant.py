@@ -160,20 +160,32 @@ def spec_pair(model_dir, tmp_path_factory):
     return target, agreeing_drafter(str(root / "drafter"), target, disagree=0.5)
 
 
-def test_speculative_decoding_keeps_every_bit(spec_pair):
-    """In the mode, greedy speculation gives the tokens and logprob bits of plain decoding,
-    and a seeded needle with speculation (drafter and rejection sampling included) is the
-    same bits alone and among others, under graphs."""
-    target, drafter = spec_pair
+def speculation_equals_plain_decoding(target: str, drafter: str, lengths, max_tokens: int,
+                                      seed: int) -> LLM:
+    """Greedy tokens and logprob bits with a drafter (k = 3) == without, for prompts of
+    `lengths`; some drafts accepted, not all. Returns the speculative engine."""
     spec = {"method": "eagle3", "model": drafter, "num_speculative_tokens": 3}
-    rng = random.Random(8)
-    batch = [{"prompt_token_ids": tokens(rng, rng.randrange(2, 90))} for _ in range(16)]
-    greedy = SamplingParams(temperature=0.0, max_tokens=20, logprobs=3, ignore_eos=True)
+    rng = random.Random(seed)
+    batch = [{"prompt_token_ids": tokens(rng, n)} for n in lengths]
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=3,
+                            ignore_eos=True)
     want = [result(o) for o in engine(target, 100).generate(batch, greedy, use_tqdm=False)]
     llm = engine(target, 100, speculative_config=spec)
     assert [result(o) for o in llm.generate(batch, greedy, use_tqdm=False)] == want
     stats = llm.engine.stats
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    return llm
+
+
+def test_speculative_decoding_keeps_every_bit(spec_pair):
+    """In the mode, greedy speculation gives the tokens and logprob bits of plain decoding,
+    and a seeded needle with speculation (drafter and rejection sampling included) is the
+    same bits alone and among others, under graphs."""
+    target, drafter = spec_pair
+    rng = random.Random(8)
+    speculation_equals_plain_decoding(target, drafter, [rng.randrange(2, 90) for _ in range(16)],
+                                      20, 8)
+    spec = {"method": "eagle3", "model": drafter, "num_speculative_tokens": 3}
     alone = result(completions(engine(target, 2048, speculative_config=spec),
                                [(NEEDLE, SEEDED)], 0, 0)[0])
     got = result(completions(engine(target, 64, speculative_config=spec),
@@ -181,18 +193,23 @@ def test_speculative_decoding_keeps_every_bit(spec_pair):
     assert got == alone
 
 
+def declare_hybrids_on_cuda(monkeypatch) -> None:
+    """HybridForCausalLM declares CUDA once the tests below have passed on the device; until
+    then they declare it."""
+    from fullgraph.models.interface import ModelCapabilities
+    from fullgraph.models.qwen3_next import HybridForCausalLM
+    monkeypatch.setattr(HybridForCausalLM, "capabilities",
+                        ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda")))
+
+
 @pytest.mark.parametrize("architecture", ["Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"])
 def test_hybrid_needle_and_generation_equals_scoring(architecture, tmp_path, monkeypatch):
     """The hybrids through the mode's GDN kernel (layers/gdn/fused_aligned.py, chunks at
     absolute positions) and gated-norm row kernel, the MoE through its experts kernel: the
     needle alone == among others under budgets of 64 / 100 / 2048 tokens, and generation ==
-    scoring. HybridForCausalLM declares CUDA once this has passed on the device; until then
-    the test declares it."""
+    scoring (`declare_hybrids_on_cuda`)."""
     from conftest import make_hybrid_checkpoint
-    from fullgraph.models.interface import ModelCapabilities
-    from fullgraph.models.qwen3_next import HybridForCausalLM
-    monkeypatch.setattr(HybridForCausalLM, "capabilities",
-                        ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda")))
+    declare_hybrids_on_cuda(monkeypatch)
     path = make_hybrid_checkpoint(str(tmp_path / "hybrid"), architecture)
     alone = [result(completions(engine(path, 2048), [(NEEDLE, sp)], 0, 0)[0])
              for sp in (GREEDY, SEEDED)]
@@ -219,20 +236,9 @@ def test_hybrid_speculation_keeps_every_bit(tmp_path, monkeypatch):
     """A hybrid target with a drafter in the mode: the GDN kernel writes a committed state
     and tail per verified position to the slot group; greedy tokens and logprobs equal plain
     decoding's bit for bit, with generation crossing a 64-token boundary at every place in a
-    verify step. (The declaration, as in the test above.)"""
-    from fullgraph.models.interface import ModelCapabilities
-    from fullgraph.models.qwen3_next import HybridForCausalLM
+    verify step (`declare_hybrids_on_cuda`)."""
     from spec_pairs import hybrid_pair
-    monkeypatch.setattr(HybridForCausalLM, "capabilities",
-                        ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda")))
+    declare_hybrids_on_cuda(monkeypatch)
     target, drafter = hybrid_pair(str(tmp_path))
-    spec = {"method": "eagle3", "model": drafter, "num_speculative_tokens": 3}
-    rng = random.Random(3)
-    batch = [{"prompt_token_ids": tokens(rng, n)}
-             for n in (1, 40, 44, 50, 55, 58, 60, 61, 62, 63, 100, 110, 120)]
-    greedy = SamplingParams(temperature=0.0, max_tokens=24, logprobs=3, ignore_eos=True)
-    want = [result(o) for o in engine(target, 64).generate(batch, greedy, use_tqdm=False)]
-    llm = engine(target, 100, speculative_config=spec)
-    assert [result(o) for o in llm.generate(batch, greedy, use_tqdm=False)] == want
-    stats = llm.engine.stats
-    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    speculation_equals_plain_decoding(
+        target, drafter, (1, 40, 44, 50, 55, 58, 60, 61, 62, 63, 100, 110, 120), 24, 3)
