@@ -16,17 +16,20 @@ from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 # `invariant_block_rows`: 0 in the normal mode; in the batch-invariant mode the policy's
 # `matmul_block_rows` (an op takes plain values, not the policy object; the policy is
-# rebuilt from it). The mode exists on the CPU only: CUDA engines refuse it at config.
+# rebuilt from it), for the CPU path. On CUDA both modes run the Triton kernels: their
+# tl.dot accumulates in K order with no split-K (the matmul probe found such a row's bits
+# independent of the tile, docs/batch_invariance.md 4.1) and the combine sums the slots in
+# order; the hybrids' GPU test checks it.
 @torch.library.custom_op("fullgraph::moe_experts", mutates_args=())
 def _moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  gate_up: torch.Tensor, down: torch.Tensor, shared: torch.Tensor | None,
                  shared_gate: torch.Tensor | None, invariant_block_rows: int = 0) -> torch.Tensor:
+    if x.is_cuda and triton is not None:
+        return experts_triton(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate)
     if invariant_block_rows:
         policy = KernelPolicy(batch_invariant=True, matmul_block_rows=invariant_block_rows)
         return experts_reference(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate,
                                  policy)
-    if x.is_cuda and triton is not None:
-        return experts_triton(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate)
     return experts_reference(x, topk_weights, topk_ids, gate_up, down, shared, shared_gate)
 
 
@@ -46,8 +49,8 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     0 .. E-1); gate_up `[E, 2I, H]` (gate rows, then up rows), down `[E, H, I]`; shared
     `[T, H]` the shared expert's output and shared_gate `[T, 1]` its gate logit, or both
     None. Returns `[T, H]` in x's dtype. On CUDA: no host syncs, shapes from T alone
-    (grouped_gemm.py); elsewhere the torch reference (reference.py), which is also the
-    batch-invariant mode's path (`policy`, layers/policy.py).
+    (grouped_gemm.py), in both modes; elsewhere the torch reference (reference.py), with the
+    batch-invariant mode's products (`policy`, layers/policy.py).
     """
     if (shared is None) != (shared_gate is None):
         raise ValueError("shared and shared_gate come together")
