@@ -95,7 +95,10 @@ def needle_runs(dtype: str, configs, invariant: bool = True) -> tuple[list, list
     return alone, mixed
 
 
-CONFIGS = [(64, 20, 1), (100, 40, 2), (2048, 60, 3)]
+# (max_num_batched_tokens, other prompts, seed). Whether today's ops change the needle depends
+# on the CPU's kernels: on an AMD EPYC with avx512_bf16 only the last two find a bfloat16
+# difference (the inverse check below needs one).
+CONFIGS = [(64, 20, 1), (100, 40, 2), (2048, 60, 3), (64, 60, 5), (100, 60, 7)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
