@@ -193,6 +193,30 @@ def speculation_with_images(target: str, drafter: str, **engine_kw) -> LLM:
     return llm
 
 
+def test_async_speculation_with_images_equals_synchronous(spec_pair):
+    """With async scheduling, steady verify steps continue the one in flight, their MRoPE
+    rows moved back on the device by the drafts it rejected: tokens and logprobs equal the
+    synchronous engine's, bit for bit (batch-invariant mode, fake graphs)."""
+    target, drafter = spec_pair
+    batch = [{"prompt_token_ids": prompt([9, 8], None, [7], None, [6, 5]),
+              "multi_modal_data": {"image": images((64, 96), (96, 64), seed=1)}},
+             {"prompt_token_ids": [11, 12, 13, 14, 15]}]
+    params = [SamplingParams(temperature=t, seed=3, max_tokens=20, ignore_eos=True, logprobs=1)
+              for t in (0.0, 0.8)]
+    kw = dict(max_model_len=512, max_num_seqs=4, num_gpu_blocks_override=128,
+              batch_invariant=True, cudagraph_runtime="fake", cudagraph_capture_sizes=[1, 2, 4],
+              speculative_config={"method": "eagle3", "model": drafter,
+                                  "num_speculative_tokens": 3})
+
+    def run(llm):
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in s.items()}
+                                          for s in o.outputs[0].logprobs])
+                for o in llm.generate(batch, params, use_tqdm=False)]
+    llm = LLM(target, async_scheduling=True, **kw)
+    assert run(llm) == run(LLM(target, **kw))
+    assert llm.engine.runner.spec.num_continued > 0
+
+
 def test_image_errors_leave_the_engine_usable(llm):
     ids = prompt([1], None, [2])
     with pytest.raises(ValueError, match="placeholders"):

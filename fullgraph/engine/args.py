@@ -111,12 +111,11 @@ class EngineArgs:
             mode = CUDAGraphMode.NONE
         speculative = speculative_config(self.speculative_config, model)
         if speculative is not None:
-            if self.async_scheduling:
-                raise ValueError("speculative decoding runs with synchronous scheduling so far: "
-                                 "drop async_scheduling (--no-async-scheduling)")
             if mode == CUDAGraphMode.PIECEWISE:
                 raise ValueError("speculative decoding runs with cudagraph_mode full, "
                                  "full_decode_only or none, not piecewise")
+        # Async scheduling with speculative decoding is asked for explicitly until its GPU
+        # run is recorded (docs/speculative.md, "Async scheduling").
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=model.max_model_len,
                                     async_scheduling=(device.type == "cuda"

@@ -254,10 +254,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step, and turn a finished step's samples into outputs. With
         async scheduling the step launched here is processed by the next call, after that
-        call has launched its own, so the host's work overlaps the device's."""
+        call has launched its own, so the host's work overlaps the device's (with
+        speculative decoding, where the next step can continue the one in flight:
+        `_continues_in_flight`)."""
+        outputs = []
+        if self._inflight is not None and not self._continues_in_flight():
+            outputs = self._process(*self._inflight)
+            self._inflight = None
         sched = self.scheduler.schedule()
         launched = self._launch(sched) if not sched.is_empty else None
-        outputs = self._process(*self._inflight) if self._inflight is not None else []
+        if self._inflight is not None:
+            outputs += self._process(*self._inflight)
         self._inflight = None
         if launched is not None:
             if self.config.scheduler.async_scheduling:
@@ -265,6 +272,28 @@ class LLMEngine:
             else:
                 outputs += self._process(*launched)
         return outputs
+
+    def _continues_in_flight(self) -> bool:
+        """Whether the next step may be scheduled before the step in flight is read. Always
+        without speculation. With it, the next step's drafts and the positions they start
+        at come out of that step's verification, on the device: only a uniform verify step
+        in graphs leaves them there, and only a step of the same decoding requests can read
+        them. So: every running request decoded in it, none has logits the host processes
+        (penalties, bans ...), none is near max_model_len, no waiting request could be
+        admitted, and a verify graph takes that many requests."""
+        spec = self.config.speculative
+        if spec is None:
+            return True
+        launched, pending = self._inflight
+        sched = self.scheduler
+        if not pending.continuable or (sched.waiting and len(sched.running)
+                                       < self.config.scheduler.max_num_seqs):
+            return False
+        decoded = {id(e.request) for e in launched if e.samples}
+        limit = self.config.model.max_model_len - spec.num_speculative_tokens
+        return (all(id(r) in decoded and r.sampling_slot < 0 and r.num_computed_tokens < limit
+                    for r in sched.running)
+                and self.runner.continues(len(sched.running)))
 
     def _launch(self, sched: SchedulerOutput) -> tuple[list[_Launched], PendingStep]:
         launched = [_Launched(s.request, s.samples, s.request.num_preemptions,
@@ -275,7 +304,8 @@ class LLMEngine:
         pending = self.runner.launch(sched.scheduled)
         for s, entry in zip(sched.scheduled, launched):
             s.request.num_computed_tokens += s.num_new_tokens
-            s.request.num_pending += entry.samples
+            # a speculative chunk counts its drafts as accepted until its results land
+            s.request.num_pending += entry.samples * (1 + entry.num_drafts)
         self.stats.steps += 1
         return launched, pending
 
@@ -291,7 +321,7 @@ class LLMEngine:
                 self._append_prompt_logprobs(req, *result.prompt_logprobs[i])
             num_new, kept = 0, entry.num_new_tokens
             if entry.samples:
-                req.num_pending -= 1
+                req.num_pending -= 1 + entry.num_drafts
                 if result.num_emitted is not None:
                     num_new, rejected = self._append_verified(req, entry, result, i)
                     kept -= rejected
@@ -323,10 +353,13 @@ class LLMEngine:
         emitted = int(result.num_emitted[i])
         rejected = entry.num_drafts - (emitted - 1)
         req.num_computed_tokens -= rejected
-        self.stats.spec_num_drafts += entry.num_drafts > 0
-        self.stats.spec_num_draft_tokens += entry.num_drafts
+        # a step continuing the one before it was scheduled with room for drafts its
+        # max_tokens may not leave: the device says how many were real
+        drafts = entry.num_drafts if result.num_drafts is None else int(result.num_drafts[i])
+        self.stats.spec_num_drafts += drafts > 0
+        self.stats.spec_num_draft_tokens += drafts
         self.stats.spec_num_accepted_tokens += emitted - 1
-        req.num_draft_tokens += entry.num_drafts
+        req.num_draft_tokens += drafts
         req.num_accepted_tokens += emitted - 1
         for j in range(emitted):
             self._append(req, int(result.token_ids[i, j]), result, (i, j))

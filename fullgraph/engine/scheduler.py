@@ -15,7 +15,9 @@ is scheduled for its next position at once, and its input token comes from the d
 
 With speculative decoding a decoding request is scheduled for its last token plus the
 drafts the drafter proposed for it (`Request.spec_token_ids`, as many as the budget and its
-max_tokens leave room for), and every chunk that draws a token gets KV slots for
+max_tokens leave room for; with async scheduling and its last step in flight, placeholders
+that the device fills, its `num_pending` counting every draft of that step as accepted and
+`num_computed_tokens` rolled back when the results land), and every chunk that draws a token gets KV slots for
 `num_speculative_tokens` positions more: the drafter writes its own K/V there while it
 proposes the next step's drafts (worker/spec_decode/proposer.py). Neither is worth a
 preemption: where the pool cannot hold them the request runs its plain chunk, and drafts
@@ -88,7 +90,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if (req.num_output_tokens + req.num_pending >= req.max_tokens
+            # (a speculative step in flight counts all its drafts in `num_pending`, but may
+            # emit one token: its request goes on, the row wasted if it did finish)
+            if (req.num_output_tokens + min(req.num_pending, 1) >= req.max_tokens
                     or (req.num_pending and req.waits_for_output)):
                 i += 1          # its last token is in flight (it finishes when that lands),
                 continue        # or its next step needs that token on the host
@@ -166,9 +170,16 @@ class Scheduler:
 
     def _drafts(self, req: Request, n: int, budget: int) -> list[int]:
         """The drafts a decoding request runs with this step: those proposed for it, as
-        many as fit the budget and leave its last token within max_tokens."""
-        if not req.spec_token_ids or n != 1 or req.num_pending:
+        many as fit the budget and leave its last token within max_tokens. With its previous
+        step in flight (async scheduling) they are still on the device: placeholders (-1),
+        as many as the room if that step emits one token; the device keeps those the
+        tokens it did emit leave room for (worker/spec_decode/steps.py)."""
+        if n != 1:
             return []
+        if req.num_pending:
+            room = min(self.config.num_speculative_tokens, budget - 1,
+                       req.max_tokens - req.num_output_tokens - 2)
+            return [-1] * max(room, 0)
         room = min(budget - 1, req.max_tokens - req.num_output_tokens - 1)
         return req.spec_token_ids[:max(room, 0)]
 

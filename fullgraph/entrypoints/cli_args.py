@@ -67,11 +67,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the most images one encoder graph replay packs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs this one (default: on "
-                        "for CUDA)")
+                        "for CUDA without speculative decoding)")
     g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="a request's tokens and logprobs are bitwise the same whatever else "
-                        "is in the batch (default: FULLGRAPH_BATCH_INVARIANT, else off; CPU "
-                        "only so far)")
+                        "is in the batch (default: FULLGRAPH_BATCH_INVARIANT, else off)")
     g.add_argument("--speculative-config", default=None,
                    help='speculative decoding, as JSON: {"method": "eagle3" or "eagle", '
                         '"model": DIR, "num_speculative_tokens": K}')

@@ -178,6 +178,7 @@ class InputBuffers:
         # steady paths rewrite them then.
         self._moving_state_slots = (_words(self.arena.np["state_slots"])
                                     if moving_state_slots else None)
+        self.moves_state_slots = moving_state_slots
         self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
         self._view_cache: dict[tuple[int, int], _StepViews] = {}
         self._sampling_reqs: list[RequestState] | None = None

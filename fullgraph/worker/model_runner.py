@@ -389,9 +389,13 @@ class ModelRunner:
             self.backend.update(metadata.attention, step.attention)
             piecewise = self.graphs.runtime.between_pieces
 
+        continues = self.spec is not None and key.uniform_query_len == self.spec.k + 1
+
         def forward():
             if copies:
                 self._copy_inputs(key)
+            if continues:
+                self.spec.continue_rows(step)
             if piecewise is None:
                 self._update_metadata(metadata, step)
             elif metadata.state is not None:
@@ -535,14 +539,21 @@ class ModelRunner:
         self._update_metadata(metadata, step)
         return self._run_model(step, self._context(step, metadata))
 
+    def continues(self, num_reqs: int) -> bool:
+        """Whether the next step, `num_reqs` requests that all decoded in the step in flight,
+        may be launched before that step is read (speculative decoding with async
+        scheduling: its inputs then come from the device, worker/spec_decode/steps.py).
+        Without speculation any step may."""
+        return self.spec is None or self.spec.continues(num_reqs)
+
     @torch.inference_mode()
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         """Queue one step on the device and the copy of its samples to the host; returns
         without waiting. A chunk may end at a token the previous launched step sampled."""
+        if self.spec is not None:
+            return self.spec.launch(chunks)      # it captures pending graphs itself
         if self.dispatcher.pending and self.graphs is not None:
             self._capture_pending()
-        if self.spec is not None:
-            return self.spec.launch(chunks)
         n_tok = sum(c.num_new_tokens for c in chunks)
         q_lens = {c.num_new_tokens for c in chunks}
         uniform = q_lens.pop() if len(q_lens) == 1 else None

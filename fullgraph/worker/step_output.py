@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ class StepResult:
     # row's are its tokens, and draft_token_ids each row's drafts for its next step.
     num_emitted: np.ndarray | None = None
     draft_token_ids: list[list[int]] | None = None
+    # a speculative step that continued the one before it (async scheduling): each row's
+    # real drafts, which the device decided (the host scheduled an upper bound)
+    num_drafts: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -32,6 +36,11 @@ class PendingStep:
     event: torch.cuda.Event | None
     prompt_logprobs: dict[int, tuple[np.ndarray, ...]] | None = None     # already on host
     ready: StepResult | None = None      # a step whose results are on the host already
+    # how the host arrays become the result, where they are not StepResult's sample fields
+    build: Callable[[tuple[np.ndarray | None, ...]], StepResult] | None = None
+    # a speculative step whose verification and drafts stay on the device, where the next
+    # step can read them before this one's results reach the host (async scheduling)
+    continuable: bool = False
 
     def wait(self) -> StepResult:
         """The results, copied out of the host tensors (which a later step may reuse)."""
@@ -39,8 +48,10 @@ class PendingStep:
             return self.ready
         if self.event is not None:
             self.event.synchronize()
-        return StepResult(*(t.numpy().copy() if t is not None else None for t in self.tensors),
-                          prompt_logprobs=self.prompt_logprobs)
+        arrays = tuple(t.numpy().copy() if t is not None else None for t in self.tensors)
+        if self.build is not None:
+            return self.build(arrays)
+        return StepResult(*arrays, prompt_logprobs=self.prompt_logprobs)
 
 
 def to_host(t: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor | None:

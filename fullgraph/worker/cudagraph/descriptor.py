@@ -111,6 +111,14 @@ class Dispatcher:
             self.num_eager_fallbacks += 1
         return self.eager(num_tokens, num_reqs, uniform_query_len)
 
+    def has_uniform_graph(self, num_reqs: int) -> bool:
+        """Whether a uniform step (`decode_query_len` rows each) of `num_reqs` requests would
+        replay a FULL graph; no counting, no capture asked for."""
+        size = next((s for s in self.capture_sizes if s >= num_reqs), None)
+        return (size is not None and self.graph_mode == CUDAGraphMode.FULL
+                and BatchExecutionDescriptor(self.graph_mode, size * self.q, size, self.q)
+                in self.captured)
+
     def _lazy(self, num_tokens: int) -> BatchExecutionDescriptor | None:
         size = next((s for s in self.lazy_sizes if s >= num_tokens), None)
         return None if size is None else BatchExecutionDescriptor(

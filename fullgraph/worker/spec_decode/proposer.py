@@ -184,6 +184,11 @@ class EagleProposer:
         return DraftGraphState(prefill, decode, b.build(decode))
 
     @property
+    def drafts(self) -> torch.Tensor:
+        """[max_num_seqs, k]: the last graphed step's drafts, by its rows."""
+        return self._graph_buffers.drafts
+
+    @property
     def _graph_buffers(self) -> _GraphBuffers:
         if self._graph is None:
             r = self.config.scheduler.max_num_seqs

@@ -41,7 +41,7 @@ from fullgraph.worker.spec_decode.processing import ban_words, count_emitted, pr
 from fullgraph.worker.spec_decode.proposer import EagleProposer
 from fullgraph.worker.spec_decode.rejection import rejection_sample
 from fullgraph.worker.spec_decode.verify import VerifyPlan, kept_rows, verify_plan
-from fullgraph.worker.step_output import PendingStep, StepResult
+from fullgraph.worker.step_output import PendingStep, StepResult, to_host
 
 if TYPE_CHECKING:
     from fullgraph.worker.model_runner import ModelRunner
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class _PaddedChunk:
     """A decoding request's chunk as a graphed verify step runs it: k drafts, the last ones
-    padding (`SpeculativeSteps.num_drafts` says how many are real)."""
+    padding (`SpeculativeSteps.draft_counts` says how many are real)."""
     request: object
     num_new_tokens: int
     spec_token_ids: tuple[int, ...]
@@ -107,8 +107,21 @@ class SpeculativeSteps:
         self.positions = torch.zeros(r, dtype=torch.int64, device=dev)
         self.tokens = torch.zeros(r, k + 1, dtype=torch.int64, device=dev)
         self.accepted = torch.zeros(r, dtype=torch.int64, device=dev)
-        # each request's real drafts in a graphed step (the rest are padding)
-        self.num_drafts = CpuGpuBuffer((r,), torch.int64, dev, pin=dev.type == "cuda")
+        # per request of a graphed step: the drafts it was scheduled with (the rest of its k
+        # are padding), and how many of them its max_tokens leaves room for (the same, but
+        # for a row continuing the step in flight: there, at that step's full acceptance)
+        self.draft_counts = CpuGpuBuffer((r, 2), torch.int64, dev, pin=dev.type == "cuda")
+        # Async scheduling: a uniform verify step may start before the step in flight is
+        # read, its rows continuing that step's on the device (`continue_rows`), which leaves
+        # each row's real drafts and what it rejected (scheduled drafts - accepted) here.
+        self.overlap = config.scheduler.async_scheduling
+        self.real_drafts = torch.zeros(r, dtype=torch.int64, device=dev)
+        self.rejected = torch.zeros(r, dtype=torch.int64, device=dev)
+        self.num_continued = 0           # steps that continued the one in flight
+        # where graphed steps' results land on the host, in turn (a step's are read before
+        # the step after next launches)
+        self._results_host = [torch.zeros(r * (2 * k + 3), dtype=torch.int64,
+                                          pin_memory=dev.type == "cuda") for _ in range(2)]
         self._draft_index = torch.arange(k, device=dev)
         self._row_index = torch.arange(r, device=dev)
         self._q_index = torch.arange(k + 1, device=dev)
@@ -208,12 +221,18 @@ class SpeculativeSteps:
         def forward():
             torch.sub(step.attention.seq_lens[:r], self.k, out=self.positions[:r])
             drafts = step.input_ids[:r * q].view(r, q)[:, 1:]
-            real = self._draft_index < self.num_drafts.gpu[:r, None]
+            scheduled = self.draft_counts.gpu[:r, 0]
+            real = self._draft_index < (self.real_drafts[:r] if self.overlap
+                                        else scheduled)[:, None]
             verified = rejection_sample(torch.where(real, drafts, -1),
                                         self.logits[:r * q].view(r, q, -1), sampling)
             self.tokens[:r].copy_(verified.token_ids)
             self.accepted[:r].copy_(verified.num_accepted)
             accepted = self.accepted[:r]
+            if self.overlap:         # what a step continuing this one reads (`continue_rows`)
+                torch.sub(scheduled, accepted, out=self.rejected[:r])
+                torch.gather(self.tokens[:r], 1, accepted[:, None],
+                             out=runner.sampled[:r, None])
             first = self._row_index[:r] * q + accepted        # row 0 of request i: i q
             base = (step.attention.seq_lens[:r].long() - q).clamp(min=0) + accepted
             return self.proposer.draft_graphed(state, step.attention,
@@ -274,15 +293,71 @@ class SpeculativeSteps:
         finally:
             runner._last_step = None
 
+    def continue_rows(self, step: StepInputs) -> None:
+        """Device ops, in a uniform verify step's model graph before its metadata (async
+        scheduling): the rows of requests continuing the verify step in flight, which the
+        host scheduled before that step's results came back, as if it had accepted every
+        draft. Such a row (`pending_index` set, `pending_row` its row in that step) moves
+        back by the drafts that step rejected: its positions (MRoPE rows too), slots and
+        sequence length; it carries that step's drafter's drafts, as many as its max_tokens
+        then leaves room for (the host staged the room at full acceptance); its state slot
+        (hybrid targets) becomes the one of its group holding the state after the accepted
+        rows. Its first token, the target's own of that step, comes in through
+        `pending_index` as any pending token does. Rows that continue nothing keep their
+        values."""
+        if not self.overlap:
+            return
+        runner, q = self.runner, self.k + 1
+        r, att = step.desc.num_reqs, step.attention
+        cont = step.pending_index[:r] != runner.buffers.scratch_index
+        prev = step.pending_row[:r]
+        back = torch.where(cont, self.rejected[prev], 0)
+        att.seq_lens[:r].sub_(back.to(att.seq_lens.dtype))
+        pos = step.positions[:r * q].view(r, q)
+        pos.sub_(back[:, None])
+        bs, width = runner.block_size, att.block_table.shape[1]
+        blocks = att.block_table[:r].gather(1, (pos // bs).clamp(max=width - 1)).long()
+        att.slot_mapping[:r * q].view(r, q).copy_(blocks * bs + pos % bs)
+        counts = self.draft_counts.gpu[:r]
+        real = torch.where(cont, torch.minimum(counts[:, 0], counts[:, 1] + back).clamp(min=0),
+                           counts[:, 0])
+        self.real_drafts[:r].copy_(real)
+        carried = torch.where(self._draft_index < real[:, None], self.proposer.drafts[prev], 0)
+        ids = step.input_ids[:r * q].view(r, q)[:, 1:]
+        ids.copy_(torch.where(cont[:, None], carried, ids))
+        if runner.buffers.moves_state_slots:
+            slots = att.state_slots[:r]
+            kept = (slots - 1).clamp(min=0) // q * q + 1 + self.accepted[prev]
+            slots.copy_(torch.where(cont & (slots > 0), kept, slots))
+        if runner.mm is not None:
+            runner.mm.rope_positions.gpu[:r * q].view(r, q, -1).sub_(back[:, None, None])
+
+    def continues(self, num_reqs: int) -> bool:
+        """Whether a step of `num_reqs` requests may continue the verify step in flight:
+        async scheduling, and a verify graph for that many."""
+        return (self.overlap and self.runner.graphs is not None
+                and self.runner.dispatcher.has_uniform_graph(num_reqs))
+
     # ------------------------------------------------------------ launching
     def launch(self, chunks: Sequence[ScheduledChunk]) -> PendingStep:
         runner, k, r = self.runner, self.k, len(chunks)
-        if self._mixed_pending:
-            self._capture_mixed()
+        # a row whose last token the step in flight draws: the engine checked `continues`
+        continuing = any(c.request.num_computed_tokens >= len(c.request.all_token_ids)
+                         for c in chunks)
+        if runner._inputs_copied is not None:
+            runner._inputs_copied.synchronize()    # the staging buffers are rewritten now
+        if not continuing:            # captures rewrite what a continuing step reads
+            if runner.dispatcher.pending and runner.graphs is not None:
+                runner._capture_pending()
+            if self._mixed_pending:
+                self._capture_mixed()
         if runner.graphs is not None and all(self._graphable(c) for c in chunks):
             desc = runner.dispatcher.dispatch(r * (k + 1), r, k + 1)
             if desc.mode == CUDAGraphMode.FULL:
-                return self._launch_graphs(chunks, desc)
+                return self._launch_graphs(chunks, desc, continuing)
+        if continuing:
+            raise RuntimeError("a speculative step continuing the one in flight runs in the "
+                               "verify graphs only (the engine asks `continues` first)")
         return self._launch_eager(chunks)
 
     def _graphable(self, c: ScheduledChunk, processed: bool = False) -> bool:
@@ -295,18 +370,20 @@ class SpeculativeSteps:
 
     def _padded(self, chunks: Sequence[ScheduledChunk]) -> list[ScheduledChunk]:
         """Decoding chunks as a uniform verify step runs them: each with k drafts, after its
-        real ones zeros (`num_drafts` says how many are real)."""
+        real ones zeros (`draft_counts` says how many are real)."""
         q = self.k + 1
         return [c if c.num_new_tokens == q else
                 _PaddedChunk(c.request, q, tuple(c.spec_token_ids)
                              + (0,) * (q - c.num_new_tokens)) for c in chunks]
 
     def _prepare(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
-                 copy: bool = True, images: tuple | None = None) -> StepInputs:
-        """`images`: the step's image rows (a multimodal target's, eager steps only)."""
+                 copy: bool = True, images: tuple | None = None,
+                 prev_rows: dict[int, int] | None = None) -> StepInputs:
+        """`images`: the step's image rows (a multimodal target's, eager steps only);
+        `prev_rows`: the rows of the step in flight, for requests continuing it."""
         runner = self.runner
         t0 = time.perf_counter()
-        step = runner.buffers.prepare(chunks, desc, copy=copy)
+        step = runner.buffers.prepare(chunks, desc, prev_rows, copy=copy)
         if runner.mm is not None:         # MRoPE rows: drafts continue the text positions
             runner.mm.write_rope_positions(chunks, desc.num_tokens)
             runner.mm.step_images = images
@@ -324,37 +401,70 @@ class SpeculativeSteps:
         result.logprobs, result.logprob_token_ids, result.ranks = (
             t.view(r, q, *t.shape[1:]).cpu().numpy() for t in lps)
 
-    def _launch_graphs(self, chunks: Sequence[ScheduledChunk],
-                       desc: BatchExecutionDescriptor) -> PendingStep:
+    def _launch_graphs(self, chunks: Sequence[ScheduledChunk], desc: BatchExecutionDescriptor,
+                       continuing: bool = False) -> PendingStep:
         runner, r = self.runner, len(chunks)
-        self.num_drafts.np[:r] = [len(c.spec_token_ids) for c in chunks]
-        self.num_drafts.copy_to_gpu(r)
-        step = self._prepare(self._padded(chunks), desc,
-                             copy=not runner._graph_copies_inputs(desc))
+        counts = self.draft_counts.np
+        counts[:r, 0] = [len(c.spec_token_ids) for c in chunks]
+        # a continuing request's room at its step in flight's full acceptance (`num_pending`
+        # counts that step's tokens so)
+        counts[:r, 1] = ([c.request.max_tokens - c.request.num_output_tokens
+                          - c.request.num_pending - 1 for c in chunks] if continuing
+                         else counts[:r, 0])
+        self.draft_counts.copy_to_gpu(r)
+        copied_in_graph = runner._graph_copies_inputs(desc)
+        step = self._prepare(self._padded(chunks), desc, copy=not copied_in_graph,
+                             prev_rows=runner._last_rows if continuing else None)
+        if runner._inputs_copied is not None and not copied_in_graph:
+            runner._inputs_copied.record()
+        if self.overlap:
+            runner._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
+        self.num_continued += continuing
         runner.graphs.replay(desc)
         return self._read(chunks, step, runner.graphs.replay(
-            SpecGraphKey(desc.num_reqs, step.sampling.all_greedy)))
+            SpecGraphKey(desc.num_reqs, step.sampling.all_greedy)), uniform=True)
 
     def _finish_mixed(self, chunks: Sequence[ScheduledChunk], step: StepInputs,
                       key: MixedSpecKey) -> PendingStep:
         """After a mixed step's model graph: its verification and drafting graph."""
-        return self._read(chunks, step, self.runner.graphs.replay(key))
+        return self._read(chunks, step, self.runner.graphs.replay(key), uniform=False)
 
     def _read(self, chunks: Sequence[ScheduledChunk], step: StepInputs,
-              drafts: torch.Tensor) -> PendingStep:
-        """A graphed step's one copy to the host: the tokens, the accepted counts and the
-        next drafts (a chunk that draws none emits none); logprobs where asked."""
-        r, q = len(chunks), self.k + 1
-        host = torch.cat([self.tokens[:r], self.accepted[:r, None], drafts[:r]], 1).cpu()
+              drafts: torch.Tensor, uniform: bool) -> PendingStep:
+        """A graphed step's one copy to the host, queued: the tokens, the accepted counts,
+        the next drafts (a chunk that draws none emits none) and, after a uniform verify
+        step with async scheduling, the real drafts; logprobs where asked. Nothing here
+        waits for the device. Such a step can be continued before it is read."""
+        runner, r, q, k = self.runner, len(chunks), self.k + 1, self.k
+        continuable = uniform and self.overlap
+        columns = [self.tokens[:r], self.accepted[:r, None], drafts[:r]]
+        if continuable:
+            columns.append(self.real_drafts[:r, None])
+        rows = torch.cat(columns, 1)
+        width = rows.shape[1]
+        tensors = [to_host(rows, self._results_host[runner.num_steps % 2][:r * width]
+                           .view(r, width))]
+        num_logprobs = step.sampling.num_logprobs
+        if num_logprobs >= 0:
+            tensors += [to_host(t) for t in logprobs_of(
+                self.logits[:r * q], self.tokens[:r].clamp(min=0).view(-1), num_logprobs)]
         draws = np.array([c.samples for c in chunks])
-        result = StepResult(host[:, :q].numpy(),
-                            num_emitted=np.where(draws, host[:, q].numpy() + 1, 0),
-                            draft_token_ids=host[:, q + 1:].tolist())
-        if step.sampling.num_logprobs >= 0:
-            self._logprobs(result, self.logits[:r * q], self.tokens[:r],
-                           step.sampling.num_logprobs)
-        self.runner.num_steps += 1
-        return PendingStep((), None, ready=result)
+
+        def build(arrays: tuple[np.ndarray, ...]) -> StepResult:
+            host = arrays[0]
+            result = StepResult(host[:, :q], num_emitted=np.where(draws, host[:, q] + 1, 0),
+                                draft_token_ids=host[:, q + 1:q + 1 + k].tolist(),
+                                num_drafts=host[:, -1] if continuable else None)
+            if num_logprobs >= 0:
+                result.logprobs, result.logprob_token_ids, result.ranks = (
+                    a.reshape(r, q, *a.shape[1:]) for a in arrays[1:])
+            return result
+        runner.num_steps += 1
+        event = None
+        if runner.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingStep(tuple(tensors), event, build=build, continuable=continuable)
 
     def _target_hidden(self, chunks: Sequence[ScheduledChunk], owed
                        ) -> tuple[StepInputs, torch.Tensor, VerifyPlan, torch.Tensor | None]:
