@@ -403,44 +403,74 @@ def test_verify_and_draft_graphs_equal_eager_steps(pair, tmp_path, method):
     assert llm.engine.runner.dispatcher.num_graph_steps >= 3
 
 
-@pytest.mark.parametrize("budget, sizes", [(256, [4, 8]), (64, [4, 8, 16, 32, 64])])
-def test_graphed_drafts_equal_eager_drafts(pair, tmp_path, budget, sizes):
+def recorded_drafts(llm: LLM, batch: list[dict], sp: SamplingParams) -> dict:
+    """Each request's drafts, step by step, as many as its next step can use (the graphed
+    drafter always drafts k, the eager one stops at the request's max_tokens)."""
+    seen: dict = {}
+    engine = llm.engine
+    append = engine._append_verified
+
+    def recording(req, entry, result, i):
+        n = append(req, entry, result, i)
+        usable = max(0, min(3, req.max_tokens - req.num_output_tokens - 1))
+        seen.setdefault(req.request_id, []).append(list(result.draft_token_ids[i])[:usable])
+        return n
+    engine._append_verified = recording
+    llm.generate(batch, sp, use_tqdm=False)
+    return seen
+
+
+@pytest.mark.parametrize("budget, sizes, invariant", [(256, [4, 8], True),
+                                                     (64, [4, 8, 16, 32, 64], True),
+                                                     (64, [4, 8, 16, 32, 64], False)])
+def test_graphed_drafts_equal_eager_drafts(pair, tmp_path, budget, sizes, invariant):
     """The drafts themselves, step by step, from the graphed drafter (built on the device
     from the verification: positions, slots, rows) and the eager one, with a drafter whose
     rows read their neighbours' K/V, so drafts depend on every one of those; as many as
     the next step can use (the graphed drafter always drafts k, the eager one stops at the
     request's max_tokens). With a budget of 64 tokens prompt chunks run beside decoding
-    requests: those steps draft in the mixed steps' graphs."""
+    requests: those steps draft in the mixed steps' graphs. Outside the batch-invariant mode
+    the drafter's pass over a mixed step reads packed-layout metadata of its own (its heads
+    are not the target's), which the host prepares every step."""
     batch = prompts(9, 6)
     sp = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     target = pair[0]
     blurred = agreeing_drafter(str(tmp_path / "blurred"), target, focus=1.0)
     kw = dict(KW, max_num_batched_tokens=budget, max_num_seqs=8,
-              speculative_config=spec(blurred, 3))
-
-    def drafts(llm) -> dict:
-        seen: dict = {}
-        engine = llm.engine
-        append = engine._append_verified
-
-        def recording(req, entry, result, i):
-            n = append(req, entry, result, i)
-            usable = max(0, min(3, req.max_tokens - req.num_output_tokens - 1))
-            seen.setdefault(req.request_id, []).append(list(result.draft_token_ids[i])[:usable])
-            return n
-        engine._append_verified = recording
-        llm.generate(batch, sp, use_tqdm=False)
-        return seen
-    eager = drafts(LLM(target, **kw))
+              speculative_config=spec(blurred, 3), batch_invariant=invariant)
+    eager = recorded_drafts(LLM(target, **kw), batch, sp)
     llm = LLM(target, cudagraph_runtime="fake", cudagraph_capture_sizes=sizes, **kw)
     steps, mixed = llm.engine.runner.spec, []
+    assert not steps.proposer.reads_target_metadata
     finish = steps._finish_mixed
     steps._finish_mixed = lambda *a: (mixed.append(1), finish(*a))[1]
-    assert drafts(llm) == eager
+    assert recorded_drafts(llm, batch, sp) == eager
     stats = llm.engine.stats
     assert llm.engine.runner.dispatcher.num_graph_steps >= 3
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
     assert (len(mixed) >= 2) == (budget == 64)
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_drafter_reads_the_targets_attention_state_pair(pair, invariant):
+    """A drafter whose heads are laid out as the target's (the tiny-qwen3-eagle3 preset,
+    random weights: its drafts depend on the K/V it attends to) reads the target's attention
+    metadata in graphed verify and mixed steps: the target's warmup state in its warmup, the
+    captured one in its capture (`AttentionStatePair`), which the target's graph refreshes
+    every step. The states hold tensors their `update` makes per step (the CPU paths' masks
+    and block lists, as a lazily planned backend's workspace): a drafter graph captured over
+    the warmup state reads what the warmup left there, and its drafts change. Drafts equal
+    the eager drafter's, step by step."""
+    batch = prompts(4, 6)
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    kw = dict(KW, max_num_batched_tokens=64, max_num_seqs=8, batch_invariant=invariant,
+              speculative_config=spec("tiny-qwen3-eagle3", 3))
+    eager = recorded_drafts(LLM(pair[0], **kw), batch, sp)
+    llm = LLM(pair[0], cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8, 16, 32, 64],
+              **kw)
+    assert llm.engine.runner.spec.proposer.reads_target_metadata
+    assert recorded_drafts(llm, batch, sp) == eager
+    assert llm.engine.runner.dispatcher.num_graph_steps >= 3
 
 
 def test_requests_near_their_end_stay_in_graphs(pair):

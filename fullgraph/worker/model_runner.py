@@ -320,7 +320,7 @@ class ModelRunner:
         self.graphs = CUDAGraphManager(runtime, ahead)
         rows = sorted({d.num_reqs for d in descs}, reverse=True)
         keys = descs + ([SamplerGraphKey(r, f) for r in rows for f in SAMPLER_VARIANTS]
-                        if self.spec is None else self.spec.graph_keys(descs))
+                        if self.spec is None else [])
         compiles0 = compile_count()
         # Decode descriptors warm up first: they need most of the kernel variants (row bucket,
         # split count), which compile-ahead's workers then compile while a mixed descriptor
@@ -330,9 +330,13 @@ class ModelRunner:
         with torch.inference_mode():
             pairs, report = self.graphs.capture(keys, self._create_forward_fn,
                                                 warmup_order=decode_first)
+            self.attention_states = {k: v for k, v in pairs.items() if k in descs}
+            if self.spec is not None:    # the drafter's graphs, over the target's states
+                _, spec_report = self.graphs.capture(self.spec.graph_keys(descs),
+                                                     self._create_forward_fn)
+                report = report.merged(spec_report)
         if isinstance(runtime, CUDAGraphRuntime):
             pdl.launch_outside_graph(self.device)   # else replays run slower (layers/pdl.py)
-        self.attention_states = {k: v for k, v in pairs.items() if k in descs}
         self.compiles_during_capture = compile_count() - compiles0 - self._warmup_compiles
         self.dispatcher.captured = set(descs)
         self.capture_report = report
@@ -375,7 +379,7 @@ class ModelRunner:
             sampling = self._sampling_variant(key.num_reqs, key.features)
             return (lambda: self._sample(sampling, key.features)), None
         if isinstance(key, SpecGraphKey | MixedSpecKey):
-            return self.spec.create_fn(key)
+            return self.spec.create_fn(key, warmup)
         compiles0 = compile_count()
         copies = self._graph_copies_inputs(key)
         step = self.buffers.prepare(self._dummy_chunks(key), key, copy=not copies)

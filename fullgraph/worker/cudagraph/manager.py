@@ -162,6 +162,12 @@ class CaptureReport:
     memory_bytes: int
     warmup_seconds: float = 0.0    # of `seconds`: the eager warmup runs (compiles happen here)
 
+    def merged(self, other: CaptureReport) -> CaptureReport:
+        """Two captures (into one pool) as one report."""
+        return CaptureReport(self.num_graphs + other.num_graphs, self.seconds + other.seconds,
+                             self.memory_bytes + other.memory_bytes,
+                             self.warmup_seconds + other.warmup_seconds)
+
 
 class CUDAGraphManager:
     def __init__(self, runtime: GraphRuntime,

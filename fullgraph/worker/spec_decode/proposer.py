@@ -82,6 +82,7 @@ class EagleProposer:
         self.cache_spec = specs
         self.kv_caches: list = []
         self.backend = self.graph_backend = None
+        self.reads_target_metadata = False
         self._graph: _GraphBuffers | None = None
         vd = getattr(drafter, "draft_vocab_size", config.model.vocab_size)
         self.maps_vocab = hasattr(drafter, "compute_draft_logits")
@@ -94,10 +95,15 @@ class EagleProposer:
     def bytes_per_block(self, block_size: int) -> int:
         return self.cache_spec.bytes_per_block(block_size, self.config.model.dtype)
 
-    def allocate_kv_cache(self, num_blocks: int, target_inputs: PersistentInputs) -> None:
+    def allocate_kv_cache(self, num_blocks: int, target_inputs: PersistentInputs,
+                          target_spec: AttentionSpec) -> None:
         """The drafter's K/V, block for block beside the target's (same block ids), and its
         two backend instances: one over its own input buffers (eager steps), one over the
-        target's (graphed steps read the target step's inputs)."""
+        target's (graphed steps read the target step's inputs). A graphed step's pass over
+        the target's rows reads the target's attention metadata for that step where the
+        drafter's heads are laid out as the target's (`reads_target_metadata`: the
+        metadata of our backends depends on the query and KV head counts, not the head
+        size), else metadata of its own."""
         att, cfg = self.cache_spec, self.config
         bs, sched = cfg.cache.block_size, cfg.scheduler
         spec = AttentionSpec(att.num_layers, att.num_heads, att.num_kv_heads, att.head_dim,
@@ -111,6 +117,8 @@ class EagleProposer:
             self.backend_cls(spec, self.device, inputs,
                              compile=cfg.compilation.compile_attention, policy=cfg.kernel_policy)
             for inputs in (self.buffers.persistent(), target_inputs))
+        self.reads_target_metadata = (att.num_heads, att.num_kv_heads) == (
+            target_spec.num_heads, target_spec.num_kv_heads)
 
     def _run(self, chunks: Sequence[StandInChunk], hidden: torch.Tensor) -> torch.Tensor:
         """One eager drafter step over `chunks` with `hidden` [tokens, width]: the output
@@ -163,15 +171,18 @@ class EagleProposer:
         return drafts
 
     # ------------------------------------------------------------ graphed steps
-    def graph_state(self, step: StepAttentionInputs) -> DraftGraphState:
+    def graph_state(self, step: StepAttentionInputs, target: Any = None) -> DraftGraphState:
         """Host work for a graphed verify step's drafting, made once per captured shape
         (warmup and capture each make their own): the metadata of the drafter's pass over
-        the step's rows (the target step's inputs), and of its one-row decode steps, whose
-        inputs the graph computes from the verification."""
+        the step's rows (the target step's inputs): `target`, the target's own for the same
+        descriptor (the warmup's in warmup, the captured one in capture: its graph refreshes
+        it each step before the drafter's runs), or else the drafter's; and the metadata of
+        its one-row decode steps, whose inputs the graph computes from the verification."""
         r = step.num_reqs_padded
         b = self.graph_backend
-        b.prepare(step)
-        prefill = b.build(step)
+        if target is None:
+            b.prepare(step)
+            prefill = b.build(step)
         g = self._graph_buffers
         decode = StepAttentionInputs(
             num_reqs=r, num_tokens=r, num_reqs_padded=r, num_tokens_padded=r,
@@ -181,7 +192,14 @@ class EagleProposer:
             seq_lens_cpu=step.seq_lens_cpu, query_start_loc_cpu=np.arange(r + 1),
             block_table_cpu=step.block_table_cpu)
         b.prepare(decode)
-        return DraftGraphState(prefill, decode, b.build(decode))
+        return DraftGraphState(prefill if target is None else target, decode, b.build(decode),
+                               owns_prefill=target is None)
+
+    def prepare_graphed(self, step: StepAttentionInputs) -> None:
+        """Host work of a graphed step's drafter pass where it has metadata of its own (the
+        target's `prepare` fills the target's)."""
+        if not self.reads_target_metadata:
+            self.graph_backend.prepare(step)
 
     @property
     def drafts(self) -> torch.Tensor:
@@ -217,7 +235,8 @@ class EagleProposer:
         t, r = next_ids.shape[0], first_rows.shape[0]
         k = self._steps.shape[0] + 1
         g, b = self._graph_buffers, self.graph_backend
-        b.update(state.prefill, step)
+        if state.owns_prefill:              # (the target's graph refreshed its own)
+            b.update(state.prefill, step)
         ctx = ForwardContext(b, state.prefill, self.kv_caches, step.slot_mapping)
         out = self.model(next_ids, target_hidden[:t], step.positions[:t], ctx)
         last = out[first_rows]                                             # [R, H]
@@ -268,3 +287,4 @@ class DraftGraphState:
     prefill: Any
     decode: StepAttentionInputs
     decode_meta: Any
+    owns_prefill: bool = True        # False: `prefill` is the target's (its graph updates it)

@@ -139,7 +139,8 @@ class SpeculativeSteps:
         return self.proposer.bytes_per_block(block_size)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.proposer.allocate_kv_cache(num_blocks, self.runner.buffers.persistent())
+        self.proposer.allocate_kv_cache(num_blocks, self.runner.buffers.persistent(),
+                                        self.runner.backend.spec)
 
     def profile(self) -> None:
         """The memory profile's share: a sampled verification of every row."""
@@ -201,17 +202,28 @@ class SpeculativeSteps:
         a[r:num_reqs_padded, q + k + 4] = -1
         self.plan.copy_to_gpu(num_reqs_padded)
 
-    def create_fn(self, key: SpecGraphKey | MixedSpecKey):
-        return (self.create_verify_fn(key) if isinstance(key, SpecGraphKey)
-                else self.create_mixed_fn(key))
+    def create_fn(self, key: SpecGraphKey | MixedSpecKey, warmup: bool):
+        return (self.create_verify_fn(key, warmup) if isinstance(key, SpecGraphKey)
+                else self.create_mixed_fn(key, warmup))
 
-    def create_verify_fn(self, key: SpecGraphKey):
+    def _draft_state(self, desc: BatchExecutionDescriptor, step: StepInputs, warmup: bool):
+        """The drafter's graph state for a step of `desc` (captured after the target's
+        graphs): over the target's attention state of the same descriptor where the drafter
+        reads the target's metadata, the warmup's in warmup and the captured one in capture
+        (a state initialized lazily in the warmup run would be captured without its
+        initialization otherwise, and replay reading buffers nothing fills)."""
+        pair = (self.runner.attention_states.get(desc) if self.proposer.reads_target_metadata
+                else None)
+        target = None if pair is None else (pair.warmup if warmup else pair.captured).attention
+        return self.proposer.graph_state(step.attention, target)
+
+    def create_verify_fn(self, key: SpecGraphKey, warmup: bool):
         """The verification and the drafter's steps after a uniform verify step of
         `key.num_reqs` requests, device ops only: the graph replayed after the model's."""
         runner, q = self.runner, self.k + 1
         desc = BatchExecutionDescriptor(CUDAGraphMode.FULL, key.num_reqs * q, key.num_reqs, q)
         step = runner.buffers.prepare(runner._dummy_chunks(desc), desc)
-        state = self.proposer.graph_state(step.attention)
+        state = self._draft_state(desc, step, warmup)
         r = key.num_reqs
         sampling = dataclasses.replace(
             runner.buffers.sampling_tensors(r, all_greedy=key.greedy,
@@ -241,7 +253,7 @@ class SpeculativeSteps:
 
         return forward, None
 
-    def create_mixed_fn(self, key: MixedSpecKey):
+    def create_mixed_fn(self, key: MixedSpecKey, warmup: bool):
         """The verification and the drafter's steps after a mixed step of `key.desc`, from
         the staged plan, device ops only: the graph replayed after the model's. The drafter
         runs over every row, each carrying the token after it: the next input id, but from a
@@ -251,7 +263,7 @@ class SpeculativeSteps:
         desc = key.desc
         r, t = desc.num_reqs, desc.num_tokens
         step = runner.buffers.prepare(runner._dummy_chunks(desc), desc)
-        state = self.proposer.graph_state(step.attention)
+        state = self._draft_state(desc, step, warmup)
         _, drafts, positions, last, carried, tail_row, tail_token = self._plan_columns(r)
         sampling = dataclasses.replace(
             runner.buffers.sampling_tensors(r, all_greedy=key.greedy,
@@ -420,6 +432,7 @@ class SpeculativeSteps:
         if self.overlap:
             runner._last_rows = {id(c.request): i for i, c in enumerate(chunks)}
         self.num_continued += continuing
+        self.proposer.prepare_graphed(step.attention)
         runner.graphs.replay(desc)
         return self._read(chunks, step, runner.graphs.replay(
             SpecGraphKey(desc.num_reqs, step.sampling.all_greedy)), uniform=True)
@@ -427,6 +440,7 @@ class SpeculativeSteps:
     def _finish_mixed(self, chunks: Sequence[ScheduledChunk], step: StepInputs,
                       key: MixedSpecKey) -> PendingStep:
         """After a mixed step's model graph: its verification and drafting graph."""
+        self.proposer.prepare_graphed(step.attention)
         return self._read(chunks, step, self.runner.graphs.replay(key), uniform=False)
 
     def _read(self, chunks: Sequence[ScheduledChunk], step: StepInputs,
