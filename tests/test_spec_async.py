@@ -16,24 +16,16 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from conftest import churn_with_aborts
 from fullgraph import LLM, SamplingParams
 from spec_pairs import agreeing_drafter, bigram_target, hybrid_pair
+from test_batch_invariant import one_thread  # noqa: F401  (autouse: one CPU thread)
 
 VOCAB = 700
 GRAPHS = dict(cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8])
 KW = dict(max_num_batched_tokens=256, max_num_seqs=8, block_size=16, batch_invariant=True,
           **GRAPHS)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
