@@ -153,3 +153,39 @@ def test_no_leaks_after_many_requests_with_aborts(dense_pair):
     assert engine.runner.spec.num_continued > 0
     assert engine.kv.pool.num_free == engine.kv.num_usable_blocks
     assert not engine.scheduler.running and not engine.requests
+
+
+def test_server_with_async_speculation(dense_pair):
+    """The OpenAI server on an async speculative engine, through the official client, with
+    requests arriving while others decode (some streamed): each completion equals the
+    synchronous engine's, and steady steps continued the one in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from conftest import served
+    from fullgraph.engine.args import EngineArgs
+    from fullgraph.engine.async_engine import AsyncLLMEngine
+    from fullgraph.engine.engine import LLMEngine
+
+    target, drafter = dense_pair
+    batch = prompts(8, 8)
+    sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    kw = dict(KW, speculative_config=spec(drafter, 3))
+    want = [o.outputs[0].token_ids for o in LLM(target, **kw).generate(batch, sp, use_tqdm=False)]
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(
+        EngineArgs(target, async_scheduling=True, **kw)))
+    with served(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def complete(i: int) -> list[int]:
+            args = dict(model=target, prompt=batch[i]["prompt_token_ids"], max_tokens=16,
+                        temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+            if i % 2:
+                chunks = list(client.completions.create(stream=True, **args))
+                return [t for c in chunks for t in (c.choices[0].token_ids or [])]
+            return client.completions.create(**args).choices[0].token_ids
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(complete, range(8)))
+    assert got == want
+    assert engine.engine.runner.spec.num_continued > 0
