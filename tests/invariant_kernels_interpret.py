@@ -1,5 +1,6 @@
 """The batch-invariant mode's matmul and attention kernels (layers/invariant_gemm.py,
-attention/paged_invariant.py) at op level: a row's bits whatever else is computed with it
+attention/paged_invariant.py; the attention kernel also at the triton backend's prefill
+tiles, attention/triton_attn.py) at op level: a row's bits whatever else is computed with it
 (other row counts and tile buckets; a prefill row, a decode row, a chunk's row, a row after
 other requests), and closeness to torch's float32 matmul and SDPA. The GPU tests
 (test_gpu_batch_invariant.py) run these cases in bfloat16 at Qwen3-0.6B's shapes; run as a
@@ -13,7 +14,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from fullgraph.attention.paged_invariant import invariant_attention, query_tokens, tile_map
+from fullgraph.attention import triton_attn
+from fullgraph.attention.paged_invariant import (invariant_attention, query_tokens, tile_map,
+                                                 tiled_attention)
 from fullgraph.layers.invariant_gemm import invariant_mm
 from fullgraph.layers.policy import KernelPolicy
 
@@ -58,27 +61,40 @@ def _paged(lengths, hkv, d, block_size, device, dtype):
     return k, v, table.to(device)
 
 
-def _attend(q, k, v, table, lengths, queries, block_size, policy):
-    """The kernel over one step: request i's last `queries[i]` tokens (seq_len lengths[i])."""
+def _attend_tiles(q, k, v, table, lengths, queries, block_size, policy, prefill_tiles=False):
+    """The kernel over one step: request i's last `queries[i]` tokens (seq_len lengths[i]);
+    at the mode's tiles, or at the triton backend's prefill tiles (attention/triton_attn.py)."""
     dev = q.device
     qsl = torch.tensor([0, *itertools.accumulate(queries)], dtype=torch.int32, device=dev)
     positions = torch.cat([torch.arange(n - m, n) for n, m in zip(lengths, queries)]).to(dev)
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
-    tiles = tile_map(qsl, len(lengths), q.shape[0], query_tokens(q.shape[1] // k.shape[1]))
+    group = q.shape[1] // k.shape[1]
+    qtok = (max(1, triton_attn.PREFILL_ROWS // group) if prefill_tiles
+            else query_tokens(group))
+    tiles = tile_map(qsl, len(lengths), q.shape[0], qtok)
+    if prefill_tiles:
+        return tiled_attention(q, k, v, table, seq_lens, positions, tiles, block_size,
+                               q.shape[-1] ** -0.5, qtok, triton_attn.PREFILL_TILE,
+                               triton_attn.PREFILL_SPLIT, triton_attn.PREFILL_WARPS)
     return invariant_attention(q, k, v, table, seq_lens, positions, tiles, block_size,
                                q.shape[-1] ** -0.5, policy)
 
 
 def attention_case(device: str, dtype: torch.dtype, lengths=(700, 37, 300), hq: int = 16,
                    hkv: int = 8, d: int = 128, block_size: int = 16,
-                   policy: KernelPolicy = POLICY, tol: float = 2e-2) -> list[str]:
+                   policy: KernelPolicy = POLICY, tol: float = 2e-2,
+                   prefill_tiles: bool = False) -> list[str]:
     """Three requests prefilled in one step, against SDPA (float32, causal); then request 0's
     last token alone (decode), a chunk of its last rows, and rows of requests 0 and 2 in a
-    step where other requests' rows come first: the same bits as in the prefill."""
+    step where other requests' rows come first: the same bits as in the prefill (at fixed
+    tiles a row's arithmetic is its own, whatever the tile holds besides)."""
     k, v, table = _paged(lengths, hkv, d, block_size, device, dtype)
     g = torch.Generator().manual_seed(2)
     q = [torch.randn(n, hq, d, generator=g).to(device, dtype) for n in lengths]
-    outs = _attend(torch.cat(q), k, v, table, lengths, lengths, block_size, policy)
+
+    def _attend(*args):
+        return _attend_tiles(*args, policy, prefill_tiles)
+    outs = _attend(torch.cat(q), k, v, table, lengths, lengths, block_size)
     outs = outs.split(list(lengths))
     failed = []
     for i, n in enumerate(lengths):
@@ -91,16 +107,16 @@ def attention_case(device: str, dtype: torch.dtype, lengths=(700, 37, 300), hq: 
         if (outs[i].float() - ref).abs().max() >= tol:
             failed.append(f"attention request {i}: far from SDPA")
     n0, n2, chunk = lengths[0], lengths[2], lengths[0] * 4 // 7
-    if not torch.equal(_attend(q[0][-1:], k, v, table[:1], [n0], [1], block_size, policy),
+    if not torch.equal(_attend(q[0][-1:], k, v, table[:1], [n0], [1], block_size),
                        outs[0][-1:]):
         failed.append("attention: decode row")
-    if not torch.equal(_attend(q[0][-chunk:], k, v, table[:1], [n0], [chunk], block_size,
-                               policy), outs[0][-chunk:]):
+    if not torch.equal(_attend(q[0][-chunk:], k, v, table[:1], [n0], [chunk], block_size),
+                       outs[0][-chunk:]):
         failed.append("attention: chunk rows")
     order = [2, 1, 0]
     mixed = _attend(torch.cat([q[2][-5:], q[1][-1:], q[0][-9:]]), k, v,
                     table[order + [len(lengths)]], [lengths[j] for j in order], [5, 1, 9],
-                    block_size, policy)
+                    block_size)
     if not (torch.equal(mixed[-9:], outs[0][-9:]) and torch.equal(mixed[:5], outs[2][-5:])):
         failed.append("attention: rows after other requests")
     assert n2 >= 5
@@ -112,7 +128,9 @@ if __name__ == "__main__":
     failures = (matmul_case("cpu", torch.float32, ((40, 64), (100, 96)), rows=70,
                             cuts=[(lo, m) for lo, m in CUTS if m > 32])
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
-                                 d=32, block_size=8, policy=small, tol=1e-4))
+                                 d=32, block_size=8, policy=small, tol=1e-4)
+                + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
+                                 d=32, block_size=8, tol=1e-4, prefill_tiles=True))
     for f in failures:
         print("FAILED", f)
     print("FAILURES", len(failures))

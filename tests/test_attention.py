@@ -276,3 +276,28 @@ def test_attention_qkv_takes_the_fused_path_where_the_backend_answers():
     torch.testing.assert_close(out, 2 * q)
     assert torch.equal(cache[0], ref_cache[0]) and torch.equal(cache[1], ref_cache[1])
     assert cache[0][slots].any()
+
+
+def test_triton_backend_by_name():
+    """`--attention-backend triton`: the flex backend with prompt chunks in a Triton kernel
+    on CUDA (tests/test_triton_attn_interpret.py checks that path); on a CPU the flex
+    backend's paths, so the engine's tokens are flex's; in the batch-invariant mode the
+    invariant backend, as for flex."""
+    from fullgraph import LLM, SamplingParams
+    from fullgraph.attention.backend import get_backend_class
+    from fullgraph.attention.invariant import InvariantAttentionBackend
+    from fullgraph.attention.triton_attn import TritonAttentionBackend
+    from fullgraph.config import KernelPolicy
+    assert get_backend_class("triton") is TritonAttentionBackend
+    assert (get_backend_class("triton", KernelPolicy(batch_invariant=True))
+            is InvariantAttentionBackend)
+    with pytest.raises(ValueError, match="'flex', 'triton' or 'sdpa'"):
+        get_backend_class("flash")
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    batch = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 40, 70)]
+
+    def tokens(backend: str) -> list[list[int]]:
+        llm = LLM("tiny-qwen3", attention_backend=backend, max_num_batched_tokens=64,
+                  max_num_seqs=8)
+        return [o.outputs[0].token_ids for o in llm.generate(batch, sp, use_tqdm=False)]
+    assert tokens("triton") == tokens("flex")

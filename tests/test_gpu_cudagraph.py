@@ -188,7 +188,7 @@ def _random_outputs(llm, seed: int):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["flex", "triton", "sdpa"])
 def test_piecewise_graphs_match_eager_on_gpu(hf_dir, backend):
     """PIECEWISE: the CUDA graph pieces around eager attention (sdpa too, which FULL graphs
     cannot hold) give the eager engine's tokens (float32)."""

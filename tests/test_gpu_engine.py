@@ -20,6 +20,7 @@ def prompts(lengths, seed=0, vocab=600):
 @pytest.mark.parametrize("backend, enforce_eager, compile_layers", [
     ("flex", True, False), ("flex", False, False), ("sdpa", True, False), ("sdpa", False, False),
     ("flex", False, True),                      # --compile-layers (off by default)
+    ("triton", True, False), ("triton", False, False),   # prompt chunks in the tiled kernel
 ])
 def test_float32_greedy_parity_on_gpu(hf_dir, hf_model, backend, enforce_eager, compile_layers):
     llm = LLM(hf_dir, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8,

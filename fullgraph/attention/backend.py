@@ -76,7 +76,7 @@ class AttentionBackend(Protocol):
 def get_backend_class(name: str, policy: KernelPolicy = DEFAULT_POLICY
                       ) -> type[AttentionBackend]:
     """The backend `--attention-backend` names, under the engine's kernel policy. In the
-    batch-invariant mode the flex backend resolves to its invariant path
+    batch-invariant mode the flex and triton backends resolve to the invariant path
     (attention/invariant.py: one arithmetic for prefill, mixed and decode rows); a backend
     without one is a ValueError."""
     if name == "flex":
@@ -85,11 +85,17 @@ def get_backend_class(name: str, policy: KernelPolicy = DEFAULT_POLICY
             return InvariantAttentionBackend
         from fullgraph.attention.flex import FlexAttentionBackend
         return FlexAttentionBackend
+    if name == "triton":
+        if policy.batch_invariant:       # the same kernel family, at the mode's tiles
+            from fullgraph.attention.invariant import InvariantAttentionBackend
+            return InvariantAttentionBackend
+        from fullgraph.attention.triton_attn import TritonAttentionBackend
+        return TritonAttentionBackend
     if name == "sdpa":
         from fullgraph.attention.sdpa import SDPABackend
         policy.require("attention backend 'sdpa'", SDPABackend.supports_batch_invariant)
         return SDPABackend
-    raise ValueError(f"unknown attention backend {name!r}: choose 'flex' or 'sdpa'")
+    raise ValueError(f"unknown attention backend {name!r}: choose 'flex', 'triton' or 'sdpa'")
 
 
 class ForwardContext:

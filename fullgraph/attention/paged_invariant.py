@@ -49,6 +49,31 @@ def query_tokens(group: int) -> int:
 
 if triton is not None:
     @triton.jit
+    def _kv_tile(q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
+                 stride_vs, stride_vh, scale_log2e, m_i, l_i, acc, d, n,
+                 PAGE: tl.constexpr, PRECISION: tl.constexpr):
+        """One online-softmax step over the KV tile at logical positions j0 + n."""
+        kv_pos = j0 + n
+        inside = kv_pos < seq_len
+        page = tl.load(bt_row + kv_pos // PAGE, mask=inside, other=0)
+        slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
+        k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
+                    mask=inside[:, None], other=0.0)
+        v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
+                    mask=inside[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
+        seen = (kv_pos[None, :] <= pos[:, None]) & inside[None, :]
+        qk = tl.where(seen, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # a row whose max did not move keeps its sums exactly (x * 1)
+        alpha = tl.where(m_new == m_i, 1.0, tl.exp2(m_i - m_use))
+        p = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _invariant_attention_kernel(
             q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, seq_lens_ptr, positions_ptr,
             tile_req_ptr, tile_first_ptr, tile_end_ptr, scale_log2e,
@@ -57,6 +82,7 @@ if triton is not None:
             GROUP: tl.constexpr, QTOK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
             PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
             PRECISION: tl.constexpr):
+        """SPLIT 0: one pass over the KV, no split fold (one accumulator, not two)."""
         i = tl.program_id(0)
         h = tl.program_id(1)
         r = tl.load(tile_req_ptr + i)
@@ -76,43 +102,37 @@ if triton is not None:
             seq_len = tl.load(seq_lens_ptr + r)
             last = tl.max(pos, 0)                       # the tile's furthest position
             bt_row = block_table_ptr + r.to(tl.int64) * stride_bt
-            total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            total_l = tl.zeros([BLOCK_M], tl.float32)
-            total_acc = tl.zeros([BLOCK_M, D], tl.float32)
-            for s0 in range(0, last + 1, SPLIT):
-                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l_i = tl.zeros([BLOCK_M], tl.float32)
-                acc = tl.zeros([BLOCK_M, D], tl.float32)
-                for j0 in range(s0, tl.minimum(s0 + SPLIT, last + 1), TILE):
-                    kv_pos = j0 + n
-                    inside = kv_pos < seq_len
-                    page = tl.load(bt_row + kv_pos // PAGE, mask=inside, other=0)
-                    slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
-                    k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
-                                mask=inside[:, None], other=0.0)
-                    v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
-                                mask=inside[:, None], other=0.0)
-                    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
-                    seen = (kv_pos[None, :] <= pos[:, None]) & inside[None, :]
-                    qk = tl.where(seen, qk, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(qk, 1))
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    # a row whose max did not move keeps its sums exactly (x * 1)
-                    alpha = tl.where(m_new == m_i, 1.0, tl.exp2(m_i - m_use))
-                    p = tl.exp2(qk - m_use[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v,
-                                                        input_precision=PRECISION)
-                    m_i = m_new
-                # fold the split into the total, in split order
-                m_t = tl.maximum(total_m, m_i)
-                m_use = tl.where(m_t == float("-inf"), 0.0, m_t)
-                w_a = tl.where(m_t == total_m, 1.0, tl.exp2(total_m - m_use))
-                w_b = tl.where(m_t == m_i, 1.0, tl.exp2(m_i - m_use))
-                w_b = tl.where(m_i == float("-inf"), 0.0, w_b)
-                total_l = total_l * w_a + l_i * w_b
-                total_acc = total_acc * w_a[:, None] + acc * w_b[:, None]
-                total_m = m_t
+            if SPLIT == 0:
+                total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                total_l = tl.zeros([BLOCK_M], tl.float32)
+                total_acc = tl.zeros([BLOCK_M, D], tl.float32)
+                for j0 in range(0, last + 1, TILE):
+                    total_m, total_l, total_acc = _kv_tile(
+                        q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
+                        stride_vs, stride_vh, scale_log2e, total_m, total_l, total_acc, d, n,
+                        PAGE, PRECISION)
+            else:
+                total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                total_l = tl.zeros([BLOCK_M], tl.float32)
+                total_acc = tl.zeros([BLOCK_M, D], tl.float32)
+                for s0 in range(0, last + 1, SPLIT):
+                    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    l_i = tl.zeros([BLOCK_M], tl.float32)
+                    acc = tl.zeros([BLOCK_M, D], tl.float32)
+                    for j0 in range(s0, tl.minimum(s0 + SPLIT, last + 1), TILE):
+                        m_i, l_i, acc = _kv_tile(
+                            q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks,
+                            stride_kh, stride_vs, stride_vh, scale_log2e, m_i, l_i, acc, d, n,
+                            PAGE, PRECISION)
+                    # fold the split into the total, in split order
+                    m_t = tl.maximum(total_m, m_i)
+                    m_use = tl.where(m_t == float("-inf"), 0.0, m_t)
+                    w_a = tl.where(m_t == total_m, 1.0, tl.exp2(total_m - m_use))
+                    w_b = tl.where(m_t == m_i, 1.0, tl.exp2(m_i - m_use))
+                    w_b = tl.where(m_i == float("-inf"), 0.0, w_b)
+                    total_l = total_l * w_a + l_i * w_b
+                    total_acc = total_acc * w_a[:, None] + acc * w_b[:, None]
+                    total_m = m_t
             o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
             tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=live[:, None])
@@ -139,12 +159,25 @@ def invariant_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         positions: torch.Tensor, tiles: tuple[torch.Tensor, ...],
                         block_size: int, scale: float, policy: KernelPolicy) -> torch.Tensor:
     """q [T, Hq, D]; caches [slots, Hkv, D]; block_table [R, pages]; seq_lens [R] (after
-    this step); positions [T]; `tiles` from `tile_map`. Returns [T, Hq, D] (zeros for tokens
-    in no tile: padding)."""
+    this step); positions [T]; `tiles` from `tile_map` at `query_tokens(group)`. Returns
+    [T, Hq, D] (zeros for tokens in no tile: padding). The mode's tiles and splits."""
+    group = q.shape[1] // k_cache.shape[1]
+    return tiled_attention(q, k_cache, v_cache, block_table, seq_lens, positions, tiles,
+                           block_size, scale, query_tokens(group), policy.attention_tile,
+                           policy.attention_split)
+
+
+def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, positions: torch.Tensor,
+                    tiles: tuple[torch.Tensor, ...], block_size: int, scale: float, qtok: int,
+                    tile: int, split: int, num_warps: int = NUM_WARPS,
+                    num_stages: int = 2) -> torch.Tensor:
+    """The kernel at any tile shape: `qtok` query tokens a program (`tiles` listed at it),
+    `tile` KV tokens an online-softmax step, splits of `split` tokens (a multiple of
+    `tile`), or with `split` 0 one pass over the KV without a split fold."""
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
-    qtok = query_tokens(group)
     out = torch.zeros_like(q)
     tile_req, first, end = tiles
     if t:
@@ -154,7 +187,7 @@ def invariant_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
             v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
             GROUP=group, QTOK=qtok, BLOCK_M=max(MIN_ROWS, pow2(qtok * group)), D=d,
-            PAGE=block_size, TILE=policy.attention_tile, SPLIT=policy.attention_split,
+            PAGE=block_size, TILE=tile, SPLIT=split,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=NUM_WARPS, num_stages=2)
+            num_warps=num_warps, num_stages=num_stages)
     return out
