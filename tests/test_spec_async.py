@@ -90,9 +90,9 @@ def test_async_verify_steps_continue_on_the_device(dense_pair, k):
     assert 0.2 < accepted / drafts < 0.9            # rejections move the positions back
     steps = llm.engine.runner.spec
     assert steps.num_continued >= llm.engine.stats.steps // 2
-    plain = LLM(target, **KW).generate(batch, [SamplingParams(temperature=0.0, max_tokens=p.max_tokens,
-                                                              ignore_eos=True) for p in params],
-                                       use_tqdm=False)
+    greedy = [SamplingParams(temperature=0.0, max_tokens=p.max_tokens, ignore_eos=True)
+              for p in params]
+    plain = LLM(target, **KW).generate(batch, greedy, use_tqdm=False)
     for i in range(0, 5, 2):
         assert got[0][i][0] == plain[i].outputs[0].token_ids
 
@@ -146,7 +146,8 @@ def test_no_leaks_after_many_requests_with_aborts(dense_pair):
     llm = LLM(target, speculative_config=spec(drafter, 3), async_scheduling=True,
               max_model_len=256, **dict(KW, max_num_seqs=8))
     engine, rng = llm.engine, random.Random(0)
-    churn_with_aborts(engine, lambda: [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 12))],
+    churn_with_aborts(engine,
+                      lambda: [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 12))],
                       lambda i: SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=i,
                                                max_tokens=rng.randrange(1, 9), ignore_eos=True),
                       1000, 4, rng)

@@ -11,9 +11,9 @@ last position) needs no host work beyond the step's query starts, and its prefil
 than the packed layout on the H100 even at the mode's 16-row tiles (docs/benchmarks.md,
 nineteenth session: time to first token 35-38% lower at 32 and 128 x 512 tokens). Here it
 runs at prefill tiles: `PREFILL_ROWS` query rows (tokens x the GQA group) and `PREFILL_TILE`
-KV tokens a step, one pass over the KV (no split fold). Decode and verify steps (the decode layout) keep the flex
-backend's paged decode kernel, and a CPU (or a head size the kernel does not take) the flex
-backend's paths entirely.
+KV tokens a step, one pass over the KV (no split fold). Decode and verify steps (the decode
+layout) keep the flex backend's paged decode kernel, and a CPU (or a head size the kernel
+does not take) the flex backend's paths entirely.
 """
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=d.enable_prefix_caching,
                    help="reuse the KV blocks of shared prefixes (default: on, off for models "
                         "with recurrent state)")
-    g.add_argument("--attention-backend", default=d.attention_backend, choices=["flex", "triton", "sdpa"])
+    g.add_argument("--attention-backend", default=d.attention_backend,
+                   choices=["flex", "triton", "sdpa"])
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     g.add_argument("--cudagraph-mode", default=d.cudagraph_mode,
                    choices=["none", "full", "full_decode_only", "piecewise"],
