@@ -113,11 +113,13 @@ def test_async_hybrid_target_keeps_the_accepted_rows_state(hybrid):
 
 def test_async_with_chunked_prefill_preemption_and_new_arrivals(dense_pair):
     """A small budget (prompt chunks beside decoding requests), a pool small enough to
-    preempt, and requests arriving while others decode: steps that admit or prefill wait
-    for the step in flight, steady ones continue it; greedy output equals non-speculative
-    decoding, and no block or slot is left behind."""
+    preempt, requests arriving while others decode, prefix-cache hits (the prompts share
+    their first 16 tokens): steps that admit or prefill wait for the step in flight, steady
+    ones continue it; greedy output equals non-speculative decoding, and no block or slot is
+    left behind."""
     target, drafter = dense_pair
-    batch = prompts(6, 8)
+    head = prompts(7, 1)[0]["prompt_token_ids"][:16]
+    batch = [{"prompt_token_ids": head + p["prompt_token_ids"]} for p in prompts(6, 8)]
     sp = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     kw = dict(KW, max_num_batched_tokens=48, max_num_seqs=4, block_size=8,
               num_gpu_blocks_override=24, cudagraph_capture_sizes=[4, 8, 16, 32, 48])
@@ -134,6 +136,7 @@ def test_async_with_chunked_prefill_preemption_and_new_arrivals(dense_pair):
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o for o in engine.step() if o.finished})
     assert [outs[str(i)].outputs[0].token_ids for i in range(8)] == want
+    assert any(o.num_cached_tokens for o in outs.values())
     assert engine.scheduler.num_preemptions > 0
     assert engine.runner.spec.num_continued > 0
     assert engine.kv.pool.num_free == engine.kv.num_usable_blocks
