@@ -7,10 +7,9 @@ KV blocks of each 16-token query block, attention/flex.py `_mixed_kv_blocks`) an
 FlexAttention's sparse kernel over the cache's physical order. The batch-invariant mode's
 kernel (attention/paged_invariant.py: a program per query tile of one request and KV head,
 walking that request's KV through the block table in logical order, causal, up to the tile's
-last position) needs no host work beyond the step's query starts, and its prefill was faster
-than the packed layout on the H100 even at the mode's 16-row tiles (docs/benchmarks.md,
-nineteenth session: time to first token 35-38% lower at 32 and 128 x 512 tokens). Here it
-runs at prefill tiles: `PREFILL_ROWS` query rows (tokens x the GQA group) and `PREFILL_TILE`
+last position) needs no host work beyond the step's query starts, and its prefill measured
+faster than the packed layout even at the mode's 16-row tiles (docs/benchmarks.md,
+nineteenth session). Here it runs at prefill tiles: `PREFILL_ROWS` query rows (tokens x the GQA group) and `PREFILL_TILE`
 KV tokens a step, one pass over the KV (no split fold). Decode and verify steps (the decode
 layout) keep the flex backend's paged decode kernel, and a CPU (or a head size the kernel
 does not take) the flex backend's paths entirely.
@@ -29,7 +28,7 @@ from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 PREFILL_ROWS = 64      # query rows a program: tokens x the GQA group
 PREFILL_TILE = 64      # KV tokens an online-softmax step
-PREFILL_WARPS = 8      # at 4, 64 x 128 float32 accumulators spill (sm_90, ptxas)
+PREFILL_WARPS = 8      # fewer spill the accumulators to the stack (docs/benchmarks.md)
 PREFILL_SPLIT = 0      # no splits: one pass over the KV
 
 
@@ -38,7 +37,6 @@ class TiledMetadata:
     """A step with prompt chunks: its inputs, and the query tiles `update` lists on the
     device (`paged_invariant.tile_map`)."""
     inputs: StepAttentionInputs
-    query_tokens: int
     tiles: tuple[torch.Tensor, ...] | None = None
 
 
@@ -62,14 +60,14 @@ class TritonAttentionBackend(FlexAttentionBackend):
 
     def build(self, inputs: StepAttentionInputs):
         if self._tiled_layout(inputs):
-            return TiledMetadata(inputs, self.query_tokens)
+            return TiledMetadata(inputs)
         return super().build(inputs)
 
     def update(self, metadata, inputs: StepAttentionInputs) -> None:
         if isinstance(metadata, TiledMetadata):
             metadata.tiles = paged_invariant.tile_map(
                 inputs.query_start_loc, inputs.num_reqs_padded, inputs.num_tokens_padded,
-                metadata.query_tokens)
+                self.query_tokens)
             return
         super().update(metadata, inputs)
 
@@ -79,5 +77,5 @@ class TritonAttentionBackend(FlexAttentionBackend):
             return paged_invariant.tiled_attention(
                 q, kv_cache[0], kv_cache[1], inputs.block_table, inputs.seq_lens,
                 inputs.positions, metadata.tiles, self.spec.block_size, self.spec.scale,
-                metadata.query_tokens, PREFILL_TILE, PREFILL_SPLIT, PREFILL_WARPS)
+                self.query_tokens, PREFILL_TILE, PREFILL_SPLIT, PREFILL_WARPS)
         return super().forward(q, kv_cache, metadata)

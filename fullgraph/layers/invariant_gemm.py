@@ -9,9 +9,9 @@ K in order, in float32, with no split-K and no one-row broadcast-sum. A row's ou
 dot products of its own input row with the weight's rows, accumulated 16 products at a time
 in K order; rows past M are masked zeros, and `M` is not specialized.
 
-What is pinned is that order, not the tile shape. Measured on an H100
-(benchmarks/probes/invariant_matmul.py, docs/benchmarks.md): for each of Qwen3-0.6B's
-projections and its LM head, BLOCK_M 16-128 (mma and wgmma), BLOCK_N 32-256, BLOCK_K
+What is pinned is that order, not the tile shape. The probe
+(benchmarks/probes/invariant_matmul.py; its run is in docs/benchmarks.md) found that for
+each of Qwen3-0.6B's projections and its LM head, BLOCK_M 16-128 (mma and wgmma), BLOCK_N 32-256, BLOCK_K
 32-256, 4 or 8 warps and 2-4 stages all give a row the same bits (so does cuBLAS at 257
 rows, which is not relied on: its split-K and kernel follow M). So `tiles` picks the tile
 shape from the row count for speed, as the normal mode does, and the GPU tests

@@ -21,8 +21,8 @@ Each RMSNorm, with the residual add before it, runs inside the projection it fee
 models/qwen3.py), and a decode step's GDN work between in_proj and out_proj is two kernels on
 the state pools (layers/gdn/fused_decode.py; a speculative verify step's, fused_verify.py),
 and the gated attention's q/k norm, partial rotary, K/V store and output gate are two kernels
-around attention (layers/gated_attention.py), on CUDA. The torch ops below stay the reference and the path
-everywhere else (CPU; prefill GDN through fla).
+around attention (layers/gated_attention.py), on CUDA. The torch ops below stay the
+reference and the path everywhere else (CPU; prefill GDN through fla).
 
 The batch-invariant mode (`kernel_policy`, layers/policy.py; on the GPU through
 layers/gdn/fused_aligned.py's kernels, whose device test is owed) keeps every token's bits

@@ -106,8 +106,8 @@ def speculative_gated_delta_rule(q, k, v, g, beta, state_pool: torch.Tensor,
     lane (a verify step: m; a decode step: 1): every row then runs token by token, each
     state written as it comes. None (steps with prompt chunks): the chunked rule gives the
     outputs and the last rows' states, and the first m - 1 rows run again token by token for
-    theirs (a lane shorter than that reads a no-op row past its end). The states are gathered once before anything is written: a lane's read slot is
-    one of its write slots. Returns `[T, num_v_heads, head_v_dim]` in q's dtype."""
+    theirs (a lane shorter than that reads a no-op row past its end). The states are gathered
+    once before anything is written: a lane's read slot is one of its write slots. Returns `[T, num_v_heads, head_v_dim]` in q's dtype."""
     fla = fla_gated_delta_rule(q.device) if use_fla else None
     m = write_slots.shape[1]
     steps = m - 1 if max_query_len is None else max_query_len
