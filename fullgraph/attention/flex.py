@@ -1,4 +1,4 @@
-"""FlexAttention over the paged KV cache (DESIGN.md §3).
+"""FlexAttention over the paged KV cache.
 
 The cache is one long KV sequence per layer, `[1, Hkv, num_blocks * block_size, D]`, and a
 BlockMask lists which physical KV blocks each query block may visit. Two layouts:
