@@ -123,18 +123,11 @@ def test_a_thousand_completions_of_one_prompt_are_one_text(model_dir):
     assert len(texts) == 1
 
 
-def test_vision_language_needle_with_an_image_alone_equals_it_in_any_batch(tmp_path,
-                                                                           monkeypatch):
+def test_vision_language_needle_with_an_image_alone_equals_it_in_any_batch(tmp_path):
     """Qwen3-VL (head_dim 64): a prompt with an image alone vs among random text and image
-    prompts under budgets of 16 / 40 / 512 tokens; the tower runs eagerly in the mode.
-    Qwen3VLForConditionalGeneration declares CUDA once this has passed on the device; until
-    then the test declares it."""
+    prompts under budgets of 16 / 40 / 512 tokens; the tower runs eagerly in the mode."""
     import test_batch_invariant_vl as vl
-    from fullgraph.models.interface import ModelCapabilities
-    from fullgraph.models.qwen3_vl import Qwen3VLForConditionalGeneration
     from test_vl_engine import make_vl_checkpoint
-    monkeypatch.setattr(Qwen3VLForConditionalGeneration, "capabilities",
-                        ModelCapabilities(batch_invariant=("cpu", "cuda")))
     path = make_vl_checkpoint(str(tmp_path / "vl"), head_dim=64, mrope_section=(8, 12, 12))
 
     def llm(batched: int) -> LLM:
@@ -191,6 +184,24 @@ def test_speculative_decoding_keeps_every_bit(spec_pair):
     got = result(completions(engine(target, 64, speculative_config=spec),
                              [(NEEDLE, SEEDED)], 30, 12)[0])
     assert got == alone
+
+
+def test_async_speculation_keeps_every_bit(spec_pair):
+    """Async scheduling with speculation in the mode (verify steps continued on the device by
+    `continue_rows`): seeded sampled tokens and logprobs equal the synchronous speculative
+    engine's bit for bit."""
+    target, drafter = spec_pair
+    spec = {"method": "eagle3", "model": drafter, "num_speculative_tokens": 3}
+    rng = random.Random(11)
+    batch = [{"prompt_token_ids": tokens(rng, rng.randrange(2, 90))} for _ in range(8)]
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=10 + 3 * i, ignore_eos=True,
+                             logprobs=2) for i in range(8)]
+
+    def run(llm: LLM) -> list:
+        return [result(o) for o in llm.generate(batch, params, use_tqdm=False)]
+    llm = engine(target, 512, speculative_config=spec, async_scheduling=True)
+    assert run(llm) == run(engine(target, 512, speculative_config=spec, async_scheduling=False))
+    assert llm.engine.runner.spec.num_continued > 0
 
 
 def declare_hybrids_on_cuda(monkeypatch) -> None:

@@ -68,23 +68,12 @@ def test_async_scheduling_continues_verify_steps_on_gpu(pair):
     """Async scheduling: steady verify steps launch before the step in flight is read, their
     inputs carried over on the device (the bonus token through the arena's pending merge,
     positions, slots and drafts by `continue_rows` inside the model graph). Greedy output
-    equals plain decoding; seeded sampled tokens and logprobs equal the synchronous
-    speculative engine's bit for bit in the batch-invariant mode."""
+    equals plain decoding (seeded bits in the batch-invariant mode: test_gpu_batch_invariant,
+    whose kernel needs a head dim of 32 or more)."""
     target, _, half, _ = pair
     spec = {"method": "eagle3", "model": half, "num_speculative_tokens": 3}
     prompts = batch(11, 12)
     want = greedy(LLM(target, **KW), prompts)
     llm = LLM(target, speculative_config=spec, async_scheduling=True, **KW)
     assert greedy(llm, prompts) == want
-    assert llm.engine.runner.spec.num_continued > 0
-    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=10 + 3 * i, ignore_eos=True,
-                             logprobs=2) for i in range(8)]
-
-    def run(llm):
-        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in s.items()}
-                                          for s in o.outputs[0].logprobs])
-                for o in llm.generate(prompts[:8], params, use_tqdm=False)]
-    kw = dict(KW, batch_invariant=True, speculative_config=spec)
-    llm = LLM(target, async_scheduling=True, **kw)
-    assert run(llm) == run(LLM(target, async_scheduling=False, **kw))
     assert llm.engine.runner.spec.num_continued > 0

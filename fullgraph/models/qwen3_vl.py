@@ -128,9 +128,9 @@ class Qwen3VLModel(nn.Module):
 
 
 class Qwen3VLForConditionalGeneration(nn.Module):
-    # prefix caching: the engine hashes the images; batch-invariant on the CPU (the tower
-    # encodes a request's own images, once; the text model is Qwen3's with scalar cos/sin)
-    capabilities = ModelCapabilities(batch_invariant=("cpu",))
+    # prefix caching: the engine hashes the images; batch-invariant (the tower encodes a
+    # request's own images, once; the text model is Qwen3's with scalar cos/sin)
+    capabilities = ModelCapabilities(batch_invariant=("cpu", "cuda"))
     multimodal = True                      # the runner passes ctx.multimodal every step
     stacked_params = Qwen3ForCausalLM.stacked_params
     check_config = staticmethod(check_config)
