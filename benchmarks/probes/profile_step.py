@@ -135,6 +135,7 @@ def main() -> None:
     p.add_argument("--variant", help="decode_variants.py's edits, e.g. fuse+splits=8")
     p.add_argument("--num-gpu-blocks", type=int,
                    help="KV blocks (small under ncu: it saves and restores device memory)")
+    p.add_argument("--batch-invariant", action="store_true", help="the batch-invariant mode")
     p.add_argument("--external", action="store_true",
                    help="only run the steps, for a profiler outside (ncu, nsys)")
     a = p.parse_args()
@@ -144,7 +145,8 @@ def main() -> None:
     sizes = {"cudagraph_capture_sizes": a.capture_sizes} if a.capture_sizes else {}
     if a.num_gpu_blocks:
         sizes["num_gpu_blocks_override"] = a.num_gpu_blocks
-    llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, **sizes)
+    llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, batch_invariant=a.batch_invariant,
+              **sizes)
     engine = llm.engine
     for b in decoding_batches(engine, a.batch_sizes, a.input_len, 64, "p"):
         torch.cuda.synchronize()

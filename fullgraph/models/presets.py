@@ -100,6 +100,12 @@ PRESETS = {
     # Qwen3-0.6B's shapes with random bf16 weights, for GPU benchmarks.
     "qwen3-0.6b-random": Preset("qwen3-0.6b-random", 1024, 3072, 28, 16, 8, 128, 151936,
                                 40960, "bfloat16"),
+    # Qwen3-4B's and Qwen3-8B's shapes with random bf16 weights (8 GB and 16 GB), for GPU
+    # benchmarks of larger targets (speculative decoding's gain grows with the target).
+    "qwen3-4b-random": Preset("qwen3-4b-random", 2560, 9728, 36, 32, 8, 128, 151936, 40960,
+                              "bfloat16"),
+    "qwen3-8b-random": Preset("qwen3-8b-random", 4096, 12288, 36, 32, 8, 128, 151936, 40960,
+                              "bfloat16", tie_word_embeddings=False),
     # A hybrid for tests: 3 Gated DeltaNet layers, then a gated full-attention layer.
     "tiny-qwen3.5": Preset("tiny-qwen3.5", 64, 192, 4, 4, 2, 32, None, 4096, "float32",
                            hybrid=_qwen3_5_fields(2, 4, 16)),
