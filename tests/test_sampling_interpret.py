@@ -1,7 +1,8 @@
 """The sampler's Triton kernels under Triton's CPU interpreter against the torch spec
 (benchmarks/probes/sampler_interpret.py), where Triton is installed: the fast threshold
-resolution (a 256-value candidate buffer: the interpreter sorts 4096 values slowly) and,
-with a tiny buffer, the exact whole-row search. The GPU is tests/test_gpu_sampling.py's."""
+resolution (a 128-value candidate buffer, sorted in blocks of 8, 32 or 128: the interpreter
+sorts 4096 values slowly) and, with a tiny buffer, the exact whole-row search. The GPU is
+tests/test_gpu_sampling.py's."""
 from __future__ import annotations
 
 import os
@@ -15,8 +16,11 @@ import triton_interpret  # noqa: E402  (tests/, needs Triton)
 PROBE = os.path.join(triton_interpret.HERE, "..", "benchmarks", "probes", "sampler_interpret.py")
 
 
-@pytest.mark.parametrize("candidates", [256, 8])
+@pytest.mark.parametrize("candidates", [128, 8])
 def test_kernels_match_the_spec_in_the_interpreter(candidates):
-    res = triton_interpret.run(PROBE, "--vocab", "160", "--candidates", str(candidates))
+    """128: the fast resolution, rows sorting 8, 32 or 128 values (every block size);
+    8: most rows take the whole-row search."""
+    res = triton_interpret.run(PROBE, "--vocab", "160", "--candidates", str(candidates),
+                               "--sort-sizes", "8", "32")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "FAILURES 0" in res.stdout

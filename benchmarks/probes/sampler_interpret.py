@@ -5,7 +5,8 @@ torch spec: thresholds, draws, processing, logprobs, count updates. Run with Tri
     TRITON_INTERPRET=1 python benchmarks/probes/sampler_interpret.py [--candidates 8]
 
 --candidates shrinks the fast resolution's buffer so that most rows take the exact
-whole-row search instead (the fallback path).
+whole-row search instead (the fallback path); --sort-sizes below it make rows sort their
+candidates in each of the resolution's three block sizes.
 """
 from __future__ import annotations
 
@@ -42,9 +43,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidates", type=int, default=K.CANDIDATES)
     ap.add_argument("--vocab", type=int, default=700)
+    ap.add_argument("--sort-sizes", type=int, nargs=2, default=K.SORT_SIZES,
+                    help="the resolution's smaller sort blocks (below --candidates: rows then "
+                         "take each of the three blocks)")
     args = ap.parse_args()
     K.CANDIDATES = args.candidates
     K._CAND = tl.constexpr(args.candidates)
+    K._SORT_SMALL, K._SORT_MID = (tl.constexpr(n) for n in args.sort_sizes)
     gen = torch.Generator().manual_seed(0)
     base = rows(args.vocab, gen)
     params = [(1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (1.3, 20, 0.8, 0.0),

@@ -13,10 +13,12 @@ of the batch. Rows that do not use a feature leave its kernel at their first loa
   noise (`GUMBEL_MAX`) reaches the best key so far: with a 152k vocabulary most blocks of a
   large slice skip it, so the pass reads the logits once and hashes few of them.
 - Filtering (top-k / top-p / min_p): a threshold per row, with no sort of the vocabulary.
-  `_row_max_kernel` (max of s), `_pivot_kernel` (count and mass of s >= max - d_j at 16
-  fixed offsets d_j), `_bracket_kernel` (the two pivots between which the threshold lies),
-  `_compact_kernel` (the values between them, at most `CANDIDATES`, into a small buffer)
-  and `_resolve_kernel` (sorts those values and applies the exact rule). A bracket that
+  `_row_max_kernel` (max of s; all min_p needs), `_pivot_kernel` (rows with top-k or
+  top-p: count and mass of s >= max - d_j at 16 fixed offsets d_j), `_bracket_kernel` (the
+  two pivots between which the threshold lies), `_compact_kernel` (the values between
+  them, at most `CANDIDATES`, into a small buffer) and `_resolve_kernel` (sorts those values
+  in the smallest of `SORT_SIZES` + (CANDIDATES,) that holds them, and applies the exact
+  rule). A bracket that
   holds more values (a flat distribution with a large nucleus) is narrowed first, in
   `REFINE_ROUNDS` rounds of `_refine_count_kernel` (count and mass at 16 even splits of the
   bracket, over the row's slices in parallel) and `_refine_bracket_kernel`; a row still
@@ -54,6 +56,7 @@ FILTER_CHUNK = 8192            # fixed per-row slices of the filter passes (batc
 FILTER_BLOCK = 512
 NUM_PIVOTS = 16                # d_j = (j + 1)^2 / 8: 0.125 ... 32 below the row maximum
 CANDIDATES = 4096              # values a row's bracket may hold for the fast resolution
+SORT_SIZES = (256, 1024)       # smaller blocks the resolution sorts when the candidates fit
 REFINE_ROUNDS = 3              # parallel narrowings of a bracket that holds more
 LOGPROB_BLOCK = 4096
 FLAG_PENALTY, FLAG_BANNED, FLAG_BIAS, FLAG_MIN_TOKENS = 1, 2, 4, 8
@@ -66,6 +69,8 @@ def available() -> bool:
 if triton is not None:
     _NP = tl.constexpr(NUM_PIVOTS)
     _CAND = tl.constexpr(CANDIDATES)
+    _SORT_SMALL = tl.constexpr(SORT_SIZES[0])
+    _SORT_MID = tl.constexpr(SORT_SIZES[1])
     _GMAX = tl.constexpr(GUMBEL_MAX)
     _EPS = tl.constexpr(GREEDY_EPS)
     _SHIFT = tl.constexpr(NOISE_SHIFT)
@@ -141,6 +146,12 @@ if triton is not None:
     @triton.jit
     def _filter_on(t, k, p, mp, V):
         return (t >= _EPS) & (((k > 0) & (k < V)) | (p < 1.0) | (mp > 0.0))
+
+    @triton.jit
+    def _cuts(k, p, V):
+        """Top-k or top-p asked for: the rows the pivot pass counts (min_p alone needs only
+        the row maximum)."""
+        return ((k > 0) & (k < V)) | (p < 1.0)
 
     @triton.jit
     def _row_filtered(temp_ptr, topk_ptr, topp_ptr, minp_ptr, r, V, HAS_MIN_P: tl.constexpr):
@@ -266,14 +277,14 @@ if triton is not None:
                       pmax_ptr, pcount_ptr, pmass_ptr, SF, SF_P2: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_MIN_P: tl.constexpr,
                       USE_PDL: tl.constexpr):
-        """Per slice: count and mass (exp(s - max)) of survivors at or above each pivot, and
-        of all survivors (entry _NP)."""
+        """Per slice of a row with top-k or top-p: count and mass (exp(s - max)) of survivors
+        at or above each pivot, and of all survivors (entry _NP)."""
         r = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         if USE_PDL:
             _pdl()
         t, filtered = _row_filtered(temp_ptr, topk_ptr, topp_ptr, minp_ptr, r, V, HAS_MIN_P)
-        if filtered:
+        if filtered & _cuts(tl.load(topk_ptr + r), tl.load(topp_ptr + r), V):
             m, cutoff = _row_stats(pmax_ptr, r, minp_ptr, SF, SF_P2, HAS_MIN_P)
             piv = _pivots(m)
             row = x_ptr + r * stride_x
@@ -316,7 +327,7 @@ if triton is not None:
         if HAS_MIN_P:
             mp = tl.load(minp_ptr + r)
         tl.store(counter_ptr + r, 0)
-        if _filter_on(t, k, p, mp, V):
+        if _filter_on(t, k, p, mp, V) & _cuts(k, p, V):
             m, cutoff = _row_stats(pmax_ptr, r, minp_ptr, SF, SF_P2, HAS_MIN_P)
             piv = _pivots(m)
             cs = tl.arange(0, SF_P2)
@@ -362,8 +373,11 @@ if triton is not None:
                 tl.store(info_i_ptr + r * 4 + 0, 0)
                 tl.store(thr_ptr + r, cutoff)
         else:
+            thr = -float("inf")
+            if _filter_on(t, k, p, mp, V):              # min_p alone: its cutoff
+                thr = _row_stats(pmax_ptr, r, minp_ptr, SF, SF_P2, HAS_MIN_P)[1]
             tl.store(info_i_ptr + r * 4 + 0, 0)
-            tl.store(thr_ptr + r, -float("inf"))
+            tl.store(thr_ptr + r, thr)
 
     @triton.jit
     def _refine_splits(m, lo, hi):
@@ -519,6 +533,26 @@ if triton is not None:
         return lo + tl.maximum((hi - lo) * j // (_NP + 1), 1)
 
     @triton.jit
+    def _sorted_threshold(cand, n_c, k, p, m, m_hi, z_all, n_hi, k_on, k_off, p_off,
+                          SIZE: tl.constexpr):
+        """The exact rule over the row's `n_c` candidates (<= SIZE), sorted: the smallest
+        value kept by top-k (the first k - n_hi) and top-p (mass above it < p * z)."""
+        i = tl.arange(0, SIZE)
+        s = tl.load(cand + i, mask=i < n_c, other=-float("inf"))
+        s = tl.sort(s, descending=True)
+        e = tl.where(i < n_c, tl.exp(s - m), 0.0)
+        z = z_all
+        if k_on:      # mass of the top-k set: values >= the k-th largest
+            vk = tl.min(tl.where(n_hi + i < k, s, float("inf")), 0)
+            z = m_hi + tl.sum(tl.where((s >= vk) & (i < n_c), e, 0.0), 0)
+        above = m_hi + (tl.cumsum(e, 0) - e)
+        # (int sums: the interpreter cannot OR a vector with a scalar bool)
+        k_ok = ((n_hi + i < k).to(tl.int32) + k_off.to(tl.int32)) > 0
+        p_ok = ((above < p * z).to(tl.int32) + p_off.to(tl.int32)) > 0
+        q = (i < n_c) & k_ok & p_ok
+        return tl.min(tl.where(q, s, float("inf")), 0)
+
+    @triton.jit
     def _resolve_kernel(x_ptr, stride_x, V, temp_ptr, topk_ptr, topp_ptr, info_f_ptr,
                         info_i_ptr, cand_ptr, thr_ptr, BLOCK: tl.constexpr,
                         USE_PDL: tl.constexpr):
@@ -543,20 +577,17 @@ if triton is not None:
             p_off = p >= 1.0
             thr = hi
             if mode == 1:
-                i = tl.arange(0, _CAND)
-                s = tl.load(cand_ptr + r * _CAND + i, mask=i < n_c, other=-float("inf"))
-                s = tl.sort(s, descending=True)
-                e = tl.where(i < n_c, tl.exp(s - m), 0.0)
-                z = z_all
-                if k_on:      # mass of the top-k set: values >= the k-th largest
-                    vk = tl.min(tl.where(n_hi + i < k, s, float("inf")), 0)
-                    z = m_hi + tl.sum(tl.where((s >= vk) & (i < n_c), e, 0.0), 0)
-                above = m_hi + (tl.cumsum(e, 0) - e)
-                # (int sums: the interpreter cannot OR a vector with a scalar bool)
-                k_ok = ((n_hi + i < k).to(tl.int32) + k_off.to(tl.int32)) > 0
-                p_ok = ((above < p * z).to(tl.int32) + p_off.to(tl.int32)) > 0
-                q = (i < n_c) & k_ok & p_ok
-                thr = tl.min(tl.where(q, s, float("inf")), 0)
+                # the smallest block that holds the candidates (a sort's cost grows with it)
+                cand = cand_ptr + r * _CAND
+                if n_c <= _SORT_SMALL:
+                    thr = _sorted_threshold(cand, n_c, k, p, m, m_hi, z_all, n_hi, k_on,
+                                            k_off, p_off, _SORT_SMALL)
+                elif n_c <= _SORT_MID:
+                    thr = _sorted_threshold(cand, n_c, k, p, m, m_hi, z_all, n_hi, k_on,
+                                            k_off, p_off, _SORT_MID)
+                else:
+                    thr = _sorted_threshold(cand, n_c, k, p, m, m_hi, z_all, n_hi, k_on,
+                                            k_off, p_off, _CAND)
             if mode == 2:
                 thr = _search(x_ptr + r * stride_x, V, tl.load(temp_ptr + r), k, p, k_on, p_on,
                               m, cutoff, z_all, BLOCK)
