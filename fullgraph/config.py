@@ -161,7 +161,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     device: str = "cpu"
-    attention_backend: str = "flex"
+    attention_backend: str = "triton"
     # which kernels may be chosen; batch_invariant pins them (layers/policy.py)
     kernel_policy: KernelPolicy = field(default_factory=KernelPolicy)
     speculative: SpeculativeConfig | None = None

@@ -9,10 +9,12 @@ kernel (attention/paged_invariant.py: a program per query tile of one request an
 walking that request's KV through the block table in logical order, causal, up to the tile's
 last position) needs no host work beyond the step's query starts, and its prefill measured
 faster than the packed layout even at the mode's 16-row tiles (docs/benchmarks.md,
-nineteenth session). Here it runs at prefill tiles: `PREFILL_ROWS` query rows (tokens x the GQA group) and `PREFILL_TILE`
-KV tokens a step, one pass over the KV (no split fold). Decode and verify steps (the decode
-layout) keep the flex backend's paged decode kernel, and a CPU (or a head size the kernel
-does not take) the flex backend's paths entirely.
+nineteenth session). Here it runs at prefill tiles: `PREFILL_ROWS` query rows (tokens x the
+GQA group) and `PREFILL_TILE` KV tokens a step, one pass over the KV (no split fold); the
+time to first token against flex's is in docs/benchmarks.md (twenty-first session). Decode and verify steps (the decode
+layout) keep the flex backend's paged decode kernel, and a CPU, or a head size outside
+16-128 (the Qwen3.5 hybrids' 256: its [64, 256] float32 accumulator at these tiles is not
+yet checked on a GPU), the flex backend's paths entirely. It is the default backend.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ PREFILL_ROWS = 64      # query rows a program: tokens x the GQA group
 PREFILL_TILE = 64      # KV tokens an online-softmax step
 PREFILL_WARPS = 8      # fewer spill the accumulators to the stack (docs/benchmarks.md)
 PREFILL_SPLIT = 0      # no splits: one pass over the KV
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128   # head sizes run on the GPU at these tiles; others: flex
 
 
 @dataclass(slots=True)
@@ -48,7 +51,7 @@ class TritonAttentionBackend(FlexAttentionBackend):
         super().__init__(spec, device, buffers, compile, policy)
         d = spec.head_dim
         self.tiled = (device.type == "cuda" and paged_invariant.triton is not None
-                      and d >= 16 and d & (d - 1) == 0)
+                      and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d & (d - 1) == 0)
         self.query_tokens = max(1, PREFILL_ROWS // (spec.num_heads // spec.num_kv_heads))
 
     def _tiled_layout(self, inputs: StepAttentionInputs) -> bool:

@@ -43,7 +43,9 @@ class EngineArgs:
     # None: on where the model supports it (off, with a log line, for models with
     # per-request recurrent state); True asks for it, an error where it cannot work
     enable_prefix_caching: bool | None = None
-    attention_backend: str = "flex"
+    # triton: prompt chunks in one Triton kernel, decode as flex (attention/triton_attn.py;
+    # docs/benchmarks.md compares the two)
+    attention_backend: str = "triton"
     enforce_eager: bool = False
     cudagraph_mode: str = "full"
     cudagraph_capture_sizes: list[int] | None = None

@@ -43,7 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV blocks of shared prefixes (default: on, off for models "
                         "with recurrent state)")
     g.add_argument("--attention-backend", default=d.attention_backend,
-                   choices=["flex", "triton", "sdpa"])
+                   choices=["flex", "triton", "sdpa"],
+                   help="triton: prompt chunks in one Triton kernel over the paged KV, the rest "
+                        "as flex (CUDA); flex: FlexAttention for them; sdpa: the reference")
     g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     g.add_argument("--cudagraph-mode", default=d.cudagraph_mode,
                    choices=["none", "full", "full_decode_only", "piecewise"],
