@@ -69,13 +69,15 @@ def bigram_target(path: str, seed: int = 1234, source: str = "tiny-qwen3",
 
 
 def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 0,
-                     focus: float = 20.0, draft_vocab: int | None = None) -> str:
+                     focus: float = 20.0, draft_vocab: int | None = None,
+                     head_dim: int | None = None) -> str:
     """An EAGLE-3 drafter for `bigram_target(target)` that proposes the target's next token,
     except for a `disagree` fraction of the vocabulary. `focus` is the q and k bias: at 20 a
     row attends to itself alone; small, it also reads its neighbours (drafts then depend on
     the K/V at earlier positions, and so on where each row's K/V went). `draft_vocab`: the
     drafter's vocabulary is the target's first ids (a target made with the same
-    `draft_vocab`), as published EAGLE-3 drafters have 32k of a large vocabulary."""
+    `draft_vocab`), as published EAGLE-3 drafters have 32k of a large vocabulary.
+    `head_dim`: the drafter's head size (default min(64, hidden / 4))."""
     with open(os.path.join(target, "config.json")) as f:
         config = json.load(f)
     t = config.get("text_config", config)
@@ -83,7 +85,7 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
     vd = v if draft_vocab is None else draft_vocab
     # the hybrids' RMSNorms scale by (1 + w)
     norm_offset = 1.0 if config["architectures"][0].startswith(("Qwen3_5", "Qwen3Next")) else 0.0
-    d = min(64, h // 4)
+    d = head_dim or min(64, h // 4)
     heads = h // d
     os.makedirs(path, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
@@ -124,13 +126,15 @@ def agreeing_drafter(path: str, target: str, disagree: float = 0.0, seed: int = 
     return path
 
 
-def hybrid_pair(root: str, mix: float = 0.02) -> tuple[str, str]:
+def hybrid_pair(root: str, mix: float = 0.02, drafter_head_dim: int | None = None
+                ) -> tuple[str, str]:
     """(target, drafter): a random Qwen3.5 checkpoint made `bigram_target(mix=mix)` and its
     agreeing drafter, under `root` (drafts accepted ~60-75% of the time at 0.02)."""
     from conftest import make_hybrid_checkpoint
     source = make_hybrid_checkpoint(os.path.join(root, "source"))
     target = bigram_target(os.path.join(root, "target"), source=source, mix=mix)
-    return target, agreeing_drafter(os.path.join(root, "drafter"), target)
+    return target, agreeing_drafter(os.path.join(root, "drafter"), target,
+                                    head_dim=drafter_head_dim)
 
 
 def agreeing_eagle1_drafter(path: str, target: str) -> str:

@@ -345,11 +345,16 @@ def test_parts_without_the_mode_are_refused_by_name(monkeypatch):
     with pytest.raises(ValueError, match="Qwen3VLForConditionalGeneration on cpu does not support "
                                          "batch-invariant"):
         EngineArgs("tiny-qwen3-vl", batch_invariant=True).create_engine_config()
-    # on the GPU: the dense models' kernels keep the mode, the hybrids' not yet
+    # on the GPU: what a model declares for "cuda" (every model but Qwen3.5-VL); one that
+    # declares the CPU alone is refused there by name
     on = KernelPolicy(batch_invariant=True)
     check_kernel_policy(on, torch.device("cuda"),
                         EngineArgs("tiny-qwen3").create_engine_config().model, "flex")
     hybrid = EngineArgs("tiny-qwen3.5").create_engine_config().model
+    check_kernel_policy(on, torch.device("cuda"), hybrid, "triton")
+    from fullgraph.models.qwen3_next import HybridForCausalLM
+    monkeypatch.setattr(HybridForCausalLM, "capabilities",
+                        ModelCapabilities(prefix_caching=False, batch_invariant=("cpu",)))
     with pytest.raises(ValueError, match="Qwen3_5ForCausalLM on cuda does not support "
                                          "batch-invariant"):
         check_kernel_policy(on, torch.device("cuda"), hybrid, "flex")

@@ -123,12 +123,25 @@ def test_a_thousand_completions_of_one_prompt_are_one_text(model_dir):
     assert len(texts) == 1
 
 
-def test_vision_language_needle_with_an_image_alone_equals_it_in_any_batch(tmp_path):
-    """Qwen3-VL (head_dim 64): a prompt with an image alone vs among random text and image
-    prompts under budgets of 16 / 40 / 512 tokens; the tower runs eagerly in the mode."""
+@pytest.mark.parametrize("architecture", ["qwen3-vl", "qwen3.5-vl"])
+def test_vision_language_needle_with_an_image_alone_equals_it_in_any_batch(
+        architecture, tmp_path, monkeypatch):
+    """Qwen3-VL (head_dim 64) and Qwen3.5-VL (the hybrid's layers, head_dim 32): a prompt
+    with an image alone vs among random text and image prompts under budgets of 16 / 40 /
+    512 tokens; the tower runs eagerly in the mode. Qwen3.5-VL declares CUDA once this has
+    passed on the device; until then the test declares it."""
     import test_batch_invariant_vl as vl
+    from test_qwen3_5_vl_engine import make_checkpoint as make_hybrid_vl_checkpoint
     from test_vl_engine import make_vl_checkpoint
-    path = make_vl_checkpoint(str(tmp_path / "vl"), head_dim=64, mrope_section=(8, 12, 12))
+    if architecture == "qwen3-vl":
+        path = make_vl_checkpoint(str(tmp_path / "vl"), head_dim=64, mrope_section=(8, 12, 12))
+    else:
+        from fullgraph.models.interface import ModelCapabilities
+        from fullgraph.models.qwen3_5_vl import Qwen3_5ForConditionalGeneration
+        monkeypatch.setattr(Qwen3_5ForConditionalGeneration, "capabilities",
+                            ModelCapabilities(prefix_caching=False,
+                                              batch_invariant=("cpu", "cuda")))
+        path = make_hybrid_vl_checkpoint(str(tmp_path / "vl"))
 
     def llm(batched: int) -> LLM:
         return LLM(path, device="cuda", dtype="bfloat16", max_model_len=512,
@@ -204,23 +217,13 @@ def test_async_speculation_keeps_every_bit(spec_pair):
     assert llm.engine.runner.spec.num_continued > 0
 
 
-def declare_hybrids_on_cuda(monkeypatch) -> None:
-    """HybridForCausalLM declares CUDA once the tests below have passed on the device; until
-    then they declare it."""
-    from fullgraph.models.interface import ModelCapabilities
-    from fullgraph.models.qwen3_next import HybridForCausalLM
-    monkeypatch.setattr(HybridForCausalLM, "capabilities",
-                        ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda")))
-
-
 @pytest.mark.parametrize("architecture", ["Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM"])
-def test_hybrid_needle_and_generation_equals_scoring(architecture, tmp_path, monkeypatch):
+def test_hybrid_needle_and_generation_equals_scoring(architecture, tmp_path):
     """The hybrids through the mode's GDN kernel (layers/gdn/fused_aligned.py, chunks at
     absolute positions) and gated-norm row kernel, the MoE through its experts kernel: the
     needle alone == among others under budgets of 64 / 100 / 2048 tokens, and generation ==
-    scoring (`declare_hybrids_on_cuda`)."""
+    scoring."""
     from conftest import make_hybrid_checkpoint
-    declare_hybrids_on_cuda(monkeypatch)
     path = make_hybrid_checkpoint(str(tmp_path / "hybrid"), architecture)
     alone = [result(completions(engine(path, 2048), [(NEEDLE, sp)], 0, 0)[0])
              for sp in (GREEDY, SEEDED)]
@@ -243,13 +246,12 @@ def test_gated_norm_rows_within_one_rounding_of_the_torch_formula():
     assert all(gated_norm("cuda", torch.bfloat16).values())
 
 
-def test_hybrid_speculation_keeps_every_bit(tmp_path, monkeypatch):
+def test_hybrid_speculation_keeps_every_bit(tmp_path):
     """A hybrid target with a drafter in the mode: the GDN kernel writes a committed state
     and tail per verified position to the slot group; greedy tokens and logprobs equal plain
     decoding's bit for bit, with generation crossing a 64-token boundary at every place in a
-    verify step (`declare_hybrids_on_cuda`)."""
+    verify step. The drafter's heads are 32 wide, as the mode's attention kernel needs."""
     from spec_pairs import hybrid_pair
-    declare_hybrids_on_cuda(monkeypatch)
-    target, drafter = hybrid_pair(str(tmp_path))
+    target, drafter = hybrid_pair(str(tmp_path), drafter_head_dim=32)
     speculation_equals_plain_decoding(
         target, drafter, (1, 40, 44, 50, 55, 58, 60, 61, 62, 63, 100, 110, 120), 24, 3)

@@ -356,9 +356,9 @@ class HybridModel(nn.Module):
 class HybridForCausalLM(nn.Module):
     """`Qwen3NextForCausalLM`, `Qwen3_5ForCausalLM` and `Qwen3_5MoeForCausalLM`."""
 
-    # batch-invariant on the CPU (docs/batch_invariance.md, 6.7 / 6.8); the vision-language
-    # classes built on these layers (models/qwen3_5_vl.py) declare their own capabilities
-    capabilities = ModelCapabilities(prefix_caching=False, batch_invariant=("cpu",))
+    # batch-invariant (docs/batch_invariance.md, 6.7 / 6.8); the vision-language classes
+    # built on these layers (models/qwen3_5_vl.py) declare their own capabilities
+    capabilities = ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda"))
     # checkpoint name -> the merged projection that holds it
     stacked_params = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
