@@ -48,15 +48,17 @@ def test_compiled_linear_picks_the_kernel_per_row_count():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t", [1, 3, 64, 1000])
-def test_qk_norm_rope_kernel_matches_transformers(dtype, t):
+@pytest.mark.parametrize("norm", [True, False], ids=["qwen3", "llama"])
+def test_qk_norm_rope_kernel_matches_transformers(dtype, t, norm):
     from test_qk_norm_rope import hf_reference, make_inputs
     from fullgraph.layers.qk_norm_rope import qk_norm_rope_store_kv
-    a = make_inputs(t=t, slots=t + 500, dtype=dtype, device="cuda", seed=t)
+    a = make_inputs(t=t, slots=t + 500, dtype=dtype, device="cuda", seed=t, norm=norm)
     slots = a["slot_mapping"]
     q = qk_norm_rope_store_kv(**a)
     q_ref, k_ref, v_ref = hf_reference(a)
     # within the rounding of the same computation done op by op in `dtype` (reference path)
-    q_lo = qk_norm_rope_store_kv(**make_inputs(t=t, slots=t + 500, dtype=dtype, seed=t))
+    q_lo = qk_norm_rope_store_kv(**make_inputs(t=t, slots=t + 500, dtype=dtype, seed=t,
+                                               norm=norm))
     err_ref = (q_lo.float() - q_ref.cpu()).abs().max()
     assert (q.float() - q_ref).abs().max() <= 2 * err_ref + 1e-3
     assert (a["k_cache"][slots].float() - k_ref).abs().max() <= 2 * err_ref + 1e-3

@@ -2,6 +2,8 @@
 store staying in place when compiled (CPU; the Triton kernel is in test_gpu_kernels.py)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
@@ -12,13 +14,17 @@ from fullgraph.layers.rotary import RotaryEmbedding
 HQ, HKV, D = 4, 2, 64
 
 
-def make_inputs(t: int, slots: int, dtype=torch.float32, device="cpu", seed=0):
+def make_inputs(t: int, slots: int, dtype=torch.float32, device="cpu", seed=0,
+                norm: bool = True):
+    """`norm` False: no q/k norm weights (a Llama layer's prologue: rotary only)."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     rope = RotaryEmbedding(D, 4096, 1e6).to(device)
-    return dict(qkv=rnd(t, (HQ + 2 * HKV) * D) * 3,
+    qkv = rnd(t, (HQ + 2 * HKV) * D) * 3
+    weights = (rnd(D), rnd(D)) if norm else (None, None)
+    return dict(qkv=qkv,
                 positions=torch.randint(0, 4096, (t,), generator=g).to(device),
-                cos=rope.cos, sin=rope.sin, q_weight=rnd(D), k_weight=rnd(D), eps=1e-6,
+                cos=rope.cos, sin=rope.sin, q_weight=weights[0], k_weight=weights[1], eps=1e-6,
                 num_heads=HQ, num_kv_heads=HKV,
                 k_cache=torch.zeros(slots, HKV, D, dtype=dtype, device=device),
                 v_cache=torch.zeros(slots, HKV, D, dtype=dtype, device=device),
@@ -26,23 +32,27 @@ def make_inputs(t: int, slots: int, dtype=torch.float32, device="cpu", seed=0):
 
 
 def hf_reference(a: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v [T, H, D] as transformers' Qwen3Attention computes them, in float32."""
+    """q, k, v [T, H, D] as transformers' Qwen3Attention computes them (LlamaAttention's,
+    which has no q/k norm, without weights), in float32."""
     t = a["qkv"].shape[0]
     q, k, v = a["qkv"].float().split((HQ * D, HKV * D, HKV * D), dim=-1)
-    norms = []
-    for w in (a["q_weight"], a["k_weight"]):
-        n = Qwen3RMSNorm(D, a["eps"]).to(a["qkv"].device)
-        n.weight.data = w.float()
-        norms.append(n)
-    q = norms[0](q.reshape(1, t, HQ, D)).transpose(1, 2)
-    k = norms[1](k.reshape(1, t, HKV, D)).transpose(1, 2)
+    q, k = q.reshape(1, t, HQ, D), k.reshape(1, t, HKV, D)
+    if a["q_weight"] is not None:
+        norms = []
+        for w in (a["q_weight"], a["k_weight"]):
+            n = Qwen3RMSNorm(D, a["eps"]).to(a["qkv"].device)
+            n.weight.data = w.float()
+            norms.append(n)
+        q, k = norms[0](q), norms[1](k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     pos = a["positions"]
     q, k = apply_rotary_pos_emb(q, k, a["cos"][pos][None], a["sin"][pos][None])
     return q[0].transpose(0, 1), k[0].transpose(0, 1), v.reshape(t, HKV, D)
 
 
-def test_reference_path_matches_transformers_and_stores_only_its_slots():
-    a = make_inputs(t=7, slots=40)
+@pytest.mark.parametrize("norm", [True, False])
+def test_reference_path_matches_transformers_and_stores_only_its_slots(norm):
+    a = make_inputs(t=7, slots=40, norm=norm)
     q = qk_norm_rope_store_kv(**a)
     q_ref, k_ref, v_ref = hf_reference(a)
     torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
@@ -84,3 +94,13 @@ def test_compiled_store_is_in_place_not_a_copy_of_the_cache(layout):
         qk_norm_rope_store_kv.register_kernel("cpu")(original)
     in_place = seen == [(a["k_cache"].data_ptr(), a["v_cache"].data_ptr())]
     assert in_place == (layout == "separate")
+
+
+def test_kernel_matches_the_reference_path_in_the_interpreter():
+    """The Triton kernel (both head layouts, with and without the q/k norm) under Triton's
+    CPU interpreter == the reference path, float32 (tests/qk_norm_rope_interpret.py)."""
+    pytest.importorskip("triton")
+    import triton_interpret
+    res = triton_interpret.run(os.path.join(triton_interpret.HERE, "qk_norm_rope_interpret.py"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "FAILURES 0" in res.stdout, res.stdout[-3000:]

@@ -30,9 +30,10 @@ KVCache = tuple[torch.Tensor, torch.Tensor]   # one layer's (K, V), each [slots,
 @dataclass(frozen=True, slots=True)
 class QKNormRope:
     """A layer's step between the qkv projection and attention: RMSNorm of every q and k
-    head (Qwen3), then RoPE from the cos/sin tables ([max_position, D], float32)."""
-    q_weight: torch.Tensor
-    k_weight: torch.Tensor
+    head (Qwen3; weights None: none, as in Llama), then RoPE from the cos/sin tables
+    ([max_position, D], float32)."""
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
     eps: float
     cos: torch.Tensor
     sin: torch.Tensor

@@ -319,9 +319,9 @@ class FlexAttentionBackend:
                     metadata: FlexMetadata | PagedDecodeMetadata) -> torch.Tensor | None:
         """Decode steps through the Triton kernel where `fuse_qk_norm_rope` chose it: q/k
         norm, RoPE, the K/V store and attention in one kernel (attention/paged_decode_qk.py);
-        None otherwise."""
+        None otherwise (and for prologues without a q/k norm, which that kernel applies)."""
         if not (isinstance(metadata, PagedDecodeMetadata) and metadata.fuse_qk
-                and paged_qk.supported(qkv, kv_cache[0])):
+                and prologue.q_weight is not None and paged_qk.supported(qkv, kv_cache[0])):
             return None
         p = prologue
         return paged_qk.paged_decode_qk(

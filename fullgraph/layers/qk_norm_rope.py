@@ -43,6 +43,11 @@ if triton is not None:
         return c1, c2, s1, s2
 
     @triton.jit
+    def rope(y1, y2, c1, c2, s1, s2, DTYPE: tl.constexpr):
+        """Rotary of heads given as their float32 halves; the rotated halves in DTYPE."""
+        return (y1 * c1 - y2 * s1).to(DTYPE), (y2 * c2 + y1 * s2).to(DTYPE)
+
+    @triton.jit
     def norm_rope(x1, x2, w1, w2, c1, c2, s1, s2, eps, D: tl.constexpr, DTYPE: tl.constexpr):
         """RMSNorm (weight halves w1, w2) then rotary (`rope_tables`) of heads given as their
         two halves x1, x2 ([heads, D / 2] float32); returns the rotated halves in DTYPE. With
@@ -52,17 +57,18 @@ if triton is not None:
         r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
         y1 = (w1 * (x1 * r).to(DTYPE)).to(tl.float32)
         y2 = (w2 * (x2 * r).to(DTYPE)).to(tl.float32)
-        return (y1 * c1 - y2 * s1).to(DTYPE), (y2 * c2 + y1 * s2).to(DTYPE)
+        return rope(y1, y2, c1, c2, s1, s2, DTYPE)
 
     @triton.jit
     def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr,
                                 q_ptr, k_cache_ptr, v_cache_ptr, stride_qkv, stride_q,
                                 stride_ks, stride_kh, stride_vs, stride_vh, stride_rope, eps,
                                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                                HEADS: tl.constexpr, EARLY_LAUNCH: tl.constexpr,
-                                USE_PDL: tl.constexpr):
+                                HEADS: tl.constexpr, NORM: tl.constexpr,
+                                EARLY_LAUNCH: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (t, g): token t, heads [g * HEADS, (g + 1) * HEADS) of q's then k's; a k
-        head's program also stores the v head of the same index."""
+        head's program also stores the v head of the same index. NORM false: rotary only
+        (Llama layers; the weight pointers are not read)."""
         if USE_PDL and EARLY_LAUNCH:
             # decode attention may launch now: it loads nothing before its own wait, and
             # waiting on this kernel orders it after the qkv projection too
@@ -76,8 +82,9 @@ if triton is not None:
         is_q = h < HQ
         # Parameters and the step's inputs (positions, slots: the input copy wrote them two
         # or more kernels back, layers/pdl.py) load before waiting for the qkv projection.
-        w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d))
-        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + HALF + d))
+        if NORM:
+            w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d))
+            w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + HALF + d))
         c1, c2, s1, s2 = rope_tables(tl.load(pos_ptr + t), cos_ptr, sin_ptr, stride_rope, D,
                                      dtype)
         slot = tl.load(slot_ptr + t)
@@ -88,7 +95,10 @@ if triton is not None:
         src = qkv_ptr + t * stride_qkv + h * D + d
         x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
-        o1, o2 = norm_rope(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, dtype)
+        if NORM:
+            o1, o2 = norm_rope(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, dtype)
+        else:
+            o1, o2 = rope(x1, x2, c1, c2, s1, s2, dtype)
         dst_q = q_ptr + t * stride_q + h * D + d
         tl.store(dst_q, o1, mask=is_q)
         tl.store(dst_q + HALF, o2, mask=is_q)
@@ -122,13 +132,15 @@ def triton_supported(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) ->
 @torch.library.custom_op("fullgraph::qk_norm_rope_store_kv",
                          mutates_args=("k_cache", "v_cache"))
 def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                          sin: torch.Tensor, q_weight: torch.Tensor | None,
+                          k_weight: torch.Tensor | None,
                           eps: float, num_heads: int, num_kv_heads: int,
                           k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor, batch_invariant: bool = False
                           ) -> torch.Tensor:
     """qkv: [T, (Hq + 2 Hkv) * D] -> q [T, Hq, D] normalized and rotated; k (normalized,
-    rotated) and v stored at `slot_mapping` in the caches ([slots, Hkv, D] each).
+    rotated) and v stored at `slot_mapping` in the caches ([slots, Hkv, D] each). Weights
+    None: no q/k norm, rotary only (a Llama layer: the EAGLE drafters).
     `batch_invariant` (the mode, layers/policy.py): one head per program at every token
     count, where the normal mode reduces a head's squares in another layout above
     FEW_TOKENS."""
@@ -136,8 +148,9 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     d = k_cache.shape[-1]
     if not triton_supported(qkv, k_cache, d):
         q, k, v = qkv.split((num_heads * d, num_kv_heads * d, num_kv_heads * d), dim=-1)
-        q = rms_norm(q.reshape(t, num_heads, d), q_weight, eps)
-        k = rms_norm(k.reshape(t, num_kv_heads, d), k_weight, eps)
+        q, k = q.reshape(t, num_heads, d), k.reshape(t, num_kv_heads, d)
+        if q_weight is not None:
+            q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
         q, k = apply_rotary(positions, cos, sin, q, k)
         k_cache.index_copy_(0, slot_mapping, k)
         v_cache.index_copy_(0, slot_mapping, v.reshape(t, num_kv_heads, d))
@@ -147,11 +160,13 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     per_program = 1 if t <= FEW_TOKENS or batch_invariant else triton.next_power_of_2(heads)
     if t:
         pdl = pdl_enabled(qkv)
+        norm = q_weight is not None
         _qk_norm_rope_kv_kernel[(t, triton.cdiv(heads, per_program))](
-            qkv, positions, cos, sin, q_weight, k_weight, slot_mapping, q, k_cache, v_cache,
+            qkv, positions, cos, sin, q_weight if norm else qkv, k_weight if norm else qkv,
+            slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1),
             v_cache.stride(0), v_cache.stride(1), cos.stride(0), eps,
-            HQ=num_heads, HKV=num_kv_heads, D=d, HEADS=per_program,
+            HQ=num_heads, HKV=num_kv_heads, D=d, HEADS=per_program, NORM=norm,
             EARLY_LAUNCH=1 < t <= FEW_TOKENS, USE_PDL=pdl,
             num_warps=1 if per_program == 1 else 4, launch_pdl=pdl)
     return q

@@ -14,8 +14,8 @@ step holds token i + 1 with the target's hidden state at position i, at rotary p
 
 `forward` returns the hidden state a next draft step reads (EAGLE-3: before the final norm,
 which `compute_logits` applies), so one tensor serves both the logits and the next step.
-The layers are Llama's: no q/k norm, so attention runs rotary, the K/V store and the
-backend's `forward` through `ForwardContext` rather than the fused Qwen3 prologue.
+The layers are Llama's: no q/k norm, so the attention prologue (`QKNormRope` without
+weights) is rotary and the K/V store, one kernel on CUDA, then the backend's attention.
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from fullgraph.attention.backend import ForwardContext, KVCache
+from fullgraph.attention.backend import ForwardContext, KVCache, QKNormRope
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers.fused_linear import norm_linear
 from fullgraph.layers.linear import Linear, MergedLinear, logits_into
 from fullgraph.layers.norm import RMSNorm
-from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary, rope_theta_of
+from fullgraph.layers.rotary import RotaryEmbedding, rope_theta_of
 from fullgraph.models.interface import CacheSpecs, ModelCapabilities, PagedAttentionSpec
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, apply_kernel_policy
 from fullgraph.models.loader import default_dtype, iterate_weights, load_weights_by_name
@@ -60,13 +60,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext,
                 kv_cache: KVCache) -> torch.Tensor:
-        t, d = qkv.shape[0], self.head_dim
-        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d,
-                             self.num_kv_heads * d], dim=-1)
-        q, k = apply_rotary(positions, self.rotary.cos, self.rotary.sin,
-                            q.reshape(t, self.num_heads, d), k.reshape(t, self.num_kv_heads, d))
-        ctx.store_kv(k, v.reshape(t, self.num_kv_heads, d), kv_cache)
-        return self.o_proj(ctx.attention(q, kv_cache).reshape(t, -1))
+        # rotary and the K/V store in one kernel on CUDA (no q/k norm), then attention
+        prologue = QKNormRope(None, None, 0.0, self.rotary.cos, self.rotary.sin,
+                              self.num_heads, self.num_kv_heads)
+        o = ctx.attention_qkv(qkv, positions, kv_cache, prologue)
+        return self.o_proj(o.reshape(qkv.shape[0], -1))
 
 
 class EagleDecoderLayer(nn.Module):
