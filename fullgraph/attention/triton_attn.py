@@ -11,10 +11,11 @@ last position) needs no host work beyond the step's query starts, and its prefil
 faster than the packed layout even at the mode's 16-row tiles (docs/benchmarks.md,
 nineteenth session). Here it runs at prefill tiles: `PREFILL_ROWS` query rows (tokens x the
 GQA group) and `PREFILL_TILE` KV tokens a step, one pass over the KV (no split fold); the
-time to first token against flex's is in docs/benchmarks.md (twenty-first session). Decode and verify steps (the decode
-layout) keep the flex backend's paged decode kernel, and a CPU, or a head size outside
-16-128 (the Qwen3.5 hybrids' 256: its [64, 256] float32 accumulator at these tiles is not
-yet checked on a GPU), the flex backend's paths entirely. It is the default backend.
+time to first token against flex's is in docs/benchmarks.md (twenty-first session). Decode
+and verify steps (the decode layout) keep the flex backend's paged decode kernel, and a CPU,
+or a head size outside 16-128 (the Qwen3.5 hybrids' 256: its [64, 256] float32 accumulator
+at these tiles is not yet checked on a GPU), the flex backend's paths entirely. It is the
+default backend.
 """
 from __future__ import annotations
 

@@ -18,12 +18,12 @@ of the batch. Rows that do not use a feature leave its kernel at their first loa
   two pivots between which the threshold lies), `_compact_kernel` (the values between
   them, at most `CANDIDATES`, into a small buffer) and `_resolve_kernel` (sorts those values
   in the smallest of `SORT_SIZES` + (CANDIDATES,) that holds them, and applies the exact
-  rule). A bracket that
-  holds more values (a flat distribution with a large nucleus) is narrowed first, in
-  `REFINE_ROUNDS` rounds of `_refine_count_kernel` (count and mass at 16 even splits of the
-  bracket, over the row's slices in parallel) and `_refine_bracket_kernel`; a row still
-  over the limit falls back to an exact search over its whole row in `_resolve_kernel`
-  (k-ary bisection on the values' ordered bits, one program: slow). With both top-k and
+  rule). A bracket that holds more values (a flat distribution with a large nucleus) is
+  narrowed first, in `REFINE_ROUNDS` rounds of `_refine_count_kernel` (count and mass at 16
+  even splits of the bracket, over the row's slices in parallel) and
+  `_refine_bracket_kernel`; a row still over the limit falls back to an exact search over
+  its whole row in `_resolve_kernel` (k-ary bisection on the values' ordered bits, one
+  program: slow). With both top-k and
   top-p, the candidates are the whole top-k set (top-p may cut anywhere in it). The
   drawing kernel then masks s < threshold.
 - Processing (`_process_kernel`, `_bias_kernel`): banned tokens, logit_bias and
