@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The recurring GPU benchmarks as named steps, each under its own time limit, in one device
+# call (starts are scarce: batch them). Output per step in $OUT/<step>.log, the figures'
+# lines printed; the GPU tests are benchmarks/gpu_check.sh's.
+#   bash benchmarks/device_round.sh [SECONDS_PER_STEP] STEP...
+# Steps: backends (TTFT at 4,096 tokens and latency at 1 / 32 / 128 x 512, flex vs triton),
+# throughput (bench throughput, flex vs triton), sampler (sampler_bench at 1 and 256 rows),
+# invariant (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
+# spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-hybrid (the
+# Qwen3.5-0.8B pair), spec-8b (the qwen3-8b-random pair), gdn-probe (gdn_aligned.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+limit=${1:-120}
+shift || true
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+out=${OUT:-$(mktemp -d)}
+bench="python3 -m fullgraph.entrypoints.cli bench"
+
+run() {   # run NAME COMMAND...: the command under the step limit, its figures' lines printed
+    local name=$1 start=$SECONDS
+    shift
+    timeout "$limit" "$@" >>"$out/$name.log" 2>&1
+    echo "=== $name: rc=$? $((SECONDS - start))s"
+    grep -E "^\[|tok/s|ms per|^[a-z_]+ +[0-9.n]|equal|differ" "$out/$name.log" | tail -20
+}
+
+latency() {   # latency NAME ARGS...: `bench latency --modes graph` as step NAME
+    local name=$1
+    shift
+    run "$name" $bench latency --modes graph --out "$out/$name" "$@"
+}
+
+spec_pair() {   # spec_pair NAME SPEC_PAIRS_ARGS...: the pair's latency, sync then async
+    local name=$1 dir=/tmp/$1
+    shift
+    run "$name-pair" python3 tests/spec_pairs.py "$@" --out "$dir"
+    local spec="{\"method\": \"eagle3\", \"model\": \"$dir/drafter\", \"num_speculative_tokens\": 3}"
+    for mode in no-async-scheduling async-scheduling; do
+        latency "$name-$mode" --model "$dir/target" --speculative-config "$spec" \
+            --batch-sizes 1 8 32 --input-len 512 --output-len 128 --"$mode"
+    done
+    latency "$name-plain" --model "$dir/target" --batch-sizes 1 8 32 --input-len 512 \
+        --output-len 128
+}
+
+nvidia-smi --query-gpu=name --format=csv,noheader
+for step in "$@"; do
+    case $step in
+    backends)
+        for be in flex triton; do
+            latency "ttft-$be" --model qwen3-0.6b-random --batch-sizes 1 --input-len 4096 \
+                --output-len 16 --attention-backend "$be"
+            latency "latency-$be" --model qwen3-0.6b-random --batch-sizes 1 32 128 \
+                --input-len 512 --output-len 64 --attention-backend "$be"
+        done ;;
+    throughput)
+        for be in flex triton; do
+            run "throughput-$be" $bench throughput --model qwen3-0.6b-random \
+                --attention-backend "$be" --out "$out/throughput-$be"
+        done ;;
+    sampler)
+        run sampler python3 benchmarks/probes/sampler_bench.py --rows 1 256 --no-old ;;
+    invariant)
+        latency invariant --model qwen3-0.6b-random --compare-batch-invariant \
+            --batch-sizes 1 32 128 --input-len 512 --output-len 64 ;;
+    profile-invariant)
+        (cd benchmarks/probes && run profile-invariant python3 profile_step.py \
+            --batch-sizes 1 32 --capture-sizes 1 32 --batch-invariant --top 25) ;;
+    spec) spec_pair spec --source qwen3-0.6b-random --disagree 0.3 ;;
+    spec-hybrid) spec_pair spec-hybrid --source qwen3.5-0.8b-random --mix 0.02 ;;
+    spec-8b) spec_pair spec-8b --source qwen3-8b-random --disagree 0.3 --draft-vocab 32000 ;;
+    gdn-probe) run gdn-probe python3 benchmarks/probes/gdn_aligned.py ;;
+    *) echo "unknown step $step" ;;
+    esac
+done
