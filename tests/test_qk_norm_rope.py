@@ -74,7 +74,7 @@ def test_compiled_store_is_in_place_not_a_copy_of_the_cache(layout):
         layers = torch.zeros(2, 2, *a["k_cache"].shape)     # [layer, K/V, slots, Hkv, D]
         a["k_cache"], a["v_cache"] = layers[1]
     seen = []
-    original = qk_norm_rope_store_kv._init_fn
+    original = qk_norm_rope_store_kv.op._init_fn
 
     def recording(*args):
         seen.append((args[9].data_ptr(), args[10].data_ptr()))
@@ -85,13 +85,13 @@ def test_compiled_store_is_in_place_not_a_copy_of_the_cache(layout):
                                      a["k_weight"], 1e-6, HQ, HKV, k_cache, v_cache,
                                      slot_mapping) + 0.0
 
-    qk_norm_rope_store_kv.register_kernel("cpu")(recording)
+    qk_norm_rope_store_kv.op.register_kernel("cpu")(recording)
     try:
         torch._dynamo.reset()
         torch.compile(step, dynamic=True, fullgraph=True)(
             a["qkv"], a["positions"], a["k_cache"], a["v_cache"], a["slot_mapping"])
     finally:
-        qk_norm_rope_store_kv.register_kernel("cpu")(original)
+        qk_norm_rope_store_kv.op.register_kernel("cpu")(original)
     in_place = seen == [(a["k_cache"].data_ptr(), a["v_cache"].data_ptr())]
     assert in_place == (layout == "separate")
 

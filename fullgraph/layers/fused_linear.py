@@ -23,6 +23,7 @@ from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.linear import linear
 from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
 from fullgraph.layers.norm import RMSNorm, rms_norm_rows
+from fullgraph.layers.opaque import opaque_op
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import KernelPolicy, policy_of
 
@@ -61,7 +62,7 @@ def _silu_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
 
 # Opaque ops for torch.compile, like fullgraph::linear: the row count (and so the kernel)
 # is only known at run time.
-@torch.library.custom_op("fullgraph::add_rms_norm", mutates_args=())
+@opaque_op("fullgraph::add_rms_norm")
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
                   norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(h), h) with h = x + residual: the model's final norm, one kernel."""
@@ -75,7 +76,7 @@ def _(x, residual, norm_weight, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-@torch.library.custom_op("fullgraph::rms_norm_linear", mutates_args=())
+@opaque_op("fullgraph::rms_norm_linear")
 def _rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                      eps: float, weight: torch.Tensor,
                      l2_prefetch_next: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +96,7 @@ def _(x, residual, norm_weight, eps, weight, l2_prefetch_next):
     return x.new_empty(x.shape[0], weight.shape[0]), torch.empty_like(x)
 
 
-@torch.library.custom_op("fullgraph::silu_mul_linear", mutates_args=())
+@opaque_op("fullgraph::silu_mul_linear")
 def _silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
                      l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
     if gate_up.shape[0] == 1 and gemv_supported(gate_up, weight):

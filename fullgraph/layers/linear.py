@@ -9,12 +9,13 @@ from torch import nn
 
 from fullgraph.layers import invariant_gemm
 from fullgraph.layers.gemv import gemv, gemv_supported, matmul
+from fullgraph.layers.opaque import opaque_op
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, policy_of
 
 
 # An opaque op for torch.compile: the row count is only known at run time (compiled layers
 # are dynamic in it), and it picks the kernel then.
-@torch.library.custom_op("fullgraph::linear", mutates_args=())
+@opaque_op("fullgraph::linear")
 def _linear(x: torch.Tensor, weight: torch.Tensor,
             l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
     return matmul(x, weight, l2_prefetch_next)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.layers.norm import rms_norm
+from fullgraph.layers.opaque import opaque_op
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.rotary import apply_rotary
 
@@ -129,8 +130,7 @@ def triton_supported(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) ->
             and k_cache.stride(-1) == 1 and qkv.dtype == k_cache.dtype)
 
 
-@torch.library.custom_op("fullgraph::qk_norm_rope_store_kv",
-                         mutates_args=("k_cache", "v_cache"))
+@opaque_op("fullgraph::qk_norm_rope_store_kv", mutates_args=("k_cache", "v_cache"))
 def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, q_weight: torch.Tensor | None,
                           k_weight: torch.Tensor | None,

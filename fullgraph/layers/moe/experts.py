@@ -11,6 +11,7 @@ import torch
 
 from fullgraph.layers.moe.grouped_gemm import experts_triton, triton
 from fullgraph.layers.moe.reference import experts_reference
+from fullgraph.layers.opaque import opaque_op
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 
@@ -20,7 +21,7 @@ from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 # tl.dot accumulates in K order with no split-K (the matmul probe found such a row's bits
 # independent of the tile, docs/batch_invariance.md 4.1) and the combine sums the slots in
 # order; the hybrids' GPU test checks it.
-@torch.library.custom_op("fullgraph::moe_experts", mutates_args=())
+@opaque_op("fullgraph::moe_experts")
 def _moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  gate_up: torch.Tensor, down: torch.Tensor, shared: torch.Tensor | None,
                  shared_gate: torch.Tensor | None, invariant_block_rows: int = 0) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.opaque import opaque_op
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -46,7 +47,7 @@ if triton is not None:
         tl.store(ids_ptr + t * TOP_K + kk, ids.to(tl.int64), mask=kk < TOP_K)
 
 
-@torch.library.custom_op("fullgraph::moe_route", mutates_args=())
+@opaque_op("fullgraph::moe_route")
 def route_cuda(logits: torch.Tensor, top_k: int,
                normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, ids) `[T, top_k]` from logits `[T, E]` (stride 1 over E) on CUDA."""

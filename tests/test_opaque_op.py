@@ -1,0 +1,28 @@
+"""layers/opaque.py: a kernel wrapper is a custom op under torch.compile (opaque to the
+traced graph) and a direct call otherwise (no dispatcher on the eager path)."""
+from __future__ import annotations
+
+import torch
+
+from fullgraph.layers.opaque import opaque_op
+
+
+@opaque_op("fullgraph_test::scale")
+def scale(x: torch.Tensor, k: float) -> torch.Tensor:
+    return x * k
+
+
+@scale.register_fake
+def _(x, k):
+    return torch.empty_like(x)
+
+
+def test_eager_calls_the_function_and_compiled_code_the_op():
+    # the op's CPU kernel replaced by one that differs: which one ran shows in the result
+    scale.op.register_kernel("cpu")(lambda x, k: x * k + 100)
+    x = torch.ones(3)
+    assert torch.equal(scale(x, 2.0), torch.full((3,), 2.0))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: scale(t, 2.0) + 0.0, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), torch.full((3,), 102.0))
+    assert scale.__name__ == "scale" and scale.op is not scale
