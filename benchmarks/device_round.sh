@@ -7,7 +7,8 @@
 # throughput (bench throughput, flex vs triton), sampler (sampler_bench at 1 and 256 rows),
 # invariant (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-hybrid (the
-# Qwen3.5-0.8B pair), spec-8b (the qwen3-8b-random pair), gdn-probe (gdn_aligned.py).
+# Qwen3.5-0.8B pair), spec-8b (the qwen3-8b-random pair), gdn-probe (gdn_aligned.py),
+# eager (eager decode ms/step at 1 and 32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -75,6 +76,9 @@ for step in "$@"; do
     spec-hybrid) spec_pair spec-hybrid --source qwen3.5-0.8b-random --mix 0.02 ;;
     spec-8b) spec_pair spec-8b --source qwen3-8b-random --disagree 0.3 --draft-vocab 32000 ;;
     gdn-probe) run gdn-probe python3 benchmarks/probes/gdn_aligned.py ;;
+    eager)   # --modes given again: the last one counts
+        latency eager --model qwen3-0.6b-random --batch-sizes 1 32 --input-len 512 \
+            --output-len 32 --modes eager ;;
     *) echo "unknown step $step" ;;
     esac
 done
