@@ -13,9 +13,9 @@ nineteenth session). Here it runs at prefill tiles: `PREFILL_ROWS` query rows (t
 GQA group) and `PREFILL_TILE` KV tokens a step, one pass over the KV (no split fold); the
 time to first token against flex's is in docs/benchmarks.md (twenty-first session). Decode
 and verify steps (the decode layout) keep the flex backend's paged decode kernel, and a CPU,
-or a head size outside 16-128 (the Qwen3.5 hybrids' 256: its [64, 256] float32 accumulator
-at these tiles is not yet checked on a GPU), the flex backend's paths entirely. It is the
-default backend.
+or a head size outside 16-128 (the Qwen3.5 hybrids' 256 spills at these tiles; smaller ones
+are not yet checked on a GPU, docs/benchmarks.md), the flex backend's paths entirely. It is
+the default backend.
 """
 from __future__ import annotations
 
