@@ -67,6 +67,9 @@ def test_matches_transformers_float32(kind, norm, t):
 
 
 def test_matches_transformers_bfloat16():
+    # seeded: about 1 input in 40 puts two router logits within bf16 rounding of each other,
+    # and the two implementations then pick different experts
+    torch.manual_seed(0)
     cfg = hf_config("qwen3_next")
     hf = hf_block("qwen3_next", cfg).to(torch.bfloat16)
     ours = ours_like(hf, cfg).to(torch.bfloat16)

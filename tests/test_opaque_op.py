@@ -26,3 +26,22 @@ def test_eager_calls_the_function_and_compiled_code_the_op():
     compiled = torch.compile(lambda t: scale(t, 2.0) + 0.0, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), torch.full((3,), 102.0))
     assert scale.__name__ == "scale" and scale.op is not scale
+
+
+def test_a_dispatch_mode_sees_one_op():
+    """The CPU graph emulator records ops through a dispatch mode; it must get the op, not
+    the ops inside it (a replay would freeze their data-dependent control flow)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+    x = torch.ones(3)
+    with Names() as mode:
+        scale(x, 2.0)
+    assert mode.seen == ["fullgraph_test.scale.default"], mode.seen
