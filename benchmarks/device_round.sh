@@ -13,12 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
 shift || true
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+. benchmarks/device_env.sh
 out=${OUT:-$(mktemp -d)}
 bench="python3 -m fullgraph.entrypoints.cli bench"
 

@@ -9,12 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-300}
 shift || true
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+. benchmarks/device_env.sh
 log=${OUT:-$(mktemp -d)}/gpu_check.log
 files=("$@")
 [ ${#files[@]} -eq 0 ] && files=(tests/test_gpu_*.py)

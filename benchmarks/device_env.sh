@@ -1,0 +1,9 @@
+# Sourced by the device scripts (gpu_check.sh, device_round.sh) from the repository root:
+# installs the wheels the GPU image lacks (fla-core, einops) from .whl/ when it exists, and
+# puts them and the repository on PYTHONPATH.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
