@@ -6,9 +6,8 @@ custom ops (torch.library) that the traced graph calls as they are. A dispatch m
 records ops (the CPU graph emulator, worker/cudagraph/fake.py) must see them as one op too:
 on the CPU some run data-dependent torch code (the MoE reference) that a replay of its
 inner ops would freeze. Elsewhere (eager steps, warmups, CUDA graph captures) the same
-function runs without the dispatcher, whose checks cost ~16-21 µs of host time a call on
-this project's CPU machine (docs/benchmarks.md, twenty-first session); an eager decode step
-makes ~5 such calls a layer.
+function runs without the dispatcher, whose per-call checks are host time an eager decode
+step pays ~5 times a layer (measured in docs/benchmarks.md, twenty-first session).
 """
 from __future__ import annotations
 

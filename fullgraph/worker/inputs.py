@@ -178,7 +178,6 @@ class InputBuffers:
         # steady paths rewrite them then.
         self._moving_state_slots = (_words(self.arena.np["state_slots"])
                                     if moving_state_slots else None)
-        self.moves_state_slots = moving_state_slots
         self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
         self._view_cache: dict[tuple[int, int], _StepViews] = {}
         self._sampling_reqs: list[RequestState] | None = None
@@ -470,6 +469,11 @@ class InputBuffers:
         slot_mapping[:n] = array("q", slots)
         self._write_moving_state_slots(reqs)
         return last.step
+
+    @property
+    def moves_state_slots(self) -> bool:
+        """Whether a request's state slot changes from step to step (hybrid speculation)."""
+        return self._moving_state_slots is not None
 
     def _write_moving_state_slots(self, reqs: list[RequestState]) -> None:
         if self._moving_state_slots is not None:
