@@ -77,3 +77,28 @@ def test_async_scheduling_continues_verify_steps_on_gpu(pair):
     llm = LLM(target, speculative_config=spec, async_scheduling=True, **KW)
     assert greedy(llm, prompts) == want
     assert llm.engine.runner.spec.num_continued > 0
+
+
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_metadata_is_shared_only_between_backends_that_build_it_alike(backend):
+    """A drafter's graphed pass reads the target's metadata where the two backends'
+    `metadata_key`s are equal. The head counts alone do not decide it: on the GPU the head
+    size picks the kernels (the paged decode kernel takes powers of two, the tiled prefill
+    kernel 16..128), and a layer on another path cannot run on the other's metadata."""
+    import torch
+    from fullgraph.attention.backend import get_backend_class
+    from fullgraph.attention.metadata import AttentionSpec, PersistentInputs
+
+    cls, dev = get_backend_class(backend), torch.device("cuda")
+    buffers = PersistentInputs(torch.zeros(9, 16, dtype=torch.int32, device=dev),
+                               torch.zeros(64, dtype=torch.int64, device=dev))
+
+    def key(heads: int, kv_heads: int, head_dim: int) -> tuple:
+        spec = AttentionSpec(1, heads, kv_heads, head_dim, 16, 64, 8, 64, 16, torch.bfloat16)
+        return cls(spec, dev, buffers, compile=True).metadata_key()
+
+    assert key(16, 8, 64) == key(16, 8, 128)       # same paths: shared
+    assert key(16, 8, 128) != key(16, 4, 128)      # another GQA group
+    assert key(16, 8, 128) != key(16, 8, 96)       # no paged decode kernel at 96
+    if backend == "triton":
+        assert key(16, 8, 128) != key(16, 8, 256)  # no tiled prefill kernel at 256

@@ -68,6 +68,13 @@ class AttentionBackend(Protocol):
         """q: [T, Hq, D] for this step's tokens, whose K/V the cache already holds;
         returns [T, Hq, D]."""
 
+    def metadata_key(self) -> tuple:
+        """What this instance's metadata depends on besides the step's inputs: an instance
+        whose key equals another's can run on metadata the other built for the same step (a
+        drafter's graphed pass reads the target's). Equal keys mean the same class, and
+        equal settings of every choice `build` makes from the spec (the head counts, and the
+        head-size-dependent kernels: a layer of another head size may take another path)."""
+
     # Optional: `forward_qkv(qkv, positions, kv_cache, slot_mapping, prologue, metadata)`
     # does the prologue, the K/V store and attention in one go from the qkv projection
     # ([T, (Hq + 2 Hkv) * D]) and returns [T, Hq, D], or None where it does not apply

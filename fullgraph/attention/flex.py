@@ -216,6 +216,10 @@ class FlexAttentionBackend:
             self.attend = self.attend_mixed = flex_attention
 
     # ---------------------------------------------------------------- metadata
+    def metadata_key(self) -> tuple:
+        return (type(self), self.spec.num_heads, self.spec.num_kv_heads, self.paged,
+                self.gathered is None)
+
     def _decode_layout(self, inputs: StepAttentionInputs) -> bool:
         # The gathered path's request rows take any query length (a long prompt alone: one
         # row, not a query block per 16 tokens each gathering its KV again).

@@ -153,6 +153,9 @@ class InvariantAttentionBackend:
         self.device = device
         self.policy = policy
 
+    def metadata_key(self) -> tuple:
+        return type(self), self.spec.num_heads // self.spec.num_kv_heads   # the query tiles
+
     def prepare(self, inputs: StepAttentionInputs) -> None:
         pass
 

@@ -36,6 +36,9 @@ class SDPABackend:
         self.spec = spec
         self.device = device
 
+    def metadata_key(self) -> tuple:
+        return (type(self),)             # slots and masks: no head count or size in them
+
     def prepare(self, inputs: StepAttentionInputs) -> None:
         pass
 

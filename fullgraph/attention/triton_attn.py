@@ -55,6 +55,9 @@ class TritonAttentionBackend(FlexAttentionBackend):
                       and MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d & (d - 1) == 0)
         self.query_tokens = max(1, PREFILL_ROWS // (spec.num_heads // spec.num_kv_heads))
 
+    def metadata_key(self) -> tuple:
+        return super().metadata_key() + (self.tiled,)
+
     def _tiled_layout(self, inputs: StepAttentionInputs) -> bool:
         return self.tiled and not self._decode_layout(inputs)
 

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fullgraph.attention.backend import ForwardContext
+from fullgraph.attention.backend import AttentionBackend, ForwardContext
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
@@ -96,14 +96,13 @@ class EagleProposer:
         return self.cache_spec.bytes_per_block(block_size, self.config.model.dtype)
 
     def allocate_kv_cache(self, num_blocks: int, target_inputs: PersistentInputs,
-                          target_spec: AttentionSpec) -> None:
+                          target_backend: AttentionBackend) -> None:
         """The drafter's K/V, block for block beside the target's (same block ids), and its
         two backend instances: one over its own input buffers (eager steps), one over the
         target's (graphed steps read the target step's inputs). A graphed step's pass over
-        the target's rows reads the target's attention metadata for that step where the
-        drafter's heads are laid out as the target's (`reads_target_metadata`: the
-        metadata of our backends depends on the query and KV head counts, not the head
-        size), else metadata of its own."""
+        the target's rows reads the target's attention metadata for that step where the two
+        backends' `metadata_key`s are equal (`reads_target_metadata`), else metadata of its
+        own."""
         att, cfg = self.cache_spec, self.config
         bs, sched = cfg.cache.block_size, cfg.scheduler
         spec = AttentionSpec(att.num_layers, att.num_heads, att.num_kv_heads, att.head_dim,
@@ -117,8 +116,8 @@ class EagleProposer:
             self.backend_cls(spec, self.device, inputs,
                              compile=cfg.compilation.compile_attention, policy=cfg.kernel_policy)
             for inputs in (self.buffers.persistent(), target_inputs))
-        self.reads_target_metadata = (att.num_heads, att.num_kv_heads) == (
-            target_spec.num_heads, target_spec.num_kv_heads)
+        self.reads_target_metadata = (self.graph_backend.metadata_key()
+                                      == target_backend.metadata_key())
 
     def _run(self, chunks: Sequence[StandInChunk], hidden: torch.Tensor) -> torch.Tensor:
         """One eager drafter step over `chunks` with `hidden` [tokens, width]: the output

@@ -140,7 +140,7 @@ class SpeculativeSteps:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.proposer.allocate_kv_cache(num_blocks, self.runner.buffers.persistent(),
-                                        self.runner.backend.spec)
+                                        self.runner.backend)
 
     def profile(self) -> None:
         """The memory profile's share: a sampled verification of every row."""
