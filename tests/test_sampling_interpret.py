@@ -16,11 +16,13 @@ import triton_interpret  # noqa: E402  (tests/, needs Triton)
 PROBE = os.path.join(triton_interpret.HERE, "..", "benchmarks", "probes", "sampler_interpret.py")
 
 
-@pytest.mark.parametrize("candidates", [128, 8])
-def test_kernels_match_the_spec_in_the_interpreter(candidates):
-    """128: the fast resolution, rows sorting 8, 32 or 128 values (every block size);
-    8: most rows take the whole-row search."""
+@pytest.mark.parametrize("candidates, draw_block", [(128, 16), (8, 1024)])
+def test_kernels_match_the_spec_in_the_interpreter(candidates, draw_block):
+    """128: the fast resolution, rows sorting 8, 32 or 128 values (every block size), and
+    draws over 10 blocks a row, one slice, where blocks that cannot win skip their noise;
+    8: most rows take the whole-row search, and draws take one block a row."""
     res = triton_interpret.run(PROBE, "--vocab", "160", "--candidates", str(candidates),
-                               "--sort-sizes", "8", "32")
+                               "--sort-sizes", "8", "32", "--draw-block", str(draw_block),
+                               "--draw-programs", "1")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "FAILURES 0" in res.stdout

@@ -4,6 +4,7 @@
 CUDA graph and replayed, as the runner does; ms per replay from CUDA events.
 
     python benchmarks/probes/sampler_bench.py [--rows 1 32 256] [--iters 50]
+        [--draw-programs 528 2112]
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch  # noqa: E402
 
 from graph_timing import replay_ms  # noqa: E402  (this folder, sys.path[0] when run)
 
+from fullgraph.layers import sampling  # noqa: E402
 from fullgraph.layers.argmax import argmax_rows  # noqa: E402
 from fullgraph.worker.sampler import (ALL_FEATURES, SamplerFeatures, SamplingState,  # noqa: E402
                                       SamplingTensors, sample)
@@ -119,6 +121,10 @@ def main():
     ap.add_argument("--cases", nargs="+", default=["greedy", "temperature", "top_k_top_p", "top_p",
                                                    "min_p", "penalties", "logprobs", "all"])
     ap.add_argument("--no-old", action="store_true")
+    ap.add_argument("--profile", nargs="*", default=[], metavar="CASE",
+                    help="then each CASE's kernels at each row count (torch.profiler)")
+    ap.add_argument("--draw-programs", type=int, nargs="+", default=[sampling.TARGET_PROGRAMS],
+                    help="the drawing pass's program budget (layers/sampling.py), each in turn")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -126,8 +132,9 @@ def main():
           "ms per call (CUDA graph replay)")
     print(f"{'case':<14}" + "".join(f"{'rows ' + str(r):>22}" for r in args.rows))
     print(f"{'':<14}" + "".join(f"{'old':>11}{'new':>11}" for _ in args.rows))
-    for case in args.cases:
-        line = f"{case:<14}"
+    for case, programs in ((c, p) for p in args.draw_programs for c in args.cases):
+        sampling.TARGET_PROGRAMS = programs
+        line = f"{case:<14}" if len(args.draw_programs) == 1 else f"{case[:8]:<8}{programs:>6}"
         for rows in args.rows:
             logits, t, feats, state = make_inputs(rows, case, dev, gen)
             with torch.inference_mode():
@@ -140,6 +147,18 @@ def main():
                     old = replay_ms(lambda: old_sample(logits, t), args.iters)
             line += f"{old:>11.3f}{new:>11.3f}"
         print(line, flush=True)
+    for case, rows in ((c, r) for c in args.profile for r in args.rows):
+        logits, t, feats, state = make_inputs(rows, case, dev, gen)
+        with torch.inference_mode():
+            for _ in range(3):
+                sample(logits, t, feats, state)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
+                for _ in range(10):
+                    sample(logits, t, feats, state)
+                torch.cuda.synchronize()
+        print(f"--- {case}, {rows} rows: kernels over 10 eager calls")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ torch spec: thresholds, draws, processing, logprobs, count updates. Run with Tri
 
 --candidates shrinks the fast resolution's buffer so that most rows take the exact
 whole-row search instead (the fallback path); --sort-sizes below it make rows sort their
-candidates in each of the resolution's three block sizes.
+candidates in each of the resolution's three block sizes; a --draw-block below the
+vocabulary (with few --draw-programs) makes the drawing pass skip blocks.
 """
 from __future__ import annotations
 
@@ -46,7 +47,12 @@ def main() -> int:
     ap.add_argument("--sort-sizes", type=int, nargs=2, default=K.SORT_SIZES,
                     help="the resolution's smaller sort blocks (below --candidates: rows then "
                          "take each of the three blocks)")
+    ap.add_argument("--draw-block", type=int, default=K.DRAW_BLOCK,
+                    help="the drawing pass's block (below the vocabulary: a slice scans "
+                         "several, and blocks that cannot win skip their noise)")
+    ap.add_argument("--draw-programs", type=int, default=K.TARGET_PROGRAMS)
     args = ap.parse_args()
+    K.DRAW_BLOCK, K.TARGET_PROGRAMS = args.draw_block, args.draw_programs
     K.CANDIDATES = args.candidates
     K._CAND = tl.constexpr(args.candidates)
     K._SORT_SMALL, K._SORT_MID = (tl.constexpr(n) for n in args.sort_sizes)

@@ -9,9 +9,12 @@ of the batch. Rows that do not use a feature leave its kernel at their first loa
 - Drawing (`_draw_kernel` + `_pick_kernel`): each program scans a slice of a row, keeps
   the best key (s + Gumbel noise, or the logit itself for a greedy row) and its first index;
   the second kernel picks, per row, the first slice holding the maximum (layers/argmax.py's
-  scheme). The noise is computed only for blocks whose maximum plus the largest possible
-  noise (`GUMBEL_MAX`) reaches the best key so far: with a 152k vocabulary most blocks of a
-  large slice skip it, so the pass reads the logits once and hashes few of them.
+  scheme). The noise is computed only for blocks whose maximum plus the block's largest
+  noise reaches the best key so far. That bound takes the block's hashes but no log (the
+  noise is decreasing in the hash, so the smallest hash gives the largest noise), and blocks
+  whose maximum plus the largest possible noise (`GUMBEL_MAX`) falls short skip even the
+  hashes: with a 152k vocabulary most blocks of a slice stop at one of the two, so the pass
+  reads the logits once and takes the logs of few of them.
 - Filtering (top-k / top-p / min_p): a threshold per row, with no sort of the vocabulary.
   `_row_max_kernel` (max of s; all min_p needs), `_pivot_kernel` (rows with top-k or
   top-p: count and mass of s >= max - d_j at 16 fixed offsets d_j), `_bracket_kernel` (the
@@ -72,6 +75,7 @@ if triton is not None:
     _SORT_SMALL = tl.constexpr(SORT_SIZES[0])
     _SORT_MID = tl.constexpr(SORT_SIZES[1])
     _GMAX = tl.constexpr(GUMBEL_MAX)
+    _MARGIN = tl.constexpr(2.0 ** -20)   # relative: a few float32 roundings of the bound
     _EPS = tl.constexpr(GREEDY_EPS)
     _SHIFT = tl.constexpr(NOISE_SHIFT)
     _FPEN = tl.constexpr(FLAG_PENALTY)
@@ -120,8 +124,8 @@ if triton is not None:
         return _mix32(h + offs.to(tl.uint32) * golden)
 
     @triton.jit
-    def _gumbel(h, offs):
-        j = _noise_bits(h, offs) >> _SHIFT
+    def _gumbel(j):
+        """The noise of 23-bit draws j (uint32): decreasing in j."""
         u = (j.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
         return -_log(-_log(1.0 - u))          # 1 - u is exact
 
@@ -197,14 +201,20 @@ if triton is not None:
                 if FILTER:
                     top = tl.where(top >= thr, top, -float("inf"))
                 if (top > -float("inf")) & (top + _GMAX >= best):
-                    s = tl.div_rn(x, t) + 0.0
-                    if FILTER:
-                        s = tl.where(s >= thr, s, -float("inf"))
-                    k = s + _gumbel(h, offs)
-                    m, i = tl.max(k, 0, return_indices=True, return_indices_tie_break_left=True)
-                    if m > best:
-                        best = m
-                        best_i = off + i
+                    # a tighter bound from the block's largest noise (its smallest draw; the
+                    # noise is decreasing in it): most blocks stop here, before any log
+                    j = _noise_bits(h, offs) >> _SHIFT
+                    bound = top + _gumbel(tl.min(j, 0))
+                    if bound + (tl.abs(bound) + 1.0) * _MARGIN >= best:
+                        s = tl.div_rn(x, t) + 0.0
+                        if FILTER:
+                            s = tl.where(s >= thr, s, -float("inf"))
+                        k = s + _gumbel(j)
+                        m, i = tl.max(k, 0, return_indices=True,
+                                      return_indices_tie_break_left=True)
+                        if m > best:
+                            best = m
+                            best_i = off + i
         else:
             for off in range(start, start + CHUNK, BLOCK):
                 offs = off + lanes
