@@ -149,6 +149,9 @@ class ModelRunner:
         # before the memory profile, whose forward reads them.
         self.mm = (MultimodalSteps(self.model, config, self.device, self.max_num_tokens)
                    if getattr(self.model, "multimodal", False) else None)
+        self.prepare_seconds = 0.0     # host time writing step inputs (graph steps: all of it)
+        self.state_prepare_seconds = 0.0   # of which the linear-attention metadata
+        # everything a step reads is set by now: the memory profile runs one
         self.num_blocks = config.cache.num_blocks or self._default_num_blocks()
         self._allocate_kv_cache(self.num_blocks)
         self.dispatcher = Dispatcher(config.compilation.cudagraph_mode,
@@ -162,8 +165,6 @@ class ModelRunner:
         self.capture_report: CaptureReport | None = None
         self.compiles_during_capture = 0
         self._warmup_compiles = 0
-        self.prepare_seconds = 0.0     # host time writing step inputs (graph steps: all of it)
-        self.state_prepare_seconds = 0.0   # of which the linear-attention metadata
         self._hidden: torch.Tensor | None = None   # the last eager step's hidden states
         # PIECEWISE graphs: the forward context each captured its attention calls with
         self._piecewise_contexts: dict[BatchExecutionDescriptor, ForwardContext] = {}
