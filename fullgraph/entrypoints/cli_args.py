@@ -70,7 +70,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the most images one encoder graph replay packs")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs this one (default: on "
-                        "for CUDA without speculative decoding)")
+                        "for CUDA)")
     g.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="a request's tokens and logprobs are bitwise the same whatever else "
                         "is in the batch (default: FULLGRAPH_BATCH_INVARIANT, else off)")
