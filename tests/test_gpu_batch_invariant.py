@@ -125,22 +125,16 @@ def test_a_thousand_completions_of_one_prompt_are_one_text(model_dir):
 
 @pytest.mark.parametrize("architecture", ["qwen3-vl", "qwen3.5-vl"])
 def test_vision_language_needle_with_an_image_alone_equals_it_in_any_batch(
-        architecture, tmp_path, monkeypatch):
+        architecture, tmp_path):
     """Qwen3-VL (head_dim 64) and Qwen3.5-VL (the hybrid's layers, head_dim 32): a prompt
     with an image alone vs among random text and image prompts under budgets of 16 / 40 /
-    512 tokens; the tower runs eagerly in the mode. Qwen3.5-VL declares CUDA once this has
-    passed on the device; until then the test declares it."""
+    512 tokens; the tower runs eagerly in the mode."""
     import test_batch_invariant_vl as vl
     from test_qwen3_5_vl_engine import make_checkpoint as make_hybrid_vl_checkpoint
     from test_vl_engine import make_vl_checkpoint
     if architecture == "qwen3-vl":
         path = make_vl_checkpoint(str(tmp_path / "vl"), head_dim=64, mrope_section=(8, 12, 12))
     else:
-        from fullgraph.models.interface import ModelCapabilities
-        from fullgraph.models.qwen3_5_vl import Qwen3_5ForConditionalGeneration
-        monkeypatch.setattr(Qwen3_5ForConditionalGeneration, "capabilities",
-                            ModelCapabilities(prefix_caching=False,
-                                              batch_invariant=("cpu", "cuda")))
         path = make_hybrid_vl_checkpoint(str(tmp_path / "vl"))
 
     def llm(batched: int) -> LLM:

@@ -105,7 +105,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
     Qwen3-VL's (Qwen3.5's get_rope_index is the same); the caches and the checkpoint's
     language model are the hybrid's."""
     # recurrent state, as the hybrid (whose batch-invariant mode its layers keep)
-    capabilities = ModelCapabilities(prefix_caching=False, batch_invariant=("cpu",))
+    capabilities = ModelCapabilities(prefix_caching=False, batch_invariant=("cpu", "cuda"))
     stacked_params = HybridForCausalLM.stacked_params
     check_config = staticmethod(check_config)
     model_cls = Qwen3_5VLModel
