@@ -4,7 +4,7 @@
 CUDA graph and replayed, as the runner does; ms per replay from CUDA events.
 
     python benchmarks/probes/sampler_bench.py [--rows 1 32 256] [--iters 50]
-        [--draw-programs 528 2112]
+        [--draw-programs 528 2112] [--draw-blocks 1024 4096]
 """
 from __future__ import annotations
 
@@ -125,6 +125,8 @@ def main():
                     help="then each CASE's kernels at each row count (torch.profiler)")
     ap.add_argument("--draw-programs", type=int, nargs="+", default=[sampling.TARGET_PROGRAMS],
                     help="the drawing pass's program budget (layers/sampling.py), each in turn")
+    ap.add_argument("--draw-blocks", type=int, nargs="+", default=[sampling.DRAW_BLOCK],
+                    help="the drawing pass's block, each in turn (with each program budget)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -132,9 +134,11 @@ def main():
           "ms per call (CUDA graph replay)")
     print(f"{'case':<14}" + "".join(f"{'rows ' + str(r):>22}" for r in args.rows))
     print(f"{'':<14}" + "".join(f"{'old':>11}{'new':>11}" for _ in args.rows))
-    for case, programs in ((c, p) for p in args.draw_programs for c in args.cases):
-        sampling.TARGET_PROGRAMS = programs
-        line = f"{case:<14}" if len(args.draw_programs) == 1 else f"{case[:8]:<8}{programs:>6}"
+    sweep = len(args.draw_programs) * len(args.draw_blocks) > 1
+    for case, programs, block in ((c, p, b) for p in args.draw_programs
+                                  for b in args.draw_blocks for c in args.cases):
+        sampling.TARGET_PROGRAMS, sampling.DRAW_BLOCK = programs, block
+        line = f"{case[:4]:<4}{programs:>5}{block:>5}" if sweep else f"{case:<14}"
         for rows in args.rows:
             logits, t, feats, state = make_inputs(rows, case, dev, gen)
             with torch.inference_mode():
