@@ -153,25 +153,3 @@ def test_configs_we_cannot_run_are_named_at_load(qwen35_dir, tmp_path, edit, mat
     with pytest.raises(ValueError, match=match):
         LLM(str(path), **KW)
 
-
-def test_the_memory_profile_step_runs_on_a_runner_being_built(qwen35_dir, qwen35_reference,
-                                                              monkeypatch):
-    """On a GPU without num_gpu_blocks_override, the runner sizes its KV cache by running
-    one max-size step (`_profile_num_blocks`) before the rest of its construction; the step
-    must find everything it reads (a hybrid's state metadata timing included). The CUDA
-    memory arithmetic stays on the GPU: here the profile step alone runs at that point, on
-    a probe cache, and the CPU default follows."""
-    from fullgraph.worker.model_runner import ModelRunner
-    default = ModelRunner._default_num_blocks
-    profiled = []
-
-    def profile_then_default(self):
-        self._allocate_kv_cache(-(-self.max_num_tokens // self.block_size) + 1)
-        self._profile_run()
-        profiled.append(self.state_prepare_seconds)
-        return default(self)
-
-    monkeypatch.setattr(ModelRunner, "_default_num_blocks", profile_then_default)
-    prompts, expected = qwen35_reference
-    assert generate(LLM(qwen35_dir, max_model_len=256), prompts) == expected
-    assert len(profiled) == 1 and profiled[0] > 0
