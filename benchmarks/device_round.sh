@@ -8,7 +8,10 @@
 # invariant (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-hybrid (the
 # Qwen3.5-0.8B pair), spec-8b (the qwen3-8b-random pair), gdn-probe (gdn_aligned.py),
-# eager (eager decode ms/step at 1 and 32).
+# eager (eager decode ms/step at 1 and 32), eager-profile (cProfile of an eager batch-1 run,
+# the top functions printed, eager.prof kept), sampler-sweep (the draw's block and programs
+# at 256 rows), hybrid-profile (profile_step.py on qwen3.5-0.8b-random at batch 1), spec-4b
+# (the qwen3-4b-random pair, asynchronous only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -70,6 +73,24 @@ for step in "$@"; do
     spec) spec_pair spec --source qwen3-0.6b-random --disagree 0.3 ;;
     spec-hybrid) spec_pair spec-hybrid --source qwen3.5-0.8b-random --mix 0.02 ;;
     spec-8b) spec_pair spec-8b --source qwen3-8b-random --disagree 0.3 --draft-vocab 32000 ;;
+    spec-4b)
+        run spec-4b-pair python3 tests/spec_pairs.py --source qwen3-4b-random --disagree 0.3 \
+            --out /tmp/spec-4b
+        latency spec-4b --model /tmp/spec-4b/target --batch-sizes 1 8 --input-len 512 \
+            --output-len 128 --speculative-config \
+            '{"method": "eagle3", "model": "/tmp/spec-4b/drafter", "num_speculative_tokens": 3}' ;;
+    eager-profile)
+        run eager-profile python3 -m cProfile -o "$out/eager.prof" -m fullgraph.entrypoints.cli \
+            bench latency --model qwen3-0.6b-random --batch-sizes 1 --input-len 512 \
+            --output-len 64 --modes eager --out /tmp/eager-profile
+        python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
+            "$out/eager.prof" | tail -40 | cut -c1-150 ;;
+    sampler-sweep)
+        (cd benchmarks/probes && run sampler-sweep python3 sampler_bench.py --rows 256 --no-old \
+            --cases temperature top_p --draw-programs 528 2112 --draw-blocks 1024 2048 4096) ;;
+    hybrid-profile)
+        (cd benchmarks/probes && run hybrid-profile python3 profile_step.py \
+            --model qwen3.5-0.8b-random --batch-sizes 1 --capture-sizes 1 --top 30) ;;
     gdn-probe) run gdn-probe python3 benchmarks/probes/gdn_aligned.py ;;
     eager)   # --modes given again: the last one counts
         latency eager --model qwen3-0.6b-random --batch-sizes 1 32 --input-len 512 \
