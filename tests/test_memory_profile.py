@@ -22,7 +22,10 @@ CASES = {
         "method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 2}),
     "hybrid-eagle3": dict(model="tiny-qwen3.5", speculative_config={
         "method": "eagle3", "model": "tiny-qwen3.5-eagle3", "num_speculative_tokens": 2}),
+    "vision-language-eagle3": dict(model="tiny-qwen3-vl", speculative_config={
+        "method": "eagle3", "model": "tiny-qwen3-vl-eagle3", "num_speculative_tokens": 2}),
     "hybrid-batch-invariant": dict(model="tiny-qwen3.5", batch_invariant=True),
+    "vision-language-batch-invariant": dict(model="tiny-qwen3-vl", batch_invariant=True),
 }
 
 
