@@ -152,4 +152,3 @@ def test_configs_we_cannot_run_are_named_at_load(qwen35_dir, tmp_path, edit, mat
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=match):
         LLM(str(path), **KW)
-

@@ -116,8 +116,8 @@ class EngineArgs:
             if mode == CUDAGraphMode.PIECEWISE:
                 raise ValueError("speculative decoding runs with cudagraph_mode full, "
                                  "full_decode_only or none, not piecewise")
-        # Async scheduling by default on CUDA, speculative decoding included (its steps are
-        # 12-20% shorter on an H100: docs/speculative.md, "Async scheduling").
+        # Async scheduling by default on CUDA, speculative decoding included (measured
+        # faster with it: docs/speculative.md, "Async scheduling").
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
                                     max_model_len=model.max_model_len,
                                     async_scheduling=(device.type == "cuda"
