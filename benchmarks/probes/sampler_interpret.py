@@ -137,6 +137,16 @@ def main() -> int:
               and torch.equal(ids[use], rids[use]) and torch.equal(ranks[use], rranks[use]))
         print(f"logprobs n={nlp}:", "equal" if ok else "differ")
         failures += not ok
+    # the whole chain (worker/sampler.py wraps what it returns into a SamplerOutput)
+    t3 = S.SamplingTensors(temp, top_k, top_p, seeds, pos, False, True, 3, min_p=min_p)
+    feats = S.SamplerFeatures(sample=True, filter=True, logprobs=True)
+    tokens, lp = K.sample(x, t3, feats, None)
+    want = S.sample_reference(x, t3, feats)
+    rlp, rids, rranks = S.compute_logprobs(x, want, 3)
+    ok = (torch.equal(tokens, want) and torch.allclose(lp[0], rlp, atol=1e-5, rtol=1e-5)
+          and torch.equal(lp[1], rids) and torch.equal(lp[2], rranks))
+    print("sample chain:", "equal" if ok else "differ")
+    failures += not ok
     print("FAILURES", failures)
     return 1 if failures else 0
 

@@ -945,9 +945,10 @@ def logprobs(x: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int,
     return lp, ids, ranks
 
 
-def sample(logits: torch.Tensor, t, features, state):
-    """worker/sampler.py's `sample` on CUDA: the chain of kernels for `features`."""
-    from fullgraph.worker.sampler import SamplerOutput
+def sample(logits: torch.Tensor, t, features, state
+           ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """worker/sampler.py's `sample` on CUDA: the chain of kernels for `features` (`t` its
+    SamplingTensors); (token ids, (logprobs, their token ids, ranks) or None)."""
     x = logits
     if features.process:
         x = process(logits, state, t.state_slots, t.positions)
@@ -956,10 +957,9 @@ def sample(logits: torch.Tensor, t, features, state):
         thr = filter_thresholds(x, t.temperature, t.top_k, t.top_p, t.min_p)
     tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     draw(x, t.temperature, t.seeds, t.positions, thr, tokens, draw_rows=features.sample)
-    out = SamplerOutput(tokens)
+    lp = None
     if features.logprobs and t.num_logprobs >= 0:
-        out.logprobs, out.logprob_token_ids, out.ranks = logprobs(
-            logits, tokens, t.num_logprobs, t.row_logprobs)
+        lp = logprobs(logits, tokens, t.num_logprobs, t.row_logprobs)
     if features.process:
         update_counts(state, t.state_slots, tokens)
-    return out
+    return tokens, lp

@@ -546,7 +546,8 @@ def sample(logits: torch.Tensor, t: SamplingTensors, features: SamplerFeatures |
     if logits.is_cuda:
         from fullgraph.layers import sampling as kernels
         if kernels.available():
-            return kernels.sample(logits, t, features, state)
+            tokens, lp = kernels.sample(logits, t, features, state)
+            return SamplerOutput(tokens, *(lp or ()))
     n = logits.shape[0]
     parts = [_sample_rows(logits[lo:lo + SAMPLE_CHUNK_ROWS], t.rows(lo, lo + SAMPLE_CHUNK_ROWS),
                           features, state) for lo in range(0, n, SAMPLE_CHUNK_ROWS)]
