@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from fullgraph import LLM
 from fullgraph.attention.invariant import attention_extent, paged_attention
+from fullgraph.config import ENV_FLAG
 from fullgraph.engine.args import EngineArgs, check_kernel_policy
 from fullgraph.layers.gdn.aligned import aligned_chunk_gated_delta_rule
 from fullgraph.layers.gdn.reference import chunk_gated_delta_rule_ref
 from fullgraph.layers.linear import invariant_matmul
-from fullgraph.layers.policy import ENV_FLAG, KernelPolicy
+from fullgraph.layers.policy import KernelPolicy
 from fullgraph.sampling_params import SamplingParams
 
 VOCAB = 740              # tiny-qwen3's tokenizer has 749 tokens

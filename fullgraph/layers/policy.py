@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from fullgraph.config import ENV_FLAG, KernelPolicy   # noqa: F401 — the layers' import
+from fullgraph.config import KernelPolicy   # noqa: F401 — the layers import it from here
 
 DEFAULT_POLICY = KernelPolicy()
 
