@@ -33,8 +33,8 @@ def _scale_add(x_ptr, y_ptr, w_ptr, out_ptr, n, stride, eps, BLOCK: tl.constexpr
 
 
 @torch.library.custom_op("probe::noop", mutates_args=())
-def _noop(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    return x
+def _noop(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n: int, eps: float) -> None:
+    return None
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     x, y, w, out = (torch.randn(n, device="cuda") for _ in range(4))
     grid = (triton.cdiv(n, 256),)
     ck = _scale_add[grid](x, y, w, out, n, 1, 1e-6, BLOCK=256, FLAG=True)
-    runner = ck[grid]
+    runner = ck[(grid[0], 1, 1)]            # the compiled kernel's runner takes three axes
     dev = torch.cuda.current_device()
     stream = triton.runtime.driver.active.get_current_stream(dev)
     # the compiled kernel's arguments: the constexprs stay in the list (as the JIT passes
