@@ -83,8 +83,9 @@ for step in "$@"; do
         run eager-profile python3 -m cProfile -o "$out/eager.prof" -m fullgraph.entrypoints.cli \
             bench latency --model qwen3-0.6b-random --batch-sizes 1 --input-len 512 \
             --output-len 64 --modes eager --out /tmp/eager-profile
-        python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
-            "$out/eager.prof" | tail -40 | cut -c1-150 ;;
+        python3 -c "import pstats, sys
+pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.prof" \
+            | tail -40 | cut -c1-150 ;;
     sampler-sweep)
         (cd benchmarks/probes && run sampler-sweep python3 sampler_bench.py --rows 256 --no-old \
             --cases temperature top_p --draw-programs 528 2112 --draw-blocks 1024 2048 4096) ;;

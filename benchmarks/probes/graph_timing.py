@@ -1,8 +1,25 @@
-"""Timing one call as the runner runs it: captured in a CUDA graph (after two warm-up calls
-on a side stream) and replayed; the mean of `iters` replays from CUDA events, in ms."""
+"""Timing helpers of the probes. `replay_ms`: one call as the runner runs it, captured in a
+CUDA graph (after two warm-up calls on a side stream) and replayed; the mean of `iters`
+replays from CUDA events, in ms. `per_call_us`: the host time of one eager call, in µs."""
 from __future__ import annotations
 
+import time
+
 import torch
+
+
+def per_call_us(fn, calls: int) -> float:
+    """Host time a call of `fn`, µs: `calls` calls after 50 warm-up calls, timed before the
+    final synchronization (the device's work queues behind the host's)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / calls * 1e6
 
 
 def replay_ms(fn, iters: int) -> float:

@@ -16,23 +16,12 @@ import time
 
 import numpy as np
 import torch
+from graph_timing import per_call_us   # this folder, sys.path[0] when run
 
 from fullgraph import pcie_copy
 from fullgraph.layers import pdl
 from fullgraph.worker.inputs import InputBuffers
 from fullgraph.worker.step_output import to_host
-
-
-def per_call_us(fn, calls: int) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    dt = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return dt / calls * 1e6
 
 
 def behind_us(fn, calls: int, before) -> tuple[list[float], list[float]]:

@@ -11,11 +11,11 @@ per call is the host's.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import triton
 import triton.language as tl
+from graph_timing import per_call_us   # this folder, sys.path[0] when run
 from triton import knobs
 
 
@@ -35,17 +35,6 @@ def _scale_add(x_ptr, y_ptr, w_ptr, out_ptr, n, stride, eps, BLOCK: tl.constexpr
 @torch.library.custom_op("probe::noop", mutates_args=())
 def _noop(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n: int, eps: float) -> None:
     return None
-
-
-def per_call_us(fn, calls: int) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ max_tokens leave room for; with async scheduling and its last step in flight, pl
 that the device fills, its `num_pending` counting every draft of that step as accepted and
 `num_computed_tokens` rolled back when the results land), and every chunk that draws a
 token gets KV slots for `num_speculative_tokens` positions more: the drafter writes its own
-K/V there while it proposes the next step's drafts (worker/spec_decode/proposer.py). Neither is worth a
-preemption: where the pool cannot hold them the request runs its plain chunk, and drafts
-only as far as its blocks reach.
+K/V there while it proposes the next step's drafts (worker/spec_decode/proposer.py).
+Neither is worth a preemption: where the pool cannot hold them the request runs its plain
+chunk, and drafts only as far as its blocks reach.
 """
 from __future__ import annotations
 
