@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph.attention import triton_attn
-from fullgraph.attention.paged_invariant import (invariant_attention, query_tokens, tile_map,
-                                                 tiled_attention)
+from fullgraph.attention.paged_invariant import (SplitWorkspace, invariant_attention,
+                                                 query_tokens, tile_map, tiled_attention)
 from fullgraph.layers.invariant_gemm import invariant_mm
 from fullgraph.layers.policy import KernelPolicy
 
@@ -80,6 +80,39 @@ def _attend_tiles(q, k, v, table, lengths, queries, block_size, policy, prefill_
                                q.shape[-1] ** -0.5, policy)
 
 
+def _spread_case(q, k, v, table, lengths, outs, block_size, policy) -> list[str]:
+    """Decode rows of requests 0 and 2 with each tile's splits spread over 2, 3, 4 and 8
+    programs (more than the splits: idle ones), and over 2 with a workspace one split too
+    small for request 0 (its program 0 walks it alone): the bits of the prefill."""
+    failed = []
+    group = q[0].shape[1] // k.shape[1]
+    split = policy.attention_split
+    n_splits = -(-lengths[0] // split)
+    assert n_splits >= 3
+    for reqs, programs, part_splits in (([0], 2, n_splits), ([0], 3, n_splits),
+                                        ([0, 2], 4, n_splits), ([0, 2], 8, n_splits),
+                                        ([0, 2], 2, n_splits - 1)):
+        rows = torch.cat([q[j][-1:] for j in reqs])
+        dev = q[0].device
+        qsl = torch.arange(len(reqs) + 1, dtype=torch.int32, device=dev)
+        tiles = tile_map(qsl, len(reqs), len(reqs), query_tokens(group))
+        workspace = SplitWorkspace(tiles[0].shape[0], k.shape[1], part_splits,
+                                   max(16, group * query_tokens(group)), q[0].shape[-1],
+                                   dev)
+        got = tiled_attention(
+            rows, k, v, table[reqs + [len(lengths)]],
+            torch.tensor([lengths[j] for j in reqs], dtype=torch.int32, device=dev),
+            torch.tensor([lengths[j] - 1 for j in reqs], device=dev), tiles, block_size,
+            q[0].shape[-1] ** -0.5, query_tokens(group), policy.attention_tile, split,
+            programs=programs, workspace=workspace)
+        if not torch.equal(got, torch.cat([outs[j][-1:] for j in reqs])):
+            failed.append(f"attention: decode rows of {reqs} over {programs} programs "
+                          f"({part_splits} splits kept)")
+        if workspace.counters.any():
+            failed.append(f"attention: arrival counters left at {workspace.counters.tolist()}")
+    return failed
+
+
 def attention_case(device: str, dtype: torch.dtype, lengths=(700, 37, 300), hq: int = 16,
                    hkv: int = 8, d: int = 128, block_size: int = 16,
                    policy: KernelPolicy = POLICY, tol: float = 2e-2,
@@ -113,6 +146,8 @@ def attention_case(device: str, dtype: torch.dtype, lengths=(700, 37, 300), hq: 
     if not torch.equal(_attend(q[0][-chunk:], k, v, table[:1], [n0], [chunk], block_size),
                        outs[0][-chunk:]):
         failed.append("attention: chunk rows")
+    if not prefill_tiles:
+        failed += _spread_case(q, k, v, table, lengths, outs, block_size, policy)
     order = [2, 1, 0]
     mixed = _attend(torch.cat([q[2][-5:], q[1][-1:], q[0][-9:]]), k, v,
                     table[order + [len(lengths)]], [lengths[j] for j in order], [5, 1, 9],

@@ -152,6 +152,12 @@ class InvariantAttentionBackend:
         self.spec = spec
         self.device = device
         self.policy = policy
+        self.num_sms, self.workspace = 0, None
+        if device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+            self.workspace = paged_invariant.SplitWorkspace.for_spec(
+                spec.num_heads, spec.num_kv_heads, d, spec.max_blocks_per_seq * spec.block_size,
+                policy.attention_split, self.num_sms, device)
 
     def metadata_key(self) -> tuple:
         return type(self), self.spec.num_heads // self.spec.num_kv_heads   # the query tiles
@@ -207,7 +213,7 @@ class InvariantAttentionBackend:
             return paged_invariant.invariant_attention(
                 q, kv_cache[0], kv_cache[1], inputs.block_table, inputs.seq_lens,
                 inputs.positions, meta.tiles, self.spec.block_size, self.spec.scale,
-                self.policy)
+                self.policy, self.workspace, self.num_sms)
         # in blocks of tokens: each token gathers its own KV, so one call over a long
         # prompt would hold [tokens, extent, heads, dim] at once; tokens are independent
         # of each other, so the blocks change no bit

@@ -18,9 +18,11 @@ It computes what attention/invariant.py's `paged_attention` (the CPU reference) 
 
 The tile shape is fixed (never chosen from the batch), so one compiled kernel serves every
 step. The query tiles are listed on the device from `query_start_loc` (`tile_map`), to a
-count fixed by the step's padded shape, so graphs capture it. Splits run serially within a
-program: a decode step at batch 1 has only `num_kv_heads` programs (a parallel-split variant
-with the same fold is possible, docs/batch_invariance.md, section 6.5).
+count fixed by the step's padded shape, so graphs capture it. A program walks its tile's
+splits in turn; a launch of few tiles (a decode step of a few requests, otherwise
+`num_kv_heads` programs a request) spreads each tile's splits over several programs, and the
+last to finish folds their stored states in split order: the same fold, so the same bits,
+which is why the program count may follow the batch (`split_programs`).
 """
 from __future__ import annotations
 
@@ -74,17 +76,72 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
+    def _split(q, pos, s0, last, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
+               stride_vs, stride_vh, scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr,
+               PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
+               PRECISION: tl.constexpr):
+        """The online-softmax state of the split at `s0`, from an empty one."""
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for j0 in range(s0, tl.minimum(s0 + SPLIT, last + 1), TILE):
+            m_i, l_i, acc = _kv_tile(q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks,
+                                     stride_kh, stride_vs, stride_vh, scale_log2e, m_i, l_i,
+                                     acc, d, n, PAGE, PRECISION)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _fold(total_m, total_l, total_acc, m_i, l_i, acc):
+        """Fold one split's state into the running one (invariant.merge_split). The FMAs are
+        explicit: the same rounding wherever the fold is inlined."""
+        m_t = tl.maximum(total_m, m_i)
+        m_use = tl.where(m_t == float("-inf"), 0.0, m_t)
+        w_a = tl.where(m_t == total_m, 1.0, tl.exp2(total_m - m_use))
+        w_b = tl.where(m_t == m_i, 1.0, tl.exp2(m_i - m_use))
+        w_b = tl.where(m_i == float("-inf"), 0.0, w_b)
+        return (m_t, tl.fma(total_l, w_a, l_i * w_b),
+                tl.fma(total_acc, w_a[:, None], acc * w_b[:, None]))
+
+    @triton.jit
+    def _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh, stride_vs,
+              stride_vh, scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr,
+              PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
+              PRECISION: tl.constexpr):
+        """Every split up to `last` by this program, folded in order (SPLIT 0: one online
+        softmax over the whole KV, no fold). Returns (sum, accumulator)."""
+        total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total_l = tl.zeros([BLOCK_M], tl.float32)
+        total_acc = tl.zeros([BLOCK_M, D], tl.float32)
+        if SPLIT == 0:
+            for j0 in range(0, last + 1, TILE):
+                total_m, total_l, total_acc = _kv_tile(
+                    q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
+                    stride_vs, stride_vh, scale_log2e, total_m, total_l, total_acc, d, n,
+                    PAGE, PRECISION)
+        else:
+            for s0 in range(0, last + 1, SPLIT):
+                m_i, l_i, acc = _split(q, pos, s0, last, seq_len, bt_row, k_ptr, v_ptr, h,
+                                       stride_ks, stride_kh, stride_vs, stride_vh, scale_log2e,
+                                       d, n, BLOCK_M, D, PAGE, TILE, SPLIT, PRECISION)
+                total_m, total_l, total_acc = _fold(total_m, total_l, total_acc, m_i, l_i, acc)
+        return total_l, total_acc
+
+    @triton.jit
     def _invariant_attention_kernel(
             q_ptr, k_ptr, v_ptr, out_ptr, block_table_ptr, seq_lens_ptr, positions_ptr,
-            tile_req_ptr, tile_first_ptr, tile_end_ptr, scale_log2e,
-            stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
-            stride_ot, stride_oh,
+            tile_req_ptr, tile_first_ptr, tile_end_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
+            scale_log2e, stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+            stride_bt, stride_ot, stride_oh,
             GROUP: tl.constexpr, QTOK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
             PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-            PRECISION: tl.constexpr):
-        """SPLIT 0: one pass over the KV, no split fold (one accumulator, not two)."""
-        i = tl.program_id(0)
-        h = tl.program_id(1)
+            PROGRAMS: tl.constexpr, PART_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (KV head, query tile, p). PROGRAMS 1: the program walks every split
+        (`_walk`). PROGRAMS > 1: program p takes splits p, p + PROGRAMS, ..., stores each
+        split's state, and the last of the tile's programs to arrive (an acquire/release
+        atomic) folds them all in split order, the arithmetic of `_walk`; a tile with more
+        than PART_SPLITS splits (the workspace's) is walked by its program 0 alone."""
+        h = tl.program_id(0)
+        i = tl.num_programs(1) - 1 - tl.program_id(1)   # a request's last, longest tiles first
         r = tl.load(tile_req_ptr + i)
         if r >= 0:
             first = tl.load(tile_first_ptr + i)
@@ -102,40 +159,58 @@ if triton is not None:
             seq_len = tl.load(seq_lens_ptr + r)
             last = tl.max(pos, 0)                       # the tile's furthest position
             bt_row = block_table_ptr + r.to(tl.int64) * stride_bt
-            if SPLIT == 0:
-                total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                total_l = tl.zeros([BLOCK_M], tl.float32)
-                total_acc = tl.zeros([BLOCK_M, D], tl.float32)
-                for j0 in range(0, last + 1, TILE):
-                    total_m, total_l, total_acc = _kv_tile(
-                        q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
-                        stride_vs, stride_vh, scale_log2e, total_m, total_l, total_acc, d, n,
-                        PAGE, PRECISION)
+            out = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+            if PROGRAMS == 1:
+                total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr, h,
+                                           stride_ks, stride_kh, stride_vs, stride_vh,
+                                           scale_log2e, d, n, BLOCK_M, D, PAGE, TILE, SPLIT,
+                                           PRECISION)
+                o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
+                tl.store(out, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
             else:
-                total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                total_l = tl.zeros([BLOCK_M], tl.float32)
-                total_acc = tl.zeros([BLOCK_M, D], tl.float32)
-                for s0 in range(0, last + 1, SPLIT):
-                    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                    l_i = tl.zeros([BLOCK_M], tl.float32)
-                    acc = tl.zeros([BLOCK_M, D], tl.float32)
-                    for j0 in range(s0, tl.minimum(s0 + SPLIT, last + 1), TILE):
-                        m_i, l_i, acc = _kv_tile(
-                            q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks,
-                            stride_kh, stride_vs, stride_vh, scale_log2e, m_i, l_i, acc, d, n,
-                            PAGE, PRECISION)
-                    # fold the split into the total, in split order
-                    m_t = tl.maximum(total_m, m_i)
-                    m_use = tl.where(m_t == float("-inf"), 0.0, m_t)
-                    w_a = tl.where(m_t == total_m, 1.0, tl.exp2(total_m - m_use))
-                    w_b = tl.where(m_t == m_i, 1.0, tl.exp2(m_i - m_use))
-                    w_b = tl.where(m_i == float("-inf"), 0.0, w_b)
-                    total_l = total_l * w_a + l_i * w_b
-                    total_acc = total_acc * w_a[:, None] + acc * w_b[:, None]
-                    total_m = m_t
-            o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
-            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                p = tl.program_id(2)
+                num_splits = last // SPLIT + 1
+                if num_splits > PART_SPLITS:
+                    if p == 0:
+                        total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr,
+                                                   h, stride_ks, stride_kh, stride_vs,
+                                                   stride_vh, scale_log2e, d, n, BLOCK_M, D,
+                                                   PAGE, TILE, SPLIT, PRECISION)
+                        o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
+                        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                else:
+                    pair = i * tl.num_programs(0) + h
+                    base = (pair * PART_SPLITS).to(tl.int64) * BLOCK_M
+                    for s in range(p, num_splits, PROGRAMS):
+                        m_i, l_i, acc = _split(q, pos, s * SPLIT, last, seq_len, bt_row, k_ptr,
+                                               v_ptr, h, stride_ks, stride_kh, stride_vs,
+                                               stride_vh, scale_log2e, d, n, BLOCK_M, D, PAGE,
+                                               TILE, SPLIT, PRECISION)
+                        part = base + s * BLOCK_M + m
+                        tl.store(part_ml_ptr + 2 * part, m_i, mask=live)
+                        tl.store(part_ml_ptr + 2 * part + 1, l_i, mask=live)
+                        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc,
+                                 mask=live[:, None])
+                    tl.debug_barrier()         # every thread's partials before the count
+                    arrived = tl.atomic_add(counter_ptr + pair, 1, sem="acq_rel")
+                    if arrived == PROGRAMS - 1:
+                        total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                        total_l = tl.zeros([BLOCK_M], tl.float32)
+                        total_acc = tl.zeros([BLOCK_M, D], tl.float32)
+                        for s in range(0, num_splits):
+                            part = base + s * BLOCK_M + m
+                            # .cg: from L2, where the other programs' stores landed
+                            m_i = tl.load(part_ml_ptr + 2 * part, mask=live,
+                                          other=float("-inf"), cache_modifier=".cg")
+                            l_i = tl.load(part_ml_ptr + 2 * part + 1, mask=live, other=0.0,
+                                          cache_modifier=".cg")
+                            acc = tl.load(part_acc_ptr + part[:, None] * D + d[None, :],
+                                          mask=live[:, None], other=0.0, cache_modifier=".cg")
+                            total_m, total_l, total_acc = _fold(total_m, total_l, total_acc,
+                                                                m_i, l_i, acc)
+                        o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
+                        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                        tl.store(counter_ptr + pair, 0)   # the next launch starts from zero
 
 
 def tile_map(query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, qtok: int
@@ -154,40 +229,94 @@ def tile_map(query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, qtok
     return (torch.where(used, req, -1).int(), first.int(), qsl[req + 1].int())
 
 
+class SplitWorkspace:
+    """The split states of launches spread over several programs per query tile, and their
+    arrival counters (one per tile and KV head, left at zero by every launch), allocated
+    once for the most tiles such a launch may have and `part_splits` splits a tile."""
+
+    def __init__(self, max_tiles: int, num_kv_heads: int, part_splits: int, block_m: int,
+                 head_dim: int, device: torch.device) -> None:
+        parts = max_tiles * num_kv_heads * part_splits * block_m
+        self.acc = torch.empty(parts * head_dim, dtype=torch.float32, device=device)
+        self.ml = torch.empty(2 * parts, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(max_tiles * num_kv_heads, dtype=torch.int32, device=device)
+        self.max_tiles, self.part_splits = max_tiles, part_splits
+
+    @classmethod
+    def for_spec(cls, num_heads: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 split: int, num_sms: int, device: torch.device) -> SplitWorkspace:
+        """Launches of up to an SM's worth of (tile, KV head) pairs (a decode step of a few
+        requests; two tiles at least: one request's bound), splits covering up to
+        `PART_TOKENS` positions (longer tiles are walked by one program)."""
+        group = num_heads // num_kv_heads
+        return cls(max(2, num_sms // num_kv_heads), num_kv_heads,
+                   -(-min(max_len, PART_TOKENS) // split),
+                   max(MIN_ROWS, pow2(query_tokens(group) * group)), head_dim, device)
+
+
+PART_TOKENS = 8192             # KV positions a tile's split states cover in the workspace
+
+
+def split_programs(num_tiles: int, num_kv_heads: int, num_sms: int,
+                   workspace: SplitWorkspace | None) -> int:
+    """Programs per (query tile, KV head): a power of two giving ~2 programs per SM when
+    the launch's pairs leave SMs idle, else 1. Any count gives the same bits (the splits are
+    folded in order either way), so it may follow the batch."""
+    if workspace is None or num_tiles > workspace.max_tiles:
+        return 1
+    per_pair = 2 * num_sms // (num_tiles * num_kv_heads)
+    if per_pair < 2:
+        return 1
+    return min(1 << (per_pair.bit_length() - 1), pow2(workspace.part_splits))
+
+
 def invariant_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor,
                         positions: torch.Tensor, tiles: tuple[torch.Tensor, ...],
-                        block_size: int, scale: float, policy: KernelPolicy) -> torch.Tensor:
+                        block_size: int, scale: float, policy: KernelPolicy,
+                        workspace: SplitWorkspace | None = None, num_sms: int = 0
+                        ) -> torch.Tensor:
     """q [T, Hq, D]; caches [slots, Hkv, D]; block_table [R, pages]; seq_lens [R] (after
     this step); positions [T]; `tiles` from `tile_map` at `query_tokens(group)`. Returns
-    [T, Hq, D] (zeros for tokens in no tile: padding). The mode's tiles and splits."""
+    [T, Hq, D] (zeros for tokens in no tile: padding). The mode's tiles and splits; with a
+    workspace, a launch of few tiles spreads each tile's splits over programs
+    (`split_programs`)."""
     group = q.shape[1] // k_cache.shape[1]
+    programs = split_programs(tiles[0].shape[0], k_cache.shape[1], num_sms, workspace)
     return tiled_attention(q, k_cache, v_cache, block_table, seq_lens, positions, tiles,
                            block_size, scale, query_tokens(group), policy.attention_tile,
-                           policy.attention_split)
+                           policy.attention_split, programs=programs, workspace=workspace)
 
 
 def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, positions: torch.Tensor,
                     tiles: tuple[torch.Tensor, ...], block_size: int, scale: float, qtok: int,
-                    tile: int, split: int, num_warps: int = NUM_WARPS,
-                    num_stages: int = 2) -> torch.Tensor:
+                    tile: int, split: int, num_warps: int = NUM_WARPS, num_stages: int = 2,
+                    programs: int = 1, workspace: SplitWorkspace | None = None
+                    ) -> torch.Tensor:
     """The kernel at any tile shape: `qtok` query tokens a program (`tiles` listed at it),
     `tile` KV tokens an online-softmax step, splits of `split` tokens (a multiple of
-    `tile`), or with `split` 0 one pass over the KV without a split fold."""
+    `tile`), or with `split` 0 one pass over the KV without a split fold; `programs` per
+    (tile, KV head) with splits and a workspace."""
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
     out = torch.zeros_like(q)
     tile_req, first, end = tiles
+    if programs > 1 and (split == 0 or workspace is None
+                         or tile_req.shape[0] > workspace.max_tiles):
+        raise ValueError(f"{programs} programs a query tile need splits and a workspace for "
+                         f"{tile_req.shape[0]} tiles")
+    parts = ((workspace.acc, workspace.ml, workspace.counters, workspace.part_splits)
+             if programs > 1 else (out, out, out, 1))
     if t:
-        _invariant_attention_kernel[(tile_req.shape[0], hkv)](
+        _invariant_attention_kernel[(hkv, tile_req.shape[0], programs)](
             q, k_cache, v_cache, out, block_table, seq_lens, positions, tile_req, first, end,
-            scale * 1.4426950408889634,
+            *parts[:3], scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
             v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
             GROUP=group, QTOK=qtok, BLOCK_M=max(MIN_ROWS, pow2(qtok * group)), D=d,
-            PAGE=block_size, TILE=tile, SPLIT=split,
+            PAGE=block_size, TILE=tile, SPLIT=split, PROGRAMS=programs, PART_SPLITS=parts[3],
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps, num_stages=num_stages)
     return out
