@@ -51,18 +51,24 @@ def query_tokens(group: int) -> int:
 
 if triton is not None:
     @triton.jit
-    def _kv_tile(q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
+    def _pages(bt_row, kv_pos, seq_len, PAGE: tl.constexpr):
+        """The block-table entries of a KV tile's positions (0 past the sequence)."""
+        return tl.load(bt_row + kv_pos // PAGE, mask=kv_pos < seq_len, other=0)
+
+    @triton.jit
+    def _kv_tile(q, pos, j0, page, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
                  stride_vs, stride_vh, scale_log2e, m_i, l_i, acc, d, n,
-                 PAGE: tl.constexpr, PRECISION: tl.constexpr):
-        """One online-softmax step over the KV tile at logical positions j0 + n."""
+                 PAGE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr):
+        """One online-softmax step over the KV tile at logical positions j0 + n, whose
+        block-table entries `page` the previous step loaded; returns the next tile's."""
         kv_pos = j0 + n
         inside = kv_pos < seq_len
-        page = tl.load(bt_row + kv_pos // PAGE, mask=inside, other=0)
         slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
         k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
                     mask=inside[:, None], other=0.0)
         v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
                     mask=inside[:, None], other=0.0)
+        page = _pages(bt_row, kv_pos + TILE, seq_len, PAGE)   # in flight meanwhile
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
         seen = (kv_pos[None, :] <= pos[:, None]) & inside[None, :]
         qk = tl.where(seen, qk, float("-inf"))
@@ -73,7 +79,7 @@ if triton is not None:
         p = tl.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc
+        return m_new, l_i, acc, page
 
     @triton.jit
     def _split(q, pos, s0, last, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
@@ -84,10 +90,12 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
+        page = _pages(bt_row, s0 + n, seq_len, PAGE)
         for j0 in range(s0, tl.minimum(s0 + SPLIT, last + 1), TILE):
-            m_i, l_i, acc = _kv_tile(q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks,
-                                     stride_kh, stride_vs, stride_vh, scale_log2e, m_i, l_i,
-                                     acc, d, n, PAGE, PRECISION)
+            m_i, l_i, acc, page = _kv_tile(q, pos, j0, page, seq_len, bt_row, k_ptr, v_ptr, h,
+                                           stride_ks, stride_kh, stride_vs, stride_vh,
+                                           scale_log2e, m_i, l_i, acc, d, n, PAGE, TILE,
+                                           PRECISION)
         return m_i, l_i, acc
 
     @triton.jit
@@ -113,11 +121,12 @@ if triton is not None:
         total_l = tl.zeros([BLOCK_M], tl.float32)
         total_acc = tl.zeros([BLOCK_M, D], tl.float32)
         if SPLIT == 0:
+            page = _pages(bt_row, n, seq_len, PAGE)
             for j0 in range(0, last + 1, TILE):
-                total_m, total_l, total_acc = _kv_tile(
-                    q, pos, j0, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
+                total_m, total_l, total_acc, page = _kv_tile(
+                    q, pos, j0, page, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
                     stride_vs, stride_vh, scale_log2e, total_m, total_l, total_acc, d, n,
-                    PAGE, PRECISION)
+                    PAGE, TILE, PRECISION)
         else:
             for s0 in range(0, last + 1, SPLIT):
                 m_i, l_i, acc = _split(q, pos, s0, last, seq_len, bt_row, k_ptr, v_ptr, h,
