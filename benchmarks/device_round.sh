@@ -11,7 +11,9 @@
 # eager (eager decode ms/step at 1 and 32), eager-profile (cProfile of an eager batch-1 run,
 # the top functions printed, eager.prof kept), sampler-sweep (the draw's block and programs
 # at 256 rows), hybrid-profile (profile_step.py on qwen3.5-0.8b-random at batch 1), spec-4b
-# (the qwen3-4b-random pair, asynchronous only).
+# (the qwen3-4b-random pair, asynchronous only), invariant-attention (the mode's attention
+# kernel at decode by KV tile, one program or splits spread; invariant_attention.py),
+# eager-gpu (an eager step's kernels and the GPU's idle gaps, profile_step.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -25,7 +27,8 @@ run() {   # run NAME COMMAND...: the command under the step limit, its figures' 
     shift
     timeout "$limit" "$@" >>"$out/$name.log" 2>&1
     echo "=== $name: rc=$? $((SECONDS - start))s"
-    grep -E "^\[|tok/s|ms per|^[a-z_]+ +[0-9.n]|equal|differ" "$out/$name.log" | tail -20
+    grep -E "^\[|tok/s|ms per|^[a-z_]+ +[0-9.n]|equal|differ|^\{|^=== |^idle|^ *[0-9]+ +[0-9.]+ us" \
+        "$out/$name.log" | tail -40
 }
 
 latency() {   # latency NAME ARGS...: `bench latency --modes graph` as step NAME
@@ -93,6 +96,12 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
         (cd benchmarks/probes && run hybrid-profile python3 profile_step.py \
             --model qwen3.5-0.8b-random --batch-sizes 1 --capture-sizes 1 --top 30) ;;
     gdn-probe) run gdn-probe python3 benchmarks/probes/gdn_aligned.py ;;
+    invariant-attention)
+        (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
+            --batch-sizes 1 8 32 --lengths 576 4096 --tiles 32 64) ;;
+    eager-gpu)
+        (cd benchmarks/probes && run eager-gpu python3 profile_step.py --cudagraph-mode none \
+            --batch-sizes 1 --capture-sizes --steps 3 --top 14) ;;
     eager)   # --modes given again: the last one counts
         latency eager --model qwen3-0.6b-random --batch-sizes 1 32 --input-len 512 \
             --output-len 32 --modes eager ;;

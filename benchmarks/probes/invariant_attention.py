@@ -1,0 +1,75 @@
+"""The batch-invariant mode's attention kernel (attention/paged_invariant.py) on decode steps:
+µs per call (graph replay) by KV tile and split size and by whether a tile's splits are spread over
+programs, at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head dim 128, bf16,
+16-token pages), and a check that every variant of a tile and split gives the same bits.
+
+    python benchmarks/probes/invariant_attention.py [--batch-sizes 1 8 32] [--lengths 576 4096]
+        [--tiles 32 64] [--splits 64 128 256]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from fullgraph.attention.paged_invariant import (SplitWorkspace, query_tokens, split_programs,
+                                                 tile_map, tiled_attention)
+from graph_timing import replay_ms
+
+HQ, HKV, D, PAGE = 16, 8, 128, 16
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[576, 4096])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--splits", type=int, nargs="+", default=[256])
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    qtok = query_tokens(HQ // HKV)
+    rows, differ = [], False
+    for length in args.lengths:
+        pages = -(-length // PAGE)
+        for batch in args.batch_sizes:
+            g = torch.Generator(device=dev).manual_seed(0)
+            slots = (batch * pages + 1) * PAGE
+            k, v = (torch.randn(slots, HKV, D, device=dev, generator=g, dtype=torch.bfloat16)
+                    for _ in range(2))
+            table = (torch.randperm(batch * pages, device=dev, generator=g) + 1).int()
+            table = torch.cat([table.view(batch, pages),
+                               torch.zeros(1, pages, dtype=torch.int32, device=dev)])
+            q = torch.randn(batch, HQ, D, device=dev, generator=g, dtype=torch.bfloat16)
+            seq_lens = torch.full((batch,), length, dtype=torch.int32, device=dev)
+            positions = seq_lens.long() - 1
+            qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+            tiles = tile_map(qsl, batch, batch, qtok)
+            for tile, split in itertools.product(args.tiles, args.splits):
+                ws = SplitWorkspace.for_spec(HQ, HKV, D, length, split, num_sms, dev)
+                programs = split_programs(tiles[0].shape[0], HKV, num_sms, ws)
+                outs = {}
+                for p in sorted({1, programs}):
+                    def call(p=p):
+                        return tiled_attention(q, k, v, table, seq_lens, positions, tiles, PAGE,
+                                               D ** -0.5, qtok, tile, split, programs=p,
+                                               workspace=ws)
+                    outs[p] = call()
+                    rows.append({"length": length, "batch": batch, "tile": tile,
+                                 "split": split,
+                                 "programs": p, "us": round(replay_ms(call, args.iters) * 1e3,
+                                                            2)})
+                    print(json.dumps(rows[-1]), flush=True)
+                if not torch.equal(outs[1], outs[programs]):
+                    differ = True
+                    print(f"DIFFER length {length} batch {batch} tile {tile} split {split}: 1 vs "
+                          f"{programs} programs")
+    print("bits differ somewhere" if differ else "every tile and split: bits equal at 1 and "
+          "more programs")
+
+
+if __name__ == "__main__":
+    main()
