@@ -13,7 +13,8 @@
 # at 256 rows), hybrid-profile (profile_step.py on qwen3.5-0.8b-random at batch 1), spec-4b
 # (the qwen3-4b-random pair, asynchronous only), invariant-attention (the mode's attention
 # kernel at decode by KV tile, one program or splits spread; invariant_attention.py),
-# eager-gpu (an eager step's kernels and the GPU's idle gaps, profile_step.py).
+# eager-gpu (an eager step's kernels and the GPU's idle gaps, profile_step.py), spec-32k
+# (the 0.6B pair with a 32,000-token draft vocabulary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -74,6 +75,8 @@ for step in "$@"; do
         (cd benchmarks/probes && run profile-invariant python3 profile_step.py \
             --batch-sizes 1 32 --capture-sizes 1 32 --batch-invariant --top 25) ;;
     spec) spec_pair spec --source qwen3-0.6b-random --disagree 0.3 ;;
+    spec-32k)   # the 0.6B pair with a 32,000-token draft vocabulary, as published drafters
+        spec_pair spec-32k --source qwen3-0.6b-random --disagree 0.3 --draft-vocab 32000 ;;
     spec-hybrid) spec_pair spec-hybrid --source qwen3.5-0.8b-random --mix 0.02 ;;
     spec-8b) spec_pair spec-8b --source qwen3-8b-random --disagree 0.3 --draft-vocab 32000 ;;
     spec-4b)

@@ -66,11 +66,9 @@ def decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
 
 def pipeline_stages(num_splits: int) -> int:
     """Triton's software-pipelining stages for the KV loop (K/V tiles go to shared memory by
-    cp.async, this many tiles in flight). Measured in the model on an H100, a new process per
-    run (benchmarks/probes/decode_variants.py; docs/benchmarks.md, tenth session),
-    ms/step: batch 1 (16 splits) 3 stages 0.786-0.788, 2 0.794-0.796, 1 0.874-0.876; batch 8
-    (4 splits) equal; batch 32 (one split, ~10 tiles a program) 2 stages 1.845-1.851, 3
-    1.894-1.897, 1 1.985-1.990. The stages change when loads issue, not the arithmetic."""
+    cp.async, this many tiles in flight): 3 with splits (short walks), 2 for one long walk
+    a program (benchmarks/probes/decode_variants.py; docs/benchmarks.md, tenth session).
+    The stages change when loads issue, not the arithmetic."""
     return 3 if num_splits > 1 else 2
 
 

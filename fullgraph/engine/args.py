@@ -62,7 +62,7 @@ class EngineArgs:
     encoder_cudagraph_token_budgets: list[int] | None = None
     encoder_cudagraph_max_images_per_batch: int = 8
     # Overlap host work with the device (one step in flight); None = on for CUDA devices,
-    # where it pays (H200: batch 1 decode 2.28 -> 1.64 ms/step), off on a CPU.
+    # where it pays (docs/benchmarks.md), off on a CPU.
     async_scheduling: bool | None = None
     # Batch-invariant mode: a request's tokens and logprobs are the same bits whatever else
     # is in the step (docs/batch_invariance.md). None: FULLGRAPH_BATCH_INVARIANT, else off.

@@ -5,8 +5,8 @@ decode graph the first layer's qkv projection could start loading its weights on
 embedding had completed (the GPU idled ~1.2-1.4 µs between them at batch 1 on an H100,
 docs/benchmarks.md). This kernel is a PDL kernel like ours (layers/pdl.py): it waits for the
 input copy that wrote the token ids, then lets the projection launch. One program copies one
-token's row; the result is the same bits as `F.embedding`. In the model (decode_variants.py,
-H100) batch 1 0.750 / 0.748 -> 0.746 / 0.743 ms/step, batch 8 and 32 equal or faster.
+token's row; the result is the same bits as `F.embedding` (its effect on a decode step:
+docs/benchmarks.md, "Tuning figures from code comments").
 """
 from __future__ import annotations
 

@@ -144,25 +144,23 @@ def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, 
     autotuned: tuning every shape at start-up cost ~40 s of graph capture. One row: few
     outputs per program (many programs) and long K slices; with a prologue, which every
     program repeats over the whole row, a few more outputs per program. Up to 32 rows: with
-    PDL the kernel beats cuBLAS there (H100, probes/gemv.py: at 32 rows 5.1 vs 5.7 µs for
-    qkv, 7.1 vs 7.9 for down; batch-32 decode 2.018 -> 1.925 ms); without PDL it only
-    matched cuBLAS at 32-64 rows."""
+    PDL the kernel beats cuBLAS there (probes/gemv.py); without PDL it only matched cuBLAS
+    at 32-64 rows. The configurations' figures: docs/benchmarks.md, "Tuning figures from
+    code comments"."""
     if m_bucket == 1:
         if prologue == RMS_NORM:
             # qkv, gate_up. Where the row fits one slice (no next slice held in registers),
             # 2 warps: 168 registers a thread (ptxas, sm_90a), 6 programs an SM where 4
-            # warps fit 5. In the model (decode_variants.py, H100) batch 1 0.769 / 0.764 ->
-            # 0.752 / 0.748 ms/step; 2 warps with the next slice held: 0.791 / 0.796
+            # warps fit 5 (docs/benchmarks.md, "Tuning figures from code comments")
             return 8, 1024, (2 if k <= 1024 else 4)
         if prologue == SILU_MUL:
             # down: its whole weight strip in one slice where it fits, which the PDL prefetch
-            # loads before the wait; in the model (decode_variants.py, H100) batch 1
-            # 0.882 -> 0.844 ms/step against 2, 1024, 8
+            # loads before the wait
             return 8, min(4096, triton.next_power_of_2(k)), 8
         if n >= 32768:
             return 16, 512, 4
         if n <= 2048 and k >= 2048:
-            # o_proj likewise: batch 1 0.911 -> 0.880 ms/step against 1, 1024, 2
+            # o_proj likewise: long slices
             return 1, 2048, 8
         return (1, 1024, 2) if n <= 2048 else (2, 1024, 4)
     return (32 if n >= 32768 else 16), 256, 2

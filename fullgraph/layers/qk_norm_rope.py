@@ -118,9 +118,9 @@ if triton is not None:
 # program doing all of a token's ~24 heads serially (3 µs at batch 1 on an H100).
 FEW_TOKENS = 64
 # Between 2 and FEW_TOKENS tokens the kernel lets the next one launch before waiting itself
-# (EARLY_LAUNCH). H100, in the model (decode_variants.py), ms/step: batch 32 1.857-1.870 ->
-# 1.761-1.764; batch 1 0.770 -> 0.822-0.825, so not at one token; 128 tokens unclear (4.08
-# -> 4.09 / 4.13), so not above FEW_TOKENS. Batches of 2-16 use the fused decode kernel.
+# (EARLY_LAUNCH): faster at batch 32, slower at one token, no gain above FEW_TOKENS
+# (docs/benchmarks.md, "Tuning figures from code comments"). Batches of 2-16 use the fused
+# decode kernel.
 
 
 def triton_supported(qkv: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:

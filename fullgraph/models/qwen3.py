@@ -78,10 +78,8 @@ class Qwen3DecoderLayer(nn.Module):
     # projection -> (weight, share of its rows) it asks L2 for, for the kernels after it
     # (layers/l2_prefetch.py); "next." names the next layer's projections. The share is
     # counted from the last row: a GEMV's programs start in order, so its last rows are read
-    # last, and prefetching less queues less ahead of decode attention's own loads. gate_up
-    # at batch 1 on an H100 (docs/benchmarks.md, thirteenth session), ms/step, same machine:
-    # all 0.744 / 0.745, last 3/4 0.735 / 0.735, 2/3 0.730 / 0.735, 1/2 0.737 / 0.736,
-    # 1/3 0.740 / 0.739.
+    # last, and prefetching less queues less ahead of decode attention's own loads (the
+    # share's sweep: docs/benchmarks.md, thirteenth session).
     l2_prefetch_plan: dict[str, tuple[tuple[str, float], ...]] = {
         "o_proj": (("gate_up_proj", 2 / 3),)}
 

@@ -422,14 +422,10 @@ class ModelRunner:
     def _graph_copies_inputs(desc: BatchExecutionDescriptor) -> bool:
         """Whether a graph step's input copy runs inside its graph, or eagerly before the
         replay as for eager steps. Inside, the host launches nothing before the replay: a
-        launch behind a running step costs 14-40 µs of host time (H100,
-        benchmarks/probes/host_copy_launch.py), and batch-32 input preparation went 63 -> 42
-        µs. But replays run at another speed without an eager PDL kernel just before them,
-        faster or slower by request count (H100, decode ms/step, eager copy -> in the graph;
-        docs/benchmarks.md, eleventh session): 2 requests 1.105 -> 1.101, 8 1.329 -> 1.256,
-        32 1.846 -> 1.863, 64 2.615 -> 2.675, 128 4.043 -> 4.118; on another machine 1
-        request 0.785 -> 0.821. So: in the graph from 2 to 32 requests (batch 32's input
-        preparation is a target)."""
+        launch behind a running step costs tens of µs of host time
+        (benchmarks/probes/host_copy_launch.py). But replays run at another speed without an
+        eager PDL kernel just before them, faster or slower by request count (docs/benchmarks.md,
+        eleventh session): in the graph from 2 to 32 requests, eager for 1 and above 32."""
         return desc.mode == CUDAGraphMode.FULL and 1 < desc.num_reqs <= 32
 
     def _copy_inputs(self, desc: BatchExecutionDescriptor) -> None:
