@@ -1,0 +1,101 @@
+"""Where an eager decode step's host time goes (issue 27): `--enforce-eager`, one request
+decoding (batch 1 by default), the GPU idle most of the step, so a step's wall time is the
+host's. Per step, averaged over `--steps` steady decode steps:
+
+- wall: `engine.step()` (the engine waits for the step's samples, so this is the whole step);
+- forward: the model's forward (`ModelRunner._run_model`), host time to enqueue it;
+- triton: inside Triton's JIT launches (`JITFunction.run`), and how many;
+- the same forward with every Triton launch skipped (`run` returns at once): what is left is
+  Python, torch's own ops and allocations;
+- torch.profiler's CPU view of one step: the ops with the most self time.
+
+    python benchmarks/probes/eager_host.py [--model qwen3-0.6b-random] [--batch-size 1]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+from triton.runtime.jit import JITFunction
+
+from fullgraph import LLM, SamplingParams
+from profile_step import random_prompts, start_decoding   # this folder, sys.path[0] when run
+
+
+@contextmanager
+def timed_method(owner, name: str, totals: dict, skip: bool = False):
+    """Wrap `owner.name` so its calls' host time and count add up in `totals[name]`
+    (`skip`: the call does nothing and returns None)."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        out = None if skip else original(*args, **kwargs)
+        totals[name][0] += time.perf_counter() - t
+        totals[name][1] += 1
+        return out
+    totals.setdefault(name, [0.0, 0])
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-0.6b-random")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--top", type=int, default=20)
+    a = ap.parse_args()
+    llm = LLM(a.model, enforce_eager=True, async_scheduling=False)
+    engine, runner = llm.engine, llm.engine.runner
+    params = SamplingParams(temperature=0.0, max_tokens=10 * a.steps + 50, ignore_eos=True)
+    start_decoding(engine, random_prompts(np.random.default_rng(0), a.batch_size,
+                                          a.input_len), params, "e")
+    n = a.steps
+
+    def steps() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            engine.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n * 1e3
+
+    wall = steps()
+    totals: dict = {}
+    with timed_method(runner, "_run_model", totals), timed_method(JITFunction, "run", totals):
+        timed_wall = steps()
+    forward_ms = totals["_run_model"][0] / n * 1e3
+    triton_ms, launches = totals["run"][0] / n * 1e3, totals["run"][1] / n
+    skipped: dict = {}
+    with timed_method(runner, "_run_model", skipped), \
+            timed_method(JITFunction, "run", skipped, skip=True):
+        for _ in range(3):   # no Triton kernel runs: garbage outputs (overwritten next step)
+            runner._forward_eager(runner._last_step)
+    torch.cuda.synchronize()
+    bare_ms = skipped["_run_model"][0] / 3 * 1e3
+    print(f"{torch.cuda.get_device_name()}, {a.model}, batch {a.batch_size}, eager")
+    print(f"wall {wall:.3f} ms/step ({timed_wall:.3f} with the timers)")
+    print(f"forward {forward_ms:.3f} ms/step: {launches:.0f} Triton launches, "
+          f"{triton_ms:.3f} ms inside them ({triton_ms / max(launches, 1) * 1e3:.1f} us each)")
+    print(f"forward with the Triton launches skipped: {bare_ms:.3f} ms "
+          "(Python, torch ops and allocations)")
+    print(f"outside the forward: {timed_wall - forward_ms:.3f} ms/step (scheduler, inputs, "
+          "sampler, the wait for the samples)")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top,
+                                    max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
