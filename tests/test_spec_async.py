@@ -24,8 +24,10 @@ from test_batch_invariant import one_thread  # noqa: F401  (autouse: one CPU thr
 
 VOCAB = 700
 GRAPHS = dict(cudagraph_runtime="fake", cudagraph_capture_sizes=[4, 8])
+# max_model_len bounds the KV extent a recorded (fake) graph step of the mode's CPU attention
+# walks: the prompts (< 90 tokens) and outputs fit well inside
 KW = dict(max_num_batched_tokens=256, max_num_seqs=8, block_size=16, batch_invariant=True,
-          **GRAPHS)
+          max_model_len=256, **GRAPHS)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_async_hybrid_target_keeps_the_accepted_rows_state(hybrid):
     target, drafter = hybrid
     batch = prompts(4, 6)
     params = mixed_params(6, lambda i: 12 + 3 * i)
-    kw = dict(KW, max_model_len=256, num_gpu_blocks_override=64)
+    kw = dict(KW, num_gpu_blocks_override=64)
     sync, got, llm = sync_and_async(target, drafter, 3, batch, params, **kw)
     assert got == sync
     assert 0 < got[1][1] < got[1][0]
@@ -146,8 +148,7 @@ def test_no_leaks_after_many_requests_with_aborts(dense_pair):
     """1,000 requests, a random live one aborted every fifth, some finishing while their
     next step is in flight: the pool and the slots end full."""
     target, drafter = dense_pair
-    llm = LLM(target, speculative_config=spec(drafter, 3), async_scheduling=True,
-              max_model_len=256, **dict(KW, max_num_seqs=8))
+    llm = LLM(target, speculative_config=spec(drafter, 3), async_scheduling=True, **KW)
     engine, rng = llm.engine, random.Random(0)
     churn_with_aborts(engine,
                       lambda: [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 12))],
