@@ -14,7 +14,8 @@
 # (the qwen3-4b-random pair, asynchronous only), invariant-attention (the mode's attention
 # kernel at decode by KV tile, one program or splits spread; invariant_attention.py),
 # eager-gpu (an eager step's kernels and the GPU's idle gaps, profile_step.py), eager-host
-# (where an eager step's host time goes: eager_host.py), spec-32k
+# (where an eager step's host time goes: eager_host.py), prefill-profile (an 8,192-token
+# prefill step kernel by kernel: prefill_profile.py), spec-32k
 # (the 0.6B pair with a 32,000-token draft vocabulary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -103,6 +104,8 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 8 32 --lengths 576 4096 --tiles 32 64) ;;
+    prefill-profile)
+        (cd benchmarks/probes && run prefill-profile python3 prefill_profile.py) ;;
     eager-host)
         (cd benchmarks/probes && run eager-host python3 eager_host.py --steps 30) ;;
     eager-gpu)

@@ -1,0 +1,78 @@
+"""Kernel-level profile of one full-budget prefill step (issue 27: prefill at the compute
+roofline): `--requests` prompts of `--input-len` tokens admitted at once, so the first step
+runs `max_num_batched_tokens` of them (8,192 by default: 16 x 512). The step runs once to warm
+up (compiles, a lazily captured graph), then once under torch.profiler. Prints the step's
+wall time, the kernels grouped by name (count, µs, share), and the bf16 TFLOP/s the step's
+projections imply (2 x parameters x tokens, attention excluded).
+
+    python benchmarks/probes/prefill_profile.py [--model qwen3-0.6b-random] [--input-len 512]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fullgraph import LLM, SamplingParams
+from profile_step import random_prompts   # this folder, sys.path[0] when run
+
+
+def prefill_step(engine, prompts: list[list[int]], tag: str) -> float:
+    """Admit every prompt, run the first step (the budget's worth of prompt tokens), abort
+    the requests; returns the step's wall ms (the engine waits for its samples)."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    engine.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) * 1e3
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen3-0.6b-random")
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--top", type=int, default=20)
+    a = ap.parse_args()
+    llm = LLM(a.model, max_num_batched_tokens=a.max_num_batched_tokens)
+    engine = llm.engine
+    rng = np.random.default_rng(0)
+    tokens = min(a.requests * a.input_len, a.max_num_batched_tokens)
+    for i in range(2):
+        ms = prefill_step(engine, random_prompts(rng, a.requests, a.input_len), f"w{i}")
+        print(f"warm-up step {i}: {ms:.2f} ms")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = prefill_step(engine, random_prompts(rng, a.requests, a.input_len), "p")
+    groups = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            g = groups[e.name[:90]]
+            g[0] += 1
+            g[1] += e.device_time_total
+    total = sum(g[1] for g in groups.values())
+    params = sum(p.numel() for n, p in engine.runner.model.named_parameters()
+                 if "embed" not in n)
+    print(f"\n{torch.cuda.get_device_name()}, {a.model}: a {tokens}-token prefill step, "
+          f"{wall:.2f} ms wall, {total / 1e3:.2f} ms of kernels "
+          f"({sum(g[0] for g in groups.values())}); projections {2 * params * tokens / 1e12:.1f} "
+          f"TFLOP -> {2 * params * tokens / wall / 1e9:.0f} TFLOP/s over the wall time")
+    for name, (n, us) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:a.top]:
+        print(f"{n:5d} {us:9.1f} us {100 * us / total:5.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    main()
