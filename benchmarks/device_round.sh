@@ -15,7 +15,8 @@
 # kernel at decode by KV tile, one program or splits spread; invariant_attention.py),
 # eager-gpu (an eager step's kernels and the GPU's idle gaps, profile_step.py), eager-host
 # (where an eager step's host time goes: eager_host.py), prefill-profile (an 8,192-token
-# prefill step kernel by kernel: prefill_profile.py), spec-32k
+# prefill step kernel by kernel: prefill_profile.py), spec-profile (the 0.6B pair's
+# speculative step kernel by kernel), spec-32k
 # (the 0.6B pair with a 32,000-token draft vocabulary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -104,6 +105,13 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 8 32 --lengths 576 4096 --tiles 32 64) ;;
+    spec-profile)   # the 0.6B pair's steps kernel by kernel (a verify step, its drafts)
+        run spec-profile-pair python3 tests/spec_pairs.py --source qwen3-0.6b-random \
+            --disagree 0.3 --out /tmp/spec-profile
+        (cd benchmarks/probes && run spec-profile python3 profile_step.py \
+            --model /tmp/spec-profile/target --batch-sizes 1 --capture-sizes 1 4 --top 40 \
+            --speculative-config '{"method": "eagle3", "model": "/tmp/spec-profile/drafter",
+                                   "num_speculative_tokens": 3}') ;;
     prefill-profile)
         (cd benchmarks/probes && run prefill-profile python3 prefill_profile.py) ;;
     eager-host)

@@ -17,6 +17,7 @@ applies decode_variants.py's edits first; `--external` leaves the profiling to n
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -136,6 +137,8 @@ def main() -> None:
     p.add_argument("--num-gpu-blocks", type=int,
                    help="KV blocks (small under ncu: it saves and restores device memory)")
     p.add_argument("--batch-invariant", action="store_true", help="the batch-invariant mode")
+    p.add_argument("--speculative-config", type=json.loads, default=None,
+                   help="speculative decoding, as the CLI spells it (JSON)")
     p.add_argument("--external", action="store_true",
                    help="only run the steps, for a profiler outside (ncu, nsys)")
     a = p.parse_args()
@@ -146,7 +149,7 @@ def main() -> None:
     if a.num_gpu_blocks:
         sizes["num_gpu_blocks_override"] = a.num_gpu_blocks
     llm = LLM(a.model, cudagraph_mode=a.cudagraph_mode, batch_invariant=a.batch_invariant,
-              **sizes)
+              speculative_config=a.speculative_config, **sizes)
     engine = llm.engine
     for b in decoding_batches(engine, a.batch_sizes, a.input_len, 64, "p"):
         torch.cuda.synchronize()
