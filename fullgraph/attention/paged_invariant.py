@@ -111,6 +111,15 @@ if triton is not None:
                 tl.fma(total_acc, w_a[:, None], acc * w_b[:, None]))
 
     @triton.jit
+    def _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc, live):
+        """Store the normalized result of a folded state (rows that saw nothing: zeros).
+        The output's addresses are made here, after the KV walk: live across it they would
+        hold registers the walk needs."""
+        o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+
+    @triton.jit
     def _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh, stride_vs,
               stride_vh, scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr,
               PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
@@ -168,14 +177,12 @@ if triton is not None:
             seq_len = tl.load(seq_lens_ptr + r)
             last = tl.max(pos, 0)                       # the tile's furthest position
             bt_row = block_table_ptr + r.to(tl.int64) * stride_bt
-            out = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
             if PROGRAMS == 1:
                 total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr, h,
                                            stride_ks, stride_kh, stride_vs, stride_vh,
                                            scale_log2e, d, n, BLOCK_M, D, PAGE, TILE, SPLIT,
                                            PRECISION)
-                o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
-                tl.store(out, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc, live)
             else:
                 p = tl.program_id(2)
                 num_splits = last // SPLIT + 1
@@ -185,8 +192,8 @@ if triton is not None:
                                                    h, stride_ks, stride_kh, stride_vs,
                                                    stride_vh, scale_log2e, d, n, BLOCK_M, D,
                                                    PAGE, TILE, SPLIT, PRECISION)
-                        o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
-                        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                        _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc,
+                                live)
                 else:
                     pair = i * tl.num_programs(0) + h
                     base = (pair * PART_SPLITS).to(tl.int64) * BLOCK_M
@@ -217,8 +224,8 @@ if triton is not None:
                                           mask=live[:, None], other=0.0, cache_modifier=".cg")
                             total_m, total_l, total_acc = _fold(total_m, total_l, total_acc,
                                                                 m_i, l_i, acc)
-                        o = total_acc / tl.where(total_l == 0.0, 1.0, total_l)[:, None]
-                        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=live[:, None])
+                        _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc,
+                                live)
                         tl.store(counter_ptr + pair, 0)   # the next launch starts from zero
 
 

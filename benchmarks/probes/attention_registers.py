@@ -1,0 +1,66 @@
+"""Compile-only, no GPU needed: attention/paged_invariant.py's kernel compiled for sm_90 by
+this machine's Triton, and the registers and stack (spill) bytes a thread uses, read with the
+`cuobjdump` Triton bundles. The mode's tiles (16 query rows) by KV tile, warps and program
+spreading, and the triton backend's prefill tiles (64 rows, one pass). Spills on the GPU
+cost local-memory traffic in the KV walk; read these before timing a tile on the device.
+(This machine's Triton may differ from the GPU machine's: compare rows of one run.)
+
+    python benchmarks/probes/attention_registers.py
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fullgraph.attention import paged_invariant  # noqa: E402
+
+POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
+            "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "positions_ptr": "*i64",
+            "tile_req_ptr": "*i32", "tile_first_ptr": "*i32", "tile_end_ptr": "*i32",
+            "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "counter_ptr": "*i32",
+            "scale_log2e": "fp32"}
+
+
+def usage(tile: int, split: int, programs: int, warps: int, qtok: int = 8, group: int = 2,
+          block_m: int = 16, head_dim: int = 128, stages: int = 2) -> str:
+    kernel = paged_invariant._invariant_attention_kernel
+    const = dict(GROUP=group, QTOK=qtok, BLOCK_M=block_m, D=head_dim, PAGE=16, TILE=tile,
+                 SPLIT=split, PROGRAMS=programs, PART_SPLITS=32, PRECISION="tf32")
+    signature = {name: "constexpr" if name in const else POINTERS.get(name, "i32")
+                 for name in kernel.arg_names}
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(n),): v for n, v in const.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                            "cuobjdump")
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True,
+                             text=True).stdout
+    fields = dict(w.split(":") for line in out.splitlines() if "REG:" in line
+                  for w in line.split() if ":" in w)
+    return f"{fields.get('REG', '?'):>4} registers, {fields.get('STACK', '?'):>5} stack bytes"
+
+
+def main() -> None:
+    print(f"Triton {triton.__version__}, sm_90, bf16, head dim 128, GQA group 2, 16-token pages")
+    for tile, warps, programs in itertools.product((32, 64), (4, 8), (1, 4)):
+        print(f"mode: 16 rows, {tile}-token KV tiles, 256-token splits, {warps} warps, "
+              f"{programs} program(s) a tile: {usage(tile, 256, programs, warps)}")
+    print(f"triton backend prefill: 64 rows, 64-token KV tiles, one pass, 8 warps: "
+          f"{usage(64, 0, 1, 8, qtok=32, block_m=64)}")
+
+
+if __name__ == "__main__":
+    main()
