@@ -5,19 +5,19 @@
 #   bash benchmarks/device_round.sh [SECONDS_PER_STEP] STEP...
 # Steps: backends (TTFT at 4,096 tokens and latency at 1 / 32 / 128 x 512, flex vs triton),
 # throughput (bench throughput, flex vs triton), sampler (sampler_bench at 1 and 256 rows),
-# invariant (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
-# spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-hybrid (the
-# Qwen3.5-0.8B pair), spec-8b (the qwen3-8b-random pair), gdn-probe (gdn_aligned.py),
-# eager (eager decode ms/step at 1 and 32), eager-profile (cProfile of an eager batch-1 run,
-# the top functions printed, eager.prof kept), sampler-sweep (the draw's block and programs
-# at 256 rows), hybrid-profile (profile_step.py on qwen3.5-0.8b-random at batch 1), spec-4b
-# (the qwen3-4b-random pair, asynchronous only), invariant-attention (the mode's attention
-# kernel at decode by KV tile, one program or splits spread; invariant_attention.py),
-# eager-gpu (an eager step's kernels and the GPU's idle gaps, profile_step.py), eager-host
-# (where an eager step's host time goes: eager_host.py), prefill-profile (an 8,192-token
-# prefill step kernel by kernel: prefill_profile.py), spec-profile (the 0.6B pair's
-# speculative step kernel by kernel), spec-32k
-# (the 0.6B pair with a 32,000-token draft vocabulary).
+# sampler-sweep (the draw's block and programs at 256 rows), invariant
+# (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
+# invariant-matmul (few-row tiles of the mode's matmul by time: invariant_matmul.py
+# --sweep-rows), invariant-attention (the mode's attention at decode by KV tile and warps,
+# one program or splits spread: invariant_attention.py), spec (the 0.6B EAGLE-3 pair,
+# synchronous vs --async-scheduling), spec-32k (that pair with a 32,000-token draft
+# vocabulary), spec-profile (its speculative step kernel by kernel), spec-hybrid (the
+# Qwen3.5-0.8B pair), spec-4b (the qwen3-4b-random pair, asynchronous only), spec-8b (the
+# qwen3-8b-random pair), gdn-probe (gdn_aligned.py), hybrid-profile (profile_step.py on
+# qwen3.5-0.8b-random at batch 1), eager (eager decode ms/step at 1 and 32), eager-profile
+# (cProfile of an eager batch-1 run, eager.prof kept), eager-host (where an eager step's host
+# time goes: eager_host.py), eager-gpu (an eager step's kernels and the GPU's idle gaps),
+# prefill-profile (an 8,192-token prefill step kernel by kernel: prefill_profile.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -31,8 +31,8 @@ run() {   # run NAME COMMAND...: the command under the step limit, its figures' 
     shift
     timeout "$limit" "$@" >>"$out/$name.log" 2>&1
     echo "=== $name: rc=$? $((SECONDS - start))s"
-    grep -E "^\[|tok/s|ms per|^[a-z_]+ +[0-9.n]|equal|differ|^\{|^=== |^idle|^ *[0-9]+ +[0-9.]+ us" \
-        "$out/$name.log" | tail -40
+    local figures="^\[|tok/s|ms per|^[a-z_]+ +[0-9.n]|equal|differ|fastest|^\{|^=== |^idle"
+    grep -E "$figures|^ *[0-9]+ +[0-9.]+ us" "$out/$name.log" | tail -40
 }
 
 latency() {   # latency NAME ARGS...: `bench latency --modes graph` as step NAME
@@ -45,7 +45,8 @@ spec_pair() {   # spec_pair NAME SPEC_PAIRS_ARGS...: the pair's latency, sync th
     local name=$1 dir=/tmp/$1
     shift
     run "$name-pair" python3 tests/spec_pairs.py "$@" --out "$dir"
-    local spec="{\"method\": \"eagle3\", \"model\": \"$dir/drafter\", \"num_speculative_tokens\": 3}"
+    local spec="{\"method\": \"eagle3\", \"model\": \"$dir/drafter\",
+                 \"num_speculative_tokens\": 3}"
     for mode in no-async-scheduling async-scheduling; do
         latency "$name-$mode" --model "$dir/target" --speculative-config "$spec" \
             --batch-sizes 1 8 32 --input-len 512 --output-len 128 --"$mode"
@@ -102,6 +103,8 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
         (cd benchmarks/probes && run hybrid-profile python3 profile_step.py \
             --model qwen3.5-0.8b-random --batch-sizes 1 --capture-sizes 1 --top 30) ;;
     gdn-probe) run gdn-probe python3 benchmarks/probes/gdn_aligned.py ;;
+    invariant-matmul)
+        run invariant-matmul python3 benchmarks/probes/invariant_matmul.py --sweep-rows 1 16 ;;
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 8 32 --lengths 576 4096 --tiles 32 64 --warps 4 8) ;;

@@ -8,10 +8,15 @@
    1-8192 rows, graph-replayed over weight copies (>= 200 MB, so HBM is timed, not L2).
 
     python benchmarks/probes/invariant_matmul.py --rows 1 8 32 128 512 2048 8192
+
+3. `--sweep-rows 1 16`: instead, per projection and row count, the fastest few of a grid of
+   few-row tiles (BLOCK_N, BLOCK_K, warps, stages at `tiles(m)`'s BLOCK_M) against
+   `tiles(m)`'s own, each checked to give the reference tile's bits.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -37,7 +42,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep-rows", type=int, nargs="*", default=[])
     args = ap.parse_args()
+    if args.sweep_rows:
+        sweep(args.sweep_rows)
+        return
     torch.manual_seed(0)
     report: dict = {"bits": {}, "us": {}}
     for name, (n, k) in SHAPES.items():
@@ -64,6 +73,36 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def sweep(rows: list[int], top: int = 3) -> None:
+    """Few-row tiles by time, per projection and row count (bits checked against 64^3)."""
+    torch.manual_seed(0)
+    grid = list(itertools.product((16, 32), (256, 512, 1024), (2, 4, 8), (2, 3)))
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 32
+        copies = max(2, (200 << 20) // (2 * n * k))
+        ws = [w.clone() for _ in range(copies)]
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = invariant_mm(x, w, tile_shape=(64, 64, 64, 4, 3))
+            block_m = tiles(m)[0]
+            times, differ = {}, []
+            for bn, bk, warps, stages in grid:
+                shape = (block_m, bn, bk, warps, stages)
+                try:
+                    if not torch.equal(invariant_mm(x, w, tile_shape=shape), ref):
+                        differ.append(shape)
+                    times[shape] = timed(lambda ww, sh=shape: invariant_mm(x, ww, tile_shape=sh),
+                                         ws)
+                except Exception:   # out of shared memory or registers: not a candidate
+                    continue
+            now = timed(lambda ww: invariant_mm(x, ww), ws)
+            best = sorted(times.items(), key=lambda kv: kv[1])[:top]
+            print(f"{name:8s} m={m:3d} tiles(m) {tiles(m)} {now:7.1f} µs; fastest: "
+                  + ", ".join(f"{sh} {us:.1f}" for sh, us in best)
+                  + (f"; bits differ at {differ}" if differ else "; bits equal"), flush=True)
+        del ws
 
 
 if __name__ == "__main__":
