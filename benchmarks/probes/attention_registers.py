@@ -3,7 +3,8 @@ this machine's Triton, and the registers and stack (spill) bytes a thread uses, 
 `cuobjdump` Triton bundles. The mode's tiles (16 query rows) by KV tile, warps and program
 spreading, and the triton backend's prefill tiles (64 rows, one pass). Spills on the GPU
 cost local-memory traffic in the KV walk; read these before timing a tile on the device.
-(This machine's Triton may differ from the GPU machine's: compare rows of one run.)
+For the GPU machine's Triton, run it from a venv holding that version's wheel
+(`pip download --no-deps --only-binary=:all: triton==X`) and torch's CPU build.
 
     python benchmarks/probes/attention_registers.py
 """
