@@ -1,7 +1,8 @@
 """Compile-only, no GPU needed: attention/paged_invariant.py's kernel compiled for sm_90 by
 this machine's Triton, and the registers and stack (spill) bytes a thread uses, read with the
 `cuobjdump` Triton bundles. The mode's tiles (16 query rows) by KV tile, warps and program
-spreading, and the triton backend's prefill tiles (64 rows, one pass). Spills on the GPU
+spreading, with or without K/V loaded a tile ahead (`kv_ahead`), and the triton backend's
+prefill tiles (64 rows, one pass). Spills on the GPU
 cost local-memory traffic in the KV walk; read these before timing a tile on the device.
 For the GPU machine's Triton, run it from a venv holding that version's wheel
 (`pip download --no-deps --only-binary=:all: triton==X`) and torch's CPU build.
@@ -31,11 +32,12 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*b
             "scale_log2e": "fp32"}
 
 
-def usage(tile: int, split: int, programs: int, warps: int, qtok: int = 8, group: int = 2,
-          block_m: int = 16, head_dim: int = 128, stages: int = 2) -> str:
+def usage(tile: int, split: int, programs: int, warps: int, ahead: bool = False, qtok: int = 8,
+          group: int = 2, block_m: int = 16, head_dim: int = 128, stages: int = 2) -> str:
     kernel = paged_invariant._invariant_attention_kernel
     const = dict(GROUP=group, QTOK=qtok, BLOCK_M=block_m, D=head_dim, PAGE=16, TILE=tile,
-                 SPLIT=split, PROGRAMS=programs, PART_SPLITS=32, PRECISION="tf32")
+                 SPLIT=split, PROGRAMS=programs, PART_SPLITS=32, PRECISION="tf32",
+                 KV_AHEAD=ahead)
     signature = {name: "constexpr" if name in const else POINTERS.get(name, "i32")
                  for name in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=signature,
@@ -56,11 +58,15 @@ def usage(tile: int, split: int, programs: int, warps: int, qtok: int = 8, group
 
 def main() -> None:
     print(f"Triton {triton.__version__}, sm_90, bf16, head dim 128, GQA group 2, 16-token pages")
-    for tile, warps, programs in itertools.product((32, 64), (4, 8), (1, 4)):
+    for tile, warps, programs, ahead in itertools.product((32, 64), (4, 8), (1, 4),
+                                                          (False, True)):
         print(f"mode: 16 rows, {tile}-token KV tiles, 256-token splits, {warps} warps, "
-              f"{programs} program(s) a tile: {usage(tile, 256, programs, warps)}")
-    print(f"triton backend prefill: 64 rows, 64-token KV tiles, one pass, 8 warps: "
-          f"{usage(64, 0, 1, 8, qtok=32, block_m=64)}")
+              f"{programs} program(s) a tile{', K/V ahead' if ahead else ''}: "
+              f"{usage(tile, 256, programs, warps, ahead)}")
+    for ahead in (False, True):
+        print(f"triton backend prefill: 64 rows, 64-token KV tiles, one pass, 8 warps"
+              f"{', K/V ahead' if ahead else ''}: "
+              f"{usage(64, 0, 1, 8, ahead, qtok=32, block_m=64)}")
 
 
 if __name__ == "__main__":

@@ -56,21 +56,23 @@ if triton is not None:
         return tl.load(bt_row + kv_pos // PAGE, mask=kv_pos < seq_len, other=0)
 
     @triton.jit
-    def _kv_tile(q, pos, j0, page, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
-                 stride_vs, stride_vh, scale_log2e, m_i, l_i, acc, d, n,
-                 PAGE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr):
-        """One online-softmax step over the KV tile at logical positions j0 + n, whose
-        block-table entries `page` the previous step loaded; returns the next tile's."""
-        kv_pos = j0 + n
+    def _load_kv(k_head, v_head, stride_ks, stride_vs, page, kv_pos, seq_len, d,
+                 PAGE: tl.constexpr):
+        """A KV tile's K and V (zeros past the sequence), through its block-table entries."""
         inside = kv_pos < seq_len
         slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
-        k = tl.load(k_ptr + slot[:, None] * stride_ks + h * stride_kh + d[None, :],
-                    mask=inside[:, None], other=0.0)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + h * stride_vh + d[None, :],
-                    mask=inside[:, None], other=0.0)
-        page = _pages(bt_row, kv_pos + TILE, seq_len, PAGE)   # in flight meanwhile
+        k = tl.load(k_head + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None],
+                    other=0.0)
+        v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None],
+                    other=0.0)
+        return k, v
+
+    @triton.jit
+    def _softmax_step(q, pos, kv_pos, seq_len, k, v, scale_log2e, m_i, l_i, acc,
+                      PRECISION: tl.constexpr):
+        """One online-softmax step over the KV tile at logical positions `kv_pos`."""
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
-        seen = (kv_pos[None, :] <= pos[:, None]) & inside[None, :]
+        seen = (kv_pos[None, :] <= pos[:, None]) & (kv_pos < seq_len)[None, :]
         qk = tl.where(seen, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -79,24 +81,49 @@ if triton is not None:
         p = tl.exp2(qk - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i, acc, page
+        return m_new, l_i, acc
 
     @triton.jit
-    def _split(q, pos, s0, last, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
-               stride_vs, stride_vh, scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr,
-               PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-               PRECISION: tl.constexpr):
+    def _tiles(q, pos, j_start, j_end, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs,
+               scale_log2e, m_i, l_i, acc, d, n, PAGE: tl.constexpr, TILE: tl.constexpr,
+               PRECISION: tl.constexpr, KV_AHEAD: tl.constexpr):
+        """The online softmax over the KV tiles at j_start, j_start + TILE, ... below j_end,
+        continuing (m_i, l_i, acc). A tile's block-table entries load while the tile before
+        it computes; with KV_AHEAD its K and V too (two tiles' registers, the same
+        arithmetic)."""
+        page = _pages(bt_row, j_start + n, seq_len, PAGE)
+        if KV_AHEAD:
+            k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j_start + n, seq_len,
+                            d, PAGE)
+            page = _pages(bt_row, j_start + TILE + n, seq_len, PAGE)
+            for j0 in range(j_start, j_end, TILE):
+                k_next, v_next = _load_kv(k_head, v_head, stride_ks, stride_vs, page,
+                                          j0 + TILE + n, seq_len, d, PAGE)
+                page = _pages(bt_row, j0 + 2 * TILE + n, seq_len, PAGE)
+                m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e,
+                                              m_i, l_i, acc, PRECISION)
+                k, v = k_next, v_next
+        else:
+            for j0 in range(j_start, j_end, TILE):
+                k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j0 + n, seq_len,
+                                d, PAGE)
+                page = _pages(bt_row, j0 + TILE + n, seq_len, PAGE)
+                m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e,
+                                              m_i, l_i, acc, PRECISION)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _split(q, pos, s0, last, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs,
+               scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+               TILE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+               KV_AHEAD: tl.constexpr):
         """The online-softmax state of the split at `s0`, from an empty one."""
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        page = _pages(bt_row, s0 + n, seq_len, PAGE)
-        for j0 in range(s0, tl.minimum(s0 + SPLIT, last + 1), TILE):
-            m_i, l_i, acc, page = _kv_tile(q, pos, j0, page, seq_len, bt_row, k_ptr, v_ptr, h,
-                                           stride_ks, stride_kh, stride_vs, stride_vh,
-                                           scale_log2e, m_i, l_i, acc, d, n, PAGE, TILE,
-                                           PRECISION)
-        return m_i, l_i, acc
+        return _tiles(q, pos, s0, tl.minimum(s0 + SPLIT, last + 1), seq_len, bt_row, k_head,
+                      v_head, stride_ks, stride_vs, scale_log2e, m_i, l_i, acc, d, n, PAGE,
+                      TILE, PRECISION, KV_AHEAD)
 
     @triton.jit
     def _fold(total_m, total_l, total_acc, m_i, l_i, acc):
@@ -120,27 +147,24 @@ if triton is not None:
                  o.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
     @triton.jit
-    def _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh, stride_vs,
-              stride_vh, scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr,
-              PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-              PRECISION: tl.constexpr):
+    def _walk(q, pos, last, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs, scale_log2e,
+              d, n, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+              TILE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+              KV_AHEAD: tl.constexpr):
         """Every split up to `last` by this program, folded in order (SPLIT 0: one online
         softmax over the whole KV, no fold). Returns (sum, accumulator)."""
         total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total_l = tl.zeros([BLOCK_M], tl.float32)
         total_acc = tl.zeros([BLOCK_M, D], tl.float32)
         if SPLIT == 0:
-            page = _pages(bt_row, n, seq_len, PAGE)
-            for j0 in range(0, last + 1, TILE):
-                total_m, total_l, total_acc, page = _kv_tile(
-                    q, pos, j0, page, seq_len, bt_row, k_ptr, v_ptr, h, stride_ks, stride_kh,
-                    stride_vs, stride_vh, scale_log2e, total_m, total_l, total_acc, d, n,
-                    PAGE, TILE, PRECISION)
+            total_m, total_l, total_acc = _tiles(
+                q, pos, 0, last + 1, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs,
+                scale_log2e, total_m, total_l, total_acc, d, n, PAGE, TILE, PRECISION, KV_AHEAD)
         else:
             for s0 in range(0, last + 1, SPLIT):
-                m_i, l_i, acc = _split(q, pos, s0, last, seq_len, bt_row, k_ptr, v_ptr, h,
-                                       stride_ks, stride_kh, stride_vs, stride_vh, scale_log2e,
-                                       d, n, BLOCK_M, D, PAGE, TILE, SPLIT, PRECISION)
+                m_i, l_i, acc = _split(q, pos, s0, last, seq_len, bt_row, k_head, v_head,
+                                       stride_ks, stride_vs, scale_log2e, d, n, BLOCK_M, D,
+                                       PAGE, TILE, SPLIT, PRECISION, KV_AHEAD)
                 total_m, total_l, total_acc = _fold(total_m, total_l, total_acc, m_i, l_i, acc)
         return total_l, total_acc
 
@@ -152,7 +176,8 @@ if triton is not None:
             stride_bt, stride_ot, stride_oh,
             GROUP: tl.constexpr, QTOK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
             PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
-            PROGRAMS: tl.constexpr, PART_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+            PROGRAMS: tl.constexpr, PART_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+            KV_AHEAD: tl.constexpr):
         """Program (KV head, query tile, p). PROGRAMS 1: the program walks every split
         (`_walk`). PROGRAMS > 1: program p takes splits p, p + PROGRAMS, ..., stores each
         split's state, and the last of the tile's programs to arrive (an acquire/release
@@ -177,31 +202,31 @@ if triton is not None:
             seq_len = tl.load(seq_lens_ptr + r)
             last = tl.max(pos, 0)                       # the tile's furthest position
             bt_row = block_table_ptr + r.to(tl.int64) * stride_bt
+            k_head, v_head = k_ptr + h * stride_kh, v_ptr + h * stride_vh
             if PROGRAMS == 1:
-                total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr, h,
-                                           stride_ks, stride_kh, stride_vs, stride_vh,
-                                           scale_log2e, d, n, BLOCK_M, D, PAGE, TILE, SPLIT,
-                                           PRECISION)
+                total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_head, v_head,
+                                           stride_ks, stride_vs, scale_log2e, d, n, BLOCK_M, D,
+                                           PAGE, TILE, SPLIT, PRECISION, KV_AHEAD)
                 _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc, live)
             else:
                 p = tl.program_id(2)
                 num_splits = last // SPLIT + 1
                 if num_splits > PART_SPLITS:
                     if p == 0:
-                        total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_ptr, v_ptr,
-                                                   h, stride_ks, stride_kh, stride_vs,
-                                                   stride_vh, scale_log2e, d, n, BLOCK_M, D,
-                                                   PAGE, TILE, SPLIT, PRECISION)
+                        total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_head,
+                                                   v_head, stride_ks, stride_vs, scale_log2e,
+                                                   d, n, BLOCK_M, D, PAGE, TILE, SPLIT,
+                                                   PRECISION, KV_AHEAD)
                         _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc,
                                 live)
                 else:
                     pair = i * tl.num_programs(0) + h
                     base = (pair * PART_SPLITS).to(tl.int64) * BLOCK_M
                     for s in range(p, num_splits, PROGRAMS):
-                        m_i, l_i, acc = _split(q, pos, s * SPLIT, last, seq_len, bt_row, k_ptr,
-                                               v_ptr, h, stride_ks, stride_kh, stride_vs,
-                                               stride_vh, scale_log2e, d, n, BLOCK_M, D, PAGE,
-                                               TILE, SPLIT, PRECISION)
+                        m_i, l_i, acc = _split(q, pos, s * SPLIT, last, seq_len, bt_row, k_head,
+                                               v_head, stride_ks, stride_vs, scale_log2e, d, n,
+                                               BLOCK_M, D, PAGE, TILE, SPLIT, PRECISION,
+                                               KV_AHEAD)
                         part = base + s * BLOCK_M + m
                         tl.store(part_ml_ptr + 2 * part, m_i, mask=live)
                         tl.store(part_ml_ptr + 2 * part + 1, l_i, mask=live)
@@ -308,12 +333,13 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_table: torch.Tensor, seq_lens: torch.Tensor, positions: torch.Tensor,
                     tiles: tuple[torch.Tensor, ...], block_size: int, scale: float, qtok: int,
                     tile: int, split: int, num_warps: int = NUM_WARPS, num_stages: int = 2,
-                    programs: int = 1, workspace: SplitWorkspace | None = None
-                    ) -> torch.Tensor:
+                    programs: int = 1, workspace: SplitWorkspace | None = None,
+                    kv_ahead: bool = False) -> torch.Tensor:
     """The kernel at any tile shape: `qtok` query tokens a program (`tiles` listed at it),
     `tile` KV tokens an online-softmax step, splits of `split` tokens (a multiple of
     `tile`), or with `split` 0 one pass over the KV without a split fold; `programs` per
-    (tile, KV head) with splits and a workspace."""
+    (tile, KV head) with splits and a workspace; `kv_ahead`: load each KV tile's K and V
+    while the tile before it computes (the probes compare it; the same bits)."""
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -333,6 +359,6 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
             GROUP=group, QTOK=qtok, BLOCK_M=max(MIN_ROWS, pow2(qtok * group)), D=d,
             PAGE=block_size, TILE=tile, SPLIT=split, PROGRAMS=programs, PART_SPLITS=parts[3],
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_AHEAD=kv_ahead,
             num_warps=num_warps, num_stages=num_stages)
     return out
