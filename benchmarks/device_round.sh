@@ -13,7 +13,8 @@
 # synchronous vs --async-scheduling), spec-32k (that pair with a 32,000-token draft
 # vocabulary), spec-profile (its speculative step kernel by kernel), spec-hybrid (the
 # Qwen3.5-0.8B pair), spec-4b (the qwen3-4b-random pair, asynchronous only), spec-8b (the
-# qwen3-8b-random pair), gdn-probe (gdn_aligned.py), hybrid-profile (profile_step.py on
+# qwen3-8b-random pair), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
+# alone, the rule's at two state blocks: gdn_decode.py), hybrid-profile (profile_step.py on
 # qwen3.5-0.8b-random at batch 1), eager (eager decode ms/step at 1 and 32), eager-profile
 # (cProfile of an eager batch-1 run, eager.prof kept), eager-host (where an eager step's host
 # time goes: eager_host.py), eager-gpu (an eager step's kernels and the GPU's idle gaps),
@@ -103,6 +104,7 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
         (cd benchmarks/probes && run hybrid-profile python3 profile_step.py \
             --model qwen3.5-0.8b-random --batch-sizes 1 --capture-sizes 1 --top 30) ;;
     gdn-probe) run gdn-probe python3 benchmarks/probes/gdn_aligned.py ;;
+    gdn-decode) run gdn-decode python3 benchmarks/probes/gdn_decode.py ;;
     invariant-matmul)
         run invariant-matmul python3 benchmarks/probes/invariant_matmul.py --sweep-rows 1 16 ;;
     invariant-attention)

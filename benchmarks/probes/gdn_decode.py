@@ -1,6 +1,8 @@
 """A hybrid layer's decode kernels alone (layers/gdn/fused_decode.py, layers/gated_attention.py),
 at Qwen3.5-0.8B's shapes, per batch size and kernel setting: µs per call from CUDA-graph
-replays, against the bytes each call must move (state read + written, inputs, outputs).
+replays, against the bytes each call must move (state read + written, inputs, outputs). The
+rule's kernel also at other state blocks and warps (`--rule-tiles 32x4 64x8`: value
+columns a pass x warps; the first is today's).
 
     python benchmarks/probes/gdn_decode.py [--rows 1 8 32 128] [--iters 200]
 """
@@ -34,7 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--rule-tiles", nargs="+", default=["32x4", "64x8"])
     args = ap.parse_args()
+    rule_tiles = [tuple(map(int, t.split("x"))) for t in args.rule_tiles]
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     print(f"{torch.cuda.get_device_name()}  µs per call (graph replay); GB/s of the bytes moved")
     for r in args.rows:
@@ -51,9 +55,10 @@ def main() -> None:
         conv_out = fused_decode.conv_decode(qkv, weight, conv_pool, slots, init)
         t_conv = time_graph(lambda: fused_decode.conv_decode(qkv, weight, conv_pool, slots,
                                                              init), args.iters)
-        t_rule = time_graph(lambda: fused_decode.gated_delta_decode(
-            conv_out, z, b, a, a_log, dt_bias, norm_w, 1e-6, rec_pool, slots, init, H),
-            args.iters)
+        t_rules = [time_graph(lambda bv=bv, w=w: fused_decode.gated_delta_decode(
+            conv_out, z, b, a, a_log, dt_bias, norm_w, 1e-6, rec_pool, slots, init, H,
+            v_block=bv, num_warps=w), args.iters) for bv, w in rule_tiles]
+        t_rule = t_rules[0]
         state_bytes = 2 * r * HV * DK * DV * 4
         attn_qkv = torch.randn(r, (2 * HQ + 2 * HKV) * D, device=dev, dtype=bf16)
         cos = torch.randn(4096, ROT, device=dev)
@@ -66,9 +71,10 @@ def main() -> None:
             args.iters)
         o = torch.randn(r, HQ, D, device=dev, dtype=bf16)
         t_gate = time_graph(lambda: gated_attention.sigmoid_gate(o, attn_qkv, HQ), args.iters)
+        others = "  ".join(f"{bv}x{w} {t:7.2f}" for (bv, w), t in zip(rule_tiles[1:], t_rules[1:]))
         print(f"rows {r:4d}: conv {t_conv:7.2f}  rule+norm {t_rule:7.2f} "
-              f"({state_bytes / t_rule / 1e3:6.0f} GB/s of state)  attn prologue {t_qk:6.2f}  "
-              f"gate {t_gate:6.2f}")
+              f"({state_bytes / t_rule / 1e3:6.0f} GB/s of state; {others})  attn prologue "
+              f"{t_qk:6.2f}  gate {t_gate:6.2f}")
 
 
 if __name__ == "__main__":

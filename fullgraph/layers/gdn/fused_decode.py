@@ -178,12 +178,13 @@ def conv_decode(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Te
 def gated_delta_decode(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                        A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
                        eps: float, state_pool: torch.Tensor, state_slots: torch.Tensor,
-                       has_initial_state: torch.Tensor | None, num_k_heads: int
-                       ) -> torch.Tensor:
+                       has_initial_state: torch.Tensor | None, num_k_heads: int,
+                       v_block: int = V_BLOCK, num_warps: int = 4) -> torch.Tensor:
     """The rest of a GDN layer's decode before out_proj: qkv `[R, 2 * key_dim + value_dim]`
     (the conv's output), z `[R, value_dim]`, b, a `[R, num_v_heads]` (views of in_proj's
     output sharing one row stride). Returns rms_norm_gated(o, z) `[R, value_dim]`, o the
-    rule's output; updates `state_pool` `[slots, num_v_heads, head_k_dim, head_v_dim]`."""
+    rule's output; updates `state_pool` `[slots, num_v_heads, head_k_dim, head_v_dim]`.
+    `v_block`, `num_warps`: the state's columns a pass and the warps (the probes compare)."""
     r = qkv.shape[0]
     hv, dk, dv = state_pool.shape[1:]
     assert z.stride(0) == b.stride(0) == a.stride(0), "z, b, a: views of one projection"
@@ -194,6 +195,7 @@ def gated_delta_decode(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: t
         _gated_delta_decode_kernel[(r, hv)](
             qkv, qkv.stride(0), z, b, a, z.stride(0), A_log, dt_bias, norm_weight, state_pool,
             state_slots, init, out, out.stride(0), num_k_heads * dk, hv, hv // num_k_heads,
-            dk ** -0.5, eps, DK=dk, DV=dv, BV=min(V_BLOCK, dv),
-            HAS_INIT=has_initial_state is not None, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+            dk ** -0.5, eps, DK=dk, DV=dv, BV=min(v_block, dv),
+            HAS_INIT=has_initial_state is not None, USE_PDL=pdl, num_warps=num_warps,
+            launch_pdl=pdl)
     return out
