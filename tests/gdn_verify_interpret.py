@@ -66,7 +66,7 @@ def verify_case(rows: int, device: str = "cpu", dims: tuple[int, ...] = SMALL) -
     real = slice(0, (R - 1) * rows)
     written = groups[:R - 1, :rows].reshape(-1)
     kept = [s for s in range(1, num_slots) if s not in written.tolist()]
-    return _report(f"verify, {rows} rows", {
+    return _report(f"verify, {rows} rows, {dims[-1]}-column heads", {
         "conv output": torch.allclose(got_y[real], y[real], rtol=1e-5, atol=1e-5),
         "output": torch.allclose(got[real], want[real], rtol=1e-4, atol=1e-4),
         "conv states": torch.equal(conv_pool[written], want_pools[0][written]),
@@ -110,5 +110,6 @@ if __name__ == "__main__":
     # the default takes all 32 value columns at once here; 16 makes two passes, as a
     # 128-column head takes four on the GPU
     failures = (decode_case() + decode_case(v_block=16)
-                + [f for rows in (1, 3, 4) for f in verify_case(rows)])
+                + [f for rows in (1, 3, 4) for f in verify_case(rows)]
+                + verify_case(3, dims=SMALL[:3] + (64,)))    # 64-column heads: two passes
     print("FAILURES", len(failures))
