@@ -38,6 +38,7 @@ except ImportError:            # CPU-only installs: attention/invariant.py's ref
 
 MIN_ROWS = 16                  # tl.dot's smallest M
 NUM_WARPS = 4
+PART_TOKENS = 8192             # KV positions a tile's split states cover in the workspace
 
 
 def pow2(x: int) -> int:
@@ -293,9 +294,6 @@ class SplitWorkspace:
         return cls(max(2, num_sms // num_kv_heads), num_kv_heads,
                    -(-min(max_len, PART_TOKENS) // split),
                    max(MIN_ROWS, pow2(query_tokens(group) * group)), head_dim, device)
-
-
-PART_TOKENS = 8192             # KV positions a tile's split states cover in the workspace
 
 
 def split_programs(num_tiles: int, num_kv_heads: int, num_sms: int,
