@@ -23,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 from triton.runtime.jit import JITFunction
 
 from fullgraph import LLM, SamplingParams
-from profile_step import random_prompts, start_decoding   # this folder, sys.path[0] when run
+from graph_timing import step_ms   # this folder, sys.path[0] when run
+from profile_step import random_prompts, start_decoding
 
 
 @contextmanager
@@ -60,19 +61,10 @@ def main() -> None:
     start_decoding(engine, random_prompts(np.random.default_rng(0), a.batch_size,
                                           a.input_len), params, "e")
     n = a.steps
-
-    def steps() -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            engine.step()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n * 1e3
-
-    wall = steps()
+    wall = step_ms(engine, n)
     totals: dict = {}
     with timed_method(runner, "_run_model", totals), timed_method(JITFunction, "run", totals):
-        timed_wall = steps()
+        timed_wall = step_ms(engine, n)
     forward_ms = totals["_run_model"][0] / n * 1e3
     triton_ms, launches = totals["run"][0] / n * 1e3, totals["run"][1] / n
     skipped: dict = {}

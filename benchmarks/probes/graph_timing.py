@@ -1,6 +1,7 @@
 """Timing helpers of the probes. `replay_ms`: one call as the runner runs it, captured in a
 CUDA graph (after two warm-up calls on a side stream) and replayed; the mean of `iters`
-replays from CUDA events, in ms. `per_call_us`: the host time of one eager call, in µs."""
+replays from CUDA events, in ms. `per_call_us`: the host time of one eager call, in µs.
+`step_ms`: an engine's wall time a step over `steps` steps, in ms."""
 from __future__ import annotations
 
 import time
@@ -41,3 +42,13 @@ def replay_ms(fn, iters: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def step_ms(engine, steps: int) -> float:
+    """Wall ms a step of `engine.step()` over `steps` steps, the device idle at both ends."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps * 1e3

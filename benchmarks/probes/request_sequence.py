@@ -18,10 +18,10 @@ fallbacks so far.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from graph_timing import step_ms   # this folder, sys.path[0] when run
 
 from fullgraph import LLM, SamplingParams
 from fullgraph.config import CUDAGraphMode
@@ -88,12 +88,7 @@ def main() -> None:
     vocab = min(50000, engine.runner.model.config.vocab_size)
 
     def ms_per_step(n: int = 40) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            engine.step()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / n * 1e3
+        return step_ms(engine, n)
 
     for item in a.sequence:
         prompt_len, _, then = item.partition(":")
