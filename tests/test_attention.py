@@ -175,6 +175,32 @@ def test_decode_splits_keep_about_two_programs_per_sm():
         assert s == 1 or r * 8 * s <= 2 * 132
 
 
+def test_invariant_attention_spreads_splits_only_for_few_tiles():
+    """The mode's kernel spreads a tile's splits over programs (a power of two, about two
+    programs an SM, at most the workspace's splits rounded up) only for launches of few
+    (tile, KV head) pairs, and never without a workspace; the workspace holds a decode
+    step's two tiles at least and splits covering PART_TOKENS positions."""
+    from fullgraph.attention.paged_invariant import (PART_TOKENS, SplitWorkspace, pow2,
+                                                     split_programs, tiled_attention)
+    ws = SplitWorkspace.for_spec(16, 8, 128, 40960, 256, 132, torch.device("cpu"))
+    assert (ws.max_tiles, ws.part_splits) == (16, PART_TOKENS // 256)
+    assert ws.counters.shape == (16 * 8,) and not ws.counters.any()
+    assert SplitWorkspace.for_spec(32, 32, 64, 1024, 256, 132, torch.device("cpu")).max_tiles == 4
+    assert [split_programs(t, 8, 132, ws) for t in (2, 3, 5, 9, 16, 17)] == [16, 8, 4, 2, 2, 1]
+    assert split_programs(2, 8, 132, None) == 1
+    small = SplitWorkspace(4, 8, 3, 16, 128, torch.device("cpu"))
+    assert split_programs(2, 8, 132, small) == pow2(3)     # idle programs past the splits
+    for t in range(1, 40):
+        p = split_programs(t, 8, 132, ws)
+        assert p & (p - 1) == 0 and (p == 1 or (t <= ws.max_tiles and t * 8 * p <= 2 * 132))
+    q, kv = torch.zeros(1, 16, 128), torch.zeros(16, 8, 128)
+    tiles = (torch.zeros(2, dtype=torch.int32),) * 3
+    with pytest.raises(ValueError, match="workspace"):
+        tiled_attention(q, kv, kv, torch.zeros(2, 1, dtype=torch.int32),
+                        torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.long),
+                        tiles, 16, 1.0, 8, 32, 256, programs=4, workspace=None)
+
+
 def test_qk_prologue_fuses_into_split_decode_of_several_requests():
     """The measured rule (flex.fuse_qk_norm_rope) on an H100's split counts."""
     from fullgraph.attention.flex import fuse_qk_norm_rope
