@@ -82,6 +82,26 @@ def _attend_tiles(q, k, v, table, lengths, queries, block_size, policy, prefill_
                                q.shape[-1] ** -0.5, policy)
 
 
+def _padding_case(q, k, v, table, lengths, outs, block_size, policy, prefill_tiles
+                  ) -> list[str]:
+    """The step padded with 19 tokens past its last request (a graph's padded shape): the
+    requests' rows as before and the padding rows zeros, though the output starts as NaN
+    (the kernel writes every row)."""
+    pad = torch.full((19,) + q[0].shape[1:], 7.0, dtype=q[0].dtype, device=q[0].device)
+    empty_like = torch.empty_like
+    torch.empty_like = lambda t, **kw: empty_like(t, **kw).fill_(float("nan"))
+    try:
+        got = _attend_tiles(torch.cat(q + [pad]), k, v, table, lengths, lengths, block_size,
+                            policy, prefill_tiles)
+    finally:
+        torch.empty_like = empty_like
+    n = sum(lengths)
+    if not torch.equal(got[:n], torch.cat(outs)) or not torch.equal(got[n:],
+                                                                     torch.zeros_like(pad)):
+        return ["attention: a step padded past its last request"]
+    return []
+
+
 def _spread_case(q, k, v, table, lengths, outs, block_size, policy) -> list[str]:
     """Decode rows of requests 0 and 2 with each tile's splits spread over 2, 3, 4 and 8
     programs (more than the splits: idle ones), and over 2 with a workspace one split too
@@ -150,6 +170,7 @@ def attention_case(device: str, dtype: torch.dtype, lengths=(700, 37, 300), hq: 
     if not torch.equal(_attend(q[0][-chunk:], k, v, table[:1], [n0], [chunk], block_size),
                        outs[0][-chunk:]):
         failed.append("attention: chunk rows")
+    failed += _padding_case(q, k, v, table, lengths, outs, block_size, policy, prefill_tiles)
     if not prefill_tiles:
         failed += _spread_case(q, k, v, table, lengths, outs, block_size, policy)
     elif not torch.equal(_attend_tiles(torch.cat(q), k, v, table, lengths, lengths, block_size,

@@ -187,15 +187,20 @@ if triton is not None:
         h = tl.program_id(0)
         i = tl.num_programs(1) - 1 - tl.program_id(1)   # a request's last, longest tiles first
         r = tl.load(tile_req_ptr + i)
-        if r >= 0:
-            first = tl.load(tile_first_ptr + i)
-            end = tl.load(tile_end_ptr + i)
-            m = tl.arange(0, BLOCK_M)
-            tok = first + m // GROUP
-            head = h * GROUP + m % GROUP
-            live = (m < QTOK * GROUP) & (tok < end)
-            tok = tok.to(tl.int64)
-            d = tl.arange(0, D)
+        first = tl.load(tile_first_ptr + i)
+        end = tl.load(tile_end_ptr + i)
+        m = tl.arange(0, BLOCK_M)
+        tok = first + m // GROUP
+        head = h * GROUP + m % GROUP
+        live = (m < QTOK * GROUP) & (tok < end)
+        tok = tok.to(tl.int64)
+        d = tl.arange(0, D)
+        if r < 0:                      # padding tokens past the last request: zeros
+            if tl.program_id(2) == 0:
+                tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
+                         + d[None, :], tl.zeros([BLOCK_M, D], out_ptr.dtype.element_ty),
+                         mask=live[:, None])
+        else:
             n = tl.arange(0, TILE)
             q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
                         + d[None, :], mask=live[:, None], other=0.0)
@@ -257,9 +262,11 @@ if triton is not None:
 
 def tile_map(query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, qtok: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(request, first token, end token) of each query tile, [num_tiles] int32 each, with
-    request -1 for unused tiles. Device ops only; the tile count, cdiv(num_tokens, qtok) +
-    num_reqs, bounds any split of the step's tokens into per-request tiles."""
+    """(request, first token, end token) of each query tile, [num_tiles] int32 each. Device
+    ops only; the tile count, cdiv(num_tokens, qtok) + num_reqs, bounds any split of the
+    step's tokens into per-request tiles. The tiles left over have request -1 and cover the
+    padding tokens past the last request, `qtok` a tile up to `num_tokens` (the kernel
+    writes their rows zeros): the bound leaves at least cdiv(padding, qtok) of them."""
     qsl = query_start_loc[:num_reqs + 1].long()
     tiles = (qsl[1:] - qsl[:-1] + qtok - 1) // qtok
     cum = torch.cumsum(tiles, 0)
@@ -267,8 +274,10 @@ def tile_map(query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, qtok
     req = torch.searchsorted(cum, idx, right=True)
     used = req < num_reqs
     req = req.clamp(max=num_reqs - 1)
-    first = qsl[req] + (idx - (cum[req] - tiles[req])) * qtok
-    return (torch.where(used, req, -1).int(), first.int(), qsl[req + 1].int())
+    first = torch.where(used, qsl[req] + (idx - (cum[req] - tiles[req])) * qtok,
+                        qsl[-1] + (idx - cum[-1]) * qtok)
+    end = torch.where(used, qsl[req + 1], num_tokens)
+    return torch.where(used, req, -1).int(), first.int(), end.int()
 
 
 class SplitWorkspace:
@@ -317,8 +326,8 @@ def invariant_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         ) -> torch.Tensor:
     """q [T, Hq, D]; caches [slots, Hkv, D]; block_table [R, pages]; seq_lens [R] (after
     this step); positions [T]; `tiles` from `tile_map` at `query_tokens(group)`. Returns
-    [T, Hq, D] (zeros for tokens in no tile: padding). The mode's tiles and splits; with a
-    workspace, a launch of few tiles spreads each tile's splits over programs
+    [T, Hq, D] (zeros for the padding tokens past the last request). The mode's tiles and
+    splits; with a workspace, a launch of few tiles spreads each tile's splits over programs
     (`split_programs`)."""
     group = q.shape[1] // k_cache.shape[1]
     programs = split_programs(tiles[0].shape[0], k_cache.shape[1], num_sms, workspace)
@@ -341,7 +350,7 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
-    out = torch.zeros_like(q)
+    out = torch.empty_like(q)          # every row is written: padding rows zeros
     tile_req, first, end = tiles
     if programs > 1 and (split == 0 or workspace is None
                          or tile_req.shape[0] > workspace.max_tiles):
