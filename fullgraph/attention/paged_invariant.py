@@ -190,17 +190,12 @@ if triton is not None:
         first = tl.load(tile_first_ptr + i)
         end = tl.load(tile_end_ptr + i)
         m = tl.arange(0, BLOCK_M)
-        tok = first + m // GROUP
-        head = h * GROUP + m % GROUP
-        live = (m < QTOK * GROUP) & (tok < end)
-        tok = tok.to(tl.int64)
         d = tl.arange(0, D)
-        if r < 0:                      # padding tokens past the last request: zeros
-            if tl.program_id(2) == 0:
-                tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
-                         + d[None, :], tl.zeros([BLOCK_M, D], out_ptr.dtype.element_ty),
-                         mask=live[:, None])
-        else:
+        if r >= 0:
+            tok = first + m // GROUP
+            head = h * GROUP + m % GROUP
+            live = (m < QTOK * GROUP) & (tok < end)
+            tok = tok.to(tl.int64)
             n = tl.arange(0, TILE)
             q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh
                         + d[None, :], mask=live[:, None], other=0.0)
@@ -258,6 +253,12 @@ if triton is not None:
                         _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc,
                                 live)
                         tl.store(counter_ptr + pair, 0)   # the next launch starts from zero
+        elif tl.program_id(2) == 0:    # padding tokens past the last request: zeros
+            tok = (first + m // GROUP).to(tl.int64)
+            head = h * GROUP + m % GROUP
+            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     tl.zeros([BLOCK_M, D], out_ptr.dtype.element_ty),
+                     mask=((m < QTOK * GROUP) & (tok < end))[:, None])
 
 
 def tile_map(query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, qtok: int
