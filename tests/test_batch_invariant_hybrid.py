@@ -19,7 +19,6 @@ from conftest import make_hybrid_checkpoint
 from fullgraph import LLM
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 from fullgraph.models.registry import get_model_class
-from fullgraph.sampling_params import SamplingParams
 # one_thread: the module-scoped autouse fixture that runs torch on one thread (see there)
 from test_batch_invariant import (CONFIGS, GREEDY, NEEDLE, SEEDED, completions,  # noqa: F401
                                   generation_vs_scoring, one_thread, result)

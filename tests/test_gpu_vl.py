@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fullgraph import LLM, SamplingParams
-from test_vl_engine import END, IMAGE, START, hf_generate, images, make_vl_checkpoint
+from test_vl_engine import END, IMAGE, START, hf_generate, make_vl_checkpoint
 
 pytestmark = pytest.mark.gpu
 ENGINE = dict(device="cuda", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128,
