@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from fullgraph.attention import triton_attn
-from fullgraph.attention.paged_invariant import (SplitWorkspace, invariant_attention,
-                                                 query_tokens, tile_map, tiled_attention)
+from fullgraph.attention.paged_invariant import (SplitWorkspace, block_rows,
+                                                 invariant_attention, query_tokens, tile_map,
+                                                 tiled_attention)
 from fullgraph.layers.invariant_gemm import invariant_mm
 from fullgraph.layers.policy import KernelPolicy
 
@@ -121,7 +122,7 @@ def _spread_case(q, k, v, table, lengths, outs, block_size, policy) -> list[str]
         qsl = torch.arange(len(reqs) + 1, dtype=torch.int32, device=dev)
         tiles = tile_map(qsl, len(reqs), len(reqs), query_tokens(group))
         workspace = SplitWorkspace(tiles[0].shape[0], k.shape[1], part_splits,
-                                   max(16, group * query_tokens(group)), q[0].shape[-1],
+                                   block_rows(query_tokens(group), group), q[0].shape[-1],
                                    dev)
         got = tiled_attention(
             rows, k, v, table[reqs + [len(lengths)]],

@@ -50,6 +50,11 @@ def query_tokens(group: int) -> int:
     return max(1, MIN_ROWS // group)
 
 
+def block_rows(qtok: int, group: int) -> int:
+    """The kernel's BLOCK_M: a tile's (token, query head) rows, padded for tl.dot."""
+    return max(MIN_ROWS, pow2(qtok * group))
+
+
 if triton is not None:
     @triton.jit
     def _pages(bt_row, kv_pos, seq_len, PAGE: tl.constexpr):
@@ -303,7 +308,7 @@ class SplitWorkspace:
         group = num_heads // num_kv_heads
         return cls(max(2, num_sms // num_kv_heads), num_kv_heads,
                    -(-min(max_len, PART_TOKENS) // split),
-                   max(MIN_ROWS, pow2(query_tokens(group) * group)), head_dim, device)
+                   block_rows(query_tokens(group), group), head_dim, device)
 
 
 def split_programs(num_tiles: int, num_kv_heads: int, num_sms: int,
@@ -365,7 +370,7 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             *parts[:3], scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
             v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
-            GROUP=group, QTOK=qtok, BLOCK_M=max(MIN_ROWS, pow2(qtok * group)), D=d,
+            GROUP=group, QTOK=qtok, BLOCK_M=block_rows(qtok, group), D=d,
             PAGE=block_size, TILE=tile, SPLIT=split, PROGRAMS=programs, PART_SPLITS=parts[3],
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_AHEAD=kv_ahead,
             num_warps=num_warps, num_stages=num_stages)
