@@ -4,14 +4,15 @@
 # lines printed; the GPU tests are benchmarks/gpu_check.sh's.
 #   bash benchmarks/device_round.sh [SECONDS_PER_STEP] STEP...
 # Steps: backends (TTFT at 4,096 tokens and latency at 1 / 32 / 128 x 512, flex vs triton),
+# ttft (TTFT at 4,096 tokens), step-256 (a batch-256 decode step),
 # throughput (bench throughput, flex vs triton), sampler (sampler_bench at 1 and 256 rows),
 # sampler-sweep (the draw's block and programs at 256 rows), invariant
 # (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
-# invariant-matmul (few-row tiles of the mode's matmul by time: invariant_matmul.py
-# --sweep-rows), invariant-attention (the mode's attention at decode by KV tile and warps,
-# one program or splits spread: invariant_attention.py), spec (the 0.6B EAGLE-3 pair,
-# synchronous vs --async-scheduling), spec-32k (that pair with a 32,000-token draft
-# vocabulary), spec-profile (its speculative step kernel by kernel), spec-hybrid (the
+# invariant-matmul (the mode's matmul against the normal one, then its few-row tiles by
+# time: invariant_matmul.py --rows, --sweep-rows), invariant-attention (the mode's attention
+# at decode by KV tile and warps, one program or splits spread: invariant_attention.py),
+# spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-32k (that pair
+# with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by kernel), spec-hybrid (the
 # Qwen3.5-0.8B pair), spec-4b (the qwen3-4b-random pair, asynchronous only), spec-8b (the
 # qwen3-8b-random pair), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
 # alone, the rule's at two state blocks: gdn_decode.py), hybrid-profile (profile_step.py on
@@ -73,6 +74,12 @@ for step in "$@"; do
         done ;;
     sampler)
         run sampler python3 benchmarks/probes/sampler_bench.py --rows 1 256 --no-old ;;
+    ttft)
+        latency ttft --model qwen3-0.6b-random --batch-sizes 1 --input-len 4096 \
+            --output-len 8 ;;
+    step-256)   # the decode step the sampler's share is taken of
+        latency step-256 --model qwen3-0.6b-random --batch-sizes 256 --input-len 128 \
+            --output-len 16 --cudagraph-capture-sizes 256 ;;
     invariant)
         latency invariant --model qwen3-0.6b-random --compare-batch-invariant \
             --batch-sizes 1 32 128 --input-len 512 --output-len 64 ;;
@@ -106,7 +113,8 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
     gdn-probe) run gdn-probe python3 benchmarks/probes/gdn_aligned.py ;;
     gdn-decode) run gdn-decode python3 benchmarks/probes/gdn_decode.py ;;
     invariant-matmul)
-        run invariant-matmul python3 benchmarks/probes/invariant_matmul.py --sweep-rows 1 16 ;;
+        run invariant-matmul python3 benchmarks/probes/invariant_matmul.py --rows 1 16 32 512 8192
+        run invariant-matmul-sweep python3 benchmarks/probes/invariant_matmul.py --sweep-rows 1 16 ;;
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 32 --lengths 576 4096 --tiles 32 64 --warps 4 8 --kv-ahead 0 1) ;;

@@ -37,7 +37,7 @@ def usage(tile: int, split: int, programs: int, warps: int, ahead: bool = False,
     kernel = paged_invariant._invariant_attention_kernel
     const = dict(GROUP=group, QTOK=qtok, BLOCK_M=block_m, D=head_dim, PAGE=16, TILE=tile,
                  SPLIT=split, PROGRAMS=programs, PART_SPLITS=32, PRECISION="tf32",
-                 KV_AHEAD=ahead)
+                 KV_AHEAD=ahead, USE_PDL=True)
     signature = {name: "constexpr" if name in const else POINTERS.get(name, "i32")
                  for name in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=signature,

@@ -57,13 +57,15 @@ def print_timeline(prof) -> None:
     for name, dur, gap, start, n in rows:
         print(f"  {name:60s} dur {dur:6.2f} us  end-to-end {gap:6.2f} us  start after "
               f"previous end {start:6.2f} us  (x{n})")
+    # a hybrid's last period may be cut short (no layers after its last attention layer)
+    tail = min(first + period * len(marks), len(kernels))
     print(f"  per layer: {sum(r[2] for r in rows):.2f} us; before the layers "
           f"{ends[first - 1] - kernels[0].time_range.start if first else 0.0:.1f} us, after "
-          f"{ends[-1] - ends[first + period * len(marks) - 1]:.1f} us")
+          f"{ends[-1] - ends[tail - 1]:.1f} us")
     for i in range(first):
         print(f"  head {names[i]:55s} dur {kernels[i].time_range.elapsed_us():6.2f} "
               f"start at {kernels[i].time_range.start - kernels[0].time_range.start:6.2f}")
-    for i in range(first + period * len(marks), len(kernels)):
+    for i in range(tail, len(kernels)):
         print(f"  tail {names[i]:55s} dur {kernels[i].time_range.elapsed_us():6.2f} "
               f"end-to-end {ends[i] - ends[i - 1]:6.2f}")
 

@@ -22,12 +22,15 @@ count fixed by the step's padded shape, so graphs capture it. A program walks it
 splits in turn; a launch of few tiles (a decode step of a few requests, otherwise
 `num_kv_heads` programs a request) spreads each tile's splits over several programs, and the
 last to finish folds their stored states in split order: the same fold, so the same bits,
-which is why the program count may follow the batch (`split_programs`).
+which is why the program count may follow the batch (`split_programs`). With PDL
+(layers/pdl.py) the kernel launches while the one before it finishes and waits for it
+before any load.
 """
 from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import KernelPolicy
 
 try:
@@ -183,12 +186,15 @@ if triton is not None:
             GROUP: tl.constexpr, QTOK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
             PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
             PROGRAMS: tl.constexpr, PART_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-            KV_AHEAD: tl.constexpr):
+            KV_AHEAD: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (KV head, query tile, p). PROGRAMS 1: the program walks every split
         (`_walk`). PROGRAMS > 1: program p takes splits p, p + PROGRAMS, ..., stores each
         split's state, and the last of the tile's programs to arrive (an acquire/release
         atomic) folds them all in split order, the arithmetic of `_walk`; a tile with more
         than PART_SPLITS splits (the workspace's) is walked by its program 0 alone."""
+        if USE_PDL:                    # nothing is loaded before the previous kernel is done
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         h = tl.program_id(0)
         i = tl.num_programs(1) - 1 - tl.program_id(1)   # a request's last, longest tiles first
         r = tl.load(tile_req_ptr + i)
@@ -365,6 +371,7 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     parts = ((workspace.acc, workspace.ml, workspace.counters, workspace.part_splits)
              if programs > 1 else (out, out, out, 1))
     if t:
+        pdl = pdl_enabled(q)
         _invariant_attention_kernel[(hkv, tile_req.shape[0], programs)](
             q, k_cache, v_cache, out, block_table, seq_lens, positions, tile_req, first, end,
             *parts[:3], scale * 1.4426950408889634,
@@ -373,5 +380,5 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             GROUP=group, QTOK=qtok, BLOCK_M=block_rows(qtok, group), D=d,
             PAGE=block_size, TILE=tile, SPLIT=split, PROGRAMS=programs, PART_SPLITS=parts[3],
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_AHEAD=kv_ahead,
-            num_warps=num_warps, num_stages=num_stages)
+            USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     return out

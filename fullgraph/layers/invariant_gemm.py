@@ -15,11 +15,15 @@ each of Qwen3-0.6B's projections and its LM head, BLOCK_M 16-128 (mma and wgmma)
 32-256, 4 or 8 warps and 2-4 stages all give a row the same bits (so does cuBLAS at 257
 rows, which is not relied on: its split-K and kernel follow M). So `tiles` picks the tile
 shape from the row count for speed, as the normal mode does, and the GPU tests
-(test_gpu_batch_invariant.py) check rows across the buckets bit for bit.
+(test_gpu_batch_invariant.py) check rows across the buckets bit for bit. With PDL
+(layers/pdl.py) the kernel launches while the one before it finishes and waits for it
+before any load.
 """
 from __future__ import annotations
 
 import torch
+
+from fullgraph.layers.pdl import pdl_enabled
 
 try:
     import triton
@@ -45,7 +49,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M"])
     def _invariant_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                             BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                             USE_PDL: tl.constexpr):
+        if USE_PDL:                    # nothing is loaded before the previous kernel is done
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # N tiles vary fastest, so the programs that share an x tile run together
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1).to(tl.int64)
@@ -84,8 +92,10 @@ def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
     if m:
         block_m, block_n, block_k, warps, stages = tile_shape or tiles(m)
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+        pdl = pdl_enabled(x)
         _invariant_mm_kernel[grid](
             x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            IEEE=x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+            IEEE=x.dtype == torch.float32, USE_PDL=pdl, num_warps=warps, num_stages=stages,
+            launch_pdl=pdl)
     return out
