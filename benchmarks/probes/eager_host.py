@@ -7,13 +7,17 @@ host's. Per step, averaged over `--steps` steady decode steps:
 - triton: inside Triton's JIT launches (`JITFunction.run`), and how many;
 - the same forward with every Triton launch skipped (`run` returns at once): what is left is
   Python, torch's own ops and allocations;
-- torch.profiler's CPU view of one step: the ops with the most self time.
+- torch.profiler's CPU view of one step: the ops with the most self time;
+- cProfile of a few steps: what `JITFunction.run` calls, and the functions with the most
+  self time.
 
     python benchmarks/probes/eager_host.py [--model qwen3-0.6b-random] [--batch-size 1]
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from contextlib import contextmanager
 
@@ -87,6 +91,17 @@ def main() -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top,
                                     max_name_column_width=60))
+    # cProfile of a few steps (its own overhead inflates every call, evenly): what a
+    # Triton launch spends its time on, then the step's Python by self time
+    py = cProfile.Profile()
+    py.enable()
+    step_ms(engine, 5)
+    py.disable()
+    stats = pstats.Stats(py)
+    stats.sort_stats("tottime")
+    print("JITFunction.run's callees over 5 steps:")
+    stats.print_callees(r"jit.py:\d+\(run\)")
+    stats.print_stats(a.top)
 
 
 if __name__ == "__main__":

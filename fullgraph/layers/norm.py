@@ -3,8 +3,8 @@ the models we run: Qwen3's (the weight applied in the activations' dtype) and th
 one of Qwen3.5 / Qwen3-Next (scaled by 1 + weight in float32). The kernels (the row kernel
 here, `rms_norm_rows`, and the fused ones of layers/fused_linear.py, gemv.py) take
 `kernel_weight`: the weight itself, or the float32 1 + weight, which tells them to scale in
-float32 before the cast. In the batch-invariant mode on the GPU the modules run the row
-kernel (layers/policy.py)."""
+float32 before the cast. On the GPU the modules run the row kernel in half precision and,
+in any dtype, in the batch-invariant mode (layers/policy.py)."""
 from __future__ import annotations
 
 import torch
@@ -92,7 +92,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if policy_of(self).batch_invariant and triton is not None and x.is_cuda:
+        if (triton is not None and x.is_cuda
+                and (x.dtype != torch.float32 or policy_of(self).batch_invariant)):
             return self._rows(x, residual)
         if residual is None:
             return self._norm(x)
@@ -101,8 +102,10 @@ class RMSNorm(nn.Module):
 
     def _rows(self, x: torch.Tensor, residual: torch.Tensor | None
               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The batch-invariant mode on the GPU: `rms_norm_rows`, where torch's reductions
-        choose their launch shape (and so a row's order of sums) from the row count."""
+        """On the GPU, `rms_norm_rows`: one launch where the formula takes seven kernels
+        (half precision, as the fused kernels; float32 keeps transformers' op order), and in
+        the batch-invariant mode in any dtype, where torch's reductions choose their launch
+        shape (and so a row's order of sums) from the row count."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         r2 = residual.reshape(-1, shape[-1]) if residual is not None else None
