@@ -122,41 +122,43 @@ def rejection_sample(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
     request count holds every such buffer)."""
     r, k = draft_token_ids.shape
     v = target_logits.shape[-1]
+    argmax = target_logits.argmax(-1)                              # [R, k + 1]
+    slot = torch.arange(k + 1, device=argmax.device)[None, :]
+    if t.all_greedy:
+        # a draft is accepted where it is the argmax (a -1 never is), so the row emits the
+        # argmax at every slot up to its first rejection, that one included (fewer kernels
+        # in a greedy verify graph than the general path below, same tokens)
+        n = (draft_token_ids == argmax[:, :k]).long().cumprod(-1).sum(-1)
+        return RejectionOutput(torch.where(slot <= n[:, None], argmax, -1), n)
     valid = draft_token_ids >= 0                   # -1: no draft (a row that draws one token)
     drafts = draft_token_ids.long().clamp(min=0)
-    argmax = target_logits.argmax(-1)                              # [R, k + 1]
-    accept = (drafts == argmax[:, :k]) & valid
-    if not t.all_greedy:
-        per_slot = _per_slot(t, k + 1)
-        s = target_log_weights(target_logits.reshape(-1, v), per_slot).view(r, k + 1, v)
-        if draft_probs is None:                    # q one-hot at the draft
-            lse = _logsumexp(s[:, :k])
-            p_x = (s[:, :k].gather(-1, drafts[..., None])[..., 0] - lse).exp()
-            q_x = valid.float()
-        else:
-            p_x = torch.softmax(s[:, :k], -1).gather(-1, drafts[..., None])[..., 0]
-            q_x = draft_probs.float().gather(-1, drafts[..., None])[..., 0] * valid
-        u = accept_uniforms(per_slot.seeds, per_slot.positions).view(r, k + 1)[:, :k]
-        sampled = t.temperature >= GREEDY_EPS
-        accept = torch.where(sampled[:, None], (u * q_x < p_x) & valid, accept)
-    num_accepted = accept.long().cumprod(-1).sum(-1)               # leading accepts
-    n = num_accepted
+    per_slot = _per_slot(t, k + 1)
+    s = target_log_weights(target_logits.reshape(-1, v), per_slot).view(r, k + 1, v)
+    if draft_probs is None:                        # q one-hot at the draft
+        lse = _logsumexp(s[:, :k])
+        p_x = (s[:, :k].gather(-1, drafts[..., None])[..., 0] - lse).exp()
+        q_x = valid.float()
+    else:
+        p_x = torch.softmax(s[:, :k], -1).gather(-1, drafts[..., None])[..., 0]
+        q_x = draft_probs.float().gather(-1, drafts[..., None])[..., 0] * valid
+    u = accept_uniforms(per_slot.seeds, per_slot.positions).view(r, k + 1)[:, :k]
+    sampled = t.temperature >= GREEDY_EPS
+    accept = torch.where(sampled[:, None], (u * q_x < p_x) & valid,
+                         (drafts == argmax[:, :k]) & valid)
+    n = accept.long().cumprod(-1).sum(-1)                          # leading accepts
     rows = torch.arange(r, device=drafts.device)
-    next_ids = argmax[rows, n]
-    if not t.all_greedy:
-        # the draw at slot n from max(p - q, 0): the rejected draft's slot (q its draft's
-        # distribution) or the bonus slot (q = 0)
-        at = n.clamp(max=k - 1)
-        has = (n < k) & valid[rows, at]
-        if draft_probs is None:
-            q_n = torch.zeros(r, v, device=s.device).scatter_(1, drafts[rows, at][:, None], 1.0)
-        else:
-            q_n = draft_probs[rows, at].float()
-        residual = residual_distribution(torch.softmax(s[rows, n], -1), q_n * has[:, None])
-        noise = gumbel_noise(t.seeds, t.positions.long() + n, v)
-        next_ids = torch.where(sampled, (residual.log() + noise).argmax(-1), next_ids)
-    slot = torch.arange(k + 1, device=drafts.device)[None, :]
+    # the draw at slot n from max(p - q, 0): the rejected draft's slot (q its draft's
+    # distribution) or the bonus slot (q = 0); greedy rows take the argmax there
+    at = n.clamp(max=k - 1)
+    has = (n < k) & valid[rows, at]
+    if draft_probs is None:
+        q_n = torch.zeros(r, v, device=s.device).scatter_(1, drafts[rows, at][:, None], 1.0)
+    else:
+        q_n = draft_probs[rows, at].float()
+    residual = residual_distribution(torch.softmax(s[rows, n], -1), q_n * has[:, None])
+    noise = gumbel_noise(t.seeds, t.positions.long() + n, v)
+    next_ids = torch.where(sampled, (residual.log() + noise).argmax(-1), argmax[rows, n])
     padded = torch.cat([drafts, drafts.new_zeros(r, 1)], dim=1)
     tokens = torch.where(slot < n[:, None], padded,
                          torch.where(slot == n[:, None], next_ids[:, None], -1))
-    return RejectionOutput(tokens, num_accepted)
+    return RejectionOutput(tokens, n)
