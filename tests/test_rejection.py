@@ -73,6 +73,22 @@ def test_greedy_rows_are_independent_and_draft_probs_do_not_matter():
         assert alone.token_ids.tolist() == out.token_ids[i:i + 1].tolist()
 
 
+def test_greedy_rows_among_sampled_ones_equal_an_all_greedy_step():
+    """The all-greedy path (fewer kernels in a graph) and the general path's greedy rows
+    agree, rows with fewer drafts (-1) included."""
+    drafts = torch.tensor([[1, 2, 3], [1, 2, -1], [4, -1, -1], [0, 0, 0]])
+    z = logits_with_argmax([[1, 2, 3, 5], [1, 2, 0, 4], [4, 0, 4, 4], [3, 1, 2, 0]])
+    greedy = rejection_sample(drafts, z, tensors(4, temperature=0))
+    assert greedy.num_accepted.tolist() == [3, 2, 1, 0]
+    assert greedy.token_ids.tolist() == [[1, 2, 3, 5], [1, 2, 0, -1], [4, 0, -1, -1],
+                                         [3, -1, -1, -1]]
+    mixed = tensors(5, temperature=1.0)
+    mixed.temperature[:4] = 0.0                      # the last row samples: general path
+    out = rejection_sample(torch.cat([drafts, drafts[:1]]), torch.cat([z, z[:1]]), mixed)
+    assert out.token_ids[:4].tolist() == greedy.token_ids.tolist()
+    assert out.num_accepted[:4].tolist() == greedy.num_accepted.tolist()
+
+
 # ------------------------------------------------------------------------------ sampled
 def draw_drafts(q: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """[N, K] drafts drawn from q ([K, V], the same for every row) with the drafter's stream,
