@@ -8,6 +8,8 @@ host's. Per step, averaged over `--steps` steady decode steps:
 - the same forward with every Triton launch skipped (`run` returns at once): what is left is
   Python, torch's own ops and allocations;
 - torch.profiler's CPU view of one step: the ops with the most self time;
+- per kernel, a launch through the JIT against the compiled kernel's raw `run` with its
+  arguments bound once (what a launch cache at the call site would save);
 - cProfile of a few steps: what `JITFunction.run` calls, and the functions with the most
   self time.
 
@@ -23,11 +25,13 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import triton
 from torch.profiler import ProfilerActivity, profile
+from triton import knobs
 from triton.runtime.jit import JITFunction
 
 from fullgraph import LLM, SamplingParams
-from graph_timing import step_ms   # this folder, sys.path[0] when run
+from graph_timing import per_call_us, step_ms   # this folder, sys.path[0] when run
 from profile_step import random_prompts, start_decoding
 
 
@@ -51,6 +55,55 @@ def timed_method(owner, name: str, totals: dict, skip: bool = False):
         setattr(owner, name, original)
 
 
+def launch_floor(engine, calls: int) -> None:
+    """Per kernel of an eager step (the most launched first): host µs a launch through the
+    JIT (`kernel[grid](...)`, as the layers launch) against the compiled kernel's raw `run`
+    with its arguments bound once: what a launch cache at the call site would save. The
+    arguments are the step's own; the kernels run again on them (outputs are garbage,
+    overwritten by the next step)."""
+    seen: dict = {}
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        compiled = original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        name = self.fn.__name__
+        if name not in seen and not callable(grid):
+            seen[name] = [self, args, kwargs, tuple(grid), compiled, 0]
+        if name in seen:
+            seen[name][5] += 1
+        return compiled
+
+    JITFunction.run = record
+    try:
+        engine.step()
+    finally:
+        JITFunction.run = original
+    torch.cuda.synchronize()
+    dev = torch.cuda.current_device()
+    stream = triton.runtime.driver.active.get_current_stream(dev)
+    print(f"launch host time, µs ({calls} calls each): JIT vs the compiled kernel's raw run")
+    for name, (jit, args, kwargs, grid, ck, count) in sorted(seen.items(),
+                                                              key=lambda kv: -kv[1][5]):
+        bound = tuple(jit.device_caches[dev][4](*args, **kwargs)[0].values())
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        meta = ck.launch_metadata(g, stream, *bound)
+
+        def raw():
+            ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, meta,
+                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound)
+
+        def via_jit():
+            jit[grid](*args, **kwargs)
+
+        try:
+            t_jit, t_raw = per_call_us(via_jit, calls), per_call_us(raw, calls)
+        except Exception as e:      # another Triton's compiled-kernel API
+            print(f"  {name:34s} x{count:3d}: failed: {type(e).__name__}: {e}")
+            continue
+        print(f"  {name:34s} x{count:3d} a step, {len(bound):2d} arguments: JIT {t_jit:6.1f}, "
+              f"raw {t_raw:6.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen3-0.6b-random")
@@ -58,6 +111,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--calls", type=int, default=2000)
     a = ap.parse_args()
     llm = LLM(a.model, enforce_eager=True, async_scheduling=False)
     engine, runner = llm.engine, llm.engine.runner
@@ -91,6 +145,7 @@ def main() -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top,
                                     max_name_column_width=60))
+    launch_floor(engine, a.calls)
     # cProfile of a few steps (its own overhead inflates every call, evenly): what a
     # Triton launch spends its time on, then the step's Python by self time
     py = cProfile.Profile()
