@@ -114,7 +114,8 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
     gdn-decode) run gdn-decode python3 benchmarks/probes/gdn_decode.py ;;
     invariant-matmul)
         run invariant-matmul python3 benchmarks/probes/invariant_matmul.py --rows 1 16 32 512 8192
-        run invariant-matmul-sweep python3 benchmarks/probes/invariant_matmul.py --sweep-rows 1 16 ;;
+        run invariant-matmul-sweep python3 benchmarks/probes/invariant_matmul.py \
+            --sweep-rows 1 16 512 8192 ;;
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 32 --lengths 576 4096 --tiles 32 64 --warps 4 8 --kv-ahead 0 1) ;;

@@ -9,9 +9,10 @@
 
     python benchmarks/probes/invariant_matmul.py --rows 1 8 32 128 512 2048 8192
 
-3. `--sweep-rows 1 16`: instead, per projection and row count, the fastest few of a grid of
-   few-row tiles (BLOCK_N, BLOCK_K, warps, stages at `tiles(m)`'s BLOCK_M) against
-   `tiles(m)`'s own, each checked to give the reference tile's bits.
+3. `--sweep-rows 1 16 512 8192`: instead, per projection and row count, the fastest few of a
+   grid of tiles (up to 32 rows few-row strips: BLOCK_N, BLOCK_K, warps, stages at
+   `tiles(m)`'s BLOCK_M; above, GEMM tiles) against `tiles(m)`'s own, each checked to give
+   the reference tile's bits.
 """
 from __future__ import annotations
 
@@ -75,10 +76,16 @@ def main() -> None:
             json.dump(report, f, indent=1)
 
 
+# the sweep's tiles: (BLOCK_N, BLOCK_K, warps, stages) at `tiles(m)`'s BLOCK_M up to 32 rows,
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above
+FEW_ROW_GRID = list(itertools.product((16, 32), (256, 512, 1024), (2, 4, 8), (2, 3)))
+GEMM_GRID = list(itertools.product((64, 128), (128, 256), (64, 128), (4, 8), (3, 4)))
+
+
 def sweep(rows: list[int], top: int = 3) -> None:
-    """Few-row tiles by time, per projection and row count (bits checked against 64^3)."""
+    """Tiles by time, per projection and row count (bits checked against 64^3): few-row
+    strips up to 32 rows, GEMM tiles above."""
     torch.manual_seed(0)
-    grid = list(itertools.product((16, 32), (256, 512, 1024), (2, 4, 8), (2, 3)))
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 32
         copies = max(2, (200 << 20) // (2 * n * k))
@@ -86,10 +93,9 @@ def sweep(rows: list[int], top: int = 3) -> None:
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = invariant_mm(x, w, tile_shape=(64, 64, 64, 4, 3))
-            block_m = tiles(m)[0]
+            shapes = ([(tiles(m)[0], *g) for g in FEW_ROW_GRID] if m <= 32 else GEMM_GRID)
             times, differ = {}, []
-            for bn, bk, warps, stages in grid:
-                shape = (block_m, bn, bk, warps, stages)
+            for shape in shapes:
                 try:
                     if not torch.equal(invariant_mm(x, w, tile_shape=shape), ref):
                         differ.append(shape)
