@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import direct_launch_checked, launch_hooks
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -82,19 +83,6 @@ if triton is not None:
         tl.store(dst_ptr + idx, tl.load(src_ptr + idx, mask=idx < n), mask=idx < n)
 
 
-def _direct_launch_checked() -> bool:
-    """The compiled kernel's launcher takes Triton-internal arguments: called directly only on
-    the Triton minor version this was checked with on the device (3.6)."""
-    return tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
-
-
-def _launch_hooks() -> bool:
-    """Whether a launch hook is set (Triton 3.6 keeps them in always-present `HookChain`s)."""
-    runtime = triton.knobs.runtime
-    return any(h is not None and getattr(h, "calls", True)
-               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
-
-
 class _Launch:
     """Launches a Triton kernel whose arguments are never specialized: the first launch of a
     variant (`key`: what selects it, the pointer dtypes and constants) goes through the JIT,
@@ -106,12 +94,12 @@ class _Launch:
     def __init__(self, fn) -> None:
         self.fn = fn
         self.compiled: dict = {}
-        self.direct = _direct_launch_checked()
+        self.direct = direct_launch_checked()
 
     def __call__(self, key, grid: tuple[int, int, int], device_index: int, *args,
                  **options) -> None:
         kernel = self.compiled.get(key)
-        if kernel is None or not self.direct or _launch_hooks():
+        if kernel is None or not self.direct or launch_hooks():
             self.compiled[key] = self.fn[grid](*args, **options)
             return
         stream = torch._C._cuda_getCurrentRawStream(device_index)   # as Triton's driver does

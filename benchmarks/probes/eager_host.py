@@ -4,13 +4,13 @@ host's. Per step, averaged over `--steps` steady decode steps:
 
 - wall: `engine.step()` (the engine waits for the step's samples, so this is the whole step);
 - forward: the model's forward (`ModelRunner._run_model`), host time to enqueue it;
-- triton: inside Triton's JIT launches (`JITFunction.run`), and how many;
+- triton: inside our Triton launches (`Launcher.launch`, layers/launch.py), and how many;
 - the same forward with every Triton launch skipped (`run` returns at once): what is left is
   Python, torch's own ops and allocations;
 - torch.profiler's CPU view of one step: the ops with the most self time;
-- per kernel, a launch through the JIT against the compiled kernel's raw `run` with its
-  arguments bound once (what a launch cache at the call site would save);
-- cProfile of a few steps: what `JITFunction.run` calls, and the functions with the most
+- per kernel, a launch through Triton's JIT, through `Launcher` and the compiled kernel's
+  raw `run` with its arguments bound once (the floor);
+- cProfile of a few steps: what `Launcher.launch` calls, and the functions with the most
   self time.
 
     python benchmarks/probes/eager_host.py [--model qwen3-0.6b-random] [--batch-size 1]
@@ -28,9 +28,9 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 from triton import knobs
-from triton.runtime.jit import JITFunction
 
 from fullgraph import LLM, SamplingParams
+from fullgraph.layers.launch import Launcher
 from graph_timing import per_call_us, step_ms   # this folder, sys.path[0] when run
 from profile_step import random_prompts, start_decoding
 
@@ -56,34 +56,33 @@ def timed_method(owner, name: str, totals: dict, skip: bool = False):
 
 
 def launch_floor(engine, calls: int) -> None:
-    """Per kernel of an eager step (the most launched first): host µs a launch through the
-    JIT (`kernel[grid](...)`, as the layers launch) against the compiled kernel's raw `run`
-    with its arguments bound once: what a launch cache at the call site would save. The
-    arguments are the step's own; the kernels run again on them (outputs are garbage,
-    overwritten by the next step)."""
+    """Per kernel of an eager step (the most launched first): host µs a launch through
+    Triton's JIT (`kernel[grid](...)`), through our `Launcher` (layers/launch.py, as the
+    layers launch) and the compiled kernel's raw `run` with its arguments bound once (the
+    floor). The arguments are the step's own; the kernels run again on them (outputs are
+    garbage, overwritten by the next step)."""
     seen: dict = {}
-    original = JITFunction.run
+    original = Launcher.launch
 
-    def record(self, *args, grid, warmup, **kwargs):
-        compiled = original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        name = self.fn.__name__
-        if name not in seen and not callable(grid):
-            seen[name] = [self, args, kwargs, tuple(grid), compiled, 0]
-        if name in seen:
-            seen[name][5] += 1
-        return compiled
+    def record(self, grid, args, kwargs):
+        original(self, grid, args, kwargs)
+        entry = seen.setdefault(self.kernel.fn.__name__, [self, args, kwargs, tuple(grid), 0])
+        entry[4] += 1
 
-    JITFunction.run = record
+    Launcher.launch = record
     try:
         engine.step()
     finally:
-        JITFunction.run = original
+        Launcher.launch = original
     torch.cuda.synchronize()
     dev = torch.cuda.current_device()
     stream = triton.runtime.driver.active.get_current_stream(dev)
-    print(f"launch host time, µs ({calls} calls each): JIT vs the compiled kernel's raw run")
-    for name, (jit, args, kwargs, grid, ck, count) in sorted(seen.items(),
-                                                              key=lambda kv: -kv[1][5]):
+    print(f"launch host time, µs ({calls} calls each): JIT, Launcher, the compiled kernel's "
+          "raw run")
+    for name, (launcher, args, kwargs, grid, count) in sorted(seen.items(),
+                                                               key=lambda kv: -kv[1][4]):
+        jit = launcher.kernel
+        ck = jit[grid](*args, **kwargs)
         bound = tuple(jit.device_caches[dev][4](*args, **kwargs)[0].values())
         g = tuple(grid) + (1,) * (3 - len(grid))
         meta = ck.launch_metadata(g, stream, *bound)
@@ -95,13 +94,17 @@ def launch_floor(engine, calls: int) -> None:
         def via_jit():
             jit[grid](*args, **kwargs)
 
+        def via_launcher():
+            launcher[grid](*args, **kwargs)
+
         try:
             t_jit, t_raw = per_call_us(via_jit, calls), per_call_us(raw, calls)
+            t_ours = per_call_us(via_launcher, calls)
         except Exception as e:      # another Triton's compiled-kernel API
             print(f"  {name:34s} x{count:3d}: failed: {type(e).__name__}: {e}")
             continue
         print(f"  {name:34s} x{count:3d} a step, {len(bound):2d} arguments: JIT {t_jit:6.1f}, "
-              f"raw {t_raw:6.1f}")
+              f"Launcher {t_ours:6.1f}, raw {t_raw:6.1f}")
 
 
 def main() -> None:
@@ -121,13 +124,13 @@ def main() -> None:
     n = a.steps
     wall = step_ms(engine, n)
     totals: dict = {}
-    with timed_method(runner, "_run_model", totals), timed_method(JITFunction, "run", totals):
+    with timed_method(runner, "_run_model", totals), timed_method(Launcher, "launch", totals):
         timed_wall = step_ms(engine, n)
     forward_ms = totals["_run_model"][0] / n * 1e3
-    triton_ms, launches = totals["run"][0] / n * 1e3, totals["run"][1] / n
+    triton_ms, launches = totals["launch"][0] / n * 1e3, totals["launch"][1] / n
     skipped: dict = {}
     with timed_method(runner, "_run_model", skipped), \
-            timed_method(JITFunction, "run", skipped, skip=True):
+            timed_method(Launcher, "launch", skipped, skip=True):
         for _ in range(3):   # no Triton kernel runs: garbage outputs (overwritten next step)
             runner._forward_eager(runner._last_step)
     torch.cuda.synchronize()
@@ -154,8 +157,8 @@ def main() -> None:
     py.disable()
     stats = pstats.Stats(py)
     stats.sort_stats("tottime")
-    print("JITFunction.run's callees over 5 steps:")
-    stats.print_callees(r"jit.py:\d+\(run\)")
+    print("Launcher.launch's callees over 5 steps:")
+    stats.print_callees(r"launch.py:\d+\(launch\)")
     stats.print_stats(a.top)
 
 

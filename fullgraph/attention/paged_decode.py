@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -132,6 +133,8 @@ if triton is not None:
         finish_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tok, head,
                      r, h, s, stride_ot, stride_oh, QUERY_LEN, GROUP, HKV, D, BLOCK_M, ROWS_P2,
                      NUM_SPLITS, CHUNK)
+
+    _paged_decode_launcher = Launcher(_paged_decode_kernel)
 
     @triton.jit
     def finish_split(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, tok, head,
@@ -246,7 +249,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     rows, rows_p2 = check_launch(t, hq, hkv, query_len, num_splits, workspace)
     out = torch.empty_like(q) if out is None else out
     pdl = pdl_enabled(q)
-    _paged_decode_kernel[(rows, hkv, num_splits)](
+    _paged_decode_launcher[(rows, hkv, num_splits)](
         q, k_cache, v_cache, out, block_table, seq_lens, workspace.acc, workspace.ml,
         workspace.counters, scale * 1.4426950408889634, block_table.shape[1] * block_size,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.attention import paged_decode as paged
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.qk_norm_rope import triton_supported
 
@@ -172,6 +173,8 @@ if triton is not None:
                      r, h, s, stride_ot, stride_oh, QUERY_LEN, GROUP, HKV, D, BLOCK_M, ROWS_P2,
                      NUM_SPLITS, CHUNK)
 
+    _paged_decode_qk_launcher = Launcher(_paged_decode_qk_kernel)
+
 
 def supported(qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """bf16/fp16 on CUDA (float32 models keep the unfused path's IEEE dots)."""
@@ -193,7 +196,7 @@ def paged_decode_qk(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
     rows, rows_p2 = paged.check_launch(t, num_heads, hkv, query_len, num_splits, workspace)
     out = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     pdl = pdl_enabled(qkv)
-    _paged_decode_qk_kernel[(rows, hkv, num_splits)](
+    _paged_decode_qk_launcher[(rows, hkv, num_splits)](
         qkv, positions, cos, sin, q_weight, k_weight, slot_mapping, k_cache, v_cache, out,
         block_table, seq_lens, workspace.acc, workspace.ml, workspace.counters,
         scale * 1.4426950408889634, eps, qkv.stride(0), cos.stride(0), k_cache.stride(0),

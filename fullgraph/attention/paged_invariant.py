@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import KernelPolicy
 
@@ -271,6 +272,8 @@ if triton is not None:
                      tl.zeros([BLOCK_M, D], out_ptr.dtype.element_ty),
                      mask=((m < QTOK * GROUP) & (tok < end))[:, None])
 
+    _invariant_attention_launcher = Launcher(_invariant_attention_kernel)
+
 
 def tile_map(query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int, qtok: int
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -372,7 +375,7 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
              if programs > 1 else (out, out, out, 1))
     if t:
         pdl = pdl_enabled(q)
-        _invariant_attention_kernel[(hkv, tile_req.shape[0], programs)](
+        _invariant_attention_launcher[(hkv, tile_req.shape[0], programs)](
             q, k_cache, v_cache, out, block_table, seq_lens, positions, tile_req, first, end,
             *parts[:3], scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),

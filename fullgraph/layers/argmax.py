@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -38,6 +39,8 @@ if triton is not None:
         tl.store(max_ptr + r * CHUNKS + c, m)
         tl.store(idx_ptr + r * CHUNKS + c, c * CHUNK + i)
 
+    _chunk_max_launcher = Launcher(_chunk_max_kernel)
+
     @triton.jit
     def _pick_chunk_kernel(max_ptr, idx_ptr, out_ptr, V, CHUNKS, CHUNKS_P2: tl.constexpr,
                            USE_PDL: tl.constexpr):
@@ -55,6 +58,8 @@ if triton is not None:
         i = tl.minimum(tl.maximum(tl.load(idx_ptr + r * CHUNKS + first), 0), V - 1)
         tl.store(out_ptr + r, i.to(out_ptr.dtype.element_ty))
 
+    _pick_chunk_launcher = Launcher(_pick_chunk_kernel)
+
 
 def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [R, V] -> [R] int64 (or into `out`, [R] integers), the first index of each row's
@@ -71,9 +76,9 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
         # launches, and callers index with the result (gather): it must stay in range
         out = torch.zeros(rows, dtype=torch.int64, device=x.device)
     pdl = pdl_enabled(x)
-    _chunk_max_kernel[(rows, chunks)](x, maxima, index, v, x.stride(0), chunks, CHUNK=chunk,
-                                      USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
-    _pick_chunk_kernel[(rows,)](maxima, index, out, v, chunks,
-                                CHUNKS_P2=triton.next_power_of_2(chunks), USE_PDL=pdl,
-                                num_warps=4, launch_pdl=pdl)
+    _chunk_max_launcher[(rows, chunks)](x, maxima, index, v, x.stride(0), chunks, CHUNK=chunk,
+                                        USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+    _pick_chunk_launcher[(rows,)](maxima, index, out, v, chunks,
+                                  CHUNKS_P2=triton.next_power_of_2(chunks), USE_PDL=pdl,
+                                  num_warps=4, launch_pdl=pdl)
     return out

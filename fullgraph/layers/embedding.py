@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -37,6 +38,8 @@ if triton is not None:
             row = tl.load(w_ptr + tok * stride_w + offs, mask=offs < H)
             tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, row, mask=offs < H)
 
+    _embedding_launcher = Launcher(_embedding_kernel)
+
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.embedding(ids, weight)` for ids [T] (ids must be inside the vocabulary: the engine
@@ -49,10 +52,10 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if ids.shape[0]:
         pdl = pdl_enabled(weight)
         block = min(4096, triton.next_power_of_2(h))
-        _embedding_kernel[(ids.shape[0],)](ids, weight, out, h, weight.stride(0), out.stride(0),
-                                           BLOCK=block, USE_PDL=pdl,
-                                           num_warps=4 if block >= 1024 else 1,
-                                           launch_pdl=pdl)
+        _embedding_launcher[(ids.shape[0],)](ids, weight, out, h, weight.stride(0), out.stride(0),
+                                             BLOCK=block, USE_PDL=pdl,
+                                             num_warps=4 if block >= 1024 else 1,
+                                             launch_pdl=pdl)
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -78,6 +79,8 @@ if triton is not None:
             v = tl.load(row + HQ * 2 * D + HKV * D + kv * D + d)
             tl.store(v_cache_ptr + slot * stride_vs + kv * stride_vh + d, v)
 
+    _qk_norm_rope_kv_launcher = Launcher(_qk_norm_rope_kv_kernel)
+
     @triton.jit
     def _sigmoid_gate_kernel(o_ptr, stride_o, qkv_ptr, stride_qkv, out_ptr, stride_out,
                              D: tl.constexpr, USE_PDL: tl.constexpr):
@@ -93,6 +96,8 @@ if triton is not None:
         gate = tl.sigmoid(g).to(dtype).to(tl.float32)
         tl.store(out_ptr + t * stride_out + h * D + d, (o * gate).to(dtype))
 
+    _sigmoid_gate_launcher = Launcher(_sigmoid_gate_kernel)
+
 
 def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
@@ -106,7 +111,7 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     if t:
         pdl = pdl_enabled(qkv)
-        _qk_norm_rope_kv_kernel[(t, num_heads + num_kv_heads)](
+        _qk_norm_rope_kv_launcher[(t, num_heads + num_kv_heads)](
             qkv, qkv.stride(0), positions, cos, sin, cos.stride(0), q_weight, k_weight,
             slot_mapping, q, q.stride(0), k_cache, v_cache, k_cache.stride(0),
             k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), eps, num_heads,
@@ -121,7 +126,7 @@ def sigmoid_gate(o: torch.Tensor, qkv: torch.Tensor, num_heads: int) -> torch.Te
     out = torch.empty_like(o)
     if t:
         pdl = pdl_enabled(o)
-        _sigmoid_gate_kernel[(t, num_heads)](o, o.stride(0), qkv, qkv.stride(0), out,
-                                             out.stride(0), D=d, USE_PDL=pdl, num_warps=2,
-                                             launch_pdl=pdl)
+        _sigmoid_gate_launcher[(t, num_heads)](o, o.stride(0), qkv, qkv.stride(0), out,
+                                               out.stride(0), D=d, USE_PDL=pdl, num_warps=2,
+                                               launch_pdl=pdl)
     return out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fullgraph.layers import l2_prefetch
 from fullgraph.layers.norm import norm_f32
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -125,6 +126,8 @@ if triton is not None:
             tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    _gemv_launcher = Launcher(_gemv_kernel)
+
 
 def row_bucket(m: int) -> int:
     """Rows the kernel is compiled for: tl.dot needs 16; the rest are masked loads."""
@@ -193,7 +196,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     h = residual_out if residual_out is not None else out
     # one row only: at 8 and 32 rows the hint cost 4% and 3% of a decode step (H100)
     l2_args, num_l2 = l2_prefetch.regions(l2_prefetch_next if bucket == 1 else (), w)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_launcher[(triton.cdiv(n, block_n),)](
         x, w, out, r, h, norm_weight if norm_weight is not None else w, *l2_args, m, n, k,
         x.stride(0), w.stride(0), out.stride(0), r.stride(0), h.stride(0), eps,
         PROLOGUE=prologue, HAS_RES=residual is not None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -75,6 +76,8 @@ if triton is not None:
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
                  acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    _invariant_mm_launcher = Launcher(_invariant_mm_kernel)
+
 
 def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
                  tile_shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -93,7 +96,7 @@ def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
         block_m, block_n, block_k, warps, stages = tile_shape or tiles(m)
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         pdl = pdl_enabled(x)
-        _invariant_mm_kernel[grid](
+        _invariant_mm_launcher[grid](
             x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             IEEE=x.dtype == torch.float32, USE_PDL=pdl, num_warps=warps, num_stages=stages,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import policy_of
 
@@ -45,6 +46,8 @@ if triton is not None:
             y = (w * (xf * rstd).to(x.dtype)).to(x.dtype)
         tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
+    _add_rms_norm_rows_launcher = Launcher(_add_rms_norm_rows_kernel)
+
 
 def norm_f32(norm_weight: torch.Tensor, x: torch.Tensor) -> bool:
     """A float32 norm weight for half-precision rows: RMSNorm's zero-centered convention,
@@ -60,7 +63,7 @@ def rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
     if x.shape[0]:
         pdl = pdl_enabled(x)
         r = residual if residual is not None else x
-        _add_rms_norm_rows_kernel[(x.shape[0],)](
+        _add_rms_norm_rows_launcher[(x.shape[0],)](
             x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
             normed.stride(0), eps, HAS_RES=residual is not None,
             NORM_F32=norm_f32(norm_weight, x), BLOCK=triton.next_power_of_2(x.shape[1]),

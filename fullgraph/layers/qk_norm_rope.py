@@ -20,6 +20,7 @@ import torch
 
 from fullgraph.layers.norm import rms_norm
 from fullgraph.layers.opaque import opaque_op
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.rotary import apply_rotary
 
@@ -113,6 +114,8 @@ if triton is not None:
         tl.store(dst_v, tl.load(src_v, mask=is_k), mask=is_k)
         tl.store(dst_v + HALF, tl.load(src_v + HALF, mask=is_k), mask=is_k)
 
+    _qk_norm_rope_kv_launcher = Launcher(_qk_norm_rope_kv_kernel)
+
 
 # Few tokens (decode): one head per program, so the heads spread over SMs instead of one
 # program doing all of a token's ~24 heads serially (3 µs at batch 1 on an H100).
@@ -161,7 +164,7 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     if t:
         pdl = pdl_enabled(qkv)
         norm = q_weight is not None
-        _qk_norm_rope_kv_kernel[(t, triton.cdiv(heads, per_program))](
+        _qk_norm_rope_kv_launcher[(t, triton.cdiv(heads, per_program))](
             qkv, positions, cos, sin, q_weight if norm else qkv, k_weight if norm else qkv,
             slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1),

@@ -41,6 +41,7 @@ import os
 
 import torch
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -226,6 +227,8 @@ if triton is not None:
         tl.store(key_ptr + r * S + c, best)
         tl.store(idx_ptr + r * S + c, best_i)
 
+    _draw_launcher = Launcher(_draw_kernel)
+
     @triton.jit
     def _pick_kernel(key_ptr, idx_ptr, out_ptr, V, S, S_P2: tl.constexpr,
                      USE_PDL: tl.constexpr):
@@ -238,6 +241,8 @@ if triton is not None:
         i = tl.minimum(tl.maximum(tl.load(idx_ptr + r * S + first), 0), V - 1)
         tl.store(out_ptr + r, i.to(out_ptr.dtype.element_ty))
 
+    _pick_launcher = Launcher(_pick_kernel)
+
     @triton.jit
     def _noise_kernel(seed_ptr, pos_ptr, out_ptr, V, BLOCK: tl.constexpr):
         """The raw 32-bit hashes of a row (tests compare them with the torch spec)."""
@@ -246,6 +251,8 @@ if triton is not None:
         h = _row_key(seed_ptr, pos_ptr, r)
         bits = _noise_bits(h, offs)
         tl.store(out_ptr + r * V + offs, bits.to(tl.int64), mask=offs < V)
+
+    _noise_launcher = Launcher(_noise_kernel)
 
     # ------------------------------------------------------------------ filter
     @triton.jit
@@ -264,6 +271,8 @@ if triton is not None:
                 offs = off + tl.arange(0, BLOCK)
                 acc = tl.maximum(acc, _scaled(row, offs, offs < V, t))
             tl.store(pmax_ptr + r * SF + c, tl.max(acc, 0))
+
+    _row_max_launcher = Launcher(_row_max_kernel)
 
     @triton.jit
     def _row_stats(pmax_ptr, r, minp_ptr, SF, SF_P2: tl.constexpr, HAS_MIN_P: tl.constexpr):
@@ -318,6 +327,8 @@ if triton is not None:
             tl.store(pmass_ptr + base + j, mass)
             tl.store(pcount_ptr + base + _NP, tl.sum(cnt_all, 0))
             tl.store(pmass_ptr + base + _NP, tl.sum(mass_all, 0))
+
+    _pivot_launcher = Launcher(_pivot_kernel)
 
     @triton.jit
     def _bracket_kernel(V, temp_ptr, topk_ptr, topp_ptr, minp_ptr, pmax_ptr, pcount_ptr,
@@ -389,6 +400,8 @@ if triton is not None:
             tl.store(info_i_ptr + r * 4 + 0, 0)
             tl.store(thr_ptr + r, thr)
 
+    _bracket_launcher = Launcher(_bracket_kernel)
+
     @triton.jit
     def _refine_splits(m, lo, hi):
         """_NP values splitting the bracket [lo, hi) evenly (lo = -inf: from m - 64; hi =
@@ -438,6 +451,8 @@ if triton is not None:
             tl.store(rmass_ptr + (r * SF + c) * _NP + j, mass)
             tl.store(rmin_ptr + r * SF + c, tl.min(c_min, 0))
             tl.store(rmax_ptr + r * SF + c, tl.max(c_max, 0))
+
+    _refine_count_launcher = Launcher(_refine_count_kernel)
 
     @triton.jit
     def _refine_bracket_kernel(V, topk_ptr, topp_ptr, info_f_ptr, info_i_ptr, rcount_ptr,
@@ -494,6 +509,8 @@ if triton is not None:
             elif n_lo - n_hi <= _CAND:
                 tl.store(info_i_ptr + r * 4, 1)
 
+    _refine_bracket_launcher = Launcher(_refine_bracket_kernel)
+
     @triton.jit
     def _compact_kernel(x_ptr, stride_x, V, temp_ptr, info_f_ptr, info_i_ptr, counter_ptr,
                         cand_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -519,6 +536,8 @@ if triton is not None:
                     at = tl.atomic_add(counter_ptr + r, n) + tl.cumsum(sel.to(tl.int32), 0) - 1
                     tl.store(cand_ptr + r * _CAND + at, s,
                              mask=sel & (at < _CAND))
+
+    _compact_launcher = Launcher(_compact_kernel)
 
     @triton.jit
     def _count_mass_at(row, V, t, m, cutoff, keys, BLOCK: tl.constexpr):
@@ -603,6 +622,8 @@ if triton is not None:
                               m, cutoff, z_all, BLOCK)
             tl.store(thr_ptr + r, thr)
 
+    _resolve_launcher = Launcher(_resolve_kernel)
+
     @triton.jit
     def _search(row, V, t, k, p, k_on, p_on, m, cutoff, z_all, BLOCK: tl.constexpr):
         """The exact threshold by k-ary search over ordered keys (int64 here: spans of
@@ -684,6 +705,8 @@ if triton is not None:
                     z = _penalized(z, count, prompt != 0, rp, fp, pp, flags)
             tl.store(out_ptr + r * V + offs, z, mask=inb)
 
+    _process_launcher = Launcher(_process_kernel)
+
     @triton.jit
     def _bias_kernel(x_ptr, stride_x, out_ptr, V, slots_ptr, num_slots, flags_ptr,
                      counts_ptr, prompt_ptr, banned_ptr, W, rp_ptr, fp_ptr, pp_ptr,
@@ -721,6 +744,8 @@ if triton is not None:
                     sid = tl.load(stop_ids_ptr + slot * NSTOP + tl.arange(0, NSTOP))
                     tl.store(out_ptr + r * V + sid, -float("inf"), mask=(sid >= 0) & (sid < V))
 
+    _bias_launcher = Launcher(_bias_kernel)
+
     @triton.jit
     def _update_counts_kernel(slots_ptr, tok_ptr, counts_ptr, V, USE_PDL: tl.constexpr):
         r = tl.program_id(0)
@@ -730,6 +755,8 @@ if triton is not None:
         if slot >= 0:
             tok = tl.load(tok_ptr + r).to(tl.int64)
             tl.atomic_add(counts_ptr + slot * V + tok, 1)
+
+    _update_counts_launcher = Launcher(_update_counts_kernel)
 
     # ------------------------------------------------------------------ logprobs
     @triton.jit
@@ -764,6 +791,8 @@ if triton is not None:
                 x = tl.where(offs == c * BLOCK + i, -float("inf"), x)
             tl.store(ptop_v_ptr + base * N_P2 + n, top_v)
             tl.store(ptop_i_ptr + base * N_P2 + n, top_i)
+
+    _logprob_partial_launcher = Launcher(_logprob_partial_kernel)
 
     @triton.jit
     def _logprob_merge_kernel(x_ptr, stride_x, tok_ptr, rowlp_ptr, pmax_ptr, psum_ptr,
@@ -804,15 +833,17 @@ if triton is not None:
                 v = tl.where(ids == bid, -float("inf"), v)
                 ids = tl.where(ids == bid, 0x7FFFFFFF, ids)
 
+    _logprob_merge_launcher = Launcher(_logprob_merge_kernel)
+
 
 # ---------------------------------------------------------------------------------- launchers
 def _use_pdl(x: torch.Tensor) -> bool:
     return x.is_cuda and pdl_enabled(x)
 
 
-def _launch(kernel, grid, *args, pdl: bool, num_warps: int = 4, **meta):
+def _launch(launcher: Launcher, grid, *args, pdl: bool, num_warps: int = 4, **meta) -> None:
     extra = {"launch_pdl": True} if pdl else {}
-    return kernel[grid](*args, USE_PDL=pdl, num_warps=num_warps, **meta, **extra)
+    launcher[grid](*args, USE_PDL=pdl, num_warps=num_warps, **meta, **extra)
 
 
 def draw_slices(rows: int, vocab: int) -> tuple[int, int]:
@@ -833,18 +864,18 @@ def draw(x: torch.Tensor, temperature, seeds, positions, thr, out: torch.Tensor,
     keys = torch.empty(rows, s, dtype=torch.float32, device=x.device)
     idx = torch.empty(rows, s, dtype=torch.int32, device=x.device)
     pdl = _use_pdl(x)
-    _launch(_draw_kernel, (rows, s), x, x.stride(0), vocab, temperature, seeds, positions,
+    _launch(_draw_launcher, (rows, s), x, x.stride(0), vocab, temperature, seeds, positions,
             thr if thr is not None else temperature, keys, idx, s, chunk, pdl=pdl,
             DRAW=draw_rows, FILTER=thr is not None, BLOCK=DRAW_BLOCK)
-    _launch(_pick_kernel, (rows,), keys, idx, out, vocab, s, pdl=pdl,
+    _launch(_pick_launcher, (rows,), keys, idx, out, vocab, s, pdl=pdl,
             S_P2=triton.next_power_of_2(s))
     return out
 
 
 def noise_bits(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     out = torch.empty(seeds.shape[0], vocab, dtype=torch.int64, device=seeds.device)
-    _noise_kernel[(seeds.shape[0], triton.cdiv(vocab, 1024))](seeds, positions, out, vocab,
-                                                              BLOCK=1024)
+    _noise_launcher[(seeds.shape[0], triton.cdiv(vocab, 1024))](seeds, positions, out, vocab,
+                                                                BLOCK=1024)
     return out
 
 
@@ -867,11 +898,11 @@ def filter_thresholds(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torc
     thr = torch.empty(rows, dtype=torch.float32, device=dev)
     pdl = _use_pdl(x)
     common = (x, x.stride(0), vocab, temperature)
-    _launch(_row_max_kernel, (rows, sf), *common, top_k, top_p, min_p, pmax, sf, pdl=pdl,
+    _launch(_row_max_launcher, (rows, sf), *common, top_k, top_p, min_p, pmax, sf, pdl=pdl,
             CHUNK=FILTER_CHUNK, BLOCK=2048, HAS_MIN_P=has_min_p)
-    _launch(_pivot_kernel, (rows, sf), *common, top_k, top_p, min_p, pmax, pcount, pmass, sf,
+    _launch(_pivot_launcher, (rows, sf), *common, top_k, top_p, min_p, pmax, pcount, pmass, sf,
             pdl=pdl, SF_P2=sf_p2, CHUNK=FILTER_CHUNK, BLOCK=FILTER_BLOCK, HAS_MIN_P=has_min_p)
-    _launch(_bracket_kernel, (rows,), vocab, temperature, top_k, top_p, min_p, pmax, pcount,
+    _launch(_bracket_launcher, (rows,), vocab, temperature, top_k, top_p, min_p, pmax, pcount,
             pmass, info_f, info_i, counter, thr, sf, pdl=pdl, SF_P2=sf_p2,
             HAS_MIN_P=has_min_p)
     rcount = torch.empty(rows, sf, NUM_PIVOTS, dtype=torch.int32, device=dev)
@@ -879,13 +910,13 @@ def filter_thresholds(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torc
     rmin = torch.empty(rows, sf, dtype=torch.float32, device=dev)
     rmax = torch.empty_like(rmin)
     for _ in range(REFINE_ROUNDS):
-        _launch(_refine_count_kernel, (rows, sf), *common, info_f, info_i, rcount, rmass,
+        _launch(_refine_count_launcher, (rows, sf), *common, info_f, info_i, rcount, rmass,
                 rmin, rmax, pdl=pdl, CHUNK=FILTER_CHUNK, BLOCK=FILTER_BLOCK)
-        _launch(_refine_bracket_kernel, (rows,), vocab, top_k, top_p, info_f, info_i, rcount,
+        _launch(_refine_bracket_launcher, (rows,), vocab, top_k, top_p, info_f, info_i, rcount,
                 rmass, rmin, rmax, thr, sf, pdl=pdl, SF_P2=sf_p2)
-    _launch(_compact_kernel, (rows, sf), *common, info_f, info_i, counter, cand, pdl=pdl,
+    _launch(_compact_launcher, (rows, sf), *common, info_f, info_i, counter, cand, pdl=pdl,
             CHUNK=FILTER_CHUNK, BLOCK=2048)
-    _launch(_resolve_kernel, (rows,), *common, top_k, top_p, info_f, info_i, cand, thr,
+    _launch(_resolve_launcher, (rows,), *common, top_k, top_p, info_f, info_i, cand, thr,
             pdl=pdl, BLOCK=FILTER_BLOCK, num_warps=8)
     return thr
 
@@ -900,19 +931,19 @@ def process(x: torch.Tensor, state, slots: torch.Tensor, positions: torch.Tensor
             state.output_counts, state.prompt_mask, state.banned_mask, w,
             state.repetition_penalty, state.frequency_penalty, state.presence_penalty)
     chunk = 8192
-    _launch(_process_kernel, (rows, triton.cdiv(vocab, chunk)), *args, pdl=pdl, CHUNK=chunk,
+    _launch(_process_launcher, (rows, triton.cdiv(vocab, chunk)), *args, pdl=pdl, CHUNK=chunk,
             BLOCK=1024, enable_fp_fusion=False)
     b = state.bias_ids.shape[1]
     assert b == triton.next_power_of_2(b), "logit_bias capacity must be a power of two"
     nstop = state.stop_ids.shape[1]
     assert nstop == triton.next_power_of_2(nstop), "stop-id capacity must be a power of two"
-    _launch(_bias_kernel, (rows,), *args, state.bias_ids, state.bias_values, positions,
+    _launch(_bias_launcher, (rows,), *args, state.bias_ids, state.bias_values, positions,
             state.min_len, state.stop_ids, pdl=pdl, B=b, NSTOP=nstop, enable_fp_fusion=False)
     return out
 
 
 def update_counts(state, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
-    _launch(_update_counts_kernel, (slots.shape[0],), slots, token_ids, state.output_counts,
+    _launch(_update_counts_launcher, (slots.shape[0],), slots, token_ids, state.output_counts,
             state.vocab_size, pdl=_use_pdl(token_ids), num_warps=1)
 
 
@@ -936,10 +967,10 @@ def logprobs(x: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int,
     pdl = _use_pdl(x)
     mask = row_logprobs is not None
     rowlp = row_logprobs if mask else token_ids
-    _launch(_logprob_partial_kernel, (rows, sl), x, x.stride(0), vocab, token_ids, rowlp, pmax,
+    _launch(_logprob_partial_launcher, (rows, sl), x, x.stride(0), vocab, token_ids, rowlp, pmax,
             psum, prank, ptop_v, ptop_i, sl, pdl=pdl, N=n, N_P2=n_p2, BLOCK=LOGPROB_BLOCK,
             ROW_MASK=mask, num_warps=8)
-    _launch(_logprob_merge_kernel, (rows,), x, x.stride(0), token_ids, rowlp, pmax, psum, prank,
+    _launch(_logprob_merge_launcher, (rows,), x, x.stride(0), token_ids, rowlp, pmax, psum, prank,
             ptop_v, ptop_i, lp, ids, ranks, sl, pdl=pdl, SL_P2=triton.next_power_of_2(sl), N=n,
             N_P2=n_p2, ROW_MASK=mask)
     return lp, ids, ranks

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import Launcher
+
 try:
     import triton
     import triton.language as tl
@@ -123,6 +125,8 @@ if triton is not None:
                     committed = s
                 tl.store(pool_ptr + (dest * HV + hv) * DK * DV + block, committed)
 
+    _aligned_rule_launcher = Launcher(_aligned_rule_kernel)
+
     @triton.jit
     def _gated_norm_rows_kernel(x_ptr, stride_x, z_ptr, stride_z, w_ptr, out_ptr, stride_out,
                                 eps, DV: tl.constexpr, BV: tl.constexpr):
@@ -135,6 +139,8 @@ if triton is not None:
         tl.debug_barrier()         # _gated_norm reads what other threads wrote
         _gated_norm(out_row, z_ptr + t * stride_z + h * DV, w_ptr,
                     tl.rsqrt(tl.sum(x * x, 0) / DV + eps), DV, BV)
+
+    _gated_norm_rows_launcher = Launcher(_gated_norm_rows_kernel)
 
 
 def aligned_rule(tables: list[torch.Tensor], num_rows: int, first: torch.Tensor,
@@ -151,7 +157,7 @@ def aligned_rule(tables: list[torch.Tensor], num_rows: int, first: torch.Tensor,
     hv, dk, dv = state_pool.shape[1:]
     bv = min(V_BLOCK, dv)
     if r:
-        _aligned_rule_kernel[(r, hv, dv // bv)](
+        _aligned_rule_launcher[(r, hv, dv // bv)](
             q, k, v, g, beta, q.stride(0), k.stride(0), v.stride(0), g.stride(0),
             beta.stride(0), first, n_tail, total, slots, has_initial_state,
             write_slots if write_slots is not None else slots,
@@ -168,7 +174,7 @@ def gated_norm_rows(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
     assert x.stride(1) == gate.stride(1) == dv and x.stride(2) == gate.stride(2) == 1
     out = torch.empty(t, h, dv, dtype=x.dtype, device=x.device)
     if t:
-        _gated_norm_rows_kernel[(t, h)](x, x.stride(0), gate, gate.stride(0), weight, out,
-                                        out.stride(0), eps, DV=dv, BV=min(V_BLOCK, dv),
-                                        num_warps=4)
+        _gated_norm_rows_launcher[(t, h)](x, x.stride(0), gate, gate.stride(0), weight, out,
+                                          out.stride(0), eps, DV=dv, BV=min(V_BLOCK, dv),
+                                          num_warps=4)
     return out

@@ -26,6 +26,7 @@ try:
 except ImportError:            # CPU-only installs: the torch ops in conv.py / reference.py
     triton = None
 
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 CONV_BLOCK = 512
@@ -72,6 +73,8 @@ if triton is not None:
         tl.store(base + (rows[:, None] - 1) * stride_pw + offs[None, :], s,
                  mask=(rows >= 1)[:, None] & rmask[:, None] & mask[None, :])
         tl.store(base + (W - 1) * stride_pw + offs, x.to(pool_ptr.dtype.element_ty), mask=mask)
+
+    _conv_decode_launcher = Launcher(_conv_decode_kernel)
 
     @triton.jit
     def _softplus(x):
@@ -155,6 +158,8 @@ if triton is not None:
         _gated_norm(o_row, z_ptr + r * stride_in + hv * DV, norm_w_ptr,
                     tl.rsqrt(sumsq / DV + eps), DV, BV)
 
+    _gated_delta_decode_launcher = Launcher(_gated_delta_decode_kernel)
+
 
 def conv_decode(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Tensor,
                 state_slots: torch.Tensor, has_initial_state: torch.Tensor | None
@@ -167,7 +172,7 @@ def conv_decode(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Te
     if r:
         pdl = pdl_enabled(x)
         init = has_initial_state if has_initial_state is not None else state_slots
-        _conv_decode_kernel[(r, triton.cdiv(d, CONV_BLOCK))](
+        _conv_decode_launcher[(r, triton.cdiv(d, CONV_BLOCK))](
             x, x.stride(0), weight, conv_state_pool, conv_state_pool.stride(0),
             conv_state_pool.stride(1), state_slots, init, y, y.stride(0), d, W=w,
             W_P2=triton.next_power_of_2(w), HAS_INIT=has_initial_state is not None,
@@ -192,7 +197,7 @@ def gated_delta_decode(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: t
     if r:
         pdl = pdl_enabled(qkv)
         init = has_initial_state if has_initial_state is not None else state_slots
-        _gated_delta_decode_kernel[(r, hv)](
+        _gated_delta_decode_launcher[(r, hv)](
             qkv, qkv.stride(0), z, b, a, z.stride(0), A_log, dt_bias, norm_weight, state_pool,
             state_slots, init, out, out.stride(0), num_k_heads * dk, hv, hv // num_k_heads,
             dk ** -0.5, eps, DK=dk, DV=dv, BV=min(v_block, dv),

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.launch import Launcher
+
 from fullgraph.layers.gdn.fused_decode import V_BLOCK
 
 try:
@@ -75,6 +77,8 @@ if triton is not None:
                          _window(saved, new, rows, new_rows, j + 1 + t, W)
                          .to(pool_ptr.dtype.element_ty), mask=mask)
 
+    _conv_verify_launcher = Launcher(_conv_verify_kernel)
+
     @triton.jit
     def _gated_delta_verify_kernel(qkv_ptr, stride_qkv, z_ptr, b_ptr, a_ptr, stride_in,
                                    a_log_ptr, dt_bias_ptr, norm_w_ptr, pool_ptr, slots_ptr,
@@ -124,6 +128,8 @@ if triton is not None:
                         norm_w_ptr, tl.rsqrt(tl.sum(tl.where(which == j, sumsq, 0.0), 0) / DV
                                              + eps), DV, BV)
 
+    _gated_delta_verify_launcher = Launcher(_gated_delta_verify_kernel)
+
 
 def uniform_rows(x: torch.Tensor, state_slots: torch.Tensor, rows: int | None) -> bool:
     """Whether a step's rows are `rows` per lane, lane-major (a uniform verify step)."""
@@ -142,7 +148,7 @@ def conv_verify(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Te
     r = state_slots.shape[0]
     if r:
         init = has_initial_state if has_initial_state is not None else state_slots
-        _conv_verify_kernel[(r, triton.cdiv(d, CONV_BLOCK))](
+        _conv_verify_launcher[(r, triton.cdiv(d, CONV_BLOCK))](
             x, x.stride(0), weight, conv_state_pool, conv_state_pool.stride(0),
             conv_state_pool.stride(1), state_slots, init, write_slots, write_slots.stride(0),
             y, y.stride(0), d, W=w, W_P2=triton.next_power_of_2(w), ROWS=rows,
@@ -165,7 +171,7 @@ def gated_delta_verify(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: t
     r = state_slots.shape[0]
     if r:
         init = has_initial_state if has_initial_state is not None else state_slots
-        _gated_delta_verify_kernel[(r, hv)](
+        _gated_delta_verify_launcher[(r, hv)](
             qkv, qkv.stride(0), z, b, a, z.stride(0), A_log, dt_bias, norm_weight, state_pool,
             state_slots, init, write_slots, write_slots.stride(0), out, out.stride(0),
             num_k_heads * dk, hv, hv // num_k_heads, dk ** -0.5, eps, DK=dk, DV=dv,

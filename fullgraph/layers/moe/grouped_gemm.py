@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.layers.moe.routing import sort_by_expert
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -50,6 +51,8 @@ if triton is not None:
         counts -= tl.where(ex == 0, BLOCK_P - P, 0)
         tl.store(offsets_ptr + ex, tl.cumsum(counts, 0) - counts)
         tl.store(offsets_ptr + BLOCK_E, P)
+
+    _align_launcher = Launcher(_align_kernel)
 
     @triton.jit
     def _expert_tile(offsets_ptr, pid_m, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -107,6 +110,8 @@ if triton is not None:
             tl.store(act_ptr + offs_m[:, None] * stride_am + offs_n[None, :],
                      h.to(act_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    _gate_up_launcher = Launcher(_gate_up_kernel)
+
     @triton.jit
     def _down_kernel(a_ptr, w_ptr, y_ptr, perm_ptr, offsets_ptr, E, N, K, stride_am, stride_we,
                      stride_wn, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -141,6 +146,8 @@ if triton is not None:
             tl.store(y_ptr + pair[:, None] * stride_ym + offs_n[None, :],
                      acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    _down_launcher = Launcher(_down_kernel)
+
     @triton.jit
     def _combine_kernel(y_ptr, w_ptr, s_ptr, g_ptr, out_ptr, H, stride_wt, stride_st,
                         stride_gt, stride_ot, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
@@ -164,6 +171,8 @@ if triton is not None:
         if HAS_SHARED:
             acc += gate * s
         tl.store(out_ptr + t * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    _combine_launcher = Launcher(_combine_kernel)
 
 
 # Up to this many (token, slot) pairs one program sorts them (`_align_kernel`); above, torch's
@@ -217,9 +226,9 @@ def experts_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
         block_p = max(16, triton.next_power_of_2(P))
         perm = torch.empty(P, dtype=torch.int32, device=x.device)
         offsets = torch.empty(block_e + 1, dtype=torch.int32, device=x.device)
-        _align_kernel[(1,)](topk_ids.contiguous(), perm, offsets, P, BLOCK_P=block_p,
-                            BLOCK_E=block_e, USE_PDL=pdl, num_warps=4,
-                            launch_pdl=pdl)
+        _align_launcher[(1,)](topk_ids.contiguous(), perm, offsets, P, BLOCK_P=block_p,
+                              BLOCK_E=block_e, USE_PDL=pdl, num_warps=4,
+                              launch_pdl=pdl)
     else:
         perm, offsets = sort_by_expert(topk_ids, E)
     act = x.new_empty(P, I)
@@ -228,13 +237,13 @@ def experts_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     cfg_gu, cfg_dn = configs or (tile_config(P, E, I, H, True), tile_config(P, E, H, I, False))
 
     bm, bn, bk, warps, stages = cfg_gu
-    _gate_up_kernel[(max_row_tiles(P, E, bm), triton.cdiv(I, bn))](
+    _gate_up_launcher[(max_row_tiles(P, E, bm), triton.cdiv(I, bn))](
         x, gate_up, act, perm, offsets, E, I, H, x.stride(0), gate_up.stride(0),
         gate_up.stride(1), act.stride(0), TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         BLOCK_E=block_e, EVEN_K=H % bk == 0, PRECISION=precision, USE_PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl)
     bm, bn, bk, warps, stages = cfg_dn
-    _down_kernel[(max_row_tiles(P, E, bm), triton.cdiv(H, bn))](
+    _down_launcher[(max_row_tiles(P, E, bm), triton.cdiv(H, bn))](
         act, down, y, perm, offsets, E, H, I, act.stride(0), down.stride(0), down.stride(1),
         y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e,
         EVEN_K=I % bk == 0, PRECISION=precision, USE_PDL=pdl, num_warps=warps,
@@ -243,7 +252,7 @@ def experts_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     s = shared.contiguous() if has_shared else x
     g = shared_gate if has_shared else x
     block_h = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, block_h))](
+    _combine_launcher[(T, triton.cdiv(H, block_h))](
         y, topk_weights, s, g, out, H, topk_weights.stride(0), s.stride(0), g.stride(0),
         out.stride(0), TOP_K=top_k, HAS_SHARED=has_shared, BLOCK_H=block_h, USE_PDL=pdl,
         num_warps=4, launch_pdl=pdl)

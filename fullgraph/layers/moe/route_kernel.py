@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.layers.opaque import opaque_op
+from fullgraph.layers.launch import Launcher
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -46,6 +47,8 @@ if triton is not None:
         tl.store(w_ptr + t * TOP_K + kk, vals.to(w_ptr.dtype.element_ty), mask=kk < TOP_K)
         tl.store(ids_ptr + t * TOP_K + kk, ids.to(tl.int64), mask=kk < TOP_K)
 
+    _route_launcher = Launcher(_route_kernel)
+
 
 @opaque_op("fullgraph::moe_route")
 def route_cuda(logits: torch.Tensor, top_k: int,
@@ -56,10 +59,10 @@ def route_cuda(logits: torch.Tensor, top_k: int,
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     if T:
         pdl = pdl_enabled(logits)
-        _route_kernel[(T,)](logits, weights, ids, E, logits.stride(0), TOP_K=top_k,
-                            BLOCK_K=triton.next_power_of_2(top_k),
-                            BLOCK_E=max(16, triton.next_power_of_2(E)), NORMALIZE=normalize,
-                            USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+        _route_launcher[(T,)](logits, weights, ids, E, logits.stride(0), TOP_K=top_k,
+                              BLOCK_K=triton.next_power_of_2(top_k),
+                              BLOCK_E=max(16, triton.next_power_of_2(E)), NORMALIZE=normalize,
+                              USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return weights, ids
 
 
