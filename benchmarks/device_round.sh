@@ -16,7 +16,8 @@
 # Qwen3.5-0.8B pair), spec-4b (the qwen3-4b-random pair, asynchronous only), spec-8b (the
 # qwen3-8b-random pair), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
 # alone, the rule's at two state blocks: gdn_decode.py), hybrid-profile (profile_step.py on
-# qwen3.5-0.8b-random at batch 1), eager (eager decode ms/step at 1 and 32), eager-profile
+# qwen3.5-0.8b-random at batch 1), eager (eager decode ms/step at 1 and 32), eager-ab (the
+# same through Triton's JIT, then with direct launches: layers/launch.py), eager-profile
 # (cProfile of an eager batch-1 run, eager.prof kept), eager-host (where an eager step's host
 # time goes: eager_host.py), eager-gpu (an eager step's kernels and the GPU's idle gaps),
 # prefill-profile (an 8,192-token prefill step kernel by kernel: prefill_profile.py).
@@ -136,6 +137,13 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
     eager)   # --modes given again: the last one counts
         latency eager --model qwen3-0.6b-random --batch-sizes 1 32 --input-len 512 \
             --output-len 32 --modes eager ;;
+    eager-ab)   # eager decode through Triton's JIT, then with our direct launches
+        for direct in 0 1; do
+            export FULLGRAPH_DIRECT_LAUNCH=$direct
+            latency "eager-direct-$direct" --model qwen3-0.6b-random --batch-sizes 1 32 \
+                --input-len 512 --output-len 32 --modes eager
+        done
+        unset FULLGRAPH_DIRECT_LAUNCH ;;
     *) echo "unknown step $step" ;;
     esac
 done
