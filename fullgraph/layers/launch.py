@@ -56,33 +56,31 @@ def launch_hooks() -> bool:
                for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
-def _scalar_key(a: Any) -> Any:
-    """What of a non-tensor positional argument selects the compiled variant (a refinement
-    of Triton's specialization); None: a type this launcher leaves to the JIT."""
-    kind = type(a)
-    if kind is int:
-        return (a == 1, a & 15 == 0, a in _INT32, a in _INT64)
-    if kind is float or kind is bool or a is None:
-        return kind
-    return None
+def _int_key(a: int) -> tuple[bool, bool, bool, bool]:
+    return a == 1, a & 15 == 0, a in _INT32, a in _INT64
 
 
 def bind(args: tuple) -> tuple[list, list] | None:
     """(key, values) of positional launch arguments: per argument what selects the compiled
     variant, a refinement of Triton's specialization, and what the launcher takes (a tensor's
-    address). None: an argument of a type this launcher leaves to the JIT."""
+    address). None: an argument of a type this launcher leaves to the JIT. The key's entries
+    are of distinct types per case, bools only for the common int case (2 <= a < 2**31:
+    int32, not 1; divisible by 16 or not), so no two cases compare equal."""
     key, values = [], []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        kind = a.__class__
+        if kind is int:
+            key.append(a & 15 == 0 if 1 < a < 2147483648 else _int_key(a))
+            values.append(a)
+        elif isinstance(a, torch.Tensor):
             address = a.data_ptr()
-            key.append((a.dtype, address & 15 == 0))
+            key.append(a.dtype if address & 15 == 0 else (a.dtype,))
             values.append(address)
-            continue
-        scalar = _scalar_key(a)
-        if scalar is None:
+        elif kind is float or kind is bool or a is None:
+            key.append(kind)
+            values.append(a)
+        else:
             return None
-        key.append(scalar)
-        values.append(a)
     return key, values
 
 
