@@ -88,3 +88,37 @@ def test_direct_launches_compute_what_the_jit_computes():
         assert torch.equal(out, out_direct)
     torch.testing.assert_close(h.float(), ref_h, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(y.float(), ref_y, atol=5e-2, rtol=5e-2)
+
+
+def test_a_variant_is_launched_directly_only_where_its_key_holds_every_choice():
+    """The compiled kernel's launcher takes every argument in signature order: the
+    positional runtime ones, then the constexprs from the keywords or their defaults. A
+    constexpr passed by position (the key holds its type, not its value), a runtime argument
+    by keyword, or scratch memory sends every launch of the variant through the JIT."""
+    import triton.language as tl
+
+    from fullgraph.layers.launch import Launcher
+
+    @triton.jit
+    def kernel(x_ptr, n, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = 3):
+        pass
+
+    class Run:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = 0, 1
+
+        def launch(self, *args):
+            pass
+
+    class Compiled:
+        run, function, packed_metadata = Run(), 7, (4, 1, 0)
+
+    launcher = Launcher(kernel)
+    if not launcher.direct:
+        pytest.skip("direct launches are for the Triton version they were checked with")
+    variant = launcher._variant(Compiled(), 3, {"BLOCK": 64, "num_warps": 4})
+    assert variant.tail == (64, 3) and variant.function == 7 and variant.pdl == 1
+    assert launcher._variant(Compiled(), 4, {"num_warps": 4}) is None      # BLOCK by position
+    assert launcher._variant(Compiled(), 2, {"scale": 1.0, "BLOCK": 64}) is None
+    Compiled.run.global_scratch_size = 64
+    assert launcher._variant(Compiled(), 3, {"BLOCK": 64}) is None

@@ -148,15 +148,19 @@ class Launcher:
         self._variants[key] = self._variant(compiled, len(args), kwargs)
 
     def _variant(self, compiled, positional: int, kwargs: dict) -> _Variant | None:
+        """How to launch `compiled` directly, or None: through the JIT always (a constexpr
+        passed by position, which the key holds by type only; a runtime argument by keyword
+        or default; scratch memory the JIT allocates per launch)."""
         launcher = compiled.run
         if (not hasattr(launcher, "launch") or getattr(launcher, "global_scratch_size", 1)
-                or getattr(launcher, "profile_scratch_size", 1)):
+                or getattr(launcher, "profile_scratch_size", 1)
+                or any(self._constexpr[:positional])):
             return None
         tail = []
         for name, constexpr, default in zip(self._names[positional:],
                                             self._constexpr[positional:],
                                             self._defaults[positional:]):
             if not constexpr:
-                return None            # a runtime argument by keyword or by default
+                return None
             tail.append(kwargs.get(name, default))
         return _Variant(compiled, tuple(tail))
