@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.launch import direct_launch_checked, launch_hooks
+from fullgraph.layers.launch import direct_launch_checked, launch_hooks, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -131,7 +131,7 @@ class FieldGather:
         self.rows = table
         self.device_index = dst.device.index
         self.pdl = pdl_enabled(dst)
-        r_block = triton.next_power_of_2(max_reqs)
+        r_block = next_power_of_2(max_reqs)
         field, target, index, row, source = merge if merge is not None else (0, 0, 0, 0, dst)
         dst32, src32 = dst.view(torch.int32), src.view(torch.int32)
         self.head = (dst32, src32, torch.tensor(table, dtype=torch.int32, device=dst.device))

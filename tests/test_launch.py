@@ -122,3 +122,12 @@ def test_a_variant_is_launched_directly_only_where_its_key_holds_every_choice():
     assert launcher._variant(Compiled(), 2, {"scale": 1.0, "BLOCK": 64}) is None
     Compiled.run.global_scratch_size = 64
     assert launcher._variant(Compiled(), 3, {"BLOCK": 64}) is None
+
+
+def test_grid_arithmetic_matches_tritons():
+    from fullgraph.layers.launch import cdiv, next_power_of_2
+    for a in list(range(0, 300)) + [4095, 4096, 4097, 151936, 2**31 + 5]:
+        for b in (1, 2, 3, 16, 128, 1024):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+        if a:
+            assert next_power_of_2(a) == triton.next_power_of_2(a), a

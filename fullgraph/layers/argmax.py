@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -67,8 +67,8 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     if triton is None or not x.is_cuda or x.dim() != 2 or x.stride(-1) != 1 or not x.shape[0]:
         return x.argmax(dim=-1) if out is None else out.copy_(x.argmax(dim=-1))
     rows, v = x.shape
-    chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(v, MAX_CHUNKS)))
-    chunks = triton.cdiv(v, chunk)
+    chunk = max(MIN_CHUNK, next_power_of_2(cdiv(v, MAX_CHUNKS)))
+    chunks = cdiv(v, chunk)
     maxima = torch.empty(rows, chunks, dtype=torch.float32, device=x.device)
     index = torch.empty(rows, chunks, dtype=torch.int32, device=x.device)
     if out is None:
@@ -79,6 +79,6 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     _chunk_max_launcher[(rows, chunks)](x, maxima, index, v, x.stride(0), chunks, CHUNK=chunk,
                                         USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     _pick_chunk_launcher[(rows,)](maxima, index, out, v, chunks,
-                                  CHUNKS_P2=triton.next_power_of_2(chunks), USE_PDL=pdl,
+                                  CHUNKS_P2=next_power_of_2(chunks), USE_PDL=pdl,
                                   num_warps=4, launch_pdl=pdl)
     return out

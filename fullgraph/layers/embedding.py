@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -51,7 +51,7 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(ids.shape[0], h, dtype=weight.dtype, device=weight.device)
     if ids.shape[0]:
         pdl = pdl_enabled(weight)
-        block = min(4096, triton.next_power_of_2(h))
+        block = min(4096, next_power_of_2(h))
         _embedding_launcher[(ids.shape[0],)](ids, weight, out, h, weight.stride(0), out.stride(0),
                                              BLOCK=block, USE_PDL=pdl,
                                              num_warps=4 if block >= 1024 else 1,

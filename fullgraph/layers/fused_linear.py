@@ -24,7 +24,7 @@ from fullgraph.layers.linear import linear
 from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
 from fullgraph.layers.norm import RMSNorm, rms_norm_rows
 from fullgraph.layers.opaque import opaque_op
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import KernelPolicy, policy_of
 
@@ -57,7 +57,7 @@ def _silu_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
     act = gate_up.new_empty(m, k)
     if m:
         pdl = pdl_enabled(gate_up)
-        _silu_mul_rows_launcher[(m, triton.cdiv(k, SILU_BLOCK))](
+        _silu_mul_rows_launcher[(m, cdiv(k, SILU_BLOCK))](
             gate_up, act, k, gate_up.stride(0), act.stride(0), BLOCK=SILU_BLOCK, USE_PDL=pdl,
             num_warps=4, launch_pdl=pdl)
     return act

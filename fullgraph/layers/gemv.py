@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fullgraph.layers import l2_prefetch
 from fullgraph.layers.norm import norm_f32
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -159,7 +159,7 @@ def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, 
         if prologue == SILU_MUL:
             # down: its whole weight strip in one slice where it fits, which the PDL prefetch
             # loads before the wait
-            return 8, min(4096, triton.next_power_of_2(k)), 8
+            return 8, min(4096, next_power_of_2(k)), 8
         if n >= 32768:
             return 16, 512, 4
         if n <= 2048 and k >= 2048:
@@ -196,7 +196,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     h = residual_out if residual_out is not None else out
     # one row only: at 8 and 32 rows the hint cost 4% and 3% of a decode step (H100)
     l2_args, num_l2 = l2_prefetch.regions(l2_prefetch_next if bucket == 1 else (), w)
-    _gemv_launcher[(triton.cdiv(n, block_n),)](
+    _gemv_launcher[(cdiv(n, block_n),)](
         x, w, out, r, h, norm_weight if norm_weight is not None else w, *l2_args, m, n, k,
         x.stride(0), w.stride(0), out.stride(0), r.stride(0), h.stride(0), eps,
         PROLOGUE=prologue, HAS_RES=residual is not None,

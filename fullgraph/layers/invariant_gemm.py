@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -94,7 +94,7 @@ def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         block_m, block_n, block_k, warps, stages = tile_shape or tiles(m)
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+        grid = (cdiv(n, block_n), cdiv(m, block_m))
         pdl = pdl_enabled(x)
         _invariant_mm_launcher[grid](
             x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),

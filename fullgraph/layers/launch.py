@@ -5,8 +5,8 @@ of microseconds of host time for kernels with our 20-30 arguments (docs/benchmar
 27): the JIT binds the arguments and computes their specialization, builds a cache key,
 looks up the current device and stream and reads its knobs; then the compiled kernel's
 launcher asks the driver about every pointer argument (`cuPointerGetAttribute`). Under CUDA
-graphs none of this matters (a replay launches nothing from the host); eagerly it is most of
-the step.
+graphs none of this matters (a replay launches nothing from the host); eagerly it was half
+of the step.
 
 `Launcher(kernel)[grid](*args, **kwargs)` launches as the JIT does. The first launch of a
 variant goes through the JIT, which compiles or loads it; later launches call the compiled
@@ -20,14 +20,14 @@ CUDA device, which every call site here guarantees by launching where its inputs
 
 Through the JIT always: under Triton's interpreter, on Triton minor versions other than the
 one this was checked with, while a launch hook is set (profilers read launch metadata
-there), for arguments of other types, keyword runtime arguments, and kernels that need
-scratch memory.
+there), for arguments of other types, constexprs passed by position, runtime arguments
+passed by keyword, and kernels that need scratch memory. `cdiv` and `next_power_of_2` are the
+grid arithmetic of the call sites, without Triton's host-side constexpr functions.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -39,6 +39,19 @@ except ImportError:            # CPU-only installs launch no Triton kernel
 
 _INT32 = range(-2**31, 2**31)
 _INT64 = range(-2**63, 2**63)
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for grids on the host: `triton.cdiv` is a constexpr function in Triton
+    3.6, whose host calls cost more than a launch's own arithmetic should (docs/benchmarks.md,
+    twenty-fifth session)."""
+    return -(a // -b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1 (`triton.next_power_of_2` on the host,
+    without its cost)."""
+    return 1 << (n - 1).bit_length()
 
 
 def direct_launch_checked() -> bool:

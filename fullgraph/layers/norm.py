@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import policy_of
 
@@ -66,7 +66,7 @@ def rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         _add_rms_norm_rows_launcher[(x.shape[0],)](
             x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
             normed.stride(0), eps, HAS_RES=residual is not None,
-            NORM_F32=norm_f32(norm_weight, x), BLOCK=triton.next_power_of_2(x.shape[1]),
+            NORM_F32=norm_f32(norm_weight, x), BLOCK=next_power_of_2(x.shape[1]),
             USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 

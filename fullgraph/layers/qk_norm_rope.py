@@ -20,7 +20,7 @@ import torch
 
 from fullgraph.layers.norm import rms_norm
 from fullgraph.layers.opaque import opaque_op
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.rotary import apply_rotary
 
@@ -160,11 +160,11 @@ def qk_norm_rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         return q
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     heads = num_heads + num_kv_heads
-    per_program = 1 if t <= FEW_TOKENS or batch_invariant else triton.next_power_of_2(heads)
+    per_program = 1 if t <= FEW_TOKENS or batch_invariant else next_power_of_2(heads)
     if t:
         pdl = pdl_enabled(qkv)
         norm = q_weight is not None
-        _qk_norm_rope_kv_launcher[(t, triton.cdiv(heads, per_program))](
+        _qk_norm_rope_kv_launcher[(t, cdiv(heads, per_program))](
             qkv, positions, cos, sin, q_weight if norm else qkv, k_weight if norm else qkv,
             slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1),

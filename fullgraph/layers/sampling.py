@@ -41,7 +41,7 @@ import os
 
 import torch
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -849,10 +849,10 @@ def _launch(launcher: Launcher, grid, *args, pdl: bool, num_warps: int = 4, **me
 def draw_slices(rows: int, vocab: int) -> tuple[int, int]:
     """(slices per row, elements per slice) of the drawing pass: ~TARGET_PROGRAMS programs
     in all, whole blocks per slice. The token does not depend on it (an exact argmax)."""
-    blocks = triton.cdiv(vocab, DRAW_BLOCK)
-    per_row = max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, max(rows, 1))))
-    chunk = triton.cdiv(blocks, per_row) * DRAW_BLOCK
-    return triton.cdiv(vocab, chunk), chunk
+    blocks = cdiv(vocab, DRAW_BLOCK)
+    per_row = max(1, min(blocks, cdiv(TARGET_PROGRAMS, max(rows, 1))))
+    chunk = cdiv(blocks, per_row) * DRAW_BLOCK
+    return cdiv(vocab, chunk), chunk
 
 
 def draw(x: torch.Tensor, temperature, seeds, positions, thr, out: torch.Tensor,
@@ -868,13 +868,13 @@ def draw(x: torch.Tensor, temperature, seeds, positions, thr, out: torch.Tensor,
             thr if thr is not None else temperature, keys, idx, s, chunk, pdl=pdl,
             DRAW=draw_rows, FILTER=thr is not None, BLOCK=DRAW_BLOCK)
     _launch(_pick_launcher, (rows,), keys, idx, out, vocab, s, pdl=pdl,
-            S_P2=triton.next_power_of_2(s))
+            S_P2=next_power_of_2(s))
     return out
 
 
 def noise_bits(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     out = torch.empty(seeds.shape[0], vocab, dtype=torch.int64, device=seeds.device)
-    _noise_launcher[(seeds.shape[0], triton.cdiv(vocab, 1024))](seeds, positions, out, vocab,
+    _noise_launcher[(seeds.shape[0], cdiv(vocab, 1024))](seeds, positions, out, vocab,
                                                                 BLOCK=1024)
     return out
 
@@ -884,8 +884,8 @@ def filter_thresholds(x: torch.Tensor, temperature, top_k, top_p, min_p) -> torc
     `filter_thresholds`); rows without a filter get -inf."""
     rows, vocab = x.shape
     dev = x.device
-    sf = triton.cdiv(vocab, FILTER_CHUNK)
-    sf_p2 = triton.next_power_of_2(sf)
+    sf = cdiv(vocab, FILTER_CHUNK)
+    sf_p2 = next_power_of_2(sf)
     has_min_p = min_p is not None
     min_p = min_p if has_min_p else temperature
     pmax = torch.empty(rows, sf, dtype=torch.float32, device=dev)
@@ -931,12 +931,12 @@ def process(x: torch.Tensor, state, slots: torch.Tensor, positions: torch.Tensor
             state.output_counts, state.prompt_mask, state.banned_mask, w,
             state.repetition_penalty, state.frequency_penalty, state.presence_penalty)
     chunk = 8192
-    _launch(_process_launcher, (rows, triton.cdiv(vocab, chunk)), *args, pdl=pdl, CHUNK=chunk,
+    _launch(_process_launcher, (rows, cdiv(vocab, chunk)), *args, pdl=pdl, CHUNK=chunk,
             BLOCK=1024, enable_fp_fusion=False)
     b = state.bias_ids.shape[1]
-    assert b == triton.next_power_of_2(b), "logit_bias capacity must be a power of two"
+    assert b == next_power_of_2(b), "logit_bias capacity must be a power of two"
     nstop = state.stop_ids.shape[1]
-    assert nstop == triton.next_power_of_2(nstop), "stop-id capacity must be a power of two"
+    assert nstop == next_power_of_2(nstop), "stop-id capacity must be a power of two"
     _launch(_bias_launcher, (rows,), *args, state.bias_ids, state.bias_values, positions,
             state.min_len, state.stop_ids, pdl=pdl, B=b, NSTOP=nstop, enable_fp_fusion=False)
     return out
@@ -954,8 +954,8 @@ def logprobs(x: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int,
     rows, vocab = x.shape
     dev = x.device
     n = max(num_logprobs, 0)
-    n_p2 = max(triton.next_power_of_2(max(n, 1)), 2)
-    sl = triton.cdiv(vocab, LOGPROB_BLOCK)
+    n_p2 = max(next_power_of_2(max(n, 1)), 2)
+    sl = cdiv(vocab, LOGPROB_BLOCK)
     pmax = torch.empty(rows, sl, dtype=torch.float32, device=dev)
     psum = torch.empty_like(pmax)
     prank = torch.empty(rows, sl, dtype=torch.int32, device=dev)
@@ -971,7 +971,7 @@ def logprobs(x: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int,
             psum, prank, ptop_v, ptop_i, sl, pdl=pdl, N=n, N_P2=n_p2, BLOCK=LOGPROB_BLOCK,
             ROW_MASK=mask, num_warps=8)
     _launch(_logprob_merge_launcher, (rows,), x, x.stride(0), token_ids, rowlp, pmax, psum, prank,
-            ptop_v, ptop_i, lp, ids, ranks, sl, pdl=pdl, SL_P2=triton.next_power_of_2(sl), N=n,
+            ptop_v, ptop_i, lp, ids, ranks, sl, pdl=pdl, SL_P2=next_power_of_2(sl), N=n,
             N_P2=n_p2, ROW_MASK=mask)
     return lp, ids, ranks
 

@@ -26,7 +26,7 @@ try:
 except ImportError:            # CPU-only installs: the torch ops in conv.py / reference.py
     triton = None
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 CONV_BLOCK = 512
@@ -172,10 +172,10 @@ def conv_decode(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Te
     if r:
         pdl = pdl_enabled(x)
         init = has_initial_state if has_initial_state is not None else state_slots
-        _conv_decode_launcher[(r, triton.cdiv(d, CONV_BLOCK))](
+        _conv_decode_launcher[(r, cdiv(d, CONV_BLOCK))](
             x, x.stride(0), weight, conv_state_pool, conv_state_pool.stride(0),
             conv_state_pool.stride(1), state_slots, init, y, y.stride(0), d, W=w,
-            W_P2=triton.next_power_of_2(w), HAS_INIT=has_initial_state is not None,
+            W_P2=next_power_of_2(w), HAS_INIT=has_initial_state is not None,
             BLOCK=CONV_BLOCK, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return y
 

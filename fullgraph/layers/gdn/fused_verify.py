@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 
 from fullgraph.layers.gdn.fused_decode import V_BLOCK
 
@@ -148,11 +148,11 @@ def conv_verify(x: torch.Tensor, weight: torch.Tensor, conv_state_pool: torch.Te
     r = state_slots.shape[0]
     if r:
         init = has_initial_state if has_initial_state is not None else state_slots
-        _conv_verify_launcher[(r, triton.cdiv(d, CONV_BLOCK))](
+        _conv_verify_launcher[(r, cdiv(d, CONV_BLOCK))](
             x, x.stride(0), weight, conv_state_pool, conv_state_pool.stride(0),
             conv_state_pool.stride(1), state_slots, init, write_slots, write_slots.stride(0),
-            y, y.stride(0), d, W=w, W_P2=triton.next_power_of_2(w), ROWS=rows,
-            ROWS_P2=triton.next_power_of_2(rows), HAS_INIT=has_initial_state is not None,
+            y, y.stride(0), d, W=w, W_P2=next_power_of_2(w), ROWS=rows,
+            ROWS_P2=next_power_of_2(rows), HAS_INIT=has_initial_state is not None,
             BLOCK=CONV_BLOCK, num_warps=4)
     return y
 
@@ -175,6 +175,6 @@ def gated_delta_verify(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: t
             qkv, qkv.stride(0), z, b, a, z.stride(0), A_log, dt_bias, norm_weight, state_pool,
             state_slots, init, write_slots, write_slots.stride(0), out, out.stride(0),
             num_k_heads * dk, hv, hv // num_k_heads, dk ** -0.5, eps, DK=dk, DV=dv,
-            BV=min(V_BLOCK, dv), ROWS=rows, ROWS_P2=triton.next_power_of_2(rows),
+            BV=min(V_BLOCK, dv), ROWS=rows, ROWS_P2=next_power_of_2(rows),
             HAS_INIT=has_initial_state is not None, num_warps=4)
     return out

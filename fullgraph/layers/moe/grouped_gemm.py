@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.layers.moe.routing import sort_by_expert
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -194,7 +194,7 @@ def tile_config(num_pairs: int, num_experts: int, n: int, k: int,
     and BLOCK_N up columns, two accumulators. Rules, not tuned per shape: a sweep found no
     candidate much better (docs/benchmarks.md, fourteenth session)."""
     rows = num_pairs / max(1, min(num_experts, num_pairs))
-    block_k = max(16, min(128 if rows <= 16 else 64, triton.next_power_of_2(k)))
+    block_k = max(16, min(128 if rows <= 16 else 64, next_power_of_2(k)))
     if rows <= 16:       # decode: weight-bandwidth bound, narrow tiles for many programs
         return 16, (32 if gate_up else 64), block_k, 4, 4
     if rows <= 64:
@@ -221,9 +221,9 @@ def experts_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     topk_weights = topk_weights.contiguous()
     P = T * top_k
     pdl = pdl_enabled(x)
-    block_e = max(16, triton.next_power_of_2(E))
+    block_e = max(16, next_power_of_2(E))
     if P <= ALIGN_MAX_PAIRS:
-        block_p = max(16, triton.next_power_of_2(P))
+        block_p = max(16, next_power_of_2(P))
         perm = torch.empty(P, dtype=torch.int32, device=x.device)
         offsets = torch.empty(block_e + 1, dtype=torch.int32, device=x.device)
         _align_launcher[(1,)](topk_ids.contiguous(), perm, offsets, P, BLOCK_P=block_p,
@@ -237,13 +237,13 @@ def experts_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     cfg_gu, cfg_dn = configs or (tile_config(P, E, I, H, True), tile_config(P, E, H, I, False))
 
     bm, bn, bk, warps, stages = cfg_gu
-    _gate_up_launcher[(max_row_tiles(P, E, bm), triton.cdiv(I, bn))](
+    _gate_up_launcher[(max_row_tiles(P, E, bm), cdiv(I, bn))](
         x, gate_up, act, perm, offsets, E, I, H, x.stride(0), gate_up.stride(0),
         gate_up.stride(1), act.stride(0), TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         BLOCK_E=block_e, EVEN_K=H % bk == 0, PRECISION=precision, USE_PDL=pdl,
         num_warps=warps, num_stages=stages, launch_pdl=pdl)
     bm, bn, bk, warps, stages = cfg_dn
-    _down_launcher[(max_row_tiles(P, E, bm), triton.cdiv(H, bn))](
+    _down_launcher[(max_row_tiles(P, E, bm), cdiv(H, bn))](
         act, down, y, perm, offsets, E, H, I, act.stride(0), down.stride(0), down.stride(1),
         y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e,
         EVEN_K=I % bk == 0, PRECISION=precision, USE_PDL=pdl, num_warps=warps,
@@ -251,8 +251,8 @@ def experts_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     has_shared = shared is not None
     s = shared.contiguous() if has_shared else x
     g = shared_gate if has_shared else x
-    block_h = min(1024, triton.next_power_of_2(H))
-    _combine_launcher[(T, triton.cdiv(H, block_h))](
+    block_h = min(1024, next_power_of_2(H))
+    _combine_launcher[(T, cdiv(H, block_h))](
         y, topk_weights, s, g, out, H, topk_weights.stride(0), s.stride(0), g.stride(0),
         out.stride(0), TOP_K=top_k, HAS_SHARED=has_shared, BLOCK_H=block_h, USE_PDL=pdl,
         num_warps=4, launch_pdl=pdl)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.layers.opaque import opaque_op
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -60,8 +60,8 @@ def route_cuda(logits: torch.Tensor, top_k: int,
     if T:
         pdl = pdl_enabled(logits)
         _route_launcher[(T,)](logits, weights, ids, E, logits.stride(0), TOP_K=top_k,
-                              BLOCK_K=triton.next_power_of_2(top_k),
-                              BLOCK_E=max(16, triton.next_power_of_2(E)), NORMALIZE=normalize,
+                              BLOCK_K=next_power_of_2(top_k),
+                              BLOCK_E=max(16, next_power_of_2(E)), NORMALIZE=normalize,
                               USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
     return weights, ids
 
