@@ -39,6 +39,7 @@ except ImportError:            # CPU-only installs launch no Triton kernel
 
 _INT32 = range(-2**31, 2**31)
 _INT64 = range(-2**63, 2**63)
+_ONE = "1"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -77,13 +78,17 @@ def bind(args: tuple) -> tuple[list, list] | None:
     """(key, values) of positional launch arguments: per argument what selects the compiled
     variant, a refinement of Triton's specialization, and what the launcher takes (a tensor's
     address). None: an argument of a type this launcher leaves to the JIT. The key's entries
-    are of distinct types per case, bools only for the common int case (2 <= a < 2**31:
-    int32, not 1; divisible by 16 or not), so no two cases compare equal."""
+    are of distinct types per case (bools only for the common ints, 0 <= a < 2**31 but 1:
+    divisible by 16 or not; `_ONE` for 1, which Triton makes a constexpr), so no two cases
+    compare equal."""
     key, values = [], []
     for a in args:
         kind = a.__class__
         if kind is int:
-            key.append(a & 15 == 0 if 1 < a < 2147483648 else _int_key(a))
+            if 0 <= a < 2147483648:
+                key.append(a & 15 == 0 if a != 1 else _ONE)
+            else:
+                key.append(_int_key(a))
             values.append(a)
         elif isinstance(a, torch.Tensor):
             address = a.data_ptr()
