@@ -5,8 +5,8 @@ host's. Per step, averaged over `--steps` steady decode steps:
 - wall: `engine.step()` (the engine waits for the step's samples, so this is the whole step);
 - forward: the model's forward (`ModelRunner._run_model`), host time to enqueue it;
 - triton: inside our Triton launches (`Launcher.launch`, layers/launch.py), and how many;
-- the same forward with every Triton launch skipped (`run` returns at once): what is left is
-  Python, torch's own ops and allocations;
+- the same forward with every Triton launch skipped (`Launcher.launch` returns at once):
+  what is left is Python, torch's own ops and allocations;
 - torch.profiler's CPU view of one step: the ops with the most self time;
 - per kernel, a launch through Triton's JIT, through `Launcher` and the compiled kernel's
   raw `run` with its arguments bound once (the floor);
