@@ -123,9 +123,10 @@ class Launcher:
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
-        self.direct = direct_launch_checked() and isinstance(kernel, JITFunction)
+        jit = isinstance(kernel, JITFunction)       # not Triton's interpreter
+        self.direct = jit and direct_launch_checked()
         self._variants: dict[tuple, _Variant | None] = {}   # None: through the JIT always
-        if self.direct:
+        if jit:
             params = kernel.params
             self._names = [p.name for p in params]
             self._constexpr = [p.is_constexpr for p in params]
