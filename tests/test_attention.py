@@ -180,8 +180,9 @@ def test_invariant_attention_spreads_splits_only_for_few_tiles():
     programs an SM, at most the workspace's splits rounded up) only for launches of few
     (tile, KV head) pairs, and never without a workspace; the workspace holds a decode
     step's two tiles at least and splits covering PART_TOKENS positions."""
-    from fullgraph.attention.paged_invariant import (PART_TOKENS, SplitWorkspace, pow2,
+    from fullgraph.attention.paged_invariant import (PART_TOKENS, SplitWorkspace,
                                                      split_programs, tiled_attention)
+    from fullgraph.layers.launch import next_power_of_2
     ws = SplitWorkspace.for_spec(16, 8, 128, 40960, 256, 132, torch.device("cpu"))
     assert (ws.max_tiles, ws.part_splits) == (16, PART_TOKENS // 256)
     assert ws.counters.shape == (16 * 8,) and not ws.counters.any()
@@ -189,7 +190,7 @@ def test_invariant_attention_spreads_splits_only_for_few_tiles():
     assert [split_programs(t, 8, 132, ws) for t in (2, 3, 5, 9, 16, 17)] == [16, 8, 4, 2, 2, 1]
     assert split_programs(2, 8, 132, None) == 1
     small = SplitWorkspace(4, 8, 3, 16, 128, torch.device("cpu"))
-    assert split_programs(2, 8, 132, small) == pow2(3)     # idle programs past the splits
+    assert split_programs(2, 8, 132, small) == next_power_of_2(3)   # idle programs past splits
     for t in range(1, 40):
         p = split_programs(t, 8, 132, ws)
         assert p & (p - 1) == 0 and (p == 1 or (t <= ws.max_tiles and t * 8 * p <= 2 * 132))

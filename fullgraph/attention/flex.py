@@ -51,6 +51,7 @@ from fullgraph.attention.backend import KVCache, QKNormRope
 from fullgraph.attention.gathered import GatheredAttention, GatheredMetadata
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
 from fullgraph.buffers import CpuGpuBuffer, copy_to_persistent
+from fullgraph.layers.launch import next_power_of_2
 from fullgraph.layers.pdl import inductor_options
 from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
@@ -83,7 +84,7 @@ def decode_rows(num_reqs: int, query_len: int, max_rows: int) -> int:
     """Rows the decode kernel runs with: a power of two, so few shapes compile."""
     if query_len > DECODE_PAD_MAX_Q:
         return num_reqs
-    return min(paged.pow2(num_reqs), max_rows)
+    return min(next_power_of_2(num_reqs), max_rows)
 
 
 def split_kv(rows: int, num_kv_heads: int, num_sms: int) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -41,19 +41,15 @@ MAX_SPLITS = 16
 MAX_QUERY_ROWS = 64            # GROUP * query_len; longer uniform queries use flex decoding
 
 
-def pow2(x: int) -> int:
-    return 1 << (x - 1).bit_length()
-
-
 def tiling(block_size: int, rows_p2: int, num_splits: int) -> dict[str, int]:
     """The tile constexprs both decode kernels launch with (this one and paged_decode_qk.py)."""
-    return {"TILE": max(TILE_TOKENS, pow2(block_size)), "BLOCK_M": max(MIN_BLOCK_M, rows_p2),
-            "ROWS_P2": rows_p2, "NUM_SPLITS": num_splits,
+    return {"TILE": max(TILE_TOKENS, next_power_of_2(block_size)),
+            "BLOCK_M": max(MIN_BLOCK_M, rows_p2), "ROWS_P2": rows_p2, "NUM_SPLITS": num_splits,
             "CHUNK": max(1, min(num_splits, COMBINE_ELEMENTS // rows_p2))}
 
 
 def supported(device: torch.device, head_dim: int) -> bool:
-    return triton is not None and device.type == "cuda" and head_dim == pow2(head_dim)
+    return triton is not None and device.type == "cuda" and head_dim == next_power_of_2(head_dim)
 
 
 def decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
@@ -209,7 +205,7 @@ class PagedDecodeWorkspace:
                  head_dim: int, device: torch.device):
         """`query_rows`: the most GROUP * query_len; `max_programs`: the most
         rows * num_kv_heads * splits of a launch with more than one split."""
-        parts = max_programs * pow2(query_rows)
+        parts = max_programs * next_power_of_2(query_rows)
         self.acc = torch.empty(parts * head_dim, dtype=torch.float32, device=device)
         self.ml = torch.empty(2 * parts, dtype=torch.float32, device=device)
         # One counter per (request, KV head), shared by every layer: launches on one stream
@@ -224,7 +220,7 @@ def check_launch(num_tokens: int, num_heads: int, num_kv_heads: int, query_len: 
     ValueError naming what does not fit."""
     group = num_heads // num_kv_heads
     rows = num_tokens // query_len
-    rows_p2 = pow2(group * query_len)
+    rows_p2 = next_power_of_2(group * query_len)
     if rows_p2 > MAX_QUERY_ROWS:
         raise ValueError(f"paged decode takes at most {MAX_QUERY_ROWS} query rows per KV head, "
                          f"got {group} x {query_len}")

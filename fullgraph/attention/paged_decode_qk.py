@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fullgraph.attention import paged_decode as paged
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.qk_norm_rope import triton_supported
 
@@ -202,7 +202,7 @@ def paged_decode_qk(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
         scale * 1.4426950408889634, eps, qkv.stride(0), cos.stride(0), k_cache.stride(0),
         k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
-        QUERY_LEN=query_len, QLEN_P2=max(2, paged.pow2(query_len)), GROUP=num_heads // hkv,
+        QUERY_LEN=query_len, QLEN_P2=max(2, next_power_of_2(query_len)), GROUP=num_heads // hkv,
         HQ=num_heads, HKV=hkv, D=d, PAGE=block_size,
         **paged.tiling(block_size, rows_p2, num_splits), USE_PDL=pdl,
         num_warps=paged.NUM_WARPS, launch_pdl=pdl)

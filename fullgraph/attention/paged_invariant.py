@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.launch import Launcher
+from fullgraph.layers.launch import Launcher, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import KernelPolicy
 
@@ -45,10 +45,6 @@ NUM_WARPS = 4
 PART_TOKENS = 8192             # KV positions a tile's split states cover in the workspace
 
 
-def pow2(x: int) -> int:
-    return 1 << (x - 1).bit_length()
-
-
 def query_tokens(group: int) -> int:
     """Tokens per query tile: GQA groups packed to tl.dot's 16 rows."""
     return max(1, MIN_ROWS // group)
@@ -56,7 +52,7 @@ def query_tokens(group: int) -> int:
 
 def block_rows(qtok: int, group: int) -> int:
     """The kernel's BLOCK_M: a tile's (token, query head) rows, padded for tl.dot."""
-    return max(MIN_ROWS, pow2(qtok * group))
+    return max(MIN_ROWS, next_power_of_2(qtok * group))
 
 
 if triton is not None:
@@ -330,7 +326,7 @@ def split_programs(num_tiles: int, num_kv_heads: int, num_sms: int,
     per_pair = 2 * num_sms // (num_tiles * num_kv_heads)
     if per_pair < 2:
         return 1
-    return min(1 << (per_pair.bit_length() - 1), pow2(workspace.part_splits))
+    return min(1 << (per_pair.bit_length() - 1), next_power_of_2(workspace.part_splits))
 
 
 def invariant_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -51,7 +51,7 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n, for n >= 1 (`triton.next_power_of_2` on the host,
-    without its cost)."""
+    without its cost; 2 for n = 0)."""
     return 1 << (n - 1).bit_length()
 
 
@@ -70,8 +70,9 @@ def launch_hooks() -> bool:
                for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
-def _int_key(a: int) -> tuple[bool, bool, bool, bool]:
-    return a == 1, a & 15 == 0, a in _INT32, a in _INT64
+def _int_key(a: int) -> tuple[bool, bool, bool]:
+    """An int outside [0, 2**31): divisible by 16, and which of int32 / int64 holds it."""
+    return a & 15 == 0, a in _INT32, a in _INT64
 
 
 def bind(args: tuple) -> tuple[list, list] | None:
