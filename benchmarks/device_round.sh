@@ -14,7 +14,7 @@
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-32k (that pair
 # with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by kernel), spec-hybrid (the
 # Qwen3.5-0.8B pair), spec-4b (the qwen3-4b-random pair, asynchronous only), spec-8b (the
-# qwen3-8b-random pair), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
+# qwen3-8b-random pair, speculative and plain, both asynchronous), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
 # alone, the rule's at two state blocks: gdn_decode.py), hybrid-profile (profile_step.py on
 # qwen3.5-0.8b-random at batch 1), eager (eager decode ms/step at 1 and 32), eager-ab (the
 # same through Triton's JIT, then with direct launches: layers/launch.py), eager-profile
@@ -91,7 +91,14 @@ for step in "$@"; do
     spec-32k)   # the 0.6B pair with a 32,000-token draft vocabulary, as published drafters
         spec_pair spec-32k --source qwen3-0.6b-random --disagree 0.3 --draft-vocab 32000 ;;
     spec-hybrid) spec_pair spec-hybrid --source qwen3.5-0.8b-random --mix 0.02 ;;
-    spec-8b) spec_pair spec-8b --source qwen3-8b-random --disagree 0.3 --draft-vocab 32000 ;;
+    spec-8b)   # the 8B pair (published EAGLE-3 drafters' usual target), asynchronous only
+        run spec-8b-pair python3 tests/spec_pairs.py --source qwen3-8b-random --disagree 0.3 \
+            --draft-vocab 32000 --out /tmp/spec-8b
+        spec8='{"method": "eagle3", "model": "/tmp/spec-8b/drafter", "num_speculative_tokens": 3}'
+        latency spec-8b-async --model /tmp/spec-8b/target --batch-sizes 1 8 32 --input-len 512 \
+            --output-len 128 --async-scheduling --speculative-config "$spec8"
+        latency spec-8b-plain-async --model /tmp/spec-8b/target --batch-sizes 1 8 32 \
+            --input-len 512 --output-len 128 --async-scheduling ;;
     spec-4b)
         run spec-4b-pair python3 tests/spec_pairs.py --source qwen3-4b-random --disagree 0.3 \
             --out /tmp/spec-4b

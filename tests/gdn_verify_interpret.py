@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fullgraph.layers.gemv import GATED_NORM, gemv
 from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, fused_decode,
                                   fused_verify, gdn_gating, recurrent_gated_delta_rule_ref,
                                   rms_norm_gated, slot_groups, speculative_gated_delta_rule)
@@ -106,10 +107,47 @@ def decode_case(device: str = "cpu", dims: tuple[int, ...] = SMALL,
     })
 
 
+def split_decode_case(device: str = "cpu", dims: tuple[int, ...] = SMALL,
+                      v_block: int = 16) -> list[str]:
+    """A decode step whose rule spreads each head's value columns over programs and leaves
+    the gated norm to out_proj's one-row prologue (layers/gemv.py GATED_NORM), against the
+    torch ops and a float32 matmul."""
+    h, hv, dk, dv = dims
+    (qkv, z, b, a), weight, conv_pool, rec_pool, init, (A_log, dt_bias, norm_w) = _setup(
+        1, device, dims, 16)
+    slots = torch.tensor([3, 5, 12, 1, 0], device=device)
+    want_pool = rec_pool.clone()
+    y = fused_decode.conv_decode(qkv, weight, conv_pool.clone(), slots, init)
+    q, k, v = y.split((h * dk, h * dk, hv * dv), dim=-1)
+    g, beta = gdn_gating(a, b, A_log, dt_bias)
+    o = recurrent_gated_delta_rule_ref(q.reshape(R, h, dk), k.reshape(R, h, dk),
+                                       v.reshape(R, hv, dv), g, beta, want_pool, slots,
+                                       None, init).reshape(R, hv * dv)
+    got = fused_decode.gated_delta_decode(y, z, b, a, A_log, dt_bias, norm_w, 1e-6,
+                                          rec_pool, slots, init, h, v_block=v_block,
+                                          norm=False)
+    w_out = torch.randn(24, hv * dv, device=device, generator=torch.Generator(
+        device=device).manual_seed(7)) * 0.1
+    normed = rms_norm_gated(o.reshape(R, hv, dv), z.reshape(R, hv, dv), norm_w,
+                            1e-6).reshape(R, hv * dv)
+    want_y = normed @ w_out.T
+    got_y = torch.cat([gemv(o[i:i + 1], w_out, prologue=GATED_NORM, residual=z[i:i + 1],
+                            norm_weight=norm_w, eps=1e-6, group=dv) for i in range(R - 1)])
+    used = slots[:R - 1]
+    return _report(f"split decode ({v_block} columns a program)", {
+        "rule output": torch.allclose(got[:R - 1], o[:R - 1], rtol=1e-4, atol=1e-4),
+        "recurrent states": torch.allclose(rec_pool[used], want_pool[used], rtol=1e-5,
+                                           atol=1e-5),
+        "gated norm in out_proj": torch.allclose(got_y, want_y[:R - 1], rtol=1e-4,
+                                                 atol=1e-4),
+    })
+
+
 if __name__ == "__main__":
     # the default takes all 32 value columns at once here; 16 makes two passes, as a
     # 128-column head takes four on the GPU
-    failures = (decode_case() + decode_case(v_block=16)
+    failures = (decode_case() + decode_case(v_block=16) + split_decode_case()
+                + split_decode_case(v_block=32)
                 + [f for rows in (1, 3, 4) for f in verify_case(rows)]
                 + verify_case(3, dims=SMALL[:3] + (64,)))    # 64-column heads: two passes
     print("FAILURES", len(failures))

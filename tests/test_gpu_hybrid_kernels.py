@@ -13,7 +13,7 @@ from fullgraph.layers.gdn import (causal_conv1d_decode, fused_decode, gdn_gating
 from fullgraph.layers.linear import Linear
 from fullgraph.layers.norm import ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary
-from gdn_verify_interpret import verify_case
+from gdn_verify_interpret import split_decode_case, verify_case
 
 pytestmark = pytest.mark.gpu
 
@@ -119,6 +119,14 @@ def test_fused_verify_matches_the_torch_ops(rows):
     group, against the torch ops (tests/gdn_verify_interpret.py, which the CPU suite runs
     under Triton's interpreter at small dims)."""
     assert verify_case(rows, "cuda", (H, HV, DK, DV)) == []
+
+
+@pytest.mark.parametrize("v_block", [16, 32, 64])
+def test_split_decode_rule_and_gated_norm_prologue_match_the_torch_ops(v_block):
+    """A batch-1 decode's layout: the rule with each head's value columns spread over
+    programs, its gated norm in out_proj's one-row GEMV prologue, at the 0.8B model's head
+    dims, against the torch ops (tests/gdn_verify_interpret.py)."""
+    assert split_decode_case("cuda", (H, HV, DK, DV), v_block) == []
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

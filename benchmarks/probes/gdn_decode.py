@@ -2,7 +2,9 @@
 at Qwen3.5-0.8B's shapes, per batch size and kernel setting: µs per call from CUDA-graph
 replays, against the bytes each call must move (state read + written, inputs, outputs). The
 rule's kernel also at other state blocks and warps (`--rule-tiles 32x4 64x8`: value
-columns a pass x warps; the first is today's).
+columns a pass x warps; the first is today's), and the one-row layout: the rule without its
+norm, a head's columns spread over programs (`--split-tiles`: columns a program x warps),
+then out_proj with the gated norm in its prologue, against rule+norm then a plain out_proj.
 
     python benchmarks/probes/gdn_decode.py [--rows 1 8 32 128] [--iters 200]
 """
@@ -19,6 +21,7 @@ import torch  # noqa: E402
 from graph_timing import replay_ms  # noqa: E402  (this folder, sys.path[0] when run)
 
 from fullgraph.layers import gated_attention  # noqa: E402
+from fullgraph.layers.gemv import GATED_NORM, gemv  # noqa: E402
 from fullgraph.layers.gdn import fused_decode  # noqa: E402
 
 H, HV, DK, DV, KSIZE = 16, 16, 128, 128, 4          # Qwen3.5-0.8B's GDN layers
@@ -37,8 +40,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--rule-tiles", nargs="+", default=["32x4", "64x8"])
+    ap.add_argument("--split-tiles", nargs="+", default=["32x4", "16x2", "64x4"])
     args = ap.parse_args()
     rule_tiles = [tuple(map(int, t.split("x"))) for t in args.rule_tiles]
+    split_tiles = [tuple(map(int, t.split("x"))) for t in args.split_tiles]
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     print(f"{torch.cuda.get_device_name()}  µs per call (graph replay); GB/s of the bytes moved")
     for r in args.rows:
@@ -75,6 +80,23 @@ def main() -> None:
         print(f"rows {r:4d}: conv {t_conv:7.2f}  rule+norm {t_rule:7.2f} "
               f"({state_bytes / t_rule / 1e3:6.0f} GB/s of state; {others})  attn prologue "
               f"{t_qk:6.2f}  gate {t_gate:6.2f}")
+        if r == 1:
+            w_out = torch.randn(1024, VALUE_DIM, device=dev, dtype=bf16)   # out_proj
+            t_plain = time_graph(lambda: gemv(fused_decode.gated_delta_decode(
+                conv_out, z, b, a, a_log, dt_bias, norm_w, 1e-6, rec_pool, slots, init, H),
+                w_out), args.iters)
+
+            def split(bv: int, w: int) -> None:
+                o = fused_decode.gated_delta_decode(conv_out, z, b, a, a_log, dt_bias, norm_w,
+                                                    1e-6, rec_pool, slots, init, H, v_block=bv,
+                                                    num_warps=w, norm=False)
+                gemv(o, w_out, prologue=GATED_NORM, residual=z, norm_weight=norm_w, eps=1e-6,
+                     group=DV)
+            times = [time_graph(lambda bv=bv, w=w: split(bv, w), args.iters)
+                     for bv, w in split_tiles]
+            splits = "  ".join(f"{bv}x{w} {t:7.2f}" for (bv, w), t in zip(split_tiles, times))
+            print(f"rows 1, rule + out_proj: rule+norm, plain out_proj {t_plain:7.2f}; "
+                  f"split rule, gated-norm out_proj {splits}")
 
 
 if __name__ == "__main__":

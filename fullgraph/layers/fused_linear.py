@@ -1,5 +1,6 @@
 """Projections with the elementwise op that feeds them folded in: RMSNorm (and the residual
-add before it) into qkv and gate/up, SiLU-and-mul into down.
+add before it) into qkv and gate/up, SiLU-and-mul into down, a Gated DeltaNet layer's gated
+output norm into its out_proj.
 
 For a single row (batch-1 decode) the skinny-matmul kernel applies the op to each slice of
 its input as it loads it (layers/gemv.py), so a layer's norms and activation cost no launch
@@ -21,7 +22,8 @@ from torch import nn
 
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.linear import linear
-from fullgraph.layers.gemv import RMS_NORM, SILU_MUL, gemv, gemv_supported, matmul, triton
+from fullgraph.layers.gemv import (GATED_NORM, RMS_NORM, SILU_MUL, gated_norm_fits, gemv,
+                                   gemv_supported, matmul, triton)
 from fullgraph.layers.norm import RMSNorm, rms_norm_rows
 from fullgraph.layers.opaque import opaque_op
 from fullgraph.layers.launch import Launcher, cdiv
@@ -112,6 +114,18 @@ def _(gate_up, weight, l2_prefetch_next):
     return gate_up.new_empty(gate_up.shape[0], weight.shape[0])
 
 
+@opaque_op("fullgraph::gated_norm_linear")
+def _gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor,
+                       eps: float, weight: torch.Tensor) -> torch.Tensor:
+    return gemv(x, weight, prologue=GATED_NORM, residual=gate, norm_weight=norm_weight,
+                eps=eps, group=norm_weight.shape[0])
+
+
+@_gated_norm_linear.register_fake
+def _(x, gate, norm_weight, eps, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _fusable(x: torch.Tensor) -> bool:
     return (triton is not None and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
             and x.dtype in (torch.bfloat16, torch.float16))
@@ -168,3 +182,20 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
     else:
         y = _product(silu_and_mul(gate_up, policy.batch_invariant), proj, policy)
     return y if proj.bias is None else y + proj.bias
+
+
+def gated_norm_folds(x: torch.Tensor, norm: nn.Module, proj: nn.Module) -> bool:
+    """Whether `gated_norm_linear` runs the norm in the projection's prologue: one row on
+    the GPU (a batch-1 decode step), outside the batch-invariant mode."""
+    return (_fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
+            and gated_norm_fits(x, proj.weight, norm.weight.shape[0]))
+
+
+def gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm: nn.Module,
+                      proj: nn.Module) -> torch.Tensor:
+    """proj(norm(x, gate)) for a Gated DeltaNet layer's output: x, gate `[T, heads *
+    head_dim]`, `norm` the per-head gated RMSNorm (weight `[head_dim]`, times silu(gate))."""
+    if gated_norm_folds(x, norm, proj):
+        return _gated_norm_linear(x, gate, norm.weight, norm.eps, proj.weight)
+    t, d = x.shape[0], norm.weight.shape[0]
+    return proj(norm(x.reshape(t, -1, d), gate.reshape(t, -1, d)).reshape(t, -1))

@@ -30,11 +30,12 @@ GEMV_MAX_ROWS = 32
 
 
 # What the kernel does to its input rows before the product (see `gemv`).
-PLAIN, SILU_MUL, RMS_NORM = 0, 1, 2
+PLAIN, SILU_MUL, RMS_NORM, GATED_NORM = 0, 1, 2, 3
 
 
 if triton is not None:
     _SILU_MUL, _RMS_NORM = tl.constexpr(SILU_MUL), tl.constexpr(RMS_NORM)   # for jit code
+    _GATED_NORM = tl.constexpr(GATED_NORM)
 
     @triton.jit
     def _prologue_rows(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_rm, K,
@@ -52,12 +53,28 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _gated_norm_rows(x, z_ptr, nw_ptr, offs_m, offs_k, mask, stride_zm, eps,
+                         ROWS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+        """rms_norm(x) * w * silu(z) per group of GROUP elements (a value head; the slice
+        holds whole groups), with layers/gdn/fused_decode.py's `_gated_norm` roundings."""
+        dtype = x.dtype
+        xf = tl.reshape(x.to(tl.float32), (ROWS, BLOCK_K // GROUP, GROUP))
+        rstd = tl.rsqrt(tl.sum(xf * xf, 2) / GROUP + eps)
+        normed = tl.reshape(xf * rstd[:, :, None], (ROWS, BLOCK_K)).to(dtype).to(tl.float32)
+        w = tl.load(nw_ptr + offs_k % GROUP).to(tl.float32)
+        n = (w[None, :] * normed).to(dtype).to(tl.float32)
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_k[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        return (n * (z / (1.0 + tl.exp(-z)))).to(dtype)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, pa_ptr, pa_bytes, pb_ptr,
                      pb_bytes, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_hm,
                      eps, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
                      M_BUCKET: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_L2: tl.constexpr,
-                     L2_LINES: tl.constexpr, ONE_SLICE: tl.constexpr, USE_PDL: tl.constexpr):
+                     L2_LINES: tl.constexpr, ONE_SLICE: tl.constexpr, USE_PDL: tl.constexpr,
+                     GROUP: tl.constexpr = 1):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -108,6 +125,9 @@ if triton is not None:
                             other=0.0)
             x = _prologue_rows(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_rm, K,
                                PROLOGUE, HAS_RES)
+            if PROLOGUE == _GATED_NORM:
+                x = _gated_norm_rows(x, r_ptr, nw_ptr, offs_m, offs_k, mask, stride_rm, eps,
+                                     M_BUCKET, BLOCK_K, GROUP)
             if PROLOGUE == _RMS_NORM:  # rms_norm's roundings; program 0 keeps x + r
                 tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :], x,
                          mask=mask & (pid == 0))
@@ -172,7 +192,7 @@ def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, 
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
          prologue: int = PLAIN, residual: torch.Tensor | None = None,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         residual_out: torch.Tensor | None = None,
+         residual_out: torch.Tensor | None = None, group: int = 1,
          l2_prefetch_next: tuple[torch.Tensor, ...] | list[torch.Tensor] = ()) -> torch.Tensor:
     """x: [M, K] with M <= GEMV_MAX_ROWS, w: [N, K] -> [M, N] (fp32 accumulation).
 
@@ -182,6 +202,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     prologue RMS_NORM: the product is rms_norm(x + residual, norm_weight, eps) @ w.T (a
     float32 norm_weight: the zero-centered convention, `norm_f32`), and
     x + residual (x alone without a residual) is written to `residual_out` [M, K].
+    prologue GATED_NORM: the product is gated_norm(x) @ w.T, per group of `group` columns
+    (a GDN value head) rms_norm(x) * norm_weight [group] * silu(residual), residual [M, K]
+    the gate; one row only (`gated_norm_fits`).
     `l2_prefetch_next`: weights of later kernels (at most two), prefetched into L2 by this
     one's programs before it waits for its input (layers/l2_prefetch.py); one row only.
     """
@@ -203,8 +226,16 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
         NORM_F32=norm_weight is not None and norm_f32(norm_weight, x), M_BUCKET=bucket,
         BLOCK_N=block_n,
         BLOCK_K=block_k, NUM_L2=num_l2, L2_LINES=32 * warps, ONE_SLICE=block_k >= k,
-        USE_PDL=pdl, num_warps=warps, launch_pdl=pdl)
+        USE_PDL=pdl, GROUP=group, num_warps=warps, launch_pdl=pdl)
     return out
+
+
+def gated_norm_fits(x: torch.Tensor, w: torch.Tensor, group: int) -> bool:
+    """Whether the GATED_NORM prologue takes x: one row, and every K slice of the one-row
+    tiles holds whole groups."""
+    n, k = w.shape
+    return (x.shape[0] == 1 and gemv_supported(x, w) and k % group == 0
+            and _config(1, n, k, GATED_NORM)[1] % group == 0)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor,

@@ -44,7 +44,8 @@ from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.attention.gdn import GDNMetadata
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers import gated_attention
-from fullgraph.layers.fused_linear import add_rms_norm, norm_linear, silu_mul_linear
+from fullgraph.layers.fused_linear import (add_rms_norm, gated_norm_folds, gated_norm_linear,
+                                          norm_linear, silu_mul_linear)
 from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
@@ -211,12 +212,18 @@ class GatedDeltaNet(nn.Module):
         spec = md.write_slots is not None     # speculative decoding: a state per position
         if (md.decode and not spec
                 and fused_decode.supported(x, self.head_k_dim, self.head_v_dim)):
-            # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py)
+            # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py);
+            # at one row the gated norm runs in out_proj's prologue instead (z has the rows,
+            # dtype and device of out_proj's input)
+            fold = gated_norm_folds(z, self.norm, self.out_proj)
             qkv = fused_decode.conv_decode(qkv, weight, conv_pool, md.state_slots,
                                            md.has_initial_state)
             o = fused_decode.gated_delta_decode(
                 qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
-                recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads)
+                recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads,
+                norm=not fold)
+            if fold:
+                return gated_norm_linear(o, z, self.norm, self.out_proj), residual
             return self.out_proj(o), residual
         if (spec and fused_decode.supported(x, self.head_k_dim, self.head_v_dim)
                 and fused_verify.uniform_rows(qkv, md.state_slots, md.short_query_len)):

@@ -15,6 +15,11 @@ roundings as the torch path: float32 inside, the activations' dtype where transf
 (the conv output, beta, the rule's output before the norm, the norm before the gate).
 A lane whose `has_initial_state` is False starts from zeros whatever its slot holds; padding
 lanes share the null slot, whose contents are garbage (state.py).
+
+With PDL (layers/pdl.py) both kernels read their lane's slot and its state (the first
+block of it, for the rule) before they wait for the kernel before them: the host wrote the
+slots before the step and the layer's previous step the states, and no kernel of this step
+writes them before these do.
 """
 from __future__ import annotations
 
@@ -54,15 +59,16 @@ if triton is not None:
         w_s = tl.load(w_ptr + offs[None, :] * (W + 1) + rows[:, None],
                       mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
         w_x = tl.load(w_ptr + offs * (W + 1) + W, mask=mask, other=0.0).to(tl.float32)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        # the saved inputs too (module docstring)
         slot = tl.load(slots_ptr + r).to(tl.int64)
         base = pool_ptr + slot * stride_ps
         s = tl.load(base + rows[:, None] * stride_pw + offs[None, :],
                     mask=rmask[:, None] & mask[None, :], other=0.0)
         if HAS_INIT:               # where, not a multiply: an unused slot may hold NaN
             s = tl.where(tl.load(init_ptr + r) != 0, s, 0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + r * stride_x + offs, mask=mask, other=0.0)
         acc = tl.sum(s.to(tl.float32) * w_s, axis=0) + x.to(tl.float32) * w_x
         y = acc / (1.0 + tl.exp(-acc))
@@ -116,14 +122,19 @@ if triton is not None:
                                    a_log_ptr, dt_bias_ptr, norm_w_ptr, pool_ptr, slots_ptr,
                                    init_ptr, o_ptr, stride_o, key_dim, HV, heads_per_key,
                                    scale, eps, DK: tl.constexpr, DV: tl.constexpr,
-                                   BV: tl.constexpr, HAS_INIT: tl.constexpr,
-                                   USE_PDL: tl.constexpr):
+                                   BV: tl.constexpr, SPAN: tl.constexpr, NORM: tl.constexpr,
+                                   HAS_INIT: tl.constexpr, USE_PDL: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         hv = tl.program_id(1)
+        first = tl.program_id(2) * SPAN        # this program's value columns: SPAN from here
         hk = hv // heads_per_key
         offs_k = tl.arange(0, DK)
         a_log = tl.load(a_log_ptr + hv).to(tl.float32)
         dt_bias = tl.load(dt_bias_ptr + hv).to(tl.float32)
+        # the first block of the state too (module docstring)
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+        state = pool_ptr + (slot * HV + hv) * DK * DV
+        h_first = tl.load(state + offs_k[:, None] * DV + (first + tl.arange(0, BV))[None, :])
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -131,18 +142,16 @@ if triton is not None:
         q, k, decay, beta = _token_terms(row, a_ptr + r * stride_in + hv,
                                          b_ptr + r * stride_in + hv, hk, a_log, dt_bias,
                                          key_dim, scale, DK)
-        slot = tl.load(slots_ptr + r).to(tl.int64)
-        state = pool_ptr + (slot * HV + hv) * DK * DV
         v_row = row + 2 * key_dim + hv * DV
         o_row = o_ptr + r * stride_o + hv * DV
         dtype = o_ptr.dtype.element_ty
         # pass 1, per block of value columns: the rule on the state, the raw output (rounded
         # to the activations' dtype, as the unfused rule returns it) and its sum of squares
         sumsq = 0.0
-        for v0 in tl.static_range(0, DV, BV):
-            offs_v = v0 + tl.arange(0, BV)
+        for v0 in tl.static_range(0, SPAN, BV):
+            offs_v = first + v0 + tl.arange(0, BV)
             ptrs = state + offs_k[:, None] * DV + offs_v[None, :]
-            h = tl.load(ptrs)
+            h = h_first if v0 == 0 else tl.load(ptrs)
             if HAS_INIT:           # where, not a multiply: an unused slot may hold NaN
                 h = tl.where(tl.load(init_ptr + r) != 0, h, 0.0)
             h = h * decay
@@ -152,11 +161,13 @@ if triton is not None:
             tl.store(ptrs, h)
             o = tl.sum(h * q[:, None], 0).to(dtype)
             tl.store(o_row + offs_v, o)
-            of = o.to(tl.float32)
-            sumsq += tl.sum(of * of, 0)
-        tl.debug_barrier()         # pass 2 reads what other threads of the program wrote
-        _gated_norm(o_row, z_ptr + r * stride_in + hv * DV, norm_w_ptr,
-                    tl.rsqrt(sumsq / DV + eps), DV, BV)
+            if NORM:
+                of = o.to(tl.float32)
+                sumsq += tl.sum(of * of, 0)
+        if NORM:                   # SPAN == DV: the program holds the whole head
+            tl.debug_barrier()     # pass 2 reads what other threads of the program wrote
+            _gated_norm(o_row, z_ptr + r * stride_in + hv * DV, norm_w_ptr,
+                        tl.rsqrt(sumsq / DV + eps), DV, BV)
 
     _gated_delta_decode_launcher = Launcher(_gated_delta_decode_kernel)
 
@@ -184,12 +195,19 @@ def gated_delta_decode(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: t
                        A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
                        eps: float, state_pool: torch.Tensor, state_slots: torch.Tensor,
                        has_initial_state: torch.Tensor | None, num_k_heads: int,
-                       v_block: int = V_BLOCK, num_warps: int = 4) -> torch.Tensor:
+                       v_block: int = V_BLOCK, num_warps: int = 4,
+                       norm: bool = True) -> torch.Tensor:
     """The rest of a GDN layer's decode before out_proj: qkv `[R, 2 * key_dim + value_dim]`
     (the conv's output), z `[R, value_dim]`, b, a `[R, num_v_heads]` (views of in_proj's
     output sharing one row stride). Returns rms_norm_gated(o, z) `[R, value_dim]`, o the
     rule's output; updates `state_pool` `[slots, num_v_heads, head_k_dim, head_v_dim]`.
-    `v_block`, `num_warps`: the state's columns a pass and the warps (the probes compare)."""
+    `v_block`, `num_warps`: the state's columns a pass and the warps (the probes compare).
+
+    `norm=False` returns o itself, for a caller that applies the gated norm later (out_proj's
+    prologue at one row: layers/fused_linear.py `gated_norm_linear`), and then a head's
+    value columns spread over programs, `v_block` each, rather than one program walking
+    them in turn: at batch 1 one program per value head leaves most SMs idle while each
+    works through its passes."""
     r = qkv.shape[0]
     hv, dk, dv = state_pool.shape[1:]
     assert z.stride(0) == b.stride(0) == a.stride(0), "z, b, a: views of one projection"
@@ -197,10 +215,12 @@ def gated_delta_decode(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: t
     if r:
         pdl = pdl_enabled(qkv)
         init = has_initial_state if has_initial_state is not None else state_slots
-        _gated_delta_decode_launcher[(r, hv)](
+        bv = min(v_block, dv)
+        span = dv if norm else bv
+        _gated_delta_decode_launcher[(r, hv, dv // span)](
             qkv, qkv.stride(0), z, b, a, z.stride(0), A_log, dt_bias, norm_weight, state_pool,
             state_slots, init, out, out.stride(0), num_k_heads * dk, hv, hv // num_k_heads,
-            dk ** -0.5, eps, DK=dk, DV=dv, BV=min(v_block, dv),
+            dk ** -0.5, eps, DK=dk, DV=dv, BV=bv, SPAN=span, NORM=norm,
             HAS_INIT=has_initial_state is not None, USE_PDL=pdl, num_warps=num_warps,
             launch_pdl=pdl)
     return out
