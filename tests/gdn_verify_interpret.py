@@ -143,11 +143,49 @@ def split_decode_case(device: str = "cpu", dims: tuple[int, ...] = SMALL,
     })
 
 
+def in_proj_conv_case(device: str = "cpu", dims: tuple[int, ...] = SMALL, hidden: int = 48,
+                      fresh: bool = False) -> list[str]:
+    """A batch-1 decode's in_proj with its input RMSNorm and the conv in one kernel
+    (fused_decode.in_proj_conv) against the torch ops: RMSNorm, a float32 matmul, the
+    decode conv. `fresh`: the lane starts now on a slot holding NaN."""
+    h_, hv, dk, dv = dims
+    conv_dim = 2 * h_ * dk + hv * dv
+    n = conv_dim + hv * dv + 2 * hv
+    gen = torch.Generator(device=device).manual_seed(11)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+    x, residual, norm_w = rnd(1, hidden), rnd(1, hidden), 1 + 0.1 * rnd(hidden)
+    w_in, conv_w = rnd(n, hidden) * 0.2, rnd(conv_dim, KSIZE) * 0.5
+    pool = rnd(6, KSIZE - 1, conv_dim)
+    slots = torch.tensor([4], device=device)
+    init = torch.tensor([not fresh], device=device)
+    if fresh:
+        pool[4] = float("nan")
+    want_pool = pool.clone()
+    h = x + residual
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w
+    p = normed @ w_in.T
+    want_conv = causal_conv1d_decode(p[:, :conv_dim], conv_w, None, want_pool, slots, init)
+    y, got_h = fused_decode.in_proj_conv(x, residual, norm_w, 1e-6, w_in, conv_w, pool, slots,
+                                         init)
+    written = want_pool[4].nan_to_num() if fresh else want_pool[4]
+    return _report(f"in_proj + conv ({'fresh lane' if fresh else 'continued'})", {
+        "residual": torch.allclose(got_h, h),
+        "conv columns": torch.allclose(y[:, :conv_dim], want_conv, rtol=1e-4, atol=1e-4),
+        "other columns": torch.allclose(y[:, conv_dim:], p[:, conv_dim:], rtol=1e-4,
+                                        atol=1e-4),
+        "conv state": torch.allclose(pool[4], written, rtol=1e-4, atol=1e-4),
+        "other slots untouched": torch.equal(pool[:4], want_pool[:4]),
+    })
+
+
 if __name__ == "__main__":
     # the default takes all 32 value columns at once here; 16 makes two passes, as a
     # 128-column head takes four on the GPU
     failures = (decode_case() + decode_case(v_block=16) + split_decode_case()
-                + split_decode_case(v_block=32)
+                + split_decode_case(v_block=32) + in_proj_conv_case()
+                + in_proj_conv_case(fresh=True)
                 + [f for rows in (1, 3, 4) for f in verify_case(rows)]
                 + verify_case(3, dims=SMALL[:3] + (64,)))    # 64-column heads: two passes
     print("FAILURES", len(failures))

@@ -13,7 +13,7 @@ from fullgraph.layers.gdn import (causal_conv1d_decode, fused_decode, gdn_gating
 from fullgraph.layers.linear import Linear
 from fullgraph.layers.norm import ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary
-from gdn_verify_interpret import split_decode_case, verify_case
+from gdn_verify_interpret import in_proj_conv_case, split_decode_case, verify_case
 
 pytestmark = pytest.mark.gpu
 
@@ -127,6 +127,14 @@ def test_split_decode_rule_and_gated_norm_prologue_match_the_torch_ops(v_block):
     programs, its gated norm in out_proj's one-row GEMV prologue, at the 0.8B model's head
     dims, against the torch ops (tests/gdn_verify_interpret.py)."""
     assert split_decode_case("cuda", (H, HV, DK, DV), v_block) == []
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_in_proj_with_the_conv_in_its_epilogue_matches_the_torch_ops(fresh):
+    """A batch-1 decode's in_proj (input RMSNorm in its prologue) and conv in one kernel, at
+    the 0.8B model's head dims and hidden size, against the torch ops
+    (tests/gdn_verify_interpret.py)."""
+    assert in_proj_conv_case("cuda", (H, HV, DK, DV), hidden=1024, fresh=fresh) == []
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

@@ -45,7 +45,7 @@ from fullgraph.models.qwen3 import Qwen3DecoderLayer
 from fullgraph.worker import model_runner
 
 ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
-            "config": gemv._config, "NUM_WARPS": paged.NUM_WARPS,
+            "config": gemv.tiles, "NUM_WARPS": paged.NUM_WARPS,
             "TILE_TOKENS": paged.TILE_TOKENS, "stages": paged.pipeline_stages,
             "l2": Qwen3DecoderLayer.l2_prefetch_plan,
             "pcie": pcie_copy.supported, "dtoh": model_runner.to_host}
@@ -53,7 +53,7 @@ ORIGINAL = {"splits": paged.decode_splits, "fuse": flex.fuse_qk_norm_rope,
 
 def apply(variant: str) -> None:
     paged.decode_splits, flex.fuse_qk_norm_rope = ORIGINAL["splits"], ORIGINAL["fuse"]
-    gemv._config = ORIGINAL["config"]
+    gemv.tiles = ORIGINAL["config"]
     paged.NUM_WARPS, paged.TILE_TOKENS = ORIGINAL["NUM_WARPS"], ORIGINAL["TILE_TOKENS"]
     paged.pipeline_stages = ORIGINAL["stages"]
     Qwen3DecoderLayer.l2_prefetch_plan = ORIGINAL["l2"]
@@ -107,7 +107,7 @@ def apply(variant: str) -> None:
         if m_bucket == 1 and prologue == gemv.PLAIN and big and n >= 32768:
             return big
         return ORIGINAL["config"](m_bucket, n, k, prologue)
-    gemv._config = config
+    gemv.tiles = config
 
 
 def run_fresh(variant: str, argv: list[str]) -> list[float]:

@@ -4,7 +4,8 @@ replays, against the bytes each call must move (state read + written, inputs, ou
 rule's kernel also at other state blocks and warps (`--rule-tiles 32x4 64x8`: value
 columns a pass x warps; the first is today's), and the one-row layout: the rule without its
 norm, a head's columns spread over programs (`--split-tiles`: columns a program x warps),
-then out_proj with the gated norm in its prologue, against rule+norm then a plain out_proj.
+then out_proj with the gated norm in its prologue, against rule+norm then a plain out_proj;
+and in_proj with the conv in its epilogue against in_proj then the conv kernel.
 
     python benchmarks/probes/gdn_decode.py [--rows 1 8 32 128] [--iters 200]
 """
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 from graph_timing import replay_ms  # noqa: E402  (this folder, sys.path[0] when run)
 
 from fullgraph.layers import gated_attention  # noqa: E402
-from fullgraph.layers.gemv import GATED_NORM, gemv  # noqa: E402
+from fullgraph.layers.gemv import GATED_NORM, RMS_NORM, gemv  # noqa: E402
 from fullgraph.layers.gdn import fused_decode  # noqa: E402
 
 H, HV, DK, DV, KSIZE = 16, 16, 128, 128, 4          # Qwen3.5-0.8B's GDN layers
@@ -97,6 +98,16 @@ def main() -> None:
             splits = "  ".join(f"{bv}x{w} {t:7.2f}" for (bv, w), t in zip(split_tiles, times))
             print(f"rows 1, rule + out_proj: rule+norm, plain out_proj {t_plain:7.2f}; "
                   f"split rule, gated-norm out_proj {splits}")
+            hidden = torch.randn(2, 1, 1024, device=dev, dtype=bf16)
+            w_in = torch.randn(proj.shape[1], 1024, device=dev, dtype=bf16)
+            in_norm = torch.ones(1024, device=dev)         # zero-centered: float32 1 + w
+            t_in = time_graph(lambda: fused_decode.conv_decode(gemv(
+                hidden[0], w_in, prologue=RMS_NORM, residual=hidden[1], norm_weight=in_norm,
+                eps=1e-6)[:, :CONV_DIM], weight, conv_pool, slots, init), args.iters)
+            t_fused = time_graph(lambda: fused_decode.in_proj_conv(
+                hidden[0], hidden[1], in_norm, 1e-6, w_in, weight, conv_pool, slots, init),
+                args.iters)
+            print(f"rows 1, in_proj + conv: two kernels {t_in:7.2f}; one {t_fused:7.2f}")
 
 
 if __name__ == "__main__":

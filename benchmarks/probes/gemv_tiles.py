@@ -20,7 +20,8 @@ import triton
 from benchmarks.probes.gemv import SHAPES, timed
 from fullgraph.layers.fused_linear import _silu_mul_rows_kernel
 from fullgraph.layers.norm import _add_rms_norm_rows_kernel
-from fullgraph.layers.gemv import PLAIN, RMS_NORM, SILU_MUL, _config, _gemv_kernel, row_bucket
+from fullgraph.layers.gemv import PLAIN, RMS_NORM, SILU_MUL, _gemv_kernel, row_bucket
+from fullgraph.layers.gemv import tiles as shipped_tiles
 
 
 def main() -> None:
@@ -69,7 +70,7 @@ def main() -> None:
                         _silu_mul_rows_kernel[(m, triton.cdiv(k, 1024))](x, act, k, x.stride(0), act.stride(0), BLOCK=1024, USE_PDL=False)
                     else:
                         _add_rms_norm_rows_kernel[(m,)](x, r, h, act, nw, k, x.stride(0), r.stride(0), h.stride(0), act.stride(0), 1e-6, HAS_RES=True, BLOCK=triton.next_power_of_2(k), USE_PDL=False)
-                    launch(wt, act, PLAIN, *_config(bucket, n, k))
+                    launch(wt, act, PLAIN, *shipped_tiles(bucket, n, k))
                 line += ["unfused (row kernel + shipped tiles)", round(timed(unfused, copies), 2)]
             else:
                 line += ["cuBLAS", round(timed(lambda wt: F.linear(x, wt), copies), 2)]

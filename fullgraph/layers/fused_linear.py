@@ -153,6 +153,14 @@ def _product(x: torch.Tensor, proj: nn.Module, policy: KernelPolicy) -> torch.Te
     return F.linear(x, proj.weight)
 
 
+def norm_folds(x: torch.Tensor, proj: nn.Module) -> bool:
+    """Whether `norm_linear` runs the norm in the projection's one-row GEMV prologue (a
+    batch-1 decode step on the GPU, outside the batch-invariant mode); a model may then
+    fold more into that kernel (layers/gdn/fused_decode.py `in_proj_conv`)."""
+    return (_fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
+            and x.shape[0] == 1 and gemv_supported(x, proj.weight))
+
+
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: nn.Module,
                 l2_prefetch_next: tuple[torch.Tensor, ...] = ()
                 ) -> tuple[torch.Tensor, torch.Tensor]:

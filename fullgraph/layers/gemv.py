@@ -68,14 +68,14 @@ if triton is not None:
         return (n * (z / (1.0 + tl.exp(-z)))).to(dtype)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, pa_ptr, pa_bytes, pb_ptr,
-                     pb_bytes, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_hm,
-                     eps, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
-                     M_BUCKET: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_L2: tl.constexpr,
-                     L2_LINES: tl.constexpr, ONE_SLICE: tl.constexpr, USE_PDL: tl.constexpr,
-                     GROUP: tl.constexpr = 1):
-        pid = tl.program_id(0)
+    def gemv_acc(pid, x_ptr, w_ptr, r_ptr, h_ptr, nw_ptr, pa_ptr, pa_bytes, pb_ptr, pb_bytes,
+                 M, N, K, stride_xm, stride_wn, stride_rm, stride_hm, eps,
+                 PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
+                 M_BUCKET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NUM_L2: tl.constexpr, L2_LINES: tl.constexpr, ONE_SLICE: tl.constexpr,
+                 USE_PDL: tl.constexpr, GROUP: tl.constexpr):
+        """Program `pid`'s float32 products, [BLOCK_N] for one row, else [M_BUCKET, BLOCK_N]
+        (the kernel below; with PDL, the wait for the previous kernel is in here)."""
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_m = tl.arange(0, M_BUCKET)
@@ -140,6 +140,25 @@ if triton is not None:
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
             else:
                 acc += tl.dot(x, tl.trans(w))
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, pa_ptr, pa_bytes, pb_ptr,
+                     pb_bytes, M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, stride_hm,
+                     eps, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
+                     M_BUCKET: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_L2: tl.constexpr,
+                     L2_LINES: tl.constexpr, ONE_SLICE: tl.constexpr, USE_PDL: tl.constexpr,
+                     GROUP: tl.constexpr = 1):
+        pid = tl.program_id(0)
+        acc = gemv_acc(pid, x_ptr, w_ptr, r_ptr, h_ptr, nw_ptr, pa_ptr, pa_bytes, pb_ptr,
+                       pb_bytes, M, N, K, stride_xm, stride_wn, stride_rm, stride_hm, eps,
+                       PROLOGUE, HAS_RES, NORM_F32, M_BUCKET, BLOCK_N, BLOCK_K, NUM_L2,
+                       L2_LINES, ONE_SLICE, USE_PDL, GROUP)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_m = tl.arange(0, M_BUCKET)
+        mask_m = offs_m < M
         if M_BUCKET == 1:
             tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
         else:
@@ -160,7 +179,7 @@ def gemv_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.stride(1) == 1 and x.stride(1) == 1)
 
 
-def _config(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, int, int]:
+def tiles(m_bucket: int, n: int, k: int, prologue: int = PLAIN) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps): the fastest tiles measured on an H200 for Qwen3-0.6B's
     shapes (benchmarks/probes/gemv.py, gemv_tiles.py), then in the model on an H100
     (benchmarks/probes/decode_variants.py), as a rule. Fixed rather than
@@ -213,7 +232,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bucket = row_bucket(m)
-    block_n, block_k, warps = _config(bucket, n, k, prologue)
+    block_n, block_k, warps = tiles(bucket, n, k, prologue)
     pdl = pdl_enabled(x)
     r = residual if residual is not None else x
     h = residual_out if residual_out is not None else out
@@ -235,7 +254,7 @@ def gated_norm_fits(x: torch.Tensor, w: torch.Tensor, group: int) -> bool:
     tiles holds whole groups."""
     n, k = w.shape
     return (x.shape[0] == 1 and gemv_supported(x, w) and k % group == 0
-            and _config(1, n, k, GATED_NORM)[1] % group == 0)
+            and tiles(1, n, k, GATED_NORM)[1] % group == 0)
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor,

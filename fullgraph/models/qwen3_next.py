@@ -44,7 +44,7 @@ from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.attention.gdn import GDNMetadata
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers import gated_attention
-from fullgraph.layers.fused_linear import (add_rms_norm, gated_norm_folds, gated_norm_linear,
+from fullgraph.layers.fused_linear import (add_rms_norm, gated_norm_linear, norm_folds,
                                           norm_linear, silu_mul_linear)
 from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
@@ -203,27 +203,25 @@ class GatedDeltaNet(nn.Module):
         tails of TAIL_INPUTS), as `HybridForCausalLM.cache_specs` lists them."""
         md, (conv_pool, recurrent_pool) = ctx.state_metadata, state[:2]
         t = x.shape[0]
+        weight = self.conv1d.weight.squeeze(1)                  # [conv_dim, kernel]
+        spec = md.write_slots is not None     # speculative decoding: a state per position
+        fused = (md.decode and not spec and not policy_of(self).batch_invariant
+                 and fused_decode.supported(x, self.head_k_dim, self.head_v_dim))
+        if fused and norm_folds(x, self.in_proj):
+            return self._one_row_decode(x, residual, norm, weight, md, conv_pool,
+                                        recurrent_pool)
         proj, residual = norm_linear(x, residual, norm, self.in_proj)
         qkv, z, b, a = proj.split(
             (self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads), dim=-1)
-        weight = self.conv1d.weight.squeeze(1)                  # [conv_dim, kernel]
         if policy_of(self).batch_invariant:
             return self.out_proj(self._aligned(qkv, z, b, a, weight, md, state)), residual
-        spec = md.write_slots is not None     # speculative decoding: a state per position
-        if (md.decode and not spec
-                and fused_decode.supported(x, self.head_k_dim, self.head_v_dim)):
-            # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py);
-            # at one row the gated norm runs in out_proj's prologue instead (z has the rows,
-            # dtype and device of out_proj's input)
-            fold = gated_norm_folds(z, self.norm, self.out_proj)
+        if fused:
+            # the same ops as below, in two kernels on the pools (layers/gdn/fused_decode.py)
             qkv = fused_decode.conv_decode(qkv, weight, conv_pool, md.state_slots,
                                            md.has_initial_state)
             o = fused_decode.gated_delta_decode(
                 qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
-                recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads,
-                norm=not fold)
-            if fold:
-                return gated_norm_linear(o, z, self.norm, self.out_proj), residual
+                recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads)
             return self.out_proj(o), residual
         if (spec and fused_decode.supported(x, self.head_k_dim, self.head_v_dim)
                 and fused_verify.uniform_rows(qkv, md.state_slots, md.short_query_len)):
@@ -263,6 +261,23 @@ class GatedDeltaNet(nn.Module):
                                        md.chunk_indices)
         o = self.norm(o, z.reshape(t, self.num_v_heads, self.head_v_dim))
         return self.out_proj(o.reshape(t, self.value_dim)), residual
+
+    def _one_row_decode(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                        weight: torch.Tensor, md: GDNMetadata, conv_pool: torch.Tensor,
+                        recurrent_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch-1 decode step, the fused path's ops in three kernels
+        (layers/gdn/fused_decode.py): in_proj with its input norm and the conv in its
+        epilogue; the rule with a head's value columns spread over programs (one program a
+        head would leave most SMs idle); out_proj with the gated norm in its prologue."""
+        proj, residual = fused_decode.in_proj_conv(
+            x, residual, norm.kernel_weight, norm.eps, self.in_proj.weight, weight, conv_pool,
+            md.state_slots, md.has_initial_state)
+        qkv, z, b, a = proj.split(
+            (self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads), dim=-1)
+        o = fused_decode.gated_delta_decode(
+            qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
+            recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads, norm=False)
+        return gated_norm_linear(o, z, self.norm, self.out_proj), residual
 
     def _aligned(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                  weight: torch.Tensor, md: GDNMetadata, state: tuple[torch.Tensor, ...]

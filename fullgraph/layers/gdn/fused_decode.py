@@ -31,7 +31,9 @@ try:
 except ImportError:            # CPU-only installs: the torch ops in conv.py / reference.py
     triton = None
 
+from fullgraph.layers import gemv
 from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
+from fullgraph.layers.norm import norm_f32
 from fullgraph.layers.pdl import pdl_enabled
 
 CONV_BLOCK = 512
@@ -45,6 +47,8 @@ def supported(x: torch.Tensor, head_k_dim: int, head_v_dim: int) -> bool:
 
 
 if triton is not None:
+    _RMS_NORM = tl.constexpr(gemv.RMS_NORM)
+
     @triton.jit
     def _conv_decode_kernel(x_ptr, stride_x, w_ptr, pool_ptr, stride_ps, stride_pw,
                             slots_ptr, init_ptr, y_ptr, stride_y, D,
@@ -81,6 +85,45 @@ if triton is not None:
         tl.store(base + (W - 1) * stride_pw + offs, x.to(pool_ptr.dtype.element_ty), mask=mask)
 
     _conv_decode_launcher = Launcher(_conv_decode_kernel)
+
+    @triton.jit
+    def _in_proj_conv_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, N, K, stride_xm,
+                             stride_wn, stride_rm, stride_hm, eps, cw_ptr, pool_ptr, stride_ps,
+                             stride_pw, slots_ptr, init_ptr, conv_dim, HAS_RES: tl.constexpr,
+                             NORM_F32: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, ONE_SLICE: tl.constexpr,
+                             W: tl.constexpr, W_P2: tl.constexpr, HAS_INIT: tl.constexpr,
+                             USE_PDL: tl.constexpr):
+        """One row: in_proj with its input RMSNorm (gemv.py's one-row kernel), then on the
+        program's outputs below conv_dim `_conv_decode_kernel`'s conv + SiLU and state shift.
+        A program owns its channels, so no other reads the conv state it shifts."""
+        pid = tl.program_id(0)
+        offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        conv = offs < conv_dim
+        rows = tl.arange(0, W_P2)
+        taps = (rows < W)[:, None] & conv[None, :]
+        # the conv's weights and saved inputs before the GEMV's wait (module docstring)
+        w_s = tl.load(cw_ptr + offs[None, :] * (W + 1) + rows[:, None], mask=taps,
+                      other=0.0).to(tl.float32)
+        w_x = tl.load(cw_ptr + offs * (W + 1) + W, mask=conv, other=0.0).to(tl.float32)
+        base = pool_ptr + tl.load(slots_ptr).to(tl.int64) * stride_ps
+        s = tl.load(base + rows[:, None] * stride_pw + offs[None, :], mask=taps, other=0.0)
+        if HAS_INIT:               # where, not a multiply: an unused slot may hold NaN
+            s = tl.where(tl.load(init_ptr) != 0, s, 0.0)
+        acc = gemv.gemv_acc(pid, x_ptr, w_ptr, r_ptr, h_ptr, nw_ptr, x_ptr, 0, x_ptr, 0, 1, N,
+                            K, stride_xm, stride_wn, stride_rm, stride_hm, eps, _RMS_NORM,
+                            HAS_RES, NORM_F32, 1, BLOCK_N, BLOCK_K, 0, 32, ONE_SLICE, USE_PDL,
+                            1)
+        x = acc.to(y_ptr.dtype.element_ty)         # in_proj's output, rounded
+        c = tl.sum(s.to(tl.float32) * w_s, axis=0) + x.to(tl.float32) * w_x
+        y = tl.where(conv, c / (1.0 + tl.exp(-c)), x.to(tl.float32))
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=offs < N)
+        tl.debug_barrier()         # every thread's loads of the rows it overwrites are done
+        tl.store(base + (rows[:, None] - 1) * stride_pw + offs[None, :], s,
+                 mask=(rows >= 1)[:, None] & taps)
+        tl.store(base + (W - 1) * stride_pw + offs, x.to(pool_ptr.dtype.element_ty), mask=conv)
+
+    _in_proj_conv_launcher = Launcher(_in_proj_conv_kernel)
 
     @triton.jit
     def _softplus(x):
@@ -224,3 +267,29 @@ def gated_delta_decode(qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: t
             HAS_INIT=has_initial_state is not None, USE_PDL=pdl, num_warps=num_warps,
             launch_pdl=pdl)
     return out
+
+
+def in_proj_conv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                 eps: float, weight: torch.Tensor, conv_weight: torch.Tensor,
+                 conv_state_pool: torch.Tensor, state_slots: torch.Tensor,
+                 has_initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-row decode's in_proj and conv in one kernel: (y, h) with h = x + residual (x
+    without one), p = rms_norm(h, norm_weight, eps) @ weight.T `[1, N]` and y = p but for its
+    first conv_dim = conv_weight.shape[0] columns, which are `conv_decode` of them (the conv
+    state shifted in place). As `gemv(..., prologue=RMS_NORM)` then `conv_decode`."""
+    n, k = weight.shape
+    d, taps = conv_weight.shape
+    block_n, block_k, warps = gemv.tiles(1, n, k, gemv.RMS_NORM)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x)
+    r = residual if residual is not None else x
+    pdl = pdl_enabled(x)
+    init = has_initial_state if has_initial_state is not None else state_slots
+    _in_proj_conv_launcher[(cdiv(n, block_n),)](
+        x, weight, y, r, h, norm_weight, n, k, x.stride(0), weight.stride(0), r.stride(0),
+        h.stride(0), eps, conv_weight, conv_state_pool, conv_state_pool.stride(0),
+        conv_state_pool.stride(1), state_slots, init, d, HAS_RES=residual is not None,
+        NORM_F32=norm_f32(norm_weight, x), BLOCK_N=block_n, BLOCK_K=block_k,
+        ONE_SLICE=block_k >= k, W=taps - 1, W_P2=next_power_of_2(taps - 1),
+        HAS_INIT=has_initial_state is not None, USE_PDL=pdl, num_warps=warps, launch_pdl=pdl)
+    return y, h
