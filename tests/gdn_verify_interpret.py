@@ -4,12 +4,13 @@ against the torch ops they replace, float32. Run as a script under Triton's CPU 
 uniform speculative steps of 1, 3 and 4 rows a lane (groups of 4 slots) at small head dims
 and prints "FAILURES n"; tests/test_gpu_hybrid_kernels.py runs `verify_case` on the GPU at
 the real ones. Lane 1 starts fresh on a slot holding NaN; the last lane is padding on the
-null slot."""
+null slot. Also a batch-1 step's layout: the split rule, the GEMV's gated-norm and
+output-gate prologues (layers/gemv.py) and in_proj with the conv in one kernel."""
 from __future__ import annotations
 
 import torch
 
-from fullgraph.layers.gemv import GATED_NORM, gemv
+from fullgraph.layers.gemv import GATED_NORM, SIGMOID_GATE, gemv
 from fullgraph.layers.gdn import (causal_conv1d, causal_conv1d_decode, fused_decode,
                                   fused_verify, gdn_gating, recurrent_gated_delta_rule_ref,
                                   rms_norm_gated, slot_groups, speculative_gated_delta_rule)
@@ -180,12 +181,26 @@ def in_proj_conv_case(device: str = "cpu", dims: tuple[int, ...] = SMALL, hidden
     })
 
 
+def sigmoid_gate_case(device: str = "cpu", heads: int = 4, head_dim: int = 32) -> list[str]:
+    """A gated attention layer's o_proj with the output gate in its one-row prologue
+    (layers/gemv.py SIGMOID_GATE) against sigmoid's torch op and a float32 matmul."""
+    gen = torch.Generator(device=device).manual_seed(5)
+    o = torch.randn(1, heads, head_dim, device=device, generator=gen)
+    qkv = torch.randn(1, 2 * heads * head_dim + 64, device=device, generator=gen)
+    w = torch.randn(40, heads * head_dim, device=device, generator=gen) * 0.1
+    gate = qkv[:, :2 * heads * head_dim].view(1, heads, 2, head_dim)[:, :, 1]
+    want = (o * torch.sigmoid(gate)).reshape(1, -1) @ w.T
+    got = gemv(o.reshape(1, -1), w, prologue=SIGMOID_GATE, residual=qkv, group=head_dim)
+    return _report("o_proj with the output gate", {
+        "output": torch.allclose(got, want, rtol=1e-4, atol=1e-4)})
+
+
 if __name__ == "__main__":
     # the default takes all 32 value columns at once here; 16 makes two passes, as a
     # 128-column head takes four on the GPU
     failures = (decode_case() + decode_case(v_block=16) + split_decode_case()
                 + split_decode_case(v_block=32) + in_proj_conv_case()
-                + in_proj_conv_case(fresh=True)
+                + in_proj_conv_case(fresh=True) + sigmoid_gate_case()
                 + [f for rows in (1, 3, 4) for f in verify_case(rows)]
                 + verify_case(3, dims=SMALL[:3] + (64,)))    # 64-column heads: two passes
     print("FAILURES", len(failures))

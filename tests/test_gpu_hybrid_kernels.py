@@ -1,5 +1,6 @@
 """The hybrid models' kernels against the torch ops they replace (GPU only): the fused GDN
-decode and verify steps (layers/gdn/fused_decode.py, fused_verify.py), the gated attention's prologue and output gate
+decode and verify steps (layers/gdn/fused_decode.py, fused_verify.py), the batch-1 layer's
+GEMV prologues and epilogue, the gated attention's prologue and output gate
 (layers/gated_attention.py), and the zero-centered RMSNorm in the fused projections."""
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from fullgraph.layers.gdn import (causal_conv1d_decode, fused_decode, gdn_gating
 from fullgraph.layers.linear import Linear
 from fullgraph.layers.norm import ZeroCenteredRMSNorm
 from fullgraph.layers.rotary import RotaryEmbedding, apply_rotary
-from gdn_verify_interpret import in_proj_conv_case, split_decode_case, verify_case
+from gdn_verify_interpret import (in_proj_conv_case, sigmoid_gate_case, split_decode_case,
+                                  verify_case)
 
 pytestmark = pytest.mark.gpu
 
@@ -135,6 +137,12 @@ def test_in_proj_with_the_conv_in_its_epilogue_matches_the_torch_ops(fresh):
     the 0.8B model's head dims and hidden size, against the torch ops
     (tests/gdn_verify_interpret.py)."""
     assert in_proj_conv_case("cuda", (H, HV, DK, DV), hidden=1024, fresh=fresh) == []
+
+
+def test_o_proj_with_the_output_gate_in_its_prologue_matches_the_torch_ops():
+    """A batch-1 gated attention layer's output gate in o_proj's one-row GEMV prologue, at
+    the 0.8B model's heads (8 of 256), against the torch ops (tests/gdn_verify_interpret.py)."""
+    assert sigmoid_gate_case("cuda", heads=8, head_dim=256) == []
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])

@@ -1,6 +1,6 @@
 """Projections with the elementwise op that feeds them folded in: RMSNorm (and the residual
 add before it) into qkv and gate/up, SiLU-and-mul into down, a Gated DeltaNet layer's gated
-output norm into its out_proj.
+output norm into its out_proj, a gated attention layer's output gate into its o_proj.
 
 For a single row (batch-1 decode) the skinny-matmul kernel applies the op to each slice of
 its input as it loads it (layers/gemv.py), so a layer's norms and activation cost no launch
@@ -22,8 +22,9 @@ from torch import nn
 
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.linear import linear
-from fullgraph.layers.gemv import (GATED_NORM, RMS_NORM, SILU_MUL, gated_norm_fits, gemv,
-                                   gemv_supported, matmul, triton)
+from fullgraph.layers.gated_attention import sigmoid_gate
+from fullgraph.layers.gemv import (GATED_NORM, RMS_NORM, SIGMOID_GATE, SILU_MUL,
+                                   gated_norm_fits, gemv, gemv_supported, matmul, triton)
 from fullgraph.layers.norm import RMSNorm, rms_norm_rows
 from fullgraph.layers.opaque import opaque_op
 from fullgraph.layers.launch import Launcher, cdiv
@@ -126,6 +127,17 @@ def _(x, gate, norm_weight, eps, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@opaque_op("fullgraph::sigmoid_gate_linear")
+def _sigmoid_gate_linear(x: torch.Tensor, qkv: torch.Tensor, head_dim: int,
+                         weight: torch.Tensor) -> torch.Tensor:
+    return gemv(x, weight, prologue=SIGMOID_GATE, residual=qkv, group=head_dim)
+
+
+@_sigmoid_gate_linear.register_fake
+def _(x, qkv, head_dim, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _fusable(x: torch.Tensor) -> bool:
     return (triton is not None and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
             and x.dtype in (torch.bfloat16, torch.float16))
@@ -207,3 +219,16 @@ def gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm: nn.Module,
         return _gated_norm_linear(x, gate, norm.weight, norm.eps, proj.weight)
     t, d = x.shape[0], norm.weight.shape[0]
     return proj(norm(x.reshape(t, -1, d), gate.reshape(t, -1, d)).reshape(t, -1))
+
+
+def sigmoid_gate_linear(o: torch.Tensor, qkv: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+    """proj(o * sigmoid(gate)) for a gated attention layer on the GPU: o `[T, Hq, D]` the
+    attention's output, qkv the layer's projection holding each head's gate after its q
+    (layers/gated_attention.py `sigmoid_gate`). At one row the gate runs in the projection's
+    prologue."""
+    t, heads, d = o.shape
+    x = o.reshape(t, heads * d)
+    if (t == 1 and _fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
+            and gemv_supported(x, proj.weight)):
+        return _sigmoid_gate_linear(x, qkv, d, proj.weight)
+    return proj(sigmoid_gate(o, qkv, heads))

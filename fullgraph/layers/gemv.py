@@ -30,12 +30,12 @@ GEMV_MAX_ROWS = 32
 
 
 # What the kernel does to its input rows before the product (see `gemv`).
-PLAIN, SILU_MUL, RMS_NORM, GATED_NORM = 0, 1, 2, 3
+PLAIN, SILU_MUL, RMS_NORM, GATED_NORM, SIGMOID_GATE = 0, 1, 2, 3, 4
 
 
 if triton is not None:
     _SILU_MUL, _RMS_NORM = tl.constexpr(SILU_MUL), tl.constexpr(RMS_NORM)   # for jit code
-    _GATED_NORM = tl.constexpr(GATED_NORM)
+    _GATED_NORM, _SIGMOID_GATE = tl.constexpr(GATED_NORM), tl.constexpr(SIGMOID_GATE)
 
     @triton.jit
     def _prologue_rows(x_ptr, r_ptr, offs_m, offs_k, mask, stride_xm, stride_rm, K,
@@ -66,6 +66,17 @@ if triton is not None:
         z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_k[None, :], mask=mask,
                     other=0.0).to(tl.float32)
         return (n * (z / (1.0 + tl.exp(-z)))).to(dtype)
+
+    @triton.jit
+    def _sigmoid_gate_rows(x, g_ptr, offs_m, offs_k, mask, stride_gm, GROUP: tl.constexpr):
+        """x * sigmoid(gate), the gates of GROUP-element heads interleaved with another
+        GROUP elements each in g's rows ([other | gate] per head, a gated attention's q
+        projection), with layers/gated_attention.py's `sigmoid_gate` roundings."""
+        cols = (offs_k // GROUP) * (2 * GROUP) + GROUP + offs_k % GROUP
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        gate = tl.sigmoid(g).to(x.dtype).to(tl.float32)
+        return (x.to(tl.float32) * gate).to(x.dtype)
 
     @triton.jit
     def gemv_acc(pid, x_ptr, w_ptr, r_ptr, h_ptr, nw_ptr, pa_ptr, pa_bytes, pb_ptr, pb_bytes,
@@ -128,6 +139,8 @@ if triton is not None:
             if PROLOGUE == _GATED_NORM:
                 x = _gated_norm_rows(x, r_ptr, nw_ptr, offs_m, offs_k, mask, stride_rm, eps,
                                      M_BUCKET, BLOCK_K, GROUP)
+            if PROLOGUE == _SIGMOID_GATE:
+                x = _sigmoid_gate_rows(x, r_ptr, offs_m, offs_k, mask, stride_rm, GROUP)
             if PROLOGUE == _RMS_NORM:  # rms_norm's roundings; program 0 keeps x + r
                 tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :], x,
                          mask=mask & (pid == 0))
@@ -224,6 +237,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     prologue GATED_NORM: the product is gated_norm(x) @ w.T, per group of `group` columns
     (a GDN value head) rms_norm(x) * norm_weight [group] * silu(residual), residual [M, K]
     the gate; one row only (`gated_norm_fits`).
+    prologue SIGMOID_GATE: the product is (x * sigmoid(gate)) @ w.T, the gates in residual's
+    rows as [q | gate] per head of `group` elements (a gated attention's qkv); one row only.
     `l2_prefetch_next`: weights of later kernels (at most two), prefetched into L2 by this
     one's programs before it waits for its input (layers/l2_prefetch.py); one row only.
     """

@@ -45,7 +45,7 @@ from fullgraph.attention.gdn import GDNMetadata
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers import gated_attention
 from fullgraph.layers.fused_linear import (add_rms_norm, gated_norm_linear, norm_folds,
-                                          norm_linear, silu_mul_linear)
+                                          norm_linear, sigmoid_gate_linear, silu_mul_linear)
 from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
@@ -160,7 +160,7 @@ class GatedAttention(nn.Module):
                 self.k_norm.kernel_weight, self.q_norm.eps, hq, hkv, self.rotary_dim,
                 kv_cache[0], kv_cache[1], ctx.slot_mapping)
             o = ctx.attention(q, kv_cache)
-            return self.o_proj(gated_attention.sigmoid_gate(o, qkv, hq)), residual
+            return sigmoid_gate_linear(o, qkv, self.o_proj), residual
         qg, k, v = qkv.split((2 * hq * d, hkv * d, hkv * d), dim=-1)
         q, gate = qg.view(t, hq, 2 * d).chunk(2, dim=-1)
         q = self.q_norm(q)
