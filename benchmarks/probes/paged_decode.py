@@ -3,6 +3,9 @@ shapes, graph-replayed, against the KV-read floor.
 
     python benchmarks/probes/paged_decode.py --ctx 640 --batches 1 8 32 128 --splits 1 2 4 8 16 32
 
+`--heads 8 2 256`: query heads, KV heads and head dim of another model (these: the gated
+attention layers of Qwen3.5-0.8B).
+
 `--evict-l2`: between calls the graph overwrites a buffer twice the L2's size, so the KV
 comes from HBM as in the engine (where 27 other layers run in between); the time of those
 overwrites, replayed alone, is subtracted.
@@ -19,7 +22,7 @@ import fullgraph.attention.paged_decode as pd
 from flex_decode import copy_bw
 from gemv import timed
 
-HQ, HKV, D = 16, 8, 128
+HQ, HKV, D = 16, 8, 128                # Qwen3-0.6B's; --heads changes them
 
 
 def run(batch: int, ctx: int, bs: int, splits: int, bw: float, evict_l2: bool = False) -> dict:
@@ -58,8 +61,11 @@ def main() -> None:
     p.add_argument("--tiles", type=int, nargs="+", default=[pd.TILE_TOKENS])
     p.add_argument("--warps", type=int, nargs="+", default=[pd.NUM_WARPS])
     p.add_argument("--evict-l2", action="store_true")
+    p.add_argument("--heads", type=int, nargs=3, default=[HQ, HKV, D])
     p.add_argument("--json")
     a = p.parse_args()
+    global HQ, HKV, D
+    HQ, HKV, D = a.heads
     bw = copy_bw()
     print(f"device {torch.cuda.get_device_name()} copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
