@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
 
 import pytest
@@ -139,6 +140,35 @@ def test_warmups_run_inside_compile_ahead_and_before_any_capture():
     assert all(pairs[k].captured is not pairs[k].warmup for k in "ab")
     with pytest.raises(ValueError, match="same keys"):
         manager.capture(["a", "b"], create_forward_fn, progress=False, warmup_order=["a"])
+
+
+def test_garbage_is_collected_before_captures_and_not_during_them():
+    """An earlier engine's garbage cycles are freed before the captures (their destructors
+    may call what a capture forbids), and the cycle collector stays off while they run."""
+    freed: list = []
+
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            freed.append(self)
+
+    seen: list = []
+
+    def create_forward_fn(key, warmup):
+        def fn():
+            if not warmup:
+                seen.append((len(freed), gc.isenabled()))
+            return torch.zeros(1)
+        return fn, None
+
+    Cycle()
+    manager = CUDAGraphManager(FakeGraphRuntime())
+    assert gc.isenabled()
+    manager.capture(["a", "b"], create_forward_fn, progress=False)
+    assert seen == [(1, False), (1, False)]
+    assert gc.isenabled()
 
 
 def test_fake_graph_refuses_host_syncs():

@@ -18,11 +18,12 @@ context's exit waits for them and loads them, so every kernel is ready before ca
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -103,6 +104,24 @@ def replay_pieces(graph: PiecewiseGraph, replay_piece: Callable[[Any], None]) ->
             piece.out.copy_(piece.fn())
         else:
             replay_piece(piece)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector run now, then off until the block ends (the captures): run
+    during a capture, it could free an earlier engine's objects whose destructors call CUDA
+    in ways a capture forbids (freeing pinned host memory synchronizes), which invalidates
+    the capture (seen on the GPU: a second engine's capture in one process failed now and
+    then; docs/benchmarks.md, twenty-sixth session). torch.cuda.graph collects before each
+    capture for the same reason; here once for all of a call's captures."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class CUDAGraphRuntime:
@@ -196,11 +215,12 @@ class CUDAGraphManager:
                     logger.info("warmup of %s took %.1f s", key, time.perf_counter() - w0)
         warmup = time.perf_counter() - t0
         pairs: dict[Hashable, AttentionStatePair] = {}
-        for key in tqdm(keys, desc="Capturing CUDA graphs", unit="graph",
-                        disable=not progress or not keys):
-            fn, state = create_forward_fn(key, False)
-            self.graphs[key] = self.runtime.capture(fn)
-            pairs[key] = AttentionStatePair(warm_states[key], state)
+        with collector_paused():
+            for key in tqdm(keys, desc="Capturing CUDA graphs", unit="graph",
+                            disable=not progress or not keys):
+                fn, state = create_forward_fn(key, False)
+                self.graphs[key] = self.runtime.capture(fn)
+                pairs[key] = AttentionStatePair(warm_states[key], state)
         report = CaptureReport(len(keys), time.perf_counter() - t0,
                                self.runtime.memory_in_use() - mem0, warmup)
         if keys:
