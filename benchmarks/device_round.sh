@@ -12,10 +12,12 @@
 # time: invariant_matmul.py --rows, --sweep-rows), invariant-attention (the mode's attention
 # at decode by KV tile and warps, one program or splits spread: invariant_attention.py),
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-32k (that pair
-# with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by kernel), spec-hybrid (the
-# Qwen3.5-0.8B pair), spec-4b (the qwen3-4b-random pair, asynchronous only), spec-8b (the
-# qwen3-8b-random pair, speculative and plain, both asynchronous), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
-# alone, the rule's at two state blocks: gdn_decode.py), hybrid-profile (profile_step.py on
+# with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by
+# kernel), spec-hybrid (the Qwen3.5-0.8B pair), spec-4b, spec-8b (the qwen3-4b-random / qwen3-8b-random pairs,
+# speculative and plain, both asynchronous), hybrid (qwen3.5-0.8b-random's decode at 1 and
+# 32), paged-hybrid (its gated attention's decode kernel by splits and KV tile:
+# paged_decode.py), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
+# alone, the rule's tiles, the batch-1 layout: gdn_decode.py), hybrid-profile (profile_step.py on
 # qwen3.5-0.8b-random at batch 1), eager (eager decode ms/step at 1 and 32), eager-ab (the
 # same through Triton's JIT, then with direct launches: layers/launch.py), eager-profile
 # (cProfile of an eager batch-1 run, eager.prof kept), eager-host (where an eager step's host
@@ -99,12 +101,20 @@ for step in "$@"; do
             --output-len 128 --async-scheduling --speculative-config "$spec8"
         latency spec-8b-plain-async --model /tmp/spec-8b/target --batch-sizes 1 8 32 \
             --input-len 512 --output-len 128 --async-scheduling ;;
-    spec-4b)
+    spec-4b)   # the 4B pair, asynchronous, speculative and plain
         run spec-4b-pair python3 tests/spec_pairs.py --source qwen3-4b-random --disagree 0.3 \
             --out /tmp/spec-4b
-        latency spec-4b --model /tmp/spec-4b/target --batch-sizes 1 8 --input-len 512 \
-            --output-len 128 --speculative-config \
-            '{"method": "eagle3", "model": "/tmp/spec-4b/drafter", "num_speculative_tokens": 3}' ;;
+        spec4='{"method": "eagle3", "model": "/tmp/spec-4b/drafter", "num_speculative_tokens": 3}'
+        latency spec-4b-async --model /tmp/spec-4b/target --batch-sizes 1 8 32 --input-len 512 \
+            --output-len 128 --async-scheduling --speculative-config "$spec4"
+        latency spec-4b-plain-async --model /tmp/spec-4b/target --batch-sizes 1 8 32 \
+            --input-len 512 --output-len 128 --async-scheduling ;;
+    hybrid)   # the hybrid's decode against its bytes floor (issue 23)
+        latency hybrid --model qwen3.5-0.8b-random --batch-sizes 1 32 --input-len 512 \
+            --output-len 128 ;;
+    paged-hybrid)   # the gated attention's decode kernel by splits and KV tile
+        (cd benchmarks/probes && run paged-hybrid python3 paged_decode.py --heads 8 2 256 \
+            --ctx 576 --batches 1 --splits 8 16 32 --tiles 32 64 --evict-l2) ;;
     eager-profile)
         run eager-profile python3 -m cProfile -o "$out/eager.prof" -m fullgraph.entrypoints.cli \
             bench latency --model qwen3-0.6b-random --batch-sizes 1 --input-len 512 \

@@ -204,7 +204,7 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
     return y if proj.bias is None else y + proj.bias
 
 
-def gated_norm_folds(x: torch.Tensor, norm: nn.Module, proj: nn.Module) -> bool:
+def _gated_norm_folds(x: torch.Tensor, norm: nn.Module, proj: nn.Module) -> bool:
     """Whether `gated_norm_linear` runs the norm in the projection's prologue: one row on
     the GPU (a batch-1 decode step), outside the batch-invariant mode."""
     return (_fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
@@ -215,7 +215,7 @@ def gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm: nn.Module,
                       proj: nn.Module) -> torch.Tensor:
     """proj(norm(x, gate)) for a Gated DeltaNet layer's output: x, gate `[T, heads *
     head_dim]`, `norm` the per-head gated RMSNorm (weight `[head_dim]`, times silu(gate))."""
-    if gated_norm_folds(x, norm, proj):
+    if _gated_norm_folds(x, norm, proj):
         return _gated_norm_linear(x, gate, norm.weight, norm.eps, proj.weight)
     t, d = x.shape[0], norm.weight.shape[0]
     return proj(norm(x.reshape(t, -1, d), gate.reshape(t, -1, d)).reshape(t, -1))
