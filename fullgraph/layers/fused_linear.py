@@ -117,24 +117,27 @@ def _(gate_up, weight, l2_prefetch_next):
 
 @opaque_op("fullgraph::gated_norm_linear")
 def _gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor,
-                       eps: float, weight: torch.Tensor) -> torch.Tensor:
+                       eps: float, weight: torch.Tensor,
+                       l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
     return gemv(x, weight, prologue=GATED_NORM, residual=gate, norm_weight=norm_weight,
-                eps=eps, group=norm_weight.shape[0])
+                eps=eps, group=norm_weight.shape[0], l2_prefetch_next=l2_prefetch_next)
 
 
 @_gated_norm_linear.register_fake
-def _(x, gate, norm_weight, eps, weight):
+def _(x, gate, norm_weight, eps, weight, l2_prefetch_next):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @opaque_op("fullgraph::sigmoid_gate_linear")
 def _sigmoid_gate_linear(x: torch.Tensor, qkv: torch.Tensor, head_dim: int,
-                         weight: torch.Tensor) -> torch.Tensor:
-    return gemv(x, weight, prologue=SIGMOID_GATE, residual=qkv, group=head_dim)
+                         weight: torch.Tensor,
+                         l2_prefetch_next: list[torch.Tensor]) -> torch.Tensor:
+    return gemv(x, weight, prologue=SIGMOID_GATE, residual=qkv, group=head_dim,
+                l2_prefetch_next=l2_prefetch_next)
 
 
 @_sigmoid_gate_linear.register_fake
-def _(x, qkv, head_dim, weight):
+def _(x, qkv, head_dim, weight, l2_prefetch_next):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -211,24 +214,27 @@ def _gated_norm_folds(x: torch.Tensor, norm: nn.Module, proj: nn.Module) -> bool
             and gated_norm_fits(x, proj.weight, norm.weight.shape[0]))
 
 
-def gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm: nn.Module,
-                      proj: nn.Module) -> torch.Tensor:
+def gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm: nn.Module, proj: nn.Module,
+                      l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """proj(norm(x, gate)) for a Gated DeltaNet layer's output: x, gate `[T, heads *
-    head_dim]`, `norm` the per-head gated RMSNorm (weight `[head_dim]`, times silu(gate))."""
+    head_dim]`, `norm` the per-head gated RMSNorm (weight `[head_dim]`, times silu(gate)).
+    `l2_prefetch_next` as in norm_linear."""
     if _gated_norm_folds(x, norm, proj):
-        return _gated_norm_linear(x, gate, norm.weight, norm.eps, proj.weight)
+        return _gated_norm_linear(x, gate, norm.weight, norm.eps, proj.weight,
+                                  list(l2_prefetch_next))
     t, d = x.shape[0], norm.weight.shape[0]
     return proj(norm(x.reshape(t, -1, d), gate.reshape(t, -1, d)).reshape(t, -1))
 
 
-def sigmoid_gate_linear(o: torch.Tensor, qkv: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+def sigmoid_gate_linear(o: torch.Tensor, qkv: torch.Tensor, proj: nn.Module,
+                        l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """proj(o * sigmoid(gate)) for a gated attention layer on the GPU: o `[T, Hq, D]` the
     attention's output, qkv the layer's projection holding each head's gate after its q
     (layers/gated_attention.py `sigmoid_gate`). At one row the gate runs in the projection's
-    prologue."""
+    prologue. `l2_prefetch_next` as in norm_linear."""
     t, heads, d = o.shape
     x = o.reshape(t, heads * d)
     if (t == 1 and _fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
             and gemv_supported(x, proj.weight)):
-        return _sigmoid_gate_linear(x, qkv, d, proj.weight)
+        return _sigmoid_gate_linear(x, qkv, d, proj.weight, list(l2_prefetch_next))
     return proj(sigmoid_gate(o, qkv, heads))
