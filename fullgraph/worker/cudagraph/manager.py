@@ -111,9 +111,10 @@ def collector_paused() -> Iterator[None]:
     """Python's cycle collector run now, then off until the block ends (the captures): run
     during a capture, it could free an earlier engine's objects whose destructors call CUDA
     in ways a capture forbids (freeing pinned host memory synchronizes), which invalidates
-    the capture (seen on the GPU: a second engine's capture in one process failed now and
-    then; docs/benchmarks.md, twenty-sixth session). torch.cuda.graph collects before each
-    capture for the same reason; here once for all of a call's captures."""
+    the capture. torch.cuda.graph collects before each capture for the same reason; here
+    once for all of a call's captures (a lazily captured size pays one collection). On the
+    GPU a second engine's capture in one process failed now and then, which this is meant
+    to stop (docs/benchmarks.md, twenty-sixth session)."""
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
