@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fullgraph.layers import launch
 from fullgraph.layers.launch import bind
 
 triton = pytest.importorskip("triton")
@@ -129,3 +130,19 @@ def test_grid_arithmetic_matches_tritons():
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
         if a:
             assert next_power_of_2(a) == triton.next_power_of_2(a), a
+
+
+def test_launch_hooks_sees_a_hook_added_to_either_chain():
+    """A profiler's launch hook sends every launch through Triton's JIT (it reads launch
+    metadata there): `launch_hooks` must see one on the enter or the exit chain."""
+    runtime = triton.knobs.runtime
+    assert not launch.launch_hooks()
+    for chain in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        def hook(*args):
+            return None
+        chain.add(hook)
+        try:
+            assert launch.launch_hooks()
+        finally:
+            chain.remove(hook)
+        assert not launch.launch_hooks()

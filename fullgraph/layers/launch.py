@@ -64,10 +64,12 @@ def direct_launch_checked() -> bool:
 
 
 def launch_hooks() -> bool:
-    """Whether a launch hook is set (Triton 3.6 keeps them in always-present `HookChain`s)."""
+    """Whether a launch hook is set (Triton 3.6 keeps them in always-present `HookChain`s;
+    asked every launch, so no generator)."""
     runtime = triton.knobs.runtime
-    return any(h is not None and getattr(h, "calls", True)
-               for h in (runtime.launch_enter_hook, runtime.launch_exit_hook))
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool((enter is not None and getattr(enter, "calls", True))
+                or (exit_ is not None and getattr(exit_, "calls", True)))
 
 
 def _int_key(a: int) -> tuple[bool, bool, bool]:
@@ -140,7 +142,7 @@ class Launcher:
         bound = bind(args) if self.direct and not launch_hooks() else None
         variant = None
         if bound is not None:
-            device = torch.cuda.current_device()
+            device = torch._C._cuda_getDevice()   # torch.cuda.current_device, less checks
             key = (device, *kwargs.items(), *bound[0])
             if key not in self._variants:
                 self._first_launch(key, grid, args, kwargs)

@@ -64,8 +64,9 @@ def _device_enabled(device: torch.device) -> bool:
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
-    """Whether kernels on `t`'s device launch with PDL."""
-    return _device_enabled(t.device)
+    """Whether kernels on `t`'s device launch with PDL (asked once or more per launch of an
+    eager step: without building `t.device`)."""
+    return t.is_cuda and _enabled(t.get_device())
 
 
 def inductor_options(device: torch.device) -> dict[str, bool]:
