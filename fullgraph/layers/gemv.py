@@ -142,8 +142,9 @@ if triton is not None:
             if PROLOGUE == _SIGMOID_GATE:
                 x = _sigmoid_gate_rows(x, r_ptr, offs_m, offs_k, mask, stride_rm, GROUP)
             if PROLOGUE == _RMS_NORM:  # rms_norm's roundings; program 0 keeps x + r
-                tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :], x,
-                         mask=mask & (pid == 0))
+                # a branch, not `mask & (pid == 0)`: Triton 3.9's interpreter refuses that mask
+                if pid == 0:
+                    tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :], x, mask=mask)
                 nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0)
                 if NORM_F32:       # zero-centered (layers/norm.py): scaled in float32
                     x = (x.to(tl.float32) * rstd * nw[None, :]).to(x.dtype)
