@@ -1,8 +1,9 @@
 """Compile-only, no GPU needed: attention/paged_invariant.py's kernel compiled for sm_90 by
 this machine's Triton, and the registers and stack (spill) bytes a thread uses, read with the
 `cuobjdump` Triton bundles. The mode's tiles (16 query rows) by KV tile, warps and program
-spreading, with or without K/V loaded a tile ahead (`kv_ahead`), and the triton backend's
-prefill tiles (64 rows, one pass). Spills on the GPU
+spreading, with or without K/V loaded a tile ahead (`kv_ahead`), the triton backend's
+prefill tiles (64 rows, one pass), and the normal mode's decode kernel
+(attention/paged_decode.py) at batch 1 by head dim, KV tile and splits. Spills on the GPU
 cost local-memory traffic in the KV walk; read these before timing a tile on the device.
 For the GPU machine's Triton, run it from a venv holding that version's wheel
 (`pip download --no-deps --only-binary=:all: triton==X`) and torch's CPU build.
@@ -23,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fullgraph.attention import paged_invariant  # noqa: E402
+from fullgraph.attention import paged_decode, paged_invariant  # noqa: E402
 
 POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16",
             "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "positions_ptr": "*i64",
@@ -34,10 +35,24 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*b
 
 def usage(tile: int, split: int, programs: int, warps: int, ahead: bool = False, qtok: int = 8,
           group: int = 2, block_m: int = 16, head_dim: int = 128, stages: int = 2) -> str:
-    kernel = paged_invariant._invariant_attention_kernel
     const = dict(GROUP=group, QTOK=qtok, BLOCK_M=block_m, D=head_dim, PAGE=16, TILE=tile,
                  SPLIT=split, PROGRAMS=programs, PART_SPLITS=32, PRECISION="tf32",
                  KV_AHEAD=ahead, USE_PDL=True)
+    return resources(paged_invariant._invariant_attention_kernel, const, warps, stages)
+
+
+def decode_usage(head_dim: int, kv_heads: int, group: int, tile: int, splits: int) -> str:
+    """The normal mode's decode kernel at one query token a request, as `paged_decode`
+    launches it (its tiling, warps and stages) but for `tile`."""
+    pd = paged_decode
+    rows_p2 = pd.next_power_of_2(group)
+    const = pd.tiling(32, rows_p2, splits) | dict(
+        TILE=tile, QUERY_LEN=1, GROUP=group, HKV=kv_heads, D=head_dim, PAGE=32,
+        PRECISION="tf32", USE_PDL=True)
+    return resources(pd._paged_decode_kernel, const, pd.NUM_WARPS, pd.pipeline_stages(splits))
+
+
+def resources(kernel, const: dict, warps: int, stages: int) -> str:
     signature = {name: "constexpr" if name in const else POINTERS.get(name, "i32")
                  for name in kernel.arg_names}
     src = ASTSource(fn=kernel, signature=signature,
@@ -67,6 +82,11 @@ def main() -> None:
         print(f"triton backend prefill: 64 rows, 64-token KV tiles, one pass, 8 warps"
               f"{', K/V ahead' if ahead else ''}: "
               f"{usage(64, 0, 1, 8, ahead, qtok=32, block_m=64)}")
+    for head_dim, kv_heads, group in ((128, 8, 2), (256, 2, 4)):
+        for tile, splits in ((64, 16), (64, 1), (32, 16), (32, 8), (32, 32)):
+            print(f"decode, head dim {head_dim}, {kv_heads} KV heads, group {group}: "
+                  f"{tile}-token KV tiles, {splits} splits: "
+                  f"{decode_usage(head_dim, kv_heads, group, tile, splits)}")
 
 
 if __name__ == "__main__":
