@@ -168,12 +168,13 @@ def _product(x: torch.Tensor, proj: nn.Module, policy: KernelPolicy) -> torch.Te
     return F.linear(x, proj.weight)
 
 
-def norm_folds(x: torch.Tensor, proj: nn.Module) -> bool:
-    """Whether `norm_linear` runs the norm in the projection's one-row GEMV prologue (a
-    batch-1 decode step on the GPU, outside the batch-invariant mode); a model may then
-    fold more into that kernel (layers/gdn/fused_decode.py `in_proj_conv`)."""
-    return (_fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
-            and x.shape[0] == 1 and gemv_supported(x, proj.weight))
+def one_row_prologue(x: torch.Tensor, proj: nn.Module) -> bool:
+    """Whether the op that feeds `proj` runs in its one-row GEMV prologue (a batch-1 decode
+    step on the GPU, outside the batch-invariant mode): `norm_linear`'s norm, and the gated
+    norm and output gate below; a model may then fold more into that kernel
+    (layers/gdn/fused_decode.py `in_proj_conv`)."""
+    return (x.shape[0] == 1 and _fusable(x) and not policy_of(proj).batch_invariant
+            and proj.bias is None and gemv_supported(x, proj.weight))
 
 
 def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, proj: nn.Module,
@@ -207,19 +208,12 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
     return y if proj.bias is None else y + proj.bias
 
 
-def _gated_norm_folds(x: torch.Tensor, norm: nn.Module, proj: nn.Module) -> bool:
-    """Whether `gated_norm_linear` runs the norm in the projection's prologue: one row on
-    the GPU (a batch-1 decode step), outside the batch-invariant mode."""
-    return (_fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
-            and gated_norm_fits(x, proj.weight, norm.weight.shape[0]))
-
-
 def gated_norm_linear(x: torch.Tensor, gate: torch.Tensor, norm: nn.Module, proj: nn.Module,
                       l2_prefetch_next: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """proj(norm(x, gate)) for a Gated DeltaNet layer's output: x, gate `[T, heads *
     head_dim]`, `norm` the per-head gated RMSNorm (weight `[head_dim]`, times silu(gate)).
     `l2_prefetch_next` as in norm_linear."""
-    if _gated_norm_folds(x, norm, proj):
+    if one_row_prologue(x, proj) and gated_norm_fits(proj.weight, norm.weight.shape[0]):
         return _gated_norm_linear(x, gate, norm.weight, norm.eps, proj.weight,
                                   list(l2_prefetch_next))
     t, d = x.shape[0], norm.weight.shape[0]
@@ -234,7 +228,6 @@ def sigmoid_gate_linear(o: torch.Tensor, qkv: torch.Tensor, proj: nn.Module,
     prologue. `l2_prefetch_next` as in norm_linear."""
     t, heads, d = o.shape
     x = o.reshape(t, heads * d)
-    if (t == 1 and _fusable(x) and not policy_of(proj).batch_invariant and proj.bias is None
-            and gemv_supported(x, proj.weight)):
+    if one_row_prologue(x, proj):
         return _sigmoid_gate_linear(x, qkv, d, proj.weight, list(l2_prefetch_next))
     return proj(sigmoid_gate(o, qkv, heads))

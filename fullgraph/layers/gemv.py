@@ -237,7 +237,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     x + residual (x alone without a residual) is written to `residual_out` [M, K].
     prologue GATED_NORM: the product is gated_norm(x) @ w.T, per group of `group` columns
     (a GDN value head) rms_norm(x) * norm_weight [group] * silu(residual), residual [M, K]
-    the gate; one row only (`gated_norm_fits`).
+    the gate; one row only, where `gated_norm_fits`.
     prologue SIGMOID_GATE: the product is (x * sigmoid(gate)) @ w.T, the gates in residual's
     rows as [q | gate] per head of `group` elements (a gated attention's qkv); one row only.
     `l2_prefetch_next`: weights of later kernels (at most two), prefetched into L2 by this
@@ -265,12 +265,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, *,
     return out
 
 
-def gated_norm_fits(x: torch.Tensor, w: torch.Tensor, group: int) -> bool:
-    """Whether the GATED_NORM prologue takes x: one row, and every K slice of the one-row
-    tiles holds whole groups."""
+def gated_norm_fits(w: torch.Tensor, group: int) -> bool:
+    """Whether the GATED_NORM prologue can run for w: every K slice of the one-row tiles
+    holds whole groups."""
     n, k = w.shape
-    return (x.shape[0] == 1 and gemv_supported(x, w) and k % group == 0
-            and tiles(1, n, k, GATED_NORM)[1] % group == 0)
+    return k % group == 0 and tiles(1, n, k, GATED_NORM)[1] % group == 0
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor,

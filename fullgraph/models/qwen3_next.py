@@ -44,8 +44,9 @@ from fullgraph.attention.backend import ForwardContext, KVCache
 from fullgraph.attention.gdn import GDNMetadata
 from fullgraph.layers.embedding import Embedding
 from fullgraph.layers import gated_attention
-from fullgraph.layers.fused_linear import (add_rms_norm, gated_norm_linear, norm_folds,
-                                          norm_linear, sigmoid_gate_linear, silu_mul_linear)
+from fullgraph.layers.fused_linear import (add_rms_norm, gated_norm_linear, norm_linear,
+                                          one_row_prologue, sigmoid_gate_linear,
+                                          silu_mul_linear)
 from fullgraph.layers.activation import elementwise
 from fullgraph.layers.gdn import (TAIL_INPUTS, aligned_chunk_gated_delta_rule, causal_conv1d,
                                   causal_conv1d_decode, chunk_gated_delta_rule,
@@ -210,7 +211,7 @@ class GatedDeltaNet(nn.Module):
         spec = md.write_slots is not None     # speculative decoding: a state per position
         fused = (md.decode and not spec and not policy_of(self).batch_invariant
                  and fused_decode.supported(x, self.head_k_dim, self.head_v_dim))
-        if fused and norm_folds(x, self.in_proj):
+        if fused and one_row_prologue(x, self.in_proj):
             return self._one_row_decode(x, residual, norm, weight, md, conv_pool,
                                         recurrent_pool, l2_next)
         proj, residual = norm_linear(x, residual, norm, self.in_proj)

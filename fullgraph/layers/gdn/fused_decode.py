@@ -50,6 +50,35 @@ if triton is not None:
     _RMS_NORM = tl.constexpr(gemv.RMS_NORM)
 
     @triton.jit
+    def _conv_inputs(w_ptr, base, stride_pw, init_ptr, offs, rows, taps, mask,
+                     W: tl.constexpr, HAS_INIT: tl.constexpr):
+        """What a lane's conv needs besides its new input, for channels `offs` (`mask`):
+        the weights' [W_P2, BLOCK] taps of the saved inputs and their tap of the new one,
+        and the saved inputs `[W_P2, BLOCK]` at `base` (zeros for a lane starting now)."""
+        w_s = tl.load(w_ptr + offs[None, :] * (W + 1) + rows[:, None], mask=taps,
+                      other=0.0).to(tl.float32)
+        w_x = tl.load(w_ptr + offs * (W + 1) + W, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(base + rows[:, None] * stride_pw + offs[None, :], mask=taps, other=0.0)
+        if HAS_INIT:               # where, not a multiply: an unused slot may hold NaN
+            s = tl.where(tl.load(init_ptr) != 0, s, 0.0)
+        return w_s, w_x, s
+
+    @triton.jit
+    def _conv_silu(s, w_s, x, w_x):
+        """silu of the conv over the saved inputs and the new one, float32."""
+        acc = tl.sum(s.to(tl.float32) * w_s, axis=0) + x.to(tl.float32) * w_x
+        return acc / (1.0 + tl.exp(-acc))
+
+    @triton.jit
+    def _shift_state(base, stride_pw, offs, rows, taps, mask, s, x, W: tl.constexpr):
+        """The conv state shifted: saved input j + 1 to row j, the new input to row W - 1
+        (after every thread's loads of the rows it overwrites)."""
+        tl.debug_barrier()
+        tl.store(base + (rows[:, None] - 1) * stride_pw + offs[None, :], s,
+                 mask=(rows >= 1)[:, None] & taps)
+        tl.store(base + (W - 1) * stride_pw + offs, x.to(base.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _conv_decode_kernel(x_ptr, stride_x, w_ptr, pool_ptr, stride_ps, stride_pw,
                             slots_ptr, init_ptr, y_ptr, stride_y, D,
                             W: tl.constexpr, W_P2: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -58,31 +87,18 @@ if triton is not None:
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
         rows = tl.arange(0, W_P2)
-        rmask = rows < W
-        # the weights (parameters) before the wait: [W_P2, BLOCK] taps of the saved inputs
-        w_s = tl.load(w_ptr + offs[None, :] * (W + 1) + rows[:, None],
-                      mask=rmask[:, None] & mask[None, :], other=0.0).to(tl.float32)
-        w_x = tl.load(w_ptr + offs * (W + 1) + W, mask=mask, other=0.0).to(tl.float32)
-        # the saved inputs too (module docstring)
-        slot = tl.load(slots_ptr + r).to(tl.int64)
-        base = pool_ptr + slot * stride_ps
-        s = tl.load(base + rows[:, None] * stride_pw + offs[None, :],
-                    mask=rmask[:, None] & mask[None, :], other=0.0)
-        if HAS_INIT:               # where, not a multiply: an unused slot may hold NaN
-            s = tl.where(tl.load(init_ptr + r) != 0, s, 0.0)
+        taps = (rows < W)[:, None] & mask[None, :]
+        # the weights (parameters) and the saved inputs before the wait (module docstring)
+        base = pool_ptr + tl.load(slots_ptr + r).to(tl.int64) * stride_ps
+        w_s, w_x, s = _conv_inputs(w_ptr, base, stride_pw, init_ptr + r, offs, rows, taps, mask,
+                                   W, HAS_INIT)
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(x_ptr + r * stride_x + offs, mask=mask, other=0.0)
-        acc = tl.sum(s.to(tl.float32) * w_s, axis=0) + x.to(tl.float32) * w_x
-        y = acc / (1.0 + tl.exp(-acc))
+        y = _conv_silu(s, w_s, x, w_x)
         tl.store(y_ptr + r * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-        # the state shifted: saved input j + 1 to row j, the new input to row W - 1 (after
-        # every thread's loads of the rows it overwrites)
-        tl.debug_barrier()
-        tl.store(base + (rows[:, None] - 1) * stride_pw + offs[None, :], s,
-                 mask=(rows >= 1)[:, None] & rmask[:, None] & mask[None, :])
-        tl.store(base + (W - 1) * stride_pw + offs, x.to(pool_ptr.dtype.element_ty), mask=mask)
+        _shift_state(base, stride_pw, offs, rows, taps, mask, s, x, W)
 
     _conv_decode_launcher = Launcher(_conv_decode_kernel)
 
@@ -103,25 +119,17 @@ if triton is not None:
         rows = tl.arange(0, W_P2)
         taps = (rows < W)[:, None] & conv[None, :]
         # the conv's weights and saved inputs before the GEMV's wait (module docstring)
-        w_s = tl.load(cw_ptr + offs[None, :] * (W + 1) + rows[:, None], mask=taps,
-                      other=0.0).to(tl.float32)
-        w_x = tl.load(cw_ptr + offs * (W + 1) + W, mask=conv, other=0.0).to(tl.float32)
         base = pool_ptr + tl.load(slots_ptr).to(tl.int64) * stride_ps
-        s = tl.load(base + rows[:, None] * stride_pw + offs[None, :], mask=taps, other=0.0)
-        if HAS_INIT:               # where, not a multiply: an unused slot may hold NaN
-            s = tl.where(tl.load(init_ptr) != 0, s, 0.0)
+        w_s, w_x, s = _conv_inputs(cw_ptr, base, stride_pw, init_ptr, offs, rows, taps, conv,
+                                   W, HAS_INIT)
         acc = gemv.gemv_acc(pid, x_ptr, w_ptr, r_ptr, h_ptr, nw_ptr, x_ptr, 0, x_ptr, 0, 1, N,
                             K, stride_xm, stride_wn, stride_rm, stride_hm, eps, _RMS_NORM,
                             HAS_RES, NORM_F32, 1, BLOCK_N, BLOCK_K, 0, 32, ONE_SLICE, USE_PDL,
                             1)
         x = acc.to(y_ptr.dtype.element_ty)         # in_proj's output, rounded
-        c = tl.sum(s.to(tl.float32) * w_s, axis=0) + x.to(tl.float32) * w_x
-        y = tl.where(conv, c / (1.0 + tl.exp(-c)), x.to(tl.float32))
+        y = tl.where(conv, _conv_silu(s, w_s, x, w_x), x.to(tl.float32))
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=offs < N)
-        tl.debug_barrier()         # every thread's loads of the rows it overwrites are done
-        tl.store(base + (rows[:, None] - 1) * stride_pw + offs[None, :], s,
-                 mask=(rows >= 1)[:, None] & taps)
-        tl.store(base + (W - 1) * stride_pw + offs, x.to(pool_ptr.dtype.element_ty), mask=conv)
+        _shift_state(base, stride_pw, offs, rows, taps, conv, s, x, W)
 
     _in_proj_conv_launcher = Launcher(_in_proj_conv_kernel)
 
