@@ -15,7 +15,7 @@
 # with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by
 # kernel), spec-hybrid (the Qwen3.5-0.8B pair), spec-4b, spec-8b (the qwen3-4b-random / qwen3-8b-random pairs,
 # speculative and plain, both asynchronous), hybrid (qwen3.5-0.8b-random's decode at 1 and
-# 32), hybrid-l2-ab (its batch-1 decode without, then with its L2 hint), paged-hybrid (its gated attention's decode kernel by splits and KV tile:
+# 32), paged-hybrid (its gated attention's decode kernel by splits and KV tile:
 # paged_decode.py), gdn-probe (gdn_aligned.py), gdn-decode (the hybrid's decode kernels
 # alone, the rule's tiles, the batch-1 layout: gdn_decode.py), hybrid-profile (profile_step.py on
 # qwen3.5-0.8b-random at batch 1), eager (eager decode ms/step at 1 and 32), eager-ab (the
@@ -111,16 +111,6 @@ for step in "$@"; do
             --input-len 512 --output-len 128 --async-scheduling ;;
     hybrid)   # the hybrid's decode against its bytes floor (issue 23)
         latency hybrid --model qwen3.5-0.8b-random --batch-sizes 1 32 --input-len 512 \
-            --output-len 128 ;;
-    hybrid-l2-ab)   # the hybrid's decode without, then with its L2 hint (issue 23)
-        noh="from fullgraph.models.qwen3_next import HybridDecoderLayer as L
-L.l2_prefetch_share = None
-from fullgraph.entrypoints.cli import main
-import sys; sys.exit(main(sys.argv[1:]))"
-        run hybrid-no-l2 python3 -c "$noh" bench latency --model qwen3.5-0.8b-random \
-            --batch-sizes 1 --input-len 512 --output-len 128 --modes graph \
-            --out "$out/hybrid-no-l2"
-        latency hybrid-l2 --model qwen3.5-0.8b-random --batch-sizes 1 --input-len 512 \
             --output-len 128 ;;
     paged-hybrid)   # the gated attention's decode kernel by splits and KV tile
         (cd benchmarks/probes && run paged-hybrid python3 paged_decode.py --heads 8 2 256 \

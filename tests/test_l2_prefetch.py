@@ -48,27 +48,3 @@ def test_layer_resolves_its_prefetch_plan_to_weights(monkeypatch):
     assert targets["down_proj"][0].data_ptr() == qkv.data_ptr()
     assert targets["down_proj"][0].shape == qkv.shape
     assert last.l2_targets(None)["down_proj"] == ()      # the last layer has no next one
-
-
-def test_hybrid_layer_hint_views_its_loaded_gate_up_rows(tmp_path):
-    """A hybrid layer's token mixer asks L2 for the last share of its MLP's gate_up rows: a
-    view resolved at construction, which sees the weights the loader copies in; MoE layers
-    have no gate_up, so no hint."""
-    from conftest import make_hybrid_checkpoint
-
-    from fullgraph.engine.args import create_model_config
-    from fullgraph.models.loader import load_model
-    from fullgraph.models.qwen3_next import HybridDecoderLayer
-    for arch, hinted in (("Qwen3_5ForCausalLM", True), ("Qwen3NextForCausalLM", False)):
-        path = make_hybrid_checkpoint(str(tmp_path / arch), arch, num_layers=4)
-        cpu = torch.device("cpu")
-        model = load_model(create_model_config(path, "float32", None, cpu), cpu)
-        for layer in model.model.layers:
-            if not hinted:
-                assert layer._l2_next == ()
-                continue
-            w = layer.mlp.gate_up_proj.weight
-            rows = w.shape[0] - round(w.shape[0] * HybridDecoderLayer.l2_prefetch_share)
-            (view,) = layer._l2_next
-            assert view.data_ptr() == w[rows:].data_ptr() and view.is_contiguous()
-            assert torch.equal(view, w[rows:]) and view.abs().sum() > 0

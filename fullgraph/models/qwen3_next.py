@@ -147,12 +147,10 @@ class GatedAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 norm: RMSNorm, ctx: ForwardContext, kv_cache: KVCache,
-                rope: RopeTables | None = None, l2_next: tuple[torch.Tensor, ...] = ()
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: RopeTables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`rope`: this step's (cos, sin) tables, `rotary_dim` wide, which `positions`
         index, instead of the model's own (a model with MRoPE builds per-token tables each
-        step, models/qwen3_5_vl.py; then `rotary` may be None). `l2_next`: weights o_proj
-        asks L2 for (`HybridDecoderLayer.l2_prefetch_share`)."""
+        step, models/qwen3_5_vl.py; then `rotary` may be None)."""
         t, d, hq, hkv = x.shape[0], self.head_dim, self.num_heads, self.num_kv_heads
         cos, sin = rope if rope is not None else (self.rotary.cos, self.rotary.sin)
         qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
@@ -163,7 +161,7 @@ class GatedAttention(nn.Module):
                 self.k_norm.kernel_weight, self.q_norm.eps, hq, hkv, self.rotary_dim,
                 kv_cache[0], kv_cache[1], ctx.slot_mapping)
             o = ctx.attention(q, kv_cache)
-            return sigmoid_gate_linear(o, qkv, self.o_proj, l2_next), residual
+            return sigmoid_gate_linear(o, qkv, self.o_proj), residual
         qg, k, v = qkv.split((2 * hq * d, hkv * d, hkv * d), dim=-1)
         q, gate = qg.view(t, hq, 2 * d).chunk(2, dim=-1)
         q = self.q_norm(q)
@@ -200,11 +198,10 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                ctx: ForwardContext, state: tuple[torch.Tensor, ...],
-                l2_next: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                ctx: ForwardContext, state: tuple[torch.Tensor, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """`state`: the layer's pools (conv, recurrent; in the batch-invariant mode then the
-        tails of TAIL_INPUTS), as `HybridForCausalLM.cache_specs` lists them. `l2_next`:
-        weights out_proj asks L2 for at one row (`HybridDecoderLayer.l2_prefetch_share`)."""
+        tails of TAIL_INPUTS), as `HybridForCausalLM.cache_specs` lists them."""
         md, (conv_pool, recurrent_pool) = ctx.state_metadata, state[:2]
         t = x.shape[0]
         weight = self.conv1d.weight.squeeze(1)                  # [conv_dim, kernel]
@@ -213,7 +210,7 @@ class GatedDeltaNet(nn.Module):
                  and fused_decode.supported(x, self.head_k_dim, self.head_v_dim))
         if fused and one_row_prologue(x, self.in_proj):
             return self._one_row_decode(x, residual, norm, weight, md, conv_pool,
-                                        recurrent_pool, l2_next)
+                                        recurrent_pool)
         proj, residual = norm_linear(x, residual, norm, self.in_proj)
         qkv, z, b, a = proj.split(
             (self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads), dim=-1)
@@ -268,8 +265,7 @@ class GatedDeltaNet(nn.Module):
 
     def _one_row_decode(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                         weight: torch.Tensor, md: GDNMetadata, conv_pool: torch.Tensor,
-                        recurrent_pool: torch.Tensor, l2_next: tuple[torch.Tensor, ...]
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        recurrent_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch-1 decode step, the fused path's ops in three kernels
         (layers/gdn/fused_decode.py): in_proj with its input norm and the conv in its
         epilogue; the rule with a head's value columns spread over programs (one program a
@@ -282,7 +278,7 @@ class GatedDeltaNet(nn.Module):
         o = fused_decode.gated_delta_decode(
             qkv, z, b, a, self.A_log, self.dt_bias, self.norm.weight, self.norm.eps,
             recurrent_pool, md.state_slots, md.has_initial_state, self.num_k_heads, norm=False)
-        return gated_norm_linear(o, z, self.norm, self.out_proj, l2_next), residual
+        return gated_norm_linear(o, z, self.norm, self.out_proj), residual
 
     def _aligned(self, qkv: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                  weight: torch.Tensor, md: GDNMetadata, state: tuple[torch.Tensor, ...]
@@ -325,11 +321,6 @@ class SwiGLU(nn.Module):
 
 
 class HybridDecoderLayer(nn.Module):
-    # At one row the token mixer's output projection (out_proj, o_proj) asks L2 for this
-    # share of the MLP's gate_up rows, counted from the last (layers/l2_prefetch.py): the
-    # plan measured best for the dense model's o_proj (models/qwen3.py). None: no hint.
-    l2_prefetch_share: float | None = 2 / 3
-
     def __init__(self, cfg, layer: int, rotary: RotaryEmbedding | None) -> None:
         super().__init__()
         self.layer_type = cfg.layer_types[layer]
@@ -344,14 +335,6 @@ class HybridDecoderLayer(nn.Module):
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # resolved once: a view of the parameter, which the loader fills in place
-        self._l2_next = self._l2_targets()
-
-    def _l2_targets(self) -> tuple[torch.Tensor, ...]:
-        if self.l2_prefetch_share is None or not isinstance(self.mlp, SwiGLU):
-            return ()
-        w = self.mlp.gate_up_proj.weight.detach()
-        return (w[w.shape[0] - round(w.shape[0] * self.l2_prefetch_share):],)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 ctx: ForwardContext, cache, rope: RopeTables | None = None
@@ -360,11 +343,10 @@ class HybridDecoderLayer(nn.Module):
         the residual add before it, runs inside the projection it feeds (as in qwen3.py).
         `positions` and `rope` only reach the attention layers' rotary (GatedAttention)."""
         if self.layer_type == "linear_attention":
-            x, residual = self.linear_attn(x, residual, self.input_layernorm, ctx, cache,
-                                           self._l2_next)
+            x, residual = self.linear_attn(x, residual, self.input_layernorm, ctx, cache)
         else:
             x, residual = self.self_attn(positions, x, residual, self.input_layernorm, ctx,
-                                         cache, rope, self._l2_next)
+                                         cache, rope)
         if isinstance(self.mlp, SwiGLU):
             return self.mlp(x, residual, self.post_attention_layernorm)
         x, residual = add_rms_norm(x, residual, self.post_attention_layernorm)
