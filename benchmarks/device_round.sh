@@ -9,8 +9,10 @@
 # sampler-sweep (the draw's block and programs at 256 rows), invariant
 # (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
 # invariant-matmul (the mode's matmul against the normal one, then its few-row tiles by
-# time: invariant_matmul.py --rows, --sweep-rows), invariant-attention (the mode's attention
-# at decode by KV tile and warps, one program or splits spread: invariant_attention.py),
+# time: invariant_matmul.py --rows, --sweep-rows), invariant-silu-ab (the mode's batch-1
+# decode with SiLU-and-mul folded into its down projection or not), invariant-attention
+# (the mode's attention at decode by KV tile and warps, one program or splits spread:
+# invariant_attention.py),
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-32k (that pair
 # with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by
 # kernel), spec-hybrid (the Qwen3.5-0.8B pair), spec-4b, spec-8b (the qwen3-4b-random / qwen3-8b-random pairs,
@@ -86,6 +88,16 @@ for step in "$@"; do
     invariant)
         latency invariant --model qwen3-0.6b-random --compare-batch-invariant \
             --batch-sizes 1 32 128 --input-len 512 --output-len 64 ;;
+    invariant-silu-ab)   # the mode's batch-1 decode without, then with SiLU-and-mul folded
+        nofold="from fullgraph.layers import invariant_gemm as g
+g.folds_silu_mul = lambda m: False
+from fullgraph.entrypoints.cli import main
+import sys; sys.exit(main(sys.argv[1:]))"
+        run invariant-no-fold python3 -c "$nofold" bench latency --model qwen3-0.6b-random \
+            --batch-invariant --batch-sizes 1 --input-len 512 --output-len 64 --modes graph \
+            --out "$out/invariant-no-fold"
+        latency invariant-fold --model qwen3-0.6b-random --batch-invariant --batch-sizes 1 \
+            --input-len 512 --output-len 64 --modes graph ;;
     profile-invariant)
         (cd benchmarks/probes && run profile-invariant python3 profile_step.py \
             --batch-sizes 1 32 --capture-sizes 1 32 --batch-invariant --top 25) ;;

@@ -48,6 +48,41 @@ def matmul_case(device: str, dtype: torch.dtype, shapes, rows: int = 300,
     return failed
 
 
+def silu_mul_case(device: str, dtype: torch.dtype, shapes, rows: int = 300,
+                  counts=(1, 2, 7, 16, 32, 33, 64), cross_buckets: bool = True) -> list[str]:
+    """Per down-projection shape (N, K), x = [gate | up] rows: SiLU-and-mul folded into the
+    mode's matmul == the row kernel then the matmul, bit for bit, at every row count; with
+    `cross_buckets` (the GPU) also == the same rows of one call over `rows` through the row
+    kernel, and on CUDA `silu_mul_linear` (which folds for a few rows only) == both; the
+    call close to float32."""
+    from torch import nn
+
+    from fullgraph.layers.fused_linear import _silu_mul_rows, silu_mul_linear
+    from fullgraph.layers.policy import apply_kernel_policy
+    failed = []
+    gen = torch.Generator().manual_seed(2)
+    for n, k in shapes:
+        w = (torch.randn(n, k, generator=gen) / 32).to(device, dtype)
+        gate_up = torch.randn(rows, 2 * k, generator=gen).to(device, dtype)
+        full = invariant_mm(_silu_mul_rows(gate_up), w)
+        g, u = gate_up.float().chunk(2, dim=-1)
+        ref = (F.silu(g) * u) @ w.float().T
+        if (full.float() - ref).abs().max() > 2e-2 * ref.abs().max():
+            failed.append(f"silu-mul matmul {n}x{k}: far from float32")
+        proj = apply_kernel_policy(nn.Linear(k, n, bias=False).to(device, dtype), POLICY)
+        proj.weight.data.copy_(w)
+        for m in counts:
+            x = gate_up[:m].clone()
+            folded = invariant_mm(x, w, silu_mul=True)
+            if not torch.equal(folded, invariant_mm(_silu_mul_rows(x), w)):
+                failed.append(f"silu-mul matmul {n}x{k}: {m} rows folded != the row kernel's")
+            if cross_buckets and not torch.equal(folded, full[:m]):
+                failed.append(f"silu-mul matmul {n}x{k}: {m} rows folded != in {rows} rows")
+            if device == "cuda" and not torch.equal(silu_mul_linear(x, proj), full[:m]):
+                failed.append(f"silu_mul_linear {n}x{k}: {m} rows != in {rows} rows")
+    return failed
+
+
 def _paged(lengths, hkv, d, block_size, device, dtype):
     """Random K/V for requests of `lengths` tokens, in shuffled pages (page 0: the null
     block)."""
@@ -192,6 +227,8 @@ if __name__ == "__main__":
     small = KernelPolicy(batch_invariant=True, attention_tile=16, attention_split=64)
     failures = (matmul_case("cpu", torch.float32, ((40, 64), (100, 96)), rows=70,
                             cuts=[(lo, m) for lo, m in CUTS if m > 32])
+                + silu_mul_case("cpu", torch.float32, ((40, 64), (24, 96)), rows=70,
+                                cross_buckets=False)
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
                                  d=32, block_size=8, policy=small, tol=1e-4)
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,

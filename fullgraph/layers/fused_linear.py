@@ -9,10 +9,11 @@ repeats the op over the whole row, which only pays off for one row
 (`benchmarks/probes/gemv_tiles.py --prologue`): for more, one Triton kernel per row does the
 elementwise part and the plain GEMV or cuBLAS the product, the kernel count inductor's fusion
 gave. On CPU (eager, the reference path) these are the plain modules. In the batch-invariant
-mode (the projection's `kernel_policy`, layers/policy.py) nothing is folded into the product,
-which is `linear.invariant_matmul`: the norm is the module's (on the GPU its row kernel,
-layers/norm.py), SiLU-and-mul the row kernel here on the GPU and the scalar path on the CPU
-(layers/activation.py).
+mode (the projection's `kernel_policy`, layers/policy.py) the product is
+`linear.invariant_matmul` and the norm the module's (on the GPU its row kernel,
+layers/norm.py); SiLU-and-mul runs in the mode's matmul for a few rows, as the row kernel
+here would compute it (layers/invariant_gemm.py), in that row kernel for more, and on the
+CPU in the scalar path (layers/activation.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fullgraph.layers import invariant_gemm
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.linear import linear
 from fullgraph.layers.gated_attention import sigmoid_gate
@@ -147,8 +149,9 @@ def _fusable(x: torch.Tensor) -> bool:
 
 
 def _invariant_rows(x: torch.Tensor, policy: KernelPolicy) -> bool:
-    """The mode on the GPU, in any dtype: SiLU-and-mul by the row kernel, never folded into
-    the product (the norms: RMSNorm's own row kernel in the mode, layers/norm.py)."""
+    """The mode on the GPU, in any dtype: SiLU-and-mul in the mode's matmul or by the row
+    kernel, each with the same bits (the norms: RMSNorm's own row kernel in the mode,
+    layers/norm.py)."""
     return (policy.batch_invariant and triton is not None and x.is_cuda and x.dim() == 2
             and x.stride(-1) == 1)
 
@@ -200,7 +203,9 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
     """proj(silu(gate) * up) for gate_up = [gate | up]; `l2_prefetch_next` as in norm_linear."""
     policy = policy_of(proj)
     if _invariant_rows(gate_up, policy):
-        y = _product(_silu_mul_rows(gate_up), proj, policy)
+        y = (invariant_gemm.invariant_mm(gate_up, proj.weight, silu_mul=True)
+             if invariant_gemm.folds_silu_mul(gate_up.shape[0])
+             else _product(_silu_mul_rows(gate_up), proj, policy))
     elif _fusable(gate_up):
         y = _silu_mul_linear(gate_up, proj.weight, list(l2_prefetch_next))
     else:

@@ -18,6 +18,12 @@ shape from the row count for speed, as the normal mode does, and the GPU tests
 (test_gpu_batch_invariant.py) check rows across the buckets bit for bit. With PDL
 (layers/pdl.py) the kernel launches while the one before it finishes and waits for it
 before any load.
+
+For a few rows (`folds_silu_mul`) the down projection takes the MLP's gate_up and applies
+SiLU-and-mul to each x tile as it loads it, with the row kernel's arithmetic
+(layers/fused_linear.py `_silu_mul_rows`): the tile holds the bits that kernel would have
+stored, so folding it or not is a speed choice by row count like the tile shape, and a
+decode step saves a launch per layer.
 """
 from __future__ import annotations
 
@@ -46,12 +52,20 @@ def tiles(m: int) -> tuple[int, int, int, int, int]:
         return 64, 64, 64, 4, 3
     return 128, 128, 64, 8, 3
 
+
+def folds_silu_mul(m: int) -> bool:
+    """Whether SiLU-and-mul runs in the matmul's x loads for M rows: at the fewest-row tile,
+    where the weight's stream bounds the kernel and a launch saved counts (compiled for
+    sm_90, the 32-row tile would spill with it); above, every x tile would be activated once
+    per output strip, so the row kernel runs first."""
+    return m <= 16
+
 if triton is not None:
     @triton.jit(do_not_specialize=["M"])
     def _invariant_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
         if USE_PDL:                    # nothing is loaded before the previous kernel is done
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -65,8 +79,13 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x_at = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+            mask_x = mask_m[:, None] & mask_k[None, :]
+            x = tl.load(x_at, mask=mask_x, other=0.0)
+            if SILU_MUL:               # x_ptr rows are [gate | up], K wide each
+                g = x.to(tl.float32)
+                u = tl.load(x_at + K, mask=mask_x, other=0.0).to(tl.float32)
+                x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if IEEE:
@@ -80,9 +99,11 @@ if triton is not None:
 
 
 def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
-                 tile_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+                 tile_shape: tuple[int, ...] | None = None,
+                 silu_mul: bool = False) -> torch.Tensor:
     """x [M, K] @ w [N, K].T into `out` ([M, N], x's dtype; allocated when None).
-    `tile_shape` overrides `tiles(M)` (the probes)."""
+    `tile_shape` overrides `tiles(M)` (the probes). `silu_mul`: x is [M, 2K], gate then up,
+    and the product is silu(gate) * up @ w.T (module docstring)."""
     if triton is None or x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float16,
                                                                  torch.float32):
         raise ValueError(f"the batch-invariant matmul needs Triton and one of bfloat16, "
@@ -90,6 +111,12 @@ def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
     x, w = x if x.stride(-1) == 1 else x.contiguous(), w if w.stride(-1) == 1 else w.contiguous()
     m, k = x.shape
     n = w.shape[0]
+    if silu_mul:
+        k //= 2
+    if k != w.shape[1]:
+        raise ValueError(f"the batch-invariant matmul's x rows hold {k} columns"
+                         f"{' a half (gate, up)' if silu_mul else ''}, the weight's rows "
+                         f"{w.shape[1]}")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
@@ -99,6 +126,7 @@ def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
         _invariant_mm_launcher[grid](
             x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            IEEE=x.dtype == torch.float32, USE_PDL=pdl, num_warps=warps, num_stages=stages,
+            IEEE=x.dtype == torch.float32, SILU_MUL=silu_mul, USE_PDL=pdl, num_warps=warps,
+            num_stages=stages,
             launch_pdl=pdl)
     return out
