@@ -9,8 +9,8 @@
 # sampler-sweep (the draw's block and programs at 256 rows), invariant
 # (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
 # invariant-matmul (the mode's matmul against the normal one, then its few-row tiles by
-# time: invariant_matmul.py --rows, --sweep-rows), invariant-silu-ab (the mode's batch-1
-# decode with SiLU-and-mul folded into its down projection or not), invariant-attention
+# time: invariant_matmul.py --rows, --sweep-rows), invariant-fold-ab (the mode's batch-1
+# decode with its norms and SiLU-and-mul folded into its matmul or not), invariant-attention
 # (the mode's attention at decode by KV tile and warps, one program or splits spread:
 # invariant_attention.py),
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-32k (that pair
@@ -88,9 +88,9 @@ for step in "$@"; do
     invariant)
         latency invariant --model qwen3-0.6b-random --compare-batch-invariant \
             --batch-sizes 1 32 128 --input-len 512 --output-len 64 ;;
-    invariant-silu-ab)   # the mode's batch-1 decode without, then with SiLU-and-mul folded
+    invariant-fold-ab)   # the mode's batch-1 decode without, then with its prologues folded
         nofold="from fullgraph.layers import invariant_gemm as g
-g.folds_silu_mul = lambda m: False
+g.folds_prologue = lambda m: False
 from fullgraph.entrypoints.cli import main
 import sys; sys.exit(main(sys.argv[1:]))"
         run invariant-no-fold python3 -c "$nofold" bench latency --model qwen3-0.6b-random \

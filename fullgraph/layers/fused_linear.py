@@ -10,10 +10,10 @@ repeats the op over the whole row, which only pays off for one row
 elementwise part and the plain GEMV or cuBLAS the product, the kernel count inductor's fusion
 gave. On CPU (eager, the reference path) these are the plain modules. In the batch-invariant
 mode (the projection's `kernel_policy`, layers/policy.py) the product is
-`linear.invariant_matmul` and the norm the module's (on the GPU its row kernel,
-layers/norm.py); SiLU-and-mul runs in the mode's matmul for a few rows, as the row kernel
-here would compute it (layers/invariant_gemm.py), in that row kernel for more, and on the
-CPU in the scalar path (layers/activation.py).
+`linear.invariant_matmul`; on the GPU, the norm and SiLU-and-mul run in the mode's own
+matmul for a few rows, with the arithmetic of their row kernels (layers/invariant_gemm.py),
+and in those row kernels for more (layers/norm.py, `_silu_mul_rows` here); on the CPU, the
+norm module and the scalar path (layers/activation.py).
 """
 from __future__ import annotations
 
@@ -149,9 +149,8 @@ def _fusable(x: torch.Tensor) -> bool:
 
 
 def _invariant_rows(x: torch.Tensor, policy: KernelPolicy) -> bool:
-    """The mode on the GPU, in any dtype: SiLU-and-mul in the mode's matmul or by the row
-    kernel, each with the same bits (the norms: RMSNorm's own row kernel in the mode,
-    layers/norm.py)."""
+    """The mode on the GPU, in any dtype: the norm and SiLU-and-mul in the mode's matmul or by
+    their row kernels, each with the same bits."""
     return (policy.batch_invariant and triton is not None and x.is_cuda and x.dim() == 2
             and x.stride(-1) == 1)
 
@@ -189,6 +188,11 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     if _fusable(x) and not policy.batch_invariant:
         y, residual = _rms_norm_linear(x, residual, norm.kernel_weight, norm.eps, proj.weight,
                                        list(l2_prefetch_next))
+    elif _invariant_rows(x, policy) and invariant_gemm.folds_prologue(x.shape[0]):
+        h = torch.empty_like(x) if residual is not None else None
+        y = invariant_gemm.invariant_mm(x, proj.weight, norm_weight=norm.kernel_weight,
+                                        eps=norm.eps, residual=residual, h=h)
+        residual = h if h is not None else x
     else:
         if residual is None:
             residual, normed = x, norm(x)
@@ -204,7 +208,7 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
     policy = policy_of(proj)
     if _invariant_rows(gate_up, policy):
         y = (invariant_gemm.invariant_mm(gate_up, proj.weight, silu_mul=True)
-             if invariant_gemm.folds_silu_mul(gate_up.shape[0])
+             if invariant_gemm.folds_prologue(gate_up.shape[0])
              else _product(_silu_mul_rows(gate_up), proj, policy))
     elif _fusable(gate_up):
         y = _silu_mul_linear(gate_up, proj.weight, list(l2_prefetch_next))

@@ -19,17 +19,19 @@ shape from the row count for speed, as the normal mode does, and the GPU tests
 (layers/pdl.py) the kernel launches while the one before it finishes and waits for it
 before any load.
 
-For a few rows (`folds_silu_mul`) the down projection takes the MLP's gate_up and applies
-SiLU-and-mul to each x tile as it loads it, with the row kernel's arithmetic
-(layers/fused_linear.py `_silu_mul_rows`): the tile holds the bits that kernel would have
-stored, so folding it or not is a speed choice by row count like the tile shape, and a
-decode step saves a launch per layer.
+For a few rows (`folds_prologue`) the op that feeds a projection runs in its x loads, with
+its row kernel's arithmetic: SiLU-and-mul for the down projection (layers/fused_linear.py
+`_silu_mul_rows`), the residual add and RMSNorm for qkv and gate_up (layers/norm.py, the
+mode's ordered sum of squares over the whole row first, then the scaled tiles). A tile then
+holds the bits that kernel would have stored, so folding or not is a speed choice by row
+count like the tile shape, and a decode step saves three launches a layer.
 """
 from __future__ import annotations
 
 import torch
 
 from fullgraph.layers.launch import Launcher, cdiv
+from fullgraph.layers.norm import norm_f32
 from fullgraph.layers.pdl import pdl_enabled
 
 try:
@@ -37,6 +39,8 @@ try:
     import triton.language as tl
 except ImportError:            # CPU-only installs: the mode's CPU path is layers/linear.py's
     triton = None
+else:
+    from fullgraph.layers.norm import norm_output, ordered_sum_squares
 
 
 
@@ -53,19 +57,22 @@ def tiles(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
-def folds_silu_mul(m: int) -> bool:
-    """Whether SiLU-and-mul runs in the matmul's x loads for M rows: at the fewest-row tile,
-    where the weight's stream bounds the kernel and a launch saved counts (compiled for
-    sm_90, the 32-row tile would spill with it); above, every x tile would be activated once
-    per output strip, so the row kernel runs first."""
+def folds_prologue(m: int) -> bool:
+    """Whether the op feeding a projection runs in the matmul's x loads for M rows: at the
+    fewest-row tile, where the weight's stream bounds the kernel and a launch saved counts
+    (compiled for sm_90, the 32-row tile would spill with SiLU-and-mul); above, every x tile
+    would be transformed once per output strip, so the row kernel runs first."""
     return m <= 16
 
 if triton is not None:
     @triton.jit(do_not_specialize=["M"])
-    def _invariant_mm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    def _invariant_mm_kernel(x_ptr, w_ptr, y_ptr, r_ptr, h_ptr, nw_ptr, M, N, K, stride_xm,
+                             stride_wn, stride_ym, stride_rm, stride_hm, eps,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                             SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
+                             SILU_MUL: tl.constexpr, NORM: tl.constexpr,
+                             HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
+                             USE_PDL: tl.constexpr):
         if USE_PDL:                    # nothing is loaded before the previous kernel is done
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -75,6 +82,14 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m, mask_n = offs_m < M, offs_n < N
+        if NORM:          # h = x + r: its rows' statistics, h stored by the first strip
+            if HAS_RES:
+                ss = ordered_sum_squares(x_ptr, r_ptr, h_ptr, offs_m, mask_m, K, stride_xm,
+                                         stride_rm, stride_hm, pid_n == 0, True, BLOCK_M)
+            else:
+                ss = ordered_sum_squares(x_ptr, r_ptr, h_ptr, offs_m, mask_m, K, stride_xm,
+                                         stride_rm, stride_hm, False, False, BLOCK_M)
+            rstd = tl.rsqrt(ss / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -86,6 +101,13 @@ if triton is not None:
                 g = x.to(tl.float32)
                 u = tl.load(x_at + K, mask=mask_x, other=0.0).to(tl.float32)
                 x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
+            if NORM:
+                if HAS_RES:
+                    x = x + tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_k[None, :],
+                                    mask=mask_x, other=0.0)
+                nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0)
+                x = norm_output(x.to(tl.float32), rstd[:, None], nw[None, :], NORM_F32,
+                                x_ptr.dtype.element_ty)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if IEEE:
@@ -99,11 +121,15 @@ if triton is not None:
 
 
 def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
-                 tile_shape: tuple[int, ...] | None = None,
-                 silu_mul: bool = False) -> torch.Tensor:
+                 tile_shape: tuple[int, ...] | None = None, silu_mul: bool = False,
+                 norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                 residual: torch.Tensor | None = None, h: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """x [M, K] @ w [N, K].T into `out` ([M, N], x's dtype; allocated when None).
     `tile_shape` overrides `tiles(M)` (the probes). `silu_mul`: x is [M, 2K], gate then up,
-    and the product is silu(gate) * up @ w.T (module docstring)."""
+    and the product is silu(gate) * up @ w.T. `norm_weight` (an RMSNorm's `kernel_weight`):
+    the product is RMSNorm(x + residual) @ w.T, and x + residual is stored into `h` when
+    there is a residual (module docstring)."""
     if triton is None or x.dtype != w.dtype or x.dtype not in (torch.bfloat16, torch.float16,
                                                                  torch.float32):
         raise ValueError(f"the batch-invariant matmul needs Triton and one of bfloat16, "
@@ -119,14 +145,21 @@ def invariant_mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = No
                          f"{w.shape[1]}")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    norm = norm_weight is not None
+    r = residual if residual is not None else x
+    if residual is not None and (h is None or r.stride(-1) != 1 or h.stride(-1) != 1):
+        raise ValueError("the batch-invariant matmul's norm prologue stores x + residual "
+                         "into h: both contiguous by row")
+    h = h if h is not None else x
     if m:
         block_m, block_n, block_k, warps, stages = tile_shape or tiles(m)
         grid = (cdiv(n, block_n), cdiv(m, block_m))
         pdl = pdl_enabled(x)
         _invariant_mm_launcher[grid](
-            x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            IEEE=x.dtype == torch.float32, SILU_MUL=silu_mul, USE_PDL=pdl, num_warps=warps,
-            num_stages=stages,
+            x, w, out, r, h, norm_weight if norm else w, m, n, k, x.stride(0), w.stride(0),
+            out.stride(0), r.stride(0), h.stride(0), eps, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, IEEE=x.dtype == torch.float32, SILU_MUL=silu_mul, NORM=norm,
+            HAS_RES=residual is not None, NORM_F32=norm and norm_f32(norm_weight, x),
+            USE_PDL=pdl, num_warps=warps, num_stages=stages,
             launch_pdl=pdl)
     return out
