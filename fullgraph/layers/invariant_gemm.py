@@ -11,10 +11,10 @@ in K order; rows past M are masked zeros, and `M` is not specialized.
 
 What is pinned is that order, not the tile shape. The probe
 (benchmarks/probes/invariant_matmul.py; its run is in docs/benchmarks.md) found that for
-each of Qwen3-0.6B's projections and its LM head, BLOCK_M 16-128 (mma and wgmma), BLOCK_N 32-256, BLOCK_K
-32-256, 4 or 8 warps and 2-4 stages all give a row the same bits (so does cuBLAS at 257
-rows, which is not relied on: its split-K and kernel follow M). So `tiles` picks the tile
-shape from the row count for speed, as the normal mode does, and the GPU tests
+each of Qwen3-0.6B's projections and its LM head, BLOCK_M 16-128 (mma and wgmma), BLOCK_N
+32-256, BLOCK_K 32-256, 4 or 8 warps and 2-4 stages all give a row the same bits (so does
+cuBLAS at 257 rows, which is not relied on: its split-K and kernel follow M). So `tiles`
+picks the tile shape from the row count for speed, as the normal mode does, and the GPU tests
 (test_gpu_batch_invariant.py) check rows across the buckets bit for bit. With PDL
 (layers/pdl.py) the kernel launches while the one before it finishes and waits for it
 before any load.
@@ -43,7 +43,6 @@ else:
     from fullgraph.layers.norm import norm_output, ordered_sum_squares
 
 
-
 def tiles(m: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for M rows: narrow output strips
     and long K slices for a few rows (many programs stream the weight, as layers/gemv.py's
@@ -63,6 +62,7 @@ def folds_prologue(m: int) -> bool:
     (compiled for sm_90, the 32-row tile would spill with SiLU-and-mul); above, every x tile
     would be transformed once per output strip, so the row kernel runs first."""
     return m <= 16
+
 
 if triton is not None:
     @triton.jit(do_not_specialize=["M"])
