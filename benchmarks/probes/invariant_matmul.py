@@ -9,10 +9,11 @@
 
     python benchmarks/probes/invariant_matmul.py --rows 1 8 32 128 512 2048 8192
 
-3. `--sweep-rows 1 16 512 8192`: instead, per projection and row count, the fastest few of a
-   grid of tiles (up to 32 rows few-row strips: BLOCK_N, BLOCK_K, warps, stages at
-   `tiles(m)`'s BLOCK_M; above, GEMM tiles) against `tiles(m)`'s own, each checked to give
-   the reference tile's bits.
+3. `--sweep-rows 1 16 32 128 512 8192`: instead, per projection and row count, the fastest
+   few of a grid of tiles (up to 32 rows few-row strips: BLOCK_N, BLOCK_K, warps, stages at
+   `tiles(m)`'s BLOCK_M; up to 256 rows narrower tiles, which give o_proj's and down's
+   N = 1024 more programs than 64 x 64 does; above, GEMM tiles) against `tiles(m)`'s own,
+   each checked to give the reference tile's bits.
 """
 from __future__ import annotations
 
@@ -77,14 +78,15 @@ def main() -> None:
 
 
 # the sweep's tiles: (BLOCK_N, BLOCK_K, warps, stages) at `tiles(m)`'s BLOCK_M up to 32 rows,
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above
-FEW_ROW_GRID = list(itertools.product((16, 32), (256, 512, 1024), (2, 4, 8), (2, 3)))
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above: up to 256 rows, then GEMM tiles
+FEW_ROW_GRID = list(itertools.product((16, 32), (128, 256, 512, 1024), (2, 4, 8), (2, 3, 4)))
+MID_GRID = list(itertools.product((32, 64), (16, 32, 64), (64, 128, 256), (4, 8), (3, 4)))
 GEMM_GRID = list(itertools.product((64, 128), (128, 256), (64, 128), (4, 8), (3, 4)))
 
 
 def sweep(rows: list[int], top: int = 3) -> None:
     """Tiles by time, per projection and row count (bits checked against 64^3): few-row
-    strips up to 32 rows, GEMM tiles above."""
+    strips up to 32 rows, narrower tiles up to 256, GEMM tiles above."""
     torch.manual_seed(0)
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 32
@@ -93,7 +95,8 @@ def sweep(rows: list[int], top: int = 3) -> None:
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = invariant_mm(x, w, tile_shape=(64, 64, 64, 4, 3))
-            shapes = ([(tiles(m)[0], *g) for g in FEW_ROW_GRID] if m <= 32 else GEMM_GRID)
+            shapes = ([(tiles(m)[0], *g) for g in FEW_ROW_GRID] if m <= 32
+                      else MID_GRID if m <= 256 else GEMM_GRID)
             times, differ = {}, []
             for shape in shapes:
                 try:
