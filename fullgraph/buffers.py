@@ -3,7 +3,7 @@
 A CUDA graph records the addresses it reads, so the tensors it reads must never be
 reallocated or rebound; each step copies its values into a leading slice instead. The slice
 keeps the persistent buffer's strides (vLLM once used `as_strided` here and read out of
-bounds: seed 002).
+bounds).
 """
 from __future__ import annotations
 
