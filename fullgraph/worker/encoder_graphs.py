@@ -17,7 +17,7 @@ padding of all but the last batches small. Outputs come back in the callers' ord
 
 The manager knows no model: the encoder implements `models/interface.GraphEncoder`, and the
 capture itself is `CUDAGraphManager`'s, so every budget warms up eagerly on buffers of its
-own before it is captured on separate ones (the warmup/capture split of seed 001).
+own before it is captured on separate ones (the manager's warmup/capture split).
 """
 from __future__ import annotations
 
