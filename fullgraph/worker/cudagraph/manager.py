@@ -4,12 +4,11 @@ It is given keys to capture (hashable; the runner uses batch descriptors) and a
 `create_forward_fn(key, warmup)` that returns `(fn, attention_state)`. It runs
 `create_forward_fn(key, warmup=True)`'s fn eagerly for every key (kernels compile there),
 then captures `create_forward_fn(key, warmup=False)`'s fn for every key, in the order given
-(the runner gives largest first), into one memory pool shared by every graph. The
-two calls build *separate* attention state (as vLLM's fix for FULL graphs with a lazily
-initializing backend did): a backend that initializes lazily on
-its first run (planning, workspaces, an "initialized" flag) would otherwise be captured with
-the initialization already done, and the graph would replay kernels that read buffers it
-never fills. The states come back as `{key: AttentionStatePair}` for components that capture
+(the runner gives largest first), into one memory pool shared by every graph. The two calls
+build *separate* attention state (as vLLM's fix for FULL graphs with a lazily initializing
+backend does): a backend that initializes lazily on its first run (planning, workspaces, an
+"initialized" flag) would otherwise be captured with the initialization already done, and
+the graph would replay kernels that read buffers it never fills. The states come back as `{key: AttentionStatePair}` for components that capture
 later against the same batch (a drafter's prefill graphs).
 
 Given `compile_ahead` (a context manager factory, worker/compilers.py's
