@@ -147,7 +147,9 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
         run invariant-matmul-sweep python3 benchmarks/probes/invariant_matmul.py \
             --sweep-rows 1 16 32
         run invariant-matmul-sweep-many python3 benchmarks/probes/invariant_matmul.py \
-            --sweep-rows 128 512 8192 ;;
+            --sweep-rows 128 512 8192
+        run invariant-matmul-sweep-folded python3 benchmarks/probes/invariant_matmul.py \
+            --sweep-rows 1 16 --folded ;;
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 32 --lengths 576 4096 --tiles 32 64 --warps 4 8 --kv-ahead 0 1) ;;
