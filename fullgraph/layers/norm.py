@@ -48,6 +48,15 @@ if triton is not None:
         return tl.reshape(acc, (ROWS,))
 
     @triton.jit
+    def _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES: tl.constexpr):
+        """h = x + residual at `rows` x `offs` (x without one)."""
+        h = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0.0)
+        if HAS_RES:
+            h = h + tl.load(r_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask,
+                            other=0.0)
+        return h
+
+    @triton.jit
     def ordered_sum_squares(x_ptr, r_ptr, h_ptr, rows, mask_rows, K, stride_x, stride_r,
                             stride_h, store_h, HAS_RES: tl.constexpr, ROWS: tl.constexpr):
         """The sum of squares of h = x + residual over each of `rows` ([ROWS] indices), in
@@ -57,10 +66,7 @@ if triton is not None:
         for k0 in range(0, K, 64):
             offs = k0 + lanes
             mask = mask_rows[:, None] & (offs < K)[None, :]
-            h = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0.0)
-            if HAS_RES:
-                h = h + tl.load(r_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask,
-                                other=0.0)
+            h = _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES)
             if store_h:
                 tl.store(h_ptr + rows[:, None] * stride_h + offs[None, :], h, mask=mask)
             hf = h.to(tl.float32)
@@ -96,10 +102,7 @@ if triton is not None:
         for k0 in range(0, K, 64):
             offs = k0 + lanes
             mask = every[:, None] & (offs < K)[None, :]
-            h = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0.0)
-            if HAS_RES:
-                h = h + tl.load(r_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask,
-                                other=0.0)
+            h = _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES)
             w = tl.load(w_ptr + offs, mask=offs < K, other=0.0)
             y = norm_output(h.to(tl.float32), rstd[:, None], w[None, :], NORM_F32,
                             y_ptr.dtype.element_ty)
