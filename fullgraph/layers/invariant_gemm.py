@@ -85,10 +85,10 @@ if triton is not None:
         if NORM:          # h = x + r: its rows' statistics, h stored by the first strip
             if HAS_RES:
                 ss = ordered_sum_squares(x_ptr, r_ptr, h_ptr, offs_m, mask_m, K, stride_xm,
-                                         stride_rm, stride_hm, pid_n == 0, True, BLOCK_M)
+                                         stride_rm, stride_hm, pid_n == 0, True, BLOCK_M, 0)
             else:
                 ss = ordered_sum_squares(x_ptr, r_ptr, h_ptr, offs_m, mask_m, K, stride_xm,
-                                         stride_rm, stride_hm, False, False, BLOCK_M)
+                                         stride_rm, stride_hm, False, False, BLOCK_M, 0)
             rstd = tl.rsqrt(ss / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):

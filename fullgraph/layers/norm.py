@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fullgraph.layers.launch import Launcher, next_power_of_2
+from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import policy_of
 
@@ -57,20 +57,35 @@ if triton is not None:
         return h
 
     @triton.jit
+    def _add_squares(acc, offs, x_ptr, r_ptr, h_ptr, rows, mask_rows, K, stride_x, stride_r,
+                     stride_h, store_h, HAS_RES: tl.constexpr):
+        """acc [ROWS, 64] plus the squares of h at `offs` (64 columns), one fma each; h
+        stored where `store_h`."""
+        mask = mask_rows[:, None] & (offs < K)[None, :]
+        h = _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES)
+        if store_h:
+            tl.store(h_ptr + rows[:, None] * stride_h + offs[None, :], h, mask=mask)
+        hf = h.to(tl.float32)
+        return tl.fma(hf, hf, acc)
+
+    @triton.jit
     def ordered_sum_squares(x_ptr, r_ptr, h_ptr, rows, mask_rows, K, stride_x, stride_r,
-                            stride_h, store_h, HAS_RES: tl.constexpr, ROWS: tl.constexpr):
+                            stride_h, store_h, HAS_RES: tl.constexpr, ROWS: tl.constexpr,
+                            CHUNKS: tl.constexpr):
         """The sum of squares of h = x + residual over each of `rows` ([ROWS] indices), in
-        the mode's order (module docstring); h stored where `store_h`."""
+        the mode's order (module docstring); h stored where `store_h`. CHUNKS: K's 64-wide
+        chunks, unrolled (their loads issue together); 0: a loop, for kernels whose
+        registers the unrolled loads would crowd."""
         lanes = tl.arange(0, 64)
         acc = tl.zeros((ROWS, 64), dtype=tl.float32)
-        for k0 in range(0, K, 64):
-            offs = k0 + lanes
-            mask = mask_rows[:, None] & (offs < K)[None, :]
-            h = _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES)
-            if store_h:
-                tl.store(h_ptr + rows[:, None] * stride_h + offs[None, :], h, mask=mask)
-            hf = h.to(tl.float32)
-            acc = tl.fma(hf, hf, acc)
+        if CHUNKS:
+            for c in tl.static_range(CHUNKS):
+                acc = _add_squares(acc, c * 64 + lanes, x_ptr, r_ptr, h_ptr, rows, mask_rows,
+                                   K, stride_x, stride_r, stride_h, store_h, HAS_RES)
+        else:
+            for k0 in range(0, K, 64):
+                acc = _add_squares(acc, k0 + lanes, x_ptr, r_ptr, h_ptr, rows, mask_rows, K,
+                                   stride_x, stride_r, stride_h, store_h, HAS_RES)
         ss = _lanes_sum(acc, ROWS)
         # The tree leaves ss in a layout whose broadcast over a matmul's x tiles spills
         # thousands of bytes a thread (compiled for sm_90); summing ss with zeros, exact,
@@ -88,19 +103,20 @@ if triton is not None:
     def _ordered_rms_norm_rows_kernel(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, K, stride_x,
                                       stride_r, stride_h, stride_y, eps,
                                       HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
-                                      USE_PDL: tl.constexpr):
-        """The batch-invariant mode's row kernel: the ordered sum, then a second pass."""
+                                      CHUNKS: tl.constexpr, USE_PDL: tl.constexpr):
+        """The batch-invariant mode's row kernel: the ordered sum, then a second pass, both
+        over the row's CHUNKS 64-wide chunks unrolled."""
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
         every = rows >= 0
         ss = ordered_sum_squares(x_ptr, r_ptr, h_ptr, rows, every, K, stride_x, stride_r,
-                                 stride_h, True, HAS_RES, 1)
+                                 stride_h, True, HAS_RES, 1, CHUNKS)
         rstd = tl.rsqrt(ss / K + eps)
         lanes = tl.arange(0, 64)
-        for k0 in range(0, K, 64):
-            offs = k0 + lanes
+        for c in tl.static_range(CHUNKS):
+            offs = c * 64 + lanes
             mask = every[:, None] & (offs < K)[None, :]
             h = _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES)
             w = tl.load(w_ptr + offs, mask=offs < K, other=0.0)
@@ -156,7 +172,8 @@ def rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: t
         flags = dict(HAS_RES=residual is not None, NORM_F32=norm_f32(norm_weight, x),
                      USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
         if ordered:
-            _ordered_rms_norm_rows_launcher[(x.shape[0],)](*args, **flags)
+            _ordered_rms_norm_rows_launcher[(x.shape[0],)](
+                *args, CHUNKS=cdiv(x.shape[1], 64), **flags)
         else:
             _add_rms_norm_rows_launcher[(x.shape[0],)](
                 *args, BLOCK=next_power_of_2(x.shape[1]), **flags)
