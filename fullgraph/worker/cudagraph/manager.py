@@ -8,8 +8,9 @@ then captures `create_forward_fn(key, warmup=False)`'s fn for every key, in the 
 build *separate* attention state (as vLLM's fix for FULL graphs with a lazily initializing
 backend does): a backend that initializes lazily on its first run (planning, workspaces, an
 "initialized" flag) would otherwise be captured with the initialization already done, and
-the graph would replay kernels that read buffers it never fills. The states come back as `{key: AttentionStatePair}` for components that capture
-later against the same batch (a drafter's prefill graphs).
+the graph would replay kernels that read buffers it never fills. The states come back as
+`{key: AttentionStatePair}` for components that capture later against the same batch (a
+drafter's prefill graphs).
 
 Given `compile_ahead` (a context manager factory, worker/compilers.py's
 `triton_compile_ahead`), the warmups run inside it: there a launch that would compile a
