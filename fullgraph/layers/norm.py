@@ -7,12 +7,12 @@ float32 before the cast. On the GPU the modules run the row kernel in half preci
 in any dtype, in the batch-invariant mode (layers/policy.py).
 
 In that mode a row's sum of squares has one order that any kernel can repeat, whatever its
-tile layout (`tl.sum`'s order follows the layout): 64 lanes, each adding its
-elements' squares chunk after chunk with one fused multiply-add, then the lanes added in
-adjacent pairs, level by level (`ordered_sum_squares`). Every step is an elementwise IEEE
-operation, so the bits depend on the row alone. The mode's matmul folds the norm into its x
-loads with the same helpers for a few rows (layers/invariant_gemm.py), the row kernel serves
-more."""
+tile layout (`tl.sum`'s order follows the layout): 64 lanes, each adding its elements'
+squares chunk after chunk with one fused multiply-add, then the lanes added in adjacent
+pairs, level by level (`ordered_sum_squares`). Every step is one IEEE rounding of values the
+order fixes, so the bits depend on the row alone. The mode's matmul folds the norm into its
+x loads with the same helpers for a few rows (layers/invariant_gemm.py), the row kernel
+serves more."""
 from __future__ import annotations
 
 import torch
@@ -32,9 +32,9 @@ except ImportError:            # CPU-only installs: the torch formulas below
 if triton is not None:
     @triton.jit
     def _pair_sum(acc, ROWS: tl.constexpr, WIDTH: tl.constexpr):
-        """[ROWS, WIDTH] -> [ROWS, WIDTH / 2]: lanes 2j and 2j + 1 added."""
-        a, b = tl.split(tl.reshape(acc, (ROWS, WIDTH // 2, 2)))
-        return a + b
+        """[ROWS, WIDTH] -> [ROWS, WIDTH / 2]: lanes 2j and 2j + 1 added (a sum of two is
+        one rounding whatever the lowering; the reshape keeps the logical order)."""
+        return tl.sum(tl.reshape(acc, (ROWS, WIDTH // 2, 2)), axis=2)
 
     @triton.jit
     def _lanes_sum(acc, ROWS: tl.constexpr):
@@ -44,8 +44,7 @@ if triton is not None:
         acc = _pair_sum(acc, ROWS, 16)
         acc = _pair_sum(acc, ROWS, 8)
         acc = _pair_sum(acc, ROWS, 4)
-        acc = _pair_sum(acc, ROWS, 2)
-        return tl.reshape(acc, (ROWS,))
+        return tl.sum(acc, axis=1)                  # the last two lanes
 
     @triton.jit
     def _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES: tl.constexpr):
@@ -86,11 +85,7 @@ if triton is not None:
             for k0 in range(0, K, 64):
                 acc = _add_squares(acc, k0 + lanes, x_ptr, r_ptr, h_ptr, rows, mask_rows, K,
                                    stride_x, stride_r, stride_h, store_h, HAS_RES)
-        ss = _lanes_sum(acc, ROWS)
-        # The tree leaves ss in a layout whose broadcast over a matmul's x tiles spills
-        # thousands of bytes a thread (compiled for sm_90); summing ss with zeros, exact,
-        # gives it a reduction's plain layout.
-        return tl.sum(tl.where(lanes[None, :] == 0, ss[:, None], 0.0), axis=1)
+        return _lanes_sum(acc, ROWS)
 
     @triton.jit
     def norm_output(hf, rstd, w, NORM_F32: tl.constexpr, dtype: tl.constexpr):
