@@ -88,16 +88,17 @@ for step in "$@"; do
     invariant)
         latency invariant --model qwen3-0.6b-random --compare-batch-invariant \
             --batch-sizes 1 32 128 --input-len 512 --output-len 64 ;;
-    invariant-fold-ab)   # the mode's batch-1 decode without, then with its prologues folded
-        nofold="from fullgraph.layers import invariant_gemm as g
-g.folds_prologue = lambda m: False
+    invariant-fold-ab)   # the mode's batch-1 decode: nothing folded, the norms, both
+        for rows in "0 0" "16 0" "16 16"; do
+            read -r norm silu <<<"$rows"
+            fold="from fullgraph.layers import invariant_gemm as g
+g.FOLD_ROWS.update(norm=$norm, silu_mul=$silu)
 from fullgraph.entrypoints.cli import main
 import sys; sys.exit(main(sys.argv[1:]))"
-        run invariant-no-fold python3 -c "$nofold" bench latency --model qwen3-0.6b-random \
-            --batch-invariant --batch-sizes 1 --input-len 512 --output-len 64 --modes graph \
-            --out "$out/invariant-no-fold"
-        latency invariant-fold --model qwen3-0.6b-random --batch-invariant --batch-sizes 1 \
-            --input-len 512 --output-len 64 --modes graph ;;
+            run "invariant-fold-$norm-$silu" python3 -c "$fold" bench latency \
+                --model qwen3-0.6b-random --batch-invariant --batch-sizes 1 --input-len 512 \
+                --output-len 64 --modes graph --out "$out/invariant-fold-$norm-$silu"
+        done ;;
     profile-invariant)
         (cd benchmarks/probes && run profile-invariant python3 profile_step.py \
             --batch-sizes 1 32 --capture-sizes 1 32 --batch-invariant --top 25) ;;

@@ -14,7 +14,7 @@
    `tiles(m)`'s BLOCK_M; up to 256 rows narrower tiles, which give o_proj's and down's
    N = 1024 more programs than 64 x 64 does; above, GEMM tiles) against `tiles(m)`'s own,
    each checked to give the reference tile's bits. With `--folded`, at up to 16 rows, the
-   matmul with the op it folds at those rows (`invariant_gemm.folds_prologue`): RMSNorm and
+   matmul with the op it folds at those rows (`invariant_gemm.FOLD_ROWS`): RMSNorm and
    the residual add for qkv and gate_up, SiLU-and-mul for down.
 """
 from __future__ import annotations

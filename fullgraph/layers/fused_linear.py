@@ -188,7 +188,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     if _fusable(x) and not policy.batch_invariant:
         y, residual = _rms_norm_linear(x, residual, norm.kernel_weight, norm.eps, proj.weight,
                                        list(l2_prefetch_next))
-    elif _invariant_rows(x, policy) and invariant_gemm.folds_prologue(x.shape[0]):
+    elif _invariant_rows(x, policy) and invariant_gemm.folds_prologue(x.shape[0], "norm"):
         h = torch.empty_like(x) if residual is not None else None
         y = invariant_gemm.invariant_mm(x, proj.weight, norm_weight=norm.kernel_weight,
                                         eps=norm.eps, residual=residual, h=h)
@@ -208,7 +208,7 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
     policy = policy_of(proj)
     if _invariant_rows(gate_up, policy):
         y = (invariant_gemm.invariant_mm(gate_up, proj.weight, silu_mul=True)
-             if invariant_gemm.folds_prologue(gate_up.shape[0])
+             if invariant_gemm.folds_prologue(gate_up.shape[0], "silu_mul")
              else _product(_silu_mul_rows(gate_up), proj, policy))
     elif _fusable(gate_up):
         y = _silu_mul_linear(gate_up, proj.weight, list(l2_prefetch_next))

@@ -19,7 +19,7 @@ picks the tile shape from the row count for speed, as the normal mode does, and 
 (layers/pdl.py) the kernel launches while the one before it finishes and waits for it
 before any load.
 
-For a few rows (`folds_prologue`) the op that feeds a projection runs in its x loads, with
+For a few rows (`FOLD_ROWS`) the op that feeds a projection runs in its x loads, with
 its row kernel's arithmetic: SiLU-and-mul for the down projection (layers/fused_linear.py
 `_silu_mul_rows`), the residual add and RMSNorm for qkv and gate_up (layers/norm.py, the
 mode's ordered sum of squares over the whole row first, then the scaled tiles). A tile then
@@ -56,12 +56,17 @@ def tiles(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
-def folds_prologue(m: int) -> bool:
-    """Whether the op feeding a projection runs in the matmul's x loads for M rows: at the
-    fewest-row tile, where the weight's stream bounds the kernel and a launch saved counts
-    (compiled for sm_90, the 32-row tile would spill with SiLU-and-mul); above, every x tile
-    would be transformed once per output strip, so the row kernel runs first."""
-    return m <= 16
+# The most rows at which each op runs in the matmul's x loads: the fewest-row tile's, where
+# the weight's stream bounds the kernel and a launch saved counts (compiled for sm_90, the
+# 32-row tile would spill with SiLU-and-mul); above, every x tile would be transformed once
+# per output strip, so the row kernel runs first. Per op, so each can be timed alone
+# (benchmarks/device_round.sh invariant-fold-ab).
+FOLD_ROWS = {"norm": 16, "silu_mul": 16}
+
+
+def folds_prologue(m: int, op: str) -> bool:
+    """Whether `op` ("norm", "silu_mul") runs in the matmul's x loads for M rows."""
+    return m <= FOLD_ROWS[op]
 
 
 if triton is not None:
