@@ -6,6 +6,20 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:            # CPU-only installs: the torch formulas below
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def silu_mul(g, u):
+        """silu(g) * u in float32, the formula of every kernel that applies SiLU-and-mul: the
+        batch-invariant mode's matmul folds it where the row kernel would run, and both must
+        give the same bits (layers/invariant_gemm.py)."""
+        return g / (1.0 + tl.exp(-g)) * u
+
 
 def scalar_path(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """op(x) with every element computed by ATen's scalar CPU loop.

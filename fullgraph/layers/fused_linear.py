@@ -36,6 +36,8 @@ from fullgraph.layers.policy import KernelPolicy, policy_of
 if triton is not None:
     import triton.language as tl
 
+    from fullgraph.layers.activation import silu_mul
+
     @triton.jit
     def _silu_mul_rows_kernel(x_ptr, y_ptr, K, stride_x, stride_y, BLOCK: tl.constexpr,
                               USE_PDL: tl.constexpr):
@@ -47,8 +49,8 @@ if triton is not None:
         mask = offs < K
         g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * stride_x + K + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs, (g / (1.0 + tl.exp(-g)) * u)
-                 .to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + row * stride_y + offs, silu_mul(g, u).to(y_ptr.dtype.element_ty),
+                 mask=mask)
 
     _silu_mul_rows_launcher = Launcher(_silu_mul_rows_kernel)
 

@@ -25,6 +25,8 @@ try:
     import triton.language as tl
 except ImportError:            # CPU-only installs: the op falls back to F.linear
     triton = None
+else:
+    from fullgraph.layers.activation import silu_mul
 
 GEMV_MAX_ROWS = 32
 
@@ -45,8 +47,7 @@ if triton is not None:
         if PROLOGUE == _SILU_MUL:      # x is [gate | up]; one rounding, as inductor fuses it
             u = tl.load(x_ptr + offs_m[:, None] * stride_xm + K + offs_k[None, :], mask=mask,
                         other=0.0).to(tl.float32)
-            g = x.to(tl.float32)
-            x = (g / (1.0 + tl.exp(-g)) * u).to(x.dtype)
+            x = silu_mul(x.to(tl.float32), u).to(x.dtype)
         elif PROLOGUE == _RMS_NORM and HAS_RES:
             x = x + tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mask,
                             other=0.0)

@@ -40,6 +40,7 @@ try:
 except ImportError:            # CPU-only installs: the mode's CPU path is layers/linear.py's
     triton = None
 else:
+    from fullgraph.layers.activation import silu_mul
     from fullgraph.layers.norm import norm_output, ordered_sum_squares
 
 
@@ -103,9 +104,8 @@ if triton is not None:
             mask_x = mask_m[:, None] & mask_k[None, :]
             x = tl.load(x_at, mask=mask_x, other=0.0)
             if SILU_MUL:               # x_ptr rows are [gate | up], K wide each
-                g = x.to(tl.float32)
                 u = tl.load(x_at + K, mask=mask_x, other=0.0).to(tl.float32)
-                x = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty)
+                x = silu_mul(x.to(tl.float32), u).to(x_ptr.dtype.element_ty)
             if NORM:
                 if HAS_RES:
                     x = x + tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_k[None, :],

@@ -114,8 +114,8 @@ def collector_paused() -> Iterator[None]:
     in ways a capture forbids (freeing pinned host memory synchronizes), which invalidates
     the capture. torch.cuda.graph collects before each capture for the same reason; here
     once for all of a call's captures (a lazily captured size pays one collection). On the
-    GPU a second engine's capture in one process failed now and then, which this is meant
-    to stop (docs/benchmarks.md, twenty-sixth session)."""
+    GPU a second engine's capture in one process failed now and then before this, and not
+    since (docs/benchmarks.md, twenty-sixth and twenty-seventh sessions)."""
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
