@@ -9,10 +9,8 @@
 # sampler-sweep (the draw's block and programs at 256 rows), invariant
 # (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
 # invariant-matmul (the mode's matmul against the normal one, then its few-row tiles by
-# time: invariant_matmul.py --rows, --sweep-rows), invariant-fold-ab (the mode's batch-1
-# decode with its norms and SiLU-and-mul folded into its matmul or not), invariant-attention
-# (the mode's attention at decode by KV tile and warps, one program or splits spread:
-# invariant_attention.py),
+# time: invariant_matmul.py --rows, --sweep-rows), invariant-attention (the mode's attention
+# at decode by KV tile and warps, one program or splits spread: invariant_attention.py),
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-32k (that pair
 # with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by
 # kernel), spec-hybrid (the Qwen3.5-0.8B pair), spec-4b, spec-8b (the qwen3-4b-random / qwen3-8b-random pairs,
@@ -88,17 +86,6 @@ for step in "$@"; do
     invariant)
         latency invariant --model qwen3-0.6b-random --compare-batch-invariant \
             --batch-sizes 1 32 128 --input-len 512 --output-len 64 ;;
-    invariant-fold-ab)   # the mode's batch-1 decode: nothing folded, the norms, both
-        for rows in "0 0" "16 0" "16 16"; do
-            read -r norm silu <<<"$rows"
-            fold="from fullgraph.layers import invariant_gemm as g
-g.FOLD_ROWS.update(norm=$norm, silu_mul=$silu)
-from fullgraph.entrypoints.cli import main
-import sys; sys.exit(main(sys.argv[1:]))"
-            run "invariant-fold-$norm-$silu" python3 -c "$fold" bench latency \
-                --model qwen3-0.6b-random --batch-invariant --batch-sizes 1 --input-len 512 \
-                --output-len 64 --modes graph --out "$out/invariant-fold-$norm-$silu"
-        done ;;
     profile-invariant)
         (cd benchmarks/probes && run profile-invariant python3 profile_step.py \
             --batch-sizes 1 32 --capture-sizes 1 32 --batch-invariant --top 25) ;;
@@ -148,9 +135,7 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
         run invariant-matmul-sweep python3 benchmarks/probes/invariant_matmul.py \
             --sweep-rows 1 16 32
         run invariant-matmul-sweep-many python3 benchmarks/probes/invariant_matmul.py \
-            --sweep-rows 128 512 8192
-        run invariant-matmul-sweep-folded python3 benchmarks/probes/invariant_matmul.py \
-            --sweep-rows 1 16 --folded ;;
+            --sweep-rows 128 512 8192 ;;
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 32 --lengths 576 4096 --tiles 32 64 --warps 4 8 --kv-ahead 0 1) ;;

@@ -9,7 +9,6 @@ test_invariant_kernels_interpret.py) they run in float32 at small shapes. Prints
 "FAILURES n"."""
 from __future__ import annotations
 
-import copy
 import itertools
 
 import torch
@@ -46,97 +45,6 @@ def matmul_case(device: str, dtype: torch.dtype, shapes, rows: int = 300,
             if lo + m <= rows and not torch.equal(invariant_mm(x[lo:lo + m].clone(), w),
                                                   full[lo:lo + m]):
                 failed.append(f"matmul {n}x{k}: rows {lo}..{lo + m - 1}")
-    return failed
-
-
-def silu_mul_case(device: str, dtype: torch.dtype, shapes, rows: int = 300,
-                  counts=(1, 2, 7, 16, 32, 33, 64), cross_buckets: bool = True) -> list[str]:
-    """Per down-projection shape (N, K), x = [gate | up] rows: SiLU-and-mul folded into the
-    mode's matmul == the row kernel then the matmul, bit for bit, at every row count; with
-    `cross_buckets` (the GPU) also == the same rows of one call over `rows` through the row
-    kernel, and on CUDA `silu_mul_linear` (which folds for a few rows only) == both; the
-    call close to float32."""
-    from torch import nn
-
-    from fullgraph.layers.fused_linear import _silu_mul_rows, silu_mul_linear
-    from fullgraph.layers.policy import apply_kernel_policy
-    failed = []
-    gen = torch.Generator().manual_seed(2)
-    for n, k in shapes:
-        w = (torch.randn(n, k, generator=gen) / 32).to(device, dtype)
-        gate_up = torch.randn(rows, 2 * k, generator=gen).to(device, dtype)
-        full = invariant_mm(_silu_mul_rows(gate_up), w)
-        g, u = gate_up.float().chunk(2, dim=-1)
-        ref = (F.silu(g) * u) @ w.float().T
-        if (full.float() - ref).abs().max() > 2e-2 * ref.abs().max():
-            failed.append(f"silu-mul matmul {n}x{k}: far from float32")
-        proj = apply_kernel_policy(nn.Linear(k, n, bias=False).to(device, dtype), POLICY)
-        proj.weight.data.copy_(w)
-        for m in counts:
-            x = gate_up[:m].clone()
-            folded = invariant_mm(x, w, silu_mul=True)
-            if not torch.equal(folded, invariant_mm(_silu_mul_rows(x), w)):
-                failed.append(f"silu-mul matmul {n}x{k}: {m} rows folded != the row kernel's")
-            if cross_buckets and not torch.equal(folded, full[:m]):
-                failed.append(f"silu-mul matmul {n}x{k}: {m} rows folded != in {rows} rows")
-            if device == "cuda" and not torch.equal(silu_mul_linear(x, proj), full[:m]):
-                failed.append(f"silu_mul_linear {n}x{k}: {m} rows != in {rows} rows")
-    return failed
-
-
-def norm_case(device: str, dtype: torch.dtype, shapes, rows: int = 300,
-              counts=(1, 2, 7, 16, 17, 64), cross_buckets: bool = True) -> list[str]:
-    """Per projection shape (N, K), in both RMSNorm conventions: the residual add and the
-    norm folded into the mode's matmul == the mode's row kernel then the matmul, bit for bit,
-    products and new residuals, with and without a residual, at every row count; with
-    `cross_buckets` (the GPU) also == the same rows of one call over `rows`, and on CUDA
-    `norm_linear` (which folds for a few rows only) == both; the row kernel close to the
-    torch formula."""
-    from torch import nn
-
-    from fullgraph.layers.fused_linear import norm_linear
-    from fullgraph.layers.norm import RMSNorm, ZeroCenteredRMSNorm, rms_norm_rows
-    from fullgraph.layers.policy import apply_kernel_policy
-    failed = []
-    gen = torch.Generator().manual_seed(3)
-
-    def rows_then_mm(x, r, norm, w):
-        h, normed = torch.empty_like(x), torch.empty_like(x)
-        rms_norm_rows(x, r, norm.kernel_weight, norm.eps, h, normed, ordered=True)
-        return invariant_mm(normed, w), (h if r is not None else x), normed
-
-    for (n, k), cls in itertools.product(shapes, (RMSNorm, ZeroCenteredRMSNorm)):
-        name = f"{cls.__name__} {n}x{k}"
-        norm = cls(k, eps=1e-6)
-        with torch.no_grad():
-            norm.weight.copy_(torch.randn(k, generator=gen) / 4 + (cls is RMSNorm))
-        norm = apply_kernel_policy(norm.to(device, dtype), POLICY)
-        w = (torch.randn(n, k, generator=gen) / 32).to(device, dtype)
-        x, r = (torch.randn(rows, k, generator=gen).to(device, dtype) for _ in range(2))
-        full, h_full, normed = rows_then_mm(x, r, norm, w)
-        want = copy.deepcopy(norm).cpu().float()._norm((x + r).float().cpu())
-        if (normed.float().cpu() - want).abs().max() > 2e-2 * want.abs().max():
-            failed.append(f"{name}: the ordered row kernel far from the torch formula")
-        proj = apply_kernel_policy(nn.Linear(k, n, bias=False).to(device, dtype), POLICY)
-        proj.weight.data.copy_(w)
-        for m, res in itertools.product(counts, (True, False)):
-            xm, rm = x[:m].clone(), (r[:m].clone() if res else None)
-            h = torch.empty_like(xm) if res else None
-            folded = invariant_mm(xm, w, norm_weight=norm.kernel_weight, eps=norm.eps,
-                                  residual=rm, h=h)
-            rows_y, rows_h, _ = rows_then_mm(xm, rm, norm, w)
-            tag = f"{name}: {m} rows{'' if res else ' without a residual'}"
-            if not torch.equal(folded, rows_y) or (res and not torch.equal(h, rows_h)):
-                failed.append(f"{tag}: folded != the row kernel's")
-            if not res:
-                continue
-            if cross_buckets and not (torch.equal(folded, full[:m])
-                                      and torch.equal(h, h_full[:m])):
-                failed.append(f"{tag}: folded != in {rows} rows")
-            if device == "cuda":
-                y, h2 = norm_linear(xm, rm, norm, proj)
-                if not (torch.equal(y, full[:m]) and torch.equal(h2, h_full[:m])):
-                    failed.append(f"{tag}: norm_linear != in {rows} rows")
     return failed
 
 
@@ -284,10 +192,6 @@ if __name__ == "__main__":
     small = KernelPolicy(batch_invariant=True, attention_tile=16, attention_split=64)
     failures = (matmul_case("cpu", torch.float32, ((40, 64), (100, 96)), rows=70,
                             cuts=[(lo, m) for lo, m in CUTS if m > 32])
-                + silu_mul_case("cpu", torch.float32, ((40, 64), (24, 96)), rows=70,
-                                cross_buckets=False)
-                + norm_case("cpu", torch.float32, ((40, 64), (24, 200)), rows=70,
-                            cross_buckets=False)
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
                                  d=32, block_size=8, policy=small, tol=1e-4)
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,

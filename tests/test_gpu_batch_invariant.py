@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fullgraph import LLM, SamplingParams
-from invariant_kernels_interpret import attention_case, matmul_case, norm_case, silu_mul_case
+from invariant_kernels_interpret import attention_case, matmul_case
 from test_batch_invariant import GREEDY, NEEDLE, SEEDED, completions, result, tokens
 
 pytestmark = pytest.mark.gpu
@@ -46,20 +46,6 @@ def test_matmul_rows_do_not_depend_on_the_batch():
     and an LM head slice (tests/invariant_kernels_interpret.py)."""
     assert matmul_case("cuda", torch.bfloat16,
                        ((1000, 1024), (4096, 1024), (1024, 3072), (151936 // 8, 1024))) == []
-
-
-def test_silu_mul_folded_into_the_matmul_keeps_the_row_kernel_s_bits():
-    """The MLP's down projection with SiLU-and-mul in its x loads (a few rows) == the row
-    kernel then the matmul, and == the rows of a 300-row call, bf16, Qwen3-0.6B's and
-    Qwen3.5-0.8B's down shapes."""
-    assert silu_mul_case("cuda", torch.bfloat16, ((1024, 3072), (1024, 3584))) == []
-
-
-def test_norm_folded_into_the_matmul_keeps_the_row_kernel_s_bits():
-    """qkv and gate_up with the residual add and RMSNorm (both conventions) in their x loads
-    (a few rows) == the mode's row kernel then the matmul, and == the rows of a 300-row
-    call, products and new residuals, bf16, Qwen3-0.6B's shapes."""
-    assert norm_case("cuda", torch.bfloat16, ((4096, 1024), (6144, 1024))) == []
 
 
 def test_attention_matches_sdpa_and_a_row_ignores_the_step():

@@ -11,11 +11,9 @@
 
 3. `--sweep-rows 1 16 32 128 512 8192`: instead, per projection and row count, the fastest
    few of a grid of tiles (up to 32 rows few-row strips: BLOCK_N, BLOCK_K, warps, stages at
-   `tiles(m)`'s BLOCK_M; up to 256 rows narrower tiles, which give o_proj's and down's
-   N = 1024 more programs than 64 x 64 does; above, GEMM tiles) against `tiles(m)`'s own,
-   each checked to give the reference tile's bits. With `--folded`, at up to 16 rows, the
-   matmul with the op it folds at those rows (`invariant_gemm.FOLD_ROWS`): RMSNorm and
-   the residual add for qkv and gate_up, SiLU-and-mul for down.
+   `tiles(m, k)`'s BLOCK_M; up to 256 rows narrower tiles, which give o_proj's and down's
+   N = 1024 more programs than 64 x 64 does; above, GEMM tiles) against `tiles(m, k)`'s
+   own, each checked to give the reference tile's bits.
 """
 from __future__ import annotations
 
@@ -47,10 +45,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048, 8192])
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep-rows", type=int, nargs="*", default=[])
-    ap.add_argument("--folded", action="store_true")
     args = ap.parse_args()
     if args.sweep_rows:
-        sweep(args.sweep_rows, folded=args.folded)
+        sweep(args.sweep_rows)
         return
     torch.manual_seed(0)
     report: dict = {"bits": {}, "us": {}}
@@ -72,7 +69,7 @@ def main() -> None:
             t_inv = timed(lambda ww: invariant_mm(xm, ww), ws)
             t_norm = timed(lambda ww: matmul(xm, ww), ws)
             report["us"][f"{name} m={m}"] = {"invariant": t_inv, "normal": t_norm}
-            print(f"{name:8s} m={m:5d} {tiles(m)} invariant {t_inv:9.1f} µs  "
+            print(f"{name:8s} m={m:5d} {tiles(m, k)} invariant {t_inv:9.1f} µs  "
                   f"normal {t_norm:9.1f} µs ({t_inv / t_norm:.2f}x)", flush=True)
         del ws
     if args.out:
@@ -80,53 +77,38 @@ def main() -> None:
             json.dump(report, f, indent=1)
 
 
-# the sweep's tiles: (BLOCK_N, BLOCK_K, warps, stages) at `tiles(m)`'s BLOCK_M up to 32 rows,
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above: up to 256 rows, then GEMM tiles
+# the sweep's tiles: (BLOCK_N, BLOCK_K, warps, stages) at `tiles(m, k)`'s BLOCK_M up to 32
+# rows, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) above: up to 256 rows, then GEMM tiles
 FEW_ROW_GRID = list(itertools.product((16, 32), (128, 256, 512, 1024), (2, 4, 8), (2, 3)))
 MID_GRID = list(itertools.product((32, 64), (16, 32, 64), (64, 128, 256), (4,), (3, 4)))
 GEMM_GRID = list(itertools.product((64, 128), (128, 256), (64, 128), (4, 8), (3, 4)))
 
 
-FOLDED = {"qkv": "norm", "gate_up": "norm", "down": "silu_mul"}
-
-
-def sweep(rows: list[int], top: int = 3, folded: bool = False) -> None:
+def sweep(rows: list[int], top: int = 3) -> None:
     """Tiles by time, per projection and row count (bits checked against 64^3): few-row
-    strips up to 32 rows, narrower tiles up to 256, GEMM tiles above; `folded`: the
-    projections that fold an op, with it (module docstring)."""
+    strips up to 32 rows, narrower tiles up to 256, GEMM tiles above."""
     torch.manual_seed(0)
     for name, (n, k) in SHAPES.items():
-        if folded and name not in FOLDED:
-            continue
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 32
         copies = max(2, (200 << 20) // (2 * n * k))
         ws = [w.clone() for _ in range(copies)]
         for m in rows:
-            x = torch.randn(m, 2 * k if FOLDED.get(name) == "silu_mul" and folded else k,
-                            device="cuda", dtype=torch.bfloat16)
-            kw: dict = {}
-            if folded and FOLDED[name] == "silu_mul":
-                kw = dict(silu_mul=True)
-            elif folded:
-                kw = dict(norm_weight=torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5,
-                          eps=1e-6, residual=torch.randn_like(x), h=torch.empty_like(x))
-
-            def call(ww, shape=None):
-                return invariant_mm(x, ww, tile_shape=shape, **kw)
-            ref = call(w, (64, 64, 64, 4, 3))
-            shapes = ([(tiles(m)[0], *g) for g in FEW_ROW_GRID] if m <= 32
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = invariant_mm(x, w, tile_shape=(64, 64, 64, 4, 3))
+            shapes = ([(tiles(m, k)[0], *g) for g in FEW_ROW_GRID] if m <= 32
                       else MID_GRID if m <= 256 else GEMM_GRID)
             times, differ = {}, []
             for shape in shapes:
                 try:
-                    if not torch.equal(call(w, shape), ref):
+                    if not torch.equal(invariant_mm(x, w, tile_shape=shape), ref):
                         differ.append(shape)
-                    times[shape] = timed(lambda ww, sh=shape: call(ww, sh), ws)
+                    times[shape] = timed(lambda ww, sh=shape: invariant_mm(x, ww, tile_shape=sh),
+                                         ws)
                 except Exception:   # out of shared memory or registers: not a candidate
                     continue
-            now = timed(call, ws)
+            now = timed(lambda ww: invariant_mm(x, ww), ws)
             best = sorted(times.items(), key=lambda kv: kv[1])[:top]
-            print(f"{name:8s} m={m:3d} tiles(m) {tiles(m)} {now:7.1f} µs; fastest: "
+            print(f"{name:8s} m={m:3d} tiles(m, k) {tiles(m, k)} {now:7.1f} µs; fastest: "
                   + ", ".join(f"{sh} {us:.1f}" for sh, us in best)
                   + (f"; bits differ at {differ}" if differ else "; bits equal"), flush=True)
         del ws

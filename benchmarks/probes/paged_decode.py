@@ -53,6 +53,7 @@ def run(batch: int, ctx: int, bs: int, splits: int, bw: float, evict_l2: bool = 
 
 
 def main() -> None:
+    global HQ, HKV, D
     p = argparse.ArgumentParser()
     p.add_argument("--ctx", type=int, default=640)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -64,7 +65,6 @@ def main() -> None:
     p.add_argument("--heads", type=int, nargs=3, default=[HQ, HKV, D])
     p.add_argument("--json")
     a = p.parse_args()
-    global HQ, HKV, D
     HQ, HKV, D = a.heads
     bw = copy_bw()
     print(f"device {torch.cuda.get_device_name()} copy bandwidth {bw / 1e12:.2f} TB/s")

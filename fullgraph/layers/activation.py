@@ -15,9 +15,8 @@ except ImportError:            # CPU-only installs: the torch formulas below
 if triton is not None:
     @triton.jit
     def silu_mul(g, u):
-        """silu(g) * u in float32, the formula of every kernel that applies SiLU-and-mul: the
-        batch-invariant mode's matmul folds it where the row kernel would run, and both must
-        give the same bits (layers/invariant_gemm.py)."""
+        """silu(g) * u in float32, the formula of every kernel that applies SiLU-and-mul
+        (the row kernel of layers/fused_linear.py, the GEMV's prologue)."""
         return g / (1.0 + tl.exp(-g)) * u
 
 

@@ -9,11 +9,10 @@ repeats the op over the whole row, which only pays off for one row
 (`benchmarks/probes/gemv_tiles.py --prologue`): for more, one Triton kernel per row does the
 elementwise part and the plain GEMV or cuBLAS the product, the kernel count inductor's fusion
 gave. On CPU (eager, the reference path) these are the plain modules. In the batch-invariant
-mode (the projection's `kernel_policy`, layers/policy.py) the product is
-`linear.invariant_matmul`; on the GPU, the norm and SiLU-and-mul run in the mode's own
-matmul for a few rows, with the arithmetic of their row kernels (layers/invariant_gemm.py),
-and in those row kernels for more (layers/norm.py, `_silu_mul_rows` here); on the CPU, the
-norm module and the scalar path (layers/activation.py).
+mode (the projection's `kernel_policy`, layers/policy.py) nothing is folded into the product,
+which is `linear.invariant_matmul`: the norm is the module's (on the GPU its row kernel,
+layers/norm.py), SiLU-and-mul the row kernel here on the GPU and the scalar path on the CPU
+(layers/activation.py).
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fullgraph.layers import invariant_gemm
 from fullgraph.layers.activation import silu_and_mul
 from fullgraph.layers.linear import linear
 from fullgraph.layers.gated_attention import sigmoid_gate
@@ -151,8 +149,8 @@ def _fusable(x: torch.Tensor) -> bool:
 
 
 def _invariant_rows(x: torch.Tensor, policy: KernelPolicy) -> bool:
-    """The mode on the GPU, in any dtype: the norm and SiLU-and-mul in the mode's matmul or by
-    their row kernels, each with the same bits."""
+    """The mode on the GPU, in any dtype: SiLU-and-mul by the row kernel, never folded into
+    the product (the norms: RMSNorm's own row kernel in the mode, layers/norm.py)."""
     return (policy.batch_invariant and triton is not None and x.is_cuda and x.dim() == 2
             and x.stride(-1) == 1)
 
@@ -190,11 +188,6 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     if _fusable(x) and not policy.batch_invariant:
         y, residual = _rms_norm_linear(x, residual, norm.kernel_weight, norm.eps, proj.weight,
                                        list(l2_prefetch_next))
-    elif _invariant_rows(x, policy) and invariant_gemm.folds_prologue(x.shape[0], "norm"):
-        h = torch.empty_like(x) if residual is not None else None
-        y = invariant_gemm.invariant_mm(x, proj.weight, norm_weight=norm.kernel_weight,
-                                        eps=norm.eps, residual=residual, h=h)
-        residual = h if h is not None else x
     else:
         if residual is None:
             residual, normed = x, norm(x)
@@ -209,9 +202,7 @@ def silu_mul_linear(gate_up: torch.Tensor, proj: nn.Module,
     """proj(silu(gate) * up) for gate_up = [gate | up]; `l2_prefetch_next` as in norm_linear."""
     policy = policy_of(proj)
     if _invariant_rows(gate_up, policy):
-        y = (invariant_gemm.invariant_mm(gate_up, proj.weight, silu_mul=True)
-             if invariant_gemm.folds_prologue(gate_up.shape[0], "silu_mul")
-             else _product(_silu_mul_rows(gate_up), proj, policy))
+        y = _product(_silu_mul_rows(gate_up), proj, policy)
     elif _fusable(gate_up):
         y = _silu_mul_linear(gate_up, proj.weight, list(l2_prefetch_next))
     else:

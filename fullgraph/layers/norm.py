@@ -4,21 +4,13 @@ one of Qwen3.5 / Qwen3-Next (scaled by 1 + weight in float32). The kernels (the 
 here, `rms_norm_rows`, and the fused ones of layers/fused_linear.py, gemv.py) take
 `kernel_weight`: the weight itself, or the float32 1 + weight, which tells them to scale in
 float32 before the cast. On the GPU the modules run the row kernel in half precision and,
-in any dtype, in the batch-invariant mode (layers/policy.py).
-
-In that mode a row's sum of squares has one order that any kernel can repeat, whatever its
-tile layout (`tl.sum`'s order follows the layout): 64 lanes, each adding its elements'
-squares chunk after chunk with one fused multiply-add, then the lanes added in adjacent
-pairs, level by level (`ordered_sum_squares`). Every step is one IEEE rounding of values the
-order fixes, so the bits depend on the row alone. The mode's matmul folds the norm into its
-x loads with the same helpers for a few rows (layers/invariant_gemm.py), the row kernel
-serves more."""
+in any dtype, in the batch-invariant mode (layers/policy.py)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fullgraph.layers.launch import Launcher, cdiv, next_power_of_2
+from fullgraph.layers.launch import Launcher, next_power_of_2
 from fullgraph.layers.pdl import pdl_enabled
 from fullgraph.layers.policy import policy_of
 
@@ -30,97 +22,6 @@ except ImportError:            # CPU-only installs: the torch formulas below
 
 
 if triton is not None:
-    @triton.jit
-    def _pair_sum(acc, ROWS: tl.constexpr, WIDTH: tl.constexpr):
-        """[ROWS, WIDTH] -> [ROWS, WIDTH / 2]: lanes 2j and 2j + 1 added (a sum of two is
-        one rounding whatever the lowering; the reshape keeps the logical order)."""
-        return tl.sum(tl.reshape(acc, (ROWS, WIDTH // 2, 2)), axis=2)
-
-    @triton.jit
-    def _lanes_sum(acc, ROWS: tl.constexpr):
-        """[ROWS, 64] float32 -> [ROWS]: the lanes added pairwise, a fixed tree."""
-        acc = _pair_sum(acc, ROWS, 64)
-        acc = _pair_sum(acc, ROWS, 32)
-        acc = _pair_sum(acc, ROWS, 16)
-        acc = _pair_sum(acc, ROWS, 8)
-        acc = _pair_sum(acc, ROWS, 4)
-        return tl.sum(acc, axis=1)                  # the last two lanes
-
-    @triton.jit
-    def _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES: tl.constexpr):
-        """h = x + residual at `rows` x `offs` (x without one)."""
-        h = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0.0)
-        if HAS_RES:
-            h = h + tl.load(r_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask,
-                            other=0.0)
-        return h
-
-    @triton.jit
-    def _add_squares(acc, offs, x_ptr, r_ptr, h_ptr, rows, mask_rows, K, stride_x, stride_r,
-                     stride_h, store_h, HAS_RES: tl.constexpr):
-        """acc [ROWS, 64] plus the squares of h at `offs` (64 columns), one fma each; h
-        stored where `store_h`."""
-        mask = mask_rows[:, None] & (offs < K)[None, :]
-        h = _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES)
-        if store_h:
-            tl.store(h_ptr + rows[:, None] * stride_h + offs[None, :], h, mask=mask)
-        hf = h.to(tl.float32)
-        return tl.fma(hf, hf, acc)
-
-    @triton.jit
-    def ordered_sum_squares(x_ptr, r_ptr, h_ptr, rows, mask_rows, K, stride_x, stride_r,
-                            stride_h, store_h, HAS_RES: tl.constexpr, ROWS: tl.constexpr,
-                            CHUNKS: tl.constexpr):
-        """The sum of squares of h = x + residual over each of `rows` ([ROWS] indices), in
-        the mode's order (module docstring); h stored where `store_h`. CHUNKS: K's 64-wide
-        chunks, unrolled (their loads issue together); 0: a loop, for kernels whose
-        registers the unrolled loads would crowd."""
-        lanes = tl.arange(0, 64)
-        acc = tl.zeros((ROWS, 64), dtype=tl.float32)
-        if CHUNKS:
-            for c in tl.static_range(CHUNKS):
-                acc = _add_squares(acc, c * 64 + lanes, x_ptr, r_ptr, h_ptr, rows, mask_rows,
-                                   K, stride_x, stride_r, stride_h, store_h, HAS_RES)
-        else:
-            for k0 in range(0, K, 64):
-                acc = _add_squares(acc, k0 + lanes, x_ptr, r_ptr, h_ptr, rows, mask_rows, K,
-                                   stride_x, stride_r, stride_h, store_h, HAS_RES)
-        return _lanes_sum(acc, ROWS)
-
-    @triton.jit
-    def norm_output(hf, rstd, w, NORM_F32: tl.constexpr, dtype: tl.constexpr):
-        """RMSNorm's output from float32 h and its rstd, in the two conventions."""
-        if NORM_F32:                # zero-centered: scaled in float32, then cast
-            return (hf * rstd * w).to(dtype)
-        return (w * (hf * rstd).to(dtype)).to(dtype)
-
-    @triton.jit
-    def _ordered_rms_norm_rows_kernel(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, K, stride_x,
-                                      stride_r, stride_h, stride_y, eps,
-                                      HAS_RES: tl.constexpr, NORM_F32: tl.constexpr,
-                                      CHUNKS: tl.constexpr, USE_PDL: tl.constexpr):
-        """The batch-invariant mode's row kernel: the ordered sum, then a second pass, both
-        over the row's CHUNKS 64-wide chunks unrolled."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        rows = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)
-        every = rows >= 0
-        ss = ordered_sum_squares(x_ptr, r_ptr, h_ptr, rows, every, K, stride_x, stride_r,
-                                 stride_h, True, HAS_RES, 1, CHUNKS)
-        rstd = tl.rsqrt(ss / K + eps)
-        lanes = tl.arange(0, 64)
-        for c in tl.static_range(CHUNKS):
-            offs = c * 64 + lanes
-            mask = every[:, None] & (offs < K)[None, :]
-            h = _h_chunk(x_ptr, r_ptr, rows, offs, mask, stride_x, stride_r, HAS_RES)
-            w = tl.load(w_ptr + offs, mask=offs < K, other=0.0)
-            y = norm_output(h.to(tl.float32), rstd[:, None], w[None, :], NORM_F32,
-                            y_ptr.dtype.element_ty)
-            tl.store(y_ptr + rows[:, None] * stride_y + offs[None, :], y, mask=mask)
-
-    _ordered_rms_norm_rows_launcher = Launcher(_ordered_rms_norm_rows_kernel)
-
     @triton.jit
     def _add_rms_norm_rows_kernel(x_ptr, r_ptr, h_ptr, y_ptr, w_ptr, K, stride_x, stride_r,
                                   stride_h, stride_y, eps, HAS_RES: tl.constexpr,
@@ -139,8 +40,11 @@ if triton is not None:
         tl.store(h_ptr + row * stride_h + offs, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
-        tl.store(y_ptr + row * stride_y + offs, norm_output(xf, rstd, w, NORM_F32, x.dtype),
-                 mask=mask)
+        if NORM_F32:                # zero-centered: scaled in float32, then cast
+            y = (xf * rstd * w).to(x.dtype)
+        else:
+            y = (w * (xf * rstd).to(x.dtype)).to(x.dtype)
+        tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
 
     _add_rms_norm_rows_launcher = Launcher(_add_rms_norm_rows_kernel)
 
@@ -152,26 +56,18 @@ def norm_f32(norm_weight: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def rms_norm_rows(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                  eps: float, h: torch.Tensor, normed: torch.Tensor,
-                  ordered: bool = False) -> None:
+                  eps: float, h: torch.Tensor, normed: torch.Tensor) -> None:
     """h = x + residual (x without one) and normed = RMSNorm(h) `[M, K]`, one Triton program a
     row: a row's statistics in one order whatever M is (the fused kernels' norm, and the
-    batch-invariant mode's on the GPU). `norm_weight`: a module's `kernel_weight`.
-    `ordered`: the sum of squares in the mode's order, which its matmul repeats (module
-    docstring)."""
+    batch-invariant mode's on the GPU). `norm_weight`: a module's `kernel_weight`."""
     if x.shape[0]:
         pdl = pdl_enabled(x)
         r = residual if residual is not None else x
-        args = (x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0),
-                h.stride(0), normed.stride(0), eps)
-        flags = dict(HAS_RES=residual is not None, NORM_F32=norm_f32(norm_weight, x),
-                     USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
-        if ordered:
-            _ordered_rms_norm_rows_launcher[(x.shape[0],)](
-                *args, CHUNKS=cdiv(x.shape[1], 64), **flags)
-        else:
-            _add_rms_norm_rows_launcher[(x.shape[0],)](
-                *args, BLOCK=next_power_of_2(x.shape[1]), **flags)
+        _add_rms_norm_rows_launcher[(x.shape[0],)](
+            x, r, h, normed, norm_weight, x.shape[1], x.stride(0), r.stride(0), h.stride(0),
+            normed.stride(0), eps, HAS_RES=residual is not None,
+            NORM_F32=norm_f32(norm_weight, x), BLOCK=next_power_of_2(x.shape[1]),
+            USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -217,8 +113,7 @@ class RMSNorm(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         r2 = residual.reshape(-1, shape[-1]) if residual is not None else None
         h, normed = torch.empty_like(x2), torch.empty_like(x2)
-        rms_norm_rows(x2, r2, self.kernel_weight, self.eps, h, normed,
-                      ordered=policy_of(self).batch_invariant)
+        rms_norm_rows(x2, r2, self.kernel_weight, self.eps, h, normed)
         return normed.view(shape) if residual is None else (normed.view(shape), h.view(shape))
 
 
