@@ -11,6 +11,8 @@
 # invariant-matmul (the mode's matmul against the normal one, then its few-row tiles by
 # time: invariant_matmul.py --rows, --sweep-rows), invariant-attention (the mode's attention
 # at decode by KV tile and warps, one program or splits spread: invariant_attention.py),
+# prefill-attention (the triton backend's prefill kernel by query tokens a program, KV tile,
+# warps and stages, against SDPA's causal kernel: prefill_attention.py),
 # spec (the 0.6B EAGLE-3 pair, synchronous vs --async-scheduling), spec-32k (that pair
 # with a 32,000-token draft vocabulary), spec-profile (its speculative step kernel by
 # kernel), spec-hybrid (the Qwen3.5-0.8B pair), spec-4b, spec-8b (the qwen3-4b-random / qwen3-8b-random pairs,
@@ -136,6 +138,9 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
             --sweep-rows 1 16 32
         run invariant-matmul-sweep-many python3 benchmarks/probes/invariant_matmul.py \
             --sweep-rows 128 512 8192 ;;
+    prefill-attention)
+        (cd benchmarks/probes && run prefill-attention python3 prefill_attention.py \
+            --qtok 32 64 --tiles 32 64 128 --warps 4 8 --stages 2 3 --kv-ahead 0) ;;
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 32 --lengths 576 4096 --tiles 32 64 --warps 4 8 --kv-ahead 0 1) ;;
