@@ -64,9 +64,9 @@ def decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
 def pipeline_stages(num_splits: int) -> int:
     """Triton's software-pipelining stages for the KV loop: 3 with splits (short walks), 2
     for one long walk a program, as measured in the tenth session (docs/benchmarks.md). The
-    stages change when loads issue, not the arithmetic. (Compiled for sm_90 with Triton 3.6
-    today's kernel has the same TTGIR at 1 and 3 stages: its indirect K/V loads are not
-    pipelined; docs/benchmarks.md, twenty-third session.)"""
+    stages change when loads issue, not the arithmetic: compiled for sm_90 as the JIT
+    specializes our launches, the K/V loads become asynchronous copies at 2 stages and more
+    (docs/benchmarks.md, twenty-eighth session)."""
     return 3 if num_splits > 1 else 2
 
 

@@ -13,9 +13,8 @@ nineteenth session). Here it runs at prefill tiles: `PREFILL_ROWS` query rows (t
 GQA group) and `PREFILL_TILE` KV tokens a step, one pass over the KV (no split fold); the
 time to first token against flex's is in docs/benchmarks.md (twenty-first session). Decode
 and verify steps (the decode layout) keep the flex backend's paged decode kernel, and a CPU,
-or a head size outside 16-128 (the Qwen3.5 hybrids' 256 spills at these tiles; smaller ones
-are not yet checked on a GPU, docs/benchmarks.md), the flex backend's paths entirely. It is
-the default backend.
+or a head size outside 16-256 (smaller ones are not yet checked on a GPU), the flex
+backend's paths entirely. It is the default backend.
 """
 from __future__ import annotations
 
@@ -31,9 +30,9 @@ from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 PREFILL_ROWS = 64      # query rows a program: tokens x the GQA group
 PREFILL_TILE = 64      # KV tokens an online-softmax step
-PREFILL_WARPS = 8      # fewer spill the accumulators to the stack (docs/benchmarks.md)
+PREFILL_WARPS = 8      # compiled for sm_90: no spill up to head dim 256 (docs/benchmarks.md)
 PREFILL_SPLIT = 0      # no splits: one pass over the KV
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128   # head sizes run on the GPU at these tiles; others: flex
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256   # head sizes run on the GPU at these tiles; others: flex
 
 
 @dataclass(slots=True)
