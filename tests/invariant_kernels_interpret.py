@@ -62,8 +62,7 @@ def _paged(lengths, hkv, d, block_size, device, dtype):
     return k, v, table.to(device)
 
 
-def _attend_tiles(q, k, v, table, lengths, queries, block_size, policy, prefill_tiles=False,
-                  kv_ahead=False):
+def _attend_tiles(q, k, v, table, lengths, queries, block_size, policy, prefill_tiles=False):
     """The kernel over one step: request i's last `queries[i]` tokens (seq_len lengths[i]);
     at the mode's tiles, or at the triton backend's prefill tiles (attention/triton_attn.py)."""
     dev = q.device
@@ -77,8 +76,7 @@ def _attend_tiles(q, k, v, table, lengths, queries, block_size, policy, prefill_
     if prefill_tiles:
         return tiled_attention(q, k, v, table, seq_lens, positions, tiles, block_size,
                                q.shape[-1] ** -0.5, qtok, triton_attn.PREFILL_TILE,
-                               triton_attn.PREFILL_SPLIT, triton_attn.PREFILL_WARPS,
-                               kv_ahead=kv_ahead)
+                               triton_attn.PREFILL_SPLIT, triton_attn.PREFILL_WARPS)
     return invariant_attention(q, k, v, table, seq_lens, positions, tiles, block_size,
                                q.shape[-1] ** -0.5, policy)
 
@@ -106,17 +104,15 @@ def _padding_case(q, k, v, table, lengths, outs, block_size, policy, prefill_til
 def _spread_case(q, k, v, table, lengths, outs, block_size, policy) -> list[str]:
     """Decode rows of requests 0 and 2 with each tile's splits spread over 2, 3, 4 and 8
     programs (more than the splits: idle ones), and over 2 with a workspace one split too
-    small for request 0 (its program 0 walks it alone); with K/V loaded a tile ahead, over 1
-    and 4 programs: the bits of the prefill."""
+    small for request 0 (its program 0 walks it alone): the bits of the prefill."""
     failed = []
     group = q[0].shape[1] // k.shape[1]
     split = policy.attention_split
     n_splits = -(-lengths[0] // split)
     assert n_splits >= 3
-    for reqs, programs, part_splits, ahead in (
-            ([0], 2, n_splits, False), ([0], 3, n_splits, False), ([0, 2], 4, n_splits, False),
-            ([0, 2], 8, n_splits, False), ([0, 2], 2, n_splits - 1, False),
-            ([0, 2], 1, n_splits, True), ([0, 2], 4, n_splits, True)):
+    for reqs, programs, part_splits in (([0], 2, n_splits), ([0], 3, n_splits),
+                                        ([0, 2], 4, n_splits), ([0, 2], 8, n_splits),
+                                        ([0, 2], 2, n_splits - 1)):
         rows = torch.cat([q[j][-1:] for j in reqs])
         dev = q[0].device
         qsl = torch.arange(len(reqs) + 1, dtype=torch.int32, device=dev)
@@ -129,10 +125,10 @@ def _spread_case(q, k, v, table, lengths, outs, block_size, policy) -> list[str]
             torch.tensor([lengths[j] for j in reqs], dtype=torch.int32, device=dev),
             torch.tensor([lengths[j] - 1 for j in reqs], device=dev), tiles, block_size,
             q[0].shape[-1] ** -0.5, query_tokens(group), policy.attention_tile, split,
-            programs=programs, workspace=workspace, kv_ahead=ahead)
+            programs=programs, workspace=workspace)
         if not torch.equal(got, torch.cat([outs[j][-1:] for j in reqs])):
             failed.append(f"attention: decode rows of {reqs} over {programs} programs "
-                          f"({part_splits} splits kept{', K/V ahead' if ahead else ''})")
+                          f"({part_splits} splits kept)")
         if workspace.counters.any():
             failed.append(f"attention: arrival counters left at {workspace.counters.tolist()}")
     return failed
@@ -174,10 +170,6 @@ def attention_case(device: str, dtype: torch.dtype, lengths=(700, 37, 300), hq: 
     failed += _padding_case(q, k, v, table, lengths, outs, block_size, policy, prefill_tiles)
     if not prefill_tiles:
         failed += _spread_case(q, k, v, table, lengths, outs, block_size, policy)
-    elif not torch.equal(_attend_tiles(torch.cat(q), k, v, table, lengths, lengths, block_size,
-                                       policy, True, kv_ahead=True),
-                         torch.cat(outs)):
-        failed.append("attention: prefill tiles with K/V a tile ahead")
     order = [2, 1, 0]
     mixed = _attend(torch.cat([q[2][-5:], q[1][-1:], q[0][-9:]]), k, v,
                     table[order + [len(lengths)]], [lengths[j] for j in order], [5, 1, 9],

@@ -1,10 +1,9 @@
 """Compile-only, no GPU needed: attention/paged_invariant.py's kernel compiled for sm_90 by
 this machine's Triton, and the registers and stack (spill) bytes a thread uses, read with the
 `cuobjdump` Triton bundles, and how many asynchronous copies the software pipeliner made. The
-mode's tiles (16 query rows) by KV tile, warps and program spreading, with or without K/V
-loaded a tile ahead (`kv_ahead`), the triton backend's prefill tiles (one pass) by query
-rows, KV tile, warps and stages, and the normal mode's decode kernel
-(attention/paged_decode.py) at batch 1 by head dim, KV tile and splits. Spills on the GPU
+mode's tiles (16 query rows) by KV tile, warps and program spreading, the triton backend's
+prefill tiles (one pass) by query rows, KV tile, warps and stages, and the normal mode's
+decode kernel (attention/paged_decode.py) at batch 1 by head dim, KV tile and splits. Spills on the GPU
 cost local-memory traffic in the KV walk; read these before timing a tile on the device.
 For the GPU machine's Triton, run it from a venv holding that version's wheel
 (`pip download --no-deps --only-binary=:all: triton==X`) and torch's CPU build.
@@ -34,11 +33,11 @@ POINTERS = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*b
             "scale_log2e": "fp32"}
 
 
-def usage(tile: int, split: int, programs: int, warps: int, ahead: bool = False, qtok: int = 8,
-          group: int = 2, block_m: int = 16, head_dim: int = 128, stages: int = 2) -> str:
+def usage(tile: int, split: int, programs: int, warps: int, qtok: int = 8, group: int = 2,
+          block_m: int = 16, head_dim: int = 128, stages: int = 2) -> str:
     const = dict(GROUP=group, QTOK=qtok, BLOCK_M=block_m, D=head_dim, PAGE=32, TILE=tile,
                  SPLIT=split, PROGRAMS=programs, PART_SPLITS=32, PRECISION="tf32",
-                 KV_AHEAD=ahead, USE_PDL=True)
+                 USE_PDL=True)
     return resources(paged_invariant._invariant_attention_kernel, const, warps, stages)
 
 
@@ -89,11 +88,9 @@ def resources(kernel, const: dict, warps: int, stages: int) -> str:
 
 def main() -> None:
     print(f"Triton {triton.__version__}, sm_90, bf16, head dim 128, GQA group 2, 32-token pages")
-    for tile, warps, programs, ahead in itertools.product((32, 64), (4, 8), (1, 4),
-                                                          (False, True)):
+    for tile, warps, programs in itertools.product((32, 64), (4, 8), (1, 4)):
         print(f"mode: 16 rows, {tile}-token KV tiles, 256-token splits, {warps} warps, "
-              f"{programs} program(s) a tile{', K/V ahead' if ahead else ''}: "
-              f"{usage(tile, 256, programs, warps, ahead)}")
+              f"{programs} program(s) a tile: {usage(tile, 256, programs, warps)}")
     for qtok, tile, warps, stages in itertools.product((32, 64), (32, 64, 128), (4, 8), (2, 3)):
         print(f"triton backend prefill: {2 * qtok} rows, {tile}-token KV tiles, one pass, "
               f"{warps} warps, {stages} stages: "

@@ -1,11 +1,11 @@
 """The batch-invariant mode's attention kernel (attention/paged_invariant.py) on decode steps:
-µs per call (graph replay) by KV tile, split size, warps and K/V loaded a tile ahead, and by
-whether a tile's splits are spread over programs, at Qwen3-0.6B's attention shape (16 query
-heads, 8 KV heads, head dim 128, bf16, 16-token pages), and a check that one program and
-spread splits give the same bits.
+µs per call (graph replay) by KV tile, split size and warps, and by whether a tile's splits
+are spread over programs, at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head
+dim 128, bf16, 16-token pages), and a check that one program and spread splits give the
+same bits.
 
     python benchmarks/probes/invariant_attention.py [--batch-sizes 1 8 32] [--lengths 576 4096]
-        [--tiles 32 64] [--warps 4 8] [--kv-ahead 0 1] [--splits 64 128 256]
+        [--tiles 32 64] [--warps 4 8] [--splits 64 128 256]
 """
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[576, 4096])
     ap.add_argument("--tiles", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--kv-ahead", type=int, nargs="+", default=[0, 1],
-                    help="1: K/V loaded a tile ahead (tiled_attention's kv_ahead)")
     ap.add_argument("--splits", type=int, nargs="+", default=[256])
     ap.add_argument("--iters", type=int, default=200)
     args = ap.parse_args()
@@ -52,8 +50,7 @@ def main() -> None:
             positions = seq_lens.long() - 1
             qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
             tiles = tile_map(qsl, batch, batch, qtok)
-            for tile, split, warps, ahead in itertools.product(args.tiles, args.splits,
-                                                               args.warps, args.kv_ahead):
+            for tile, split, warps in itertools.product(args.tiles, args.splits, args.warps):
                 ws = SplitWorkspace.for_spec(HQ, HKV, D, length, split, num_sms, dev)
                 programs = split_programs(tiles[0].shape[0], HKV, num_sms, ws)
                 outs = {}
@@ -61,17 +58,16 @@ def main() -> None:
                     def call(p=p):
                         return tiled_attention(q, k, v, table, seq_lens, positions, tiles, PAGE,
                                                D ** -0.5, qtok, tile, split, warps,
-                                               programs=p, workspace=ws, kv_ahead=bool(ahead))
+                                               programs=p, workspace=ws)
                     outs[p] = call()
                     rows.append({"length": length, "batch": batch, "tile": tile,
-                                 "split": split, "warps": warps, "kv_ahead": ahead,
-                                 "programs": p, "us": round(replay_ms(call, args.iters) * 1e3,
+                                 "split": split, "warps": warps, "programs": p, "us": round(replay_ms(call, args.iters) * 1e3,
                                                             2)})
                     print(json.dumps(rows[-1]), flush=True)
                 if not torch.equal(outs[1], outs[programs]):
                     differ = True
                     print(f"DIFFER length {length} batch {batch} tile {tile} split {split} "
-                          f"warps {warps} K/V ahead {ahead}: 1 vs {programs} programs")
+                          f"warps {warps}: 1 vs {programs} programs")
     print("bits differ somewhere" if differ else "every variant: bits equal at 1 and more "
           "programs")
 

@@ -1,13 +1,13 @@
 """The triton backend's prefill attention (attention/triton_attn.py: the kernel of
 attention/paged_invariant.py at prefill tiles, one pass over the KV) on whole-prompt steps:
-µs a call (graph replay) and TFLOP/s by query tokens a program, KV tile, warps, stages and K/V
-loaded a tile ahead, against SDPA's causal kernel on the same tokens in a contiguous layout
+µs a call (graph replay) and TFLOP/s by query tokens a program, KV tile, warps and stages,
+against SDPA's causal kernel on the same tokens in a contiguous layout
 (the speed a dense, unpaged kernel reaches; its output is the reference every variant is
 checked against). Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head dim 128),
 bf16, the engine's 32-token pages in a shuffled order.
 
     python benchmarks/probes/prefill_attention.py [--steps 16x512 1x4096] [--qtok 32 64]
-        [--tiles 32 64 128] [--warps 4 8] [--stages 1 2 3] [--kv-ahead 0 1]
+        [--tiles 32 64 128] [--warps 4 8] [--stages 1 2 3]
 """
 from __future__ import annotations
 
@@ -67,7 +67,6 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--kv-ahead", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -84,24 +83,22 @@ def main() -> None:
         print(json.dumps({"step": spec, "kernel": "sdpa", "us": round(us, 1),
                           "tflops": round(flop / us / 1e6, 1)}), flush=True)
         rows = []
-        for qtok, tile, warps, stages, ahead in itertools.product(
-                args.qtok, args.tiles, args.warps, args.stages, args.kv_ahead):
+        for qtok, tile, warps, stages in itertools.product(args.qtok, args.tiles, args.warps,
+                                                           args.stages):
             tiles = tile_map(qsl, reqs, reqs * length, qtok)
 
-            def call(qtok=qtok, tile=tile, warps=warps, stages=stages, ahead=ahead,
-                     tiles=tiles):
+            def call(qtok=qtok, tile=tile, warps=warps, stages=stages, tiles=tiles):
                 return tiled_attention(q, k_cache, v_cache, table, seq_lens, pos, tiles, PAGE,
-                                       D ** -0.5, qtok, tile, 0, warps, stages,
-                                       kv_ahead=bool(ahead))
+                                       D ** -0.5, qtok, tile, 0, warps, stages)
             try:
                 err = (call().float() - ref.float()).abs().max().item()
                 us = replay_ms(call, args.iters) * 1e3
             except Exception as e:     # out of shared memory or registers: not a candidate
-                print(f"{spec} qtok {qtok} tile {tile} warps {warps} stages {stages} ahead "
-                      f"{ahead}: {type(e).__name__}", flush=True)
+                print(f"{spec} qtok {qtok} tile {tile} warps {warps} stages {stages}: "
+                      f"{type(e).__name__}", flush=True)
                 continue
             rows.append({"step": spec, "qtok": qtok, "tile": tile, "warps": warps,
-                         "stages": stages, "kv_ahead": ahead, "us": round(us, 1),
+                         "stages": stages, "us": round(us, 1),
                          "tflops": round(flop / us / 1e6, 1), "max_err": round(err, 4)})
             print(json.dumps(rows[-1]), flush=True)
         for row in sorted(rows, key=lambda r: r["us"])[:5]:

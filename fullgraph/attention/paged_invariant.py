@@ -14,7 +14,9 @@ It computes what attention/invariant.py's `paged_attention` (the CPU reference) 
   rows, padding rows, and the tiles and splits past the row's position change nothing: a
   masked tile leaves a row's state exactly as it was (its scale factor is set to 1, its
   probabilities are exp2(-inf) = 0). A decode row (a tile of its own) and the same row
-  inside a prefill tile therefore run the same operations on the same values.
+  inside a prefill tile therefore run the same operations on the same values. The KV tiles
+  that every live row of a query tile sees whole skip the mask, which would keep each of
+  their scores as it is: the same values either way, less work a tile.
 
 The tile shape is fixed (never chosen from the batch), so one compiled kernel serves every
 step. The query tiles are listed on the device from `query_start_loc` (`tile_map`), to a
@@ -63,23 +65,28 @@ if triton is not None:
 
     @triton.jit
     def _load_kv(k_head, v_head, stride_ks, stride_vs, page, kv_pos, seq_len, d,
-                 PAGE: tl.constexpr):
-        """A KV tile's K and V (zeros past the sequence), through its block-table entries."""
-        inside = kv_pos < seq_len
+                 PAGE: tl.constexpr, MASKED: tl.constexpr):
+        """A KV tile's K and V through its block-table entries; MASKED: zeros past the
+        sequence, else every position is inside it."""
         slot = page.to(tl.int64) * PAGE + kv_pos % PAGE
-        k = tl.load(k_head + slot[:, None] * stride_ks + d[None, :], mask=inside[:, None],
-                    other=0.0)
-        v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=inside[:, None],
-                    other=0.0)
-        return k, v
+        k_at = k_head + slot[:, None] * stride_ks + d[None, :]
+        v_at = v_head + slot[:, None] * stride_vs + d[None, :]
+        if MASKED:
+            inside = (kv_pos < seq_len)[:, None]
+            return (tl.load(k_at, mask=inside, other=0.0),
+                    tl.load(v_at, mask=inside, other=0.0))
+        return tl.load(k_at), tl.load(v_at)
 
     @triton.jit
     def _softmax_step(q, pos, kv_pos, seq_len, k, v, scale_log2e, m_i, l_i, acc,
-                      PRECISION: tl.constexpr):
-        """One online-softmax step over the KV tile at logical positions `kv_pos`."""
+                      PRECISION: tl.constexpr, MASKED: tl.constexpr):
+        """One online-softmax step over the KV tile at logical positions `kv_pos`. MASKED
+        false: every row sees every position of the tile, where the mask would keep every
+        score as it is, so both give the same bits."""
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e
-        seen = (kv_pos[None, :] <= pos[:, None]) & (kv_pos < seq_len)[None, :]
-        qk = tl.where(seen, qk, float("-inf"))
+        if MASKED:
+            seen = (kv_pos[None, :] <= pos[:, None]) & (kv_pos < seq_len)[None, :]
+            qk = tl.where(seen, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         # a row whose max did not move keeps its sums exactly (x * 1)
@@ -90,46 +97,41 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _tiles(q, pos, j_start, j_end, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs,
-               scale_log2e, m_i, l_i, acc, d, n, PAGE: tl.constexpr, TILE: tl.constexpr,
-               PRECISION: tl.constexpr, KV_AHEAD: tl.constexpr):
+    def _tiles(q, pos, j_start, j_end, seen_end, seq_len, bt_row, k_head, v_head, stride_ks,
+               stride_vs, scale_log2e, m_i, l_i, acc, d, n, PAGE: tl.constexpr,
+               TILE: tl.constexpr, PRECISION: tl.constexpr):
         """The online softmax over the KV tiles at j_start, j_start + TILE, ... below j_end,
-        continuing (m_i, l_i, acc). A tile's block-table entries load while the tile before
-        it computes; with KV_AHEAD its K and V too (two tiles' registers, the same
-        arithmetic)."""
+        continuing (m_i, l_i, acc): unmasked below `seen_end` (positions every live row of
+        the tile sees, a multiple of TILE), masked from there. A tile's block-table entries
+        load while the tile before it computes; Triton's pipeliner issues K and V ahead."""
+        mid = tl.maximum(tl.minimum(j_end, seen_end), j_start)
         page = _pages(bt_row, j_start + n, seq_len, PAGE)
-        if KV_AHEAD:
-            k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j_start + n, seq_len,
-                            d, PAGE)
-            page = _pages(bt_row, j_start + TILE + n, seq_len, PAGE)
-            for j0 in range(j_start, j_end, TILE):
-                k_next, v_next = _load_kv(k_head, v_head, stride_ks, stride_vs, page,
-                                          j0 + TILE + n, seq_len, d, PAGE)
-                page = _pages(bt_row, j0 + 2 * TILE + n, seq_len, PAGE)
-                m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e,
-                                              m_i, l_i, acc, PRECISION)
-                k, v = k_next, v_next
-        else:
-            for j0 in range(j_start, j_end, TILE):
-                k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j0 + n, seq_len,
-                                d, PAGE)
-                page = _pages(bt_row, j0 + TILE + n, seq_len, PAGE)
-                m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e,
-                                              m_i, l_i, acc, PRECISION)
+        for j0 in range(j_start, mid, TILE):
+            k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j0 + n, seq_len, d,
+                            PAGE, False)
+            page = _pages(bt_row, j0 + TILE + n, seq_len, PAGE)
+            m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e, m_i,
+                                          l_i, acc, PRECISION, False)
+        for j0 in range(mid, j_end, TILE):
+            k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j0 + n, seq_len, d,
+                            PAGE, True)
+            page = _pages(bt_row, j0 + TILE + n, seq_len, PAGE)
+            m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e, m_i,
+                                          l_i, acc, PRECISION, True)
         return m_i, l_i, acc
 
     @triton.jit
-    def _split(q, pos, s0, last, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs,
-               scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-               TILE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-               KV_AHEAD: tl.constexpr):
+    def _split(q, pos, s0, last, seen_end, seq_len, bt_row, k_head, v_head, stride_ks,
+               stride_vs, scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr,
+               PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
+               PRECISION: tl.constexpr):
         """The online-softmax state of the split at `s0`, from an empty one."""
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        return _tiles(q, pos, s0, tl.minimum(s0 + SPLIT, last + 1), seq_len, bt_row, k_head,
-                      v_head, stride_ks, stride_vs, scale_log2e, m_i, l_i, acc, d, n, PAGE,
-                      TILE, PRECISION, KV_AHEAD)
+        return _tiles(q, pos, s0, tl.minimum(s0 + SPLIT, last + 1), seen_end, seq_len, bt_row,
+                      k_head, v_head, stride_ks, stride_vs, scale_log2e, m_i, l_i, acc, d, n,
+                      PAGE, TILE, PRECISION)
 
     @triton.jit
     def _fold(total_m, total_l, total_acc, m_i, l_i, acc):
@@ -153,10 +155,9 @@ if triton is not None:
                  o.to(out_ptr.dtype.element_ty), mask=live[:, None])
 
     @triton.jit
-    def _walk(q, pos, last, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs, scale_log2e,
-              d, n, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-              TILE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-              KV_AHEAD: tl.constexpr):
+    def _walk(q, pos, last, seen_end, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs,
+              scale_log2e, d, n, BLOCK_M: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+              TILE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         """Every split up to `last` by this program, folded in order (SPLIT 0: one online
         softmax over the whole KV, no fold). Returns (sum, accumulator)."""
         total_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -164,13 +165,13 @@ if triton is not None:
         total_acc = tl.zeros([BLOCK_M, D], tl.float32)
         if SPLIT == 0:
             total_m, total_l, total_acc = _tiles(
-                q, pos, 0, last + 1, seq_len, bt_row, k_head, v_head, stride_ks, stride_vs,
-                scale_log2e, total_m, total_l, total_acc, d, n, PAGE, TILE, PRECISION, KV_AHEAD)
+                q, pos, 0, last + 1, seen_end, seq_len, bt_row, k_head, v_head, stride_ks,
+                stride_vs, scale_log2e, total_m, total_l, total_acc, d, n, PAGE, TILE, PRECISION)
         else:
             for s0 in range(0, last + 1, SPLIT):
-                m_i, l_i, acc = _split(q, pos, s0, last, seq_len, bt_row, k_head, v_head,
-                                       stride_ks, stride_vs, scale_log2e, d, n, BLOCK_M, D,
-                                       PAGE, TILE, SPLIT, PRECISION, KV_AHEAD)
+                m_i, l_i, acc = _split(q, pos, s0, last, seen_end, seq_len, bt_row, k_head,
+                                       v_head, stride_ks, stride_vs, scale_log2e, d, n, BLOCK_M,
+                                       D, PAGE, TILE, SPLIT, PRECISION)
                 total_m, total_l, total_acc = _fold(total_m, total_l, total_acc, m_i, l_i, acc)
         return total_l, total_acc
 
@@ -183,7 +184,7 @@ if triton is not None:
             GROUP: tl.constexpr, QTOK: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
             PAGE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr,
             PROGRAMS: tl.constexpr, PART_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-            KV_AHEAD: tl.constexpr, USE_PDL: tl.constexpr):
+            USE_PDL: tl.constexpr):
         """Program (KV head, query tile, p). PROGRAMS 1: the program walks every split
         (`_walk`). PROGRAMS > 1: program p takes splits p, p + PROGRAMS, ..., stores each
         split's state, and the last of the tile's programs to arrive (an acquire/release
@@ -210,32 +211,34 @@ if triton is not None:
             pos = tl.load(positions_ptr + tok, mask=live, other=-1)
             seq_len = tl.load(seq_lens_ptr + r)
             last = tl.max(pos, 0)                       # the tile's furthest position
+            # the KV tiles below this are seen whole by every live row: no mask there
+            seen_end = (tl.min(tl.where(live, pos, last), 0) + 1) // TILE * TILE
             bt_row = block_table_ptr + r.to(tl.int64) * stride_bt
             k_head, v_head = k_ptr + h * stride_kh, v_ptr + h * stride_vh
             if PROGRAMS == 1:
-                total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_head, v_head,
-                                           stride_ks, stride_vs, scale_log2e, d, n, BLOCK_M, D,
-                                           PAGE, TILE, SPLIT, PRECISION, KV_AHEAD)
+                total_l, total_acc = _walk(q, pos, last, seen_end, seq_len, bt_row, k_head,
+                                           v_head, stride_ks, stride_vs, scale_log2e, d, n,
+                                           BLOCK_M, D, PAGE, TILE, SPLIT, PRECISION)
                 _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc, live)
             else:
                 p = tl.program_id(2)
                 num_splits = last // SPLIT + 1
                 if num_splits > PART_SPLITS:
                     if p == 0:
-                        total_l, total_acc = _walk(q, pos, last, seq_len, bt_row, k_head,
-                                                   v_head, stride_ks, stride_vs, scale_log2e,
-                                                   d, n, BLOCK_M, D, PAGE, TILE, SPLIT,
-                                                   PRECISION, KV_AHEAD)
+                        total_l, total_acc = _walk(q, pos, last, seen_end, seq_len, bt_row,
+                                                   k_head, v_head, stride_ks, stride_vs,
+                                                   scale_log2e, d, n, BLOCK_M, D, PAGE, TILE,
+                                                   SPLIT, PRECISION)
                         _finish(out_ptr, tok, head, d, stride_ot, stride_oh, total_l, total_acc,
                                 live)
                 else:
                     pair = i * tl.num_programs(0) + h
                     base = (pair * PART_SPLITS).to(tl.int64) * BLOCK_M
                     for s in range(p, num_splits, PROGRAMS):
-                        m_i, l_i, acc = _split(q, pos, s * SPLIT, last, seq_len, bt_row, k_head,
-                                               v_head, stride_ks, stride_vs, scale_log2e, d, n,
-                                               BLOCK_M, D, PAGE, TILE, SPLIT, PRECISION,
-                                               KV_AHEAD)
+                        m_i, l_i, acc = _split(q, pos, s * SPLIT, last, seen_end, seq_len,
+                                               bt_row, k_head, v_head, stride_ks, stride_vs,
+                                               scale_log2e, d, n, BLOCK_M, D, PAGE, TILE, SPLIT,
+                                               PRECISION)
                         part = base + s * BLOCK_M + m
                         tl.store(part_ml_ptr + 2 * part, m_i, mask=live)
                         tl.store(part_ml_ptr + 2 * part + 1, l_i, mask=live)
@@ -351,13 +354,11 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_table: torch.Tensor, seq_lens: torch.Tensor, positions: torch.Tensor,
                     tiles: tuple[torch.Tensor, ...], block_size: int, scale: float, qtok: int,
                     tile: int, split: int, num_warps: int = NUM_WARPS, num_stages: int = 2,
-                    programs: int = 1, workspace: SplitWorkspace | None = None,
-                    kv_ahead: bool = False) -> torch.Tensor:
+                    programs: int = 1, workspace: SplitWorkspace | None = None) -> torch.Tensor:
     """The kernel at any tile shape: `qtok` query tokens a program (`tiles` listed at it),
     `tile` KV tokens an online-softmax step, splits of `split` tokens (a multiple of
     `tile`), or with `split` 0 one pass over the KV without a split fold; `programs` per
-    (tile, KV head) with splits and a workspace; `kv_ahead`: load each KV tile's K and V
-    while the tile before it computes (the probes compare it; the same bits)."""
+    (tile, KV head) with splits and a workspace."""
     t, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -378,6 +379,5 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
             GROUP=group, QTOK=qtok, BLOCK_M=block_rows(qtok, group), D=d,
             PAGE=block_size, TILE=tile, SPLIT=split, PROGRAMS=programs, PART_SPLITS=parts[3],
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_AHEAD=kv_ahead,
-            USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     return out
