@@ -30,6 +30,25 @@ def test_generate_reports_bad_input_without_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_sampling_flags_are_checked_before_the_model_loads(tmp_path):
+    """A bad --max-tokens is named even where the model could not load: it is checked
+    first, so the user does not wait for a load to learn it."""
+    r = run("generate", "--model", str(tmp_path / "missing"), "--max-tokens", "-1")
+    assert r.returncode == 2
+    assert "max_tokens" in r.stderr and "not a local directory" not in r.stderr
+
+
+def test_version_port_range_and_python_dash_m():
+    import fullgraph
+    r = subprocess.run([sys.executable, "-m", "fullgraph", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"fullgraph {fullgraph.__version__}"
+    for port in ("99999", "-5", "http"):
+        r = run("serve", "tiny-qwen3", "--port", port)
+        assert r.returncode == 2 and "a TCP port is 0-65535" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 def test_selftest_passes_with_fake_graphs_on_cpu():
     r = run("selftest", "--model", "tiny-qwen3", "--trials", "1", "--max-num-seqs", "4",
             "--cudagraph-capture-sizes", "1 2 4 8 16 32 64 128")
@@ -64,6 +83,9 @@ def test_help_shows_defaults_and_vllm_flags():
         assert flag in text, flag
     assert "--max-num-seqs MAX_NUM_SEQS (default: 256)" in text
     assert "(default: auto)" in text
+    # once per flag, and never a default of None
+    assert "(default: None)" not in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text), text
 
 
 def test_subcommands_import_only_what_they_run():
@@ -93,6 +115,11 @@ def test_bench_latency_on_a_cpu_says_it_ran_eagerly(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no CUDA graphs" in r.stdout and "None" not in r.stdout
     assert "[graph] batch" not in r.stdout
+    # both modes asked for (the default): the eager one runs once, not twice
+    r = run("bench", "latency", "--model", "tiny-qwen3", "--batch-sizes", "1", "--input-len",
+            "8", "--output-len", "4", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "only the eager mode runs" in r.stdout and r.stdout.count("] batch    1:") == 1
 
 
 def test_bench_throughput_reports_greedy_and_sampled(tmp_path):

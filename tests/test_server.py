@@ -209,6 +209,8 @@ def test_chat_matches_offline(client, offline):
                                             extra_body={"ignore_eos": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert not any("role" in ch.choices[0].delta.model_fields_set for ch in chunks[1:]
+                   if ch.choices)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == want.outputs[0].text
     finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]

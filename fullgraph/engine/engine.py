@@ -38,6 +38,12 @@ class _Launched:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.tokenizer = load_tokenizer(config.model.tokenizer or config.model.path)
+        if config.model.vocab_size > 2 * len(self.tokenizer):   # checkpoints pad a little
+            logger.warning(
+                "the model's vocabulary (%d tokens) is larger than its tokenizer's (%d): "
+                "sampled ids from %d up have no text, so output text may be empty while its "
+                "token ids are right (the *-random presets pair real shapes with a small "
+                "tokenizer)", config.model.vocab_size, len(self.tokenizer), len(self.tokenizer))
         # images -> placeholder tokens and pixels (multimodal models), before any step
         self.mm_processor: MultiModalProcessor | None = load_multimodal_processor(config.model)
         self.runner = ModelRunner(config)

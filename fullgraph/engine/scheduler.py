@@ -208,8 +208,8 @@ class Scheduler:
             logger.warning(
                 "request %s was preempted: the KV cache ran out of blocks, so it will be "
                 "recomputed (%d preemptions so far). This costs throughput: give the cache more "
-                "memory (gpu_memory_utilization, num_gpu_blocks_override) or lower "
-                "max_num_seqs.", req.request_id, self.num_preemptions)
+                "blocks (gpu_memory_utilization on CUDA, num_gpu_blocks_override on any "
+                "device) or lower max_num_seqs.", req.request_id, self.num_preemptions)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request and free its blocks."""

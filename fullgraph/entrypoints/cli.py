@@ -12,6 +12,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from fullgraph import __version__
 from fullgraph.logger import LEVELS, configure_logging, parse_level
 
 
@@ -50,7 +51,7 @@ _GROUP_HELP = {"bench": "benchmarks (JSON + PNG)"}
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help shows its default, also flags without a help text (argparse skips
-    those)."""
+    those), once: not where the help states it, nor a default of None."""
 
     def add_argument(self, action: argparse.Action) -> None:
         if (action.help is None and action.option_strings
@@ -58,6 +59,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             action = copy.copy(action)
             action.help = "(default: %(default)s)"
         super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _log_level(text: str) -> str:
@@ -90,6 +96,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fullgraph", description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--log-level", type=_log_level, default="info", help=level_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, entry in COMMANDS.items():
         if isinstance(entry, Command):

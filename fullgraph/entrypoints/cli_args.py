@@ -18,7 +18,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=d.model,
                    help="a Hugging Face-format directory, a model id in the local Hugging Face "
-                        "cache, or a built-in preset (tiny-qwen3, qwen3-0.6b-random)")
+                        "cache, or a built-in preset with random weights: tiny-qwen3, "
+                        "tiny-qwen3.5, tiny-qwen3-vl (CPU-sized), qwen3-0.6b-random and the "
+                        "other *-random ones of the README (GPU benchmarks)")
     g.add_argument("--served-model-name", default=None,
                    help="the model id the server answers to (default: --model)")
     g.add_argument("--tokenizer", default=None,

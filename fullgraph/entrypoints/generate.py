@@ -29,12 +29,13 @@ def main(ns: argparse.Namespace) -> int:
     from fullgraph.entrypoints.llm import LLM
     from fullgraph.sampling_params import SamplingParams
 
-    t0 = time.perf_counter()
-    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
-    t_load = time.perf_counter() - t0
+    # the sampling flags are checked before the model loads, which takes seconds
     params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                             seed=ns.sampling_seed, max_tokens=ns.max_tokens,
                             ignore_eos=ns.ignore_eos)
+    t0 = time.perf_counter()
+    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
+    t_load = time.perf_counter() - t0
     texts = ns.prompt or ["Once upon a time"]
     images = ns.image or []
     parts = [{"type": "image_url", "image_url": {"url": path}} for path in images]

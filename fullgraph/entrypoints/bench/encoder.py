@@ -63,7 +63,11 @@ def main(ns: argparse.Namespace) -> int:
     if engine.mm_processor is None:
         raise SystemExit(f"{ns.model} takes no images")
     if runner.encoder_graphs is None:
-        raise SystemExit("no encoder graphs: run with CUDA graphs on (not --enforce-eager)")
+        if not engine.config.device.startswith("cuda"):
+            raise SystemExit("bench encoder times the encoder's CUDA graphs against eager "
+                             f"runs: it needs a CUDA device (this run's: {engine.config.device})")
+        raise SystemExit("no encoder graphs: run with CUDA graphs on (not --enforce-eager or "
+                         "--cudagraph-mode none)")
     device, dtype = runner.device, engine.config.model.dtype
     rng = np.random.default_rng(ns.workload_seed)
     proc = engine.mm_processor.image_processor

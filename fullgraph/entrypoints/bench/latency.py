@@ -198,6 +198,10 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
 
 def main(ns: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if (device.type == "cpu" or ns.device == "cpu") and set(ns.modes) == {"graph", "eager"}:
+        print("[graph] no CUDA graphs on the CPU: only the eager mode runs (a quick CPU run: "
+              "--model tiny-qwen3 --batch-sizes 1 8 --input-len 64 --output-len 32)")
+        ns.modes = ["eager"]
     bandwidth = copy_bandwidth(device)
     if ns.compare_batch_invariant and ns.speculative_config:
         raise ValueError("--compare-batch-invariant and --speculative-config: choose one "

@@ -10,6 +10,16 @@ from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 logger = logging.getLogger(__name__)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0-65535, got {text!r}")
+    return port
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     default = p.get_default("model")
@@ -22,7 +32,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (0.0.0.0 for every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=_port, default=8000)
     g.add_argument("--api-key", default=None,
                    help="if set, /v1/*, /tokenize and /detokenize need 'Authorization: "
                         "Bearer <key>'")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _Request(BaseModel):
@@ -175,6 +175,14 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _role_once(self, handler):
+        """The role only in the chunk that has one (the first), as OpenAI and vLLM send it."""
+        data = handler(self)
+        if data.get("role") is None:
+            data.pop("role", None)
+        return data
 
 
 class ChatStreamChoice(BaseModel):
