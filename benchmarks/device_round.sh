@@ -24,7 +24,9 @@
 # same through Triton's JIT, then with direct launches: layers/launch.py), eager-profile
 # (cProfile of an eager batch-1 run, eager.prof kept), eager-host (where an eager step's host
 # time goes: eager_host.py), eager-gpu (an eager step's kernels and the GPU's idle gaps),
-# prefill-profile (an 8,192-token prefill step kernel by kernel: prefill_profile.py).
+# prefill-profile (an 8,192-token prefill step kernel by kernel: prefill_profile.py),
+# cudagraph-modes (NONE vs PIECEWISE vs FULL: bench throughput, then a served run at 32
+# concurrent requests; the server's wheels in .whl/, benchmarks/device_env.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -60,6 +62,33 @@ spec_pair() {   # spec_pair NAME SPEC_PAIRS_ARGS...: the pair's latency, sync th
     done
     latency "$name-plain" --model "$dir/target" --batch-sizes 1 8 32 --input-len 512 \
         --output-len 128
+}
+
+served() {   # served NAME SERVE_ARGS...: a server on a free port, `bench serve` against it
+    local name=$1 port
+    shift
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    python3 -m fullgraph.entrypoints.cli serve --port "$port" "$@" >"$out/$name.server.log" 2>&1 &
+    local server=$!
+    if python3 - "$port" "$limit" <<'PY'
+import sys, time, urllib.request
+port, limit = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + limit
+while time.monotonic() < deadline:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+        sys.exit(0)
+    except OSError:
+        time.sleep(1)
+sys.exit(1)
+PY
+    then
+        run "$name" $bench serve --base-url "http://127.0.0.1:$port" --concurrency 32 \
+            --num-prompts 256 --input-len 512 --output-len 128 --out "$out/$name"
+    else
+        echo "=== $name: the server did not answer /health"; tail -5 "$out/$name.server.log"
+    fi
+    kill "$server" 2>/dev/null; wait "$server" 2>/dev/null
 }
 
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -138,6 +167,12 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
             --sweep-rows 1 16 32
         run invariant-matmul-sweep-many python3 benchmarks/probes/invariant_matmul.py \
             --sweep-rows 128 512 8192 ;;
+    cudagraph-modes)
+        for mode in none piecewise full; do
+            run "throughput-$mode" $bench throughput --model qwen3-0.6b-random \
+                --cudagraph-mode "$mode" --out "$out/throughput-$mode"
+            served "serve-$mode" qwen3-0.6b-random --cudagraph-mode "$mode"
+        done ;;
     prefill-attention)
         (cd benchmarks/probes && run prefill-attention python3 prefill_attention.py \
             --qtok 32 64 --tiles 32 64 128 --warps 4 8 --stages 2 3) ;;
