@@ -379,5 +379,6 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             v_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
             GROUP=group, QTOK=qtok, BLOCK_M=block_rows(qtok, group), D=d,
             PAGE=block_size, TILE=tile, SPLIT=split, PROGRAMS=programs, PART_SPLITS=parts[3],
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_PDL=pdl,
+            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl)
     return out

@@ -33,7 +33,6 @@ except ImportError:            # CPU-only installs: the mode's CPU path is layer
     triton = None
 
 
-
 # K from which a projection counts as wide (Qwen3-0.6B's o_proj 2048, down 3072): its N is
 # the hidden size, narrow, so the row-count tiles below leave most SMs idle.
 WIDE_K = 2048
