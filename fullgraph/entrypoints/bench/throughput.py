@@ -98,6 +98,9 @@ def measure(ns: argparse.Namespace) -> dict:
     args = dataclasses.replace(args, max_model_len=args.max_model_len or 2 * ns.max_len + 16)
     llm = LLM(**dataclasses.asdict(args))
     engine = llm.engine
+    if engine.config.device == "cpu" and ns.num_prompts * ns.max_len > 32 * 256:
+        print("on the CPU a workload this size takes minutes (a quick CPU run: --model "
+              "tiny-qwen3 --num-prompts 32 --max-len 256 --num-gpu-blocks-override 4096)")
     rng = np.random.default_rng(ns.workload_seed)
     vocab = min(engine.config.model.vocab_size, 50000)
     in_lens = rng.integers(ns.min_len, ns.max_len + 1, ns.num_prompts)
