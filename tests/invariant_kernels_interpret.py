@@ -187,6 +187,11 @@ if __name__ == "__main__":
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
                                  d=32, block_size=8, policy=small, tol=1e-4)
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
+                                 d=32, block_size=8, tol=1e-4, prefill_tiles=True)
+                # GQA group 4, as the Qwen3.5 hybrids' gated attention
+                + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=8, hkv=2,
+                                 d=32, block_size=8, policy=small, tol=1e-4)
+                + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=8, hkv=2,
                                  d=32, block_size=8, tol=1e-4, prefill_tiles=True))
     for f in failures:
         print("FAILED", f)

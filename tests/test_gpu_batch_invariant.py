@@ -52,6 +52,20 @@ def test_attention_matches_sdpa_and_a_row_ignores_the_step():
     assert attention_case("cuda", torch.bfloat16) == []
 
 
+@pytest.mark.parametrize("prefill_tiles", [False, True])
+def test_attention_at_head_dim_256_with_gqa_group_4(prefill_tiles):
+    """Qwen3.5's gated attention shape (8 query heads, 2 KV heads, head dim 256) at the mode's
+    tiles and at the triton backend's prefill tiles, which serve head dims up to 256."""
+    assert attention_case("cuda", torch.bfloat16, hq=8, hkv=2, d=256,
+                          prefill_tiles=prefill_tiles) == []
+
+
+def test_attention_at_the_prefill_tiles():
+    """The triton backend's prefill tiles at Qwen3-0.6B's shape: close to SDPA, and a row's
+    bits whatever tile it is in (the unmasked walk of fully seen KV tiles included)."""
+    assert attention_case("cuda", torch.bfloat16, prefill_tiles=True) == []
+
+
 def engine(path: str, batched: int, invariant: bool = True, **kwargs) -> LLM:
     return LLM(path, device="cuda", dtype="bfloat16", max_num_batched_tokens=batched,
                max_num_seqs=64, max_model_len=1024, num_gpu_blocks_override=2048,
