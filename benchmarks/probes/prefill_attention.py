@@ -1,9 +1,9 @@
 """The triton backend's prefill attention (attention/triton_attn.py: the kernel of
 attention/paged_invariant.py at prefill tiles, one pass over the KV) on whole-prompt steps:
 µs a call (graph replay) and TFLOP/s by query tokens a program, KV tile, warps and stages,
-against SDPA's causal kernel on the same tokens in a contiguous layout
-(the speed a dense, unpaged kernel reaches; its output is the reference every variant is
-checked against). Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head dim 128),
+against SDPA's causal kernel on the same tokens in a contiguous layout, the KV heads
+repeated (the speed a dense, unpaged kernel reaches; its output is the reference every
+variant is checked against). Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head dim 128),
 bf16, the engine's 32-token pages in a shuffled order.
 
     python benchmarks/probes/prefill_attention.py [--steps 16x512 1x4096] [--qtok 32 64]
@@ -48,12 +48,13 @@ def step(reqs: int, length: int, dev: torch.device):
     seq_lens = torch.full((reqs,), length, dtype=torch.int32, device=dev)
     qsl = torch.arange(0, t + 1, length, dtype=torch.int32, device=dev)
 
-    def dense(x):                      # [T, H, D] -> [reqs, H, length, D]
-        return x.view(reqs, length, -1, D).transpose(1, 2)
+    def dense(x):                      # [T, H, D] -> [reqs, HQ, length, D], KV heads repeated
+        x = x.view(reqs, length, -1, D).transpose(1, 2)
+        return x.repeat_interleave(HQ // x.shape[1], dim=1).contiguous()
+    qd, kd, vd = dense(q), dense(k), dense(v)
 
     def sdpa():
-        o = F.scaled_dot_product_attention(dense(q), dense(k), dense(v), is_causal=True,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
         return o.transpose(1, 2).reshape(t, HQ, D)
     return q, k_cache, v_cache, table, seq_lens, pos, qsl, sdpa
 
