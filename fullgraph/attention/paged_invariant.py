@@ -97,27 +97,36 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
+    def _tile_range(q, pos, j_from, j_to, page, seq_len, bt_row, k_head, v_head, stride_ks,
+                    stride_vs, scale_log2e, m_i, l_i, acc, d, n, PAGE: tl.constexpr,
+                    TILE: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+        """The online-softmax steps over the KV tiles at j_from, j_from + TILE, ... below
+        j_to; `page` holds j_from's block-table entries, and each tile loads the next one's
+        while it computes. Returns the next tile's entries and the state."""
+        for j0 in range(j_from, j_to, TILE):
+            k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j0 + n, seq_len, d,
+                            PAGE, MASKED)
+            page = _pages(bt_row, j0 + TILE + n, seq_len, PAGE)
+            m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e, m_i,
+                                          l_i, acc, PRECISION, MASKED)
+        return page, m_i, l_i, acc
+
+    @triton.jit
     def _tiles(q, pos, j_start, j_end, seen_end, seq_len, bt_row, k_head, v_head, stride_ks,
                stride_vs, scale_log2e, m_i, l_i, acc, d, n, PAGE: tl.constexpr,
                TILE: tl.constexpr, PRECISION: tl.constexpr):
         """The online softmax over the KV tiles at j_start, j_start + TILE, ... below j_end,
         continuing (m_i, l_i, acc): unmasked below `seen_end` (positions every live row of
-        the tile sees, a multiple of TILE), masked from there. A tile's block-table entries
-        load while the tile before it computes; Triton's pipeliner issues K and V ahead."""
+        the tile sees, a multiple of TILE), masked from there. Triton's pipeliner issues each
+        tile's K and V ahead."""
         mid = tl.maximum(tl.minimum(j_end, seen_end), j_start)
         page = _pages(bt_row, j_start + n, seq_len, PAGE)
-        for j0 in range(j_start, mid, TILE):
-            k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j0 + n, seq_len, d,
-                            PAGE, False)
-            page = _pages(bt_row, j0 + TILE + n, seq_len, PAGE)
-            m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e, m_i,
-                                          l_i, acc, PRECISION, False)
-        for j0 in range(mid, j_end, TILE):
-            k, v = _load_kv(k_head, v_head, stride_ks, stride_vs, page, j0 + n, seq_len, d,
-                            PAGE, True)
-            page = _pages(bt_row, j0 + TILE + n, seq_len, PAGE)
-            m_i, l_i, acc = _softmax_step(q, pos, j0 + n, seq_len, k, v, scale_log2e, m_i,
-                                          l_i, acc, PRECISION, True)
+        page, m_i, l_i, acc = _tile_range(q, pos, j_start, mid, page, seq_len, bt_row, k_head,
+                                          v_head, stride_ks, stride_vs, scale_log2e, m_i, l_i,
+                                          acc, d, n, PAGE, TILE, PRECISION, False)
+        page, m_i, l_i, acc = _tile_range(q, pos, mid, j_end, page, seq_len, bt_row, k_head,
+                                          v_head, stride_ks, stride_vs, scale_log2e, m_i, l_i,
+                                          acc, d, n, PAGE, TILE, PRECISION, True)
         return m_i, l_i, acc
 
     @triton.jit
