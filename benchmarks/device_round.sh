@@ -179,7 +179,7 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 32 --lengths 576 4096 --tiles 32 64 --warps 4 8 \
-            --splits 64 128 256) ;;
+            --splits 64 128 256 --prefill 16x512) ;;
     spec-profile)   # the 0.6B pair's steps kernel by kernel (a verify step, its drafts)
         run spec-profile-pair python3 tests/spec_pairs.py --source qwen3-0.6b-random \
             --disagree 0.3 --out /tmp/spec-profile

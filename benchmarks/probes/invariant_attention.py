@@ -2,10 +2,11 @@
 µs per call (graph replay) by KV tile, split size and warps, and by whether a tile's splits
 are spread over programs, at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head
 dim 128, bf16, 16-token pages), and a check that one program and spread splits give the
-same bits.
+same bits. With `--prefill`, the same variants on whole-prompt steps too (a smaller split
+is more folds a prefill tile), at 32-token pages (prefill_attention.py's step).
 
     python benchmarks/probes/invariant_attention.py [--batch-sizes 1 8 32] [--lengths 576 4096]
-        [--tiles 32 64] [--warps 4 8] [--splits 64 128 256]
+        [--tiles 32 64] [--warps 4 8] [--splits 64 128 256] [--prefill 16x512 1x4096]
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from fullgraph.attention.paged_invariant import (SplitWorkspace, query_tokens, split_programs,
                                                  tile_map, tiled_attention)
 from graph_timing import replay_ms
+from prefill_attention import step as prefill_step
 
 HQ, HKV, D, PAGE = 16, 8, 128, 16
 
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--splits", type=int, nargs="+", default=[256])
+    ap.add_argument("--prefill", nargs="*", default=[], help="requests x prompt tokens")
     ap.add_argument("--iters", type=int, default=200)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -61,13 +64,24 @@ def main() -> None:
                                                programs=p, workspace=ws)
                     outs[p] = call()
                     rows.append({"length": length, "batch": batch, "tile": tile,
-                                 "split": split, "warps": warps, "programs": p, "us": round(replay_ms(call, args.iters) * 1e3,
-                                                            2)})
+                                 "split": split, "warps": warps, "programs": p,
+                                 "us": round(replay_ms(call, args.iters) * 1e3, 2)})
                     print(json.dumps(rows[-1]), flush=True)
                 if not torch.equal(outs[1], outs[programs]):
                     differ = True
                     print(f"DIFFER length {length} batch {batch} tile {tile} split {split} "
                           f"warps {warps}: 1 vs {programs} programs")
+    for spec in args.prefill:
+        reqs, length = (int(x) for x in spec.split("x"))
+        q, k_cache, v_cache, table, seq_lens, pos, qsl, _ = prefill_step(reqs, length, dev)
+        tiles = tile_map(qsl, reqs, reqs * length, qtok)
+        for tile, split, warps in itertools.product(args.tiles, args.splits, args.warps):
+            def call(tile=tile, split=split, warps=warps):
+                return tiled_attention(q, k_cache, v_cache, table, seq_lens, pos, tiles, 32,
+                                       D ** -0.5, qtok, tile, split, warps)
+            rows.append({"prefill": spec, "tile": tile, "split": split, "warps": warps,
+                         "us": round(replay_ms(call, args.iters // 4) * 1e3, 1)})
+            print(json.dumps(rows[-1]), flush=True)
     print("bits differ somewhere" if differ else "every variant: bits equal at 1 and more "
           "programs")
 
