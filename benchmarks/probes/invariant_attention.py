@@ -3,7 +3,10 @@
 are spread over programs, at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head
 dim 128, bf16, 16-token pages), and a check that one program and spread splits give the
 same bits. With `--prefill`, the same variants on whole-prompt steps too (a smaller split
-is more folds a prefill tile), at 32-token pages (prefill_attention.py's step).
+is more folds a prefill tile), at 32-token pages (prefill_attention.py's step), also at
+larger query tiles (`--prefill-qtok`), each checked for the bits of the mode's own query
+tiles at the same KV tile and split (a row's arithmetic is its own at any query tile if the
+compiled layouts sum a row's scores alike).
 
     python benchmarks/probes/invariant_attention.py [--batch-sizes 1 8 32] [--lengths 576 4096]
         [--tiles 32 64] [--warps 4 8] [--splits 64 128 256] [--prefill 16x512 1x4096]
@@ -16,8 +19,8 @@ import json
 
 import torch
 
-from fullgraph.attention.paged_invariant import (SplitWorkspace, query_tokens, split_programs,
-                                                 tile_map, tiled_attention)
+from fullgraph.attention.paged_invariant import (NUM_WARPS, SplitWorkspace, query_tokens,
+                                                 split_programs, tile_map, tiled_attention)
 from graph_timing import replay_ms
 from prefill_attention import step as prefill_step
 
@@ -32,6 +35,8 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--splits", type=int, nargs="+", default=[256])
     ap.add_argument("--prefill", nargs="*", default=[], help="requests x prompt tokens")
+    ap.add_argument("--prefill-qtok", type=int, nargs="*", default=[8, 32],
+                    help="query tokens a program on prefill steps (the mode's first)")
     ap.add_argument("--iters", type=int, default=200)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -74,14 +79,21 @@ def main() -> None:
     for spec in args.prefill:
         reqs, length = (int(x) for x in spec.split("x"))
         q, k_cache, v_cache, table, seq_lens, pos, qsl, _ = prefill_step(reqs, length, dev)
-        tiles = tile_map(qsl, reqs, reqs * length, qtok)
-        for tile, split, warps in itertools.product(args.tiles, args.splits, args.warps):
-            def call(tile=tile, split=split, warps=warps):
-                return tiled_attention(q, k_cache, v_cache, table, seq_lens, pos, tiles, 32,
-                                       D ** -0.5, qtok, tile, split, warps)
-            rows.append({"prefill": spec, "tile": tile, "split": split, "warps": warps,
-                         "us": round(replay_ms(call, args.iters // 4) * 1e3, 1)})
-            print(json.dumps(rows[-1]), flush=True)
+        for tile, split in itertools.product(args.tiles, args.splits):
+            mode = None                # the mode's query tiles at its warps: the bits to keep
+            for qt, warps in [(qtok, NUM_WARPS)] + [(t, w) for t in args.prefill_qtok
+                                                    for w in args.warps]:
+                tiles = tile_map(qsl, reqs, reqs * length, qt)
+
+                def call(qt=qt, tile=tile, split=split, warps=warps, tiles=tiles):
+                    return tiled_attention(q, k_cache, v_cache, table, seq_lens, pos, tiles,
+                                           32, D ** -0.5, qt, tile, split, warps)
+                out = call()
+                mode = out if mode is None else mode
+                rows.append({"prefill": spec, "qtok": qt, "tile": tile, "split": split,
+                             "warps": warps, "us": round(replay_ms(call, args.iters // 4) * 1e3, 1),
+                             "bits_of_the_mode_tiles": torch.equal(out, mode)})
+                print(json.dumps(rows[-1]), flush=True)
     print("bits differ somewhere" if differ else "every variant: bits equal at 1 and more "
           "programs")
 
