@@ -101,3 +101,26 @@ def test_progress_bar_reports_token_speeds(llm, capsys):
     err = capsys.readouterr().err
     assert "Processed prompts: 100%" in err
     assert "est. speed input:" in err and "toks/s, output:" in err
+
+
+def test_chat_template_options_as_transformers_renders_them(llm):
+    """`LLM.chat` with vLLM's template options: a template of its own, template kwargs
+    (Qwen3's `enable_thinking`), continuing the last message; the output's prompt is the
+    rendered text, its ids that text's, as transformers renders and tokenizes it."""
+    template = ("{%- if enable_thinking is defined and not enable_thinking %}{{- 'NT ' }}"
+                "{%- endif %}" + llm.get_tokenizer().chat_template)
+    messages = [{"role": "user", "content": "Simple is better"},
+                {"role": "assistant", "content": "than complex"}]
+    tok = llm.get_tokenizer()
+    cases = [(dict(chat_template=template, chat_template_kwargs={"enable_thinking": False}),
+              dict(chat_template=template, add_generation_prompt=True, enable_thinking=False)),
+             (dict(add_generation_prompt=False, continue_final_message=True),
+              dict(add_generation_prompt=False, continue_final_message=True))]
+    for ours, theirs in cases:
+        out = llm.chat(messages, GREEDY, use_tqdm=False, **ours)[0]
+        text = tok.apply_chat_template(messages, tokenize=False, **theirs)
+        assert out.prompt == text
+        assert out.prompt_token_ids == tok.encode(text, add_special_tokens=False)
+    assert llm.chat(messages, GREEDY, use_tqdm=False)[0].prompt.startswith("<|im_start|>")
+    with pytest.raises(ValueError, match="add_generation_prompt=False"):
+        llm.chat(messages, GREEDY, continue_final_message=True)

@@ -5,7 +5,10 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import torch
 
 from fullgraph.config import EngineConfig
 from fullgraph.engine.args import EngineArgs
@@ -81,13 +84,19 @@ class LLMEngine:
                     **kwargs) -> tuple[list[int], list | None]:
         """(token ids, the messages' images or None): images in content parts
         (multimodal/chat.py) become the model's image placeholders."""
+        return self.rendered_chat_prompt(messages, add_generation_prompt, **kwargs)[1:]
+
+    def rendered_chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                             **kwargs) -> tuple[str, list[int], list | None]:
+        """`chat_prompt`, with the template's text first (vLLM's `RequestOutput.prompt` of a
+        chat request)."""
         messages, images = split_images(messages)
+        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
         if not images:
-            return self.apply_chat_template(messages, add_generation_prompt, **kwargs), None
+            return text, self.tokenizer.encode(text, add_special_tokens=False), None
         if self.mm_processor is None:
             raise ValueError(f"{self.config.model.architecture} takes no images")
-        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
-        return encode_with_images(
+        return text, encode_with_images(
             text, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
             self.mm_processor.placeholder_ids), images
 
@@ -107,8 +116,8 @@ class LLMEngine:
 
     def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                              **kwargs) -> str:
-        template = self.config.model.chat_template or getattr(self.tokenizer, "chat_template",
-                                                              None)
+        template = (kwargs.pop("chat_template", None) or self.config.model.chat_template
+                    or getattr(self.tokenizer, "chat_template", None))
         if not template:
             raise ValueError("the model's tokenizer has no chat template (pass one with "
                              "--chat-template)")
@@ -193,8 +202,9 @@ class LLMEngine:
         if needed > self.kv.num_usable_blocks:
             raise ValueError(f"the request needs {needed} KV-cache blocks for its {len(ids)} "
                              f"prompt tokens and {max_tokens} max_tokens, but the cache has "
-                             f"{self.kv.num_usable_blocks}; lower max_tokens or give the cache "
-                             f"more memory")
+                             f"{self.kv.num_usable_blocks} usable of {self.kv.pool.num_blocks} "
+                             f"(block 0 is reserved, the null block: N blocks give N - 1); "
+                             f"lower max_tokens or give the cache more memory")
         for name in ("logprobs", "prompt_logprobs"):
             asked = getattr(params, name)
             if asked is not None and asked > self.config.max_logprobs:
@@ -255,6 +265,31 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
+
+    # ---------------------------------------------------------------- weights
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block, so no later prompt reuses KV computed before
+        (after the weights changed). False, and nothing forgotten, while requests are
+        unfinished: their blocks would be registered again (vLLM's behavior)."""
+        if self.has_unfinished_requests() or self._inflight is not None:
+            logger.warning("the prefix cache was not reset: %d requests are unfinished",
+                           len(self.requests))
+            return False
+        self.kv.pool.forget_cached()
+        return True
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (name, tensor) pairs, transformers' checkpoint names (a `state_dict()`'s
+        items, whole or any part), into the model's parameters in place, so the captured
+        graphs run the new weights; then reset the prefix cache. Between requests only
+        (ValueError while any is unfinished). A name or shape the model does not have is a
+        ValueError naming it; the tensors before it in `weights` are already copied. A
+        speculative drafter keeps its own weights."""
+        if self.has_unfinished_requests() or self._inflight is not None:
+            raise ValueError(f"update_weights between requests only: {len(self.requests)} "
+                             f"are unfinished (let them finish or abort them)")
+        self.runner.update_weights(weights)
+        self.reset_prefix_cache()
 
     # ---------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:

@@ -3,8 +3,9 @@
 Block 0 is the null block: never allocated, padding lanes write into it. A full block is
 identified by a chained hash of (parent block's hash, its token ids, and the content hashes
 of the images whose placeholder tokens it holds, if any); a cache hit is verified against
-that stored key, so a hash collision is a miss, never wrong output. Free blocks sit in one LRU queue; a cached block stays reusable until it is
-evicted by an allocation.
+that stored key, so a hash collision is a miss, never wrong output. Free blocks sit in one
+LRU queue; a cached block stays reusable until it is evicted by an allocation, or until the
+weights change (`BlockPool.forget_cached`).
 """
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ class BlockPool:
         self.cached[block_hash] = block
         self.block_hash[block] = block_hash
         self.block_key[block] = key
+
+    def forget_cached(self) -> None:
+        """No block is a prefix-cache hit any more (their contents stay until reused)."""
+        for block in list(self.cached.values()):
+            self._evict(block)
 
     def _evict(self, block: int) -> None:
         h = self.block_hash[block]
@@ -173,7 +179,8 @@ class KVCacheManager:
                                     <= len(req.block_ids) * self.block_size):
             return True                  # fits the blocks it has (most decode steps)
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
-        needed = self.blocks_for(num_computed + num_new_tokens) - len(req.block_ids) - len(computed_blocks)
+        needed = (self.blocks_for(num_computed + num_new_tokens) - len(req.block_ids)
+                  - len(computed_blocks))
         reviving = sum(1 for b in computed_blocks if self.pool.ref_cnt[b] == 0)
         if max(needed, 0) + reviving > self.pool.num_free:
             return False

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from fullgraph.engine.args import EngineArgs
@@ -72,14 +73,52 @@ class LLM:
         return self._run(groups, use_tqdm)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = True):
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate for one conversation or a list of them, rendered by the chat template
+        (the model's, or `chat_template`) with `chat_template_kwargs` (for example
+        `{"enable_thinking": False}`); `continue_final_message` continues the last
+        (assistant) message instead of opening a new one (needs add_generation_prompt
+        False). Each output's `prompt` is the rendered text."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = []
-        for c in conversations:
-            ids, images = self.engine.chat_prompt(c)
+        kwargs = dict(chat_template_kwargs or {})
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message=True needs add_generation_prompt="
+                                 "False")
+            kwargs["continue_final_message"] = True
+        prompts, texts = [], []
+        for i, c in enumerate(conversations):
+            try:
+                text, ids, images = self.engine.rendered_chat_prompt(
+                    c, add_generation_prompt, **kwargs)
+            except ValueError as e:
+                raise ValueError(f"conversation {i}: {e}") from None
+            texts.append(text)
             prompts.append({"prompt_token_ids": ids} if images is None else
                            {"prompt_token_ids": ids, "multi_modal_data": {"image": images}})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        return [dataclasses.replace(out, prompt=text) for out, text in zip(outputs, texts)]
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
+                       | Mapping[str, torch.Tensor]) -> None:
+        """Load new weights into the running engine, for reinforcement learning between
+        rollouts: (name, tensor) pairs or a state dict with transformers' names (a
+        transformers model's `state_dict()` or `named_parameters()`, whole or any part),
+        copied in place, so CUDA graphs stay captured; the prefix cache is reset, since its
+        KV came from the old weights. Nothing may be generating (`generate` returns
+        finished). A speculative drafter keeps its weights."""
+        self.engine.update_weights(weights.items() if isinstance(weights, Mapping)
+                                   else weights)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache (vLLM's `LLM.reset_prefix_cache`): False while requests
+        are unfinished."""
+        return self.engine.reset_prefix_cache()
 
     def _run(self, groups: list[tuple[str, list[Request]]],
              use_tqdm: bool) -> list[RequestOutput]:

@@ -120,8 +120,9 @@ class RMSNorm(nn.Module):
 class ZeroCenteredRMSNorm(RMSNorm):
     """RMSNorm scaled by (1 + weight), in float32 then cast (transformers' Qwen3NextRMSNorm;
     the checkpoint stores the weight around 0). The fused kernels read the float32 1 + weight
-    that `refresh()` computes: call it once the weight is loaded (or moved). A plain
-    attribute, not a buffer, so that a module-wide `.to(dtype)` cannot round it."""
+    that `refresh()` computes: call it once the weight is loaded or moved (a weight update
+    refreshes it in place). A plain attribute, not a buffer, so that a module-wide
+    `.to(dtype)` cannot round it."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__(hidden_size, eps)
@@ -130,7 +131,12 @@ class ZeroCenteredRMSNorm(RMSNorm):
         self.refresh()
 
     def refresh(self) -> None:
-        self.scale = 1.0 + self.weight.detach().float()
+        scale = 1.0 + self.weight.detach().float()
+        old = getattr(self, "scale", None)
+        if old is not None and old.device == scale.device:
+            old.copy_(scale)           # in place: captured graphs read this tensor
+        else:
+            self.scale = scale
 
     def _apply(self, fn, recurse: bool = True):
         """`.to()`, `.cuda()` and the like move or cast the weight: recompute the scale

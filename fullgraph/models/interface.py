@@ -87,7 +87,10 @@ class Model(Protocol):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor: ...
 
-    def load_weights(self, weights) -> None: ...
+    def load_weights(self, weights, strict: bool = True) -> None:
+        """Copy checkpoint tensors (transformers' names) into the parameters in place, so
+        captured graphs read them; `strict`: every parameter must be among them (loading),
+        else any subset (a weight update)."""
 
     # Optional (Qwen3ForCausalLM, HybridForCausalLM and the vision-language classes, through
     # their decoder stack `text_model`), for a target a speculative drafter reads:

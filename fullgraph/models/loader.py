@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -40,7 +40,8 @@ def safetensors_files(path: str) -> list[str]:
 
 def iterate_weights(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     files = safetensors_files(path)
-    for file in tqdm(files, desc="Loading weights", unit="file", disable=not progress or len(files) < 2):
+    for file in tqdm(files, desc="Loading weights", unit="file",
+                     disable=not progress or len(files) < 2):
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
@@ -66,21 +67,36 @@ def load_model(model_config: ModelConfig, device: torch.device,
     with default_dtype(model_config.dtype), torch.device(device):
         model = cls(model_config.hf_config, max_position=model_config.max_model_len)
     with torch.device(device):
-        model.load_weights((name, t.to(model_config.dtype) if t.is_floating_point() else t)
-                           for name, t in iterate_weights(model_config.path))
+        model.load_weights(_cast(iterate_weights(model_config.path), model_config.dtype))
     return apply_kernel_policy(model, policy).eval().requires_grad_(False)
+
+
+def update_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                   dtype: torch.dtype, device: torch.device) -> None:
+    """Copy any subset of a checkpoint's tensors into the loaded model's parameters in
+    place (tensors from anywhere: a trainer's parameters, cast and moved here, outside
+    autograd)."""
+    with torch.device(device), torch.no_grad():
+        model.load_weights(_cast(weights, dtype), strict=False)
+
+
+def _cast(weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype
+          ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Floating-point tensors in the model's dtype."""
+    for name, t in weights:
+        yield name, t.to(dtype) if t.is_floating_point() else t
 
 
 def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
                          stacked_params: dict[str, str], skip=lambda name: False,
-                         loaded_elsewhere: set[str] = frozenset()) -> None:
+                         loaded_elsewhere: set[str] = frozenset(), strict: bool = True) -> None:
     """Copy checkpoint tensors into the parameters of the same name. `stacked_params` maps a
     checkpoint module name (the last part, e.g. "q_proj") to the `MergedLinear` sibling that
     holds it as a shard ("qkv_proj"); `skip(name)` drops tensors the model does not use
     (a tied lm_head). A module that keeps such a projection unmerged loads it by name.
-    Every parameter must be filled: ValueError naming what is missing,
-    unexpected or of the wrong shape. `loaded_elsewhere`: parameters the model filled itself
-    while `weights` was consumed (read once the iteration is over)."""
+    Every parameter must be filled (`strict`; a weight update may name a subset): ValueError
+    naming what is missing, unexpected or of the wrong shape. `loaded_elsewhere`: parameters
+    the model filled itself while `weights` was consumed (read once the iteration is over)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     loaded: set[str] = set()
@@ -103,6 +119,8 @@ def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Te
             params[name].copy_(tensor)
         loaded.add(name)
     loaded |= loaded_elsewhere
+    if not strict:
+        return
     missing = [n for n in expected_weights(model) if n not in loaded]
     if missing:
         raise ValueError(f"missing weights in checkpoint: {', '.join(missing[:8])}"

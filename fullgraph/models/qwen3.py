@@ -244,7 +244,8 @@ class Qwen3ForCausalLM(nn.Module):
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
         return logits_into(hidden, self.lm_head.weight, out, policy_of(self))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     strict: bool = True) -> None:
         load_weights_by_name(self, weights, self.stacked_params,
                              skip=lambda name: self.tie_word_embeddings
-                             and name.startswith("lm_head."))
+                             and name.startswith("lm_head."), strict=strict)

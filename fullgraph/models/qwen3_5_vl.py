@@ -115,10 +115,11 @@ class Qwen3_5ForConditionalGeneration(Qwen3VLForConditionalGeneration):
     def cache_specs(cfg, policy: KernelPolicy = DEFAULT_POLICY) -> CacheSpecs:
         return HybridForCausalLM.cache_specs(cfg.text_config, policy)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     strict: bool = True) -> None:
         """Checkpoint names are ours (`model.language_model.*`, `model.visual.*`,
         `lm_head.*`) but for the tower's older `visual.` prefix and its Conv3d patch
         embedding (Qwen3-VL's `_checkpoint_names`); the rest is the hybrid's loading: a tied
         lm_head and multi-token-prediction heads skipped, per-expert tensors fused, the
         (1 + w) norms' float32 scale refreshed once the weights are in."""
-        HybridForCausalLM.load_weights(self, self._checkpoint_names(weights))
+        HybridForCausalLM.load_weights(self, self._checkpoint_names(weights), strict)

@@ -432,14 +432,15 @@ class HybridForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return logits_into(hidden, self.lm_head.weight, out, policy_of(self))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     strict: bool = True) -> None:
         def skip(name: str) -> bool:
             # multi-token-prediction heads are a drafter, not part of this model
             return (name.startswith("mtp.")
                     or (self.tie_word_embeddings and name.startswith("lm_head.")))
         per_expert: set[str] = set()
         load_weights_by_name(self, self._route(weights, per_expert), self.stacked_params, skip,
-                             loaded_elsewhere=per_expert)
+                             loaded_elsewhere=per_expert, strict=strict)
         for module in self.modules():
             if isinstance(module, ZeroCenteredRMSNorm):
                 module.refresh()

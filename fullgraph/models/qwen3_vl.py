@@ -189,13 +189,14 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         """Into `out` (the runner's persistent [rows, vocab] buffer, read by the sampler)."""
         return logits_into(hidden, self.lm_head.weight, out, policy_of(self))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     strict: bool = True) -> None:
         """Checkpoint names are ours (`model.language_model.*`, `model.visual.*`,
         `lm_head.*`) but for the tower's older `visual.` prefix and its Conv3d patch
         embedding, which loads as a Linear over the flattened patch."""
         load_weights_by_name(self, self._checkpoint_names(weights), self.stacked_params,
                              skip=lambda name: self.tie_word_embeddings
-                             and name.startswith("lm_head."))
+                             and name.startswith("lm_head."), strict=strict)
 
     @staticmethod
     def _checkpoint_names(weights: Iterable[tuple[str, torch.Tensor]]

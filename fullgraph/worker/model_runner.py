@@ -20,7 +20,7 @@ from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.layers import pdl
 from fullgraph.layers.argmax import argmax_rows
 from fullgraph.models.interface import CacheSpecs
-from fullgraph.models.loader import load_model
+from fullgraph.models.loader import load_model, update_weights
 from fullgraph.worker.compile_worker import CompileWorkers
 from fullgraph.worker.compilers import (configure_compilers, start_compile_workers,
                                         triton_compile_ahead)
@@ -174,6 +174,10 @@ class ModelRunner:
     def encoder_graphs(self) -> EncoderGraphManager | None:
         """A multimodal model's encoder graphs (made by `capture_graphs`), else None."""
         return self.mm.encoder_graphs if self.mm is not None else None
+
+    def update_weights(self, weights) -> None:
+        """(name, tensor) pairs into the model's parameters in place (`LLMEngine`)."""
+        update_weights(self.model, weights, self.config.model.dtype, self.device)
 
     # ---------------------------------------------------------------- memory
     @property

@@ -1,0 +1,96 @@
+"""Weights updated between requests, as a reinforcement-learning loop does between rollouts
+(`LLM.update_weights`, `LLM.reset_prefix_cache`): an engine loaded with one checkpoint and
+given another's tensors (a transformers model's state dict, whole or in part) generates what
+transformers generates with those weights, under emulated graphs (the update must land in the
+tensors the captured steps read) and with prefix caching on (the cached prompts' KV came from
+the old weights)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_greedy, make_hf_checkpoint, make_hybrid_checkpoint
+from fullgraph import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+# longer than a block, so the second run would hit the first run's cached prefix blocks
+PROMPTS = [list(range(5, 45)), list(range(100, 137))]
+KW = dict(max_model_len=128, max_num_seqs=4, num_gpu_blocks_override=64, block_size=16,
+          enable_prefix_caching=True, cudagraph_runtime="fake",
+          cudagraph_capture_sizes=[1, 2, 4])
+
+
+def tokens(llm: LLM) -> list[list[int]]:
+    outs = llm.generate(sampling_params=GREEDY, prompt_token_ids=PROMPTS, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[str, str]:
+    return (make_hf_checkpoint(str(tmp_path_factory.mktemp("old")), seed=0),
+            make_hf_checkpoint(str(tmp_path_factory.mktemp("new")), seed=1))
+
+
+def test_a_whole_state_dict_gives_the_new_checkpoint_tokens(checkpoints):
+    from transformers import Qwen3ForCausalLM
+    old, new = checkpoints
+    hf_new = Qwen3ForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
+    llm = LLM(old, **KW)
+    before = tokens(llm)
+    llm.update_weights(hf_new.state_dict())
+    after = tokens(llm)
+    assert after == [hf_greedy(hf_new, p, GREEDY.max_tokens) for p in PROMPTS]
+    assert after != before
+
+
+def test_a_part_of_the_weights_and_named_parameters(checkpoints):
+    """Only some tensors (layer 0's MLP and every q_proj, a shard of our merged qkv), given
+    as (name, tensor) pairs that still require grad, as a trainer's parameters do."""
+    from transformers import Qwen3ForCausalLM
+    old, new = checkpoints
+    hf_old = Qwen3ForCausalLM.from_pretrained(old, dtype=torch.float32).eval()
+    hf_new = Qwen3ForCausalLM.from_pretrained(new, dtype=torch.float32)
+    part = [(n, p) for n, p in hf_new.named_parameters()
+            if ".layers.0.mlp." in n or "q_proj" in n]
+    assert all(p.requires_grad for _, p in part)
+    llm = LLM(old, **KW)
+    tokens(llm)
+    llm.update_weights(iter(part))
+    hf_old.load_state_dict({n: p.detach() for n, p in part}, strict=False)
+    assert tokens(llm) == [hf_greedy(hf_old, p, GREEDY.max_tokens) for p in PROMPTS]
+
+
+def test_bad_names_and_shapes_and_unfinished_requests_are_clear_errors(checkpoints):
+    old, _ = checkpoints
+    llm = LLM(old, **KW)
+    before = tokens(llm)
+    with pytest.raises(ValueError, match="model.layers.0.nope.weight"):
+        llm.update_weights({"model.layers.0.nope.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"model.norm.weight.*\(3,\)"):
+        llm.update_weights({"model.norm.weight": torch.zeros(3)})
+    llm.engine.add_request("running", PROMPTS[0], GREEDY)
+    with pytest.raises(ValueError, match="between requests"):
+        llm.update_weights({})
+    assert llm.reset_prefix_cache() is False
+    llm.engine.abort_request("running")
+    assert tokens(llm) == before                # nothing changed, the engine runs on
+    assert llm.reset_prefix_cache() is True
+
+
+def test_the_hybrid_zero_centered_norms_follow_their_weights(tmp_path, hf_gdn_torch_paths):
+    """Qwen3.5's (1 + w) norms run from a float32 scale computed from the weight: an update
+    refreshes it in place, where the emulated graphs read it."""
+    from transformers import Qwen3_5ForCausalLM
+    old = make_hybrid_checkpoint(str(tmp_path / "old"), seed=0)
+    new = make_hybrid_checkpoint(str(tmp_path / "new"), seed=1)
+    hf_new = Qwen3_5ForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
+    from fullgraph.layers.norm import ZeroCenteredRMSNorm
+    llm = LLM(old, **{**KW, "enable_prefix_caching": False})
+    tokens(llm)
+    norms = [m for m in llm.engine.runner.model.modules() if isinstance(m, ZeroCenteredRMSNorm)]
+    scales = [m.scale for m in norms]
+    llm.update_weights(hf_new.state_dict())
+    assert tokens(llm) == [hf_greedy(hf_new, p, GREEDY.max_tokens) for p in PROMPTS]
+    # the GPU kernels read `scale` (CUDA graphs: at its captured address)
+    assert all(m.scale is s and torch.equal(s, 1.0 + m.weight.float())
+               for m, s in zip(norms, scales))
