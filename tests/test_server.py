@@ -844,3 +844,102 @@ def test_echo_with_logprobs_scores_the_prompt(client, offline):
     assert plp[0] is None and len(plp) == n_prompt
     assert plp[1][str(want.prompt_token_ids[1])]["logprob"] == pytest.approx(expected[0],
                                                                               abs=1e-5)
+
+
+# ---------------------------------------------------------------- scoring, streaming extras
+def _prompt_ids(server: str, text: str) -> list[int]:
+    return post(server, "/tokenize", {"prompt": text}).json()["tokens"]
+
+
+def _reference_prompt_logprobs(client, ids: list[int]) -> list[float]:
+    """The logprobs of ids[1:] as the `prompt_logprobs` field returns them."""
+    ref = client.completions.create(model=MODEL, prompt=ids, max_tokens=1,
+                                    extra_body={"prompt_logprobs": 0})
+    plp = ref.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(ids)
+    return [e[str(t)]["logprob"] for t, e in zip(ids[1:], plp[1:])]
+
+
+def test_echo_max_tokens_0_scores_the_prompt(server, client):
+    """echo + max_tokens 0, the usual way to score a prompt (vLLM's echo_without_generation):
+    the echoed prompt only, with the logprobs `prompt_logprobs` gives, nothing generated."""
+    ids = _prompt_ids(server, "Once upon a time there was")
+    expected = _reference_prompt_logprobs(client, ids)
+    text = post(server, "/detokenize", {"tokens": ids}).json()["prompt"]
+    resp = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True,
+                                     logprobs=0, extra_body={"return_token_ids": True})
+    c = resp.choices[0]
+    assert c.text == text and c.finish_reason == "length"
+    assert c.logprobs.token_logprobs[0] is None and len(c.logprobs.tokens) == len(ids)
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert "".join(c.logprobs.tokens) == text
+    assert c.model_extra["token_ids"] == [] and c.model_extra["prompt_token_ids"] == ids
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (len(ids), 0)
+    plain = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=0,
+                                      echo=True)
+    assert plain.choices[0].text == "Once upon a time" and plain.choices[0].logprobs is None
+    assert plain.usage.completion_tokens == 0
+
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True,
+                                            logprobs=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    choices = [ch.choices[0] for ch in chunks if ch.choices]
+    assert "".join(ch.text for ch in choices) == text
+    assert choices[-1].finish_reason == "length"
+    got = [lp for ch in choices for lp in ch.logprobs.token_logprobs]
+    assert len(got) == len(ids) and got[0] is None
+    assert got[1:] == pytest.approx(expected, abs=1e-5)
+    assert chunks[-1].usage.completion_tokens == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_without_echo_is_rejected(server, client, stream):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 0, "stream": stream}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "max_tokens" and "echo" in err["message"]
+    resp = client.completions.create(model=MODEL, prompt="still here?", max_tokens=2,
+                                     extra_body={"ignore_eos": True})
+    assert resp.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "hello"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_stream_with_prompt_logprobs_is_rejected(server, path, body):
+    """No chunk carries prompt_logprobs: a 400, as vLLM gives, not null in every chunk."""
+    r = post(server, path, {"model": MODEL, "max_tokens": 2, "stream": True,
+                            "prompt_logprobs": 1, **body})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "prompt_logprobs"
+    assert "stream" in err["message"]
+    assert post(server, path, {"model": MODEL, "max_tokens": 2, **body}).status_code == 200
+
+
+def test_stream_return_token_ids_sends_prompt_ids_first(client):
+    """Each choice's first chunk carries the prompt's ids, later chunks null (vLLM's)."""
+    kw = dict(model=MODEL, prompt=["The cat", "Hello there"], n=2, max_tokens=3,
+              temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+    whole = client.completions.create(**kw)
+    sent: dict[int, list] = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            sent.setdefault(c.index, []).append(c.model_extra["prompt_token_ids"])
+    assert sorted(sent) == [0, 1, 2, 3]
+    for c in whole.choices:
+        assert sent[c.index][0] == c.model_extra["prompt_token_ids"]
+        assert len(sent[c.index]) > 1 and all(ids is None for ids in sent[c.index][1:])
+
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=3,
+              temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True})
+    want = client.chat.completions.create(**kw).model_extra["prompt_token_ids"]
+    assert want
+    chat: dict[int, list] = {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            chat.setdefault(c.index, []).append(chunk.model_extra["prompt_token_ids"])
+    assert sorted(chat) == [0, 1]
+    for ids in chat.values():
+        assert ids[0] == want and len(ids) > 1 and all(x is None for x in ids[1:])

@@ -155,15 +155,20 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, rid: str,
     created = now()
     text, num_tokens = [""] * body.n, [0] * body.n      # sent so far, per choice
 
-    def chunk(choice: ChatStreamChoice | None, usage_info: UsageInfo | None = None) -> str:
+    def chunk(choice: ChatStreamChoice | None, usage_info: UsageInfo | None = None,
+              prompt_token_ids: list[int] | None = None) -> str:
         c = ChatCompletionChunk(id=rid, created=created, model=state.model_name,
-                                choices=[choice] if choice else [], usage=usage_info)
+                                choices=[choice] if choice else [], usage=usage_info,
+                                prompt_token_ids=prompt_token_ids)
         return f"data: {c.model_dump_json()}\n\n"
 
+    # each choice's first chunk (its role) carries the prompt's ids, as vLLM sends them
+    prompt_ids = stream.prompt_token_ids[0] if body.return_token_ids else None
     try:
         for i in range(body.n):
             yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                     content="")))
+                                                                     content="")),
+                        prompt_token_ids=prompt_ids)
         async for i, out in stream:
             tracker.observe(i, out)
             c = out.outputs[0]

@@ -21,7 +21,7 @@ from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model
                                                   prompt_logprobs_body, run_to_end,
                                                   sampling_params, sse_error, submit, usage,
                                                   warn_unknown_fields)
-from fullgraph.outputs import CompletionOutput
+from fullgraph.outputs import CompletionOutput, RequestOutput
 
 
 def normalize_prompts(prompt) -> list[str | list[int]]:
@@ -71,7 +71,8 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     warn_unknown_fields(body, "completions")
     prompts = normalize_prompts(body.prompt)
     check_unsupported(body, {"suffix": bool(body.suffix), "best_of": (body.best_of or 1) > 1})
-    params = sampling_params(state, body, body.max_tokens, body.logprobs)
+    score_only = _echo_without_generation(body)
+    params = sampling_params(state, body, 1 if score_only else body.max_tokens, body.logprobs)
     if body.echo and body.logprobs is not None and body.prompt_logprobs is None:
         # echo's logprobs cover the prompt too: its tokens' logprobs, computed for this
         params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
@@ -82,10 +83,13 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     echo = [_prompt_text(state, p) if body.echo else "" for p in prompts for _ in range(body.n)]
     tracker = state.metrics.tracker(len(stream.request_ids))
     if body.stream:
-        return event_stream(_stream(state, body, rid, stream, tracker, echo), stream)
+        return event_stream(_stream(state, body, rid, stream, tracker, echo, score_only),
+                            stream)
     outputs = await run_to_end(request, stream, tracker)
     if outputs is None:
         return Response(status_code=499)    # the client is gone; nobody reads this
+    if score_only:
+        outputs = [_without_generation(out) for out in outputs]
     choices = []
     for i, out in enumerate(outputs):
         c = out.outputs[0]
@@ -102,6 +106,29 @@ async def create_completion(state: ServerState, body: CompletionRequest,
     resp = CompletionResponse(id=rid, created=now(), model=state.model_name, choices=choices,
                               usage=usage(outputs, stream))
     return JSONResponse(resp.model_dump())
+
+
+def _echo_without_generation(body: CompletionRequest) -> bool:
+    """echo with max_tokens 0 scores the prompt (vLLM's `echo_without_generation`): the
+    engine needs max_tokens >= 1, so it runs with 1 and `_without_generation` drops that
+    token from the response. max_tokens 0 without echo asks for nothing: a 400 that says
+    what 0 is for, rather than the engine's bare range error."""
+    if body.max_tokens != 0:
+        return False
+    if not body.echo:
+        raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with "
+                          "echo=true, to score the prompt)", "max_tokens")
+    return True
+
+
+def _without_generation(out: RequestOutput) -> RequestOutput:
+    """`out` as if nothing had been generated, for echo with max_tokens 0: no text, token or
+    logprob, finish_reason "length" (the 0-token limit, whatever ended the hidden token)."""
+    c = out.outputs[0]
+    c = dataclasses.replace(c, text="", token_ids=[], cumulative_logprob=None,
+                            logprobs=None if c.logprobs is None else [],
+                            finish_reason="length", stop_reason=None)
+    return dataclasses.replace(out, outputs=[c])
 
 
 def _echo_logprobs(state: ServerState, out, top_n: int) -> CompletionLogprobs:
@@ -136,19 +163,25 @@ def _prompt_text(state: ServerState, prompt: str | list[int]) -> str:
 
 async def _stream(state: ServerState, body: CompletionRequest, rid: str,
                   stream: GenerationStream, tracker: RequestTracker,
-                  echo: list[str]) -> AsyncIterator[str]:
+                  echo: list[str], score_only: bool) -> AsyncIterator[str]:
+    """One chunk per choice and token whose text is not held back; a choice's first chunk
+    carries the echoed prompt (and its logprobs) and, with return_token_ids, the prompt's
+    ids, as vLLM sends them."""
     created, sent = now(), [_Choice(offset=len(e)) for e in echo]
     completion_tokens = [0] * len(echo)
     try:
         async for i, out in stream:
             tracker.observe(i, out)
+            if score_only:
+                out = _without_generation(out)
             c, s = out.outputs[0], sent[i]
             delta, new_ids = c.text[len(s.text):], c.token_ids[s.num_tokens:]
             lp = None
             if body.logprobs is not None and new_ids:
                 lp, s.offset = _logprobs(c, s.num_tokens, s.offset)
-            if not s.started:
-                delta, s.started = echo[i] + delta, True
+            first = not s.started
+            if first:
+                delta = echo[i] + delta
                 if body.echo and body.logprobs is not None:
                     lp = _extend(_echo_logprobs(state, out, body.logprobs),
                                  lp or CompletionLogprobs())
@@ -156,10 +189,12 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str,
             completion_tokens[i] = len(c.token_ids)
             if not (delta or out.finished or (new_ids and (lp or body.return_token_ids))):
                 continue    # a token whose text is held back (partial UTF-8, maybe a stop)
+            s.started = True    # only once sent: the echo and prompt ids go in a sent chunk
+            ids = body.return_token_ids
             choice = CompletionChoice(
                 index=i, text=delta, logprobs=lp, finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason,
-                token_ids=new_ids if body.return_token_ids else None)
+                stop_reason=c.stop_reason, token_ids=new_ids if ids else None,
+                prompt_token_ids=out.prompt_token_ids if ids and first else None)
             chunk = CompletionResponse(id=rid, created=created, model=state.model_name,
                                        choices=[choice])
             yield f"data: {chunk.model_dump_json()}\n\n"

@@ -120,7 +120,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     token_ids: list[int] | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None           # streamed: in the first chunk only
     prompt_logprobs: PromptLogprobs | None = None       # with the `prompt_logprobs` field
 
 
@@ -201,6 +201,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None       # return_token_ids: each choice's first
 
 
 # ---------------------------------------------------------------- tokenizer endpoints (vLLM's)

@@ -92,12 +92,17 @@ def warn_unknown_fields(body: BaseModel, endpoint: str) -> None:
 
 
 def check_unsupported(body: SamplingFields, asked: dict[str, object]) -> None:
-    """400 for features we do not implement (`asked`: name -> sent at a non-neutral value)."""
+    """400 for features we do not implement (`asked`: name -> sent at a non-neutral value)
+    and for fields that do not go with `stream` either way."""
     for name, on in asked.items():
         if on:
             raise bad_request(f"{name} is not supported by this server", name)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+    if body.stream and body.prompt_logprobs is not None:
+        # no chunk carries them: a 400 (vLLM's message), not a silent null in every chunk
+        raise bad_request("`prompt_logprobs` are not available when `stream=True`.",
+                          "prompt_logprobs")
 
 
 def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | None,
