@@ -54,6 +54,9 @@ def test_selftest_passes_with_fake_graphs_on_cpu():
             "--cudagraph-capture-sizes", "1 2 4 8 16 32 64 128")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout and "graph replays" in r.stdout
+    # on a CPU the graphs are the emulator's, and the log says so
+    assert "emulated graphs" in r.stdout and "CUDA graphs" not in r.stdout + r.stderr
+    assert re.search(r"captured \d+ emulated graphs", r.stderr)
 
 
 def test_bad_log_level_is_a_usage_error_not_a_traceback():
@@ -143,6 +146,10 @@ def test_bench_compares_the_batch_invariant_mode_in_one_run(tmp_path):
     assert [m["mode"] for m in modes] == ["eager", "eager (batch-invariant)"]
     assert modes[1]["rows"][0]["over_normal_ms_per_step"] > 0
     assert "the normal mode's ms/step" in r.stdout and "batch-invariant mode" in r.stderr
+    # each run's row lines name its mode
+    assert re.search(r"^\[eager\] batch +1: [\d.]+ ms/step", r.stdout, re.M)
+    assert re.search(r"^\[eager \(batch-invariant\)\] batch +1: [\d.]+ ms/step", r.stdout,
+                     re.M)
     r = run("bench", "throughput", "--model", "tiny-qwen3", "--num-prompts", "3", "--min-len",
             "8", "--max-len", "12", "--temperature", "0", "--compare-batch-invariant",
             "--out", str(tmp_path))
@@ -172,6 +179,13 @@ def test_generate_with_speculative_config(target):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("6 generated") == 1
     assert re.search(r"speculative decoding: \d+ of \d+ draft tokens accepted", r.stdout)
+
+
+def test_prefix_caching_asked_of_a_hybrid_is_named_in_one_sentence():
+    r = run("generate", "--model", "tiny-qwen3.5", "--prompt", "Hello", "--enable-prefix-caching")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("prefix caching is not supported for Qwen3_5ForCausalLM: it keeps a recurrent "
+            "state per request" in r.stderr), r.stderr
 
 
 def test_generate_names_a_bad_speculative_config():

@@ -262,7 +262,15 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
 
     for value, message in [
             (spec(agree, 0), "num_speculative_tokens must be an integer >= 1"),
-            (spec(agree, 2, method="medusa"), "unknown speculative method 'medusa'"),
+            (spec(agree, 2, method="medusa"),
+             "speculative method 'medusa' is not supported; supported: eagle3, eagle"),
+            # the method first: another method's keys are not the problem to name
+            ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
+             "method 'ngram' is not supported; supported: eagle3, eagle"),
+            # an EAGLE-3 checkpoint given EAGLE-1's method: named before its weights load
+            (spec(agree, 2, method="eagle"), "is an EAGLE-3 checkpoint \\(architectures "
+             "\\['LlamaForCausalLMEagle3'\\]\\) but method is 'eagle' \\(EAGLE-1\\): "
+             'set "method": "eagle3"'),
             (dict(spec(agree, 2), draft_tp=1), "unknown \\['draft_tp'\\]"),
             ("{not json", "not valid JSON"),
             (spec(str(tmp_path / "missing"), 2), "is not a local directory")]:
@@ -292,6 +300,14 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
     shutil.copy(Path(target) / "tokenizer_config.json", odd / "tokenizer_config.json")
     with pytest.raises(ValueError, match="tokenizer .* does not match the target's"):
         config(spec(str(odd), 2))
+    # an EAGLE-1 checkpoint whose architectures name it, given EAGLE-3's method
+    eagle1 = agreeing_eagle1_drafter(str(tmp_path / "eagle1"), target)
+    assert config(spec(eagle1, 2, method="eagle")).speculative.method == "eagle"
+    cfg = json.loads((Path(eagle1) / "config.json").read_text())
+    cfg["architectures"] = ["EagleLlamaForCausalLM"]
+    (Path(eagle1) / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match='EAGLE-1 checkpoint .* set "method": "eagle"$'):
+        config(spec(eagle1, 2))
 
 
 def test_processed_logits_follow_each_rows_position(pair):

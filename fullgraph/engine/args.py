@@ -166,6 +166,9 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
             raise ValueError(f"speculative_config is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+    from fullgraph.models.eagle import drafter_class
+    if "method" in value:                     # first: another method's keys are not ours
+        drafter_class(str(value["method"]))   # unsupported method: ValueError
     unknown = set(value) - SPECULATIVE_KEYS
     missing = SPECULATIVE_KEYS - set(value)
     if unknown or missing:
@@ -175,19 +178,34 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
     k = value["num_speculative_tokens"]
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
-    from fullgraph.models.eagle import drafter_class
-    cls = drafter_class(str(value["method"]))         # unknown method: ValueError
+    method = str(value["method"])
+    cls = drafter_class(method)
     path = resolve_model_dir(str(value["model"]), "speculative model")
     from transformers import AutoConfig
     try:
         hf = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises several types for bad configs
         raise ValueError(f"cannot read the drafter's config.json in {path}: {e}") from e
+    _check_drafter_method(method, hf, path)
     cls.check_config(hf)
     with torch.device("meta"):                 # shapes only: check it against the target
         cls(hf, max_position=target.max_model_len).check_target(target.hf_config)
     _check_drafter_tokenizer(path, target.tokenizer)
-    return SpeculativeConfig(str(value["method"]), path, k, hf)
+    return SpeculativeConfig(method, path, k, hf)
+
+
+_EAGLE_NAMES = {"eagle3": "EAGLE-3", "eagle": "EAGLE-1"}
+
+
+def _check_drafter_method(method: str, hf, path: str) -> None:
+    """A checkpoint of the other EAGLE kind is named before its weights load (where its
+    config's architectures tell), rather than as a tensor shape that does not fit."""
+    from fullgraph.models.eagle import method_of_config
+    named = method_of_config(hf)
+    if named is not None and named != method:
+        raise ValueError(f"the drafter in {path} is an {_EAGLE_NAMES[named]} checkpoint "
+                         f"(architectures {list(hf.architectures)}) but method is {method!r} "
+                         f"({_EAGLE_NAMES[method]}): set \"method\": \"{named}\"")
 
 
 def _check_drafter_tokenizer(drafter: str, target: str) -> None:
@@ -228,12 +246,13 @@ def prefix_caching(asked: bool | None, architecture: str) -> bool:
         return False
     if get_model_class(architecture).capabilities.prefix_caching:
         return True
-    reason = (f"{architecture} keeps a recurrent state per request, which a prefix-cache hit "
-              f"would skip computing")
+    # the one kind of model without it (models/interface.py, ModelCapabilities)
+    reason = ("it keeps a recurrent state per request, which a prefix-cache hit would skip "
+              "computing")
     if asked:
-        raise ValueError(f"prefix caching is not supported for {reason}; run without "
-                         f"enable_prefix_caching (--no-enable-prefix-caching)")
-    logger.info("prefix caching is off: %s", reason)
+        raise ValueError(f"prefix caching is not supported for {architecture}: {reason}; run "
+                         f"without enable_prefix_caching (--no-enable-prefix-caching)")
+    logger.info("prefix caching is off for %s: %s", architecture, reason)
     return False
 
 

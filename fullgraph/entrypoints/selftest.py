@@ -78,7 +78,8 @@ def check_model(base, ns: argparse.Namespace) -> int:
     eager = LLM(**dataclasses.asdict(dataclasses.replace(base, enforce_eager=True)))
     print(f"{base.model}: engines ready in {time.perf_counter() - t0:.1f} s on "
           f"{graph.engine.config.device} "
-          f"({graph.engine.runner.capture_report.num_graphs} graphs)")
+          f"({graph.engine.runner.capture_report.num_graphs} "
+          f"{'CUDA graphs' if cuda else 'emulated graphs'})")
     rng = random.Random(ns.selftest_seed)
     mm = graph.engine.mm_processor
     placeholders = mm.placeholder_ids if mm is not None else None

@@ -366,6 +366,17 @@ DRAFTERS: dict[str, type[_EagleDrafter]] = {"eagle3": Eagle3LlamaForCausalLM,
 def drafter_class(method: str) -> type[_EagleDrafter]:
     """`speculative_config["method"]` (vLLM's spelling) -> the drafter class."""
     if method not in DRAFTERS:
-        raise ValueError(f"unknown speculative method {method!r}; supported: "
-                         f"{', '.join(sorted(DRAFTERS))}")
+        raise ValueError(f"speculative method {method!r} is not supported; supported: "
+                         f"{', '.join(DRAFTERS)}")
     return DRAFTERS[method]
+
+
+def method_of_config(cfg) -> str | None:
+    """The method a drafter config's `architectures` name, where they tell: an EAGLE-3 class
+    (LlamaForCausalLMEagle3, Eagle3LlamaForCausalLM) or another EAGLE one (EAGLE-1:
+    EagleLlamaForCausalLM, EAGLEModel). None for a plain LlamaForCausalLM, which EAGLE-1
+    checkpoints name and some EAGLE-3 ones too."""
+    names = [str(a).lower() for a in getattr(cfg, "architectures", None) or ()]
+    if any("eagle3" in a for a in names):
+        return "eagle3"
+    return "eagle" if any("eagle" in a for a in names) else None

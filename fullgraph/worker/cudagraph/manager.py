@@ -217,8 +217,10 @@ class CUDAGraphManager:
                     logger.info("warmup of %s took %.1f s", key, time.perf_counter() - w0)
         warmup = time.perf_counter() - t0
         pairs: dict[Hashable, AttentionStatePair] = {}
+        kind = ("CUDA graphs" if isinstance(self.runtime, CUDAGraphRuntime)
+                else "emulated graphs (fake runtime)")
         with collector_paused():
-            for key in tqdm(keys, desc="Capturing CUDA graphs", unit="graph",
+            for key in tqdm(keys, desc=f"Capturing {kind}", unit="graph",
                             disable=not progress or not keys):
                 fn, state = create_forward_fn(key, False)
                 self.graphs[key] = self.runtime.capture(fn)
@@ -226,9 +228,9 @@ class CUDAGraphManager:
         report = CaptureReport(len(keys), time.perf_counter() - t0,
                                self.runtime.memory_in_use() - mem0, warmup)
         if keys:
-            logger.info("captured %d CUDA graphs in %.1f s (%.1f s of it warming up, where "
-                        "kernels compile) using %.2f GiB", report.num_graphs, report.seconds,
-                        warmup, report.memory_bytes / 2**30)
+            logger.info("captured %d %s in %.1f s (%.1f s of it warming up, where "
+                        "kernels compile) using %.2f GiB", report.num_graphs, kind,
+                        report.seconds, warmup, report.memory_bytes / 2**30)
         return pairs, report
 
     def has(self, key: Hashable) -> bool:
