@@ -30,7 +30,8 @@ from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy
 
 PREFILL_ROWS = 64      # query rows a program: tokens x the GQA group
 PREFILL_TILE = 64      # KV tokens an online-softmax step
-PREFILL_WARPS = 8      # compiled for sm_90: no spill up to head dim 256 (docs/benchmarks.md)
+PREFILL_WARPS = 4      # up to head dim 128 (the fastest at 16 x 512 and 1 x 4,096 tokens)
+PREFILL_WARPS_WIDE = 8  # above: 4 warps hold a 64 x 256 float32 accumulator in 128 threads
 PREFILL_SPLIT = 0      # no splits: one pass over the KV
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256   # head sizes run on the GPU at these tiles; others: flex
 
@@ -83,5 +84,6 @@ class TritonAttentionBackend(FlexAttentionBackend):
             return paged_invariant.tiled_attention(
                 q, kv_cache[0], kv_cache[1], inputs.block_table, inputs.seq_lens,
                 inputs.positions, metadata.tiles, self.spec.block_size, self.spec.scale,
-                self.query_tokens, PREFILL_TILE, PREFILL_SPLIT, PREFILL_WARPS)
+                self.query_tokens, PREFILL_TILE, PREFILL_SPLIT,
+                PREFILL_WARPS if self.spec.head_dim <= 128 else PREFILL_WARPS_WIDE)
         return super().forward(q, kv_cache, metadata)
