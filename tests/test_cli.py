@@ -23,6 +23,23 @@ def test_generate_on_the_preset():
     assert "tokens/s on cpu" in r.stdout
 
 
+def test_generate_prints_every_sample_and_its_logprobs():
+    """`--n` and `--logprobs`: each sample's tokens and logprobs, as `LLM.generate` gives
+    them for the same seed."""
+    from fullgraph import LLM, SamplingParams
+    flags = dict(n=2, logprobs=1, temperature=1.0, seed=3, max_tokens=4)
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--n", "2",
+            "--logprobs", "1", "--temperature", "1", "--sampling-seed", "3", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    printed = [(int(m[1]), float(m[2]))
+               for m in re.finditer(r"^ +(\d+) +'.*?' +(-?\d+\.\d{6})", r.stdout, re.M)]
+    out = LLM("tiny-qwen3").generate("Hello", SamplingParams(**flags), use_tqdm=False)[0]
+    expected = [(t, round(lp[t].logprob, 6)) for c in out.outputs
+                for t, lp in zip(c.token_ids, c.logprobs)]
+    assert r.stdout.count("--- sample") == 2 and len(printed) == 8
+    assert printed == expected
+
+
 def test_generate_reports_bad_input_without_a_traceback(tmp_path):
     r = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert r.returncode == 2

@@ -23,6 +23,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=-1, help="-1 = off")
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="print each generated token's logprob, with the K most likely "
+                        "tokens' (0: the sampled token's alone)")
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -32,7 +36,7 @@ def main(ns: argparse.Namespace) -> int:
     # the sampling flags are checked before the model loads, which takes seconds
     params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                             seed=ns.sampling_seed, max_tokens=ns.max_tokens,
-                            ignore_eos=ns.ignore_eos)
+                            ignore_eos=ns.ignore_eos, n=ns.n, logprobs=ns.logprobs)
     t0 = time.perf_counter()
     llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
     t_load = time.perf_counter() - t0
@@ -56,12 +60,16 @@ def main(ns: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t1
     n_out = 0
     for prompt, out in zip(texts, outputs):
-        c = out.outputs[0]
-        n_out += len(c.token_ids)
         print(f"--- prompt: {prompt!r}")
-        print(c.text)
-        print(f"--- {len(out.prompt_token_ids)} prompt tokens, {len(c.token_ids)} generated, "
-              f"finish_reason={c.finish_reason}")
+        for c in out.outputs:
+            n_out += len(c.token_ids)
+            if ns.n > 1:
+                print(f"--- sample {c.index}")
+            print(c.text)
+            if c.logprobs is not None:
+                print_logprobs(c.token_ids, c.logprobs)
+            print(f"--- {len(out.prompt_token_ids)} prompt tokens, {len(c.token_ids)} "
+                  f"generated, finish_reason={c.finish_reason}")
     print(f"load {t_load:.2f} s, generate {elapsed:.3f} s, {n_out / max(elapsed, 1e-9):.1f} "
           f"tokens/s on {llm.engine.config.device}")
     stats = llm.engine.stats
@@ -70,3 +78,14 @@ def main(ns: argparse.Namespace) -> int:
               f"{stats.spec_num_draft_tokens} draft tokens accepted, mean accepted length "
               f"{1 + stats.spec_num_accepted_tokens / stats.spec_num_drafts:.2f}")
     return 0
+
+
+def print_logprobs(token_ids: list[int], logprobs: list[dict]) -> None:
+    """A line per generated token: its id, text and logprob, then the most likely ones'."""
+    for tid, entry in zip(token_ids, logprobs):
+        sampled = entry[tid]
+        others = "  ".join(f"{e.decoded_token!r} {e.logprob:.4f}"
+                           for t, e in sorted(entry.items(), key=lambda kv: kv[1].rank)
+                           if t != tid)
+        print(f"  {tid:>7} {sampled.decoded_token!r:>14} {sampled.logprob:.6f}"
+              + (f"   | {others}" if others else ""))
