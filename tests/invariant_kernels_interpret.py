@@ -76,7 +76,8 @@ def _attend_tiles(q, k, v, table, lengths, queries, block_size, policy, prefill_
     if prefill_tiles:
         return tiled_attention(q, k, v, table, seq_lens, positions, tiles, block_size,
                                q.shape[-1] ** -0.5, qtok, triton_attn.PREFILL_TILE,
-                               triton_attn.PREFILL_SPLIT, triton_attn.PREFILL_WARPS)
+                               triton_attn.PREFILL_SPLIT,
+                               triton_attn.prefill_warps(q.shape[-1]))
     return invariant_attention(q, k, v, table, seq_lens, positions, tiles, block_size,
                                q.shape[-1] ** -0.5, policy)
 

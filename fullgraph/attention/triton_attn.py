@@ -36,6 +36,12 @@ PREFILL_SPLIT = 0      # no splits: one pass over the KV
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256   # head sizes run on the GPU at these tiles; others: flex
 
 
+def prefill_warps(head_dim: int) -> int:
+    """Warps of the prefill tiles at this head dim (docs/benchmarks.md, twenty-ninth
+    session: 4 warps spill at head dim 256, compiled for sm_90)."""
+    return PREFILL_WARPS if head_dim <= 128 else PREFILL_WARPS_WIDE
+
+
 @dataclass(slots=True)
 class TiledMetadata:
     """A step with prompt chunks: its inputs, and the query tiles `update` lists on the
@@ -84,6 +90,5 @@ class TritonAttentionBackend(FlexAttentionBackend):
             return paged_invariant.tiled_attention(
                 q, kv_cache[0], kv_cache[1], inputs.block_table, inputs.seq_lens,
                 inputs.positions, metadata.tiles, self.spec.block_size, self.spec.scale,
-                self.query_tokens, PREFILL_TILE, PREFILL_SPLIT,
-                PREFILL_WARPS if self.spec.head_dim <= 128 else PREFILL_WARPS_WIDE)
+                self.query_tokens, PREFILL_TILE, PREFILL_SPLIT, prefill_warps(self.spec.head_dim))
         return super().forward(q, kv_cache, metadata)
