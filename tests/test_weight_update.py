@@ -94,3 +94,63 @@ def test_the_hybrid_zero_centered_norms_follow_their_weights(tmp_path, hf_gdn_to
     # the GPU kernels read `scale` (CUDA graphs: at its captured address)
     assert all(m.scale is s and torch.equal(s, 1.0 + m.weight.float())
                for m, s in zip(norms, scales))
+
+
+def test_the_server_updates_weights_from_disk_between_requests(checkpoints, tmp_path):
+    """SGLang's /update_weights_from_disk and vLLM's /reset_prefix_cache: a request in flight
+    finishes on the old weights, one sent while the update waits runs on the new ones, and a
+    bad directory is a 400 that leaves the server serving."""
+    import asyncio
+    import json
+
+    import httpx
+    from transformers import Qwen3ForCausalLM
+
+    from conftest import served
+    from fullgraph.engine.args import EngineArgs
+    from fullgraph.engine.async_engine import AsyncLLMEngine
+    from fullgraph.engine.engine import LLMEngine
+    old, new = checkpoints
+    refs = {path: Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            for path in (old, new)}
+    kw = {k: v for k, v in KW.items() if k != "cudagraph_runtime"} | {"max_model_len": 512}
+    engine = AsyncLLMEngine(LLMEngine.from_engine_args(EngineArgs(model=old, **kw)))
+
+    def body(max_tokens: int, **more) -> dict:
+        return {"model": old, "prompt": PROMPTS[0], "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True, "return_token_ids": True, **more}
+
+    async def scenario(url: str):
+        """The update is sent once the first request has streamed a token (so it is in
+        flight), the last request once the update waits behind it."""
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async with client.stream("POST", "/v1/completions",
+                                     json=body(400, stream=True)) as running:
+                chunks = running.aiter_lines()
+                streamed = []
+                while not streamed:
+                    line = await anext(chunks)
+                    if line.startswith("data: {"):
+                        streamed += json.loads(line[6:])["choices"][0]["token_ids"]
+                update = asyncio.create_task(client.post("/update_weights_from_disk",
+                                                         json={"model_path": new}))
+                await asyncio.sleep(0.05)
+                after = asyncio.create_task(client.post("/v1/completions", json=body(8)))
+                async for line in chunks:
+                    if line.startswith("data: {"):
+                        streamed += json.loads(line[6:])["choices"][0]["token_ids"]
+            return streamed, await update, await after
+
+    with served(engine) as url:
+        streamed, update, after = asyncio.run(scenario(url))
+        assert update.status_code == 200 and update.json()["success"] is True
+        assert streamed == hf_greedy(refs[old], PROMPTS[0], 400)
+        assert after.json()["choices"][0]["token_ids"] == hf_greedy(refs[new], PROMPTS[0], 8)
+        (tmp_path / "empty").mkdir()
+        for path in (str(tmp_path / "missing"), str(tmp_path / "empty")):
+            r = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": path})
+            assert r.status_code == 400 and path in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/reset_prefix_cache")
+        assert r.status_code == 200 and r.json() == {"success": True}
+        again = httpx.post(f"{url}/v1/completions", json=body(8), timeout=120)
+        assert again.json()["choices"][0]["token_ids"] == hf_greedy(refs[new], PROMPTS[0], 8)

@@ -5,7 +5,9 @@ validation, admission, steps and aborts all happen there, in the order callers a
 them (one FIFO inbox). Outputs go back to the caller's event loop with
 `call_soon_threadsafe`, one call per step. The loop blocks on the inbox when there is no
 work, so an idle server uses no CPU. A step that raises fails the requests it was running,
-not the loop; the next request gets a fresh start.
+not the loop; the next request gets a fresh start. Work that must not overlap any request
+(a weight update) waits in `call_when_idle` until the requests in flight finish, while
+requests submitted after it wait for it.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fullgraph.engine.engine import LLMEngine, sample_request_ids
@@ -91,6 +93,14 @@ class _Add:
 
 
 @dataclass(slots=True)
+class _Call:
+    """`fn(engine)` to run once no request is unfinished; its result or error goes to `done`."""
+    fn: Callable[[LLMEngine], object]
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+
+
+@dataclass(slots=True)
 class _Route:
     stream: GenerationStream
     index: int
@@ -109,6 +119,8 @@ class AsyncLLMEngine:
         self.snapshot = EngineSnapshot()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, _Route] = {}
+        self._calls: list[_Call] = []      # waiting for the requests in flight to finish
+        self._held: list[_Add] = []        # submitted after a waiting call: admitted after it
         self._step_errors = 0
         self._dead: BaseException | None = None
         self._stat_logger = StatLogger() if engine.config.log_stats else None
@@ -145,6 +157,16 @@ class AsyncLLMEngine:
     def abort(self, request_ids: list[str]) -> None:
         self._inbox.put(("abort", list(request_ids)))
 
+    async def call_when_idle(self, fn: Callable[[LLMEngine], object]) -> object:
+        """`fn(engine)` on the engine thread once the requests in flight have finished (those
+        submitted after this call wait for it): its result, or its exception raised here."""
+        if not self.is_alive:
+            raise EngineError(f"the engine is not running: {self._dead}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(_Call(fn, loop, done))
+        return await done
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop: running requests fail with EngineError; waits for the thread."""
         if self._thread.is_alive():
@@ -157,12 +179,15 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         try:
             while True:
-                cmds = self._drain(block=not self.engine.has_unfinished_requests())
+                busy = self.engine.has_unfinished_requests()
+                cmds = self._drain(block=not busy and not self._calls)
                 if _STOP in cmds:
                     self._stop(cmds)
                     return
                 for cmd in cmds:
                     self._handle(cmd)
+                if self._calls and not self.engine.has_unfinished_requests():
+                    self._run_calls()
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish()
@@ -171,14 +196,38 @@ class AsyncLLMEngine:
         except BaseException as e:  # a bug in this loop: fail everyone, refuse new work
             logger.exception("the engine loop died")
             self._dead = e
-            self._fail_all(EngineError(f"the engine loop died: {e!r}"))
+            error = EngineError(f"the engine loop died: {e!r}")
+            self._fail_all(error)
+            self._refuse_waiting(error)
 
     def _stop(self, cmds: list) -> None:
         self._dead = EngineError("the engine was shut down")
         self._fail_all(self._dead)
+        self._refuse_waiting(self._dead)
         for cmd in cmds:
             if isinstance(cmd, _Add):
                 _resolve(cmd.loop, cmd.admitted, error=self._dead)
+            elif isinstance(cmd, _Call):
+                _resolve(cmd.loop, cmd.done, error=self._dead)
+
+    def _refuse_waiting(self, error: EngineError) -> None:
+        for call in self._calls:
+            _resolve(call.loop, call.done, error=error)
+        for add in self._held:
+            _resolve(add.loop, add.admitted, error=error)
+        self._calls, self._held = [], []
+
+    def _run_calls(self) -> None:
+        """The waiting calls, in order, then the submissions held behind them."""
+        calls, self._calls = self._calls, []
+        for call in calls:
+            try:
+                _resolve(call.loop, call.done, result=call.fn(self.engine))
+            except Exception as e:  # ValueError: bad input; either way the caller hears it
+                _resolve(call.loop, call.done, error=e)
+        held, self._held = self._held, []
+        for add in held:
+            self._admit(add)
 
     def _drain(self, block: bool) -> list:
         """The commands waiting in the inbox; with `block`, waits for one (or, while the stats
@@ -197,10 +246,19 @@ class AsyncLLMEngine:
                 return cmds
 
     def _handle(self, cmd) -> None:
-        if isinstance(cmd, _Add):
-            self._admit(cmd)
+        if isinstance(cmd, _Call):
+            self._calls.append(cmd)
+        elif isinstance(cmd, _Add):
+            if self._calls:
+                self._held.append(cmd)
+            else:
+                self._admit(cmd)
         else:
             _, ids = cmd
+            gone = set(ids)            # a held submission whose caller left: never admitted
+            for add in [a for a in self._held if gone & set(a.stream.request_ids)]:
+                self._held.remove(add)
+                _resolve(add.loop, add.admitted, error=EngineError("aborted"))
             for rid in ids:
                 out = self.engine.abort_request(rid)
                 if out is not None:

@@ -1,6 +1,7 @@
 """The FastAPI app: routes, API-key check, error handlers. `build_app(async_engine)`."""
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from typing import Any
@@ -13,12 +14,14 @@ import fullgraph
 from fullgraph.engine.async_engine import AsyncLLMEngine
 from fullgraph.entrypoints.server.chat import create_chat_completion
 from fullgraph.entrypoints.server.completions import create_completion
-from fullgraph.entrypoints.server.errors import APIError, error_response, install_error_handlers
+from fullgraph.entrypoints.server.errors import (APIError, bad_request, error_response,
+                                                install_error_handlers)
 from fullgraph.entrypoints.server.metrics import ServerMetrics
 from fullgraph.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                                    VersionResponse)
 from fullgraph.entrypoints.server.serving import ServerState
 from fullgraph.entrypoints.server.tokenization import detokenize, tokenize
+from fullgraph.models.loader import iterate_weights
 
 
 def _api_key_check(key: str):
@@ -66,7 +69,8 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
 
     app.include_router(v1)
 
-    # vLLM's tokenizer endpoints: outside /v1, but behind --api-key as vLLM has them.
+    # vLLM's tokenizer endpoints (and the weight endpoints below): outside /v1, but behind
+    # --api-key as vLLM has them.
     tok = APIRouter(dependencies=auth)
 
     @tok.post("/tokenize")
@@ -76,6 +80,27 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
     @tok.post("/detokenize")
     async def detokenize_route(body: dict[str, Any] = Body()) -> JSONResponse:
         return JSONResponse(detokenize(state, body).model_dump())
+
+    # Weights, for reinforcement-learning loops that serve their policy: SGLang's
+    # /update_weights_from_disk and vLLM's /reset_prefix_cache. Each waits for the requests
+    # in flight to finish; requests sent meanwhile run after it.
+    @tok.post("/update_weights_from_disk")
+    async def update_weights_from_disk(body: dict[str, Any] = Body()) -> JSONResponse:
+        path = body.get("model_path")
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise bad_request(f"model_path must be a directory on the server holding "
+                              f"*.safetensors weights, got {path!r}", "model_path")
+        try:
+            await engine.call_when_idle(
+                lambda e: e.update_weights(iterate_weights(path, progress=False)))
+        except ValueError as e:
+            raise bad_request(str(e), "model_path") from None
+        return JSONResponse({"success": True, "message": f"weights loaded from {path}"})
+
+    @tok.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> JSONResponse:
+        return JSONResponse(
+            {"success": await engine.call_when_idle(lambda e: e.reset_prefix_cache())})
 
     app.include_router(tok)
 
