@@ -70,11 +70,11 @@ def test_separate_tokenizer_and_chat_template(hf_dir, tmp_path):
     tok = llm.get_tokenizer()
     assert llm.engine.config.model.tokenizer == str(tok_dir)
     assert tok.get_vocab() == LLM(hf_dir, **KW).get_tokenizer().get_vocab()
-    got = llm.engine.apply_chat_template([{"role": "user", "content": "hello"}])
+    got = llm.engine.chat_prompt([{"role": "user", "content": "hello"}])[0]
     assert got == tok.encode("<<hello>>", add_special_tokens=False)
     inline = LLM(str(model_dir), tokenizer=str(tok_dir), chat_template="[{{ messages[0]['content'] }}]",
                  **KW)
-    assert (inline.engine.apply_chat_template([{"role": "user", "content": "x"}])
+    assert (inline.engine.chat_prompt([{"role": "user", "content": "x"}])[0]
             == tok.encode("[x]", add_special_tokens=False))
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         LLM(str(model_dir), tokenizer=str(tok_dir), chat_template="missing.jinja", **KW)
@@ -124,3 +124,5 @@ def test_chat_template_options_as_transformers_renders_them(llm):
     assert llm.chat(messages, GREEDY, use_tqdm=False)[0].prompt.startswith("<|im_start|>")
     with pytest.raises(ValueError, match="add_generation_prompt=False"):
         llm.chat(messages, GREEDY, continue_final_message=True)
+    with pytest.raises(ValueError, match="own argument"):
+        llm.chat(messages, GREEDY, chat_template_kwargs={"add_generation_prompt": False})

@@ -916,6 +916,21 @@ def test_stream_with_prompt_logprobs_is_rejected(server, path, body):
     assert err["type"] == "invalid_request_error" and err["param"] == "prompt_logprobs"
     assert "stream" in err["message"]
     assert post(server, path, {"model": MODEL, "max_tokens": 2, **body}).status_code == 200
+    # 0 asks for none of them: accepted, as vLLM does
+    assert post(server, path, {"model": MODEL, "max_tokens": 2, "stream": True,
+                               "prompt_logprobs": 0, **body}).status_code == 200
+
+
+def test_a_request_may_not_replace_the_chat_template(server):
+    """chat_template_kwargs reach the template as variables, never as the template (vLLM
+    needs --trust-request-chat-template for that); scoring with min_tokens is a 400 too."""
+    r = post(server, "/v1/chat/completions", {
+        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],
+        "chat_template_kwargs": {"chat_template": "INJECTED {{ messages[0]['content'] }}"}})
+    assert r.status_code == 400 and "chat_template" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 0,
+                                         "echo": True, "min_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
 
 
 def test_stream_return_token_ids_sends_prompt_ids_first(client):

@@ -77,6 +77,20 @@ def test_bad_names_and_shapes_and_unfinished_requests_are_clear_errors(checkpoin
     assert llm.reset_prefix_cache() is True
 
 
+def test_an_update_that_fails_partway_forgets_the_prefix_cache(checkpoints):
+    """A state dict with a stray tensor last: the tensors before it are copied, so the
+    cached prefixes (the old weights' KV) must go too; the engine then runs the new weights."""
+    from transformers import Qwen3ForCausalLM
+    old, new = checkpoints
+    hf_new = Qwen3ForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
+    llm = LLM(old, **KW)
+    tokens(llm)
+    stray = list(hf_new.state_dict().items()) + [("model.layers.0.nope.weight", torch.zeros(3))]
+    with pytest.raises(ValueError, match="nope"):
+        llm.update_weights(stray)
+    assert tokens(llm) == [hf_greedy(hf_new, p, GREEDY.max_tokens) for p in PROMPTS]
+
+
 def test_the_hybrid_zero_centered_norms_follow_their_weights(tmp_path, hf_gdn_torch_paths):
     """Qwen3.5's (1 + w) norms run from a float32 scale computed from the weight: an update
     refreshes it in place, where the emulated graphs read it."""

@@ -74,7 +74,7 @@ def main() -> None:
     group = HQ // HKV
     print(f"{torch.cuda.get_device_name()}; the backend's tiles: "
           f"{triton_attn.PREFILL_ROWS // group} query tokens, {triton_attn.PREFILL_TILE}-token "
-          f"KV tiles, {triton_attn.PREFILL_WARPS} warps, 2 stages", flush=True)
+          f"KV tiles, {triton_attn.prefill_warps(D)} warps, 2 stages", flush=True)
     for spec in args.steps:
         reqs, length = (int(x) for x in spec.split("x"))
         q, k_cache, v_cache, table, seq_lens, pos, qsl, sdpa = step(reqs, length, dev)

@@ -167,8 +167,8 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
     if not isinstance(value, dict):
         raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
     from fullgraph.models.eagle import drafter_class
-    if "method" in value:                     # first: another method's keys are not ours
-        drafter_class(str(value["method"]))   # unsupported method: ValueError
+    # the method first (unsupported: ValueError), since another method's keys are not ours
+    cls = drafter_class(str(value["method"])) if "method" in value else None
     unknown = set(value) - SPECULATIVE_KEYS
     missing = SPECULATIVE_KEYS - set(value)
     if unknown or missing:
@@ -179,7 +179,6 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
     method = str(value["method"])
-    cls = drafter_class(method)
     path = resolve_model_dir(str(value["model"]), "speculative model")
     from transformers import AutoConfig
     try:
@@ -205,7 +204,7 @@ def _check_drafter_method(method: str, hf, path: str) -> None:
     if named is not None and named != method:
         raise ValueError(f"the drafter in {path} is an {_EAGLE_NAMES[named]} checkpoint "
                          f"(architectures {list(hf.architectures)}) but method is {method!r} "
-                         f"({_EAGLE_NAMES[method]}): set \"method\": \"{named}\"")
+                         f"({_EAGLE_NAMES.get(method, method)}): set \"method\": \"{named}\"")
 
 
 def _check_drafter_tokenizer(drafter: str, target: str) -> None:

@@ -83,15 +83,22 @@ class LLMEngine:
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
                     **kwargs) -> tuple[list[int], list | None]:
         """(token ids, the messages' images or None): images in content parts
-        (multimodal/chat.py) become the model's image placeholders."""
+        (multimodal/chat.py) become the model's image placeholders. `kwargs` go to the
+        template (a request's `chat_template_kwargs`), which they may not replace."""
+        if "chat_template" in kwargs:
+            raise ValueError("chat_template_kwargs may not set chat_template: the template is "
+                             "the model's or --chat-template")
         return self.rendered_chat_prompt(messages, add_generation_prompt, **kwargs)[1:]
 
     def rendered_chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                             *, chat_template: str | None = None,
                              **kwargs) -> tuple[str, list[int], list | None]:
         """`chat_prompt`, with the template's text first (vLLM's `RequestOutput.prompt` of a
-        chat request)."""
+        chat request); `chat_template` instead of the model's (the offline API's option, not
+        a server request's)."""
         messages, images = split_images(messages)
-        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
+        text = self.render_chat_template(messages, add_generation_prompt,
+                                         chat_template=chat_template, **kwargs)
         if not images:
             return text, self.tokenizer.encode(text, add_special_tokens=False), None
         if self.mm_processor is None:
@@ -107,16 +114,11 @@ class LLMEngine:
             raise ValueError(f"{self.config.model.architecture} takes no images")
         return self.mm_processor.placeholder_ids * num_images
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> list[int]:
-        """Render messages with the chat template (`chat_template`, else the tokenizer's);
-        ValueError if it cannot."""
-        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                             **kwargs) -> str:
-        template = (kwargs.pop("chat_template", None) or self.config.model.chat_template
+                             *, chat_template: str | None = None, **kwargs) -> str:
+        """The messages rendered by `chat_template`, else the model's (`--chat-template`, else
+        the tokenizer's), with `kwargs` for the template; ValueError if it cannot."""
+        template = (chat_template or self.config.model.chat_template
                     or getattr(self.tokenizer, "chat_template", None))
         if not template:
             raise ValueError("the model's tokenizer has no chat template (pass one with "
@@ -281,15 +283,18 @@ class LLMEngine:
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (name, tensor) pairs, transformers' checkpoint names (a `state_dict()`'s
         items, whole or any part), into the model's parameters in place, so the captured
-        graphs run the new weights; then reset the prefix cache. Between requests only
-        (ValueError while any is unfinished). A name or shape the model does not have is a
-        ValueError naming it; the tensors before it in `weights` are already copied. A
-        speculative drafter keeps its own weights."""
+        graphs run the new weights; then forget the prefix cache (after a failed update too).
+        Between requests only (ValueError while any is unfinished). A tensor the model has no
+        place for, or of another shape, is a ValueError naming it; the tensors before it in
+        `weights` are already copied. A speculative drafter keeps its own weights but for
+        those it shares with the target (an EAGLE drafter's embedding and LM head)."""
         if self.has_unfinished_requests() or self._inflight is not None:
             raise ValueError(f"update_weights between requests only: {len(self.requests)} "
                              f"are unfinished (let them finish or abort them)")
-        self.runner.update_weights(weights)
-        self.reset_prefix_cache()
+        try:
+            self.runner.update_weights(weights)
+        finally:                       # nothing runs: the cache holds old weights' KV
+            self.kv.pool.forget_cached()
 
     # ---------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:

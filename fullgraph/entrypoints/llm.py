@@ -84,8 +84,10 @@ class LLM:
         False). Each output's `prompt` is the rendered text."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         kwargs = dict(chat_template_kwargs or {})
-        if chat_template is not None:
-            kwargs["chat_template"] = chat_template
+        own = {"chat_template", "add_generation_prompt", "continue_final_message"} & set(kwargs)
+        if own:
+            raise ValueError(f"pass {', '.join(sorted(own))} as LLM.chat's own argument, not in "
+                             f"chat_template_kwargs")
         if continue_final_message:
             if add_generation_prompt:
                 raise ValueError("continue_final_message=True needs add_generation_prompt="
@@ -95,7 +97,7 @@ class LLM:
         for i, c in enumerate(conversations):
             try:
                 text, ids, images = self.engine.rendered_chat_prompt(
-                    c, add_generation_prompt, **kwargs)
+                    c, add_generation_prompt, chat_template=chat_template, **kwargs)
             except ValueError as e:
                 raise ValueError(f"conversation {i}: {e}") from None
             texts.append(text)

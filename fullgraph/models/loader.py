@@ -107,7 +107,10 @@ def load_weights_by_name(model: nn.Module, weights: Iterator[tuple[str, torch.Te
         parent, _, leaf = module_name.rpartition(".")
         fused = f"{parent}.{stacked_params[leaf]}" if leaf in stacked_params else None
         if fused in modules:
-            modules[fused].load_shard(leaf, param, tensor)
+            try:
+                modules[fused].load_shard(leaf, param, tensor)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
             loaded.add(f"{fused}.{param}:{leaf}")
             continue
         if name not in params:

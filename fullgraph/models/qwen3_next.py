@@ -439,11 +439,13 @@ class HybridForCausalLM(nn.Module):
             return (name.startswith("mtp.")
                     or (self.tie_word_embeddings and name.startswith("lm_head.")))
         per_expert: set[str] = set()
-        load_weights_by_name(self, self._route(weights, per_expert), self.stacked_params, skip,
-                             loaded_elsewhere=per_expert, strict=strict)
-        for module in self.modules():
-            if isinstance(module, ZeroCenteredRMSNorm):
-                module.refresh()
+        try:
+            load_weights_by_name(self, self._route(weights, per_expert), self.stacked_params,
+                                 skip, loaded_elsewhere=per_expert, strict=strict)
+        finally:                   # the norms follow what was copied, even if not all was
+            for module in self.modules():
+                if isinstance(module, ZeroCenteredRMSNorm):
+                    module.refresh()
 
     def _route(self, weights: Iterable[tuple[str, torch.Tensor]], per_expert: set[str]
                ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -187,7 +187,7 @@ def run_mode(ns, mode: str, bandwidth: float) -> dict:
               + (f", {row['output_tok_per_s']:.0f} tok/s" if row["output_tok_per_s"] else "")
               + (f", mean accepted length {accepted:.2f}" if accepted else ""), flush=True)
     report = runner.capture_report
-    result = {"mode": mode, "startup_s": startup, "weight_bytes": w_bytes, "rows": rows,
+    result = {"mode": label, "startup_s": startup, "weight_bytes": w_bytes, "rows": rows,
               "capture_seconds": report.seconds if report else None,
               "capture_warmup_seconds": report.warmup_seconds if report else None,
               "num_graphs": report.num_graphs if report else 0,
@@ -236,7 +236,6 @@ def compare_batch_invariant(ns: argparse.Namespace, device: torch.device,
     for m in ns.modes:
         normal, invariant = (run_mode(argparse.Namespace(**{**vars(ns), "batch_invariant": on}),
                                       m, bandwidth) for on in (False, True))
-        invariant["mode"] += " (batch-invariant)"
         for row, ref in zip(invariant["rows"], normal["rows"]):
             row["over_normal_ms_per_step"] = row["decode_ms_median"] / ref["decode_ms_median"]
             row["over_normal_ttft"] = row["ttft_ms"] / ref["ttft_ms"]

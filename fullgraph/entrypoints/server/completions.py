@@ -118,6 +118,9 @@ def _echo_without_generation(body: CompletionRequest) -> bool:
     if not body.echo:
         raise bad_request("max_tokens must be at least 1, got 0 (0 is only allowed with "
                           "echo=true, to score the prompt)", "max_tokens")
+    if body.min_tokens:
+        raise bad_request(f"min_tokens must be 0 with max_tokens 0 (echo scores the prompt), "
+                          f"got {body.min_tokens}", "min_tokens")
     return True
 
 

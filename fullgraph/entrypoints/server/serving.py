@@ -99,8 +99,8 @@ def check_unsupported(body: SamplingFields, asked: dict[str, object]) -> None:
             raise bad_request(f"{name} is not supported by this server", name)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
-    if body.stream and body.prompt_logprobs is not None:
-        # no chunk carries them: a 400 (vLLM's message), not a silent null in every chunk
+    if body.stream and body.prompt_logprobs is not None and body.prompt_logprobs != 0:
+        # no chunk carries them: a 400 (vLLM's message and rule: 0 asks for none of them)
         raise bad_request("`prompt_logprobs` are not available when `stream=True`.",
                           "prompt_logprobs")
 
