@@ -209,3 +209,22 @@ def test_generate_names_a_bad_speculative_config():
     r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--speculative-config",
             '{"method": "eagle3", "model": "tiny-qwen3-eagle3", "num_speculative_tokens": 0}')
     assert r.returncode == 2 and "num_speculative_tokens must be an integer >= 1" in r.stderr
+
+
+def test_vllm_command_lines_run_or_say_what_differs():
+    """vLLM's flags that have one meaning here are accepted (tensor parallel size 1, trust
+    remote code, chunked prefill, request logging); the values fullgraph cannot honor are an
+    error naming the flag and why, before the model loads."""
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", "--max-tokens", "2",
+            "-tp", "1", "--trust-remote-code", "--enable-chunked-prefill",
+            "--disable-log-requests", "--kv-cache-dtype", "auto")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("2 generated") == 1
+    for flags, words in [(["--tensor-parallel-size", "2"], "one GPU"),
+                         (["--pipeline-parallel-size", "2"], "one GPU"),
+                         (["--quantization", "fp8"], "unquantized"),
+                         (["--kv-cache-dtype", "fp8"], "model's dtype"),
+                         (["--no-enable-chunked-prefill"], "always chunked")]:
+        r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hello", *flags)
+        assert r.returncode == 2 and words in r.stderr and flags[0] in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "loaded" not in r.stderr

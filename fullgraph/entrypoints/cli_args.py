@@ -84,9 +84,53 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the most top logprobs a request may ask for")
     g.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic throughput / KV-usage log line (server)")
+    _add_vllm_flags(p.add_argument_group(
+        "vLLM flags with a single meaning here (accepted so vLLM command lines run)"))
+
+
+def _add_vllm_flags(g) -> None:
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="1 only: an engine runs on one GPU")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 only")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="1 only: run one engine per GPU behind your own load balancer")
+    g.add_argument("--quantization", "-q", default=None,
+                   help="not supported: weights run in --dtype")
+    g.add_argument("--kv-cache-dtype", default="auto", help="auto only: the model's dtype")
+    g.add_argument("--enable-lora", action="store_true", help="not supported")
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                   default=None, help="always on: prompts are chunked to the token budget")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="no effect: only the built-in architectures run, no code is loaded "
+                        "from a model directory")
+    g.add_argument("--disable-log-requests", "--enable-log-requests", action="store_true",
+                   dest="log_requests_flag", help="no effect: requests are not logged")
+
+
+def check_vllm_flags(ns: argparse.Namespace) -> None:
+    """ValueError naming a vLLM flag whose value fullgraph cannot honor (the others have the
+    one meaning their help says)."""
+    for flag in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        value = getattr(ns, flag, 1)
+        if value != 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: a fullgraph engine runs on "
+                             f"one GPU (run one engine per GPU)")
+    quantization, kv_dtype = getattr(ns, "quantization", None), getattr(ns, "kv_cache_dtype",
+                                                                        "auto")
+    refused = {f"--quantization {quantization}": (quantization is not None,
+                                                  "weights run unquantized, in --dtype"),
+               f"--kv-cache-dtype {kv_dtype}": (kv_dtype != "auto",
+                                                "the KV cache is in the model's dtype"),
+               "--enable-lora": (getattr(ns, "enable_lora", False), "no LoRA adapters"),
+               "--no-enable-chunked-prefill": (getattr(ns, "enable_chunked_prefill", None) is False,
+                                               "prompts are always chunked to the token budget")}
+    for flag, (asked, why) in refused.items():
+        if asked:
+            raise ValueError(f"{flag} is not supported by fullgraph: {why}")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    check_vllm_flags(ns)
     values = {k: v for k, v in vars(ns).items() if k in EngineArgs.field_names()}
     for name in ("cudagraph_capture_sizes", "encoder_cudagraph_token_budgets"):
         if values.get(name):                       # nargs="+" of lists -> one flat list
