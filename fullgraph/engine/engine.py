@@ -269,11 +269,19 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     # ---------------------------------------------------------------- weights
+    def _settle(self) -> None:
+        """With async scheduling a step can be in flight after the last request finished
+        (launched before a stop token ended it): read it, so nothing runs on the device."""
+        if self._inflight is not None and not self.has_unfinished_requests():
+            self._process(*self._inflight)
+            self._inflight = None
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block, so no later prompt reuses KV computed before
         (after the weights changed). False, and nothing forgotten, while requests are
         unfinished: their blocks would be registered again (vLLM's behavior)."""
-        if self.has_unfinished_requests() or self._inflight is not None:
+        self._settle()
+        if self.has_unfinished_requests():
             logger.warning("the prefix cache was not reset: %d requests are unfinished",
                            len(self.requests))
             return False
@@ -288,7 +296,8 @@ class LLMEngine:
         place for, or of another shape, is a ValueError naming it; the tensors before it in
         `weights` are already copied. A speculative drafter keeps its own weights but for
         those it shares with the target (an EAGLE drafter's embedding and LM head)."""
-        if self.has_unfinished_requests() or self._inflight is not None:
+        self._settle()
+        if self.has_unfinished_requests():
             raise ValueError(f"update_weights between requests only: {len(self.requests)} "
                              f"are unfinished (let them finish or abort them)")
         try:
