@@ -62,8 +62,8 @@ def test_a_part_of_the_weights_and_named_parameters(checkpoints):
 
 def test_after_a_stop_token_under_async_scheduling(checkpoints):
     """With async scheduling the step after a request's stop token is launched before the
-    stop is known, so it is still in flight when `generate` returns: the update reads it
-    first instead of refusing."""
+    stop is known; the engine reads it at once, so none is in flight when `generate`
+    returns and the update runs."""
     from transformers import Qwen3ForCausalLM
     old, new = checkpoints
     hf_new = Qwen3ForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
@@ -72,6 +72,7 @@ def test_after_a_stop_token_under_async_scheduling(checkpoints):
     params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[stop])
     out = llm.generate(sampling_params=params, prompt_token_ids=PROMPTS[:1], use_tqdm=False)
     assert out[0].outputs[0].finish_reason == "stop"
+    assert llm.engine._inflight is None         # the step launched past the stop was read
     llm.update_weights(hf_new.state_dict())
     assert tokens(llm) == [hf_greedy(hf_new, p, GREEDY.max_tokens) for p in PROMPTS]
 

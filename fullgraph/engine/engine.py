@@ -269,18 +269,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     # ---------------------------------------------------------------- weights
-    def _settle(self) -> None:
-        """With async scheduling a step can be in flight after the last request finished
-        (launched before a stop token ended it): read it, so nothing runs on the device."""
-        if self._inflight is not None and not self.has_unfinished_requests():
-            self._process(*self._inflight)
-            self._inflight = None
-
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block, so no later prompt reuses KV computed before
         (after the weights changed). False, and nothing forgotten, while requests are
         unfinished: their blocks would be registered again (vLLM's behavior)."""
-        self._settle()
         if self.has_unfinished_requests():
             logger.warning("the prefix cache was not reset: %d requests are unfinished",
                            len(self.requests))
@@ -296,7 +288,6 @@ class LLMEngine:
         place for, or of another shape, is a ValueError naming it; the tensors before it in
         `weights` are already copied. A speculative drafter keeps its own weights but for
         those it shares with the target (an EAGLE drafter's embedding and LM head)."""
-        self._settle()
         if self.has_unfinished_requests():
             raise ValueError(f"update_weights between requests only: {len(self.requests)} "
                              f"are unfinished (let them finish or abort them)")
@@ -311,7 +302,8 @@ class LLMEngine:
         async scheduling the step launched here is processed by the next call, after that
         call has launched its own, so the host's work overlaps the device's (with
         speculative decoding, where the next step can continue the one in flight:
-        `_continues_in_flight`)."""
+        `_continues_in_flight`). A step launched for requests that all finished meanwhile (a
+        stop token in the step before) is read at once: an idle engine has none in flight."""
         outputs = []
         if self._inflight is not None and not self._continues_in_flight():
             outputs = self._process(*self._inflight)
@@ -322,7 +314,7 @@ class LLMEngine:
             outputs += self._process(*self._inflight)
         self._inflight = None
         if launched is not None:
-            if self.config.scheduler.async_scheduling:
+            if self.config.scheduler.async_scheduling and self.has_unfinished_requests():
                 self._inflight = launched
             else:
                 outputs += self._process(*launched)
