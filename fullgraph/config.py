@@ -26,20 +26,32 @@ class KernelPolicy:
     # rows of every invariant matmul call (a GPU kernel's BLOCK_M)
     matmul_block_rows: int = 64
     # KV tokens per online-softmax step, and per split (a multiple of the tile): a token's
-    # attention is the split partials of its logical KV, merged in split order
-    attention_tile: int = 32
+    # attention is the split partials of its logical KV, merged in split order. The tile is
+    # capped at `attention_tile_elements` / head dim (`attention_tile_for`): the GPU kernel
+    # holds a tile's K and V in registers, and 64 x 256 spills (docs/benchmarks.md)
+    attention_tile: int = 64
+    attention_tile_elements: int = 8192
     attention_split: int = 256
     # the gated delta rule's chunk; in the mode the state is committed at multiples of it
     gdn_chunk: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("matmul_block_rows", "attention_tile", "attention_split", "gdn_chunk"):
+        for name in ("matmul_block_rows", "attention_tile", "attention_tile_elements",
+                     "attention_split", "gdn_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"KernelPolicy.{name} must be positive, "
                                  f"got {getattr(self, name)}")
         if self.attention_split % self.attention_tile:
             raise ValueError(f"KernelPolicy.attention_split ({self.attention_split}) must be "
                              f"a multiple of attention_tile ({self.attention_tile})")
+
+    def attention_tile_for(self, head_dim: int) -> int:
+        """The KV tile of a layer with this head dim (a power of two dividing the split)."""
+        cap = max(1, self.attention_tile_elements // head_dim)
+        tile = min(self.attention_tile, 1 << (cap.bit_length() - 1))
+        while self.attention_split % tile:
+            tile //= 2
+        return tile
 
     @classmethod
     def from_args(cls, batch_invariant: bool | None = None,

@@ -125,7 +125,8 @@ def _spread_case(q, k, v, table, lengths, outs, block_size, policy) -> list[str]
             rows, k, v, table[reqs + [len(lengths)]],
             torch.tensor([lengths[j] for j in reqs], dtype=torch.int32, device=dev),
             torch.tensor([lengths[j] - 1 for j in reqs], device=dev), tiles, block_size,
-            q[0].shape[-1] ** -0.5, query_tokens(group), policy.attention_tile, split,
+            q[0].shape[-1] ** -0.5, query_tokens(group),
+            policy.attention_tile_for(q[0].shape[-1]), split,
             programs=programs, workspace=workspace)
         if not torch.equal(got, torch.cat([outs[j][-1:] for j in reqs])):
             failed.append(f"attention: decode rows of {reqs} over {programs} programs "

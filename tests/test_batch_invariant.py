@@ -320,6 +320,9 @@ def test_policy_from_args_and_environment():
         KernelPolicy(attention_tile=32, attention_split=48)
     assert SMALL.matmul_calls(40) == [(0, 16), (16, 16), (32, 8)]
     assert KernelPolicy().matmul_calls(40) == [(0, 40)]
+    # the KV tile by head dim: 64 x 128 elements at most, and a divisor of the split
+    assert [KernelPolicy().attention_tile_for(d) for d in (64, 128, 256)] == [64, 64, 32]
+    assert KernelPolicy(attention_tile=48, attention_split=144).attention_tile_for(256) == 16
 
 
 def test_environment_variable_turns_the_mode_on(monkeypatch):

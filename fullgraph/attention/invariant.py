@@ -70,9 +70,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     dtype.
 
     Per token: the KV positions are cut into splits of `attention_split` tokens; each split
-    runs an online softmax over tiles of `attention_tile` tokens, in order, from scratch;
-    `merge_split` folds the splits in order. Every step is an elementwise op or a reduction
-    over the innermost axis of one token's own data (D or the tile), exps go through
+    runs an online softmax over tiles of `attention_tile_for(D)` tokens, in order, from
+    scratch; `merge_split` folds the splits in order. Every step is an elementwise op or a
+    reduction over the innermost axis of one token's own data (D or the tile), exps go through
     `scalar_path`, and float32 throughout: no value of another token, nor the number of
     tokens, nor whether the token came in a prefill chunk or a decode step can change a bit.
     This is the CPU reference of the unified GPU kernel the doc plans (prefill, mixed and
@@ -82,7 +82,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     hkv = k_cache.shape[1]
     group = hq // hkv
     extent = slots.shape[1]
-    tile, split = policy.attention_tile, policy.attention_split
+    tile, split = policy.attention_tile_for(d), policy.attention_split
     # one gather per layer: K as [T, Hkv, E, D] (D innermost, reduced by q . k), V as
     # [T, Hkv, D, E] (KV positions innermost, reduced by p . v); masked V is 0, never NaN
     k = k_cache[slots].float().permute(0, 2, 1, 3).contiguous()
@@ -134,8 +134,8 @@ class InvariantAttentionBackend:
     On the GPU, `update` lists the step's query tiles for the kernel
     (`paged_invariant.tile_map`), and the q/k prologue runs in one layout for every token
     count (`forward_qkv`). On the CPU, `update` turns the step's persistent inputs into each
-    token's request, position and slots of its logical KV positions, with device ops only; the extent is a host int fixed
-    before any op: the step's own (eager) or, in a step being recorded into a graph
+    token's request, position and slots of its logical KV positions, with device ops only;
+    the extent is a host int fixed before any op: the step's own (eager) or, in a step being recorded into a graph
     (attention/gathered.py's `recording`), the most any request may hold, so replays of any
     content fit. Extra splits are masked, so both give the same bits."""
     name = "batch_invariant"

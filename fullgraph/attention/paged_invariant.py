@@ -8,7 +8,7 @@ It computes what attention/invariant.py's `paged_attention` (the CPU reference) 
   request's KV in logical order through the block table, this step's K/V included (stored
   before the kernel runs, never taken from registers);
 * KV positions are cut into splits of `attention_split` tokens at absolute positions; a
-  split runs an online softmax over tiles of `attention_tile` tokens, in order, from an
+  split runs an online softmax over tiles of `attention_tile_for(D)` tokens, in order, from an
   empty state (float32); the splits are folded into the result one at a time, in order;
 * a row's scores are its own dot products, masked past its position, so the tile's other
   rows, padding rows, and the tiles and splits past the row's position change nothing: a
@@ -355,7 +355,8 @@ def invariant_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     group = q.shape[1] // k_cache.shape[1]
     programs = split_programs(tiles[0].shape[0], k_cache.shape[1], num_sms, workspace)
     return tiled_attention(q, k_cache, v_cache, block_table, seq_lens, positions, tiles,
-                           block_size, scale, query_tokens(group), policy.attention_tile,
+                           block_size, scale, query_tokens(group),
+                           policy.attention_tile_for(q.shape[2]),
                            policy.attention_split, programs=programs, workspace=workspace)
 
 
