@@ -26,7 +26,9 @@
 # time goes: eager_host.py), eager-gpu (an eager step's kernels and the GPU's idle gaps),
 # prefill-profile (an 8,192-token prefill step kernel by kernel: prefill_profile.py),
 # cudagraph-modes (NONE vs PIECEWISE vs FULL: bench throughput, then a served run at 32
-# concurrent requests; the server's wheels in .whl/, benchmarks/device_env.sh).
+# concurrent requests; the server's wheels in .whl/, benchmarks/device_env.sh), serve-modes
+# (its served runs alone), hybrid-ttft (qwen3.5-0.8b-random's 4,096-token TTFT, flex vs
+# triton).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -140,6 +142,11 @@ for step in "$@"; do
             --output-len 128 --async-scheduling --speculative-config "$spec4"
         latency spec-4b-plain-async --model /tmp/spec-4b/target --batch-sizes 1 8 32 \
             --input-len 512 --output-len 128 --async-scheduling ;;
+    hybrid-ttft)   # the hybrid's TTFT at 4,096 tokens, its gated attention flex vs triton
+        for be in flex triton; do
+            latency "hybrid-ttft-$be" --model qwen3.5-0.8b-random --batch-sizes 1 \
+                --input-len 4096 --output-len 8 --attention-backend "$be"
+        done ;;
     hybrid)   # the hybrid's decode against its bytes floor (issue 23)
         latency hybrid --model qwen3.5-0.8b-random --batch-sizes 1 32 --input-len 512 \
             --output-len 128 ;;
@@ -171,6 +178,10 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
         for mode in none piecewise full; do
             run "throughput-$mode" $bench throughput --model qwen3-0.6b-random \
                 --cudagraph-mode "$mode" --out "$out/throughput-$mode"
+            served "serve-$mode" qwen3-0.6b-random --cudagraph-mode "$mode"
+        done ;;
+    serve-modes)   # cudagraph-modes' served runs alone
+        for mode in none piecewise full; do
             served "serve-$mode" qwen3-0.6b-random --cudagraph-mode "$mode"
         done ;;
     prefill-attention)

@@ -2,8 +2,9 @@
 roofline): `--requests` prompts of `--input-len` tokens admitted at once, so the first step
 runs `max_num_batched_tokens` of them (8,192 by default: 16 x 512). The step runs once to warm
 up (compiles, a lazily captured graph), then once under torch.profiler. Prints the step's
-wall time, the kernels grouped by name (count, µs, share), and the bf16 TFLOP/s the step's
-projections imply (2 x parameters x tokens, attention excluded).
+wall time, the kernels grouped by name (count, µs, share), the bf16 TFLOP/s the step's
+projections imply (2 x parameters x tokens), and the step's FLOP with causal attention as a
+share of the bf16 peak measured in the same run (the best of a few large cuBLAS matmuls).
 
     python benchmarks/probes/prefill_profile.py [--model qwen3-0.6b-random] [--input-len 512]
 """
@@ -40,6 +41,20 @@ def prefill_step(engine, prompts: list[list[int]], tag: str) -> float:
     return ms
 
 
+def matmul_peak(n: int = 8192, repeats: int = 20) -> float:
+    """bf16 TFLOP/s of an n x n x n cuBLAS matmul, the best of three timed batches."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    best = 0.0
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e12)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen3-0.6b-random")
@@ -72,6 +87,15 @@ def main() -> None:
           f"TFLOP -> {2 * params * tokens / wall / 1e9:.0f} TFLOP/s over the wall time")
     for name, (n, us) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:a.top]:
         print(f"{n:5d} {us:9.1f} us {100 * us / total:5.1f}%  {name}")
+    att = engine.runner.cache_specs.attention
+    per_req = min(a.input_len, tokens)
+    causal = 4 * att.num_heads * att.head_dim * per_req * (per_req + 1) / 2   # QK^T and PV
+    flop = 2 * params * tokens + att.num_layers * (tokens // per_req) * causal
+    peak = matmul_peak()
+    achieved = flop / wall / 1e9
+    print(f"step: {flop / 1e12:.2f} TFLOP with causal attention -> {achieved:.0f} TFLOP/s, "
+          f"{100 * achieved / peak:.0f}% of the bf16 matmul peak measured now ({peak:.0f} "
+          f"TFLOP/s, 8192^3)")
 
 
 if __name__ == "__main__":
