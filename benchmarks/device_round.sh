@@ -27,8 +27,8 @@
 # prefill-profile (an 8,192-token prefill step kernel by kernel: prefill_profile.py),
 # cudagraph-modes (NONE vs PIECEWISE vs FULL: bench throughput, then a served run at 32
 # concurrent requests; the server's wheels in .whl/, benchmarks/device_env.sh), serve-modes
-# (its served runs alone), hybrid-ttft (qwen3.5-0.8b-random's 4,096-token TTFT, flex vs
-# triton).
+# (its served runs alone), lazy-capture (a lazy capture's parts: lazy_capture.py),
+# hybrid-ttft (qwen3.5-0.8b-random's 4,096-token TTFT, flex vs triton).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit=${1:-120}
@@ -200,6 +200,8 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
                                    "num_speculative_tokens": 3}') ;;
     prefill-profile)
         (cd benchmarks/probes && run prefill-profile python3 prefill_profile.py) ;;
+    lazy-capture)   # where a lazily captured graph's ~0.3 s goes
+        (cd benchmarks/probes && run lazy-capture python3 lazy_capture.py) ;;
     eager-host)
         (cd benchmarks/probes && run eager-host python3 eager_host.py --steps 30) ;;
     eager-gpu)
