@@ -52,7 +52,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_p: float = 0.0               # keep tokens with p >= min_p * p(most likely token)
-    min_tokens: int = 0              # eos and stop_token_ids are not sampled before this many
+    min_tokens: int = 0              # no eos, stop_token_ids or stop strings before this many
     logit_bias: dict[int, float] | None = None      # token id -> added to its logit
     bad_words: list[str] | None = None              # never generate these words
     allowed_token_ids: list[int] | None = None      # generate only these tokens

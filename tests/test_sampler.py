@@ -156,6 +156,26 @@ def test_stop_strings_stop_tokens_and_eos(llm):
         eos_llm.config = dataclasses.replace(eos_llm.config, model=saved)
 
 
+def test_min_tokens_holds_back_stop_strings(llm):
+    """As in vLLM, a stop string counts from the token after the first `min_tokens` on: one
+    that ends in those tokens' text does not stop the request."""
+    full = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=24,
+                                                  ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    text, k = full.text, 6
+    head = len(llm.get_tokenizer().decode(full.token_ids[:k]))
+    # a stop string found in the first k tokens' text and again after it
+    stop = next((text[i:i + 2] for i in range(head - 1) if text[i:i + 2].strip()
+                 and text.find(text[i:i + 2], head) >= 0), None)
+    assert stop is not None, f"no stop string repeats in {text!r}"
+    assert text.index(stop) + len(stop) <= head          # without min_tokens it stops early
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                                 stop=[stop], min_tokens=k),
+                       use_tqdm=False)[0].outputs[0]
+    end = next(i for i in range(len(text)) if text.startswith(stop, i) and i + len(stop) > head)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:end] and len(out.token_ids) > k
+
+
 def test_logprobs_in_outputs(llm):
     out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3),
                        use_tqdm=False)[0].outputs[0]

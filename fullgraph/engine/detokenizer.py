@@ -21,7 +21,9 @@ class IncrementalDetokenizer:
     """Turns generated ids into text as they arrive and finds stop strings in it.
 
     While a request runs, up to len(longest stop string) - 1 trailing characters are held back
-    from `visible_text`, since they may turn out to be the start of a stop string.
+    from `visible_text`, since they may turn out to be the start of a stop string. As in
+    vLLM, stop strings are looked for from the token after the first `min_tokens` on (one
+    that ends in the text of those tokens does not stop the request).
 
     With `incremental=False` (a request nobody reads before it ends and that has no stop
     strings) `add` does nothing and `finalize` decodes the output once, the same way the
@@ -30,7 +32,8 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool,
-                 stop: tuple[str, ...], include_stop: bool, incremental: bool = True) -> None:
+                 stop: tuple[str, ...], include_stop: bool, incremental: bool = True,
+                 min_tokens: int = 0) -> None:
         if stop and not incremental:
             raise ValueError("stop strings need incremental detokenization")
         self.backend = tokenizer.backend_tokenizer
@@ -41,11 +44,14 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
+        self.min_tokens = min_tokens
+        self.num_tokens = 0
 
     def add(self, token_id: int) -> str | None:
         """Append a token; return the stop string it completed, if any."""
         if not self.incremental:
             return None
+        self.num_tokens += 1
         try:
             piece = self.stream.step(self.backend, token_id)
         except Exception:   # ids outside the tokenizer's vocabulary (models may pad it)
@@ -54,6 +60,8 @@ class IncrementalDetokenizer:
             return None
         start = max(0, len(self.text) - self.hold)
         self.text += piece
+        if self.num_tokens <= self.min_tokens:
+            return None
         found = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) >= 0]
         if not found:
             return None

@@ -246,7 +246,8 @@ class LLMEngine:
         sp = req.sampling_params
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, sp.skip_special_tokens, sp.stop_strings,
-            sp.include_stop_str_in_output, incremental=stream or bool(sp.stop_strings))
+            sp.include_stop_str_in_output, incremental=stream or bool(sp.stop_strings),
+            min_tokens=sp.min_tokens)
         self.requests[req.request_id] = req
         if stream:
             self._stream.add(req.request_id)
