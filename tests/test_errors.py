@@ -184,3 +184,25 @@ def test_bad_engine_args():
         LLM("tiny-qwen3", attention_backend="magic", num_gpu_blocks_override=8)
     with pytest.raises(TypeError, match="unexpected"):
         LLM("tiny-qwen3", not_an_arg=1)
+
+
+def test_vllm_engine_arguments_run_or_say_what_differs():
+    """vLLM scripts' engine arguments with one meaning here are taken by LLM() as by the CLI
+    (the same greedy tokens as without them); values fullgraph cannot honor are a ValueError
+    naming the argument and why."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    plain = LLM("tiny-qwen3", num_gpu_blocks_override=16).generate(["Hello"], greedy,
+                                                                  use_tqdm=False)
+    vllm = LLM("tiny-qwen3", num_gpu_blocks_override=16, tensor_parallel_size=1,
+               trust_remote_code=True, enable_chunked_prefill=True, kv_cache_dtype="auto",
+               tokenizer_mode="auto", swap_space=4)
+    assert (vllm.generate(["Hello"], greedy, use_tqdm=False)[0].outputs[0].token_ids
+            == plain[0].outputs[0].token_ids)
+    for kwargs, words in [(dict(tensor_parallel_size=2), "one GPU"),
+                          (dict(quantization="awq"), "unquantized"),
+                          (dict(kv_cache_dtype="fp8"), "model's dtype"),
+                          (dict(enable_lora=True), "LoRA"),
+                          (dict(enable_chunked_prefill=False), "always chunked")]:
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=f"^{name}=.*{words}"):
+            LLM("tiny-qwen3", **kwargs)

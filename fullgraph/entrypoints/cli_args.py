@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from fullgraph.engine.args import EngineArgs
+from fullgraph.entrypoints.vllm_args import VLLM_ARGS, check_vllm_args
 
 
 def _int_list(text: str) -> list[int]:
@@ -110,23 +111,8 @@ def _add_vllm_flags(g) -> None:
 def check_vllm_flags(ns: argparse.Namespace) -> None:
     """ValueError naming a vLLM flag whose value fullgraph cannot honor (the others have the
     one meaning their help says)."""
-    for flag in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-        value = getattr(ns, flag, 1)
-        if value != 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {value}: a fullgraph engine runs on "
-                             f"one GPU (run one engine per GPU)")
-    quantization, kv_dtype = getattr(ns, "quantization", None), getattr(ns, "kv_cache_dtype",
-                                                                        "auto")
-    refused = {f"--quantization {quantization}": (quantization is not None,
-                                                  "weights run unquantized, in --dtype"),
-               f"--kv-cache-dtype {kv_dtype}": (kv_dtype != "auto",
-                                                "the KV cache is in the model's dtype"),
-               "--enable-lora": (getattr(ns, "enable_lora", False), "no LoRA adapters"),
-               "--no-enable-chunked-prefill": (getattr(ns, "enable_chunked_prefill", None) is False,
-                                               "prompts are always chunked to the token budget")}
-    for flag, (asked, why) in refused.items():
-        if asked:
-            raise ValueError(f"{flag} is not supported by fullgraph: {why}")
+    check_vllm_args({name: getattr(ns, name) for name in VLLM_ARGS if hasattr(ns, name)},
+                    cli=True)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from fullgraph.engine.args import EngineArgs
 from fullgraph.engine.engine import LLMEngine
 from fullgraph.engine.request import Request
+from fullgraph.entrypoints.vllm_args import split_vllm_args
 from fullgraph.outputs import RequestOutput
 from fullgraph.sampling_params import SamplingParams
 
@@ -20,6 +21,9 @@ PromptType = str | dict[str, Any]
 
 class LLM:
     def __init__(self, model: str = "tiny-qwen3", **kwargs: Any) -> None:
+        """`kwargs`: EngineArgs' fields, and vLLM's arguments with one meaning here
+        (`tensor_parallel_size=1`, `trust_remote_code`, ...: entrypoints/vllm_args.py)."""
+        kwargs = split_vllm_args(kwargs)
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"LLM() got unexpected arguments: {', '.join(sorted(unknown))}")
