@@ -252,6 +252,8 @@ def test_chat_with_an_image_part(llm, hf_vl):
     assert out.prompt_token_ids == ids[:ids.index(IMAGE)] + [IMAGE] * 4 + ids[
         ids.index(IMAGE) + 1:]
     assert out.outputs[0].token_ids == hf_generate(hf_vl, ids, [img], 8)
+    # the reported prompt spells the image as the tokenizer does (vLLM's prompt text)
+    assert out.prompt == text[0] + tok.decode([START, IMAGE, END]) + text[1]
 
 
 def test_prefix_cache_shares_an_image_only_with_itself(vl_dir, hf_vl):

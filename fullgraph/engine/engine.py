@@ -17,7 +17,7 @@ from fullgraph.engine.kv_cache import KVCacheManager
 from fullgraph.engine.request import Request
 from fullgraph.engine.scheduler import Scheduler, SchedulerOutput
 from fullgraph.engine.stats import EngineStats
-from fullgraph.multimodal.chat import encode_with_images, split_images
+from fullgraph.multimodal.chat import IMAGE_SENTINEL, encode_with_images, split_images
 from fullgraph.multimodal.inputs import MultiModalInputs
 from fullgraph.multimodal.processor import MultiModalProcessor, load_multimodal_processor
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
@@ -103,9 +103,11 @@ class LLMEngine:
             return text, self.tokenizer.encode(text, add_special_tokens=False), None
         if self.mm_processor is None:
             raise ValueError(f"{self.config.model.architecture} takes no images")
-        return text, encode_with_images(
-            text, lambda t: self.tokenizer.encode(t, add_special_tokens=False),
-            self.mm_processor.placeholder_ids), images
+        placeholder = self.mm_processor.placeholder_ids
+        ids = encode_with_images(
+            text, lambda t: self.tokenizer.encode(t, add_special_tokens=False), placeholder)
+        # the text with each image spelled as its placeholder tokens, as vLLM reports it
+        return text.replace(IMAGE_SENTINEL, self.tokenizer.decode(placeholder)), ids, images
 
     def image_placeholders(self, num_images: int) -> list[int]:
         """Prompt tokens standing for `num_images` images, one after another (ValueError
