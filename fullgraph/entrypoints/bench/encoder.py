@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from fullgraph.engine.args import resolve_device
 from fullgraph.entrypoints.bench.common import header, write_json
 from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 from fullgraph.sampling_params import SamplingParams
@@ -58,14 +59,16 @@ def _summary(ms: list[float]) -> dict:
 
 def main(ns: argparse.Namespace) -> int:
     from fullgraph.entrypoints.llm import LLM
-    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
+    args = engine_args_from(ns)
+    device = resolve_device(args.device)              # before the model loads
+    if device.type != "cuda":
+        raise SystemExit("bench encoder times the encoder's CUDA graphs against eager "
+                         f"runs: it needs a CUDA device (this run's: {device})")
+    llm = LLM(**dataclasses.asdict(args))
     engine, runner = llm.engine, llm.engine.runner
     if engine.mm_processor is None:
         raise SystemExit(f"{ns.model} takes no images")
     if runner.encoder_graphs is None:
-        if not engine.config.device.startswith("cuda"):
-            raise SystemExit("bench encoder times the encoder's CUDA graphs against eager "
-                             f"runs: it needs a CUDA device (this run's: {engine.config.device})")
         raise SystemExit("no encoder graphs: run with CUDA graphs on (not --enforce-eager or "
                          "--cudagraph-mode none)")
     device, dtype = runner.device, engine.config.model.dtype
