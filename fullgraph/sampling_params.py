@@ -57,6 +57,12 @@ class SamplingParams:
     bad_words: list[str] | None = None              # never generate these words
     allowed_token_ids: list[int] | None = None      # generate only these tokens
     prompt_logprobs: int | None = None  # logprobs of each prompt token (+ top-N), vLLM's shape
+    # False: no output text nor logprob token strings, ids only (no stop strings then)
+    detokenize: bool = True
+    # the prompt's last k tokens only (-1: as many as max_model_len leaves room for)
+    truncate_prompt_tokens: int | None = None
+    # vLLM's option for slow tokenizers; fast ones (the only kind here) add no spaces
+    spaces_between_special_tokens: bool = True
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
     # `bad_words` as token sequences (set by the engine, which owns the tokenizer)
     bad_words_token_ids: list[list[int]] = field(init=False, repr=False, default_factory=list)
@@ -71,9 +77,12 @@ class SamplingParams:
         self.logprobs = _integer("logprobs", self.logprobs, optional=True)
         self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs, optional=True)
         self.min_tokens = _integer("min_tokens", self.min_tokens)
+        self.truncate_prompt_tokens = _integer("truncate_prompt_tokens",
+                                               self.truncate_prompt_tokens, optional=True)
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
             setattr(self, name, _number(name, getattr(self, name)))
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "detokenize", "spaces_between_special_tokens"):
             _flag(name, getattr(self, name))
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
@@ -111,6 +120,11 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         self.stop_strings = tuple(stop)
+        if stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (they are matched in the text)")
+        k = self.truncate_prompt_tokens
+        if k is not None and k < 1 and k != -1:
+            raise ValueError(f"truncate_prompt_tokens must be -1 or >= 1, got {k}")
         ids = self.stop_token_ids
         if ids is not None and (not isinstance(ids, (list, tuple)) or any(
                 isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0

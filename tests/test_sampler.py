@@ -176,6 +176,44 @@ def test_min_tokens_holds_back_stop_strings(llm):
     assert out.text == text[:end] and len(out.token_ids) > k
 
 
+def test_detokenize_off_gives_the_same_ids_and_no_text(llm):
+    """vLLM's detokenize=False: the same tokens and logprobs, no text and no token strings;
+    stop strings (matched in the text) need it on."""
+    kw = dict(temperature=0.8, seed=3, max_tokens=8, logprobs=2, prompt_logprobs=1)
+    on, off = (llm.generate(["Hello there"], SamplingParams(detokenize=d, **kw),
+                            use_tqdm=False)[0] for d in (True, False))
+    assert on.outputs[0].text and off.outputs[0].text == ""
+    assert off.outputs[0].token_ids == on.outputs[0].token_ids
+    for a, b in zip(on.outputs[0].logprobs + on.prompt_logprobs[1:],
+                    off.outputs[0].logprobs + off.prompt_logprobs[1:]):
+        assert {t: x.logprob for t, x in a.items()} == {t: x.logprob for t, x in b.items()}
+        assert all(x.decoded_token for x in a.values())
+        assert all(x.decoded_token is None for x in b.values())
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(detokenize=False, stop=["a"])
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm):
+    """vLLM's truncate_prompt_tokens: k keeps the prompt's last k tokens; -1 as many as the
+    context leaves room for (a prompt longer than max_model_len then runs)."""
+    greedy = dict(temperature=0.0, max_tokens=6, ignore_eos=True)
+    ids = list(range(5, 45))
+    cut = llm.generate({"prompt_token_ids": ids}, SamplingParams(truncate_prompt_tokens=7,
+                                                                 **greedy), use_tqdm=False)[0]
+    tail = llm.generate({"prompt_token_ids": ids[-7:]}, SamplingParams(**greedy),
+                        use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-7:]
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    long = [5 + i % 300 for i in range(300)]                  # max_model_len is 256
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": long}, SamplingParams(**greedy), use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": long}, SamplingParams(
+        truncate_prompt_tokens=-1, **dict(greedy, max_tokens=1)), use_tqdm=False)[0]
+    assert out.prompt_token_ids == long[-255:] and len(out.outputs[0].token_ids) == 1
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
+
+
 def test_logprobs_in_outputs(llm):
     out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3),
                        use_tqdm=False)[0].outputs[0]

@@ -28,14 +28,16 @@ class IncrementalDetokenizer:
     With `incremental=False` (a request nobody reads before it ends and that has no stop
     strings) `add` does nothing and `finalize` decodes the output once, the same way the
     stream would have (after the same prompt context): per-token decoding is a large part of
-    a big batch's host time.
+    a big batch's host time. With `detokenize=False` (vLLM's option) nothing is decoded and
+    the text stays empty.
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool,
                  stop: tuple[str, ...], include_stop: bool, incremental: bool = True,
-                 min_tokens: int = 0) -> None:
+                 min_tokens: int = 0, detokenize: bool = True) -> None:
         if stop and not incremental:
             raise ValueError("stop strings need incremental detokenization")
+        self.detokenize = detokenize
         self.backend = tokenizer.backend_tokenizer
         self.incremental = incremental
         self.context = prompt_ids[-_PROMPT_CONTEXT:]
@@ -72,6 +74,8 @@ class IncrementalDetokenizer:
     def finalize(self, output_ids: list[int], skip_special_tokens: bool) -> None:
         """At the end, emit what the stream still holds back (e.g. an incomplete UTF-8
         sequence), so the final text equals a plain decode of the output."""
+        if not self.detokenize:
+            return
         if not self.incremental:
             ctx = self.backend.decode(self.context, skip_special_tokens=skip_special_tokens)
             text = self.backend.decode(self.context + list(output_ids),

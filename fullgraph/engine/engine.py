@@ -179,6 +179,11 @@ class LLMEngine:
         model = self.config.model
         if not ids:
             raise ValueError("the prompt is empty")
+        if params.truncate_prompt_tokens is not None:
+            if images is not None or mm_inputs is not None:
+                raise ValueError("truncate_prompt_tokens cannot cut a prompt with images")
+            k = params.truncate_prompt_tokens
+            ids = ids[-(model.max_model_len - 1 if k == -1 else k):]
         if (images is not None or mm_inputs is not None) and self.mm_processor is None:
             raise ValueError(f"{model.architecture} takes no images")
         if images is not None:
@@ -248,8 +253,9 @@ class LLMEngine:
         sp = req.sampling_params
         self._detok[req.request_id] = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, sp.skip_special_tokens, sp.stop_strings,
-            sp.include_stop_str_in_output, incremental=stream or bool(sp.stop_strings),
-            min_tokens=sp.min_tokens)
+            sp.include_stop_str_in_output,
+            incremental=sp.detokenize and (stream or bool(sp.stop_strings)),
+            min_tokens=sp.min_tokens, detokenize=sp.detokenize)
         self.requests[req.request_id] = req
         if stream:
             self._stream.add(req.request_id)
@@ -440,12 +446,18 @@ class LLMEngine:
     def _append_logprobs(self, req: Request, result: StepResult, row, n: int) -> None:
         lps = result.logprobs[row]
         req.logprobs.append(logprob_entry(result.logprob_token_ids[row], lps,
-                                          result.ranks[row], n, self.tokenizer.decode))
+                                          result.ranks[row], n,
+                                          self._decode_fn(req.sampling_params)))
         req.cumulative_logprob += float(lps[0])
+
+    def _decode_fn(self, params: SamplingParams):
+        """What spells a logprob's token: the tokenizer, or nothing with detokenize=False."""
+        return self.tokenizer.decode if params.detokenize else None
 
     def _append_prompt_logprobs(self, req: Request, logprobs, token_ids, ranks) -> None:
         n = req.sampling_params.prompt_logprobs
-        req.prompt_logprobs.extend(logprob_entry(ids, lps, rank, n, self.tokenizer.decode)
+        req.prompt_logprobs.extend(logprob_entry(ids, lps, rank, n,
+                                                 self._decode_fn(req.sampling_params))
                                    for lps, ids, rank in zip(logprobs, token_ids, ranks))
 
     def _finish(self, req: Request) -> RequestOutput:
