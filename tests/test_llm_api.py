@@ -126,3 +126,13 @@ def test_chat_template_options_as_transformers_renders_them(llm):
         llm.chat(messages, GREEDY, continue_final_message=True)
     with pytest.raises(ValueError, match="own argument"):
         llm.chat(messages, GREEDY, chat_template_kwargs={"add_generation_prompt": False})
+
+
+def test_output_metrics_time_the_request(llm):
+    """vLLM's request metrics: arrival, first and last token, finish, in that order (seconds
+    on one monotonic clock)."""
+    out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)[0]
+    m = out.metrics
+    assert (m["arrival_time"] <= m["first_token_time"] < m["last_token_time"]
+            <= m["finished_time"])

@@ -391,6 +391,7 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.stats.prefilled_tokens += req.num_prompt_tokens
+            req.last_token_time = now
             self.stats.generation_tokens += num_new
             if req.finish_reason is not None:
                 self.stats.finished_requests += 1
@@ -477,8 +478,11 @@ class LLMEngine:
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason)
         metrics = {"arrival_time": req.arrival_time}
-        if req.first_token_time is not None:
-            metrics["first_token_time"] = req.first_token_time
+        for name in ("first_token_time", "last_token_time"):
+            if getattr(req, name) is not None:
+                metrics[name] = getattr(req, name)
+        if finished:
+            metrics["finished_time"] = time.monotonic()
         if self.config.speculative is not None:
             metrics["spec_num_draft_tokens"] = req.num_draft_tokens
             metrics["spec_num_accepted_tokens"] = req.num_accepted_tokens
