@@ -304,7 +304,8 @@ def test_eagle3_checks_the_config_and_the_target(eagle3):
         model.check_target(target_config(hidden=128))
     with pytest.raises(ValueError, match="vocab_size 256 does not match.*512"):
         model.check_target(target_config(vocab=512))
-    with pytest.raises(ValueError, match="set eagle_aux_hidden_state_layer_ids"):
+    with pytest.raises(ValueError, match="set eagle_aux_hidden_state_layer_ids.*target has 2 "
+                                         "layers: a drafter made for another target"):
         model.check_target(target_config(layers=2))        # defaults (2, 1, -1)
     for bad, message in (({"num_hidden_layers": 2}, "num_hidden_layers=2"),
                          ({"hidden_act": "gelu"}, "hidden_act"),
@@ -318,7 +319,8 @@ def test_eagle3_reads_the_configured_target_layers():
     cfg = LlamaConfig(**EAGLE3_CONFIG, eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 1]})
     model = Eagle3LlamaForCausalLM(cfg, max_position=64)
     assert model.aux_hidden_state_layers(target_config(layers=2)) == (0, 1, 1)
-    with pytest.raises(ValueError, match="got layers \\(0, 1, 1\\)$"):
+    with pytest.raises(ValueError, match="reads target layers \\(0, 1, 1\\) \\(the drafter "
+                                         "config's.*target has 1 layers"):
         model.check_target(target_config(layers=1))
 
 

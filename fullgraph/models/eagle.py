@@ -229,11 +229,16 @@ class Eagle3LlamaForCausalLM(_EagleDrafter):
                or eagle.get("eagle_aux_hidden_state_layer_ids"))
         default = ids is None
         ids = tuple(int(i) for i in (ids or (2, n // 2, n - 3)))
-        if len(ids) * self.target_hidden_size() != self.fc.in_features \
-                or not all(0 <= i < n for i in ids):
-            raise ValueError(f"EAGLE-3 drafter reads the inputs of 3 of the target's {n} layers, "
-                             f"got layers {ids}" + (" (the default for the target's depth: set "
-                             "eagle_aux_hidden_state_layer_ids)" if default else ""))
+        if len(ids) * self.target_hidden_size() != self.fc.in_features:
+            raise ValueError(f"EAGLE-3 drafter's fc takes {self.fc.in_features} features, not "
+                             f"the {len(ids)} x {self.target_hidden_size()} of target layers "
+                             f"{ids}: a drafter made for another target?")
+        if not all(0 <= i < n for i in ids):
+            which = ("the default for the target's depth (2, L // 2, L - 3); set "
+                     "eagle_aux_hidden_state_layer_ids if the drafter names others"
+                     if default else "the drafter config's eagle_aux_hidden_state_layer_ids")
+            raise ValueError(f"EAGLE-3 drafter reads target layers {ids} ({which}), but the "
+                             f"target has {n} layers: a drafter made for another target?")
         return ids
 
     def checkpoint_name(self, name: str) -> str:
