@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import random
+import types
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from fullgraph.config import CUDAGraphMode, SchedulerConfig
 from fullgraph.engine.args import capture_sizes, lazy_capture_sizes
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor, Dispatcher
 from fullgraph.worker.cudagraph.fake import FakeGraphRuntime
+from fullgraph.worker.cudagraph import manager
 from fullgraph.worker.cudagraph.manager import CUDAGraphManager, PiecewiseGraph
 
 FULL = CUDAGraphMode.FULL
@@ -298,16 +300,21 @@ def test_lazy_sizes_are_captured_on_first_use():
     assert d.num_eager_fallbacks == 2 and d.num_graph_steps == 1
 
 
-def test_steps_above_the_captured_sizes_replay_lazily_captured_graphs():
+def test_steps_above_the_captured_sizes_replay_lazily_captured_graphs(monkeypatch):
     """Default sizes (captured up to 512 tokens) and a 1,024-token budget: a longer prompt
     step runs eagerly once, its size is captured before the next step, and later steps of
-    that size replay it; the tokens are the eager engine's."""
+    that size replay it; the tokens are the eager engine's. The lazy capture pauses the
+    cycle collector without a full collection first (slow in a served process)."""
     common = dict(max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=1024,
                   num_gpu_blocks_override=512)
     graphs, eager = LLM("tiny-qwen3", cudagraph_runtime="fake", **common), LLM("tiny-qwen3",
                                                                                 **common)
     d = graphs.engine.runner.dispatcher
     assert graphs.engine.config.compilation.lazy_capture_sizes == (768, 1024)
+    calls = []
+    monkeypatch.setattr(manager, "gc", types.SimpleNamespace(
+        collect=lambda: calls.append("collect"), disable=lambda: calls.append("disable"),
+        isenabled=gc.isenabled, enable=gc.enable))
     rng = random.Random(1)
     sp = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     for n in (900, 950):
@@ -316,3 +323,4 @@ def test_steps_above_the_captured_sizes_replay_lazily_captured_graphs():
                 == eager.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids)
     assert BatchExecutionDescriptor(FULL, 1024, 4, None) in d.captured
     assert d.num_eager_fallbacks == 1            # the first 1,024-token step only
+    assert calls == ["disable"]

@@ -366,7 +366,8 @@ class ModelRunner:
         sampled = self.sampled.clone()
         try:
             with torch.inference_mode():
-                pairs, _ = self.graphs.capture(keys, self._create_forward_fn, progress=False)
+                pairs, _ = self.graphs.capture(keys, self._create_forward_fn, progress=False,
+                                               collect=False)
         except Exception:      # out of memory, say: those sizes stay eager, serving goes on
             logger.exception("capturing graphs of %s tokens failed; such steps stay eager",
                              [d.num_tokens for d in descs])

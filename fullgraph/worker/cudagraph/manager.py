@@ -108,15 +108,19 @@ def replay_pieces(graph: PiecewiseGraph, replay_piece: Callable[[Any], None]) ->
 
 
 @contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cycle collector run now, then off until the block ends (the captures): run
-    during a capture, it could free an earlier engine's objects whose destructors call CUDA
-    in ways a capture forbids (freeing pinned host memory synchronizes), which invalidates
-    the capture. torch.cuda.graph collects before each capture for the same reason; here
-    once for all of a call's captures (a lazily captured size pays one collection). On the
-    GPU a second engine's capture in one process failed now and then before this, and not
-    since (docs/benchmarks.md, twenty-sixth and twenty-seventh sessions)."""
-    gc.collect()
+def collector_paused(collect: bool = True) -> Iterator[None]:
+    """Python's cycle collector run now (unless not `collect`), then off until the block ends
+    (the captures): run during a capture, it could free an earlier engine's objects whose
+    destructors call CUDA in ways a capture forbids (freeing pinned host memory
+    synchronizes), which invalidates the capture. torch.cuda.graph collects before each
+    capture for the same reason; here once for all of a call's captures. On the GPU a second
+    engine's capture in one process failed now and then before this, and not since
+    (docs/benchmarks.md, twenty-sixth and twenty-seventh sessions). Pausing is what keeps the
+    collector out of a capture; the collection first frees such garbage early. Lazy captures,
+    between a server's steps, skip it: a full collection of a served process's ~370,000
+    objects took ~200 ms on the CPU machine (docs/benchmarks.md, thirtieth session)."""
+    if collect:
+        gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -199,10 +203,11 @@ class CUDAGraphManager:
         self.num_replays = 0
 
     def capture(self, keys: Sequence[Hashable], create_forward_fn: CreateForwardFn,
-                progress: bool = True, warmup_order: Sequence[Hashable] | None = None
+                progress: bool = True, warmup_order: Sequence[Hashable] | None = None,
+                collect: bool = True
                 ) -> tuple[dict[Hashable, AttentionStatePair], CaptureReport]:
         """Warm up every key (in `warmup_order`, the same keys; default `keys`' order), then
-        capture them in `keys`' order."""
+        capture them in `keys`' order (`collect`: `collector_paused`'s)."""
         if warmup_order is not None and Counter(warmup_order) != Counter(keys):
             raise ValueError("warmup_order must hold the same keys as keys")
         mem0, t0 = self.runtime.memory_in_use(), time.perf_counter()
@@ -219,7 +224,7 @@ class CUDAGraphManager:
         pairs: dict[Hashable, AttentionStatePair] = {}
         kind = ("CUDA graphs" if isinstance(self.runtime, CUDAGraphRuntime)
                 else "emulated graphs (fake runtime)")
-        with collector_paused():
+        with collector_paused(collect):
             for key in tqdm(keys, desc=f"Capturing {kind}", unit="graph",
                             disable=not progress or not keys):
                 fn, state = create_forward_fn(key, False)
