@@ -579,7 +579,7 @@ BAD_TOKENIZE = [
     ({"messages": [USER], "add_special_tokens": True}, 400, "add_special_tokens",
      "not supported"),
     ({"messages": [USER], "continue_final_message": True}, 400, "continue_final_message",
-     "add_generation_prompt=false"),
+     "Cannot set both"),
     ({"messages": [USER], "chat_template_kwargs": "x"}, 400, "chat_template_kwargs",
      "dictionary"),
 ]
@@ -958,3 +958,141 @@ def test_stream_return_token_ids_sends_prompt_ids_first(client):
     assert sorted(chat) == [0, 1]
     for ids in chat.values():
         assert ids[0] == want and len(ids) > 1 and all(x is None for x in ids[1:])
+
+
+# ---------------------------------------------------------------- vLLM's chat and logprobs extras
+CONTINUED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]
+CONTINUE = {"add_generation_prompt": False, "continue_final_message": True}
+
+
+def test_chat_continue_final_message(server, client):
+    """Chat completions render continue_final_message as /tokenize does (the last message
+    left open) and go on from it; with add_generation_prompt it is vLLM's 400."""
+    ids = post(server, "/tokenize", {"messages": CONTINUED, **CONTINUE}).json()["tokens"]
+    assert post(server, "/detokenize", {"tokens": ids}).json()["prompt"].endswith("Sure")
+    resp = client.chat.completions.create(
+        model=MODEL, messages=CONTINUED, max_tokens=6, temperature=0,
+        extra_body={**CONTINUE, "ignore_eos": True, "return_token_ids": True})
+    assert resp.prompt_token_ids == ids
+    assert resp.choices[0].message.role == "assistant"
+    plain = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert resp.choices[0].message.content == plain.choices[0].text
+    r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": CONTINUED,
+                                              "max_tokens": 1, "continue_final_message": True,
+                                              "add_generation_prompt": True})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "continue_final_message"
+    assert err["message"] == ("Cannot set both `continue_final_message` and "
+                              "`add_generation_prompt` to True.")
+
+
+def test_chat_echo(client):
+    """echo puts the last message before the generated text when that message has the
+    response's role: the assistant's after the generation prompt, else the last message's
+    own (vLLM's rule), streamed or not."""
+    kw = dict(model=MODEL, max_tokens=4, temperature=0)
+    extra = {**CONTINUE, "ignore_eos": True}
+    plain = client.chat.completions.create(messages=CONTINUED, extra_body=extra, **kw)
+    echoed = client.chat.completions.create(messages=CONTINUED,
+                                            extra_body={**extra, "echo": True}, **kw)
+    text = echoed.choices[0].message.content
+    assert text == "Sure" + plain.choices[0].message.content
+    stream = client.chat.completions.create(messages=CONTINUED, stream=True,
+                                            extra_body={**extra, "echo": True}, **kw)
+    deltas = [ch.choices[0].delta.content for ch in stream if ch.choices]
+    assert deltas[:2] == ["", "Sure"] and "".join(deltas) == text
+    # After the generation prompt a last user message is not the response's role.
+    user = [{"role": "user", "content": "hi"}]
+    base = {"ignore_eos": True}
+    want = client.chat.completions.create(messages=user, extra_body=base, **kw)
+    got = client.chat.completions.create(messages=user, extra_body={**base, "echo": True}, **kw)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    # Without it the response has the last message's role, so that message is echoed.
+    base["add_generation_prompt"] = False
+    want = client.chat.completions.create(messages=user, extra_body=base, **kw)
+    got = client.chat.completions.create(messages=user, extra_body={**base, "echo": True}, **kw)
+    assert got.choices[0].message.role == want.choices[0].message.role == "user"
+    assert got.choices[0].message.content == "hi" + want.choices[0].message.content
+
+
+def test_return_tokens_as_token_ids(client):
+    """return_tokens_as_token_ids names logprobs' tokens "token_id:{id}" (vLLM's), in
+    top_logprobs too, streamed or not; logprobs, text and text offsets stay as they were."""
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    kw = dict(model=MODEL, prompt="Hello there", max_tokens=5, temperature=0, logprobs=2,
+              echo=True)
+    plain = client.completions.create(extra_body=extra, **kw).choices[0]
+    as_ids = {**extra, "return_tokens_as_token_ids": True}
+    c = client.completions.create(extra_body=as_ids, **kw).choices[0]
+    ids = c.model_extra["prompt_token_ids"] + c.model_extra["token_ids"]
+    lp = c.logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in ids]
+    assert c.text == plain.text and lp.text_offset == plain.logprobs.text_offset
+    assert lp.token_logprobs == plain.logprobs.token_logprobs
+    assert lp.top_logprobs[0] is None
+    for top, want in zip(lp.top_logprobs[1:], plain.logprobs.top_logprobs[1:]):
+        assert all(k.startswith("token_id:") for k in top)
+        assert set(want.values()) <= set(top.values())
+    n_prompt = len(c.model_extra["prompt_token_ids"])
+    for token, got, top in zip(lp.tokens[n_prompt:], lp.token_logprobs[n_prompt:],
+                               lp.top_logprobs[n_prompt:]):
+        assert top[token] == got == max(top.values())     # greedy: the sampled is the top
+    streamed = [t for ch in client.completions.create(stream=True, extra_body=as_ids, **kw)
+                for t in ch.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+              temperature=0, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(extra_body=extra, **kw).choices[0]
+    c = client.chat.completions.create(extra_body=as_ids, **kw).choices[0]
+    content = c.logprobs.content
+    assert [t.token for t in content] == [f"token_id:{t}" for t in c.model_extra["token_ids"]]
+    assert [t.top_logprobs[0].token for t in content] == [t.token for t in content]  # greedy
+    assert all(len(t.top_logprobs) == 2 for t in content)
+    assert all(x.token.startswith("token_id:") for t in content for x in t.top_logprobs)
+    # bytes stay the token text's; the logprobs are unchanged
+    assert [t.bytes for t in content] == [t.bytes for t in plain.logprobs.content]
+    assert [t.logprob for t in content] == [t.logprob for t in plain.logprobs.content]
+    streamed = [t.token for ch in client.chat.completions.create(stream=True, extra_body=as_ids,
+                                                                 **kw)
+                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert streamed == [t.token for t in content]
+
+
+def test_continuous_usage_stats(server, client):
+    """stream_options.continuous_usage_stats (with include_usage): every chunk carries its
+    choice's usage so far, its prompt's tokens and the tokens it has generated (vLLM's)."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+        stream=True, stream_options=opts, extra_body={"ignore_eos": True}))
+    assert all(ch.usage is not None for ch in chunks)
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and final.completion_tokens == 6
+    done = [ch.usage.completion_tokens for ch in chunks]
+    assert done[0] == 0 and done == sorted(done) and chunks[-2].usage == final
+    assert all(ch.usage.prompt_tokens == final.prompt_tokens and ch.usage.total_tokens
+               == ch.usage.prompt_tokens + ch.usage.completion_tokens for ch in chunks)
+
+    prompts = ["The cat", "Hello there, how are you"]
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=5, temperature=0, stream=True,
+        stream_options=opts, extra_body={"ignore_eos": True}))
+    assert all(ch.usage is not None for ch in chunks)
+    lens = [len(_prompt_ids(server, p)) for p in prompts]
+    per_choice: dict[int, list] = {0: [], 1: []}
+    for ch in chunks[:-1]:
+        u = ch.usage
+        assert u.prompt_tokens == lens[ch.choices[0].index]
+        assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+        per_choice[ch.choices[0].index].append(u.completion_tokens)
+    assert all(d == sorted(d) and d[-1] == 5 for d in per_choice.values())
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == sum(lens)
+    # only with include_usage, as in vLLM
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="The cat", max_tokens=3, temperature=0, stream=True,
+        stream_options={"continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    assert chunks and all(ch.usage is None for ch in chunks)

@@ -14,14 +14,14 @@ from fullgraph.engine.async_engine import EngineError, GenerationItem, Generatio
 from fullgraph.entrypoints.server.errors import bad_request
 from fullgraph.entrypoints.server.metrics import RequestTracker
 from fullgraph.entrypoints.server.protocol import (CompletionChoice, CompletionLogprobs,
-                                                   CompletionRequest, CompletionResponse,
-                                                   UsageInfo)
+                                                   CompletionRequest, CompletionResponse)
 from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
                                                   check_unsupported, clamp_logprob, now,
                                                   prompt_logprobs_body, run_to_end,
-                                                  sampling_params, sse_error, submit, usage,
+                                                  sampling_params, sse_error, stream_usage,
+                                                  submit, token_text, usage, usage_info,
                                                   warn_unknown_fields)
-from fullgraph.outputs import CompletionOutput, RequestOutput
+from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 def normalize_prompts(prompt) -> list[str | list[int]]:
@@ -51,18 +51,29 @@ class _Choice:
     started: bool = False
 
 
-def _logprobs(c: CompletionOutput, start: int, offset: int) -> tuple[CompletionLogprobs, int]:
+def _logprobs(c: CompletionOutput, start: int, offset: int,
+              as_ids: bool) -> tuple[CompletionLogprobs, int]:
+    """The completion's logprobs from token `start` on; `text_offset` counts the tokens' text
+    even when `as_ids` names them "token_id:{id}"."""
     lp = CompletionLogprobs()
     for tid, entry in zip(c.token_ids[start:], c.logprobs[start:]):
         sampled = entry.get(tid)
-        token = (sampled.decoded_token if sampled else None) or ""
-        lp.tokens.append(token)
+        text = (sampled.decoded_token if sampled else None) or ""
+        lp.tokens.append(token_text(tid, text, as_ids))
         lp.token_logprobs.append(clamp_logprob(sampled.logprob) if sampled else None)
-        lp.top_logprobs.append({(e.decoded_token or ""): clamp_logprob(e.logprob)
-                                for e in sorted(entry.values(), key=lambda e: e.rank)})
+        lp.top_logprobs.append(_tops(entry, as_ids))
         lp.text_offset.append(offset)
-        offset += len(token)
+        offset += len(text)
     return lp, offset
+
+
+def _tops(entry: dict[int, Logprob], as_ids: bool,
+          top_n: int | None = None) -> dict[str, float]:
+    """One position's `top_logprobs`, most likely first: token -> logprob for every entry, or
+    for those ranked 1..top_n."""
+    ranked = sorted(entry.items(), key=lambda te: te[1].rank)
+    return {token_text(t, e.decoded_token, as_ids): clamp_logprob(e.logprob)
+            for t, e in ranked if top_n is None or e.rank <= top_n}
 
 
 async def create_completion(state: ServerState, body: CompletionRequest,
@@ -90,13 +101,14 @@ async def create_completion(state: ServerState, body: CompletionRequest,
         return Response(status_code=499)    # the client is gone; nobody reads this
     if score_only:
         outputs = [_without_generation(out) for out in outputs]
-    choices = []
+    choices, as_ids = [], body.return_tokens_as_token_ids
     for i, out in enumerate(outputs):
         c = out.outputs[0]
         lp = None
         if body.logprobs is not None:
-            lp = _echo_logprobs(state, out, body.logprobs) if body.echo else CompletionLogprobs()
-            lp = _extend(lp, _logprobs(c, 0, len(echo[i]))[0])
+            lp = (_echo_logprobs(state, out, body.logprobs, as_ids) if body.echo
+                  else CompletionLogprobs())
+            lp = _extend(lp, _logprobs(c, 0, len(echo[i]), as_ids)[0])
         choices.append(CompletionChoice(
             index=i, text=echo[i] + c.text, logprobs=lp, finish_reason=c.finish_reason,
             stop_reason=c.stop_reason, token_ids=c.token_ids if body.return_token_ids else None,
@@ -134,20 +146,18 @@ def _without_generation(out: RequestOutput) -> RequestOutput:
     return dataclasses.replace(out, outputs=[c])
 
 
-def _echo_logprobs(state: ServerState, out, top_n: int) -> CompletionLogprobs:
+def _echo_logprobs(state: ServerState, out, top_n: int, as_ids: bool) -> CompletionLogprobs:
     """The prompt's part of echo's logprobs, in the completions format: every prompt token,
     its logprob (None for the first, as OpenAI and vLLM give it) and the top `top_n`."""
     lp, offset = CompletionLogprobs(), 0
     decode = state.tokenizer.decode
     for tid, entry in zip(out.prompt_token_ids, out.prompt_logprobs):
-        token = decode([tid])
-        lp.tokens.append(token)
+        text = decode([tid])
+        lp.tokens.append(token_text(tid, text, as_ids))
         lp.token_logprobs.append(None if entry is None else clamp_logprob(entry[tid].logprob))
-        lp.top_logprobs.append(None if entry is None else {
-            (e.decoded_token or ""): clamp_logprob(e.logprob)
-            for e in sorted(entry.values(), key=lambda e: e.rank) if e.rank <= top_n})
+        lp.top_logprobs.append(None if entry is None else _tops(entry, as_ids, top_n))
         lp.text_offset.append(offset)
-        offset += len(token)
+        offset += len(text)
     return lp
 
 
@@ -169,9 +179,11 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str,
                   echo: list[str], score_only: bool) -> AsyncIterator[str]:
     """One chunk per choice and token whose text is not held back; a choice's first chunk
     carries the echoed prompt (and its logprobs) and, with return_token_ids, the prompt's
-    ids, as vLLM sends them."""
+    ids, as vLLM sends them. With continuous_usage_stats each chunk carries its choice's
+    usage so far: its prompt's tokens and the tokens it has generated (vLLM's)."""
     created, sent = now(), [_Choice(offset=len(e)) for e in echo]
-    completion_tokens = [0] * len(echo)
+    final_usage, continuous = stream_usage(body)
+    as_ids = body.return_tokens_as_token_ids
     try:
         async for i, out in stream:
             tracker.observe(i, out)
@@ -181,15 +193,14 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str,
             delta, new_ids = c.text[len(s.text):], c.token_ids[s.num_tokens:]
             lp = None
             if body.logprobs is not None and new_ids:
-                lp, s.offset = _logprobs(c, s.num_tokens, s.offset)
+                lp, s.offset = _logprobs(c, s.num_tokens, s.offset, as_ids)
             first = not s.started
             if first:
                 delta = echo[i] + delta
                 if body.echo and body.logprobs is not None:
-                    lp = _extend(_echo_logprobs(state, out, body.logprobs),
+                    lp = _extend(_echo_logprobs(state, out, body.logprobs, as_ids),
                                  lp or CompletionLogprobs())
             s.text, s.num_tokens = c.text, len(c.token_ids)
-            completion_tokens[i] = len(c.token_ids)
             if not (delta or out.finished or (new_ids and (lp or body.return_token_ids))):
                 continue    # a token whose text is held back (partial UTF-8, maybe a stop)
             s.started = True    # only once sent: the echo and prompt ids go in a sent chunk
@@ -198,16 +209,15 @@ async def _stream(state: ServerState, body: CompletionRequest, rid: str,
                 index=i, text=delta, logprobs=lp, finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason, token_ids=new_ids if ids else None,
                 prompt_token_ids=out.prompt_token_ids if ids and first else None)
-            chunk = CompletionResponse(id=rid, created=created, model=state.model_name,
-                                       choices=[choice])
+            chunk = CompletionResponse(
+                id=rid, created=created, model=state.model_name, choices=[choice],
+                usage=usage_info(len(out.prompt_token_ids), s.num_tokens) if continuous else None)
             yield f"data: {chunk.model_dump_json()}\n\n"
-        if body.stream_options and body.stream_options.include_usage:
-            prompt_tokens = sum(len(p) for p in stream.prompt_token_ids)
-            done = sum(completion_tokens)
-            chunk = CompletionResponse(id=rid, created=created, model=state.model_name,
-                                       choices=[], usage=UsageInfo(
-                                           prompt_tokens=prompt_tokens, completion_tokens=done,
-                                           total_tokens=prompt_tokens + done))
+        if final_usage:
+            chunk = CompletionResponse(
+                id=rid, created=created, model=state.model_name, choices=[],
+                usage=usage_info(sum(len(p) for p in stream.prompt_token_ids),
+                                 sum(s.num_tokens for s in sent)))
             yield f"data: {chunk.model_dump_json()}\n\n"
     except EngineError as e:
         yield sse_error(e)

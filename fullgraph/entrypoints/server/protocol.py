@@ -48,6 +48,7 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False      # add token ids to choices (vLLM's name)
+    return_tokens_as_token_ids: bool = False    # logprobs' tokens as "token_id:{id}"
 
 
 class CompletionRequest(SamplingFields):
@@ -86,7 +87,9 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict] | None = None
     response_format: dict | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False      # prepend the last message, if it has the response's role
 
 
 # ---------------------------------------------------------------- responses

@@ -197,12 +197,30 @@ def prompt_logprobs_body(out: RequestOutput) -> list | None:
             for e in out.prompt_logprobs]
 
 
+def token_text(token_id: int, decoded: str | None, as_id: bool) -> str:
+    """A logprobs entry's token: its text, or "token_id:{id}" with the request's
+    `return_tokens_as_token_ids` (vLLM's), which identifies even a token whose bytes are not
+    whole UTF-8 text on their own."""
+    return f"token_id:{token_id}" if as_id else decoded or ""
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
 def usage(outputs: list[RequestOutput], stream: GenerationStream) -> UsageInfo:
     """Each prompt counted once, however many samples it has (as OpenAI counts)."""
-    prompt = sum(len(p) for p in stream.prompt_token_ids)
-    completion = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+    return usage_info(sum(len(p) for p in stream.prompt_token_ids),
+                      sum(len(o.outputs[0].token_ids) for o in outputs))
+
+
+def stream_usage(body: SamplingFields) -> tuple[bool, bool]:
+    """(a final usage chunk, usage in every chunk) for a streamed request: `stream_options`'
+    include_usage and continuous_usage_stats, the second only with the first (vLLM's)."""
+    opts = body.stream_options
+    final = opts is not None and opts.include_usage
+    return final, final and opts.continuous_usage_stats
 
 
 def sse_error(e: Exception) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from fullgraph.entrypoints.server.chat import message_dict
+from fullgraph.entrypoints.server.chat import message_dict, template_kwargs
 from fullgraph.entrypoints.server.errors import bad_request
 from fullgraph.entrypoints.server.protocol import (DetokenizeRequest, DetokenizeResponse,
                                                    TokenizeChatRequest,
@@ -57,14 +57,10 @@ def _chat_ids(state: ServerState, req: TokenizeChatRequest) -> list[int]:
         raise bad_request("add_special_tokens=true is not supported with messages (the chat "
                           "template writes the special tokens, as for /v1/chat/completions)",
                           "add_special_tokens")
-    if req.continue_final_message and req.add_generation_prompt:
-        raise bad_request("continue_final_message=true needs add_generation_prompt=false",
-                          "continue_final_message")
+    kwargs = template_kwargs(req.add_generation_prompt, req.continue_final_message,
+                             req.chat_template_kwargs)
     messages = [message_dict(i, m, state.allowed_media_path)
                 for i, m in enumerate(req.messages)]
-    kwargs = dict(req.chat_template_kwargs or {})
-    if req.continue_final_message:
-        kwargs["continue_final_message"] = True
     try:
         return state.render_chat(messages, req.add_generation_prompt, **kwargs)
     except ValueError as e:
