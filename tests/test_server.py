@@ -1096,3 +1096,24 @@ def test_continuous_usage_stats(server, client):
         model=MODEL, prompt="The cat", max_tokens=3, temperature=0, stream=True,
         stream_options={"continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
     assert chunks and all(ch.usage is None for ch in chunks)
+
+
+def test_serve_freezes_what_start_up_made(monkeypatch):
+    """`fullgraph serve` collects once and freezes the start-up objects before it serves, so
+    Python's full collections no longer scan the model and engine (a pause for every running
+    request)."""
+    import gc
+
+    import uvicorn
+
+    from fullgraph.entrypoints.cli import build_parser
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
+        frozen=gc.get_freeze_count(), host=kw["host"]))
+    ns = build_parser().parse_args(["serve", MODEL, "--host", "127.0.0.1", "--port", "1",
+                                    "--max-num-seqs", "2", "--num-gpu-blocks-override", "16"])
+    try:
+        assert ns.func(ns) == 0
+    finally:
+        gc.unfreeze()
+    assert seen["host"] == "127.0.0.1" and seen["frozen"] > 10000
