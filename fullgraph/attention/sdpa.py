@@ -1,9 +1,10 @@
 """Reference backend: gather each request's KV from the cache and call SDPA.
 
 It loops over requests on the host, so it runs eagerly only; it exists to check the flex
-backend against and as a fallback. On a CPU the flex backend (the default) computes the same
-attention with one SDPA call a layer over the step's gathered blocks (attention/gathered.py),
-which is faster than this per-request loop, and also runs inside captured (fake) graphs.
+backend against and as a fallback. On a CPU the default triton backend (flex's gathered
+path there) computes the same attention with one SDPA call a layer over the step's gathered
+blocks (attention/gathered.py), which is faster than this per-request loop, and also runs
+inside captured (fake) graphs.
 """
 from __future__ import annotations
 

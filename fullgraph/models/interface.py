@@ -8,10 +8,11 @@ never ask which architecture they run. Two cache kinds exist:
   positions in every layer, so the block pool and prefix cache are per model, not per layer.
 * state slots (`StateSpec`): linear-attention layers (Gated DeltaNet) keep a fixed-size
   state per request (a short-convolution window and a recurrent matrix) instead of a KV
-  history. Each such layer has a pool of `max_num_seqs + 1` slots; a request holds one slot
-  index for all layers while it runs, and slot 0 is the null slot that padding lanes use.
+  history. Each such layer has a pool of `max_num_seqs + 1` slots (`max_num_seqs * (k + 1)
+  + 1` with k speculative tokens: a request then holds a group of k + 1); a request holds its
+  slot index for all layers while it runs, and slot 0 is the null slot that padding lanes use.
 
-A model module exposes a class with `cache_specs(hf_config)`, the `capabilities` below,
+A model module exposes a class with `cache_specs(hf_config, policy)`, the `capabilities` below,
 `forward(input_ids, positions, ctx)`, `compute_logits(hidden, out)` and `load_weights`, and
 optionally `check_config(hf_config, raw_config_dict)` (a ValueError naming a field it cannot run with, raised
 when the engine reads the config) and `enable_aux_hidden_states` (a target an EAGLE-3 drafter

@@ -25,7 +25,7 @@ around attention (layers/gated_attention.py), on CUDA. The torch ops below stay 
 reference and the path everywhere else (CPU; prefill GDN through fla).
 
 The batch-invariant mode (`kernel_policy`, layers/policy.py; on the GPU through
-layers/gdn/fused_aligned.py's kernels, whose device test is owed) keeps every token's bits
+layers/gdn/fused_aligned.py's kernels) keeps every token's bits
 independent of the rest of the step (docs/batch_invariance.md, 6.7): the GDN layers run
 every step, decode included, through one conv formula and the gated delta rule
 with chunks at absolute positions (layers/gdn/aligned.py, whose per-slot tails of inputs are

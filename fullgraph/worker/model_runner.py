@@ -301,8 +301,8 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- graphs
     def capture_graphs(self, runtime: GraphRuntime | None = None) -> CaptureReport | None:
-        """Capture a model graph per descriptor and a general-sampler graph per request count;
-        afterwards steps that fit replay."""
+        """Capture a model graph per descriptor and a sampler graph per request count and
+        feature set (`SAMPLER_VARIANTS`); afterwards steps that fit replay."""
         workers, self._compile_workers = self._compile_workers, None
         try:
             return self._capture_graphs(runtime, workers)
@@ -328,9 +328,9 @@ class ModelRunner:
                         if self.spec is None else [])
         compiles0 = compile_count()
         # Decode descriptors warm up first: they need most of the kernel variants (row bucket,
-        # split count), which compile-ahead's workers then compile while a mixed descriptor
-        # compiles the packed FlexAttention kernel here (dynamo and inductor, ~7 s on an H100
-        # when no memory-profiling step compiled it before).
+        # split count), which compile-ahead's workers then compile while (flex backend) a mixed
+        # descriptor compiles the packed FlexAttention kernel here (dynamo and inductor, ~7 s on
+        # an H100 when no memory-profiling step compiled it before).
         decode_first = sorted(keys, key=lambda k: getattr(k, "uniform_query_len", None) is None)
         with torch.inference_mode():
             pairs, report = self.graphs.capture(keys, self._create_forward_fn,
