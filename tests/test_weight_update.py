@@ -94,17 +94,25 @@ def test_bad_names_and_shapes_and_unfinished_requests_are_clear_errors(checkpoin
     assert llm.reset_prefix_cache() is True
 
 
-def test_an_update_that_fails_partway_forgets_the_prefix_cache(checkpoints):
-    """A state dict with a stray tensor last: the tensors before it are copied, so the
-    cached prefixes (the old weights' KV) must go too; the engine then runs the new weights."""
+def test_a_bad_update_copies_nothing(checkpoints):
+    """All or nothing: the new checkpoint's tensors with a bad one last (a name the model has
+    no place for, a wrong shape, not a tensor) are a ValueError naming it, and the engine
+    still generates the old weights' tokens; a directory of safetensors updates too."""
     from transformers import Qwen3ForCausalLM
     old, new = checkpoints
-    hf_new = Qwen3ForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
+    hf_old, hf_new = (Qwen3ForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+                      for p in (old, new))
     llm = LLM(old, **KW)
-    tokens(llm)
-    stray = list(hf_new.state_dict().items()) + [("model.layers.0.nope.weight", torch.zeros(3))]
-    with pytest.raises(ValueError, match="nope"):
-        llm.update_weights(stray)
+    want_old = [hf_greedy(hf_old, p, GREEDY.max_tokens) for p in PROMPTS]
+    assert tokens(llm) == want_old
+    state = list(hf_new.state_dict().items())
+    for bad, match in [(("model.layers.0.nope.weight", torch.zeros(3)), "nope"),
+                       (("model.norm.weight", torch.zeros(3)), "model.norm.weight.*shape"),
+                       (("model.norm.weight", [1.0]), "model.norm.weight.*must be a tensor")]:
+        with pytest.raises(ValueError, match=match):
+            llm.update_weights(state + [bad])
+        assert tokens(llm) == want_old
+    llm.update_weights(new)
     assert tokens(llm) == [hf_greedy(hf_new, p, GREEDY.max_tokens) for p in PROMPTS]
 
 
@@ -135,6 +143,7 @@ def test_the_server_updates_weights_from_disk_between_requests(checkpoints, tmp_
     import json
 
     import httpx
+    from safetensors.torch import save_file
     from transformers import Qwen3ForCausalLM
 
     from conftest import served
@@ -177,10 +186,18 @@ def test_the_server_updates_weights_from_disk_between_requests(checkpoints, tmp_
         assert update.status_code == 200 and update.json()["success"] is True
         assert streamed == hf_greedy(refs[old], PROMPTS[0], 400)
         assert after.json()["choices"][0]["token_ids"] == hf_greedy(refs[new], PROMPTS[0], 8)
+        # failures in SGLang's shape; a bad tensor after a good one copies nothing
         (tmp_path / "empty").mkdir()
-        for path in (str(tmp_path / "missing"), str(tmp_path / "empty")):
+        (tmp_path / "bad").mkdir()
+        good = refs[old].state_dict()["model.layers.0.mlp.down_proj.weight"]
+        save_file({"model.layers.0.mlp.down_proj.weight": good.clone(),
+                   "model.norm.weight": torch.zeros(3)}, str(tmp_path / "bad" / "w.safetensors"))
+        for path, words in ((str(tmp_path / "missing"), str(tmp_path / "missing")),
+                            (str(tmp_path / "empty"), str(tmp_path / "empty")),
+                            (str(tmp_path / "bad"), "model.norm.weight")):
             r = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": path})
-            assert r.status_code == 400 and path in r.json()["error"]["message"]
+            assert r.status_code == 400 and r.json()["success"] is False
+            assert words in r.json()["message"]
         r = httpx.post(f"{url}/reset_prefix_cache")
         assert r.status_code == 200 and r.json() == {"success": True}
         again = httpx.post(f"{url}/v1/completions", json=body(8), timeout=120)

@@ -289,14 +289,15 @@ class LLMEngine:
         self.kv.pool.forget_cached()
         return True
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | str) -> None:
         """Copy (name, tensor) pairs, transformers' checkpoint names (a `state_dict()`'s
-        items, whole or any part), into the model's parameters in place, so the captured
-        graphs run the new weights; then forget the prefix cache (after a failed update too).
-        Between requests only (ValueError while any is unfinished). A tensor the model has no
-        place for, or of another shape, is a ValueError naming it; the tensors before it in
-        `weights` are already copied. A speculative drafter keeps its own weights but for
-        those it shares with the target (an EAGLE drafter's embedding and LM head)."""
+        items, whole or any part), or a directory of safetensors files in those names, into
+        the model's parameters in place, so the captured graphs run the new weights; then
+        forget the prefix cache. Between requests only (ValueError while any is unfinished).
+        All or nothing: a tensor the model has no place for, or of another shape, is a
+        ValueError naming it before anything is copied (models/loader.update_weights). A
+        speculative drafter keeps its own weights but for those it shares with the target
+        (an EAGLE drafter's embedding and LM head)."""
         if self.has_unfinished_requests():
             raise ValueError(f"update_weights between requests only: {len(self.requests)} "
                              f"are unfinished (let them finish or abort them)")

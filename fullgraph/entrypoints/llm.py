@@ -111,13 +111,15 @@ class LLM:
         return [dataclasses.replace(out, prompt=text) for out, text in zip(outputs, texts)]
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
-                       | Mapping[str, torch.Tensor]) -> None:
+                       | Mapping[str, torch.Tensor] | str) -> None:
         """Load new weights into the running engine, for reinforcement learning between
         rollouts: (name, tensor) pairs or a state dict with transformers' names (a
-        transformers model's `state_dict()` or `named_parameters()`, whole or any part),
-        copied in place, so CUDA graphs stay captured; the prefix cache is reset, since its
-        KV came from the old weights. Nothing may be generating (`generate` returns
-        finished). A speculative drafter keeps its weights."""
+        transformers model's `state_dict()` or `named_parameters()`, whole or any part), or
+        a directory of safetensors files in those names, copied in place, so CUDA graphs
+        stay captured; the prefix cache is reset, since its KV came from the old weights.
+        All or nothing: a bad name or shape is a ValueError and the weights stay as they
+        were. Nothing may be generating (`generate` returns finished). A speculative drafter
+        keeps its weights."""
         self.engine.update_weights(weights.items() if isinstance(weights, Mapping)
                                    else weights)
 

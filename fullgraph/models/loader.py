@@ -38,14 +38,28 @@ def safetensors_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def iterate_weights(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+# safetensors' dtype names (a file header's); others read as float32 on the meta device
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                  "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                  "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def iterate_weights(path: str, progress: bool = True,
+                    meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in the directory's safetensors files; `meta`: tensors
+    on the meta device from the files' headers, shapes and dtypes without reading data."""
     files = safetensors_files(path)
     for file in tqdm(files, desc="Loading weights", unit="file",
                      disable=not progress or len(files) < 2):
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if meta:
+                        s = f.get_slice(name)
+                        yield name, torch.empty(s.get_shape(), device="meta", dtype=(
+                            _HEADER_DTYPES.get(s.get_dtype(), torch.float32)))
+                    else:
+                        yield name, f.get_tensor(name)
         except Exception as e:  # safetensors' own error types for corrupt or truncated files
             raise ValueError(f"cannot read weights from {file}: {e}") from e
 
@@ -71,13 +85,36 @@ def load_model(model_config: ModelConfig, device: torch.device,
     return apply_kernel_policy(model, policy).eval().requires_grad_(False)
 
 
-def update_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                   dtype: torch.dtype, device: torch.device) -> None:
-    """Copy any subset of a checkpoint's tensors into the loaded model's parameters in
-    place (tensors from anywhere: a trainer's parameters, cast and moved here, outside
-    autograd)."""
+def update_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]] | str,
+                   model_config: ModelConfig, device: torch.device) -> None:
+    """Copy any subset of a checkpoint's tensors, (name, tensor) pairs from anywhere (a
+    trainer's parameters, cast and moved here, outside autograd) or a directory of
+    safetensors files, into the loaded model's parameters in place. All or nothing: the
+    tensors are loaded first into a copy of the model on the meta device (shapes only, no
+    memory), so a name the model has no place for, or a wrong shape, is a ValueError before
+    anything is copied."""
+    if isinstance(weights, str):
+        dry = iterate_weights(weights, progress=False, meta=True)
+        real = iterate_weights(weights, progress=False)
+    else:
+        pairs = [(name, _tensor(name, t)) for name, t in weights]
+        dry, real = ((name, t.to("meta")) for name, t in pairs), iter(pairs)
+    with default_dtype(model_config.dtype), torch.device("meta"):
+        shadow = type(model)(model_config.hf_config, max_position=model_config.max_model_len)
+    with torch.device("meta"), torch.no_grad():
+        shadow.load_weights(_cast(dry, model_config.dtype), strict=False)
     with torch.device(device), torch.no_grad():
-        model.load_weights(_cast(weights, dtype), strict=False)
+        model.load_weights(_cast(real, model_config.dtype), strict=False)
+
+
+def _tensor(name: str, t) -> torch.Tensor:
+    """`t` if it is a tensor with values; ValueError naming `name` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"weight {name!r} must be a tensor, got {type(t).__name__}")
+    if t.is_meta or t.is_complex():
+        raise ValueError(f"weight {name!r} is a {'meta' if t.is_meta else t.dtype} tensor: "
+                         f"it has no real values to load")
+    return t
 
 
 def _cast(weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype

@@ -176,8 +176,9 @@ class ModelRunner:
         return self.mm.encoder_graphs if self.mm is not None else None
 
     def update_weights(self, weights) -> None:
-        """(name, tensor) pairs into the model's parameters in place (`LLMEngine`)."""
-        update_weights(self.model, weights, self.config.model.dtype, self.device)
+        """(name, tensor) pairs or a directory into the model's parameters in place, all or
+        nothing (`LLMEngine`)."""
+        update_weights(self.model, weights, self.config.model, self.device)
 
     # ---------------------------------------------------------------- memory
     @property

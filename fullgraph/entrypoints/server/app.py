@@ -14,14 +14,13 @@ import fullgraph
 from fullgraph.engine.async_engine import AsyncLLMEngine
 from fullgraph.entrypoints.server.chat import create_chat_completion
 from fullgraph.entrypoints.server.completions import create_completion
-from fullgraph.entrypoints.server.errors import (APIError, bad_request, error_response,
+from fullgraph.entrypoints.server.errors import (APIError, error_response,
                                                 install_error_handlers)
 from fullgraph.entrypoints.server.metrics import ServerMetrics
 from fullgraph.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                                    VersionResponse)
 from fullgraph.entrypoints.server.serving import ServerState
 from fullgraph.entrypoints.server.tokenization import detokenize, tokenize
-from fullgraph.models.loader import iterate_weights
 
 
 def _api_key_check(key: str):
@@ -33,6 +32,10 @@ def _api_key_check(key: str):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
     return check
+
+
+def _update_failed(message: str) -> JSONResponse:
+    return JSONResponse({"success": False, "message": message}, status_code=400)
 
 
 def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
@@ -84,17 +87,18 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
     # Weights, for reinforcement-learning loops that serve their policy: SGLang's
     # /update_weights_from_disk and vLLM's /reset_prefix_cache. Each waits for the requests
     # in flight to finish; requests sent meanwhile run after it.
+    # /update_weights_from_disk answers in SGLang's shape, failures too: a 400 with
+    # {"success": false, "message": ...}, the weights as they were.
     @tok.post("/update_weights_from_disk")
     async def update_weights_from_disk(body: dict[str, Any] = Body()) -> JSONResponse:
         path = body.get("model_path")
         if not isinstance(path, str) or not os.path.isdir(path):
-            raise bad_request(f"model_path must be a directory on the server holding "
-                              f"*.safetensors weights, got {path!r}", "model_path")
+            return _update_failed(f"model_path must be a directory on the server holding "
+                                  f"*.safetensors weights, got {path!r}")
         try:
-            await engine.call_when_idle(
-                lambda e: e.update_weights(iterate_weights(path, progress=False)))
+            await engine.call_when_idle(lambda e: e.update_weights(path))
         except ValueError as e:
-            raise bad_request(str(e), "model_path") from None
+            return _update_failed(str(e))
         return JSONResponse({"success": True, "message": f"weights loaded from {path}"})
 
     @tok.post("/reset_prefix_cache")
