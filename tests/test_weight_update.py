@@ -181,6 +181,26 @@ def test_the_server_updates_weights_from_disk_between_requests(checkpoints, tmp_
                         streamed += json.loads(line[6:])["choices"][0]["token_ids"]
             return streamed, await update, await after
 
+    async def abort_and_update(url: str):
+        """An update back to the old weights with abort_all_requests, sent once a long
+        request has streamed a token: (that request's token ids, then its finish reason)."""
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async with client.stream("POST", "/v1/completions",
+                                     json=body(400, stream=True)) as running:
+                got, update = [], None
+                async for line in running.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    choice = json.loads(line[6:])["choices"][0]
+                    got += choice["token_ids"]
+                    if choice["finish_reason"] is not None:
+                        got.append(choice["finish_reason"])
+                    elif update is None:
+                        update = asyncio.create_task(client.post(
+                            "/update_weights_from_disk",
+                            json={"model_path": old, "abort_all_requests": True}))
+            return got, await update
+
     with served(engine) as url:
         streamed, update, after = asyncio.run(scenario(url))
         assert update.status_code == 200 and update.json()["success"] is True
@@ -202,3 +222,9 @@ def test_the_server_updates_weights_from_disk_between_requests(checkpoints, tmp_
         assert r.status_code == 200 and r.json() == {"success": True}
         again = httpx.post(f"{url}/v1/completions", json=body(8), timeout=120)
         assert again.json()["choices"][0]["token_ids"] == hf_greedy(refs[new], PROMPTS[0], 8)
+        # SGLang's abort_all_requests: the request in flight ends as aborted, not awaited
+        aborted, update = asyncio.run(abort_and_update(url))
+        assert update.json()["success"] is True and aborted[-1] == "abort"
+        assert 0 < len(aborted) - 1 < 400
+        back = httpx.post(f"{url}/v1/completions", json=body(8), timeout=120)
+        assert back.json()["choices"][0]["token_ids"] == hf_greedy(refs[old], PROMPTS[0], 8)

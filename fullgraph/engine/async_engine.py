@@ -94,10 +94,12 @@ class _Add:
 
 @dataclass(slots=True)
 class _Call:
-    """`fn(engine)` to run once no request is unfinished; its result or error goes to `done`."""
+    """`fn(engine)` to run once no request is unfinished; its result or error goes to `done`.
+    `abort`: the requests unfinished when it arrives are aborted instead of awaited."""
     fn: Callable[[LLMEngine], object]
     loop: asyncio.AbstractEventLoop
     done: asyncio.Future
+    abort: bool = False
 
 
 @dataclass(slots=True)
@@ -157,14 +159,17 @@ class AsyncLLMEngine:
     def abort(self, request_ids: list[str]) -> None:
         self._inbox.put(("abort", list(request_ids)))
 
-    async def call_when_idle(self, fn: Callable[[LLMEngine], object]) -> object:
+    async def call_when_idle(self, fn: Callable[[LLMEngine], object],
+                             abort_running: bool = False) -> object:
         """`fn(engine)` on the engine thread once the requests in flight have finished (those
-        submitted after this call wait for it): its result, or its exception raised here."""
+        submitted after this call wait for it): its result, or its exception raised here.
+        `abort_running`: the requests in flight are aborted instead (their streams end with
+        finish_reason "abort"), as SGLang's `abort_all_requests` does before a weight update."""
         if not self.is_alive:
             raise EngineError(f"the engine is not running: {self._dead}")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._inbox.put(_Call(fn, loop, done))
+        self._inbox.put(_Call(fn, loop, done, abort_running))
         return await done
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -248,6 +253,8 @@ class AsyncLLMEngine:
     def _handle(self, cmd) -> None:
         if isinstance(cmd, _Call):
             self._calls.append(cmd)
+            if cmd.abort:
+                self._abort(list(self.engine.requests))
         elif isinstance(cmd, _Add):
             if self._calls:
                 self._held.append(cmd)
@@ -259,10 +266,13 @@ class AsyncLLMEngine:
             for add in [a for a in self._held if gone & set(a.stream.request_ids)]:
                 self._held.remove(add)
                 _resolve(add.loop, add.admitted, error=EngineError("aborted"))
-            for rid in ids:
-                out = self.engine.abort_request(rid)
-                if out is not None:
-                    self._deliver([out])
+            self._abort(ids)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            out = self.engine.abort_request(rid)
+            if out is not None:
+                self._deliver([out])
 
     def _admit(self, cmd: _Add) -> None:
         try:

@@ -86,17 +86,20 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
 
     # Weights, for reinforcement-learning loops that serve their policy: SGLang's
     # /update_weights_from_disk and vLLM's /reset_prefix_cache. Each waits for the requests
-    # in flight to finish; requests sent meanwhile run after it.
+    # in flight to finish (an update with SGLang's abort_all_requests aborts them); requests
+    # sent meanwhile run after it.
     # /update_weights_from_disk answers in SGLang's shape, failures too: a 400 with
     # {"success": false, "message": ...}, the weights as they were.
     @tok.post("/update_weights_from_disk")
     async def update_weights_from_disk(body: dict[str, Any] = Body()) -> JSONResponse:
-        path = body.get("model_path")
+        path, abort = body.get("model_path"), body.get("abort_all_requests", False)
         if not isinstance(path, str) or not os.path.isdir(path):
             return _update_failed(f"model_path must be a directory on the server holding "
                                   f"*.safetensors weights, got {path!r}")
+        if not isinstance(abort, bool):
+            return _update_failed(f"abort_all_requests must be true or false, got {abort!r}")
         try:
-            await engine.call_when_idle(lambda e: e.update_weights(path))
+            await engine.call_when_idle(lambda e: e.update_weights(path), abort_running=abort)
         except ValueError as e:
             return _update_failed(str(e))
         return JSONResponse({"success": True, "message": f"weights loaded from {path}"})
