@@ -226,6 +226,20 @@ def test_chat_max_tokens_defaults_to_rest_of_context(client):
     assert resp.usage.total_tokens == MAX_LEN
 
 
+def test_truncate_prompt_tokens(client, offline):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens run, as offline."""
+    prompt = "The quick brown fox jumps over the lazy dog"
+    want = offline.generate([prompt], greedy(6, truncate_prompt_tokens=4),
+                            use_tqdm=False)[0]
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                     extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                 "truncate_prompt_tokens": 4})
+    ids = offline.get_tokenizer().encode(prompt, add_special_tokens=False)
+    assert resp.choices[0].prompt_token_ids == ids[-4:] == want.prompt_token_ids
+    assert resp.choices[0].token_ids == want.outputs[0].token_ids
+    assert resp.usage.prompt_tokens == 4
+
+
 def test_stop_strings_and_seed(client, offline):
     base = offline.generate(["The quick brown fox"], greedy(24), use_tqdm=False)[0].outputs[0]
     stop = base.text[len(base.text) // 2:][:3]

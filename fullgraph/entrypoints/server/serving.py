@@ -119,7 +119,8 @@ def sampling_params(state: ServerState, body: SamplingFields, max_tokens: int | 
                  repetition_penalty=body.repetition_penalty, min_p=body.min_p,
                  min_tokens=body.min_tokens, logit_bias=body.logit_bias,
                  bad_words=body.bad_words, allowed_token_ids=body.allowed_token_ids,
-                 prompt_logprobs=body.prompt_logprobs)
+                 prompt_logprobs=body.prompt_logprobs,
+                 truncate_prompt_tokens=body.truncate_prompt_tokens)
     recommended = dict(state.engine.config.model.sampling_defaults)
     # max_tokens None is meaningful (chat: the rest of the context), not "left out"
     merged = ({"temperature": 1.0, "max_tokens": None} | recommended
