@@ -106,6 +106,10 @@ def test_help_shows_defaults_and_vllm_flags():
     # once per flag, and never a default of None
     assert "(default: None)" not in text
     assert not re.search(r"\(default: [^)]*\) \(default:", text), text
+    # the server's own flags are the server's only
+    other = " ".join(run("selftest", "--help").stdout.split())
+    assert "--max-num-seqs" in other
+    assert "--served-model-name" not in other and "--disable-log-stats" not in other
 
 
 def test_subcommands_import_only_what_they_run():

@@ -22,8 +22,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "cache, or a built-in preset with random weights: tiny-qwen3, "
                         "tiny-qwen3.5, tiny-qwen3-vl (CPU-sized), qwen3-0.6b-random and the "
                         "other *-random ones of the README (GPU benchmarks)")
-    g.add_argument("--served-model-name", default=None,
-                   help="the model id the server answers to (default: --model)")
     g.add_argument("--tokenizer", default=None,
                    help="the tokenizer's directory or model id (default: the model's)")
     g.add_argument("--chat-template", default=None,
@@ -83,8 +81,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
                    help="the most top logprobs a request may ask for")
-    g.add_argument("--disable-log-stats", action="store_true",
-                   help="no periodic throughput / KV-usage log line (server)")
     _add_vllm_flags(p.add_argument_group(
         "vLLM flags with a single meaning here (accepted so vLLM command lines run)"))
 

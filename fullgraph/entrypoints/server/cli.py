@@ -31,6 +31,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     # from "--model given the default's value"; the default itself is kept beside it.
     p.set_defaults(model=None, serve_default_model=default)
     g = p.add_argument_group("server")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model id the server answers to (default: --model)")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic throughput / KV-usage log line")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (0.0.0.0 for every interface)")
     g.add_argument("--port", type=_port, default=8000)
