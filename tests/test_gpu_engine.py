@@ -52,3 +52,34 @@ def test_bfloat16_logprobs_close_to_transformers(hf_dir, compile_layers):
     ours_mean, theirs_mean = sum(ours) / len(ours), sum(theirs) / len(theirs)
     assert ours_mean <= 2 * theirs_mean + 1e-3, (ours_mean, theirs_mean)
     assert max(ours) <= 2 * max(theirs) + 1e-2, (max(ours), max(theirs))
+
+
+def test_weight_updates_under_graphs_on_gpu(hf_dir, hf_model, tmp_path):
+    """An RL loop's update on the GPU (float32, FULL graphs, async scheduling): a bad update
+    copies nothing, a good one (a directory, then a state dict) gives transformers' greedy
+    tokens of the new weights without a new capture."""
+    from transformers import Qwen3ForCausalLM
+
+    from conftest import make_hf_checkpoint
+    new = make_hf_checkpoint(str(tmp_path / "new"), seed=1)
+    hf_new = Qwen3ForCausalLM.from_pretrained(new, dtype=torch.float32).eval()
+    llm = LLM(hf_dir, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8,
+              num_gpu_blocks_override=256, enable_prefix_caching=True)
+    ps = prompts([9, 40, 77], seed=3)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+    def tokens():
+        return [o.outputs[0].token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in ps], greedy, use_tqdm=False)]
+
+    assert tokens() == [hf_greedy(hf_model, p, 16) for p in ps]
+    graphs = len(llm.engine.runner.graphs.graphs)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        llm.update_weights(list(hf_new.state_dict().items())
+                           + [("model.norm.weight", torch.zeros(3))])
+    assert tokens() == [hf_greedy(hf_model, p, 16) for p in ps]
+    llm.update_weights(new)
+    assert tokens() == [hf_greedy(hf_new, p, 16) for p in ps]
+    llm.update_weights(hf_model.state_dict())
+    assert tokens() == [hf_greedy(hf_model, p, 16) for p in ps]
+    assert len(llm.engine.runner.graphs.graphs) == graphs
