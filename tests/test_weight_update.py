@@ -228,3 +228,26 @@ def test_the_server_updates_weights_from_disk_between_requests(checkpoints, tmp_
         assert 0 < len(aborted) - 1 < 400
         back = httpx.post(f"{url}/v1/completions", json=body(8), timeout=120)
         assert back.json()["choices"][0]["token_ids"] == hf_greedy(refs[old], PROMPTS[0], 8)
+
+
+def test_a_tied_lm_head_alone_is_skipped_with_a_warning(checkpoints):
+    """The presets tie the LM head to the embedding: `lm_head.weight` is skipped (vLLM's
+    rule), which an update naming it without the embedding is told; with it, no warning."""
+    import logging
+    old, new = checkpoints
+    llm = LLM(old, **KW)
+    before = tokens(llm)
+    head = torch.randn_like(llm.engine.runner.model.lm_head.weight)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("fullgraph").addHandler(handler)
+    try:
+        llm.update_weights({"lm_head.weight": head})
+        assert tokens(llm) == before
+        assert any("update embed_tokens.weight" in r.getMessage() for r in records)
+        records.clear()
+        llm.update_weights({"lm_head.weight": head, "model.embed_tokens.weight": head})
+        assert not records and tokens(llm) != before
+    finally:
+        logging.getLogger("fullgraph").removeHandler(handler)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 
@@ -17,6 +18,7 @@ from fullgraph.layers.policy import DEFAULT_POLICY, KernelPolicy, apply_kernel_p
 from fullgraph.models.registry import get_model_class
 
 INDEX_FILE = "model.safetensors.index.json"
+logger = logging.getLogger(__name__)
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -99,12 +101,24 @@ def update_weights(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Te
     else:
         pairs = [(name, _tensor(name, t)) for name, t in weights]
         dry, real = ((name, t.to("meta")) for name, t in pairs), iter(pairs)
+        _warn_tied_head(pairs, model_config)
     with default_dtype(model_config.dtype), torch.device("meta"):
         shadow = type(model)(model_config.hf_config, max_position=model_config.max_model_len)
     with torch.device("meta"), torch.no_grad():
         shadow.load_weights(_cast(dry, model_config.dtype), strict=False)
     with torch.device(device), torch.no_grad():
         model.load_weights(_cast(real, model_config.dtype), strict=False)
+
+
+def _warn_tied_head(pairs: list[tuple[str, torch.Tensor]], model_config: ModelConfig) -> None:
+    """A tied model's LM head is its embedding: an `lm_head.weight` is skipped (as vLLM skips
+    it), so an update that names it without the embedding changes nothing there; say so."""
+    names = [name for name, _ in pairs]
+    if (model_config.hf_config.get_text_config().tie_word_embeddings
+            and any(n.endswith("lm_head.weight") for n in names)
+            and not any(n.endswith("embed_tokens.weight") for n in names)):
+        logger.warning("lm_head.weight is skipped: this model ties it to its embedding, so "
+                       "update embed_tokens.weight to change the LM head")
 
 
 def _tensor(name: str, t) -> torch.Tensor:
