@@ -157,6 +157,15 @@ def test_bench_throughput_reports_greedy_and_sampled(tmp_path):
     assert 0 < data["sampled_over_greedy"] and "sampled / greedy" in r.stdout
 
 
+def test_benches_draw_text_prompts_for_a_vision_language_model(tmp_path):
+    """Random prompts never hold an image placeholder (tiny-qwen3-vl's vocabulary is 752 ids,
+    three of them the vision tokens): a prompt with image tokens needs images."""
+    for args in (["throughput", "--num-prompts", "16", "--min-len", "64", "--max-len", "128"],
+                 ["latency", "--batch-sizes", "2", "--input-len", "256", "--output-len", "4"]):
+        r = run("bench", *args, "--model", "tiny-qwen3-vl", "--out", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+
+
 def test_bench_compares_the_batch_invariant_mode_in_one_run(tmp_path):
     import json
     r = run("bench", "latency", "--model", "tiny-qwen3", "--batch-sizes", "1", "--input-len",

@@ -1,4 +1,4 @@
-"""Shared pieces of the offline benchmarks: device facts, output files, plots."""
+"""Shared pieces of the offline benchmarks: device facts, output files, plots, prompts."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import platform
 import time
 from datetime import datetime, timezone
 
+import numpy as np
 import torch
 
 
@@ -51,3 +52,14 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def random_prompt(engine, rng: np.random.Generator, n: int, high: int | None = None
+                  ) -> list[int]:
+    """`n` random token ids below `high` (default: the vocabulary) for a text prompt: a draw
+    of an image placeholder (a prompt with image tokens needs images) becomes id 0, so a
+    text model's prompt is what `rng.integers` alone gives."""
+    ids = rng.integers(0, high or engine.config.model.vocab_size, n)
+    if engine.mm_processor is not None:
+        ids[np.isin(ids, engine.mm_processor.placeholder_ids)] = 0
+    return ids.tolist()

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from fullgraph.config import CUDAGraphMode
-from fullgraph.entrypoints.bench.common import copy_bandwidth, header, pyplot, write_json
+from fullgraph.entrypoints.bench.common import (copy_bandwidth, header, pyplot, random_prompt,
+                                                write_json)
 from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 from fullgraph.sampling_params import SamplingParams
 
@@ -91,7 +92,7 @@ def bench_batch(engine, batch: int, input_len: int, output_len: int, rng) -> dic
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     vocab = engine.config.model.vocab_size
     for i in range(batch):
-        ids = rng.integers(0, min(vocab, 50000), input_len).tolist()
+        ids = random_prompt(engine, rng, input_len, min(vocab, 50000))
         engine.add_request(f"lat-{batch}-{i}-{time.monotonic_ns()}", ids, params)
     t0 = time.perf_counter()
     ttft, decode_ms, kernels, prep, counted = None, [], None, None, False

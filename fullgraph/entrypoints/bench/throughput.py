@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from fullgraph.entrypoints.bench.common import copy_bandwidth, header, pyplot, write_json
+from fullgraph.entrypoints.bench.common import (copy_bandwidth, header, pyplot, random_prompt,
+                                                write_json)
 from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 from fullgraph.sampling_params import SamplingParams
 
@@ -43,7 +44,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(engine, in_lens, out_lens, rng, vocab: int, params: dict) -> dict:
     for i, (n_in, n_out) in enumerate(zip(in_lens, out_lens)):
         engine.add_request(f"tp-{params['temperature']}-{i}",
-                           rng.integers(0, vocab, n_in).tolist(),
+                           random_prompt(engine, rng, n_in, vocab),
                            SamplingParams(max_tokens=int(n_out), ignore_eos=True, seed=i,
                                           **params))
     timeline, generated = [], 0
@@ -112,7 +113,7 @@ def measure(ns: argparse.Namespace) -> dict:
     warm_len = min(ns.max_len, engine.config.model.max_model_len - 9)
     warm_n = max(8, 2 * engine.config.scheduler.max_num_batched_tokens // warm_len)
     for params in settings:
-        llm.generate([{"prompt_token_ids": rng.integers(0, vocab, warm_len).tolist()}
+        llm.generate([{"prompt_token_ids": random_prompt(engine, rng, warm_len, vocab)}
                       for _ in range(warm_n)],
                      SamplingParams(max_tokens=8, **params), use_tqdm=False)
     runs = []
