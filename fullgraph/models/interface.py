@@ -12,11 +12,11 @@ never ask which architecture they run. Two cache kinds exist:
   + 1` with k speculative tokens: a request then holds a group of k + 1); a request holds its
   slot index for all layers while it runs, and slot 0 is the null slot that padding lanes use.
 
-A model module exposes a class with `cache_specs(hf_config, policy)`, the `capabilities` below,
-`forward(input_ids, positions, ctx)`, `compute_logits(hidden, out)` and `load_weights`, and
-optionally `check_config(hf_config, raw_config_dict)` (a ValueError naming a field it cannot run with, raised
-when the engine reads the config) and `enable_aux_hidden_states` (a target an EAGLE-3 drafter
-can read, below). Adding one is that module plus a line in registry.py.
+A model module exposes a class with `cache_specs(hf_config, policy)`, the `capabilities`
+below, `forward(input_ids, positions, ctx)`, `compute_logits(hidden, out)` and
+`load_weights`, and optionally `check_config(hf_config, raw_config_dict)` (a ValueError
+naming a field it cannot run with, raised when the engine reads the config) and
+`enable_aux_hidden_states` (a target an EAGLE-3 drafter can read, below). Adding one is that module plus a line in registry.py.
 
 A speculative-decoding drafter (`DraftModel`, models/eagle.py) is not in the registry: the
 engine picks its class by method (`eagle.drafter_class`), as vLLM's `speculative_config` names it.

@@ -87,9 +87,8 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
     # Weights, for reinforcement-learning loops that serve their policy: SGLang's
     # /update_weights_from_disk and vLLM's /reset_prefix_cache. Each waits for the requests
     # in flight to finish (an update with SGLang's abort_all_requests aborts them); requests
-    # sent meanwhile run after it.
-    # /update_weights_from_disk answers in SGLang's shape, failures too: a 400 with
-    # {"success": false, "message": ...}, the weights as they were.
+    # sent meanwhile run after it. The update answers in SGLang's shape, failures too: a 400
+    # with {"success": false, "message": ...}, the weights as they were.
     @tok.post("/update_weights_from_disk")
     async def update_weights_from_disk(body: dict[str, Any] = Body()) -> JSONResponse:
         path, abort = body.get("model_path"), body.get("abort_all_requests", False)
