@@ -16,7 +16,8 @@ A model module exposes a class with `cache_specs(hf_config, policy)`, the `capab
 below, `forward(input_ids, positions, ctx)`, `compute_logits(hidden, out)` and
 `load_weights`, and optionally `check_config(hf_config, raw_config_dict)` (a ValueError
 naming a field it cannot run with, raised when the engine reads the config) and
-`enable_aux_hidden_states` (a target an EAGLE-3 drafter can read, below). Adding one is that module plus a line in registry.py.
+`enable_aux_hidden_states` (a target an EAGLE-3 drafter can read, below). Adding one is
+that module plus a line in registry.py.
 
 A speculative-decoding drafter (`DraftModel`, models/eagle.py) is not in the registry: the
 engine picks its class by method (`eagle.drafter_class`), as vLLM's `speculative_config` names it.
