@@ -723,6 +723,28 @@ def test_api_key(inproc):
     assert http.post("/ping").status_code == 200
 
 
+def test_prompts_are_prepared_off_the_engine_thread(inproc, monkeypatch):
+    """Completions' text prompts are tokenized and chat prompts rendered in worker threads:
+    a megabytes-long prompt tokenized on the engine thread held up every running request."""
+    import threading
+    engine, http = inproc
+    seen = []
+    for name in ("tokenize", "chat_prompt"):
+        real = getattr(engine.engine, name)
+
+        def spy(*args, real=real, **kwargs):
+            seen.append(threading.current_thread())
+            return real(*args, **kwargs)
+        monkeypatch.setattr(engine.engine, name, spy)
+    body = {"model": MODEL, "max_tokens": 2, "ignore_eos": True}
+    r = http.post("/v1/completions", json=body | {"prompt": "hi there"}, headers=AUTH)
+    assert r.status_code == 200
+    r = http.post("/v1/chat/completions", headers=AUTH,
+                  json=body | {"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    assert len(seen) == 2 and engine._thread not in seen
+
+
 def test_step_error_is_reported_and_server_survives(inproc, monkeypatch):
     engine, http = inproc
 

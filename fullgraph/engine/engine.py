@@ -193,18 +193,18 @@ class LLMEngine:
         elif self.mm_processor is not None and self.mm_processor.image_token_id in ids:
             raise ValueError(f"the prompt has image tokens (id "
                              f"{self.mm_processor.image_token_id}) but no images")
-        vocab = model.vocab_size
-        for i, t in enumerate(ids):
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token {t!r} at index {i} is outside the vocabulary "
-                                 f"[0, {vocab})")
-        if len(ids) >= model.max_model_len:
+        if len(ids) >= model.max_model_len:     # first: a long prompt is refused at once
             images = ("" if mm_inputs is None else
                       f" ({sum(p.length for p in mm_inputs.placeholders)} of them for "
                       f"{len(mm_inputs.placeholders)} images)")
             raise ValueError(f"the prompt is {len(ids)} tokens{images} but max_model_len is "
                              f"{model.max_model_len}: at most {model.max_model_len - 1} prompt "
                              f"tokens leave room for one generated token")
+        vocab = model.vocab_size
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token {t!r} at index {i} is outside the vocabulary "
+                                 f"[0, {vocab})")
         room = model.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         needed = self.kv.blocks_for(len(ids) + max_tokens)

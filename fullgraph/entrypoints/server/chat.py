@@ -10,8 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from fullgraph.engine.async_engine import (ChatPrompt, EngineError, GenerationItem,
-                                           GenerationStream)
+from fullgraph.engine.async_engine import EngineError, GenerationItem, GenerationStream
 from fullgraph.entrypoints.server.errors import bad_request
 from fullgraph.entrypoints.server.metrics import RequestTracker
 from fullgraph.entrypoints.server.protocol import (ChatChoice, ChatCompletionChunk,
@@ -151,19 +150,13 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     top_n = body.top_logprobs or 0
     params = sampling_params(state, body, max_tokens, top_n if body.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    if any(isinstance(m["content"], list) for m in messages):     # images
-        try:       # decoded and preprocessed here, in a worker thread: no loop waits on it
-            ids, mm = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: state.prepare_chat_images(list(messages),
-                                                        body.add_generation_prompt,
-                                                        **dict(kwargs)))
-        except ValueError as e:
-            raise bad_request(str(e), "messages") from None
-        item = GenerationItem(rid, ids, params, mm)
-    else:
-        item = GenerationItem(rid, ChatPrompt(messages, body.add_generation_prompt, kwargs),
-                              params)
-    stream = await submit(state, [item], "messages")
+    try:       # rendered (and its images prepared) in a worker thread: no loop waits on it
+        ids, mm = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: state.prepare_chat(list(messages), body.add_generation_prompt,
+                                             **dict(kwargs)))
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from None
+    stream = await submit(state, [GenerationItem(rid, ids, params, mm)], "messages")
     tracker = state.metrics.tracker(body.n)
     role = _response_role(body)
     if body.stream:

@@ -2,6 +2,7 @@
 streamed or not."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -88,7 +89,10 @@ async def create_completion(state: ServerState, body: CompletionRequest,
         # echo's logprobs cover the prompt too: its tokens' logprobs, computed for this
         params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    items = [GenerationItem(f"{rid}-{i}", p, params) for i, p in enumerate(prompts)]
+    loop = asyncio.get_running_loop()       # text prompts tokenized in a worker thread
+    ids = [p if isinstance(p, list) else await loop.run_in_executor(None, state.tokenize, p)
+           for p in prompts]
+    items = [GenerationItem(f"{rid}-{i}", p, params) for i, p in enumerate(ids)]
     stream = await submit(state, items, "prompt")
     # one choice per sample: prompt i's sample j is choice i * n + j (OpenAI's order)
     echo = [_prompt_text(state, p) if body.echo else "" for p in prompts for _ in range(body.n)]

@@ -69,15 +69,21 @@ class ServerState:
         ids, images = engine.chat_prompt(messages, add_generation_prompt, **template_kwargs)
         return ids if images is None else engine.mm_processor.expanded_ids(ids, images)
 
-    def prepare_chat_images(self, messages: list[dict], add_generation_prompt: bool,
-                            **template_kwargs) -> tuple[list[int], Any]:
-        """(expanded prompt ids, MultiModalInputs) of a chat request with images: the
-        template, image decoding and preprocessing, run in a worker thread so neither the
-        event loop nor the engine's step loop waits for them (the same thread-safety
-        argument as `render_chat`; the image processor holds only its config)."""
+    # The prompts are prepared in worker threads, so neither the event loop nor the
+    # engine's step loop waits for a long one (a megabytes-long prompt held every running
+    # request up for seconds while the engine thread tokenized it); the same thread-safety
+    # argument as `render_chat`, and the image processor holds only its config.
+    def prepare_chat(self, messages: list[dict], add_generation_prompt: bool,
+                     **template_kwargs) -> tuple[list[int], Any]:
+        """(prompt ids, MultiModalInputs or None) of a chat request: the template, and its
+        images' decoding and preprocessing (the ids then expanded)."""
         engine = self.engine.engine
         ids, images = engine.chat_prompt(messages, add_generation_prompt, **template_kwargs)
-        return engine.mm_processor.process(ids, images)
+        return engine.mm_processor.process(ids, images) if images else (ids, None)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """A completion's text prompt, as the engine tokenizes it."""
+        return self.engine.engine.tokenize(prompt)
 
 
 def check_model(state: ServerState, model: str | None) -> None:
