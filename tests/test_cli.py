@@ -64,6 +64,13 @@ def test_version_port_range_and_python_dash_m():
         r = run("serve", "tiny-qwen3", "--port", port)
         assert r.returncode == 2 and "a TCP port is 0-65535" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+    # a port in use: said before the model loads (vLLM binds first too)
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        r = run("serve", "tiny-qwen3", "--port", port)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "loaded" not in r.stderr and "Traceback" not in r.stderr
 
 
 def test_selftest_passes_with_fake_graphs_on_cpu():

@@ -1144,9 +1144,9 @@ def test_serve_freezes_what_start_up_made(monkeypatch):
 
     from fullgraph.entrypoints.cli import build_parser
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(
-        frozen=gc.get_freeze_count(), host=kw["host"]))
-    ns = build_parser().parse_args(["serve", MODEL, "--host", "127.0.0.1", "--port", "1",
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: seen.update(
+        frozen=gc.get_freeze_count(), host=sockets[0].getsockname()[0]))
+    ns = build_parser().parse_args(["serve", MODEL, "--host", "127.0.0.1", "--port", "0",
                                     "--max-num-seqs", "2", "--num-gpu-blocks-override", "16"])
     try:
         assert ns.func(ns) == 0

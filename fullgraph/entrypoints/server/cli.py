@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import socket
 import sys
 
 from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
@@ -68,6 +69,16 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (vLLM's order): a port in use is an
+    error at once, not after the model and its graphs have loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def main(ns: argparse.Namespace) -> int:
     resolve_model(ns)       # before engine_args_from: the engine reads ns.model
 
@@ -77,16 +88,22 @@ def main(ns: argparse.Namespace) -> int:
     from fullgraph.engine.engine import LLMEngine
     from fullgraph.entrypoints.server.app import build_app
 
-    engine = AsyncLLMEngine(LLMEngine.from_engine_args(engine_args_from(ns)))
+    args = engine_args_from(ns)      # flags checked before the socket is taken
+    sock = listening_socket(ns.host, ns.port)
     try:
-        app = build_app(engine, api_key=ns.api_key,
-                        allowed_media_path=ns.allowed_local_media_path)
-        freeze_startup_objects()
-        logger.info("serving %s on http://%s:%d", engine.config.model.name, ns.host, ns.port)
-        uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
-                    timeout_graceful_shutdown=5)
+        engine = AsyncLLMEngine(LLMEngine.from_engine_args(args))
+        try:
+            app = build_app(engine, api_key=ns.api_key,
+                            allowed_media_path=ns.allowed_local_media_path)
+            freeze_startup_objects()
+            logger.info("serving %s on http://%s:%d", engine.config.model.name, ns.host,
+                        sock.getsockname()[1])
+            uvicorn.Server(uvicorn.Config(app, log_level=ns.uvicorn_log_level,
+                                          timeout_graceful_shutdown=5)).run(sockets=[sock])
+        finally:
+            engine.shutdown()
     finally:
-        engine.shutdown()
+        sock.close()
     return 0
 
 
