@@ -745,6 +745,38 @@ def test_prompts_are_prepared_off_the_engine_thread(inproc, monkeypatch):
     assert len(seen) == 2 and engine._thread not in seen
 
 
+def test_request_success_counts_what_the_engine_finished(inproc):
+    """request_success_total{stop, length} are the engine's counts: a request that finishes
+    while nobody reads its outputs (its client leaving as it ends) is counted too, and stop +
+    length = request_finished_total."""
+    from fullgraph.engine.async_engine import GenerationItem
+    engine, http = inproc
+
+    def counts() -> tuple[dict[str, float], float]:
+        fams = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        total = [s.value for s in fams["fullgraph:request_finished"].samples
+                 if s.name.endswith("_total")][0]
+        return {s.labels["finished_reason"]: s.value
+                for s in fams["fullgraph:request_success"].samples
+                if s.name.endswith("_total")}, total
+
+    before, finished = counts()
+
+    async def unread():
+        """Submit and never read the stream (its outputs wait on this blocked loop)."""
+        await engine.submit([GenerationItem("unread", [5, 6, 7], SamplingParams(
+            max_tokens=3, ignore_eos=True))])
+        deadline = time.monotonic() + TIMEOUT
+        while counts()[1] == finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return counts()
+
+    after, total = asyncio.run(unread())
+    assert total == finished + 1
+    assert after["length"] == before["length"] + 1 and after["stop"] == before["stop"]
+    assert after["stop"] + after["length"] == total
+
+
 def test_step_error_is_reported_and_server_survives(inproc, monkeypatch):
     engine, http = inproc
 

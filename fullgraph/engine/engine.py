@@ -396,6 +396,7 @@ class LLMEngine:
             self.stats.generation_tokens += num_new
             if req.finish_reason is not None:
                 self.stats.finished_requests += 1
+                self.stats.stopped_requests += req.finish_reason == "stop"
                 outputs.append(self._finish(req))
             elif req.request_id in self._stream:
                 outputs.append(self._output(req))

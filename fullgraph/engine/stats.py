@@ -20,6 +20,7 @@ class EngineStats:
     generation_tokens: int = 0
     steps: int = 0
     finished_requests: int = 0
+    stopped_requests: int = 0        # of the finished: on a stop (eos, token or string)
     aborted_requests: int = 0
     # speculative decoding (vLLM's counters): verified rows that had drafts, their draft
     # tokens, and of them accepted; acceptance rate = accepted / draft tokens, mean
@@ -43,6 +44,7 @@ class EngineSnapshot:
     generation_tokens: int = 0
     steps: int = 0
     finished_requests: int = 0
+    stopped_requests: int = 0
     aborted_requests: int = 0
     num_graph_steps: int = 0
     num_eager_fallbacks: int = 0

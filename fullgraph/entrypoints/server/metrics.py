@@ -6,9 +6,9 @@ Latency histograms are observed here, per request, from the outputs the server r
 they use the engine's own timestamps, not the time an output reached the event loop.
 Each app gets its own registry: no module-global state, several servers per process work.
 
-`request_success_total{finished_reason}`: `stop` and `length` are counted here as outputs
-arrive; `abort` is the engine's own count of aborted requests (a client that disconnects
-never reads its request's final output, so the server cannot count it from outputs).
+`request_success_total{finished_reason}`: the engine's counts (`stop`, `length`: the
+finished requests not stopped, `abort`), so a request that finished as its client left is
+counted too.
 """
 from __future__ import annotations
 
@@ -60,15 +60,17 @@ _COUNTERS = [
 
 
 class _EngineCollector(Collector):
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str,
-                 finished: dict[str, int]) -> None:
-        self.snapshot, self.model, self.finished = snapshot, model, finished
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str) -> None:
+        self.snapshot, self.model = snapshot, model
 
     def collect(self) -> Iterator:
         snap = self.snapshot()
         c = CounterMetricFamily("fullgraph:request_success", "Requests that ended, by reason.",
                                 labels=["model_name", "finished_reason"])
-        for reason, count in {**self.finished, "abort": snap.aborted_requests}.items():
+        reasons = {"stop": snap.stopped_requests,
+                   "length": snap.finished_requests - snap.stopped_requests,
+                   "abort": snap.aborted_requests}
+        for reason, count in reasons.items():
             c.add_metric([self.model, reason], float(count))
         yield c
         for name, doc, attr in _GAUGES:
@@ -83,10 +85,8 @@ class _EngineCollector(Collector):
 
 class ServerMetrics:
     def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str) -> None:
-        # finish reason -> requests seen to end with it (not "abort": the engine counts those)
-        self.finished: dict[str, int] = {"stop": 0, "length": 0}
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(snapshot, model, self.finished))
+        self.registry.register(_EngineCollector(snapshot, model))
         labels, reg = ["model_name"], self.registry
         self.ttft = Histogram("fullgraph:time_to_first_token_seconds",
                               "Time from arrival to the first generated token.", labels,
@@ -124,9 +124,5 @@ class RequestTracker:
             elif self.last[index] is not None:
                 m.itl.observe((t - self.last[index]) / (n - self.seen[index]))
             self.seen[index], self.last[index] = n, t
-        if out.finished:
-            if t is not None:
-                m.e2e.observe(t - times["arrival_time"])
-            reason = out.outputs[0].finish_reason or "unknown"
-            if reason != "abort":       # already in the engine's count
-                m.finished[reason] = m.finished.get(reason, 0) + 1
+        if out.finished and t is not None:
+            m.e2e.observe(t - times["arrival_time"])
