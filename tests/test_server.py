@@ -50,29 +50,35 @@ class ServerProcess:
     log: Path       # the server's stdout and stderr
 
 
+def spawn_server(log_path: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`fullgraph serve MODEL` in a subprocess on a free port, once healthy: (process, url)."""
+    port = _free_port()
+    with open(log_path, "w") as log:     # the child keeps its own descriptor
+        proc = subprocess.Popen(   # the model as a positional argument, as `vllm serve MODEL`
+            [sys.executable, "-m", "fullgraph.entrypoints.server.cli", MODEL,
+             "--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning",
+             *ENGINE_FLAGS, *flags], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not become healthy:\n{log_path.read_text()}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server_process(offline, tmp_path_factory) -> ServerProcess:
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(   # the model as a positional argument, as `vllm serve MODEL`
-        [sys.executable, "-m", "fullgraph.entrypoints.server.cli", MODEL,
-         "--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning",
-         *ENGINE_FLAGS], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
+    proc, url = spawn_server(log_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.2)
         yield ServerProcess(url, log_path)
     finally:
         proc.terminate()
@@ -81,7 +87,6 @@ def server_process(offline, tmp_path_factory) -> ServerProcess:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -1164,6 +1169,35 @@ def test_continuous_usage_stats(server, client):
         model=MODEL, prompt="The cat", max_tokens=3, temperature=0, stream=True,
         stream_options={"continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
     assert chunks and all(ch.usage is None for ch in chunks)
+
+
+def test_sigterm_drains_then_fails_what_is_left(tmp_path):
+    """On SIGTERM the server stops accepting, gives the requests in flight --shutdown-timeout
+    seconds, then stops the engine: a stream still running ends with an error event and
+    [DONE] (uvicorn alone cut it off mid-message), a waiting call gets a JSON error."""
+    import signal
+    import threading
+    proc, url = spawn_server(tmp_path / "server.log", "--shutdown-timeout", "0")
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 500, "ignore_eos": True}
+    waiting = {}
+    plain = threading.Thread(target=lambda: waiting.update(
+        r=httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT)))
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True},
+                          timeout=TIMEOUT) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            plain.start()
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        plain.join(TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rest[-1] == "data: [DONE]" and "error" in json.loads(rest[-2][6:]), rest[-3:]
+    assert waiting["r"].status_code >= 500 and "error" in waiting["r"].json()
 
 
 def test_serve_freezes_what_start_up_made(monkeypatch):

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import socket
 import sys
+import time
 
 from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
 
@@ -36,6 +38,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model id the server answers to (default: --model)")
     g.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic throughput / KV-usage log line")
+    g.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGINT / SIGTERM, how long the requests in flight may take to "
+                        "finish; then the rest fail (a stream ends with an error event)")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (0.0.0.0 for every interface)")
     g.add_argument("--port", type=_port, default=8000)
@@ -79,6 +84,27 @@ def listening_socket(host: str, port: int) -> socket.socket:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def draining_server(config, engine, drain_s: float):
+    """uvicorn's server whose shutdown lets the engine drain first: new connections are
+    refused at once, the requests in flight get `drain_s` seconds to finish, then the engine
+    stops and fails the rest, so their streams end with an error event and `[DONE]` and
+    waiting calls answer with an error, before uvicorn closes what is left (on its own it
+    cut them off after its graceful timeout, streams mid-message)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            for server in self.servers:
+                server.close()
+            deadline = time.monotonic() + drain_s
+            while not engine.snapshot.idle and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(engine.shutdown)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
+
+
 def main(ns: argparse.Namespace) -> int:
     resolve_model(ns)       # before engine_args_from: the engine reads ns.model
 
@@ -98,8 +124,9 @@ def main(ns: argparse.Namespace) -> int:
             freeze_startup_objects()
             logger.info("serving %s on http://%s:%d", engine.config.model.name, ns.host,
                         sock.getsockname()[1])
-            uvicorn.Server(uvicorn.Config(app, log_level=ns.uvicorn_log_level,
-                                          timeout_graceful_shutdown=5)).run(sockets=[sock])
+            config = uvicorn.Config(app, log_level=ns.uvicorn_log_level,
+                                    timeout_graceful_shutdown=5)
+            draining_server(config, engine, ns.shutdown_timeout).run(sockets=[sock])
         finally:
             engine.shutdown()
     finally:
