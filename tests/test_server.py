@@ -137,6 +137,7 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 # ---------------------------------------------------------------- happy paths
 def test_health_and_models(server, client):
     assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+    assert httpx.head(f"{server}/health", timeout=5).status_code == 200
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
 

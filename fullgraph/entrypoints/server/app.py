@@ -111,7 +111,7 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
     app.include_router(tok)
 
     # Probes and version: no key, like /health and /metrics.
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # load balancers probe with HEAD
     async def health() -> Response:
         if not engine.is_alive:
             return error_response(503, "the engine loop is not running")
