@@ -32,6 +32,10 @@ class EngineError(RuntimeError):
     """A request failed for a reason other than its own input (a step raised, shutdown)."""
 
 
+class EngineStopped(EngineError):
+    """The engine was shut down (a server's 503: the service is going away, not broken)."""
+
+
 @dataclass(slots=True, frozen=True)
 class ChatPrompt:
     """Messages rendered with the tokenizer's chat template on the engine thread."""
@@ -206,7 +210,7 @@ class AsyncLLMEngine:
             self._refuse_waiting(error)
 
     def _stop(self, cmds: list) -> None:
-        self._dead = EngineError("the engine was shut down")
+        self._dead = EngineStopped("the engine was shut down")
         self._fail_all(self._dead)
         self._refuse_waiting(self._dead)
         for cmd in cmds:

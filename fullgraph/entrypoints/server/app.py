@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Request
+from fastapi import APIRouter, Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -14,8 +14,7 @@ import fullgraph
 from fullgraph.engine.async_engine import AsyncLLMEngine
 from fullgraph.entrypoints.server.chat import create_chat_completion
 from fullgraph.entrypoints.server.completions import create_completion
-from fullgraph.entrypoints.server.errors import (APIError, error_response,
-                                                install_error_handlers)
+from fullgraph.entrypoints.server.errors import error_response, install_error_handlers
 from fullgraph.entrypoints.server.metrics import ServerMetrics
 from fullgraph.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                                    VersionResponse)
@@ -23,15 +22,25 @@ from fullgraph.entrypoints.server.serving import ServerState
 from fullgraph.entrypoints.server.tokenization import detokenize, tokenize
 
 
-def _api_key_check(key: str):
-    expected = f"Bearer {key}".encode()
+class _APIKey:
+    """`--api-key` as an ASGI middleware (vLLM's order): a request to a protected path
+    without the key is a 401 before its body is read, so a malformed body is not a 400."""
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/update_weights_from_disk",
+                 "/reset_prefix_cache")
 
-    async def check(request: Request) -> None:
-        got = request.headers.get("authorization", "").encode()
-        if not secrets.compare_digest(got, expected):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
-    return check
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.PROTECTED):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(got, self.expected):
+                response = error_response(
+                    401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                    code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _update_failed(message: str) -> JSONResponse:
@@ -51,8 +60,9 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
     app.state.server = state
     install_error_handlers(app)
 
-    auth = [Depends(_api_key_check(api_key))] if api_key else []
-    v1 = APIRouter(prefix="/v1", dependencies=auth)
+    if api_key:
+        app.add_middleware(_APIKey, key=api_key)
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models() -> JSONResponse:
@@ -74,7 +84,7 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
 
     # vLLM's tokenizer endpoints (and the weight endpoints below): outside /v1, but behind
     # --api-key as vLLM has them.
-    tok = APIRouter(dependencies=auth)
+    tok = APIRouter()
 
     @tok.post("/tokenize")
     async def tokenize_route(body: dict[str, Any] = Body()) -> JSONResponse:

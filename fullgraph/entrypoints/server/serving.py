@@ -13,8 +13,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from fullgraph.engine.async_engine import (AsyncLLMEngine, EngineError, GenerationItem,
-                                           GenerationStream)
+from fullgraph.engine.async_engine import (AsyncLLMEngine, EngineError, EngineStopped,
+                                           GenerationItem, GenerationStream)
 from fullgraph.entrypoints.server.errors import APIError, bad_request, error_body, param_of
 from fullgraph.entrypoints.server.metrics import RequestTracker, ServerMetrics
 from fullgraph.entrypoints.server.protocol import SamplingFields, UsageInfo
@@ -191,7 +191,7 @@ async def run_to_end(request: Request, stream: GenerationStream,
     try:
         return consumer.result()
     except EngineError as e:
-        raise APIError(500, str(e)) from None
+        raise APIError(503 if isinstance(e, EngineStopped) else 500, str(e)) from None
 
 
 def prompt_logprobs_body(out: RequestOutput) -> list | None:
