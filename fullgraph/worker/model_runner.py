@@ -330,8 +330,8 @@ class ModelRunner:
         compiles0 = compile_count()
         # Decode descriptors warm up first: they need most of the kernel variants (row bucket,
         # split count), which compile-ahead's workers then compile while (flex backend) a mixed
-        # descriptor compiles the packed FlexAttention kernel here (dynamo and inductor, ~7 s on
-        # an H100 when no memory-profiling step compiled it before).
+        # descriptor compiles the packed FlexAttention kernel here (dynamo and inductor: the
+        # longest compile, when no memory-profiling step compiled it before).
         decode_first = sorted(keys, key=lambda k: getattr(k, "uniform_query_len", None) is None)
         with torch.inference_mode():
             pairs, report = self.graphs.capture(keys, self._create_forward_fn,

@@ -66,10 +66,9 @@ def resolve_model(ns: argparse.Namespace) -> None:
 
 def freeze_startup_objects() -> None:
     """Collect once, then keep what start-up made (modules, the model, the engine) out of
-    every later collection (`gc.freeze`): a full collection of a served process scans
-    ~370,000 such objects, ~200 ms on the CPU machine (docs/benchmarks.md, thirtieth
-    session), a pause for every running request whenever Python's collector runs it. The
-    server owns its process, so nothing else's garbage is frozen."""
+    every later collection (`gc.freeze`): otherwise each full collection scans all of it, a
+    pause for every running request (docs/benchmarks.md, thirtieth session, measures one).
+    The server owns its process, so nothing else's garbage is frozen."""
     gc.collect()
     gc.freeze()
 

@@ -117,8 +117,8 @@ def collector_paused(collect: bool = True) -> Iterator[None]:
     engine's capture in one process failed now and then before this, and not since
     (docs/benchmarks.md, twenty-sixth and twenty-seventh sessions). Pausing is what keeps the
     collector out of a capture; the collection first frees such garbage early. Lazy captures,
-    between a server's steps, skip it: a full collection of a served process's ~370,000
-    objects took ~200 ms on the CPU machine (docs/benchmarks.md, thirtieth session)."""
+    between a server's steps, skip it: in a served process a full collection is a long
+    pause for every running request (docs/benchmarks.md, thirtieth session)."""
     if collect:
         gc.collect()
     enabled = gc.isenabled()
