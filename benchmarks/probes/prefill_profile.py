@@ -5,6 +5,8 @@ up (compiles, a lazily captured graph), then once under torch.profiler. Prints t
 wall time, the kernels grouped by name (count, µs, share), the bf16 TFLOP/s the step's
 projections imply (2 x parameters x tokens), and the step's FLOP with causal attention as a
 share of the bf16 peak measured in the same run (the best of a few large cuBLAS matmuls).
+Then the TTFT of `--ttft-requests` prompts admitted at once, through the engine's own step
+loop: its wall time, each step call's host time and the GPU's idle gaps in that window.
 
     python benchmarks/probes/prefill_profile.py [--model qwen3-0.6b-random] [--input-len 512]
 """
@@ -19,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fullgraph import LLM, SamplingParams
-from profile_step import random_prompts   # this folder, sys.path[0] when run
+from profile_step import print_idle, random_prompts   # this folder, sys.path[0] when run
 
 
 def prefill_step(engine, prompts: list[list[int]], tag: str) -> float:
@@ -39,6 +41,45 @@ def prefill_step(engine, prompts: list[list[int]], tag: str) -> float:
     while engine.has_unfinished_requests():
         engine.step()
     return ms
+
+
+def ttft_window(engine, prompts: list[list[int]], tag: str) -> tuple[float, list[float]]:
+    """Admit every prompt and step (the engine's own loop: async scheduling as configured)
+    until each has its first token; returns the wall ms of that window and of each
+    `engine.step()` call in it. The requests are aborted after."""
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    steps = []
+    while not all(r.output_token_ids for r in engine.requests.values()):
+        t = time.perf_counter()
+        engine.step()
+        steps.append((time.perf_counter() - t) * 1e3)
+    wall = (time.perf_counter() - t0) * 1e3
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return wall, steps
+
+
+def profile_ttft(engine, rng, requests: int, input_len: int, top: int) -> None:
+    """The TTFT of `requests` prompts at once (128 x 512: issue 27's <= 150 ms), warmed up
+    once, then profiled: the window's wall time, each step call's host time, the kernels'
+    time and where the GPU idles."""
+    wall, _ = ttft_window(engine, random_prompts(rng, requests, input_len), "tw")
+    print(f"\nTTFT of {requests} x {input_len} (warm-up run): {wall:.1f} ms")
+    wall, _ = ttft_window(engine, random_prompts(rng, requests, input_len), "tt")
+    print(f"TTFT of {requests} x {input_len} (timed run, no profiler): {wall:.1f} ms")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall, steps = ttft_window(engine, random_prompts(rng, requests, input_len), "tp")
+    kernels = sum(e.device_time_total for e in prof.events() if e.device_type.name == "CUDA")
+    print(f"under the profiler: {wall:.1f} ms, {len(steps)} step calls (host ms each: "
+          + ", ".join(f"{s:.2f}" for s in steps) + f"), kernels {kernels / 1e3:.2f} ms")
+    print_idle(prof, len(steps), top)
 
 
 def matmul_peak(n: int = 8192, repeats: int = 20) -> float:
@@ -62,6 +103,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--ttft-requests", type=int, default=128,
+                    help="then the TTFT of this many prompts at once (0: not measured)")
     a = ap.parse_args()
     llm = LLM(a.model, max_num_batched_tokens=a.max_num_batched_tokens)
     engine = llm.engine
@@ -96,6 +139,8 @@ def main() -> None:
     print(f"step: {flop / 1e12:.2f} TFLOP with causal attention -> {achieved:.0f} TFLOP/s, "
           f"{100 * achieved / peak:.0f}% of the bf16 matmul peak measured now ({peak:.0f} "
           f"TFLOP/s, 8192^3)")
+    if a.ttft_requests:
+        profile_ttft(engine, rng, a.ttft_requests, a.input_len, a.top)
 
 
 if __name__ == "__main__":
