@@ -129,10 +129,10 @@ def test_chat_template_options_as_transformers_renders_them(llm):
 
 
 def test_output_metrics_time_the_request(llm):
-    """vLLM's request metrics: arrival, first and last token, finish, in that order (seconds
-    on one monotonic clock)."""
+    """vLLM's request metrics: arrival, first scheduled, first and last token, finish, in
+    that order (seconds on one monotonic clock)."""
     out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
                        use_tqdm=False)[0]
     m = out.metrics
-    assert (m["arrival_time"] <= m["first_token_time"] < m["last_token_time"]
-            <= m["finished_time"])
+    assert (m["arrival_time"] <= m["first_scheduled_time"] < m["first_token_time"]
+            < m["last_token_time"] <= m["finished_time"])

@@ -668,6 +668,29 @@ def test_metrics_parse(server, client):
     assert reasons["abort"] == m["fullgraph:request_aborted_total"]    # the engine's count
 
 
+def test_request_phase_metrics(server, client):
+    """vLLM's per-request histograms: queue, prefill, decode and inference time from the
+    engine's timestamps (inference = prefill + decode), prompt and generated token counts;
+    one finished request adds one observation to each."""
+    phases = ["queue", "prefill", "decode", "inference"]
+    names = [f"fullgraph:request_{p}_time_seconds" for p in phases] + [
+        "fullgraph:request_prompt_tokens", "fullgraph:request_generation_tokens"]
+    before = metrics(server)
+    client.completions.create(model=MODEL, prompt=list(range(10, 17)), max_tokens=5,
+                              temperature=0, extra_body={"ignore_eos": True})
+    after = metrics(server)
+    for name in names:
+        assert after["__families__"][name].type == "histogram", name
+    delta = {name: (after[f"{name}_count"] - before.get(f"{name}_count", 0),
+                    after[f"{name}_sum"] - before.get(f"{name}_sum", 0)) for name in names}
+    assert all(count == 1 for count, _ in delta.values()), delta
+    assert delta["fullgraph:request_prompt_tokens"][1] == 7
+    assert delta["fullgraph:request_generation_tokens"][1] == 5
+    queue, prefill, decode, inference = (delta[n][1] for n in names[:4])
+    assert queue >= 0 and prefill > 0 and decode > 0
+    assert inference == pytest.approx(prefill + decode, abs=1e-6)
+
+
 @pytest.mark.parametrize("load", [["--concurrency", "4"], ["--request-rate", "200"]])
 def test_bench_serve(server, tmp_path, load):
     import argparse

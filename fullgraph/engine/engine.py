@@ -358,6 +358,10 @@ class LLMEngine:
         blocks, slots = self.kv.take_copies()
         if blocks or slots:              # forked samples' partial blocks and states
             self.runner.copy_caches(blocks, slots)
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.request.first_scheduled_time is None:   # kept through preemptions (vLLM's)
+                s.request.first_scheduled_time = now
         pending = self.runner.launch(sched.scheduled)
         for s, entry in zip(sched.scheduled, launched):
             s.request.num_computed_tokens += s.num_new_tokens
@@ -480,7 +484,7 @@ class LLMEngine:
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             finish_reason=req.finish_reason, stop_reason=req.stop_reason)
         metrics = {"arrival_time": req.arrival_time}
-        for name in ("first_token_time", "last_token_time"):
+        for name in ("first_scheduled_time", "first_token_time", "last_token_time"):
             if getattr(req, name) is not None:
                 metrics[name] = getattr(req, name)
         if finished:

@@ -57,7 +57,8 @@ class Request:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    first_token_time: float | None = None      # time.monotonic(), as arrival_time
+    first_scheduled_time: float | None = None  # time.monotonic(), as arrival_time
+    first_token_time: float | None = None
     last_token_time: float | None = None
     needs_sampling_state: bool = field(init=False, default=False)   # penalties, bias ...
     # its next token's bans depend on its last one (multi-token bad words): never scheduled

@@ -53,7 +53,8 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
     `allowed_media_path`: a directory whose image files chat requests may name."""
     name = engine.config.model.name
     state = ServerState(engine=engine, model_name=name,
-                        metrics=ServerMetrics(lambda: engine.snapshot, name),
+                        metrics=ServerMetrics(lambda: engine.snapshot, name,
+                                              engine.config.model.max_model_len),
                         api_key=api_key, created=int(time.time()),
                         allowed_media_path=allowed_media_path)
     app = FastAPI(title="fullgraph", description="OpenAI-compatible fullgraph server")

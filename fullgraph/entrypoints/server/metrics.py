@@ -23,6 +23,28 @@ from fullgraph.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# a finished request's phases (vLLM's): (name, help, start, end) of RequestOutput.metrics
+_PHASES = [
+    ("request_queue_time_seconds", "Time from arrival to first being scheduled.",
+     "arrival_time", "first_scheduled_time"),
+    ("request_prefill_time_seconds", "Time from first being scheduled to the first token.",
+     "first_scheduled_time", "first_token_time"),
+    ("request_decode_time_seconds", "Time from the first token to the last.",
+     "first_token_time", "last_token_time"),
+    ("request_inference_time_seconds", "Time from first being scheduled to the last token.",
+     "first_scheduled_time", "last_token_time"),
+]
+
+
+def token_buckets(max_model_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50 ... up to max_model_len (vLLM's token-count buckets)."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > max_model_len:
+                return buckets
+            buckets.append(m * scale)
+        scale *= 10
 
 # (name, help, snapshot field)
 _GAUGES = [
@@ -84,7 +106,8 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model: str,
+                 max_model_len: int) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(snapshot, model))
         labels, reg = ["model_name"], self.registry
@@ -97,6 +120,16 @@ class ServerMetrics:
         self.e2e = Histogram("fullgraph:e2e_request_latency_seconds",
                              "Time from arrival to the last token.", labels, registry=reg,
                              buckets=_LATENCY_BUCKETS).labels(model)
+        self.phases = [(Histogram(f"fullgraph:{name}", doc, labels, registry=reg,
+                                  buckets=_LATENCY_BUCKETS).labels(model), start, end)
+                       for name, doc, start, end in _PHASES]
+        tokens = token_buckets(max_model_len)
+        self.prompt_tokens = Histogram("fullgraph:request_prompt_tokens",
+                                       "Prompt tokens of a finished request.", labels,
+                                       registry=reg, buckets=tokens).labels(model)
+        self.generation_tokens = Histogram("fullgraph:request_generation_tokens",
+                                           "Tokens a finished request generated.", labels,
+                                           registry=reg, buckets=tokens).labels(model)
         self.model = model
 
     def render(self) -> bytes:
@@ -126,3 +159,8 @@ class RequestTracker:
             self.seen[index], self.last[index] = n, t
         if out.finished and t is not None:
             m.e2e.observe(t - times["arrival_time"])
+            for histogram, start, end in m.phases:
+                if start in times and end in times:
+                    histogram.observe(times[end] - times[start])
+            m.prompt_tokens.observe(len(out.prompt_token_ids))
+            m.generation_tokens.observe(n)
