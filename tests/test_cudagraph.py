@@ -218,29 +218,6 @@ def test_graph_replay_matches_eager_on_random_batches(engines):
     assert d.num_graph_steps < runner.graphs.num_replays <= 2 * d.num_graph_steps
 
 
-def test_steps_outside_full_graphs_are_marked_eager(engines, monkeypatch):
-    """A step's attention inputs say whether its kernels launch from the host (no FULL graph
-    around them), which backends read to launch fewer kernels (flex.fuse_qk_norm_rope)."""
-    graphs, eager = engines
-    seen = []
-    for llm in (graphs, eager):
-        buffers = llm.engine.runner.buffers
-        prepare = buffers.prepare
-
-        def recorded(*args, prepare=prepare, graphed=llm is graphs, **kwargs):
-            step = prepare(*args, **kwargs)
-            seen.append((graphed, step.num_tokens, step.attention.eager))
-            return step
-        monkeypatch.setattr(buffers, "prepare", recorded)
-        # 40 prompt tokens: above the 32-token budget and the largest graph (16): one step
-        # of 32 eagerly (the fallback), then graphs
-        llm.generate([{"prompt_token_ids": list(range(1, 41))}],
-                     SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
-    assert {e for g, _, e in seen if not g} == {True}
-    assert (True, 32, True) in seen and (True, 1, False) in seen
-    assert all(e == (n > 16) for g, n, e in seen if g)
-
-
 def test_graph_inputs_are_never_reallocated(engines):
     graphs, _ = engines
     runner = graphs.engine.runner

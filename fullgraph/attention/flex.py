@@ -113,15 +113,13 @@ class PagedDecodeMetadata:
     fuse_qk: bool            # q/k norm, RoPE and the K/V store inside the kernel
 
 
-def fuse_qk_norm_rope(num_reqs: int, num_splits: int, eager: bool = False) -> bool:
+def fuse_qk_norm_rope(num_reqs: int, num_splits: int) -> bool:
     """Whether decode attention starts from the qkv projection (attention/paged_decode_qk.py).
 
-    In a graph, measured on an H100, same machine, Qwen3-0.6B shapes (docs/benchmarks.md,
-    sixth session): batch 2 / 4 / 8 / 16 (16 / 8 / 4 / 2 splits) 8 / 6 / 9 / 3.5% faster per
-    step; batch 1 1-4% slower; one split (batch 24 and up) 0-5% slower, most at 128.
-    Launched eagerly always: a step's host time, not its kernels, bounds an eager step, and
-    fusing saves a launch a layer (docs/benchmarks.md, issue 27)."""
-    return eager or (num_reqs > 1 and num_splits > 1)
+    Measured on an H100, same machine, Qwen3-0.6B shapes (docs/benchmarks.md, sixth
+    session): batch 2 / 4 / 8 / 16 (16 / 8 / 4 / 2 splits) 8 / 6 / 9 / 3.5% faster per
+    step; batch 1 1-4% slower; one split (batch 24 and up) 0-5% slower, most at 128."""
+    return num_reqs > 1 and num_splits > 1
 
 
 class FlexAttentionBackend:
@@ -261,7 +259,7 @@ class FlexAttentionBackend:
             if self.paged and self.group * q <= paged.MAX_QUERY_ROWS:
                 splits = paged.decode_splits(r, self.spec.num_kv_heads, self.num_sms)
                 return PagedDecodeMetadata(r, q, splits, inputs.seq_lens, inputs.block_table,
-                                           fuse_qk_norm_rope(r, splits, inputs.eager))
+                                           fuse_qk_norm_rope(r, splits))
             rows = decode_rows(r, q, self.spec.max_num_seqs)
             mask = BlockMask.from_kv_blocks(
                 self.decode_kv_num_blocks[:rows].view(rows, 1, 1),

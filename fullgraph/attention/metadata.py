@@ -50,9 +50,6 @@ class StepAttentionInputs:
     block_table_cpu: np.ndarray
     # [num_reqs_padded] linear-attention state slot per request (0: the null slot)
     state_slots: torch.Tensor | None = None
-    # attention's kernels launch from the host each step (no FULL graph around them): a
-    # launch saved is host time saved, which outweighs a kernel a few percent slower
-    eager: bool = False
 
 
 @dataclass(frozen=True, slots=True)

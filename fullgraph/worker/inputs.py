@@ -380,8 +380,7 @@ class InputBuffers:
             uniform_query_len=desc.uniform_query_len, positions=v.positions,
             slot_mapping=v.slot_mapping, seq_lens=v.seq_lens, query_start_loc=v.query_start_loc,
             block_table=v.block_table, state_slots=v.state_slots, positions_cpu=pos,
-            seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt,
-            eager=desc.mode != CUDAGraphMode.FULL)
+            seq_lens_cpu=seq, query_start_loc_cpu=qsl, block_table_cpu=bt)
         features, num_logprobs = self._sampling_flags
         sampling = dataclasses.replace(v.sampling, all_greedy=not features.sample,
                                        any_top_k_top_p=features.filter, num_logprobs=num_logprobs)
