@@ -50,11 +50,13 @@ class GraphRuntime(Protocol):
         """Record `fn`; return (graph, fn's outputs, which every replay refreshes). Where
         `fn` calls `between_pieces`, the graph is a `PiecewiseGraph`."""
 
-    def between_pieces(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run `fn` outside the graph being captured (PIECEWISE mode: attention): what was
-        captured so far becomes one piece, `fn` runs eagerly now and again at every replay
-        (its result copied into the tensor it returned now), and capture goes on in a next
-        piece. Outside a capture it just runs `fn`."""
+    def between_pieces(self, fn: Callable[..., torch.Tensor],
+                       *args: torch.Tensor) -> torch.Tensor:
+        """Run `fn(*args)` outside the graph being captured (PIECEWISE mode: attention;
+        `args`: the tensors the pieces computed for it): what was captured so far becomes one
+        piece, `fn` runs eagerly now and again at every replay (its result copied into the
+        tensor it returned now), and capture goes on in a next piece. Outside a capture it
+        just runs `fn(*args)`."""
 
     def replay(self, graph: Any) -> None: ...
 
