@@ -254,6 +254,7 @@ def random_generation(llms, seed: int, trials: int = 3):
     ("tiny-qwen3", dict(batch_invariant=True)),      # bit for bit: the invariant kernels
     ("tiny-qwen3", dict(attention_backend="sdpa")),   # cannot be captured in FULL graphs
     ("tiny-qwen3.5", {}),                             # hybrid: GDN layers inside the pieces
+    ("tiny-qwen3-vl", {}),                            # MRoPE rows made outside the pieces
 ])
 def test_piecewise_graphs_equal_full_graphs_and_eager(model, kw):
     """--cudagraph-mode piecewise: graphs around everything but attention, which runs
