@@ -121,7 +121,7 @@ class ForwardContext:
     def __init__(self, backend: AttentionBackend, metadata: Any, kv_caches: list[KVCache],
                  slot_mapping: torch.Tensor, state_caches: list[tuple[torch.Tensor, ...]] = (),
                  state_metadata: Any = None, multimodal: Any = None,
-                 piecewise: Callable[[Callable[[], torch.Tensor]], torch.Tensor] | None = None):
+                 piecewise: Callable[..., torch.Tensor] | None = None):
         self.backend = backend
         self.metadata = metadata
         self.kv_caches = kv_caches        # per full-attention layer
@@ -148,7 +148,7 @@ class ForwardContext:
     @torch.compiler.disable
     def attention(self, q: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         if self.piecewise is not None:
-            return self.piecewise(lambda: self.backend.forward(q, kv_cache, self.metadata))
+            return self.piecewise(lambda q: self.backend.forward(q, kv_cache, self.metadata), q)
         return self.backend.forward(q, kv_cache, self.metadata)
 
     @torch.compiler.disable
@@ -157,8 +157,9 @@ class ForwardContext:
         """Attention from the qkv projection: the prologue and the K/V store, then attention
         (one kernel where the backend fuses them: decode steps of the flex backend on CUDA)."""
         if self.piecewise is not None:
-            return self.piecewise(lambda: self._attention_qkv(qkv, positions, kv_cache,
-                                                              prologue))
+            return self.piecewise(
+                lambda qkv, positions: self._attention_qkv(qkv, positions, kv_cache, prologue),
+                qkv, positions)
         return self._attention_qkv(qkv, positions, kv_cache, prologue)
 
     def _attention_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,

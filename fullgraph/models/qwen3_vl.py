@@ -62,6 +62,18 @@ def check_config(cfg, raw: dict) -> None:
                          f" differs from text_config's hidden_size {text.hidden_size}")
 
 
+def token_rows(text_model: nn.Module, t: int, device: torch.device) -> torch.Tensor:
+    """`arange(t)`, a view of a tensor the model keeps (grown when a step is longer), so
+    its values exist before a graph runs: a PIECEWISE capture runs attention eagerly between
+    pieces on what the pieces would compute, and an `arange` computed inside a piece is
+    unwritten then (the rotary rows it indexes would be read out of bounds). Captures come
+    after warm-ups of the same sizes, so the tensor grows eagerly."""
+    rows = getattr(text_model, "_token_rows", None)
+    if rows is None or rows.numel() < t or rows.device != device:
+        rows = text_model._token_rows = torch.arange(t, device=device)
+    return rows[:t]
+
+
 def step_inputs(text_model: nn.Module, input_ids: torch.Tensor, ctx: ForwardContext):
     """What every layer of a multimodal text model takes from the step: (token embeddings
     with the step's image rows in place, the rotary (cos, sin) rows of its MRoPE positions,
@@ -75,7 +87,7 @@ def step_inputs(text_model: nn.Module, input_ids: torch.Tensor, ctx: ForwardCont
         raise ValueError(f"{type(text_model).__name__} needs ctx.multimodal.rope_positions "
                          f"of shape (3, {t})")
     rope = text_model.rotary(mm.rope_positions, policy_of(text_model).batch_invariant)
-    rows = torch.arange(t, device=input_ids.device)
+    rows = token_rows(text_model, t, input_ids.device)
     x = text_model.embed_tokens(input_ids)
     if mm.embeds is not None:                 # host-known: image steps run eagerly
         x = x.index_copy(0, mm.embed_rows, mm.embeds.to(x.dtype))

@@ -15,8 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fullgraph.worker.cudagraph.manager import (EagerOutputs, EagerPiece, PiecewiseGraph,
-                                                replay_pieces)
+from fullgraph.worker.cudagraph.manager import EagerPiece, PiecewiseGraph, replay_pieces
 
 _HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero"}
 
@@ -58,7 +57,6 @@ class FakeGraphRuntime:
         self.num_captures = 0
         self._pieces: list | None = None      # of the capture in progress
         self._recorder: _Recorder | None = None
-        self._outputs = EagerOutputs()
 
     def capture(self, fn) -> tuple[FakeGraph | PiecewiseGraph, Any]:
         import torch.nn.attention.flex_attention as flex
@@ -66,7 +64,7 @@ class FakeGraphRuntime:
         # dispatch mode; this torch switch calls the op directly, so it is recorded as one.
         saved = flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
         flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
-        self._pieces, self._outputs.next = [], 0
+        self._pieces = []
         try:
             self._recorder = _Recorder().__enter__()
             try:
@@ -81,13 +79,13 @@ class FakeGraphRuntime:
         # tensors the replays refresh in place
         return (pieces[0] if len(pieces) == 1 else PiecewiseGraph(pieces)), out
 
-    def between_pieces(self, fn) -> torch.Tensor:
+    def between_pieces(self, fn, *args: torch.Tensor) -> torch.Tensor:
         if self._pieces is None:
-            return fn()
+            return fn(*args)
         self._recorder.__exit__(None, None, None)
         self._pieces.append(FakeGraph(self._recorder.ops))
-        out = self._outputs.place(fn())
-        self._pieces.append(EagerPiece(fn, out))
+        out = fn(*args)              # the recorded ops hold their tensors, this one too
+        self._pieces.append(EagerPiece(fn, args, out))
         self._recorder = _Recorder().__enter__()
         return out
 

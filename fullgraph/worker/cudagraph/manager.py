@@ -50,11 +50,13 @@ class GraphRuntime(Protocol):
         """Record `fn`; return (graph, fn's outputs, which every replay refreshes). Where
         `fn` calls `between_pieces`, the graph is a `PiecewiseGraph`."""
 
-    def between_pieces(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run `fn` outside the graph being captured (PIECEWISE mode: attention): what was
-        captured so far becomes one piece, `fn` runs eagerly now and again at every replay
-        (its result copied into the tensor it returned now), and capture goes on in a next
-        piece. Outside a capture it just runs `fn`."""
+    def between_pieces(self, fn: Callable[..., torch.Tensor],
+                       *args: torch.Tensor) -> torch.Tensor:
+        """Run `fn(*args)` outside the graph being captured (PIECEWISE mode: attention;
+        `args`: the tensors the pieces computed for it): what was captured so far becomes one
+        piece, `fn` runs eagerly now and again at every replay (its result copied into the
+        tensor it returned now), and capture goes on in a next piece. Outside a capture it
+        just runs `fn(*args)`."""
 
     def replay(self, graph: Any) -> None: ...
 
@@ -63,7 +65,8 @@ class GraphRuntime(Protocol):
 
 @dataclass(slots=True)
 class EagerPiece:
-    fn: Callable[[], torch.Tensor]
+    fn: Callable[..., torch.Tensor]
+    args: tuple[torch.Tensor, ...]
     out: torch.Tensor
 
 
@@ -73,38 +76,25 @@ class PiecewiseGraph:
     pieces: list[Any]
 
 
-class EagerOutputs:
-    """Where a PIECEWISE graph's eager calls leave their results for the next piece: per
-    call site (the i-th eager call of a capture) one buffer that every graph shares, as large
-    as the largest graph's (they are captured largest first; a larger lazy capture gets a new
-    one). Only one graph replays at a time, so they never need the buffer at once; without
-    sharing, every graph kept its own outputs of every attention layer."""
-
-    def __init__(self) -> None:
-        self.buffers: list[torch.Tensor] = []
-        self.next = 0                    # the call site of the capture in progress
-
-    def place(self, out: torch.Tensor) -> torch.Tensor:
-        i, self.next = self.next, self.next + 1
-        buf = self.buffers[i] if i < len(self.buffers) else None
-        if (buf is None or buf.dtype != out.dtype or buf.device != out.device
-                or buf.numel() < out.numel()):
-            flat = out.contiguous().view(-1)
-            if buf is None:
-                self.buffers.append(flat)
-            else:
-                self.buffers[i] = flat
-            return flat.view(out.shape)
-        view = buf[:out.numel()].view(out.shape)
-        return view.copy_(out)
-
-
 def replay_pieces(graph: PiecewiseGraph, replay_piece: Callable[[Any], None]) -> None:
     for piece in graph.pieces:
         if isinstance(piece, EagerPiece):
-            piece.out.copy_(piece.fn())
+            piece.out.copy_(piece.fn(*piece.args))
         else:
             replay_piece(piece)
+
+
+def unowned(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on `t`'s memory that does not keep it allocated (torch's CUDA graph trees
+    hold their outputs the same way). A PIECEWISE eager call reads its inputs and writes its
+    output in the graph pool at the addresses they had during the capture; held by their
+    owners, every graph would keep every layer's attention input and output (GiBs across the
+    capture sizes). Freed, later pieces and graphs reuse the memory, which is safe because a
+    replay runs its pieces and eager calls in capture order and graphs never replay at once."""
+    storage = torch._C._construct_storage_from_data_pointer(
+        t.untyped_storage().data_ptr(), t.device, t.untyped_storage().nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        storage, t.storage_offset(), t.shape, t.stride())
 
 
 @contextmanager
@@ -137,12 +127,11 @@ class CUDAGraphRuntime:
         self.stream = torch.cuda.Stream(device)
         self._pieces: list[Any] | None = None      # of the capture in progress
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._outputs = EagerOutputs()
 
     def capture(self, fn: ForwardFn) -> tuple[Any, Any]:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()          # what the allocator holds free, the pool may use
-        self._pieces, self._outputs.next = [], 0
+        self._pieces = []
         try:
             with torch.cuda.stream(self.stream):
                 self._begin()
@@ -159,14 +148,19 @@ class CUDAGraphRuntime:
         self._graph = torch.cuda.CUDAGraph()
         self._graph.capture_begin(pool=self.pool)
 
-    def between_pieces(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def between_pieces(self, fn: Callable[..., torch.Tensor],
+                       *args: torch.Tensor) -> torch.Tensor:
+        """`fn(*args)` eagerly between two graph pieces (`args`: the tensors a piece
+        computed for it). Its output tensor is allocated in the pool as the next piece begins
+        (the capture only records, so it needs no value yet); each replay copies into it."""
         if self._pieces is None:
-            return fn()
+            return fn(*args)
         self._graph.capture_end()
         self._pieces.append(self._graph)
-        out = self._outputs.place(fn())
-        self._pieces.append(EagerPiece(fn, out))
+        result = fn(*args)
         self._begin()
+        out = torch.empty_like(result)
+        self._pieces.append(EagerPiece(fn, tuple(map(unowned, args)), unowned(out)))
         return out
 
     def replay(self, graph: Any) -> None:
