@@ -25,6 +25,14 @@ def copy_to_persistent(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return view
 
 
+def to_device(values: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host values (a list: int64) on `device`, copied from pinned memory without waiting:
+    a pageable copy, or indexing with a list, waits for the work in flight."""
+    t = torch.from_numpy(values) if isinstance(values, np.ndarray) else \
+        torch.tensor(values, dtype=torch.int64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 class CpuGpuBuffer:
     """A host staging buffer (pinned on CUDA, with a numpy view) and its device twin.
 

@@ -64,6 +64,24 @@ def test_graphs_equal_eager_speculative_steps_on_gpu(pair):
     assert greedy(LLM(target, speculative_config=spec, **KW), prompts) == eager
 
 
+def test_an_eager_speculative_step_reads_the_device_twice(pair):
+    """An eager verify step (`enforce_eager`, as a step of a shape no graph holds) waits for
+    the device twice: the verification's tokens and accepted counts in one read, then the
+    drafts, all k at once (each stays on the device as the next drafter step's input).
+    Host-side indices reach the device from pinned memory without a wait."""
+    from fullgraph.entrypoints.bench.latency import count_syncs
+    target, _, half, _ = pair
+    spec = {"method": "eagle3", "model": half, "num_speculative_tokens": 3}
+    llm = LLM(target, speculative_config=spec, enforce_eager=True, async_scheduling=False,
+              **KW)
+    engine = llm.engine
+    sp = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    for i, p in enumerate(batch(13, 4)):
+        engine.add_request(f"sync-{i}", p["prompt_token_ids"], sp)
+    engine.step()                                   # the prompts, then their first drafts
+    assert count_syncs(engine) <= 2                 # a verify step
+
+
 def test_async_scheduling_continues_verify_steps_on_gpu(pair):
     """Async scheduling: steady verify steps launch before the step in flight is read, their
     inputs carried over on the device (the bonus token through the arena's pending merge,

@@ -28,6 +28,7 @@ import torch
 
 from fullgraph.attention.backend import AttentionBackend, ForwardContext
 from fullgraph.attention.metadata import AttentionSpec, PersistentInputs, StepAttentionInputs
+from fullgraph.buffers import to_device
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.worker.cudagraph.descriptor import BatchExecutionDescriptor
 from fullgraph.worker.inputs import InputBuffers, StandInChunk, StandInRequest
@@ -119,14 +120,18 @@ class EagleProposer:
         self.reads_target_metadata = (self.graph_backend.metadata_key()
                                       == target_backend.metadata_key())
 
-    def _run(self, chunks: Sequence[StandInChunk], hidden: torch.Tensor) -> torch.Tensor:
+    def _run(self, chunks: Sequence[StandInChunk], hidden: torch.Tensor,
+             input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One eager drafter step over `chunks` with `hidden` [tokens, width]: the output
-        rows of each chunk's last token, [len(chunks), H]."""
+        rows of each chunk's last token, [len(chunks), H]. `input_ids`: the step's tokens on
+        the device, in place of the ones the chunks' views hold (stand-ins)."""
         n_tok = sum(c.num_new_tokens for c in chunks)
         q_lens = {c.num_new_tokens for c in chunks}
         uniform = q_lens.pop() if len(q_lens) == 1 else None
         desc = BatchExecutionDescriptor(CUDAGraphMode.NONE, n_tok, len(chunks), uniform)
         step = self.buffers.prepare(chunks, desc)
+        if input_ids is not None:
+            step.input_ids[:input_ids.shape[0]].copy_(input_ids)
         self.backend.prepare(step.attention)
         metadata = self.backend.build(step.attention)
         self.backend.update(metadata, step.attention)
@@ -134,39 +139,49 @@ class EagleProposer:
         out = self.model(step.input_ids, hidden, step.positions, ctx)
         return out[step.logits_indices[:len(chunks)]]
 
-    def _draft(self, rows: torch.Tensor) -> list[int]:
-        return self._draft_ids(rows).tolist()
-
     @torch.inference_mode()
     def propose(self, kept: Sequence[KeptRows], target_hidden: torch.Tensor) -> list[list[int]]:
         """Drafts for each of `kept` ([] where none are asked). `target_hidden`: the verified
-        step's hidden states the drafter reads, one row per token of the step."""
+        step's hidden states the drafter reads, one row per token of the step.
+
+        The drafts stay on the device until the last drafter step: each decode step takes
+        the previous draft as its input there (its request view holds a stand-in token),
+        and one read brings them all to the host."""
         drafts: list[list[int]] = [[] for _ in kept]
         live = [i for i, k in enumerate(kept) if k.target_rows]
         if not live:
             return drafts
         views = {i: StandInRequest(TokensFrom(kept[i].start, list(kept[i].next_tokens)),
                                    kept[i].start, kept[i].block_ids) for i in live}
-        rows = torch.tensor([r for i in live for r in kept[i].target_rows], device=self.device)
+        rows = to_device([r for i in live for r in kept[i].target_rows], self.device)
         out = self._run([StandInChunk(views[i], len(kept[i].target_rows)) for i in live],
                         target_hidden.index_select(0, rows))
         cur = [i for i in live if kept[i].num_drafts > 0]   # the requests `out` rows hold
-        out = out[[live.index(i) for i in cur]]
-        step = 0
-        while cur:
-            for i, t in zip(cur, self._draft(out)):
-                drafts[i].append(t)
-            step += 1
-            nxt = [i for i in cur if kept[i].num_drafts > step]
+        if not cur:
+            return drafts
+        if cur != live:
+            out = out.index_select(0, to_device([live.index(i) for i in cur], self.device))
+        steps: list[tuple[list[int], torch.Tensor]] = []    # (requests, their drafts)
+        while True:
+            ids = self._draft_ids(out)
+            steps.append((cur, ids))
+            nxt = [i for i in cur if kept[i].num_drafts > len(steps)]
             if not nxt:
                 break
             for i in nxt:          # one row: the last draft, at the position after the last
                 v = views[i]
-                v.all_token_ids.append(drafts[i][-1])
+                v.all_token_ids.append(0)
                 v.num_computed_tokens = len(v.all_token_ids) - 1
-            out = self._run([StandInChunk(views[i], 1) for i in nxt],
-                            out[[cur.index(i) for i in nxt]])
+            if nxt != cur:
+                keep = to_device([cur.index(i) for i in nxt], self.device)
+                ids, out = ids.index_select(0, keep), out.index_select(0, keep)
+            out = self._run([StandInChunk(views[i], 1) for i in nxt], out, input_ids=ids)
             cur = nxt
+        host = torch.cat([ids for _, ids in steps]).tolist()
+        for reqs, ids in steps:
+            for i, t in zip(reqs, host[:len(reqs)]):
+                drafts[i].append(t)
+            host = host[len(reqs):]
         return drafts
 
     # ------------------------------------------------------------ graphed steps

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fullgraph.attention.backend import ForwardContext, get_backend_class
-from fullgraph.buffers import CpuGpuBuffer
+from fullgraph.buffers import CpuGpuBuffer, to_device
 from fullgraph.config import CUDAGraphMode, EngineConfig
 from fullgraph.models.eagle import load_drafter
 from fullgraph.worker import prompt_logprobs
@@ -529,12 +529,12 @@ class SpeculativeSteps:
                 return self._finish_mixed(chunks, step, key)
             if key not in self._mixed_failed:
                 self._mixed_pending.add(key)
-        if logits is None:
-            rows = torch.from_numpy(plan.rows).to(runner.device).view(-1)
+        if logits is None:                # (the step's host arrays reach the device unwaited)
+            rows = to_device(plan.rows, runner.device).view(-1)
             logits = runner.model.compute_logits(hidden[rows], out=self.logits[:r * (k + 1)])
-        positions = torch.from_numpy(plan.positions).to(runner.device)
+        positions = to_device(plan.positions, runner.device)
         sampling = dataclasses.replace(step.sampling.rows(0, r), positions=positions)
-        drafts = torch.from_numpy(plan.drafts).to(runner.device)
+        drafts = to_device(plan.drafts, runner.device)
         processed = sampling.state_slots is not None and any(c.request.sampling_slot >= 0
                                                              for c in chunks)
         scored = logits
@@ -544,11 +544,13 @@ class SpeculativeSteps:
                                   sampling.state_slots, positions, penalties)
             ban_words(scored, chunks, plan)
         verified = rejection_sample(drafts, scored.view(r, k + 1, -1), sampling)
-        result = StepResult(verified.token_ids.cpu().numpy())
+        host = torch.cat([verified.token_ids, verified.num_accepted[:, None]],
+                         dim=1).cpu().numpy()               # one read: tokens, accepted
+        result = StepResult(np.ascontiguousarray(host[:, :k + 1]))
         if sampling.num_logprobs >= 0:
             self._logprobs(result, logits, verified.token_ids, sampling.num_logprobs)
-        kept, emitted = kept_rows(chunks, plan, result.token_ids,
-                                  verified.num_accepted.cpu().numpy(), k, runner.block_size)
+        kept, emitted = kept_rows(chunks, plan, result.token_ids, host[:, k + 1], k,
+                                  runner.block_size)
         if processed:                     # the emitted tokens count for later penalties
             count_emitted(runner.sampling_state, sampling.state_slots, verified.token_ids,
                           emitted)
