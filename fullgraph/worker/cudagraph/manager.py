@@ -170,6 +170,11 @@ class CUDAGraphRuntime:
             graph.replay()
 
     def memory_in_use(self) -> int:
+        """Device memory in use with the allocator's cached free blocks released first, so
+        that a capture's report is what its graphs hold: each capture releases them (above),
+        and a lazy capture after eager steps read as negative without this."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         return total - free
 
