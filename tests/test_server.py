@@ -838,6 +838,28 @@ def test_step_error_is_reported_and_server_survives(inproc, monkeypatch):
     assert engine.snapshot.step_errors == 2
 
 
+def test_nan_logprobs_are_null_not_a_500(inproc):
+    """Broken weights (a NaN norm: what a diverged RL policy loads) give NaN logprobs; a
+    response writes them as null, as the stream's chunks do, instead of failing with a 500
+    (the standard library's JSON encoder refuses NaN)."""
+    engine, http = inproc
+    norm = engine.engine.runner.model.model.norm.weight
+    saved = norm.detach().clone()
+    norm.data.fill_(float("nan"))
+    try:
+        r = http.post("/v1/completions", headers=AUTH, json={
+            "model": MODEL, "prompt": "hi", "max_tokens": 2, "logprobs": 1, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["logprobs"]["token_logprobs"] == [None, None]
+        r = http.post("/v1/chat/completions", headers=AUTH, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "logprobs": True, "top_logprobs": 1, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert [c["logprob"] for c in r.json()["choices"][0]["logprobs"]["content"]] == [None] * 2
+    finally:
+        norm.data.copy_(saved)
+
+
 # ---------------------------------------------------------------- `fullgraph serve` arguments
 def test_serve_model_positional_or_flag():
     import argparse
@@ -939,6 +961,11 @@ def test_echo_with_logprobs_scores_the_prompt(client, offline):
     expected = [e[t].logprob for t, e in zip(want.prompt_token_ids[1:],
                                              want.prompt_logprobs[1:])]
     assert lp.token_logprobs[1:n_prompt] == pytest.approx(expected, abs=1e-5)
+    # each echoed position's top_logprobs holds its prompt token (vLLM's), as a generated
+    # position holds its sample, beside the top 2
+    for i in range(1, len(lp.tokens)):
+        assert lp.top_logprobs[i][lp.tokens[i]] == lp.token_logprobs[i]
+        assert 2 <= len(lp.top_logprobs[i]) <= 3
     assert "".join(lp.tokens) == resp.choices[0].text
     assert lp.text_offset == sorted(lp.text_offset)
     # the vLLM field: prompt_logprobs on the choice
@@ -976,6 +1003,8 @@ def test_echo_max_tokens_0_scores_the_prompt(server, client):
     assert c.text == text and c.finish_reason == "length"
     assert c.logprobs.token_logprobs[0] is None and len(c.logprobs.tokens) == len(ids)
     assert c.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-5)
+    assert c.logprobs.top_logprobs[1:] == [{t: v} for t, v in zip(c.logprobs.tokens[1:],
+                                                                  c.logprobs.token_logprobs[1:])]
     assert "".join(c.logprobs.tokens) == text
     assert c.model_extra["token_ids"] == [] and c.model_extra["prompt_token_ids"] == ids
     assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (len(ids), 0)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from fullgraph.engine.async_engine import EngineError, GenerationItem, GenerationStream
 from fullgraph.entrypoints.server.errors import bad_request
@@ -19,10 +19,10 @@ from fullgraph.entrypoints.server.protocol import (ChatChoice, ChatCompletionChu
                                                    ChatStreamChoice, ChatTokenLogprob,
                                                    DeltaMessage, TopLogprob, UsageInfo)
 from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
-                                                  check_unsupported, clamp_logprob, now,
-                                                  prompt_logprobs_body, run_to_end,
-                                                  sampling_params, sse_error, stream_usage,
-                                                  submit, token_text, usage, usage_info,
+                                                  check_unsupported, clamp_logprob, json_response,
+                                                  now, prompt_logprobs_body, run_to_end,
+                                                  sampling_params, sse_error, stream_usage, submit,
+                                                  token_text, usage, usage_info,
                                                   warn_unknown_fields)
 from fullgraph.outputs import CompletionOutput
 
@@ -178,7 +178,7 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
         usage=usage(outputs, stream),
         prompt_token_ids=outputs[0].prompt_token_ids if body.return_token_ids else None,
         prompt_logprobs=prompt_logprobs_body(outputs[0]))
-    return JSONResponse(resp.model_dump())
+    return json_response(resp)
 
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, rid: str,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from fullgraph.engine.async_engine import EngineError, GenerationItem, GenerationStream
 from fullgraph.entrypoints.server.errors import bad_request
@@ -17,10 +17,10 @@ from fullgraph.entrypoints.server.metrics import RequestTracker
 from fullgraph.entrypoints.server.protocol import (CompletionChoice, CompletionLogprobs,
                                                    CompletionRequest, CompletionResponse)
 from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
-                                                  check_unsupported, clamp_logprob, now,
-                                                  prompt_logprobs_body, run_to_end,
-                                                  sampling_params, sse_error, stream_usage,
-                                                  submit, token_text, usage, usage_info,
+                                                  check_unsupported, clamp_logprob, json_response,
+                                                  now, prompt_logprobs_body, run_to_end,
+                                                  sampling_params, sse_error, stream_usage, submit,
+                                                  token_text, usage, usage_info,
                                                   warn_unknown_fields)
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 
@@ -68,13 +68,14 @@ def _logprobs(c: CompletionOutput, start: int, offset: int,
     return lp, offset
 
 
-def _tops(entry: dict[int, Logprob], as_ids: bool,
-          top_n: int | None = None) -> dict[str, float]:
+def _tops(entry: dict[int, Logprob], as_ids: bool, top_n: int | None = None,
+          actual: int | None = None) -> dict[str, float]:
     """One position's `top_logprobs`, most likely first: token -> logprob for every entry, or
-    for those ranked 1..top_n."""
+    for those ranked 1..top_n and the position's `actual` token (a prompt token; vLLM's
+    echoed positions hold it, as a sampled position holds its sample)."""
     ranked = sorted(entry.items(), key=lambda te: te[1].rank)
     return {token_text(t, e.decoded_token, as_ids): clamp_logprob(e.logprob)
-            for t, e in ranked if top_n is None or e.rank <= top_n}
+            for t, e in ranked if top_n is None or e.rank <= top_n or t == actual}
 
 
 async def create_completion(state: ServerState, body: CompletionRequest,
@@ -121,7 +122,7 @@ async def create_completion(state: ServerState, body: CompletionRequest,
             else None))
     resp = CompletionResponse(id=rid, created=now(), model=state.model_name, choices=choices,
                               usage=usage(outputs, stream))
-    return JSONResponse(resp.model_dump())
+    return json_response(resp)
 
 
 def _echo_without_generation(body: CompletionRequest) -> bool:
@@ -159,7 +160,7 @@ def _echo_logprobs(state: ServerState, out, top_n: int, as_ids: bool) -> Complet
         text = decode([tid])
         lp.tokens.append(token_text(tid, text, as_ids))
         lp.token_logprobs.append(None if entry is None else clamp_logprob(entry[tid].logprob))
-        lp.top_logprobs.append(None if entry is None else _tops(entry, as_ids, top_n))
+        lp.top_logprobs.append(None if entry is None else _tops(entry, as_ids, top_n, tid))
         lp.text_offset.append(offset)
         offset += len(text)
     return lp

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
@@ -28,7 +28,16 @@ _LOGPROB_FLOOR = -9999.0   # -inf is not JSON; vLLM clamps the same way
 
 
 def clamp_logprob(lp: float) -> float:
+    """-inf as OpenAI writes it; NaN (logits of broken weights) stays NaN, which
+    `json_response` and the stream's chunks write as null."""
     return max(lp, _LOGPROB_FLOOR)
+
+
+def json_response(body: BaseModel) -> Response:
+    """A response model as JSON the way the stream writes its chunks (pydantic: NaN and
+    infinities as null), so a non-finite logprob is null in both, not a 500 (the standard
+    library's encoder refuses them)."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @dataclass(slots=True)
