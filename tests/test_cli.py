@@ -73,6 +73,32 @@ def test_version_port_range_and_python_dash_m():
     assert "loaded" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_served_connections_have_nagle_off():
+    """A stream writes small chunks: asyncio turns Nagle's algorithm off on the connections
+    it accepts only from a listening socket that says TCP (with it on, a streamed response on
+    a reused connection waited ~40 ms for the client's delayed ACK)."""
+    import asyncio
+    import socket
+
+    from fullgraph.entrypoints.server.cli import listening_socket
+
+    async def nodelay_of_an_accepted_connection() -> int:
+        sock = listening_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        def accepted(reader, writer):
+            conn = writer.get_extra_info("socket")
+            seen.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+        server = await asyncio.start_server(accepted, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            nodelay = await asyncio.wait_for(seen, 10)
+            writer.close()
+        return nodelay
+    assert asyncio.run(nodelay_of_an_accepted_connection()) != 0
+
+
 def test_selftest_passes_with_fake_graphs_on_cpu():
     r = run("selftest", "--model", "tiny-qwen3", "--trials", "1", "--max-num-seqs", "4",
             "--cudagraph-capture-sizes", "1 2 4 8 16 32 64 128")
