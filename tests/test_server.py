@@ -412,6 +412,10 @@ BAD_COMPLETIONS = [
     ({"seed": 2**64}, 400, "seed", "seed"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "stream=true"),
     ({"suffix": "tail"}, 400, "suffix", "not supported"),
+    # vLLM's structured output: refused, not ignored (the text would be unconstrained)
+    ({"extra_body": {"guided_json": {"type": "object"}}}, 400, "guided_json", "not supported"),
+    ({"extra_body": {"structured_outputs": {"regex": "a+"}}}, 400, "structured_outputs",
+     "not supported"),
 ]
 
 
@@ -442,6 +446,8 @@ BAD_CHAT = [
     ({"n": 0}, 400, "n"),
     ({"max_tokens": 1000}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ({"guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    ({"response_format": {"type": "json_object"}}, 400, "response_format"),
 ]
 
 

@@ -23,7 +23,7 @@ from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model
                                                   now, prompt_logprobs_body, run_to_end,
                                                   sampling_params, sse_error, stream_usage, submit,
                                                   token_text, usage, usage_info,
-                                                  warn_unknown_fields)
+                                                  check_extra_fields)
 from fullgraph.outputs import CompletionOutput
 
 
@@ -137,7 +137,7 @@ def _check_top_logprobs(body: ChatCompletionRequest, max_logprobs: int) -> None:
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
                                  request: Request) -> Response:
     check_model(state, body.model)
-    warn_unknown_fields(body, "chat/completions")
+    check_extra_fields(body, "chat/completions")
     fmt = (body.response_format or {}).get("type", "text")
     check_unsupported(body, {"tools": bool(body.tools), "response_format": fmt != "text"})
     _check_top_logprobs(body, state.engine.config.max_logprobs)

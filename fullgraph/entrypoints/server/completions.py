@@ -21,7 +21,7 @@ from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model
                                                   now, prompt_logprobs_body, run_to_end,
                                                   sampling_params, sse_error, stream_usage, submit,
                                                   token_text, usage, usage_info,
-                                                  warn_unknown_fields)
+                                                  check_extra_fields)
 from fullgraph.outputs import CompletionOutput, Logprob, RequestOutput
 
 
@@ -81,7 +81,7 @@ def _tops(entry: dict[int, Logprob], as_ids: bool, top_n: int | None = None,
 async def create_completion(state: ServerState, body: CompletionRequest,
                             request: Request) -> Response:
     check_model(state, body.model)
-    warn_unknown_fields(body, "completions")
+    check_extra_fields(body, "completions")
     prompts = normalize_prompts(body.prompt)
     check_unsupported(body, {"suffix": bool(body.suffix), "best_of": (body.best_of or 1) > 1})
     score_only = _echo_without_generation(body)

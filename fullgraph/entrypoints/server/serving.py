@@ -101,9 +101,22 @@ def check_model(state: ServerState, model: str | None) -> None:
                             f"`{state.model_name}`", param="model", code="model_not_found")
 
 
-def warn_unknown_fields(body: BaseModel, endpoint: str) -> None:
-    if body.model_extra:
-        logger.warning("%s: ignoring unknown fields %s", endpoint, sorted(body.model_extra))
+# vLLM's fields for structured output (constrained decoding), which this server does not
+# implement: a 400 as for response_format, not unconstrained text
+_STRUCTURED_OUTPUT = ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar")
+
+
+def check_extra_fields(body: BaseModel, endpoint: str) -> None:
+    """Fields the protocol does not know: a 400 for structured output's, a warning for the
+    rest (ignored, as vLLM ignores them)."""
+    extra = body.model_extra or {}
+    for name in _STRUCTURED_OUTPUT:
+        if extra.get(name) is not None:
+            raise bad_request(f"{name} (structured output) is not supported by this server",
+                              name)
+    if extra:
+        logger.warning("%s: ignoring unknown fields %s", endpoint, sorted(extra))
 
 
 def check_unsupported(body: SamplingFields, asked: dict[str, object]) -> None:

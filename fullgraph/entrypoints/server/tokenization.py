@@ -17,7 +17,7 @@ from fullgraph.entrypoints.server.errors import bad_request
 from fullgraph.entrypoints.server.protocol import (DetokenizeRequest, DetokenizeResponse,
                                                    TokenizeChatRequest,
                                                    TokenizeCompletionRequest, TokenizeResponse)
-from fullgraph.entrypoints.server.serving import ServerState, check_model, warn_unknown_fields
+from fullgraph.entrypoints.server.serving import ServerState, check_model, check_extra_fields
 
 
 def _parse(model: type[BaseModel], body: dict[str, Any]):
@@ -42,7 +42,7 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeCompletionRequest | Tokenize
 def tokenize(state: ServerState, body: dict[str, Any]) -> TokenizeResponse:
     req = parse_tokenize(body)
     check_model(state, req.model)
-    warn_unknown_fields(req, "tokenize")
+    check_extra_fields(req, "tokenize")
     if isinstance(req, TokenizeChatRequest):
         ids = _chat_ids(state, req)
     else:
@@ -70,7 +70,7 @@ def _chat_ids(state: ServerState, req: TokenizeChatRequest) -> list[int]:
 def detokenize(state: ServerState, body: dict[str, Any]) -> DetokenizeResponse:
     req = _parse(DetokenizeRequest, body)
     check_model(state, req.model)
-    warn_unknown_fields(req, "detokenize")
+    check_extra_fields(req, "detokenize")
     vocab = state.engine.config.model.vocab_size
     for i, t in enumerate(req.tokens):
         if not 0 <= t < vocab:   # the tokenizer would drop it silently
