@@ -272,6 +272,8 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
              "\\['LlamaForCausalLMEagle3'\\]\\) but method is 'eagle' \\(EAGLE-1\\): "
              'set "method": "eagle3"'),
             (dict(spec(agree, 2), draft_tp=1), "unknown \\['draft_tp'\\]"),
+            (dict(spec(agree, 2), draft_tensor_parallel_size=2),
+             "draft_tensor_parallel_size must be 1"),
             ("{not json", "not valid JSON"),
             (spec(str(tmp_path / "missing"), 2), "is not a local directory")]:
         with pytest.raises(ValueError, match=message):
@@ -289,6 +291,10 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
     with pytest.raises(ValueError, match="target hidden size 96"):
         config(spec(str(other), 2))
     assert config(json.dumps(spec(agree, 2))).speculative.num_speculative_tokens == 2
+    # vLLM's EAGLE example: the drafter's tensor-parallel size 1, and no method where the
+    # drafter's config names one
+    vllm_style = {"model": agree, "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}
+    assert config(vllm_style).speculative.method == "eagle3"
     # a drafter shipping another tokenizer (the target's, two tokens' ids swapped)
     odd = tmp_path / "odd"
     shutil.copytree(agree, odd)
@@ -303,6 +309,9 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
     # an EAGLE-1 checkpoint whose architectures name it, given EAGLE-3's method
     eagle1 = agreeing_eagle1_drafter(str(tmp_path / "eagle1"), target)
     assert config(spec(eagle1, 2, method="eagle")).speculative.method == "eagle"
+    with pytest.raises(ValueError, match="no method and the drafter's config .* does not "
+                                         "name one"):     # a plain LlamaForCausalLM
+        config({"model": eagle1, "num_speculative_tokens": 2})
     cfg = json.loads((Path(eagle1) / "config.json").read_text())
     cfg["architectures"] = ["EagleLlamaForCausalLM"]
     (Path(eagle1) / "config.json").write_text(json.dumps(cfg))

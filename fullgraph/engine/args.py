@@ -150,7 +150,10 @@ class EngineArgs:
                             log_stats=not self.disable_log_stats)
 
 
-SPECULATIVE_KEYS = {"method", "model", "num_speculative_tokens"}
+SPECULATIVE_KEYS = {"model", "num_speculative_tokens"}
+# vLLM's optional keys we take: the method (else the drafter's config names it) and the
+# drafter's tensor-parallel size, which can only be 1 here
+SPECULATIVE_OPTIONAL = {"method", "draft_tensor_parallel_size"}
 
 
 def speculative_config(value: dict | str | None, target: ModelConfig) -> SpeculativeConfig | None:
@@ -166,25 +169,35 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
             raise ValueError(f"speculative_config is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
-    from fullgraph.models.eagle import drafter_class
+    from fullgraph.models.eagle import DRAFTERS, drafter_class, method_of_config
     # the method first (unsupported: ValueError), since another method's keys are not ours
-    cls = drafter_class(str(value["method"])) if "method" in value else None
-    unknown = set(value) - SPECULATIVE_KEYS
+    if "method" in value:
+        drafter_class(str(value["method"]))
+    unknown = set(value) - SPECULATIVE_KEYS - SPECULATIVE_OPTIONAL
     missing = SPECULATIVE_KEYS - set(value)
     if unknown or missing:
-        raise ValueError(f"speculative_config takes exactly the keys "
-                         f"{sorted(SPECULATIVE_KEYS)}: "
+        raise ValueError(f"speculative_config takes the keys {sorted(SPECULATIVE_KEYS)} and "
+                         f"optionally {sorted(SPECULATIVE_OPTIONAL)}: "
                          + (f"unknown {sorted(unknown)}" if unknown else f"missing {sorted(missing)}"))
+    tp = value.get("draft_tensor_parallel_size", 1)
+    if tp != 1:
+        raise ValueError(f"draft_tensor_parallel_size must be 1 (fullgraph runs on one GPU), "
+                         f"got {tp!r}")
     k = value["num_speculative_tokens"]
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {k!r}")
-    method = str(value["method"])
     path = resolve_model_dir(str(value["model"]), "speculative model")
     from transformers import AutoConfig
     try:
         hf = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises several types for bad configs
         raise ValueError(f"cannot read the drafter's config.json in {path}: {e}") from e
+    method = str(value["method"]) if "method" in value else method_of_config(hf)
+    if method is None:
+        raise ValueError(f"speculative_config has no method and the drafter's config in {path} "
+                         f"does not name one (architectures {list(hf.architectures or [])}): "
+                         f"set \"method\" to one of {', '.join(map(repr, DRAFTERS))}")
+    cls = drafter_class(method)
     _check_drafter_method(method, hf, path)
     cls.check_config(hf)
     with torch.device("meta"):                 # shapes only: check it against the target
