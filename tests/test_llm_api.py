@@ -136,3 +136,20 @@ def test_output_metrics_time_the_request(llm):
     m = out.metrics
     assert (m["arrival_time"] <= m["first_scheduled_time"] < m["first_token_time"]
             < m["last_token_time"] <= m["finished_time"])
+
+
+@pytest.mark.parametrize("value", ["1k", 1.5, True, 1, 10**9])
+def test_max_model_len_out_of_range_or_not_an_integer_is_named(value):
+    with pytest.raises(ValueError, match=f"max_model_len must be in \\[2, .*got {value!r}"):
+        LLM("tiny-qwen3", max_model_len=value)
+
+
+def test_vllm_dtype_spellings_on_the_cli():
+    """vLLM's `--dtype half` / `float` parse (their engine values were already taken)."""
+    import argparse
+
+    from fullgraph.entrypoints.cli_args import add_engine_args
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    for spelling in ("half", "float", "bfloat16"):
+        assert parser.parse_args(["--dtype", spelling]).dtype == spelling

@@ -340,9 +340,10 @@ def create_model_config(model: str, dtype: str, max_model_len: int | None,
     max_pos = getattr(text_config, "max_position_embeddings", None) or 4096
     if max_model_len is None:
         max_model_len = max_pos
-    elif max_model_len < 2 or max_model_len > max_pos:
+    elif (not isinstance(max_model_len, int) or isinstance(max_model_len, bool)
+          or max_model_len < 2 or max_model_len > max_pos):
         raise ValueError(f"max_model_len must be in [2, {max_pos}] (the model's "
-                         f"max_position_embeddings), got {max_model_len}")
+                         f"max_position_embeddings), an integer, got {max_model_len!r}")
     return ModelConfig(path=path, name=served_name or model, hf_config=hf_config,
                        architecture=archs[0], dtype=torch_dtype, max_model_len=max_model_len,
                        vocab_size=text_config.vocab_size, eos_token_ids=_eos_ids(path, raw),

@@ -31,7 +31,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="default sampling parameters: 'auto' from the model's "
                         "generation_config.json, 'none' (or 'vllm') for fullgraph's own, or a "
                         "directory holding a generation_config.json")
-    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=d.dtype,
+                   choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
