@@ -98,6 +98,11 @@ class ModelConfig:
     # (SamplingParams field, value): the defaults a request that sets nothing gets, from the
     # model's generation_config.json (`--generation-config`)
     sampling_defaults: tuple[tuple[str, Any], ...] = ()
+    # multimodal models (vLLM's limit_mm_per_prompt / mm_processor_kwargs): the most images a
+    # prompt may carry (None: any number), and the image processor's min_pixels / max_pixels
+    # over preprocessor_config.json's
+    max_images_per_prompt: int | None = None
+    mm_processor_kwargs: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -409,3 +409,50 @@ def test_an_image_too_large_for_max_model_len_is_named(vl_dir):
                      use_tqdm=False)
     out = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_vllm_multimodal_limits_and_processor_kwargs(vl_dir):
+    """vLLM's limit_mm_per_prompt and mm_processor_kwargs: more images than the limit is a
+    ValueError naming it; max_pixels over preprocessor_config.json's resizes an image as
+    transformers' processor does given the same keyword; bad values are named at start."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import \
+            Qwen2VLImageProcessor as cls           # needs torchvision
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+            Qwen2VLImageProcessorPil as cls
+    small = 64 * 64
+    llm = LLM(vl_dir, max_model_len=512, max_num_seqs=2, num_gpu_blocks_override=64,
+              limit_mm_per_prompt={"image": 1}, mm_processor_kwargs={"max_pixels": small})
+    big = images((128, 192))
+    grid = cls(**{**PREPROCESSOR, "max_pixels": small})(images=big,
+                                                          return_tensors="pt")["image_grid_thw"]
+    ids = prompt([1, 2], None, [3])
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    out = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": big[0]}}, one,
+                       use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) == len(ids) - 1 + int(grid[0].prod()) // 4   # merge 2x2
+    two = {"prompt_token_ids": prompt(None, [1], None),
+           "multi_modal_data": {"image": images((64, 64), (64, 64))}}
+    with pytest.raises(ValueError, match="2 images but limit_mm_per_prompt allows 1"):
+        llm.generate(two, one, use_tqdm=False)
+    assert llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": big[0]}}, one,
+                        use_tqdm=False)[0].outputs[0].token_ids == out.outputs[0].token_ids
+    for kwargs, message in [
+            ({"limit_mm_per_prompt": {"video": 1}}, "take images only"),
+            ({"limit_mm_per_prompt": {"image": -1}}, "must be an integer >= 0"),
+            ({"limit_mm_per_prompt": "{bad"}, "limit_mm_per_prompt is not valid JSON"),
+            ({"mm_processor_kwargs": {"fps": 2}}, "unknown \\['fps'\\]"),
+            ({"mm_processor_kwargs": '{"max_pixels": 0}'}, "must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            LLM(vl_dir, **kwargs)
+    # the CLI's flags take the JSON
+    import argparse
+
+    from fullgraph.entrypoints.cli_args import add_engine_args, engine_args_from
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    ns = parser.parse_args(["--model", vl_dir, "--limit-mm-per-prompt", '{"image": 3}',
+                            "--mm-processor-kwargs", '{"min_pixels": 1024}'])
+    model = engine_args_from(ns).create_engine_config().model
+    assert (model.max_images_per_prompt, model.mm_processor_kwargs) == (3, (("min_pixels", 1024),))

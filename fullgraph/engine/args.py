@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -70,6 +71,11 @@ class EngineArgs:
     # Speculative decoding (vLLM's spelling): {"method": "eagle3" | "eagle", "model": DIR,
     # "num_speculative_tokens": k}, or that as a JSON string (--speculative-config).
     speculative_config: dict | str | None = None
+    # vLLM's multimodal arguments (or their JSON): {"image": N}, the most images a prompt may
+    # carry (other modalities 0 only); {"min_pixels": .., "max_pixels": ..} over the model's
+    # preprocessor_config.json
+    limit_mm_per_prompt: dict | str | None = None
+    mm_processor_kwargs: dict | str | None = None
     seed: int = 0
     max_logprobs: int = 20
     disable_log_stats: bool = False   # the server's periodic throughput / KV usage log line
@@ -83,6 +89,8 @@ class EngineArgs:
         model = create_model_config(self.model, self.dtype, self.max_model_len, device,
                                     self.served_model_name, self.tokenizer, self.chat_template,
                                     self.generation_config)
+        model = replace(model, **multimodal_options(self.limit_mm_per_prompt,
+                                                    self.mm_processor_kwargs))
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:
@@ -350,6 +358,48 @@ def create_model_config(model: str, dtype: str, max_model_len: int | None,
                        tokenizer=resolve_model_dir(tokenizer, "tokenizer") if tokenizer else path,
                        chat_template=_read_chat_template(chat_template),
                        sampling_defaults=_sampling_defaults(generation_config, path))
+
+
+MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
+
+
+def _json_dict(value: dict | str | None, name: str) -> dict:
+    """A dict argument given as a dict or its JSON (the CLI's form); {} for None."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return value
+
+
+def multimodal_options(limit_mm_per_prompt: dict | str | None,
+                       mm_processor_kwargs: dict | str | None) -> dict[str, Any]:
+    """ModelConfig's `max_images_per_prompt` and `mm_processor_kwargs` from vLLM's two
+    arguments, each problem a ValueError naming it (a text-only model ignores both, as in
+    vLLM)."""
+    limits = _json_dict(limit_mm_per_prompt, "limit_mm_per_prompt")
+    for modality, n in limits.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be an integer >= 0, "
+                             f"got {n!r}")
+        if modality != "image" and n:
+            raise ValueError(f"limit_mm_per_prompt[{modality!r}] = {n}: fullgraph's models "
+                             f"take images only (other modalities: 0)")
+    kwargs = _json_dict(mm_processor_kwargs, "mm_processor_kwargs")
+    unknown = sorted(set(kwargs) - set(MM_PROCESSOR_KWARGS))
+    if unknown:
+        raise ValueError(f"mm_processor_kwargs takes {', '.join(MM_PROCESSOR_KWARGS)}; "
+                         f"unknown {unknown}")
+    for name, v in kwargs.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"mm_processor_kwargs[{name!r}] must be an integer >= 1, got {v!r}")
+    return {"max_images_per_prompt": limits.get("image"),
+            "mm_processor_kwargs": tuple(sorted(kwargs.items()))}
 
 
 def _read_chat_template(template: str | None) -> str | None:

@@ -79,6 +79,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", default=None,
                    help='speculative decoding, as JSON: {"method": "eagle3" or "eagle", '
                         '"model": DIR, "num_speculative_tokens": K}')
+    g.add_argument("--limit-mm-per-prompt", default=None,
+                   help='the most images a prompt may carry, as JSON: {"image": N} '
+                        '(multimodal models; default: any number)')
+    g.add_argument("--mm-processor-kwargs", default=None,
+                   help='the image processor\'s pixel bounds over the model\'s '
+                        'preprocessor_config.json, as JSON: {"min_pixels": .., '
+                        '"max_pixels": ..}')
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
                    help="the most top logprobs a request may ask for")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from fullgraph.multimodal.image_processor import (ImageInput, ImageProcessor,
                                                   ImageProcessorConfig, load_image)
@@ -37,9 +37,11 @@ def _runs(ids: Sequence[int], token: int) -> list[tuple[int, int]]:
 
 class MultiModalProcessor:
     def __init__(self, image_processor: ImageProcessor, image_token_id: int,
-                 vision_start_id: int | None = None, vision_end_id: int | None = None) -> None:
+                 vision_start_id: int | None = None, vision_end_id: int | None = None,
+                 max_images: int | None = None) -> None:
         self.image_processor = image_processor
         self.image_token_id = image_token_id
+        self.max_images = max_images          # per prompt (limit_mm_per_prompt); None: any
         # what a chat message's image part becomes (multimodal/chat.py)
         self.placeholder_ids = [t for t in (vision_start_id, image_token_id, vision_end_id)
                                 if t is not None]
@@ -52,6 +54,7 @@ class MultiModalProcessor:
             images = [images]
         if not images:
             raise ValueError("multi_modal_data has an empty image list")
+        self.check_count(len(images))
         processed = self.image_processor(images)
         ids = self._expand(token_ids, processed.num_tokens)
         placeholders = [ImagePlaceholder(start, n)
@@ -65,6 +68,12 @@ class MultiModalProcessor:
             hashes.append(int.from_bytes(h.digest(), "little"))
             row += patches
         return ids, MultiModalInputs(processed.pixel_values, grids, placeholders, hashes)
+
+    def check_count(self, num_images: int) -> None:
+        """ValueError for a prompt with more images than limit_mm_per_prompt allows."""
+        if self.max_images is not None and num_images > self.max_images:
+            raise ValueError(f"the prompt has {num_images} images but limit_mm_per_prompt "
+                             f"allows {self.max_images}")
 
     def expanded_ids(self, token_ids: list[int], images: Sequence[ImageInput]) -> list[int]:
         """The prompt `process` would run, from the images' sizes alone (no pixels)."""
@@ -89,21 +98,33 @@ class MultiModalProcessor:
         return ids + token_ids[prev:]
 
 
+def image_processor_config(model_dir: str, overrides: Iterable[tuple[str, int]] = ()
+                           ) -> ImageProcessorConfig | None:
+    """The model directory's preprocessor_config.json, `overrides` (mm_processor_kwargs)
+    over its settings; None without the file."""
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return ImageProcessorConfig.from_dict({**json.load(f), **dict(overrides)})
+
+
 def load_multimodal_processor(model_config) -> MultiModalProcessor | None:
     """The processor of a multimodal model (its class says `multimodal = True`), from the
     model directory's preprocessor_config.json; None for text-only models."""
     from fullgraph.models.registry import get_model_class
     if not getattr(get_model_class(model_config.architecture), "multimodal", False):
         return None
-    path = os.path.join(model_config.path, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{model_config.architecture} needs {path} (its image preprocessing)")
-    with open(path) as f:
-        image_config = ImageProcessorConfig.from_dict(json.load(f))
+    image_config = image_processor_config(model_config.path, model_config.mm_processor_kwargs)
+    if image_config is None:
+        raise ValueError(f"{model_config.architecture} needs "
+                         f"{os.path.join(model_config.path, 'preprocessor_config.json')} "
+                         f"(its image preprocessing)")
     token = getattr(model_config.hf_config, "image_token_id", None)
     if token is None:
         raise ValueError("config.json lacks 'image_token_id', which images need")
     cfg = model_config.hf_config
     return MultiModalProcessor(ImageProcessor(image_config), int(token),
                                getattr(cfg, "vision_start_token_id", None),
-                               getattr(cfg, "vision_end_token_id", None))
+                               getattr(cfg, "vision_end_token_id", None),
+                               model_config.max_images_per_prompt)

@@ -22,10 +22,8 @@ own before it is captured on separate ones (the manager's warmup/capture split).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,16 +90,13 @@ def default_budgets(max_item_rows: int, alignment: int, max_budget: int = DEFAUL
     return tuple(sorted({_round_up(-(-top // 2 ** i), alignment) for i in range(num_budgets)}))
 
 
-def max_image_rows(model_dir: str) -> int | None:
+def max_image_rows(model_dir: str, overrides: Iterable[tuple[str, int]] = ()) -> int | None:
     """Patches of the largest image the model directory's preprocessor_config.json lets
-    through (its max_pixels over the patch area), or None without one."""
-    path = os.path.join(model_dir, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return None
-    from fullgraph.multimodal.image_processor import ImageProcessorConfig
-    with open(path) as f:
-        cfg = ImageProcessorConfig.from_dict(json.load(f))
-    return cfg.max_pixels // cfg.patch_size ** 2
+    through (its max_pixels, or `overrides`' (mm_processor_kwargs), over the patch area), or
+    None without one."""
+    from fullgraph.multimodal.processor import image_processor_config
+    cfg = image_processor_config(model_dir, overrides)
+    return None if cfg is None else cfg.max_pixels // cfg.patch_size ** 2
 
 
 def graph_encoder_of(model: nn.Module) -> GraphEncoder | None:

@@ -44,7 +44,8 @@ class MultimodalSteps:
         budgets = comp.encoder_cudagraph_token_budgets or None
         max_images = comp.encoder_cudagraph_max_images_per_batch
         if encoder is not None and budgets is None:
-            largest = max_image_rows(self.config.model.path)
+            model = self.config.model
+            largest = max_image_rows(model.path, model.mm_processor_kwargs)
             budgets = (default_budgets(largest, encoder.encoder_row_alignment)
                        if largest else None)
         if encoder is None or not budgets:
