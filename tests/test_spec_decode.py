@@ -291,6 +291,11 @@ def test_bad_speculative_configs_are_named_at_start(pair, tmp_path):
     with pytest.raises(ValueError, match="target hidden size 96"):
         config(spec(str(other), 2))
     assert config(json.dumps(spec(agree, 2))).speculative.num_speculative_tokens == 2
+    # PIECEWISE is refused on a CPU too, where no graphs run (so is the same command line on
+    # a GPU); --enforce-eager wins over the mode
+    with pytest.raises(ValueError, match="not piecewise"):
+        config(spec(agree, 2), cudagraph_mode="piecewise")
+    assert config(spec(agree, 2), cudagraph_mode="piecewise", enforce_eager=True).speculative
     # vLLM's EAGLE example: the drafter's tensor-parallel size 1, and no method where the
     # drafter's config names one
     vllm_style = {"model": agree, "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}

@@ -117,13 +117,13 @@ class EngineArgs:
         runtime = "cuda" if self.cudagraph_runtime == "auto" else self.cudagraph_runtime
         if runtime not in ("cuda", "fake"):
             raise ValueError(f"cudagraph_runtime must be auto, cuda or fake, got {runtime!r}")
+        speculative = speculative_config(self.speculative_config, model)
+        # asked for, even where no graphs run (a CPU): the command line is refused on a GPU
+        if speculative is not None and mode == CUDAGraphMode.PIECEWISE and not self.enforce_eager:
+            raise ValueError("speculative decoding runs with cudagraph_mode full, "
+                             "full_decode_only or none, not piecewise")
         if self.enforce_eager or (device.type != "cuda" and runtime == "cuda"):
             mode = CUDAGraphMode.NONE
-        speculative = speculative_config(self.speculative_config, model)
-        if speculative is not None:
-            if mode == CUDAGraphMode.PIECEWISE:
-                raise ValueError("speculative decoding runs with cudagraph_mode full, "
-                                 "full_decode_only or none, not piecewise")
         # Async scheduling by default on CUDA, speculative decoding included (measured
         # faster with it: docs/speculative.md, "Async scheduling").
         scheduler = SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=batched,
