@@ -317,8 +317,10 @@ def test_server_chat_with_a_data_url_image(vl_dir, llm, tmp_path):
         local = [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": f"file://{media / 'cat.png'}"}}]}]
         assert client.chat.completions.create(model=vl_dir, messages=local, max_tokens=2)
-        for bad in ("http://example.com/cat.png", str(tmp_path / "elsewhere.png")):
-            with pytest.raises(openai.BadRequestError):
+        for bad, message in [("http://example.com/cat.png", "not fetched"),
+                             ("ftp://example.com/cat.png", "scheme 'ftp' is not supported"),
+                             (str(tmp_path / "elsewhere.png"), "outside")]:
+            with pytest.raises(openai.BadRequestError, match=message):
                 client.chat.completions.create(model=vl_dir, max_tokens=2, messages=[
                     {"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": bad}}]}])

@@ -90,6 +90,11 @@ def _image_source(i: int, url: str | None, media_dir: str | None) -> str:
     if url.startswith(("http://", "https://")):
         raise bad_request(f"messages[{i}]: image URLs are not fetched (no network access); "
                           f"send the image as a data: URL", where)
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("", "file"):
+        raise bad_request(f"messages[{i}]: image URL scheme {scheme!r} is not supported (a "
+                          f"data: URL, or file:// / a path under --allowed-local-media-path)",
+                          where)
     path = url.removeprefix("file://")
     if media_dir is None:
         raise bad_request(f"messages[{i}]: local image paths need the server started with "
