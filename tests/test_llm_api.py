@@ -30,6 +30,8 @@ def test_prompt_token_ids_keyword(llm):
     assert one[0].outputs[0].token_ids == expected[0]
     with pytest.raises(ValueError, match="either prompts or prompt_token_ids"):
         llm.generate("x", GREEDY, prompt_token_ids=ids)
+    with pytest.raises(ValueError, match="prompts must be a string, a prompt dict or a list"):
+        llm.generate(123, GREEDY)
 
 
 def _fake_hub_cache(root, repo_id: str, checkpoint: str) -> str:

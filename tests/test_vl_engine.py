@@ -254,6 +254,11 @@ def test_chat_with_an_image_part(llm, hf_vl):
     assert out.outputs[0].token_ids == hf_generate(hf_vl, ids, [img], 8)
     # the reported prompt spells the image as the tokenizer does (vLLM's prompt text)
     assert out.prompt == text[0] + tok.decode([START, IMAGE, END]) + text[1]
+    # vLLM's image_pil part: the same image as a PIL image, the same run
+    import PIL.Image
+    messages[0]["content"][1] = {"type": "image_pil", "image_pil": PIL.Image.fromarray(img)}
+    assert llm.chat(messages, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
+        out.outputs[0].token_ids
 
 
 def test_prefix_cache_shares_an_image_only_with_itself(vl_dir, hf_vl):

@@ -57,6 +57,9 @@ class LLM:
             raise ValueError("generate() needs prompts (or prompt_token_ids)")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, Iterable):
+            raise ValueError(f"prompts must be a string, a prompt dict or a list of them, got "
+                             f"{type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

@@ -2,7 +2,8 @@
 
 A message's content may be a list of parts: `{"type": "text", "text": ...}`,
 `{"type": "image_url", "image_url": {"url": ...}}` (a data URL or a local path; the server
-decides which paths it accepts) or `{"type": "image", "image": <PIL image, array, path>}`.
+decides which paths it accepts) or `{"type": "image", "image": <PIL image, array, path>}`
+(`{"type": "image_pil", "image_pil": <PIL image>}` too, as vLLM's LLM.chat takes it).
 Each image part becomes a sentinel in the message's text; after the template renders, the
 text between sentinels is tokenized piece by piece and every sentinel becomes the model's
 vision start, image and vision end tokens. So no tokenizer needs to know the image tokens'
@@ -36,12 +37,12 @@ def split_images(messages: list[dict]) -> tuple[list[dict], list[Any]]:
                     raise ValueError(f"messages[{i}].content[{j}]: image_url needs a url")
                 images.append(url)
                 texts.append(IMAGE_SENTINEL)
-            elif kind == "image":
-                images.append(part.get("image"))
+            elif kind in ("image", "image_pil"):      # vLLM's offline part types
+                images.append(part.get(kind))
                 texts.append(IMAGE_SENTINEL)
             else:
                 raise ValueError(f"messages[{i}].content[{j}]: unsupported content part "
-                                 f"type {kind!r} (text, image_url, image)")
+                                 f"type {kind!r} (text, image_url, image, image_pil)")
             prev_text = kind == "text"
         out.append(dict(m, content="".join(texts)))
     return out, images
