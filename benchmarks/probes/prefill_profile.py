@@ -24,22 +24,32 @@ from fullgraph import LLM, SamplingParams
 from profile_step import print_idle, random_prompts   # this folder, sys.path[0] when run
 
 
-def prefill_step(engine, prompts: list[list[int]], tag: str) -> float:
-    """Admit every prompt, run the first step (the budget's worth of prompt tokens), abort
-    the requests; returns the step's wall ms (the engine waits for its samples)."""
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+def admit(engine, prompts: list[list[int]], tag: str, max_tokens: int) -> list[str]:
+    """Every prompt as a greedy request; their ids. The device is idle after."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, p, params)
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    engine.step()
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - t) * 1e3
+    return ids
+
+
+def abort(engine, ids: list[str]) -> None:
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def prefill_step(engine, prompts: list[list[int]], tag: str) -> float:
+    """Admit every prompt, run the first step (the budget's worth of prompt tokens), abort
+    the requests; returns the step's wall ms (the engine waits for its samples)."""
+    ids = admit(engine, prompts, tag, 1)
+    t = time.perf_counter()
+    engine.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) * 1e3
+    abort(engine, ids)
     return ms
 
 
@@ -47,11 +57,7 @@ def ttft_window(engine, prompts: list[list[int]], tag: str) -> tuple[float, list
     """Admit every prompt and step (the engine's own loop: async scheduling as configured)
     until each has its first token; returns the wall ms of that window and of each
     `engine.step()` call in it. The requests are aborted after."""
-    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-    ids = [f"{tag}-{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, params)
-    torch.cuda.synchronize()
+    ids = admit(engine, prompts, tag, 2)
     t0 = time.perf_counter()
     steps = []
     while not all(r.output_token_ids for r in engine.requests.values()):
@@ -59,10 +65,7 @@ def ttft_window(engine, prompts: list[list[int]], tag: str) -> tuple[float, list
         engine.step()
         steps.append((time.perf_counter() - t) * 1e3)
     wall = (time.perf_counter() - t0) * 1e3
-    for rid in ids:
-        engine.abort_request(rid)
-    while engine.has_unfinished_requests():
-        engine.step()
+    abort(engine, ids)
     return wall, steps
 
 

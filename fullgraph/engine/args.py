@@ -170,13 +170,7 @@ def speculative_config(value: dict | str | None, target: ModelConfig) -> Specula
     hidden size, vocabulary or layers, a target kind speculation does not run on yet)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+    value = _json_dict(value, "speculative_config")
     from fullgraph.models.eagle import DRAFTERS, drafter_class, method_of_config
     # the method first (unsupported: ValueError), since another method's keys are not ours
     if "method" in value:
@@ -364,7 +358,8 @@ MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
 
 
 def _json_dict(value: dict | str | None, name: str) -> dict:
-    """A dict argument given as a dict or its JSON (the CLI's form); {} for None."""
+    """A dict argument given as a dict or its JSON (the CLI's form), ValueError naming it
+    otherwise; {} for None."""
     if value is None:
         return {}
     if isinstance(value, str):
