@@ -54,7 +54,7 @@ class MultiModalProcessor:
             images = [images]
         if not images:
             raise ValueError("multi_modal_data has an empty image list")
-        self.check_count(len(images))
+        self._check_count(len(images))
         processed = self.image_processor(images)
         ids = self._expand(token_ids, processed.num_tokens)
         placeholders = [ImagePlaceholder(start, n)
@@ -69,7 +69,7 @@ class MultiModalProcessor:
             row += patches
         return ids, MultiModalInputs(processed.pixel_values, grids, placeholders, hashes)
 
-    def check_count(self, num_images: int) -> None:
+    def _check_count(self, num_images: int) -> None:
         """ValueError for a prompt with more images than limit_mm_per_prompt allows."""
         if self.max_images is not None and num_images > self.max_images:
             raise ValueError(f"the prompt has {num_images} images but limit_mm_per_prompt "
