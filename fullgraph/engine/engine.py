@@ -358,10 +358,6 @@ class LLMEngine:
         blocks, slots = self.kv.take_copies()
         if blocks or slots:              # forked samples' partial blocks and states
             self.runner.copy_caches(blocks, slots)
-        now = time.monotonic()
-        for s in sched.scheduled:
-            if s.request.first_scheduled_time is None:   # kept through preemptions (vLLM's)
-                s.request.first_scheduled_time = now
         pending = self.runner.launch(sched.scheduled)
         for s, entry in zip(sched.scheduled, launched):
             s.request.num_computed_tokens += s.num_new_tokens

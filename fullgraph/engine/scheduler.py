@@ -140,6 +140,7 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             if req.num_preemptions == 0:
                 req.num_cached_tokens = num_cached
+                req.first_scheduled_time = time.monotonic()   # kept through preemptions
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
@@ -165,6 +166,7 @@ class Scheduler:
                     and self.kv.fork(f, leader, leader.num_computed_tokens)):
                 self.waiting.remove(f)
                 f.status = RequestStatus.RUNNING
+                f.first_scheduled_time = time.monotonic()
                 self.running.append(f)
         leader.followers = []
 

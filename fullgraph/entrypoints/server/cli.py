@@ -80,7 +80,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets that say TCP,
     # and with Nagle's algorithm on, a stream's small chunks waited for the client's delayed
-    # ACK (~40 ms a streamed response on a reused connection)
+    # ACK on a reused connection
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         if os.name == "posix":

@@ -110,26 +110,21 @@ class ServerMetrics:
                  max_model_len: int) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(snapshot, model))
-        labels, reg = ["model_name"], self.registry
-        self.ttft = Histogram("fullgraph:time_to_first_token_seconds",
-                              "Time from arrival to the first generated token.", labels,
-                              registry=reg, buckets=_LATENCY_BUCKETS).labels(model)
-        self.itl = Histogram("fullgraph:inter_token_latency_seconds",
-                             "Time between consecutive generated tokens of a request.", labels,
-                             registry=reg, buckets=_LATENCY_BUCKETS).labels(model)
-        self.e2e = Histogram("fullgraph:e2e_request_latency_seconds",
-                             "Time from arrival to the last token.", labels, registry=reg,
-                             buckets=_LATENCY_BUCKETS).labels(model)
-        self.phases = [(Histogram(f"fullgraph:{name}", doc, labels, registry=reg,
-                                  buckets=_LATENCY_BUCKETS).labels(model), start, end)
-                       for name, doc, start, end in _PHASES]
+
+        def histogram(name: str, doc: str, buckets=_LATENCY_BUCKETS):
+            return Histogram(f"fullgraph:{name}", doc, ["model_name"], registry=self.registry,
+                             buckets=buckets).labels(model)
+        self.ttft = histogram("time_to_first_token_seconds",
+                              "Time from arrival to the first generated token.")
+        self.itl = histogram("inter_token_latency_seconds",
+                             "Time between consecutive generated tokens of a request.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from arrival to the last token.")
+        self.phases = [(histogram(name, doc), start, end) for name, doc, start, end in _PHASES]
         tokens = token_buckets(max_model_len)
-        self.prompt_tokens = Histogram("fullgraph:request_prompt_tokens",
-                                       "Prompt tokens of a finished request.", labels,
-                                       registry=reg, buckets=tokens).labels(model)
-        self.generation_tokens = Histogram("fullgraph:request_generation_tokens",
-                                           "Tokens a finished request generated.", labels,
-                                           registry=reg, buckets=tokens).labels(model)
+        self.prompt_tokens = histogram("request_prompt_tokens",
+                                       "Prompt tokens of a finished request.", tokens)
+        self.generation_tokens = histogram("request_generation_tokens",
+                                           "Tokens a finished request generated.", tokens)
         self.model = model
 
     def render(self) -> bytes:
