@@ -55,6 +55,21 @@ def test_sampling_flags_are_checked_before_the_model_loads(tmp_path):
     assert "max_tokens" in r.stderr and "not a local directory" not in r.stderr
 
 
+def test_max_model_len_takes_vllm_s_suffixes():
+    """--max-model-len as vLLM writes it: 2k is 2,000, 1K is 1,024, 1.5k is 1,500; a
+    decimal with a binary suffix, or no number, is a usage error that names the value."""
+    from fullgraph.entrypoints.cli import build_parser
+    for text, tokens in (("2k", 2000), ("1K", 1024), ("1.5k", 1500), ("300", 300)):
+        ns = build_parser(["generate"]).parse_args(["generate", "--max-model-len", text])
+        assert ns.max_model_len == tokens
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hi", "--max-tokens", "2",
+            "--max-model-len", "0.25K")
+    assert r.returncode == 2 and "'0.25K'" in r.stderr and "did you mean 0.25k" in r.stderr
+    r = run("generate", "--model", "tiny-qwen3", "--prompt", "Hi", "--max-tokens", "2",
+            "--max-model-len", "1K", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+
+
 def test_version_port_range_and_python_dash_m():
     import fullgraph
     r = subprocess.run([sys.executable, "-m", "fullgraph", "--version"], capture_output=True,

@@ -14,6 +14,29 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a list of integers, got {text!r}") from None
 
 
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_readable_int(text: str) -> int:
+    """A token count as vLLM's CLI takes it: a plain integer, or a number with a suffix,
+    lower case decimal (1k = 1,000, 25.6k = 25,600) and upper case binary (1K = 1,024, whole
+    numbers only)."""
+    value = text.strip()
+    number, suffix = value[:-1], value[-1:]
+    try:
+        if suffix in _DECIMAL:
+            return int(float(number) * _DECIMAL[suffix])
+        if suffix in _BINARY:
+            return int(number) * _BINARY[suffix]
+        return int(value)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"expected an integer such as 4096, 32k (32,000) or 32K (32,768), got {text!r}"
+            + (f"; a binary suffix takes a whole number (did you mean {number}"
+               f"{suffix.lower()}?)" if suffix in _BINARY and "." in number else "")) from None
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineArgs()
     g = p.add_argument_group("engine")
@@ -34,7 +57,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=d.dtype,
                    choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-model-len", type=human_readable_int, default=None,
+                   help="the context length (prompt + output), e.g. 4096, 32k or 32K "
+                        "(default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=d.block_size)
