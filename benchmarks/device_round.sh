@@ -7,7 +7,8 @@
 # ttft (TTFT at 4,096 tokens), step-256 (a batch-256 decode step),
 # throughput (bench throughput, flex vs triton), sampler (sampler_bench at 1 and 256 rows),
 # sampler-sweep (the draw's block and programs at 256 rows), invariant
-# (--compare-batch-invariant), profile-invariant (profile_step.py in the mode),
+# (--compare-batch-invariant), invariant-throughput (bench throughput greedy and sampled, normal
+# then in the mode), profile-invariant (profile_step.py in the mode),
 # invariant-matmul (the mode's matmul against the normal one, then its few-row tiles by
 # time: invariant_matmul.py --rows, --sweep-rows), invariant-attention (the mode's attention
 # at decode by KV tile and warps, one program or splits spread: invariant_attention.py),
@@ -116,6 +117,9 @@ for step in "$@"; do
     step-256)   # the decode step the sampler's share is taken of
         latency step-256 --model qwen3-0.6b-random --batch-sizes 256 --input-len 128 \
             --output-len 16 --cudagraph-capture-sizes 256 ;;
+    invariant-throughput)   # bench throughput, greedy and sampled, normal then invariant
+        run invariant-throughput $bench throughput --model qwen3-0.6b-random \
+            --compare-batch-invariant --out "$out/invariant-throughput" ;;
     invariant)
         latency invariant --model qwen3-0.6b-random --compare-batch-invariant \
             --batch-sizes 1 32 128 --input-len 512 --output-len 64 ;;
