@@ -18,12 +18,12 @@ from fullgraph.entrypoints.server.protocol import (ChatChoice, ChatCompletionChu
                                                    ChatLogprobs, ChatMessage, ChatResponseMessage,
                                                    ChatStreamChoice, ChatTokenLogprob,
                                                    DeltaMessage, TopLogprob, UsageInfo)
-from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_model, event_stream,
-                                                  check_unsupported, clamp_logprob, json_response,
-                                                  now, prompt_logprobs_body, run_to_end,
-                                                  sampling_params, sse_error, stream_usage, submit,
-                                                  token_text, usage, usage_info,
-                                                  check_extra_fields)
+from fullgraph.entrypoints.server.serving import (DONE, ServerState, check_extra_fields,
+                                                  check_model, check_unsupported, clamp_logprob,
+                                                  event_stream, json_response, now,
+                                                  prompt_logprobs_body, run_to_end, sampling_params,
+                                                  sse_error, stream_usage, submit, token_text,
+                                                  usage, usage_info)
 from fullgraph.outputs import CompletionOutput
 
 

@@ -17,7 +17,7 @@ from fullgraph.entrypoints.server.errors import bad_request
 from fullgraph.entrypoints.server.protocol import (DetokenizeRequest, DetokenizeResponse,
                                                    TokenizeChatRequest,
                                                    TokenizeCompletionRequest, TokenizeResponse)
-from fullgraph.entrypoints.server.serving import ServerState, check_model, check_extra_fields
+from fullgraph.entrypoints.server.serving import ServerState, check_extra_fields, check_model
 
 
 def _parse(model: type[BaseModel], body: dict[str, Any]):

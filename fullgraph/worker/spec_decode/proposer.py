@@ -177,11 +177,10 @@ class EagleProposer:
                 ids, out = ids.index_select(0, keep), out.index_select(0, keep)
             out = self._run([StandInChunk(views[i], 1) for i in nxt], out, input_ids=ids)
             cur = nxt
-        host = torch.cat([ids for _, ids in steps]).tolist()
-        for reqs, ids in steps:
-            for i, t in zip(reqs, host[:len(reqs)]):
-                drafts[i].append(t)
-            host = host[len(reqs):]
+        host = iter(torch.cat([ids for _, ids in steps]).tolist())   # step after step
+        for reqs, _ in steps:
+            for i in reqs:
+                drafts[i].append(next(host))
         return drafts
 
     # ------------------------------------------------------------ graphed steps
