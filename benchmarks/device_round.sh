@@ -11,7 +11,7 @@
 # then in the mode), profile-invariant (profile_step.py in the mode),
 # invariant-matmul (the mode's matmul against the normal one, then its few-row tiles by
 # time: invariant_matmul.py --rows, --sweep-rows), invariant-attention (the mode's attention
-# at decode by warps and pipeline stages, one program or splits spread, at today's tile and
+# at decode by warps, pipeline stages and programs a tile, at today's tile and
 # split: invariant_attention.py),
 # prefill-attention (the triton backend's prefill kernel by query tokens a program, KV tile,
 # warps and stages, against SDPA's causal kernel: prefill_attention.py),
@@ -195,7 +195,7 @@ pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" "$out/eager.pro
     invariant-attention)
         (cd benchmarks/probes && run invariant-attention python3 invariant_attention.py \
             --batch-sizes 1 32 128 --lengths 576 4096 --tiles 64 --warps 4 8 --splits 256 \
-            --stages 2 3 4) ;;
+            --stages 2 3 4 --programs 2 4) ;;
     spec-profile)   # the 0.6B pair's steps kernel by kernel (a verify step, its drafts)
         run spec-profile-pair python3 tests/spec_pairs.py --source qwen3-0.6b-random \
             --disagree 0.3 --out /tmp/spec-profile

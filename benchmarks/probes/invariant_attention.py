@@ -2,8 +2,9 @@
 µs per call (graph replay) by KV tile, split size and warps, and by whether a tile's splits
 are spread over programs, at Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head
 dim 128, bf16, 16-token pages), and a check that one program and spread splits give the
-same bits; with `--stages`, Triton's pipeline stages of the KV loop too, each checked for
-the bits of the mode's 2 stages (a pure schedule, if the compiled dot is the same). With
+same bits; with `--programs`, other spreads too (a workspace sized for the launch); with
+`--stages`, Triton's pipeline stages of the KV loop too, each checked for the bits of the
+mode's 2 stages (a pure schedule, if the compiled dot is the same). With
 `--prefill`, the same variants on whole-prompt steps too (a smaller split
 is more folds a prefill tile), at 32-token pages (prefill_attention.py's step), also at
 larger query tiles (`--prefill-qtok`), each checked for the bits of the mode's own query
@@ -11,7 +12,7 @@ tiles at the same KV tile and split (a row's arithmetic is its own at any query 
 compiled layouts sum a row's scores alike).
 
     python benchmarks/probes/invariant_attention.py [--batch-sizes 1 8 32] [--lengths 576 4096]
-        [--tiles 32 64] [--warps 4 8] [--splits 64 128 256] [--stages 2 3 4]
+        [--tiles 32 64] [--warps 4 8] [--splits 64 128 256] [--stages 2 3 4] [--programs 2 4]
         [--prefill 16x512 1x4096]
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ import json
 
 import torch
 
-from fullgraph.attention.paged_invariant import (NUM_WARPS, SplitWorkspace, query_tokens,
-                                                 split_programs, tile_map, tiled_attention)
+from fullgraph.attention.paged_invariant import (NUM_WARPS, SplitWorkspace, block_rows,
+                                                 query_tokens, split_programs, tile_map,
+                                                 tiled_attention)
 from graph_timing import replay_ms
 from prefill_attention import step as prefill_step
 
@@ -39,6 +41,10 @@ def main() -> None:
     ap.add_argument("--splits", type=int, nargs="+", default=[256])
     ap.add_argument("--stages", type=int, nargs="+", default=[2],
                     help="pipeline stages of the decode steps' KV loop (2: the mode's)")
+    ap.add_argument("--programs", type=int, nargs="*", default=[],
+                    help="programs a (query tile, KV head) to time besides 1 and the mode's "
+                         "choice, with a workspace sized for the launch (the mode's is sized "
+                         "for launches of up to an SM's worth of pairs)")
     ap.add_argument("--prefill", nargs="*", default=[], help="requests x prompt tokens")
     ap.add_argument("--prefill-qtok", type=int, nargs="*", default=[8, 32],
                     help="query tokens a program on prefill steps (the mode's first)")
@@ -66,13 +72,16 @@ def main() -> None:
             for tile, split, warps in itertools.product(args.tiles, args.splits, args.warps):
                 ws = SplitWorkspace.for_spec(HQ, HKV, D, length, split, num_sms, dev)
                 programs = split_programs(tiles[0].shape[0], HKV, num_sms, ws)
+                wide = SplitWorkspace(tiles[0].shape[0], HKV, -(-length // split),
+                                      block_rows(qtok, HQ // HKV), D, dev)
                 outs = {}
                 for stages, p in itertools.product(sorted({2, *args.stages}),
-                                                   sorted({1, programs})):
+                                                   sorted({1, programs, *args.programs})):
                     def call(p=p, stages=stages):
                         return tiled_attention(q, k, v, table, seq_lens, positions, tiles, PAGE,
                                                D ** -0.5, qtok, tile, split, warps,
-                                               num_stages=stages, programs=p, workspace=ws)
+                                               num_stages=stages, programs=p,
+                                               workspace=ws if p == programs else wide)
                     outs[stages, p] = call()
                     rows.append({"length": length, "batch": batch, "tile": tile,
                                  "split": split, "warps": warps, "stages": stages,
