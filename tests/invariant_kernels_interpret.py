@@ -188,6 +188,9 @@ if __name__ == "__main__":
                             cuts=[(lo, m) for lo, m in CUTS if m > 32])
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
                                  d=32, block_size=8, policy=small, tol=1e-4)
+                # request 0's decode row ends a KV tile (16 tokens)
+                + attention_case("cpu", torch.float32, lengths=(144, 9, 70), hq=4, hkv=2,
+                                 d=32, block_size=8, policy=small, tol=1e-4)
                 + attention_case("cpu", torch.float32, lengths=(150, 9, 70), hq=4, hkv=2,
                                  d=32, block_size=8, tol=1e-4, prefill_tiles=True)
                 # GQA group 4, as the Qwen3.5 hybrids' gated attention

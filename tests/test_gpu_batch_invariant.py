@@ -52,6 +52,15 @@ def test_attention_matches_sdpa_and_a_row_ignores_the_step():
     assert attention_case("cuda", torch.bfloat16) == []
 
 
+@pytest.mark.parametrize("d, hq, hkv", [(128, 16, 8), (256, 8, 2)])
+def test_attention_decode_row_at_the_end_of_a_kv_tile(d, hq, hkv):
+    """Request 0's last position (703) ends a KV tile (64 tokens at head dim 128, 32 at 256):
+    in the prefill its query tile holds earlier rows, which do not see that KV tile whole,
+    while the decode row alone does. Its bits must not depend on that."""
+    assert attention_case("cuda", torch.bfloat16, lengths=(704, 37, 300), hq=hq, hkv=hkv,
+                          d=d) == []
+
+
 @pytest.mark.parametrize("prefill_tiles", [False, True])
 def test_attention_at_head_dim_256_with_gqa_group_4(prefill_tiles):
     """Qwen3.5's gated attention shape (8 query heads, 2 KV heads, head dim 256) at the mode's
