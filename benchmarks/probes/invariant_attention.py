@@ -72,8 +72,9 @@ def main() -> None:
             for tile, split, warps in itertools.product(args.tiles, args.splits, args.warps):
                 ws = SplitWorkspace.for_spec(HQ, HKV, D, length, split, num_sms, dev)
                 programs = split_programs(tiles[0].shape[0], HKV, num_sms, ws)
-                wide = SplitWorkspace(tiles[0].shape[0], HKV, -(-length // split),
-                                      block_rows(qtok, HQ // HKV), D, dev)
+                wide = (SplitWorkspace(tiles[0].shape[0], HKV, -(-length // split),
+                                       block_rows(qtok, HQ // HKV), D, dev)
+                        if args.programs else None)     # only for --programs' spreads
                 outs = {}
                 for stages, p in itertools.product(sorted({2, *args.stages}),
                                                    sorted({1, programs, *args.programs})):
